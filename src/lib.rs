@@ -1,0 +1,15 @@
+//! Epoxi: a thread-per-core mail transfer agent.
+//!
+//! The crate is laid out after the concepts an MTA operator knows:
+//! - `smtp/`: the SMTP protocol as I/O-free state machines (server and client), the command
+//!   parser, the DATA reader and replies.
+//! - `spool/`: the durable, append-only, per-shard message store (records, segments, recovery).
+//! - `queue/`: per-destination ready queues and the retry schedule.
+//! - `delivery`: the outbound SMTP adapter over glommio sockets and the connection limits.
+//! - `inbound`: the inbound SMTP adapter over glommio sockets.
+//! - `route`: destination lookup (static routes today, MX tomorrow).
+//! - `eventlog`: one JSON line per message event, a file per shard.
+//! - `config`: the TOML file, command-line overrides and validation.
+//! - `shard`: what one core runs, wiring the above together on top of the `shards` runtime.
+
+pub mod smtp;

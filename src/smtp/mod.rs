@@ -1,0 +1,1 @@
+//! SMTP as state machines that do no I/O.
