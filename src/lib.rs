@@ -13,3 +13,6 @@
 //! - `shard`: what one core runs, wiring the above together on top of the `shards` runtime.
 
 pub mod smtp;
+pub mod config;
+pub mod route;
+pub mod spool;

@@ -8,7 +8,9 @@
 //! same spool directory and the same slice of domains on every start with the same shard count.
 
 pub mod hash;
+pub mod notify;
 pub mod runtime;
 
 pub use hash::shard_of;
+pub use notify::Notify;
 pub use runtime::{run, Peers, RuntimeConfig, RuntimeError, Shard};

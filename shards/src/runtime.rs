@@ -7,7 +7,7 @@
 use std::future::Future;
 use std::time::Duration;
 
-use glommio::channels::channel_mesh::{MeshBuilder, Receivers, Senders};
+use glommio::channels::channel_mesh::{MeshBuilder, Senders};
 use glommio::{CpuSet, GlommioError, LocalExecutorBuilder, Placement};
 
 /// Largest shard count accepted. A full mesh has count² channels; past a few hundred cores the

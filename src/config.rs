@@ -1,0 +1,499 @@
+//! Configuration: the TOML file, command-line overrides and validation.
+//!
+//! Every key has a default, so `epoxi serve` runs with no file at all. Unknown keys are refused
+//! (a typo must not silently fall back to a default), and every validation error names the key
+//! it is about, as `section.key`.
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+use crate::route::{Route, RouteError};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read { path: PathBuf, source: std::io::Error },
+    #[error("config file {path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("invalid value for `{key}`: {reason}")]
+    Invalid { key: &'static str, reason: String },
+}
+
+fn invalid(key: &'static str, reason: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid { key, reason: reason.into() }
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    pub server: ServerSection,
+    pub spool: SpoolSection,
+    pub queue: QueueSection,
+    pub delivery: DeliverySection,
+    pub log: LogSection,
+    pub shards: ShardsSection,
+    /// Static routes, tried in order after the ones given with `--route`.
+    pub route: Vec<RouteEntry>,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServerSection {
+    /// Address every shard listens on (SO_REUSEPORT spreads connections over the shards).
+    pub listen: SocketAddr,
+    /// Name in the greeting and in EHLO replies. Empty means the machine's hostname.
+    pub hostname: String,
+    /// Client networks allowed to relay, in CIDR notation.
+    pub relay_networks: Vec<String>,
+    /// Largest message accepted, in bytes (advertised in EHLO SIZE).
+    pub size_max: usize,
+    /// Recipients per transaction; RFC 5321 §4.5.3.1.8 asks for at least 100.
+    pub rcpts_max: usize,
+    /// Bad commands tolerated per session before `421` and disconnect.
+    pub errors_max: usize,
+    /// Wait for the next command line, in seconds (RFC 5321 §4.5.3.2.7 says at least 5 minutes).
+    pub command_timeout_s: u64,
+    /// Wait for the next chunk of DATA, in seconds.
+    pub data_timeout_s: u64,
+    /// Concurrent inbound connections per shard; beyond it new clients get `421 4.7.0`.
+    pub connections_max: usize,
+    /// On SIGTERM/SIGINT, how long in-flight transactions may take to finish, in seconds.
+    pub shutdown_grace_s: u64,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SpoolSection {
+    /// Spool root; shard i keeps its segments in `DIR/shard-i/`.
+    pub dir: PathBuf,
+    /// A segment is rotated once it grows past this many bytes.
+    pub segment_size_max: u64,
+    /// Extra time the committer waits for more records before each fdatasync, in microseconds.
+    /// 0 commits as soon as the previous commit finishes, which already batches under load.
+    pub commit_window_us: u64,
+    /// Largest batch written by one commit, in bytes; more waits for the next commit.
+    pub commit_batch_max: usize,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct QueueSection {
+    /// First retry delay after a transient failure, in milliseconds.
+    pub retry_base_ms: u64,
+    /// Each further retry waits this many times longer than the previous one.
+    pub retry_factor: f64,
+    /// Longest retry delay, in milliseconds.
+    pub retry_cap_ms: u64,
+    /// A message still undelivered this long after reception expires, in seconds.
+    pub max_age_s: u64,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DeliverySection {
+    /// Name sent in EHLO. Empty means `server.hostname`.
+    pub helo_name: String,
+    /// Concurrent connections per destination, per shard.
+    pub connections_per_destination_max: usize,
+    /// Messages sent over one connection before it is closed and a fresh one opened.
+    pub messages_per_connection_max: usize,
+    /// Recipients of one message sent in one transaction.
+    pub rcpts_per_transaction_max: usize,
+    pub connect_timeout_ms: u64,
+    /// Wait for each reply (greeting, EHLO, MAIL, RCPT, DATA, final dot), in milliseconds.
+    pub reply_timeout_ms: u64,
+    /// Keep an idle connection open this long for more mail to the same destination.
+    pub idle_timeout_ms: u64,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogSection {
+    /// Event logs go to `DIR/shard-i.jsonl`.
+    pub dir: PathBuf,
+    /// A log file is rotated once it grows past this many bytes.
+    pub file_size_max: u64,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ShardsSection {
+    /// Number of shards; 0 means one per online CPU.
+    pub count: usize,
+    /// Pin each shard's thread to its own CPU.
+    pub pin: bool,
+    /// io_uring locked buffer memory per shard, in bytes.
+    pub io_memory_bytes: usize,
+    /// io_uring submission queue depth per shard.
+    pub ring_depth: usize,
+    /// Busy-poll before parking an idle shard, in microseconds.
+    pub spin_before_park_us: u64,
+    /// Capacity of each cross-shard channel, in messages.
+    pub mesh_capacity: usize,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RouteEntry {
+    /// Glob on the recipient domain, e.g. `*.test` or `example.com`.
+    pub domain: String,
+    /// `HOST:PORT` to deliver to.
+    pub target: String,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            server: ServerSection::default(),
+            spool: SpoolSection::default(),
+            queue: QueueSection::default(),
+            delivery: DeliverySection::default(),
+            log: LogSection::default(),
+            shards: ShardsSection::default(),
+            route: Vec::new(),
+        }
+    }
+}
+
+impl Default for ServerSection {
+    fn default() -> Self {
+        ServerSection {
+            listen: SocketAddr::from(([127, 0, 0, 1], 2525)),
+            hostname: String::new(),
+            relay_networks: vec!["127.0.0.0/8".into(), "::1/128".into()],
+            size_max: 36 << 20,
+            rcpts_max: 100,
+            errors_max: 10,
+            command_timeout_s: 300,
+            data_timeout_s: 300,
+            connections_max: 10_000,
+            shutdown_grace_s: 30,
+        }
+    }
+}
+
+impl Default for SpoolSection {
+    fn default() -> Self {
+        SpoolSection {
+            dir: PathBuf::from("./spool"),
+            segment_size_max: 64 << 20,
+            commit_window_us: 0,
+            commit_batch_max: 8 << 20,
+        }
+    }
+}
+
+impl Default for QueueSection {
+    fn default() -> Self {
+        QueueSection {
+            retry_base_ms: 60_000,
+            retry_factor: 2.0,
+            retry_cap_ms: 4 * 3_600_000,
+            max_age_s: 5 * 24 * 3600,
+        }
+    }
+}
+
+impl Default for DeliverySection {
+    fn default() -> Self {
+        DeliverySection {
+            helo_name: String::new(),
+            connections_per_destination_max: 16,
+            messages_per_connection_max: 1_000,
+            rcpts_per_transaction_max: 100,
+            connect_timeout_ms: 30_000,
+            reply_timeout_ms: 300_000,
+            idle_timeout_ms: 5_000,
+        }
+    }
+}
+
+impl Default for LogSection {
+    fn default() -> Self {
+        LogSection { dir: PathBuf::from("./log"), file_size_max: 256 << 20 }
+    }
+}
+
+impl Default for ShardsSection {
+    fn default() -> Self {
+        ShardsSection {
+            count: 0,
+            pin: true,
+            io_memory_bytes: 2 << 20,
+            ring_depth: 256,
+            spin_before_park_us: 0,
+            mesh_capacity: 1024,
+        }
+    }
+}
+
+/// Values given on the command line; each one set replaces the file's.
+#[derive(Clone, Debug, Default)]
+pub struct Overrides {
+    pub listen: Option<SocketAddr>,
+    pub spool: Option<PathBuf>,
+    pub log_dir: Option<PathBuf>,
+    pub shards: Option<usize>,
+    /// `GLOB=HOST:PORT`, tried before the file's routes.
+    pub routes: Vec<String>,
+}
+
+/// A CIDR network, e.g. 127.0.0.0/8.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Network {
+    addr: IpAddr,
+    prefix: u8,
+}
+
+impl Network {
+    pub fn parse(text: &str) -> Option<Network> {
+        let (addr, prefix) = match text.split_once('/') {
+            Some((a, p)) => (a.parse::<IpAddr>().ok()?, p.parse::<u8>().ok()?),
+            None => {
+                let a = text.parse::<IpAddr>().ok()?;
+                (a, if a.is_ipv4() { 32 } else { 128 })
+            }
+        };
+        let bits = if addr.is_ipv4() { 32 } else { 128 };
+        (prefix <= bits).then_some(Network { addr, prefix })
+    }
+
+    pub fn contains(&self, ip: IpAddr) -> bool {
+        // Compare IPv4-mapped IPv6 clients (::ffff:a.b.c.d) as IPv4.
+        let ip = match ip {
+            IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
+            v4 => v4,
+        };
+        match (self.addr, ip) {
+            (IpAddr::V4(net), IpAddr::V4(ip)) => {
+                let mask = u32::MAX.checked_shl(32 - u32::from(self.prefix)).unwrap_or(0);
+                u32::from(net) & mask == u32::from(ip) & mask
+            }
+            (IpAddr::V6(net), IpAddr::V6(ip)) => {
+                let mask = u128::MAX.checked_shl(128 - u32::from(self.prefix)).unwrap_or(0);
+                u128::from(net) & mask == u128::from(ip) & mask
+            }
+            _ => false,
+        }
+    }
+}
+
+/// The checked, ready-to-use configuration.
+#[derive(Clone, Debug)]
+pub struct Settings {
+    pub config: Config,
+    pub hostname: String,
+    pub helo_name: String,
+    pub relay_networks: Vec<Network>,
+    pub routes: Vec<Route>,
+    pub shard_count: usize,
+}
+
+impl Config {
+    /// Read `path`, or the embedded defaults when there is no file.
+    pub fn load(path: Option<&Path>) -> Result<Config, ConfigError> {
+        let Some(path) = path else {
+            return Ok(Config::default());
+        };
+        let text = std::fs::read_to_string(path)
+            .map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
+        Config::parse(&text).map_err(|message| ConfigError::Parse { path: path.to_owned(), message })
+    }
+
+    pub fn parse(text: &str) -> Result<Config, String> {
+        toml::from_str(text).map_err(|e| e.to_string())
+    }
+
+    /// Apply command-line overrides, then check every value.
+    pub fn settle(mut self, overrides: Overrides) -> Result<Settings, ConfigError> {
+        if let Some(listen) = overrides.listen {
+            self.server.listen = listen;
+        }
+        if let Some(spool) = overrides.spool {
+            self.spool.dir = spool;
+        }
+        if let Some(log_dir) = overrides.log_dir {
+            self.log.dir = log_dir;
+        }
+        if let Some(shards) = overrides.shards {
+            self.shards.count = shards;
+        }
+        let mut routes = Vec::new();
+        for text in &overrides.routes {
+            routes.push(Route::parse_flag(text).map_err(|e| route_error("--route", e))?);
+        }
+        for entry in &self.route {
+            routes.push(
+                Route::new(&entry.domain, &entry.target).map_err(|e| route_error("route", e))?,
+            );
+        }
+        self.validate()?;
+        let relay_networks = self
+            .server
+            .relay_networks
+            .iter()
+            .map(|n| {
+                Network::parse(n).ok_or_else(|| {
+                    invalid("server.relay_networks", format!("`{n}` is not a CIDR network"))
+                })
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let hostname = if self.server.hostname.is_empty() {
+            system_hostname()
+        } else {
+            self.server.hostname.clone()
+        };
+        let helo_name = if self.delivery.helo_name.is_empty() {
+            hostname.clone()
+        } else {
+            self.delivery.helo_name.clone()
+        };
+        let shard_count = match self.shards.count {
+            0 => shards::runtime::online_cpus(),
+            n => n,
+        };
+        Ok(Settings { config: self, hostname, helo_name, relay_networks, routes, shard_count })
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        let s = &self.server;
+        if s.size_max < 1024 {
+            return Err(invalid("server.size_max", "must be at least 1024 bytes"));
+        }
+        if s.rcpts_max < 100 {
+            return Err(invalid("server.rcpts_max", "RFC 5321 requires at least 100"));
+        }
+        if s.errors_max == 0 {
+            return Err(invalid("server.errors_max", "must be at least 1"));
+        }
+        if s.command_timeout_s == 0 || s.data_timeout_s == 0 {
+            return Err(invalid("server.command_timeout_s", "timeouts must be at least 1 s"));
+        }
+        if s.connections_max == 0 {
+            return Err(invalid("server.connections_max", "must be at least 1"));
+        }
+        let sp = &self.spool;
+        if sp.segment_size_max < 1 << 20 {
+            return Err(invalid("spool.segment_size_max", "must be at least 1 MiB"));
+        }
+        if sp.commit_window_us > 1_000_000 {
+            return Err(invalid("spool.commit_window_us", "must be at most 1 s"));
+        }
+        if sp.commit_batch_max < 64 << 10 {
+            return Err(invalid("spool.commit_batch_max", "must be at least 64 KiB"));
+        }
+        let q = &self.queue;
+        if q.retry_base_ms == 0 {
+            return Err(invalid("queue.retry_base_ms", "must be at least 1"));
+        }
+        if !(q.retry_factor.is_finite() && q.retry_factor >= 1.0) {
+            return Err(invalid("queue.retry_factor", "must be a number >= 1.0"));
+        }
+        if q.retry_cap_ms < q.retry_base_ms {
+            return Err(invalid("queue.retry_cap_ms", "must be >= queue.retry_base_ms"));
+        }
+        if q.max_age_s == 0 {
+            return Err(invalid("queue.max_age_s", "must be at least 1"));
+        }
+        let d = &self.delivery;
+        if d.connections_per_destination_max == 0 {
+            return Err(invalid("delivery.connections_per_destination_max", "must be at least 1"));
+        }
+        if d.messages_per_connection_max == 0 {
+            return Err(invalid("delivery.messages_per_connection_max", "must be at least 1"));
+        }
+        if d.rcpts_per_transaction_max == 0 {
+            return Err(invalid("delivery.rcpts_per_transaction_max", "must be at least 1"));
+        }
+        if d.connect_timeout_ms == 0 || d.reply_timeout_ms == 0 {
+            return Err(invalid("delivery.reply_timeout_ms", "timeouts must be at least 1 ms"));
+        }
+        if self.log.file_size_max < 64 << 10 {
+            return Err(invalid("log.file_size_max", "must be at least 64 KiB"));
+        }
+        let sh = &self.shards;
+        if sh.count > shards::runtime::SHARDS_MAX {
+            return Err(invalid("shards.count", format!("at most {}", shards::runtime::SHARDS_MAX)));
+        }
+        if !(64 << 10..=1 << 30).contains(&sh.io_memory_bytes) {
+            return Err(invalid("shards.io_memory_bytes", "must be between 64 KiB and 1 GiB"));
+        }
+        if !sh.ring_depth.is_power_of_two() || !(8..=32_768).contains(&sh.ring_depth) {
+            return Err(invalid("shards.ring_depth", "must be a power of two from 8 to 32768"));
+        }
+        if sh.mesh_capacity == 0 {
+            return Err(invalid("shards.mesh_capacity", "must be at least 1"));
+        }
+        Ok(())
+    }
+}
+
+fn route_error(key: &'static str, e: RouteError) -> ConfigError {
+    invalid(key, e.to_string())
+}
+
+fn system_hostname() -> String {
+    let mut buf = [0u8; 256];
+    // SAFETY: buf is valid for buf.len() bytes; gethostname NUL-terminates on success.
+    let rc = unsafe { libc::gethostname(buf.as_mut_ptr().cast(), buf.len()) };
+    if rc != 0 {
+        return "localhost".into();
+    }
+    let end = buf.iter().position(|&b| b == 0).unwrap_or(buf.len());
+    match std::str::from_utf8(&buf[..end]) {
+        Ok(name) if !name.is_empty() => name.to_owned(),
+        _ => "localhost".into(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn empty_file_gives_defaults() {
+        let cfg = Config::parse("").expect("empty config parses");
+        assert_eq!(cfg.server.listen, SocketAddr::from(([127, 0, 0, 1], 2525)));
+        assert!(cfg.settle(Overrides::default()).is_ok());
+    }
+
+    #[test]
+    fn unknown_key_is_named() {
+        let err = Config::parse("[server]\nlisten_addr = \"1.2.3.4:25\"\n").expect_err("typo");
+        assert!(err.contains("listen_addr"), "{err}");
+    }
+
+    #[test]
+    fn bad_value_names_the_key() {
+        let cfg = Config::parse("[queue]\nretry_factor = 0.5\n").expect("parses");
+        let err = cfg.settle(Overrides::default()).expect_err("factor < 1");
+        assert!(err.to_string().contains("queue.retry_factor"), "{err}");
+    }
+
+    #[test]
+    fn flags_override_the_file() {
+        let cfg = Config::parse("[server]\nlisten = \"127.0.0.1:25\"\n").expect("parses");
+        let o = Overrides {
+            listen: Some(SocketAddr::from(([127, 0, 0, 1], 2626))),
+            shards: Some(3),
+            ..Overrides::default()
+        };
+        let s = cfg.settle(o).expect("valid");
+        assert_eq!(s.config.server.listen.port(), 2626);
+        assert_eq!(s.shard_count, 3);
+    }
+
+    #[test]
+    fn networks_match() {
+        let n = Network::parse("127.0.0.0/8").expect("cidr");
+        assert!(n.contains("127.1.2.3".parse().expect("ip")));
+        assert!(n.contains("::ffff:127.0.0.1".parse().expect("ip")));
+        assert!(!n.contains("10.0.0.1".parse().expect("ip")));
+        let n6 = Network::parse("::1/128").expect("cidr");
+        assert!(n6.contains("::1".parse().expect("ip")));
+        assert!(Network::parse("10.0.0.0/33").is_none());
+        assert!(Network::parse("0.0.0.0/0").expect("any").contains("8.8.8.8".parse().expect("ip")));
+    }
+}
