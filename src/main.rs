@@ -1,1 +1,153 @@
-fn main() {}
+//! The `epoxi` binary: `epoxi serve` runs the MTA.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+use epoxi::config::{Config, Overrides};
+use epoxi::shard::{self, Shared, ShardMsg};
+
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+#[derive(Parser)]
+#[command(name = "epoxi", version, about = "Thread-per-core mail transfer agent")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the MTA: accept mail over SMTP, spool it durably, deliver it.
+    Serve(ServeArgs),
+    /// Check a configuration file (and flags) and print the settings in effect.
+    CheckConfig(ServeArgs),
+}
+
+#[derive(clap::Args)]
+struct ServeArgs {
+    /// TOML configuration file; without one, the embedded defaults apply.
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Address to accept SMTP on [default: 127.0.0.1:2525].
+    #[arg(long)]
+    listen: Option<SocketAddr>,
+    /// Spool directory [default: ./spool].
+    #[arg(long)]
+    spool: Option<PathBuf>,
+    /// Event log directory [default: ./log].
+    #[arg(long)]
+    log_dir: Option<PathBuf>,
+    /// Number of shards (one per core) [default: every online CPU].
+    #[arg(long)]
+    shards: Option<usize>,
+    /// Static route GLOB=HOST:PORT, e.g. '*.test=127.0.0.1:2526'. Repeatable; first match wins.
+    #[arg(long = "route", value_name = "GLOB=HOST:PORT")]
+    routes: Vec<String>,
+}
+
+fn settle(args: ServeArgs) -> Result<epoxi::config::Settings, String> {
+    let config = Config::load(args.config.as_deref()).map_err(|e| e.to_string())?;
+    let overrides = Overrides {
+        listen: args.listen,
+        spool: args.spool,
+        log_dir: args.log_dir,
+        shards: args.shards,
+        routes: args.routes,
+    };
+    config.settle(overrides).map_err(|e| e.to_string())
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::CheckConfig(args) => match settle(args) {
+            Ok(settings) => {
+                println!("{settings:#?}");
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("epoxi: {e}");
+                ExitCode::from(2)
+            }
+        },
+        Command::Serve(args) => match settle(args).and_then(serve) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("epoxi: {e}");
+                ExitCode::from(2)
+            }
+        },
+    }
+}
+
+fn serve(mut settings: epoxi::config::Settings) -> Result<(), String> {
+    // Port 0 means "any free port": pick it once here so every shard binds the same one.
+    if settings.config.server.listen.port() == 0 {
+        let probe = std::net::TcpListener::bind(settings.config.server.listen)
+            .map_err(|e| format!("cannot bind {}: {e}", settings.config.server.listen))?;
+        settings.config.server.listen = probe.local_addr().map_err(|e| e.to_string())?;
+    }
+    let shared = Arc::new(Shared::default());
+    for signal in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
+        let shared = shared.clone();
+        // SAFETY: the handler only stores to an atomic, which is async-signal-safe.
+        unsafe {
+            signal_hook::low_level::register(signal, move || {
+                shared.shutdown.store(true, Ordering::SeqCst);
+            })
+        }
+        .map_err(|e| format!("cannot install signal handler: {e}"))?;
+    }
+    let sh = &settings.config.shards;
+    let runtime = shards::RuntimeConfig {
+        shards: settings.shard_count,
+        pin: sh.pin,
+        io_memory_bytes: sh.io_memory_bytes,
+        ring_depth: sh.ring_depth,
+        spin_before_park_us: sh.spin_before_park_us,
+        mesh_capacity: sh.mesh_capacity,
+    };
+    let count = settings.shard_count;
+    let listen = settings.config.server.listen;
+    let settings = Arc::new(settings);
+    {
+        let shared = shared.clone();
+        std::thread::spawn(move || {
+            // Announce readiness once every shard listens (tests and scripts wait for this line).
+            while shared.listening.load(Ordering::SeqCst) < count {
+                if shared.shutdown.load(Ordering::SeqCst) {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            eprintln!("epoxi: listening on {listen} with {count} shards");
+        });
+    }
+    let results = shards::run::<ShardMsg, _, _, _>(&runtime, move |s| {
+        let settings = settings.clone();
+        let shared = shared.clone();
+        async move {
+            let result = shard::run(s, settings, shared.clone()).await;
+            if result.is_err() {
+                // One shard failing to start stops the others: a partial MTA would silently
+                // own no spool for some domains.
+                shared.shutdown.store(true, Ordering::SeqCst);
+            }
+            result
+        }
+    })
+    .map_err(|e| e.to_string())?;
+    let errors: Vec<String> = results.into_iter().filter_map(Result::err).collect();
+    if errors.is_empty() {
+        eprintln!("epoxi: stopped cleanly");
+        Ok(())
+    } else {
+        Err(errors.join("; "))
+    }
+}

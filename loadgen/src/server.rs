@@ -1,0 +1,428 @@
+//! The sink's SMTP server session as a state machine: bytes in, replies out, no I/O.
+//!
+//! `feed` consumes as much input as it can and stops at the next event the caller must act
+//! on: more input needed, a message whose DATA completed (the caller decides the reply, so
+//! counting happens before the client can see it), or the end of the connection. Commands are
+//! answered in order, so a pipelined batch (RFC 2920) gets its replies in one buffer.
+//!
+//! Invariants: in command mode an incomplete line is never consumed, and one longer than
+//! `COMMAND_LINE_LEN_MAX` ends the session; in data mode every byte is consumed, since the
+//! scanner keeps the state that spans reads; a message is reported only after a MAIL and at
+//! least one RCPT were accepted.
+
+use crate::message::ID_HEADER;
+use crate::smtp_line::{split_line, DataScanner, Scan};
+
+use crate::reply_mix::FinalReply;
+
+/// RFC 5321 4.5.3.1.4 allows 512 octets per command line, more with extensions' parameters.
+/// Four times that is generous; anything longer is not SMTP.
+pub const COMMAND_LINE_LEN_MAX: usize = 2048;
+
+/// RFC 5321 4.5.3.1.8 requires accepting at least 100 recipients; ten times that keeps one
+/// transaction's memory bounded while never refusing a realistic MTA batch.
+pub const RCPTS_MAX: usize = 1000;
+
+/// A recipient address longer than RFC 5321's 256-octet path limit is refused.
+pub const PATH_LEN_MAX: usize = 256;
+
+/// Advertised in EHLO and enforced: 100 MiB, well above any message a load test sends.
+pub const MESSAGE_SIZE_MAX: usize = 100 * 1024 * 1024;
+
+const HOSTNAME: &str = "sink.loadgen.test";
+
+const GREETING: &[u8] = b"220 sink.loadgen.test ESMTP epoxi-loadgen sink\r\n";
+const EHLO_REPLY: &[u8] = b"250-sink.loadgen.test\r\n\
+250-PIPELINING\r\n\
+250-8BITMIME\r\n\
+250-SIZE 104857600\r\n\
+250 ENHANCEDSTATUSCODES\r\n";
+const _: () = assert!(
+    MESSAGE_SIZE_MAX == 104_857_600,
+    "keep EHLO_REPLY's SIZE in step"
+);
+const OK: &[u8] = b"250 2.0.0 Ok\r\n";
+const MAIL_OK: &[u8] = b"250 2.1.0 Sender ok\r\n";
+const RCPT_OK: &[u8] = b"250 2.1.5 Recipient ok\r\n";
+const DATA_GO: &[u8] = b"354 End data with <CR><LF>.<CR><LF>\r\n";
+const BYE: &[u8] = b"221 2.0.0 Bye\r\n";
+const NEED_HELO: &[u8] = b"503 5.5.1 Send EHLO or HELO first\r\n";
+const NESTED_MAIL: &[u8] = b"503 5.5.1 Sender already given\r\n";
+const NEED_MAIL: &[u8] = b"503 5.5.1 Send MAIL first\r\n";
+const NEED_RCPT: &[u8] = b"554 5.5.1 No valid recipients\r\n";
+const TOO_MANY_RCPTS: &[u8] = b"452 4.5.3 Too many recipients\r\n";
+const TOO_BIG: &[u8] = b"552 5.3.4 Message too big\r\n";
+const SYNTAX: &[u8] = b"501 5.5.4 Syntax error in parameters\r\n";
+const UNKNOWN: &[u8] = b"500 5.5.2 Command not recognized\r\n";
+const LINE_TOO_LONG: &[u8] = b"500 5.5.2 Line too long\r\n";
+
+/// What the caller must do after `feed`.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Event {
+    /// Everything complete was handled; read more input.
+    NeedInput,
+    /// A message's DATA completed; answer it with `answer_data`.
+    Message(Message),
+    /// Flush the output and close the connection.
+    Close,
+}
+
+/// A message whose DATA completed.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Message {
+    /// The X-Loadgen-Id header's value, if there was one.
+    pub id: Option<String>,
+    pub rcpts: Vec<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Mode {
+    Command,
+    Data,
+    /// The final dot was seen and `answer_data` has not been called yet.
+    AwaitingAnswer,
+    Closed,
+}
+
+pub struct Session {
+    mode: Mode,
+    greeted: bool,
+    in_transaction: bool,
+    rcpts: Vec<String>,
+    data: DataScanner,
+}
+
+impl Default for Session {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Session {
+    pub fn new() -> Self {
+        Self {
+            mode: Mode::Command,
+            greeted: false,
+            in_transaction: false,
+            rcpts: Vec::new(),
+            data: DataScanner::new(ID_HEADER),
+        }
+    }
+
+    pub fn greet(&self, out: &mut Vec<u8>) {
+        out.extend_from_slice(GREETING);
+    }
+
+    /// Consumes input up to the next event. Returns the bytes consumed and the event; replies
+    /// are appended to `out`.
+    pub fn feed(&mut self, input: &[u8], out: &mut Vec<u8>) -> (usize, Event) {
+        let mut pos = 0;
+        loop {
+            match self.mode {
+                Mode::Closed => return (pos, Event::Close),
+                Mode::AwaitingAnswer => return (pos, Event::NeedInput),
+                Mode::Data => match self.data.feed(&input[pos..]) {
+                    Scan::More => return (input.len(), Event::NeedInput),
+                    Scan::End { consumed } => {
+                        pos += consumed;
+                        if self.data.len() > MESSAGE_SIZE_MAX {
+                            out.extend_from_slice(TOO_BIG);
+                            self.reset_transaction();
+                            self.mode = Mode::Command;
+                            continue;
+                        }
+                        self.mode = Mode::AwaitingAnswer;
+                        let message = Message {
+                            id: self.data.take_header_value(),
+                            rcpts: std::mem::take(&mut self.rcpts),
+                        };
+                        return (pos, Event::Message(message));
+                    }
+                },
+                Mode::Command => {
+                    let Some((line, taken)) = split_line(&input[pos..]) else {
+                        if input.len() - pos > COMMAND_LINE_LEN_MAX {
+                            out.extend_from_slice(LINE_TOO_LONG);
+                            self.mode = Mode::Closed;
+                            continue;
+                        }
+                        return (pos, Event::NeedInput);
+                    };
+                    pos += taken;
+                    if line.len() > COMMAND_LINE_LEN_MAX {
+                        out.extend_from_slice(LINE_TOO_LONG);
+                        self.mode = Mode::Closed;
+                        continue;
+                    }
+                    self.command(line, out);
+                }
+            }
+        }
+    }
+
+    /// Answers the final dot of the message last returned by `feed`.
+    pub fn answer_data(&mut self, reply: &FinalReply, out: &mut Vec<u8>) {
+        debug_assert_eq!(self.mode, Mode::AwaitingAnswer);
+        out.extend_from_slice(&reply.line);
+        self.reset_transaction();
+        self.mode = if reply.closes_connection() {
+            Mode::Closed
+        } else {
+            Mode::Command
+        };
+    }
+
+    fn reset_transaction(&mut self) {
+        self.in_transaction = false;
+        self.rcpts.clear();
+        self.data.reset();
+    }
+
+    fn command(&mut self, line: &[u8], out: &mut Vec<u8>) {
+        let (verb, arg) = match line.iter().position(|&b| b == b' ') {
+            Some(space) => (&line[..space], trim(&line[space + 1..])),
+            None => (line, &b""[..]),
+        };
+        let verb = verb.to_ascii_uppercase();
+        match verb.as_slice() {
+            b"EHLO" | b"HELO" => {
+                if arg.is_empty() {
+                    out.extend_from_slice(SYNTAX);
+                    return;
+                }
+                self.greeted = true;
+                self.reset_transaction();
+                if verb == b"EHLO" {
+                    out.extend_from_slice(EHLO_REPLY);
+                } else {
+                    out.extend_from_slice(format!("250 {HOSTNAME}\r\n").as_bytes());
+                }
+            }
+            b"MAIL" => self.mail(arg, out),
+            b"RCPT" => self.rcpt(arg, out),
+            b"DATA" => {
+                if !self.in_transaction {
+                    out.extend_from_slice(NEED_MAIL);
+                } else if self.rcpts.is_empty() {
+                    // RFC 2920 3.1: with no valid recipient, DATA must fail, so a pipelining
+                    // client's message text is then read as commands and rejected.
+                    out.extend_from_slice(NEED_RCPT);
+                } else {
+                    out.extend_from_slice(DATA_GO);
+                    self.data.reset();
+                    self.mode = Mode::Data;
+                }
+            }
+            b"RSET" => {
+                self.reset_transaction();
+                out.extend_from_slice(OK);
+            }
+            b"NOOP" => out.extend_from_slice(OK),
+            b"QUIT" => {
+                out.extend_from_slice(BYE);
+                self.mode = Mode::Closed;
+            }
+            _ => out.extend_from_slice(UNKNOWN),
+        }
+    }
+
+    fn mail(&mut self, arg: &[u8], out: &mut Vec<u8>) {
+        if !self.greeted {
+            out.extend_from_slice(NEED_HELO);
+            return;
+        }
+        if self.in_transaction {
+            out.extend_from_slice(NESTED_MAIL);
+            return;
+        }
+        let Some((_path, params)) = parse_path(arg, b"FROM:") else {
+            out.extend_from_slice(SYNTAX);
+            return;
+        };
+        let declared_size = params
+            .split(|&b| b == b' ')
+            .filter_map(|p| {
+                p.get(..5)
+                    .filter(|k| k.eq_ignore_ascii_case(b"SIZE="))
+                    .map(|_| &p[5..])
+            })
+            .find_map(|v| std::str::from_utf8(v).ok()?.parse::<usize>().ok());
+        if declared_size.is_some_and(|size| size > MESSAGE_SIZE_MAX) {
+            out.extend_from_slice(TOO_BIG);
+            return;
+        }
+        self.in_transaction = true;
+        out.extend_from_slice(MAIL_OK);
+    }
+
+    fn rcpt(&mut self, arg: &[u8], out: &mut Vec<u8>) {
+        if !self.in_transaction {
+            out.extend_from_slice(NEED_MAIL);
+            return;
+        }
+        let Some((path, _params)) = parse_path(arg, b"TO:") else {
+            out.extend_from_slice(SYNTAX);
+            return;
+        };
+        if path.is_empty() || path.len() > PATH_LEN_MAX {
+            out.extend_from_slice(SYNTAX);
+            return;
+        }
+        if self.rcpts.len() == RCPTS_MAX {
+            out.extend_from_slice(TOO_MANY_RCPTS);
+            return;
+        }
+        self.rcpts.push(String::from_utf8_lossy(path).into_owned());
+        out.extend_from_slice(RCPT_OK);
+    }
+}
+
+/// Splits `FROM:<path> params` (with `keyword` "FROM:" or "TO:", case-insensitive, a space
+/// after the colon tolerated) into the path without brackets and the parameters.
+fn parse_path<'a>(arg: &'a [u8], keyword: &[u8]) -> Option<(&'a [u8], &'a [u8])> {
+    let head = arg.get(..keyword.len())?;
+    if !head.eq_ignore_ascii_case(keyword) {
+        return None;
+    }
+    let rest = trim(&arg[keyword.len()..]);
+    if let Some(inner) = rest.strip_prefix(b"<") {
+        let close = inner.iter().position(|&b| b == b'>')?;
+        Some((&inner[..close], trim(&inner[close + 1..])))
+    } else {
+        // Bare paths are not RFC 5321, but some test clients send them.
+        let end = rest.iter().position(|&b| b == b' ').unwrap_or(rest.len());
+        Some((&rest[..end], trim(&rest[end..])))
+    }
+}
+
+fn trim(bytes: &[u8]) -> &[u8] {
+    let start = bytes.iter().position(|b| !b.is_ascii_whitespace());
+    let end = bytes.iter().rposition(|b| !b.is_ascii_whitespace());
+    match (start, end) {
+        (Some(s), Some(e)) => &bytes[s..=e],
+        _ => b"",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Feeds `input` in pieces of `piece` bytes the way the sink's connection loop does,
+    /// answering every message with `reply`. Returns the output and the messages.
+    fn run(input: &[u8], piece: usize, reply: u16) -> (String, Vec<Message>, bool) {
+        let reply = FinalReply::new(reply);
+        let mut session = Session::new();
+        let mut out = Vec::new();
+        session.greet(&mut out);
+        let mut buf = Vec::new();
+        let mut messages = Vec::new();
+        for chunk in input.chunks(piece) {
+            buf.extend_from_slice(chunk);
+            loop {
+                let (n, event) = session.feed(&buf, &mut out);
+                buf.drain(..n);
+                match event {
+                    Event::NeedInput => break,
+                    Event::Message(m) => {
+                        messages.push(m);
+                        session.answer_data(&reply, &mut out);
+                    }
+                    Event::Close => return (String::from_utf8(out).unwrap(), messages, true),
+                }
+            }
+        }
+        (String::from_utf8(out).unwrap(), messages, false)
+    }
+
+    fn codes(out: &str) -> Vec<&str> {
+        out.lines()
+            .filter(|l| l.as_bytes().get(3) != Some(&b'-'))
+            .map(|l| &l[..3])
+            .collect()
+    }
+
+    const PIPELINED: &[u8] = b"EHLO client.test\r\n\
+MAIL FROM:<a@b.test> SIZE=1000\r\nRCPT TO:<u1@d0.test>\r\nRCPT TO:<u2@d1.test>\r\nDATA\r\n\
+X-Loadgen-Id: id-1\r\n\r\nhello\r\n..dot\r\n.\r\n\
+MAIL FROM:<>\r\nRCPT TO:<u3@d2.test>\r\nDATA\r\nSubject: no id\r\n\r\nbody\r\n.\r\n\
+NOOP\r\nRSET\r\nQUIT\r\nNOOP\r\n";
+
+    #[test]
+    fn answers_pipelined_batches_in_order_across_any_split() {
+        for piece in [1, 2, 3, 7, 64, PIPELINED.len()] {
+            let (out, messages, closed) = run(PIPELINED, piece, 250);
+            assert!(closed, "QUIT closes");
+            assert_eq!(
+                codes(&out),
+                [
+                    "220", "250", "250", "250", "250", "354", "250", "250", "250", "354", "250",
+                    "250", "250", "221"
+                ],
+                "piece {piece}: {out}"
+            );
+            assert!(out.contains("250-PIPELINING\r\n"));
+            assert!(out.contains("250 ENHANCEDSTATUSCODES\r\n"));
+            assert_eq!(
+                messages,
+                [
+                    Message {
+                        id: Some("id-1".into()),
+                        rcpts: vec!["u1@d0.test".into(), "u2@d1.test".into()]
+                    },
+                    Message {
+                        id: None,
+                        rcpts: vec!["u3@d2.test".into()]
+                    }
+                ]
+            );
+        }
+    }
+
+    #[test]
+    fn refuses_out_of_order_commands() {
+        let (out, messages, _) = run(
+            b"MAIL FROM:<a@b>\r\nHELO c\r\nRCPT TO:<x@y>\r\nDATA\r\nMAIL FROM:<a@b>\r\n\
+MAIL FROM:<a@b>\r\nDATA\r\nRCPT TO:<>\r\nRCPT TO <x@y>\r\nBOGUS\r\n\r\nEHLO\r\n\
+RSET\r\nMAIL FROM:<a@b> SIZE=999999999999\r\n",
+            5,
+            250,
+        );
+        assert_eq!(
+            codes(&out),
+            [
+                "220", "503", "250", "503", "503", "250", "503", "554", "501", "501", "500", "500",
+                "501", "250", "552"
+            ],
+            "{out}"
+        );
+        assert!(messages.is_empty());
+    }
+
+    #[test]
+    fn final_reply_comes_from_the_caller_and_421_closes() {
+        let input = b"HELO c\r\nMAIL FROM:<a@b>\r\nRCPT TO:<x@y>\r\nDATA\r\n.\r\nNOOP\r\n";
+        let (out, messages, closed) = run(input, 3, 451);
+        assert!(
+            out.ends_with("451 4.3.0 Try again later\r\n250 2.0.0 Ok\r\n"),
+            "{out}"
+        );
+        assert_eq!(messages.len(), 1);
+        assert!(!closed);
+        let (out, _, closed) = run(input, 3, 421);
+        assert!(
+            out.ends_with("421 4.3.2 Service shutting down\r\n"),
+            "{out}"
+        );
+        assert!(closed);
+    }
+
+    #[test]
+    fn overlong_command_line_closes() {
+        let mut input = b"NOOP ".to_vec();
+        input.resize(COMMAND_LINE_LEN_MAX + 100, b'x');
+        let (out, _, closed) = run(&input, 512, 250);
+        assert!(closed);
+        assert!(out.ends_with("500 5.5.2 Line too long\r\n"));
+    }
+}

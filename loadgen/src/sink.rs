@@ -1,0 +1,425 @@
+//! `sink`: an SMTP server that accepts, counts and discards, for measuring an MTA's output.
+//!
+//! One thread per connection drives a `server::Session` over a blocking socket: it reads,
+//! lets the session answer every complete command in the buffer, and writes all the replies
+//! in one go once the input is drained, which is what a pipelining client wants. The main
+//! thread only watches the exit conditions and prints the report.
+//!
+//! Invariants: a message is counted (and its id recorded) before its reply is written, and at
+//! exit the ledger is closed before the report is taken, so every message a client saw
+//! acknowledged is in the report and the files; `unique` counts distinct X-Loadgen-Id
+//! values of messages answered 2xx, and `duplicates` the further ones.
+
+use std::collections::HashSet;
+use std::io::{BufWriter, ErrorKind, Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+
+use crate::reply_mix::{FinalReply, ReplyMix};
+use crate::server::{Event, Message, Session, COMMAND_LINE_LEN_MAX};
+use crate::stats::{self, SinkReport};
+
+/// Each connection costs a thread and a read buffer; a loopback test never needs more, and
+/// past this the sink answers 421 rather than exhausting threads.
+pub const CONNECTIONS_ACTIVE_MAX: usize = 4096;
+
+/// Per-connection read buffer: a few pipelined batches, or a good slice of a large message.
+const READ_BUF_LEN: usize = 64 * 1024;
+const _: () = assert!(
+    READ_BUF_LEN > COMMAND_LINE_LEN_MAX,
+    "a command line the session accepts must fit in the buffer"
+);
+
+/// RFC 5321 4.5.3.2.7: a server should wait at least 5 minutes for the next command.
+const IDLE_TIMEOUT_S: u64 = 300;
+
+/// How often the main thread checks the exit conditions; bounds how late an exit is.
+const POLL_INTERVAL_MS: u64 = 5;
+
+/// Pause after a failed accept (out of file descriptors, say) before trying again.
+const ACCEPT_ERROR_PAUSE_MS: u64 = 10;
+
+/// Longest the sink waits at exit for replies to counted messages to be written, so a client
+/// sees the acknowledgement of every message the report counts; a client that stopped
+/// reading must not keep the sink alive.
+const EXIT_FLUSH_WAIT_MS_MAX: u64 = 1000;
+
+/// Connection threads only run the session loop; their buffers live on the heap.
+const THREAD_STACK_BYTES: usize = 256 * 1024;
+
+const TOO_MANY_CONNECTIONS: &[u8] = b"421 4.3.2 Too many connections, try again later\r\n";
+const TIMEOUT: &[u8] = b"421 4.4.2 Idle timeout, closing connection\r\n";
+
+#[derive(Debug, clap::Args)]
+pub struct SinkArgs {
+    /// Address to listen on, HOST:PORT (port 0 picks a free one; see stderr).
+    #[arg(long)]
+    listen: String,
+    /// Exit after this many unique accepted messages.
+    #[arg(long)]
+    exit_after: Option<u64>,
+    /// Exit after this many seconds without a message (or since start if none came).
+    #[arg(long = "idle-exit", value_name = "SECS")]
+    idle_exit_s: Option<f64>,
+    /// Weighted replies to the final dot, CODE:WEIGHT,... e.g. 250:90,451:5,550:5.
+    #[arg(long, default_value = "250:1")]
+    reply: ReplyMix,
+    /// The first K messages to arrive get 451 4.3.0, the rest the --reply mix.
+    #[arg(long, value_name = "K", default_value_t = 0)]
+    tempfail_first: u64,
+    /// Added latency before each reply to the final dot, in milliseconds.
+    #[arg(long, default_value_t = 0)]
+    delay_ms: u64,
+    /// On exit, write every unique accepted X-Loadgen-Id here, one per line.
+    #[arg(long)]
+    ids_file: Option<PathBuf>,
+    /// On exit, write one line per accepted message: its X-Loadgen-Id (or -) and recipients.
+    #[arg(long)]
+    rcpts_file: Option<PathBuf>,
+}
+
+/// State shared by all connections.
+struct Sink {
+    start: Instant,
+    mix: ReplyMix,
+    tempfail_reply: FinalReply,
+    shutdown_reply: FinalReply,
+    tempfail_first: u64,
+    delay: Duration,
+    keep_rcpts: bool,
+    connections: AtomicU64,
+    active: AtomicUsize,
+    /// Copy of `Ledger::unique` that the main thread polls without taking the lock.
+    unique: AtomicU64,
+    /// Nanoseconds from `start` to the last completed DATA; 0 while none has.
+    last_message_ns: AtomicU64,
+    /// Messages whose reply is chosen but not yet written to the socket.
+    replies_unwritten: AtomicU64,
+    ledger: Mutex<Ledger>,
+}
+
+/// The counts and what is kept of accepted messages. One lock covers them all, so the report
+/// and the files are one consistent cut: once `closed` is set nothing more is acknowledged.
+#[derive(Default)]
+struct Ledger {
+    closed: bool,
+    /// Messages whose DATA completed, whatever the reply; also each one's arrival number.
+    received: u64,
+    unique: u64,
+    duplicates: u64,
+    rcpts: u64,
+    tempfailed: u64,
+    rejected: u64,
+    ids: HashSet<Box<str>>,
+    first_accepted: Option<Instant>,
+    last_accepted: Option<Instant>,
+    /// One line per accepted message, when --rcpts-file asks for it.
+    rcpt_lines: Vec<String>,
+}
+
+impl Sink {
+    fn ledger(&self) -> MutexGuard<'_, Ledger> {
+        // A connection thread that panicked leaves counts that are still right.
+        self.ledger.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Counts a message whose DATA completed and picks its reply. After the ledger is
+    /// closed, messages are refused with 421 and not counted.
+    fn on_message(&self, message: &Message) -> &FinalReply {
+        self.replies_unwritten.fetch_add(1, Ordering::Relaxed);
+        let now = Instant::now();
+        let since_start_ns = u64::try_from((now - self.start).as_nanos()).unwrap_or(u64::MAX);
+        self.last_message_ns
+            .fetch_max(since_start_ns.max(1), Ordering::Relaxed);
+
+        let mut ledger = self.ledger();
+        if ledger.closed {
+            return &self.shutdown_reply;
+        }
+        let arrival = ledger.received;
+        ledger.received += 1;
+        let reply = if arrival < self.tempfail_first {
+            &self.tempfail_reply
+        } else {
+            self.mix.pick(arrival)
+        };
+        match reply.code / 100 {
+            2 => {
+                ledger.rcpts += message.rcpts.len() as u64;
+                ledger.first_accepted.get_or_insert(now);
+                ledger.last_accepted = Some(now);
+                if let Some(id) = &message.id {
+                    if ledger.ids.insert(id.as_str().into()) {
+                        ledger.unique += 1;
+                        self.unique.store(ledger.unique, Ordering::Relaxed);
+                    } else {
+                        ledger.duplicates += 1;
+                    }
+                }
+                if self.keep_rcpts {
+                    let mut line = message.id.clone().unwrap_or_else(|| "-".to_owned());
+                    for rcpt in &message.rcpts {
+                        line.push(' ');
+                        line.push_str(rcpt);
+                    }
+                    ledger.rcpt_lines.push(line);
+                }
+            }
+            4 => ledger.tempfailed += 1,
+            _ => ledger.rejected += 1,
+        }
+        reply
+    }
+}
+
+impl Ledger {
+    fn report(&self, connections: u64) -> SinkReport {
+        let elapsed_s = match (self.first_accepted, self.last_accepted) {
+            (Some(first), Some(last)) => (last - first).as_secs_f64(),
+            _ => 0.0,
+        };
+        SinkReport {
+            received: self.received,
+            unique: self.unique,
+            duplicates: self.duplicates,
+            elapsed_s: stats::round3(elapsed_s),
+            msgs_per_s: stats::rate(self.unique, elapsed_s),
+            connections,
+            rcpts: self.rcpts,
+            tempfailed: self.tempfailed,
+            rejected: self.rejected,
+        }
+    }
+}
+
+pub fn run(args: SinkArgs) -> anyhow::Result<()> {
+    let listener = TcpListener::bind(&args.listen)
+        .with_context(|| format!("binding --listen {}", args.listen))?;
+    let addr = listener.local_addr()?;
+    // Tests that listen on port 0 read the port from this line; stderr is unbuffered.
+    eprintln!("listening on {addr}");
+
+    let stop = Arc::new(AtomicBool::new(false));
+    for signal in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
+        signal_hook::flag::register(signal, Arc::clone(&stop))
+            .context("installing a signal handler")?;
+    }
+    let idle_exit = match args.idle_exit_s {
+        Some(s) if !(s.is_finite() && s >= 0.0) => {
+            anyhow::bail!("--idle-exit must be a non-negative number of seconds, got {s}")
+        }
+        Some(s) => Some(Duration::from_secs_f64(s)),
+        None => None,
+    };
+
+    let sink = Arc::new(Sink {
+        start: Instant::now(),
+        mix: args.reply,
+        tempfail_reply: FinalReply::new(451),
+        shutdown_reply: FinalReply::new(421),
+        tempfail_first: args.tempfail_first,
+        delay: Duration::from_millis(args.delay_ms),
+        keep_rcpts: args.rcpts_file.is_some(),
+        connections: AtomicU64::new(0),
+        active: AtomicUsize::new(0),
+        unique: AtomicU64::new(0),
+        last_message_ns: AtomicU64::new(0),
+        replies_unwritten: AtomicU64::new(0),
+        ledger: Mutex::new(Ledger::default()),
+    });
+    {
+        let sink = Arc::clone(&sink);
+        thread::Builder::new()
+            .name("accept".into())
+            .spawn(move || accept_loop(&listener, &sink))
+            .context("spawning the accept thread")?;
+    }
+
+    loop {
+        thread::sleep(Duration::from_millis(POLL_INTERVAL_MS));
+        if stop.load(Ordering::Relaxed) {
+            break;
+        }
+        if args
+            .exit_after
+            .is_some_and(|n| sink.unique.load(Ordering::Relaxed) >= n)
+        {
+            break;
+        }
+        if let Some(idle) = idle_exit {
+            let last = Duration::from_nanos(sink.last_message_ns.load(Ordering::Relaxed));
+            if sink.start.elapsed().saturating_sub(last) >= idle {
+                break;
+            }
+        }
+    }
+
+    // Close the ledger first: from here on messages get 421, so what the report counts is
+    // exactly what was acknowledged. Then let the acknowledgements already chosen go out.
+    sink.ledger().closed = true;
+    let flush_deadline = Instant::now() + Duration::from_millis(EXIT_FLUSH_WAIT_MS_MAX);
+    while sink.replies_unwritten.load(Ordering::Relaxed) > 0 && Instant::now() < flush_deadline {
+        thread::sleep(Duration::from_millis(1));
+    }
+    let ledger = sink.ledger();
+    let report = ledger.report(sink.connections.load(Ordering::Relaxed));
+    if let Some(path) = &args.ids_file {
+        let mut ids: Vec<&str> = ledger.ids.iter().map(|id| &**id).collect();
+        ids.sort_unstable();
+        write_lines(path, &ids)
+            .with_context(|| format!("writing --ids-file {}", path.display()))?;
+    }
+    if let Some(path) = &args.rcpts_file {
+        write_lines(path, &ledger.rcpt_lines)
+            .with_context(|| format!("writing --rcpts-file {}", path.display()))?;
+    }
+    stats::print_json_line(&report)?;
+    // Open connections are not waited for: the report is out and the counts are final.
+    std::process::exit(0)
+}
+
+fn accept_loop(listener: &TcpListener, sink: &Arc<Sink>) {
+    for stream in listener.incoming() {
+        let mut stream = match stream {
+            Ok(stream) => stream,
+            Err(e) => {
+                eprintln!("accept: {e}");
+                thread::sleep(Duration::from_millis(ACCEPT_ERROR_PAUSE_MS));
+                continue;
+            }
+        };
+        sink.connections.fetch_add(1, Ordering::Relaxed);
+        if sink.active.fetch_add(1, Ordering::Relaxed) >= CONNECTIONS_ACTIVE_MAX {
+            sink.active.fetch_sub(1, Ordering::Relaxed);
+            let _ = stream.write_all(TOO_MANY_CONNECTIONS);
+            continue;
+        }
+        let conn_sink = Arc::clone(sink);
+        let spawned = thread::Builder::new()
+            .name("sink-conn".into())
+            .stack_size(THREAD_STACK_BYTES)
+            .spawn(move || {
+                if let Err(e) = serve(stream, &conn_sink) {
+                    // Clients that vanish mid-session are normal under load; say why, briefly.
+                    if !matches!(e.kind(), ErrorKind::ConnectionReset | ErrorKind::BrokenPipe) {
+                        eprintln!("connection: {e}");
+                    }
+                }
+                conn_sink.active.fetch_sub(1, Ordering::Relaxed);
+            });
+        if let Err(e) = spawned {
+            sink.active.fetch_sub(1, Ordering::Relaxed);
+            eprintln!("spawning a connection thread: {e}");
+        }
+    }
+}
+
+/// Runs one SMTP session until the client quits or goes away.
+fn serve(stream: TcpStream, sink: &Sink) -> std::io::Result<()> {
+    let mut conn = Conn {
+        stream,
+        out: Vec::with_capacity(4096),
+        replies_pending: 0,
+    };
+    let result = serve_session(&mut conn, sink);
+    // Replies that can no longer be written must not hold up the exit.
+    sink.replies_unwritten
+        .fetch_sub(conn.replies_pending, Ordering::Relaxed);
+    result
+}
+
+/// A socket and the replies waiting to go out on it.
+struct Conn {
+    stream: TcpStream,
+    out: Vec<u8>,
+    /// Final-dot replies in `out`, counted in `Sink::replies_unwritten`.
+    replies_pending: u64,
+}
+
+impl Conn {
+    /// Writes out what is buffered.
+    fn write_out(&mut self) -> std::io::Result<()> {
+        if !self.out.is_empty() {
+            self.stream.write_all(&self.out)?;
+            self.out.clear();
+        }
+        Ok(())
+    }
+
+    /// Writes out what is buffered and retires the pending replies it held.
+    fn flush(&mut self, sink: &Sink) -> std::io::Result<()> {
+        self.write_out()?;
+        sink.replies_unwritten
+            .fetch_sub(self.replies_pending, Ordering::Relaxed);
+        self.replies_pending = 0;
+        Ok(())
+    }
+}
+
+fn serve_session(conn: &mut Conn, sink: &Sink) -> std::io::Result<()> {
+    conn.stream.set_nodelay(true)?;
+    conn.stream
+        .set_read_timeout(Some(Duration::from_secs(IDLE_TIMEOUT_S)))?;
+    let mut session = Session::new();
+    let mut buf = vec![0u8; READ_BUF_LEN];
+    let (mut start, mut end) = (0usize, 0usize);
+    session.greet(&mut conn.out);
+
+    loop {
+        loop {
+            let (consumed, event) = session.feed(&buf[start..end], &mut conn.out);
+            start += consumed;
+            match event {
+                Event::NeedInput => break,
+                Event::Message(message) => {
+                    let reply = sink.on_message(&message);
+                    conn.replies_pending += 1;
+                    if !sink.delay.is_zero() {
+                        // Earlier replies go out now; this one only after the delay.
+                        conn.write_out()?;
+                        thread::sleep(sink.delay);
+                    }
+                    session.answer_data(reply, &mut conn.out);
+                }
+                Event::Close => {
+                    conn.flush(sink)?;
+                    return Ok(());
+                }
+            }
+        }
+        // Everything complete is answered: send the whole batch of replies at once.
+        conn.flush(sink)?;
+        if start == end {
+            (start, end) = (0, 0);
+        } else if start > 0 {
+            buf.copy_within(start..end, 0);
+            end -= start;
+            start = 0;
+        }
+        match conn.stream.read(&mut buf[end..]) {
+            Ok(0) => return Ok(()),
+            Ok(n) => end += n,
+            Err(e) if e.kind() == ErrorKind::Interrupted => {}
+            Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {
+                let _ = conn.stream.write_all(TIMEOUT);
+                return Ok(());
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+fn write_lines<S: AsRef<str>>(path: &Path, lines: &[S]) -> anyhow::Result<()> {
+    let mut file = BufWriter::new(std::fs::File::create(path)?);
+    for line in lines {
+        writeln!(file, "{}", line.as_ref())?;
+    }
+    file.flush()?;
+    Ok(())
+}

@@ -1,0 +1,253 @@
+//! Outbound delivery: one task per SMTP connection, driving the I/O-free client state machine
+//! over a glommio socket.
+//!
+//! A connection task serves one destination: it takes jobs from that destination's ready
+//! queue, one transaction per job, reusing the connection (and PIPELINING when offered) until
+//! the queue stays empty for `idle_timeout_ms`, the connection has carried
+//! `messages_per_connection_max` messages, or the shard shuts down. The number of tasks per
+//! destination is bounded by `connections_per_destination_max` (see `ShardCtx::make_ready`).
+//!
+//! A job is out of the queue while its transaction runs; if the process dies then, the spool
+//! still has the message and recovery queues it again.
+
+use std::io::ErrorKind;
+use std::rc::Rc;
+use std::time::Duration;
+
+use futures_lite::{AsyncReadExt, AsyncWriteExt};
+use glommio::net::TcpStream;
+
+use crate::queue::Job;
+use crate::route::Destination;
+use crate::shard::{RcptResult, ShardCtx};
+use crate::smtp::client::{Client, ClientConfig, ClientStep, TransactionOutcome};
+
+/// Bytes read from the socket at a time. Replies are short; 16 KiB holds hundreds of them.
+const READ_BUF_BYTES: usize = 16 << 10;
+/// Longest reply line accepted from a server (RFC 5321 §4.5.3.1.5 says 512; be lenient).
+const REPLY_LINE_LEN_MAX: usize = 4096;
+
+#[derive(Debug)]
+enum ConnError {
+    /// Could not reach the destination at all: every job waiting for it fails the same way.
+    Unreachable(String),
+    /// The connection broke; the job in hand was already accounted for.
+    Broken,
+}
+
+pub async fn connection(ctx: Rc<ShardCtx>, dest: Destination) {
+    let target = Some(dest.clone());
+    let result = serve(&ctx, &dest).await;
+    {
+        let mut queue = ctx.queue.borrow_mut();
+        let dq = queue.dest(&target);
+        dq.connections = dq.connections.saturating_sub(1);
+    }
+    ctx.deliveries.set(ctx.deliveries.get().saturating_sub(1));
+    if let Err(ConnError::Unreachable(why)) = result {
+        let jobs = ctx.queue.borrow_mut().drain_ready(&target);
+        for job in jobs {
+            fail_job(&ctx, &job, &why, &dest);
+        }
+    }
+    // Work may have arrived while this connection was closing: hand it to a fresh one.
+    let waiting = ctx.queue.borrow_mut().drain_ready(&target);
+    for job in waiting {
+        ctx.requeue(job);
+    }
+}
+
+fn fail_job(ctx: &Rc<ShardCtx>, job: &Job, why: &str, dest: &Destination) {
+    let results: Vec<(u32, RcptResult)> =
+        job.rcpts.iter().map(|&r| (r, RcptResult::Failure(why.to_owned()))).collect();
+    ctx.record_results(job, &results, &dest.to_string());
+}
+
+struct Conn {
+    stream: TcpStream,
+    client: Client,
+    buf: Vec<u8>,
+    out: Vec<u8>,
+}
+
+impl Conn {
+    async fn flush(&mut self) -> std::io::Result<()> {
+        if !self.out.is_empty() {
+            self.stream.write_all(&self.out).await?;
+            self.out.clear();
+        }
+        Ok(())
+    }
+
+    /// Flush what the client wrote, then read more of the server's replies into it.
+    async fn exchange(&mut self) -> Result<(), String> {
+        self.flush().await.map_err(|e| format!("write failed: {e}"))?;
+        match self.stream.read(&mut self.buf).await {
+            Ok(0) => Err("connection closed by the remote server".into()),
+            Ok(n) => {
+                self.client.input(&self.buf[..n]);
+                Ok(())
+            }
+            Err(e) if e.kind() == ErrorKind::TimedOut => Err("timed out waiting for a reply".into()),
+            Err(e) => Err(format!("read failed: {e}")),
+        }
+    }
+
+    async fn quit(mut self) {
+        self.client.quit(&mut self.out);
+        let _ = self.flush().await;
+        let _ = self.stream.close().await;
+    }
+}
+
+async fn serve(ctx: &Rc<ShardCtx>, dest: &Destination) -> Result<(), ConnError> {
+    let cfg = &ctx.settings.config.delivery;
+    let stream = TcpStream::connect_timeout(dest.addr, Duration::from_millis(cfg.connect_timeout_ms))
+        .await
+        .map_err(|e| ConnError::Unreachable(format!("connect to {dest} failed: {e}")))?;
+    let _ = stream.set_nodelay(true);
+    stream
+        .set_read_timeout(Some(Duration::from_millis(cfg.reply_timeout_ms)))
+        .map_err(|e| ConnError::Unreachable(e.to_string()))?;
+    let client = Client::new(ClientConfig {
+        helo_name: ctx.settings.helo_name.clone(),
+        line_len_max: REPLY_LINE_LEN_MAX,
+    });
+    let mut conn = Conn { stream, client, buf: vec![0u8; READ_BUF_BYTES], out: Vec::with_capacity(4096) };
+
+    // Greeting and EHLO.
+    loop {
+        match conn.client.poll(&mut conn.out) {
+            ClientStep::Ready => break,
+            ClientStep::NeedInput => conn.exchange().await.map_err(ConnError::Unreachable)?,
+            ClientStep::Failed(reply) => {
+                return Err(ConnError::Unreachable(format!(
+                    "{dest} refused the session: {}",
+                    reply.to_string().trim_end()
+                )))
+            }
+            other => {
+                return Err(ConnError::Unreachable(format!("unexpected client step {other:?}")));
+            }
+        }
+    }
+
+    let target = Some(dest.clone());
+    let peer = dest.to_string();
+    let idle = Duration::from_millis(cfg.idle_timeout_ms);
+    let mut sent = 0usize;
+    loop {
+        let job = next_job(ctx, &target, idle).await;
+        let Some(job) = job else {
+            conn.quit().await;
+            return Ok(());
+        };
+        match transaction(ctx, &mut conn, &job).await {
+            Ok(results) => ctx.record_results(&job, &results, &peer),
+            Err(why) => {
+                fail_job(ctx, &job, &why, dest);
+                let _ = conn.stream.close().await;
+                return Err(ConnError::Broken);
+            }
+        }
+        sent += 1;
+        if sent >= cfg.messages_per_connection_max {
+            conn.quit().await;
+            return Ok(());
+        }
+    }
+}
+
+/// The next job for this destination, waiting up to `idle` for one. None: close the connection.
+async fn next_job(ctx: &Rc<ShardCtx>, target: &crate::queue::Target, idle: Duration) -> Option<Job> {
+    let deadline = std::time::Instant::now() + idle;
+    loop {
+        if ctx.shutting_down() {
+            return None;
+        }
+        if let Some(job) = ctx.queue.borrow_mut().pop_ready(target) {
+            return Some(job);
+        }
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        if left.is_zero() {
+            return None;
+        }
+        ctx.queue.borrow_mut().dest(target).idle += 1;
+        futures_lite::future::or(ctx.work.notified(), glommio::timer::sleep(left)).await;
+        let mut queue = ctx.queue.borrow_mut();
+        let dq = queue.dest(target);
+        dq.idle = dq.idle.saturating_sub(1);
+    }
+}
+
+/// One SMTP transaction for one job. Ok: per-recipient results. Err: the connection broke.
+async fn transaction(
+    ctx: &Rc<ShardCtx>,
+    conn: &mut Conn,
+    job: &Job,
+) -> Result<Vec<(u32, RcptResult)>, String> {
+    let (loc, rcpts): (_, Vec<String>) = {
+        let queue = ctx.queue.borrow();
+        let Some(meta) = queue.message(job.message) else {
+            return Ok(Vec::new());
+        };
+        let rcpts = job
+            .rcpts
+            .iter()
+            .filter_map(|&r| meta.rcpts.get(r as usize).map(|x| x.address.to_string()))
+            .collect();
+        (meta.loc, rcpts)
+    };
+    let stored = match ctx.spool.read_message(loc).await {
+        Ok(stored) => stored,
+        Err(e) => {
+            // The connection is fine; this job could not be read. Retry it later.
+            let why = format!("cannot read the spooled message: {e}");
+            return Ok(job.rcpts.iter().map(|&r| (r, RcptResult::Failure(why.clone()))).collect());
+        }
+    };
+    let message = stored.message().map_err(|e| e.to_string())?;
+    let rcpt_refs: Vec<&str> = rcpts.iter().map(String::as_str).collect();
+    conn.client.start(message.mail_from.as_str(), &rcpt_refs, &mut conn.out);
+    let outcome = loop {
+        match conn.client.poll(&mut conn.out) {
+            ClientStep::NeedInput => conn.exchange().await?,
+            ClientStep::SendBody => conn.client.write_body(message.body.as_slice(), &mut conn.out),
+            ClientStep::Done(outcome) => break outcome,
+            ClientStep::Failed(reply) => {
+                return Err(format!("session failed: {}", reply.to_string().trim_end()));
+            }
+            ClientStep::Ready | ClientStep::Closed => {
+                return Err("server ended the transaction unexpectedly".into())
+            }
+        }
+    };
+    Ok(per_rcpt(job, &outcome))
+}
+
+/// Each recipient's fate: the first refusal among MAIL, its RCPT and the final dot, else the
+/// reply to the final dot.
+fn per_rcpt(job: &Job, outcome: &TransactionOutcome) -> Vec<(u32, RcptResult)> {
+    job.rcpts
+        .iter()
+        .enumerate()
+        .map(|(i, &r)| {
+            let reply = if !outcome.mail.is_positive() {
+                outcome.mail.clone()
+            } else {
+                match outcome.rcpts.get(i) {
+                    Some(rr) if !rr.is_positive() => rr.clone(),
+                    _ => match &outcome.data {
+                        Some(d) => d.clone(),
+                        // DATA itself was refused: its reply decides (5xx bounces, 4xx retries).
+                        None => match &outcome.data_command {
+                            Some(d) if !d.is_positive() => d.clone(),
+                            _ => return (r, RcptResult::Failure("DATA was not accepted".into())),
+                        },
+                    },
+                }
+            };
+            (r, RcptResult::Reply(reply))
+        })
+        .collect()
+}

@@ -1,0 +1,175 @@
+//! Inbound SMTP: the accept loop and one task per session, driving the I/O-free server state
+//! machine over a glommio socket.
+//!
+//! Every shard listens on the same address (SO_REUSEPORT), so the kernel spreads clients over
+//! the shards. A session reads, feeds the state machine, writes its replies in one write per
+//! batch (PIPELINING), and when a message is complete hands it to `ShardCtx::accept_message`,
+//! which answers only once every part is durable on its owning shard.
+
+use std::io::ErrorKind;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::rc::Rc;
+use std::time::Duration;
+
+use futures_lite::{AsyncReadExt, AsyncWriteExt};
+use glommio::net::{TcpListener, TcpStream};
+
+use crate::shard::ShardCtx;
+use crate::smtp::reply::Reply;
+use crate::smtp::server::{ServerConfig, Session, Step};
+
+/// Bytes read from a client at a time. 64 KiB takes a 100 KiB message in two reads and a
+/// pipelined batch of small ones in one.
+const READ_BUF_BYTES: usize = 64 << 10;
+/// Reads wait at most this long at a time, so an idle session notices shutdown promptly; the
+/// configured command/data timeouts are counted across slices.
+const READ_SLICE_MS: u64 = 500;
+
+/// Self-connects tried to wake the accept loop at shutdown (about 100 ms each at most).
+const KNOCKS_MAX: usize = 200;
+
+const TOO_MANY_CONNECTIONS: &[u8] = b"421 4.7.0 Too many connections, try again later\r\n";
+
+pub fn listen(ctx: &ShardCtx) -> std::io::Result<TcpListener> {
+    TcpListener::bind(ctx.settings.config.server.listen)
+        .map_err(|e| std::io::Error::other(e.to_string()))
+}
+
+pub async fn accept_loop(ctx: Rc<ShardCtx>, listener: TcpListener) {
+    let server_cfg = Rc::new(ServerConfig {
+        hostname: ctx.settings.hostname.clone(),
+        size_max: ctx.settings.config.server.size_max,
+        rcpts_max: ctx.settings.config.server.rcpts_max,
+        errors_max: ctx.settings.config.server.errors_max,
+        ..ServerConfig::default()
+    });
+    let waker = glommio::spawn_local(wake_on_shutdown(ctx.clone(), listener.local_addr().ok()));
+    loop {
+        let accepted = listener.accept().await;
+        if ctx.shutting_down() {
+            break;
+        }
+        let mut stream = match accepted {
+            Ok(stream) => stream,
+            Err(e) => {
+                // EMFILE and friends: back off a little instead of spinning.
+                eprintln!("shard {}: accept failed: {e}", ctx.id);
+                glommio::timer::sleep(Duration::from_millis(10)).await;
+                continue;
+            }
+        };
+        if ctx.sessions.get() >= ctx.settings.config.server.connections_max {
+            glommio::spawn_local(async move {
+                let _ = stream.write_all(TOO_MANY_CONNECTIONS).await;
+                let _ = stream.close().await;
+            })
+            .detach();
+            continue;
+        }
+        ctx.sessions.set(ctx.sessions.get() + 1);
+        let session_ctx = ctx.clone();
+        let cfg = server_cfg.clone();
+        glommio::spawn_local(async move {
+            if let Err(e) = session(&session_ctx, cfg, stream).await {
+                if e.kind() != ErrorKind::ConnectionReset && e.kind() != ErrorKind::BrokenPipe {
+                    eprintln!("shard {}: session error: {e}", session_ctx.id);
+                }
+            }
+            session_ctx.sessions.set(session_ctx.sessions.get() - 1);
+        })
+        .detach();
+    }
+    ctx.accepting_stopped.set(true);
+    drop(listener);
+    waker.await;
+}
+
+/// An accept can't be cancelled safely once io_uring has it, so shutdown wakes the accept loop
+/// by connecting to our own address; the loop then sees the flag and ends.
+async fn wake_on_shutdown(ctx: Rc<ShardCtx>, addr: Option<SocketAddr>) {
+    while !ctx.shutting_down() {
+        glommio::timer::sleep(Duration::from_millis(50)).await;
+    }
+    let Some(mut addr) = addr else { return };
+    if addr.ip().is_unspecified() {
+        addr.set_ip(match addr.ip() {
+            IpAddr::V4(_) => IpAddr::V4(Ipv4Addr::LOCALHOST),
+            IpAddr::V6(_) => IpAddr::V6(Ipv6Addr::LOCALHOST),
+        });
+    }
+    // A knock lands on any shard's listener (the kernel picks); keep knocking until ours has
+    // stopped. Bounded, so a wedged listener cannot hold shutdown forever.
+    for _ in 0..KNOCKS_MAX {
+        if ctx.accepting_stopped.get() {
+            return;
+        }
+        if let Ok(s) = TcpStream::connect_timeout(addr, Duration::from_millis(100)).await {
+            drop(s);
+        }
+        glommio::timer::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+async fn session(ctx: &Rc<ShardCtx>, cfg: Rc<ServerConfig>, mut stream: TcpStream) -> std::io::Result<()> {
+    let server = &ctx.settings.config.server;
+    let peer = stream.peer_addr()?;
+    let relay_allowed = ctx.settings.relay_networks.iter().any(|n| n.contains(peer.ip()));
+    let peer_text = peer.to_string();
+    let _ = stream.set_nodelay(true);
+    stream.set_read_timeout(Some(Duration::from_millis(READ_SLICE_MS)))?;
+    let mut session = Session::new(cfg, relay_allowed);
+    let mut out = Vec::with_capacity(4096);
+    let mut buf = vec![0u8; READ_BUF_BYTES];
+    session.greeting(&mut out);
+    let mut waited_ms = 0u64;
+    loop {
+        match session.poll(&mut out) {
+            Step::NeedInput => {
+                if !out.is_empty() {
+                    stream.write_all(&out).await?;
+                    out.clear();
+                }
+                if ctx.shutting_down() && !session.in_data() {
+                    session.shutdown(&mut out);
+                    stream.write_all(&out).await?;
+                    break;
+                }
+                match stream.read(&mut buf).await {
+                    Ok(0) => break,
+                    Ok(n) => {
+                        waited_ms = 0;
+                        session.input(&buf[..n]);
+                    }
+                    Err(e) if e.kind() == ErrorKind::TimedOut => {
+                        waited_ms += READ_SLICE_MS;
+                        let limit_s = if session.in_data() { server.data_timeout_s } else { server.command_timeout_s };
+                        if waited_ms >= limit_s * 1000 {
+                            session.timeout(&mut out);
+                            stream.write_all(&out).await?;
+                            break;
+                        }
+                    }
+                    Err(e) => return Err(e),
+                }
+            }
+            Step::Message(tx) => {
+                let result = ctx.accept_message(tx.mail_from, tx.rcpts, tx.body, peer_text.clone()).await;
+                match result {
+                    Ok(id) => session.message_done(Ok(&id), &mut out),
+                    Err(why) => {
+                        let reply = Reply::new(451, Some((4, 3, 0)), format!("Message not queued: {why}"));
+                        session.message_done(Err(reply), &mut out);
+                    }
+                }
+            }
+            Step::Close => {
+                if !out.is_empty() {
+                    stream.write_all(&out).await?;
+                }
+                break;
+            }
+        }
+    }
+    let _ = stream.close().await;
+    Ok(())
+}

@@ -1,0 +1,580 @@
+//! What one core runs: the spool, the queues, the event log and the inbound and outbound
+//! SMTP adapters of one shard, wired together on top of the `shards` runtime.
+//!
+//! A message accepted on any shard is split by recipient domain: each part goes to the shard
+//! that owns the domain (`shards::shard_of`), which spools it and answers when it is durable.
+//! The accepting shard sends `250` only after every part is durable.
+//!
+//! Invariant: a shard only ever touches its own spool and queues. Other shards reach them by
+//! sending a [`ShardMsg`] over the channel mesh.
+
+use std::cell::{Cell, RefCell};
+use std::collections::{BTreeMap, HashMap};
+use std::rc::Rc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use glommio::channels::local_channel::{self, LocalSender};
+use shards::{Notify, Peers};
+
+use crate::clock::now_ms;
+use crate::config::Settings;
+use crate::eventlog::{Event, EventKind, EventLog, Response};
+use crate::queue::retry::{Backoff, Retry};
+use crate::queue::{Job, MessageMeta, Queue, Rcpt, Target};
+use crate::route::Router;
+use crate::smtp::reply::Reply;
+use crate::spool::record::{MessageRecord, OutcomeKind, OutcomeRecord};
+use crate::spool::{RcptState, Spool, SpoolConfig, SpoolError};
+
+/// How often idle shards look at the shutdown flag and the retry schedule, in milliseconds.
+/// Small enough that retries are late by at most this much; large enough to cost nothing.
+const TICK_MS: u64 = 50;
+
+/// A message part handed to its owning shard.
+pub struct Submission {
+    pub origin: usize,
+    pub token: u64,
+    pub reception_id: String,
+    pub mail_from: String,
+    pub rcpts: Vec<String>,
+    pub body: Arc<Vec<u8>>,
+    pub peer: String,
+    pub received_ms: u64,
+}
+
+pub enum ShardMsg {
+    Submit(Box<Submission>),
+    /// The owning shard's answer: durable (its queue id) or not (why).
+    Ack { token: u64, result: Result<u64, String> },
+}
+
+/// State shared by all shards of one process: shutdown coordination only.
+#[derive(Default)]
+pub struct Shared {
+    pub shutdown: AtomicBool,
+    /// Shards whose inbound sessions have all ended since shutdown began.
+    pub inbound_done: AtomicUsize,
+    /// Shards that have bound their listener.
+    pub listening: AtomicUsize,
+}
+
+/// The outcome of one recipient in one attempt.
+#[derive(Clone, Debug)]
+pub enum RcptResult {
+    Reply(Reply),
+    /// No SMTP reply: connection refused, reset, timed out, protocol garbage.
+    Failure(String),
+}
+
+pub struct ShardCtx {
+    pub id: usize,
+    pub count: usize,
+    pub settings: Rc<Settings>,
+    pub spool: Rc<Spool>,
+    pub log: EventLog,
+    pub router: Router,
+    pub queue: RefCell<Queue>,
+    pub backoff: Backoff,
+    pub peers: Peers<ShardMsg>,
+    pub shared: Arc<Shared>,
+    acks: RefCell<HashMap<u64, LocalSender<Result<u64, String>>>>,
+    next_token: Cell<u64>,
+    next_reception: Cell<u64>,
+    /// Wakes idle delivery connections: new ready jobs, or shutdown.
+    pub work: Notify,
+    /// Inbound sessions running on this shard.
+    pub sessions: Cell<usize>,
+    /// Delivery connections running on this shard.
+    pub deliveries: Cell<usize>,
+    /// The accept loop has ended (shutdown).
+    pub accepting_stopped: Cell<bool>,
+}
+
+impl ShardCtx {
+    pub fn shutting_down(&self) -> bool {
+        self.shared.shutdown.load(Ordering::Relaxed)
+    }
+
+    fn reception_id(&self, now: u64) -> String {
+        let n = self.next_reception.get();
+        self.next_reception.set(n + 1);
+        format!("{now:x}.{}.{n:x}", self.id)
+    }
+
+    /// Spool a transaction on the shards that own its recipients' domains. Returns the id to
+    /// give the client once every part is durable, or the reason to give a temporary failure.
+    pub async fn accept_message(
+        self: &Rc<Self>,
+        mail_from: String,
+        rcpts: Vec<String>,
+        body: Vec<u8>,
+        peer: String,
+    ) -> Result<String, String> {
+        let received_ms = now_ms();
+        let reception_id = self.reception_id(received_ms);
+        let mut parts: BTreeMap<usize, Vec<String>> = BTreeMap::new();
+        for rcpt in rcpts {
+            let domain = rcpt.rsplit_once('@').map_or("", |(_, d)| d);
+            parts.entry(shards::shard_of(domain, self.count)).or_default().push(rcpt);
+        }
+        let body = Arc::new(body);
+        let mut tasks = Vec::with_capacity(parts.len());
+        for (shard, rcpts) in parts {
+            let sub = Submission {
+                origin: self.id,
+                token: 0,
+                reception_id: reception_id.clone(),
+                mail_from: mail_from.clone(),
+                rcpts,
+                body: body.clone(),
+                peer: peer.clone(),
+                received_ms,
+            };
+            let ctx = self.clone();
+            tasks.push(glommio::spawn_local(async move {
+                if shard == ctx.id {
+                    ctx.spool_part(sub).await
+                } else {
+                    ctx.submit_remote(shard, sub).await
+                }
+            }));
+        }
+        drop(body);
+        let mut failure = None;
+        for task in tasks {
+            if let Err(e) = task.await {
+                failure = Some(e);
+            }
+        }
+        // Parts already durable on other shards stay queued: the client will retry after our
+        // 4xx and the recipients may get the message twice, which SMTP allows; losing it is not.
+        match failure {
+            None => Ok(reception_id),
+            Some(e) => Err(e),
+        }
+    }
+
+    async fn submit_remote(&self, shard: usize, mut sub: Submission) -> Result<u64, String> {
+        let token = self.next_token.get();
+        self.next_token.set(token + 1);
+        sub.token = token;
+        let (tx, rx) = local_channel::new_bounded(1);
+        self.acks.borrow_mut().insert(token, tx);
+        if self.peers.send_to(shard, ShardMsg::Submit(Box::new(sub))).await.is_err() {
+            self.acks.borrow_mut().remove(&token);
+            return Err(format!("shard {shard} is not accepting messages"));
+        }
+        match rx.recv().await {
+            Some(result) => result,
+            None => Err(format!("shard {shard} did not answer")),
+        }
+    }
+
+    /// Spool one part on this shard and queue it for delivery.
+    async fn spool_part(self: &Rc<Self>, sub: Submission) -> Result<u64, String> {
+        let body = Arc::try_unwrap(sub.body).unwrap_or_else(|shared| (*shared).clone());
+        let size = body.len();
+        let record = MessageRecord {
+            id: 0,
+            reception_id: sub.reception_id,
+            received_ms: sub.received_ms,
+            mail_from: sub.mail_from,
+            rcpts: sub.rcpts,
+            peer: sub.peer,
+            body,
+        };
+        // Keep the envelope for the queue; the body goes to disk only.
+        let (reception_id, mail_from, rcpts, peer) = (
+            record.reception_id.clone(),
+            record.mail_from.clone(),
+            record.rcpts.clone(),
+            record.peer.clone(),
+        );
+        let (id, loc) = self.spool.append_message(record).await.map_err(|e| match e {
+            SpoolError::Closed => "shutting down".to_owned(),
+            other => other.to_string(),
+        })?;
+        let rcpt_refs: Vec<&str> = rcpts.iter().map(String::as_str).collect();
+        self.log.record(&Event {
+            kind: EventKind::Reception,
+            ts_ms: now_ms(),
+            message_id: &reception_id,
+            queue_id: id,
+            shard: self.id,
+            sender: &mail_from,
+            recipient: None,
+            recipients: Some(&rcpt_refs),
+            domain: None,
+            attempts: 0,
+            response: None,
+            peer: &peer,
+            received_ms: sub.received_ms,
+            next_attempt_ms: None,
+            size,
+        });
+        let meta = MessageMeta {
+            id,
+            loc,
+            received_ms: sub.received_ms,
+            reception_id: reception_id.into(),
+            mail_from: mail_from.into(),
+            size,
+            remaining: rcpts.len() as u32,
+            rcpts: rcpts
+                .into_iter()
+                .map(|a| Rcpt { address: a.into(), attempts: 0, done: false })
+                .collect(),
+        };
+        let pending: Vec<u32> = (0..meta.rcpts.len() as u32).collect();
+        self.queue.borrow_mut().insert(meta);
+        self.dispatch(id, &pending, 0);
+        Ok(id)
+    }
+
+    /// Handle a message from another shard.
+    pub fn on_peer_message(self: &Rc<Self>, msg: ShardMsg) {
+        match msg {
+            ShardMsg::Submit(sub) => {
+                let ctx = self.clone();
+                glommio::spawn_local(async move {
+                    let (origin, token) = (sub.origin, sub.token);
+                    let result = ctx.spool_part(*sub).await;
+                    // If the origin is gone it cannot answer its client either; the part is
+                    // spooled and will be delivered, so nothing is lost.
+                    let _ = ctx.peers.send_to(origin, ShardMsg::Ack { token, result }).await;
+                })
+                .detach();
+            }
+            ShardMsg::Ack { token, result } => {
+                if let Some(tx) = self.acks.borrow_mut().remove(&token) {
+                    let _ = tx.try_send(result);
+                }
+            }
+        }
+    }
+
+    /// Queue recipients of a message for delivery at `due_ms` (0 = now), one job per target.
+    pub fn dispatch(self: &Rc<Self>, message: u64, rcpts: &[u32], due_ms: u64) {
+        let jobs = {
+            let queue = self.queue.borrow();
+            let Some(meta) = queue.message(message) else { return };
+            let mut by_target: Vec<(Target, Vec<u32>)> = Vec::new();
+            for &r in rcpts {
+                let Some(rcpt) = meta.rcpts.get(r as usize) else { continue };
+                if rcpt.done {
+                    continue;
+                }
+                let target = self.router.lookup(rcpt.domain()).ok();
+                let cap = self.settings.config.delivery.rcpts_per_transaction_max;
+                match by_target.iter_mut().find(|(t, v)| *t == target && v.len() < cap) {
+                    Some((_, v)) => v.push(r),
+                    None => by_target.push((target, vec![r])),
+                }
+            }
+            by_target
+        };
+        let now = now_ms();
+        for (target, rcpts) in jobs {
+            let job = Job { message, rcpts, target };
+            if due_ms > now {
+                self.queue.borrow_mut().schedule(due_ms, job);
+            } else {
+                self.make_ready(job);
+            }
+        }
+    }
+
+    /// Put a job back on its ready queue (e.g. left over by a connection that closed).
+    pub fn requeue(self: &Rc<Self>, job: Job) {
+        self.make_ready(job);
+    }
+
+    fn make_ready(self: &Rc<Self>, job: Job) {
+        let Some(dest) = job.target.clone() else {
+            // No route: nothing to connect to. Count it as a failed attempt so it backs off and
+            // eventually expires, with a reply that says why.
+            let reply = Reply::new(451, Some((4, 4, 0)), "No route to the recipient domain");
+            let results: Vec<(u32, RcptResult)> =
+                job.rcpts.iter().map(|&r| (r, RcptResult::Reply(reply.clone()))).collect();
+            self.record_results(&job, &results, "-");
+            return;
+        };
+        let limit = self.settings.config.delivery.connections_per_destination_max;
+        let spawn = {
+            let mut queue = self.queue.borrow_mut();
+            let dq = queue.push_ready(job);
+            // Open another connection when work waits and the destination is under its limit.
+            if dq.connections < limit && dq.ready.len() > dq.idle && !self.shutting_down() {
+                dq.connections += 1;
+                true
+            } else {
+                false
+            }
+        };
+        if spawn {
+            self.deliveries.set(self.deliveries.get() + 1);
+            let ctx = self.clone();
+            glommio::spawn_local(crate::delivery::connection(ctx, dest)).detach();
+        }
+        self.work.notify_all();
+    }
+
+    /// Record what happened to each recipient of a job, log it, and reschedule what must be
+    /// retried. `peer` is the remote host, for the log.
+    pub fn record_results(self: &Rc<Self>, job: &Job, results: &[(u32, RcptResult)], peer: &str) {
+        let now = now_ms();
+        let mut retry: Vec<(u64, u32)> = Vec::new();
+        let mut final_seq = None;
+        {
+            let mut queue = self.queue.borrow_mut();
+            let Some(meta) = queue.message_mut(job.message) else { return };
+            for (r, result) in results {
+                let Some(rcpt) = meta.rcpts.get_mut(*r as usize) else { continue };
+                if rcpt.done {
+                    continue;
+                }
+                rcpt.attempts += 1;
+                let response = match result {
+                    RcptResult::Reply(reply) => response_of(reply),
+                    RcptResult::Failure(why) => {
+                        Response { code: 451, enhanced: "4.4.1".into(), text: why.clone() }
+                    }
+                };
+                let (kind, outcome, next) = if (200..300).contains(&response.code) {
+                    (EventKind::Delivery, OutcomeKind::Delivered, None)
+                } else if (500..600).contains(&response.code) {
+                    (EventKind::Bounce, OutcomeKind::Bounced, None)
+                } else {
+                    match self.backoff.after_failure(rcpt.attempts, meta.received_ms, now) {
+                        Retry::At(at) => (EventKind::TransientFailure, OutcomeKind::Deferred, Some(at)),
+                        Retry::Expire => (EventKind::Expiration, OutcomeKind::Expired, None),
+                    }
+                };
+                let record = OutcomeRecord {
+                    message: meta.id,
+                    rcpt: *r,
+                    kind: outcome as u8,
+                    attempts: rcpt.attempts,
+                    at_ms: now,
+                    next_attempt_ms: next.unwrap_or(0),
+                };
+                if let Err(e) = self.spool.append_outcome(meta.loc.seq, &record) {
+                    eprintln!("shard {}: cannot record outcome: {e}", self.id);
+                }
+                self.log.record(&Event {
+                    kind,
+                    ts_ms: now,
+                    message_id: &meta.reception_id,
+                    queue_id: meta.id,
+                    shard: self.id,
+                    sender: &meta.mail_from,
+                    recipient: Some(&rcpt.address),
+                    recipients: None,
+                    domain: Some(rcpt.domain()),
+                    attempts: rcpt.attempts,
+                    response: Some(&response),
+                    peer,
+                    received_ms: meta.received_ms,
+                    next_attempt_ms: next,
+                    size: meta.size,
+                });
+                match next {
+                    Some(at) => retry.push((at, *r)),
+                    None => {
+                        rcpt.done = true;
+                        meta.remaining -= 1;
+                    }
+                }
+            }
+            if meta.remaining == 0 {
+                final_seq = Some(meta.loc.seq);
+                queue.remove(job.message);
+            }
+        }
+        if let Some(seq) = final_seq {
+            self.spool.message_final(seq);
+        }
+        // Recipients of one job retry together when they share a due time.
+        retry.sort_unstable();
+        let mut i = 0;
+        while i < retry.len() {
+            let at = retry[i].0;
+            let rcpts: Vec<u32> = retry[i..].iter().take_while(|(t, _)| *t == at).map(|(_, r)| *r).collect();
+            i += rcpts.len();
+            self.dispatch(job.message, &rcpts, at);
+        }
+    }
+
+    /// Move due retries to the ready queues, forever (until shutdown).
+    async fn run_scheduler(self: Rc<Self>) {
+        while !self.shutting_down() {
+            let due = self.queue.borrow_mut().take_due(now_ms());
+            for job in due {
+                // Route again: the configuration may have been missing a route last time.
+                let rcpts = job.rcpts.clone();
+                self.dispatch(job.message, &rcpts, 0);
+            }
+            glommio::timer::sleep(Duration::from_millis(TICK_MS)).await;
+            self.log.flush();
+        }
+    }
+}
+
+pub fn response_of(reply: &Reply) -> Response {
+    Response {
+        code: reply.code,
+        enhanced: reply
+            .enhanced
+            .map(|(a, b, c)| format!("{a}.{b}.{c}"))
+            .unwrap_or_default(),
+        text: reply.lines().collect::<Vec<_>>().join(" "),
+    }
+}
+
+/// Run shard `shard`: recover, listen, deliver, until shutdown. Returns an error text when the
+/// shard could not start.
+pub async fn run(
+    shard: shards::Shard<ShardMsg>,
+    settings: Arc<Settings>,
+    shared: Arc<Shared>,
+) -> Result<(), String> {
+    let settings = Rc::new((*settings).clone());
+    let cfg = &settings.config;
+    let spool_cfg = SpoolConfig {
+        dir: cfg.spool.dir.join(format!("shard-{}", shard.id)),
+        shard: shard.id as u32,
+        segment_size_max: cfg.spool.segment_size_max,
+        commit_window_us: cfg.spool.commit_window_us,
+        commit_batch_max: cfg.spool.commit_batch_max,
+    };
+    let (spool, recovered) = Spool::open(spool_cfg)
+        .await
+        .map_err(|e| format!("shard {}: cannot open spool: {e}", shard.id))?;
+    let log = EventLog::open(&cfg.log.dir, shard.id, cfg.log.file_size_max)
+        .map_err(|e| format!("shard {}: {e}", shard.id))?;
+    let report = &recovered.report;
+    eprintln!(
+        "epoxi: shard {} recovered {} segments, {} messages pending, {} corrupt records, {} torn tails",
+        shard.id, report.segments, report.pending_messages, report.corrupt_records, report.torn_tails
+    );
+    let committer = glommio::spawn_local(spool.clone().run_committer());
+    let ctx = Rc::new(ShardCtx {
+        id: shard.id,
+        count: shard.count,
+        backoff: Backoff {
+            base_ms: cfg.queue.retry_base_ms,
+            factor: cfg.queue.retry_factor,
+            cap_ms: cfg.queue.retry_cap_ms,
+            max_age_ms: cfg.queue.max_age_s.saturating_mul(1000),
+        },
+        router: Router::new(settings.routes.clone()),
+        settings: settings.clone(),
+        spool: spool.clone(),
+        log,
+        queue: RefCell::new(Queue::default()),
+        peers: shard.peers,
+        shared: shared.clone(),
+        acks: RefCell::new(HashMap::new()),
+        next_token: Cell::new(1),
+        next_reception: Cell::new(0),
+        work: Notify::new(),
+        sessions: Cell::new(0),
+        deliveries: Cell::new(0),
+        accepting_stopped: Cell::new(false),
+    });
+
+    // Requeue what recovery found.
+    for msg in recovered.pending {
+        let mut pending_now = Vec::new();
+        let mut later: Vec<(u64, u32)> = Vec::new();
+        let rcpts = msg
+            .rcpts
+            .iter()
+            .zip(&msg.states)
+            .enumerate()
+            .map(|(i, (address, state))| {
+                let (attempts, done) = match *state {
+                    RcptState::Pending { attempts, next_attempt_ms } => {
+                        if next_attempt_ms > 0 {
+                            later.push((next_attempt_ms, i as u32));
+                        } else {
+                            pending_now.push(i as u32);
+                        }
+                        (attempts, false)
+                    }
+                    RcptState::Final(_) => (0, true),
+                };
+                Rcpt { address: address.as_str().into(), attempts, done }
+            })
+            .collect::<Vec<_>>();
+        let stored = spool.read_message(msg.loc).await;
+        let (reception_id, mail_from, size) = match &stored {
+            Ok(s) => match s.message() {
+                Ok(m) => (m.reception_id.as_str().into(), m.mail_from.as_str().into(), m.body.len()),
+                Err(_) => ("?".into(), "".into(), 0),
+            },
+            Err(_) => ("?".into(), "".into(), 0),
+        };
+        let remaining = rcpts.iter().filter(|r| !r.done).count() as u32;
+        ctx.queue.borrow_mut().insert(MessageMeta {
+            id: msg.id,
+            loc: msg.loc,
+            received_ms: msg.received_ms,
+            reception_id,
+            mail_from,
+            size,
+            rcpts,
+            remaining,
+        });
+        ctx.dispatch(msg.id, &pending_now, 0);
+        for (at, r) in later {
+            ctx.dispatch(msg.id, &[r], at);
+        }
+    }
+
+    // Messages from other shards.
+    let mut inbox_tasks = Vec::new();
+    for (_, rx) in shard.inbox {
+        let ctx = ctx.clone();
+        inbox_tasks.push(glommio::spawn_local(async move {
+            while let Some(msg) = rx.recv().await {
+                ctx.on_peer_message(msg);
+            }
+        }));
+    }
+
+    let scheduler = glommio::spawn_local(ctx.clone().run_scheduler());
+    let listener = crate::inbound::listen(&ctx).map_err(|e| format!("shard {}: {e}", ctx.id))?;
+    shared.listening.fetch_add(1, Ordering::SeqCst);
+    let acceptor = glommio::spawn_local(crate::inbound::accept_loop(ctx.clone(), listener));
+
+    // Wait for SIGTERM/SIGINT (set by main), then shut down in order.
+    while !ctx.shutting_down() {
+        glommio::timer::sleep(Duration::from_millis(TICK_MS)).await;
+    }
+    acceptor.await;
+    ctx.work.notify_all();
+    let grace = Duration::from_secs(cfg.server.shutdown_grace_s);
+    let deadline = std::time::Instant::now() + grace;
+    while ctx.sessions.get() > 0 && std::time::Instant::now() < deadline {
+        glommio::timer::sleep(Duration::from_millis(10)).await;
+    }
+    // Other shards' sessions may still hand parts to this shard: keep the spool open until
+    // every shard's inbound side is done.
+    shared.inbound_done.fetch_add(1, Ordering::SeqCst);
+    while shared.inbound_done.load(Ordering::SeqCst) < ctx.count && std::time::Instant::now() < deadline {
+        glommio::timer::sleep(Duration::from_millis(10)).await;
+    }
+    while ctx.deliveries.get() > 0 && std::time::Instant::now() < deadline {
+        glommio::timer::sleep(Duration::from_millis(10)).await;
+    }
+    scheduler.await;
+    spool.close();
+    committer.await;
+    ctx.log.flush();
+    ctx.peers.close();
+    drop(inbox_tasks);
+    Ok(())
+}

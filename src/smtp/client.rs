@@ -1,0 +1,1077 @@
+//! The outbound SMTP client (RFC 5321 client side) as a state machine.
+//!
+//! Job: given the bytes a server sent, decide what to send next, and report per-recipient
+//! outcomes. The delivery adapter owns the socket, the timers and the retry decisions.
+//!
+//! Driving it: `input` what was read, `poll` until it stops returning progress, write `out`.
+//! `poll` walks greeting → EHLO (→ HELO if the server refuses EHLO with 5xx) and returns `Ready`.
+//! Then `start` writes MAIL, RCPTs and DATA (as one batch when the server offers PIPELINING,
+//! RFC 2920; one at a time otherwise), `poll` returns `SendBody` once DATA is accepted,
+//! `write_body` writes the message, and `poll` returns `Done` with every reply. The client is
+//! `Ready` again after `Done`, for the next message on the same connection.
+//!
+//! Invariants:
+//! - No I/O, no clock: timeouts are the adapter's timers.
+//! - Replies are matched to commands strictly in order through a queue of expected replies, so
+//!   a pipelined batch needs no special casing beyond what to send after each reply.
+//! - The body is only written after a 354 and at least one accepted recipient. If a pipelined
+//!   DATA is refused (all recipients failed: 503/554), no body is sent, and the connection is made
+//!   usable again with RSET when the server may still hold our MAIL. If a broken server says 354
+//!   anyway, we end the empty message with "." alone and discard its reply.
+//! - Any 421, a malformed or unexpected reply, or a failed handshake makes the client `Failed`
+//!   for good: the connection is no longer in a known state.
+//! - Addresses are validated before they reach the wire, so a CR or LF in one can never inject a
+//!   command; invalid ones get a local 501 in the outcome and are not sent.
+//! - Buffered input is bounded by the reply parser's limits (`line_len_max`,
+//!   `reply::REPLY_LINES_MAX`).
+
+use std::collections::VecDeque;
+
+use super::data::write_stuffed;
+use super::parser::parse_mailbox;
+use super::reply::{self, parse_reply, Reply};
+
+/// Default `line_len_max` for reply lines. RFC 5321 4.5.3.1.5 says 512, but real servers send
+/// longer banners and error texts; 2048 is lenient while still bounding the buffer.
+pub const REPLY_LINE_LEN_MAX_DEFAULT: usize = 2048;
+
+/// Client settings, shared by all outbound connections of a shard.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClientConfig {
+    /// Our name in EHLO/HELO.
+    pub helo_name: String,
+    /// Longest reply line accepted, CRLF included.
+    pub line_len_max: usize,
+}
+
+impl Default for ClientConfig {
+    fn default() -> ClientConfig {
+        ClientConfig {
+            helo_name: "localhost".to_owned(),
+            line_len_max: REPLY_LINE_LEN_MAX_DEFAULT,
+        }
+    }
+}
+
+/// What the server advertised in its EHLO reply (all false/None after a HELO fallback).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Capabilities {
+    /// RFC 2920.
+    pub pipelining: bool,
+    /// RFC 1870 SIZE: `Some(0)` when advertised without a limit.
+    pub size: Option<usize>,
+    /// RFC 6152.
+    pub eight_bit_mime: bool,
+    /// RFC 2034.
+    pub enhanced_status_codes: bool,
+    /// Every keyword line as the server sent it (`SIZE 1000`, `AUTH PLAIN`, ...).
+    pub keywords: Vec<String>,
+}
+
+impl Capabilities {
+    /// Reads the keyword lines of an EHLO reply (every line after the first).
+    pub fn from_ehlo(reply: &Reply) -> Capabilities {
+        let mut caps = Capabilities::default();
+        for line in reply.lines().skip(1) {
+            let line = line.trim();
+            let mut words = line.split_ascii_whitespace();
+            let Some(keyword) = words.next() else {
+                continue;
+            };
+            if keyword.eq_ignore_ascii_case("PIPELINING") {
+                caps.pipelining = true;
+            } else if keyword.eq_ignore_ascii_case("SIZE") {
+                caps.size = Some(words.next().and_then(|n| n.parse().ok()).unwrap_or(0));
+            } else if keyword.eq_ignore_ascii_case("8BITMIME") {
+                caps.eight_bit_mime = true;
+            } else if keyword.eq_ignore_ascii_case("ENHANCEDSTATUSCODES") {
+                caps.enhanced_status_codes = true;
+            }
+            caps.keywords.push(line.to_owned());
+        }
+        caps
+    }
+
+    /// Whether `keyword` was advertised (case-insensitive).
+    pub fn has(&self, keyword: &str) -> bool {
+        self.keywords.iter().any(|line| {
+            line.split_ascii_whitespace()
+                .next()
+                .is_some_and(|k| k.eq_ignore_ascii_case(keyword))
+        })
+    }
+}
+
+/// What the adapter should do next.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ClientStep {
+    /// Write `out`, read more, call `input` then `poll`.
+    NeedInput,
+    /// Idle with a working session: call `start` or `quit`. Returned on every `poll` while idle.
+    Ready,
+    /// DATA was accepted: call `write_body`.
+    SendBody,
+    /// The transaction is over; the client is `Ready` again.
+    Done(TransactionOutcome),
+    /// The connection is unusable (refused greeting or EHLO/HELO, 421, malformed reply); the
+    /// reply says why. Returned on every later `poll`.
+    Failed(Reply),
+    /// The server answered QUIT; close the connection.
+    Closed,
+}
+
+/// Every reply of one transaction.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TransactionOutcome {
+    /// Reply to MAIL (or a local 501/554 if nothing could be sent).
+    pub mail: Reply,
+    /// One reply per recipient, in the order given to `start`. When MAIL failed, recipients that
+    /// were sent carry the MAIL reply; invalid addresses carry a local 501 5.1.3.
+    pub rcpts: Vec<Reply>,
+    /// Reply to the final dot; `None` if DATA was not sent or was refused.
+    pub data: Option<Reply>,
+    /// Reply to the DATA command itself (354, or the refusal); `None` if DATA was not sent.
+    pub data_command: Option<Reply>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Expect {
+    Greeting,
+    Ehlo,
+    Helo,
+    Mail,
+    /// The reply to the RCPT for this recipient slot.
+    Rcpt(usize),
+    Data,
+    /// Reply to the final dot; `discard` when we only ended a DATA we had nothing to send for.
+    Dot {
+        discard: bool,
+    },
+    Rset,
+    Quit,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Phase {
+    Handshake,
+    Ready,
+    Transaction,
+    AwaitBody,
+    Quit,
+    Closed,
+    Failed(Reply),
+}
+
+#[derive(Debug)]
+struct Txn {
+    pipelined: bool,
+    /// Valid recipients to send, with their slot in the outcome.
+    wire: Vec<(String, usize)>,
+    /// Lock-step only: index in `wire` of the next RCPT to send.
+    next: usize,
+    accepted: usize,
+    mail: Option<Reply>,
+    rcpts: Vec<Option<Reply>>,
+    data_command: Option<Reply>,
+    data: Option<Reply>,
+}
+
+impl Txn {
+    fn mail_ok(&self) -> bool {
+        self.mail.as_ref().is_some_and(Reply::is_positive)
+    }
+
+    fn into_outcome(self) -> TransactionOutcome {
+        let mail = self.mail.unwrap_or_else(|| no_reply("MAIL"));
+        let mail_ok = mail.is_positive();
+        let sent: Vec<bool> = {
+            let mut sent = vec![false; self.rcpts.len()];
+            for (_, slot) in &self.wire {
+                sent[*slot] = true;
+            }
+            sent
+        };
+        let rcpts = self
+            .rcpts
+            .into_iter()
+            .zip(sent)
+            .map(|(r, sent)| match r {
+                Some(r) if mail_ok || !sent => r,
+                _ if !mail_ok => mail.clone(),
+                _ => no_reply("RCPT"),
+            })
+            .collect();
+        TransactionOutcome {
+            mail,
+            rcpts,
+            data: self.data,
+            data_command: self.data_command,
+        }
+    }
+}
+
+/// A local stand-in for a reply that never came; only reachable through a bug.
+fn no_reply(cmd: &str) -> Reply {
+    Reply::new(451, Some((4, 3, 0)), format!("No reply to {cmd}"))
+}
+
+/// One outbound SMTP connection.
+#[derive(Debug)]
+pub struct Client {
+    cfg: ClientConfig,
+    /// Received and not yet parsed bytes start at `buf[start]`.
+    buf: Vec<u8>,
+    start: usize,
+    phase: Phase,
+    expect: VecDeque<Expect>,
+    caps: Capabilities,
+    txn: Option<Txn>,
+    /// A transaction that failed locally (nothing sent), reported by the next `poll`.
+    local_outcome: Option<TransactionOutcome>,
+}
+
+impl Client {
+    pub fn new(cfg: ClientConfig) -> Client {
+        Client {
+            cfg,
+            buf: Vec::new(),
+            start: 0,
+            phase: Phase::Handshake,
+            expect: VecDeque::from([Expect::Greeting]),
+            caps: Capabilities::default(),
+            txn: None,
+            local_outcome: None,
+        }
+    }
+
+    /// Takes bytes read from the socket.
+    pub fn input(&mut self, bytes: &[u8]) {
+        if matches!(self.phase, Phase::Failed(_) | Phase::Closed) {
+            return;
+        }
+        self.buf.extend_from_slice(bytes);
+    }
+
+    /// Processes buffered replies, appending any commands to send to `out`.
+    pub fn poll(&mut self, out: &mut Vec<u8>) -> ClientStep {
+        if let Some(outcome) = self.local_outcome.take() {
+            return ClientStep::Done(outcome);
+        }
+        loop {
+            match &self.phase {
+                Phase::Failed(r) => return ClientStep::Failed(r.clone()),
+                Phase::Closed => return ClientStep::Closed,
+                _ => {}
+            }
+            match parse_reply(&self.buf[self.start..], self.cfg.line_len_max) {
+                Err(e) => {
+                    self.fail(Reply::new(
+                        421,
+                        Some((4, 5, 0)),
+                        format!("Malformed reply from server: {e}"),
+                    ));
+                }
+                Ok(None) => break,
+                Ok(Some((reply, n))) => {
+                    self.start += n;
+                    if let Some(step) = self.on_reply(reply, out) {
+                        self.compact();
+                        return step;
+                    }
+                }
+            }
+        }
+        self.compact();
+        match self.phase {
+            Phase::Ready => ClientStep::Ready,
+            Phase::AwaitBody => ClientStep::SendBody,
+            _ => ClientStep::NeedInput,
+        }
+    }
+
+    /// Starts a transaction; only valid when `poll` returned `Ready` (otherwise the client fails,
+    /// as the caller has lost track of the connection). `mail_from` is "" for the null sender.
+    pub fn start(&mut self, mail_from: &str, rcpts: &[&str], out: &mut Vec<u8>) {
+        if self.phase != Phase::Ready || !self.expect.is_empty() || self.local_outcome.is_some() {
+            self.fail(Reply::new(
+                421,
+                Some((4, 3, 0)),
+                "Client used out of sequence: start() while not ready",
+            ));
+            return;
+        }
+        let mut txn = Txn {
+            pipelined: self.caps.pipelining,
+            wire: Vec::with_capacity(rcpts.len()),
+            next: 0,
+            accepted: 0,
+            mail: None,
+            rcpts: vec![None; rcpts.len()],
+            data_command: None,
+            data: None,
+        };
+        for (slot, rcpt) in rcpts.iter().enumerate() {
+            if parse_mailbox(rcpt).is_ok() {
+                txn.wire.push(((*rcpt).to_owned(), slot));
+            } else {
+                txn.rcpts[slot] = Some(reply::BAD_RECIPIENT.to_reply());
+            }
+        }
+        let from_ok = mail_from.is_empty() || parse_mailbox(mail_from).is_ok();
+        if !from_ok || txn.wire.is_empty() {
+            txn.mail = Some(if from_ok {
+                reply::NO_VALID_RECIPIENTS.to_reply()
+            } else {
+                reply::BAD_SENDER.to_reply()
+            });
+            txn.wire.clear();
+            self.local_outcome = Some(txn.into_outcome());
+            return;
+        }
+        out.extend_from_slice(b"MAIL FROM:<");
+        out.extend_from_slice(mail_from.as_bytes());
+        out.extend_from_slice(b">\r\n");
+        self.expect.push_back(Expect::Mail);
+        if txn.pipelined {
+            for (rcpt, slot) in &txn.wire {
+                write_rcpt(rcpt, out);
+                self.expect.push_back(Expect::Rcpt(*slot));
+            }
+            out.extend_from_slice(b"DATA\r\n");
+            self.expect.push_back(Expect::Data);
+            txn.next = txn.wire.len();
+        }
+        self.txn = Some(txn);
+        self.phase = Phase::Transaction;
+    }
+
+    /// Writes the message after `SendBody`: dot-stuffed, CRLF-terminated, then ".\r\n" (see
+    /// `data::write_stuffed`, which also turns bare LFs into CRLF).
+    pub fn write_body(&mut self, body: &[u8], out: &mut Vec<u8>) {
+        if self.phase != Phase::AwaitBody {
+            self.fail(Reply::new(
+                421,
+                Some((4, 3, 0)),
+                "Client used out of sequence: write_body() without SendBody",
+            ));
+            return;
+        }
+        write_stuffed(body, out);
+        self.expect.push_back(Expect::Dot { discard: false });
+        self.phase = Phase::Transaction;
+    }
+
+    /// Writes QUIT; `poll` returns `Closed` once the server answers (or just close the socket).
+    /// Meant for when the client is `Ready`. Replies still owed for earlier commands are consumed
+    /// and ignored. Right after `SendBody` the server would read QUIT as message text, so then
+    /// nothing is written and the client is simply `Closed`.
+    pub fn quit(&mut self, out: &mut Vec<u8>) {
+        match self.phase {
+            Phase::Failed(_) | Phase::Closed | Phase::Quit => return,
+            Phase::AwaitBody => {
+                self.phase = Phase::Closed;
+                return;
+            }
+            _ => {}
+        }
+        out.extend_from_slice(b"QUIT\r\n");
+        self.expect.push_back(Expect::Quit);
+        self.txn = None;
+        self.phase = Phase::Quit;
+    }
+
+    /// What the server advertised.
+    pub fn capabilities(&self) -> &Capabilities {
+        &self.caps
+    }
+
+    fn compact(&mut self) {
+        if self.start == self.buf.len() {
+            self.buf.clear();
+        } else {
+            self.buf.drain(..self.start);
+        }
+        self.start = 0;
+    }
+
+    fn fail(&mut self, reply: Reply) -> Option<ClientStep> {
+        self.phase = Phase::Failed(reply.clone());
+        self.expect.clear();
+        self.txn = None;
+        self.buf.clear();
+        self.start = 0;
+        Some(ClientStep::Failed(reply))
+    }
+
+    /// Handles one reply; returns a step when the adapter has something to do.
+    fn on_reply(&mut self, reply: Reply, out: &mut Vec<u8>) -> Option<ClientStep> {
+        if self.phase == Phase::Quit {
+            // Only the reply to QUIT matters now; anything owed before it is dropped.
+            if self.expect.pop_front() == Some(Expect::Quit) {
+                self.phase = Phase::Closed;
+                return Some(ClientStep::Closed);
+            }
+            return None;
+        }
+        // RFC 5321 3.8: 421 may come at any time and means the server is closing.
+        if reply.code == 421 {
+            return self.fail(reply);
+        }
+        let Some(expect) = self.expect.pop_front() else {
+            let text = format!("Unexpected reply from server: {}", reply.to_string().trim_end());
+            return self.fail(Reply::new(421, Some((4, 5, 0)), text));
+        };
+        match expect {
+            Expect::Greeting => {
+                if reply.code != 220 {
+                    return self.fail(reply);
+                }
+                self.write_hello(b"EHLO ", out);
+                self.expect.push_back(Expect::Ehlo);
+                None
+            }
+            Expect::Ehlo => {
+                if reply.code / 100 == 2 {
+                    self.caps = Capabilities::from_ehlo(&reply);
+                    self.phase = Phase::Ready;
+                    Some(ClientStep::Ready)
+                } else if reply.is_permanent() {
+                    // RFC 5321 3.2: a server that does not know EHLO answers 5xx; try HELO.
+                    self.write_hello(b"HELO ", out);
+                    self.expect.push_back(Expect::Helo);
+                    None
+                } else {
+                    self.fail(reply)
+                }
+            }
+            Expect::Helo => {
+                if reply.code / 100 != 2 {
+                    return self.fail(reply);
+                }
+                self.caps = Capabilities::default();
+                self.phase = Phase::Ready;
+                Some(ClientStep::Ready)
+            }
+            Expect::Mail => self.on_mail(reply, out),
+            Expect::Rcpt(slot) => self.on_rcpt(slot, reply, out),
+            Expect::Data => self.on_data(reply, out),
+            Expect::Dot { discard } => {
+                if let Some(txn) = self.txn.as_mut() {
+                    if !discard {
+                        txn.data = Some(reply);
+                    }
+                }
+                self.finish()
+            }
+            Expect::Rset => {
+                if !reply.is_positive() {
+                    return self.fail(reply);
+                }
+                self.finish()
+            }
+            // Handled above: QUIT is only expected in Phase::Quit.
+            Expect::Quit => {
+                self.phase = Phase::Closed;
+                Some(ClientStep::Closed)
+            }
+        }
+    }
+
+    fn write_hello(&self, verb: &[u8], out: &mut Vec<u8>) {
+        out.extend_from_slice(verb);
+        out.extend_from_slice(self.cfg.helo_name.as_bytes());
+        out.extend_from_slice(b"\r\n");
+    }
+
+    fn on_mail(&mut self, reply: Reply, out: &mut Vec<u8>) -> Option<ClientStep> {
+        let Some(txn) = self.txn.as_mut() else {
+            return self.fail(no_reply("MAIL"));
+        };
+        let ok = reply.is_positive();
+        txn.mail = Some(reply);
+        if txn.pipelined {
+            // RCPT and DATA replies follow; if MAIL failed they are 503s and DATA decides.
+            return None;
+        }
+        if ok {
+            self.send_next_rcpt(out);
+            None
+        } else {
+            // Nothing was opened on the server, so no RSET is needed.
+            self.finish()
+        }
+    }
+
+    fn on_rcpt(&mut self, slot: usize, reply: Reply, out: &mut Vec<u8>) -> Option<ClientStep> {
+        let Some(txn) = self.txn.as_mut() else {
+            return self.fail(no_reply("RCPT"));
+        };
+        if reply.is_positive() {
+            txn.accepted += 1;
+        }
+        if let Some(r) = txn.rcpts.get_mut(slot) {
+            *r = Some(reply);
+        }
+        if txn.pipelined {
+            return None;
+        }
+        if txn.next < txn.wire.len() {
+            self.send_next_rcpt(out);
+        } else if txn.accepted > 0 {
+            out.extend_from_slice(b"DATA\r\n");
+            self.expect.push_back(Expect::Data);
+        } else {
+            // MAIL is open on the server; close it so the connection can be reused.
+            out.extend_from_slice(b"RSET\r\n");
+            self.expect.push_back(Expect::Rset);
+        }
+        None
+    }
+
+    fn on_data(&mut self, reply: Reply, out: &mut Vec<u8>) -> Option<ClientStep> {
+        let Some(txn) = self.txn.as_mut() else {
+            return self.fail(no_reply("DATA"));
+        };
+        let go = reply.code == 354;
+        txn.data_command = Some(reply);
+        let mail_ok = txn.mail_ok();
+        if go {
+            if mail_ok && txn.accepted > 0 {
+                self.phase = Phase::AwaitBody;
+                return Some(ClientStep::SendBody);
+            }
+            // A server that says 354 with no recipient is broken; RFC 2920 3.1 says end the
+            // data with a lone dot rather than send the message to nobody.
+            out.extend_from_slice(b".\r\n");
+            self.expect.push_back(Expect::Dot { discard: true });
+            return None;
+        }
+        if mail_ok {
+            out.extend_from_slice(b"RSET\r\n");
+            self.expect.push_back(Expect::Rset);
+            None
+        } else {
+            self.finish()
+        }
+    }
+
+    fn send_next_rcpt(&mut self, out: &mut Vec<u8>) {
+        let Some(txn) = self.txn.as_mut() else {
+            return;
+        };
+        if let Some((rcpt, slot)) = txn.wire.get(txn.next) {
+            write_rcpt(rcpt, out);
+            self.expect.push_back(Expect::Rcpt(*slot));
+            txn.next += 1;
+        }
+    }
+
+    /// Ends the transaction: the client is Ready again.
+    fn finish(&mut self) -> Option<ClientStep> {
+        let txn = self.txn.take()?;
+        self.phase = Phase::Ready;
+        Some(ClientStep::Done(txn.into_outcome()))
+    }
+}
+
+fn write_rcpt(rcpt: &str, out: &mut Vec<u8>) {
+    out.extend_from_slice(b"RCPT TO:<");
+    out.extend_from_slice(rcpt.as_bytes());
+    out.extend_from_slice(b">\r\n");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::smtp::server::{ServerConfig, Session, Step};
+    use std::rc::Rc;
+
+    const EHLO_PIPE: &[u8] = b"250-mx.test greets you\r\n250-PIPELINING\r\n250-SIZE 1000\r\n\
+        250-8BITMIME\r\n250-ENHANCEDSTATUSCODES\r\n250 AUTH PLAIN LOGIN\r\n";
+    const EHLO_PLAIN: &[u8] = b"250-mx.test\r\n250 8BITMIME\r\n";
+
+    fn client() -> Client {
+        Client::new(ClientConfig {
+            helo_name: "me.test".to_owned(),
+            ..ClientConfig::default()
+        })
+    }
+
+    /// Feeds `input`, polls once; returns what the client wrote and the step.
+    fn feed(c: &mut Client, input: &[u8]) -> (String, ClientStep) {
+        c.input(input);
+        let mut out = Vec::new();
+        let step = c.poll(&mut out);
+        (String::from_utf8_lossy(&out).into_owned(), step)
+    }
+
+    /// A client past the handshake with the given EHLO reply.
+    fn ready(ehlo: &[u8]) -> Client {
+        let mut c = client();
+        assert_eq!(
+            feed(&mut c, b"220 mx.test ESMTP\r\n"),
+            ("EHLO me.test\r\n".to_owned(), ClientStep::NeedInput)
+        );
+        assert_eq!(feed(&mut c, ehlo), (String::new(), ClientStep::Ready));
+        c
+    }
+
+    fn start(c: &mut Client, from: &str, rcpts: &[&str]) -> String {
+        let mut out = Vec::new();
+        c.start(from, rcpts, &mut out);
+        String::from_utf8_lossy(&out).into_owned()
+    }
+
+    fn body(c: &mut Client, body: &[u8]) -> String {
+        let mut out = Vec::new();
+        c.write_body(body, &mut out);
+        String::from_utf8_lossy(&out).into_owned()
+    }
+
+    fn done(step: ClientStep) -> TransactionOutcome {
+        match step {
+            ClientStep::Done(o) => o,
+            other => panic!("expected Done, got {other:?}"),
+        }
+    }
+
+    fn r(code: u16, enh: (u8, u16, u16), text: &str) -> Reply {
+        Reply::new(code, Some(enh), text)
+    }
+
+    #[test]
+    fn ehlo_capabilities() {
+        let c = ready(EHLO_PIPE);
+        let caps = c.capabilities();
+        assert!(caps.pipelining && caps.eight_bit_mime && caps.enhanced_status_codes);
+        assert_eq!(caps.size, Some(1000));
+        assert!(caps.has("auth") && !caps.has("STARTTLS"));
+        assert_eq!(caps.keywords.len(), 5);
+        let mut out = Vec::new();
+        assert_eq!(c.clone_poll(&mut out), ClientStep::Ready);
+    }
+
+    impl Client {
+        /// Polls a copy, to check idempotent steps without disturbing the original.
+        fn clone_poll(&self, out: &mut Vec<u8>) -> ClientStep {
+            let mut copy = Client {
+                cfg: self.cfg.clone(),
+                buf: self.buf.clone(),
+                start: self.start,
+                phase: self.phase.clone(),
+                expect: self.expect.clone(),
+                caps: self.caps.clone(),
+                txn: None,
+                local_outcome: self.local_outcome.clone(),
+            };
+            copy.poll(out)
+        }
+    }
+
+    #[test]
+    fn helo_fallback() {
+        let mut c = client();
+        feed(&mut c, b"220 old.test\r\n");
+        assert_eq!(
+            feed(&mut c, b"500 Command unrecognized\r\n"),
+            ("HELO me.test\r\n".to_owned(), ClientStep::NeedInput)
+        );
+        assert_eq!(feed(&mut c, b"250 old.test\r\n"), (String::new(), ClientStep::Ready));
+        assert_eq!(c.capabilities(), &Capabilities::default());
+        // Without PIPELINING the client goes lock-step.
+        assert_eq!(start(&mut c, "a@b.test", &["x@y.test"]), "MAIL FROM:<a@b.test>\r\n");
+    }
+
+    #[test]
+    fn handshake_failures() {
+        let mut c = client();
+        let (_, step) = feed(&mut c, b"554 5.7.1 go away\r\n");
+        assert_eq!(step, ClientStep::Failed(r(554, (5, 7, 1), "go away")));
+        // Failed is sticky.
+        assert_eq!(feed(&mut c, b"220 x\r\n").1, ClientStep::Failed(r(554, (5, 7, 1), "go away")));
+
+        let mut c = client();
+        feed(&mut c, b"220 mx\r\n");
+        let (_, step) = feed(&mut c, b"421 4.3.2 busy\r\n");
+        assert_eq!(step, ClientStep::Failed(r(421, (4, 3, 2), "busy")));
+
+        let mut c = client();
+        feed(&mut c, b"220 mx\r\n");
+        feed(&mut c, b"502 no\r\n");
+        let (_, step) = feed(&mut c, b"550 no helo either\r\n");
+        assert!(matches!(step, ClientStep::Failed(r) if r.code == 550));
+    }
+
+    #[test]
+    fn pipelined_transaction() {
+        let mut c = ready(EHLO_PIPE);
+        assert_eq!(
+            start(&mut c, "a@b.test", &["x@y.test", "z@y.test"]),
+            "MAIL FROM:<a@b.test>\r\nRCPT TO:<x@y.test>\r\nRCPT TO:<z@y.test>\r\nDATA\r\n"
+        );
+        assert_eq!(feed(&mut c, b"250 2.1.0 Ok\r\n"), (String::new(), ClientStep::NeedInput));
+        assert_eq!(
+            feed(&mut c, b"250 2.1.5 Ok\r\n250 2.1.5 Ok\r\n354 go\r\n"),
+            (String::new(), ClientStep::SendBody)
+        );
+        assert_eq!(body(&mut c, b"Hi\r\n.\r\n"), "Hi\r\n..\r\n.\r\n");
+        let (out, step) = feed(&mut c, b"250 2.0.0 Ok: queued as 1\r\n");
+        assert_eq!(out, "");
+        let o = done(step);
+        assert_eq!(o.mail, r(250, (2, 1, 0), "Ok"));
+        assert_eq!(o.rcpts, vec![r(250, (2, 1, 5), "Ok"); 2]);
+        assert_eq!(o.data, Some(r(250, (2, 0, 0), "Ok: queued as 1")));
+        assert_eq!(o.data_command, Some(Reply::new(354, None, "go")));
+        // Ready for the next message on the same connection.
+        assert_eq!(feed(&mut c, b""), (String::new(), ClientStep::Ready));
+        assert!(start(&mut c, "", &["x@y.test"]).starts_with("MAIL FROM:<>\r\n"));
+    }
+
+    #[test]
+    fn lock_step_transaction() {
+        let mut c = ready(EHLO_PLAIN);
+        assert_eq!(start(&mut c, "a@b.test", &["x@y.test", "z@y.test"]), "MAIL FROM:<a@b.test>\r\n");
+        assert_eq!(feed(&mut c, b"250 ok\r\n").0, "RCPT TO:<x@y.test>\r\n");
+        assert_eq!(feed(&mut c, b"550 5.1.1 no such user\r\n").0, "RCPT TO:<z@y.test>\r\n");
+        assert_eq!(feed(&mut c, b"250 ok\r\n").0, "DATA\r\n");
+        assert_eq!(feed(&mut c, b"354 go\r\n").1, ClientStep::SendBody);
+        assert_eq!(body(&mut c, b"x"), "x\r\n.\r\n");
+        let o = done(feed(&mut c, b"250 queued\r\n").1);
+        assert_eq!(
+            o.rcpts,
+            [
+                r(550, (5, 1, 1), "no such user"),
+                Reply::new(250, None, "ok")
+            ]
+        );
+        assert_eq!(o.data, Some(Reply::new(250, None, "queued")));
+    }
+
+    #[test]
+    fn partial_recipient_failures_pipelined() {
+        let mut c = ready(EHLO_PIPE);
+        start(&mut c, "a@b.test", &["x@y.test", "z@y.test", "w@y.test"]);
+        let (_, step) = feed(
+            &mut c,
+            b"250 2.1.0 Ok\r\n250 2.1.5 Ok\r\n452 4.5.3 Too many recipients\r\n\
+              550 5.7.1 Relaying denied\r\n354 go\r\n",
+        );
+        assert_eq!(step, ClientStep::SendBody);
+        body(&mut c, b"b\r\n");
+        let o = done(feed(&mut c, b"250 2.0.0 Ok\r\n").1);
+        assert!(o.rcpts[0].is_positive());
+        assert!(o.rcpts[1].is_transient());
+        assert!(o.rcpts[2].is_permanent());
+        assert!(o.data.is_some_and(|d| d.is_positive()));
+    }
+
+    #[test]
+    fn all_recipients_fail_pipelined_no_body_and_rset() {
+        let mut c = ready(EHLO_PIPE);
+        start(&mut c, "a@b.test", &["x@y.test", "z@y.test"]);
+        let (out, step) = feed(
+            &mut c,
+            b"250 2.1.0 Ok\r\n550 5.1.1 no\r\n550 5.1.1 no\r\n554 5.5.1 No valid recipients\r\n",
+        );
+        assert_eq!(out, "RSET\r\n");
+        assert_eq!(step, ClientStep::NeedInput);
+        let o = done(feed(&mut c, b"250 2.0.0 Ok\r\n").1);
+        assert_eq!(o.data, None);
+        assert_eq!(o.data_command, Some(r(554, (5, 5, 1), "No valid recipients")));
+        assert!(o.rcpts.iter().all(Reply::is_permanent));
+        // The connection is usable again.
+        assert_eq!(feed(&mut c, b"").1, ClientStep::Ready);
+        assert!(start(&mut c, "a@b.test", &["q@y.test"]).starts_with("MAIL"));
+    }
+
+    #[test]
+    fn all_recipients_fail_lock_step_then_rset() {
+        let mut c = ready(EHLO_PLAIN);
+        start(&mut c, "a@b.test", &["x@y.test"]);
+        feed(&mut c, b"250 ok\r\n");
+        assert_eq!(feed(&mut c, b"550 no\r\n"), ("RSET\r\n".to_owned(), ClientStep::NeedInput));
+        let o = done(feed(&mut c, b"250 ok\r\n").1);
+        assert_eq!(o.data_command, None);
+        assert_eq!(o.rcpts, [Reply::new(550, None, "no")]);
+    }
+
+    #[test]
+    fn broken_server_says_354_with_no_recipients() {
+        let mut c = ready(EHLO_PIPE);
+        start(&mut c, "a@b.test", &["x@y.test"]);
+        let (out, step) = feed(&mut c, b"250 ok\r\n550 no\r\n354 go\r\n");
+        assert_eq!((out.as_str(), step), (".\r\n", ClientStep::NeedInput));
+        let o = done(feed(&mut c, b"554 5.5.1 empty\r\n").1);
+        assert_eq!(o.data, None);
+    }
+
+    #[test]
+    fn mail_failure_fills_recipients() {
+        let mut c = ready(EHLO_PIPE);
+        start(&mut c, "a@b.test", &["x@y.test", "z@y.test"]);
+        let (out, step) = feed(
+            &mut c,
+            b"451 4.3.0 try later\r\n503 5.5.1 need MAIL\r\n503 5.5.1 need MAIL\r\n\
+              503 5.5.1 need MAIL\r\n",
+        );
+        assert_eq!(out, "", "no RSET when MAIL was refused");
+        let o = done(step);
+        assert_eq!(o.rcpts, vec![r(451, (4, 3, 0), "try later"); 2]);
+        assert_eq!(o.data, None);
+
+        let mut c = ready(EHLO_PLAIN);
+        start(&mut c, "a@b.test", &["x@y.test", "z@y.test"]);
+        let (out, step) = feed(&mut c, b"550 5.7.1 sender refused\r\n");
+        assert_eq!(out, "");
+        let o = done(step);
+        assert_eq!(o.rcpts, vec![r(550, (5, 7, 1), "sender refused"); 2]);
+        assert_eq!(o.data_command, None);
+    }
+
+    #[test]
+    fn server_421_mid_session_fails_the_client() {
+        let mut c = ready(EHLO_PIPE);
+        start(&mut c, "a@b.test", &["x@y.test"]);
+        let (_, step) = feed(&mut c, b"250 ok\r\n421 4.4.2 mx.test Timeout\r\n");
+        assert_eq!(step, ClientStep::Failed(r(421, (4, 4, 2), "mx.test Timeout")));
+        assert_eq!(feed(&mut c, b"").1, step);
+
+        let mut c = ready(EHLO_PIPE);
+        let (_, step) = feed(&mut c, b"421 4.3.2 Service shutting down\r\n");
+        assert!(matches!(step, ClientStep::Failed(r) if r.code == 421));
+    }
+
+    #[test]
+    fn replies_split_across_reads() {
+        let mut c = client();
+        let mut wire = b"220-mx.test first\r\n220 second\r\n".to_vec();
+        wire.extend_from_slice(EHLO_PIPE);
+        let mut written = String::new();
+        let mut last = ClientStep::NeedInput;
+        for b in &wire {
+            let (out, step) = feed(&mut c, std::slice::from_ref(b));
+            written.push_str(&out);
+            last = step;
+        }
+        assert_eq!(written, "EHLO me.test\r\n");
+        assert_eq!(last, ClientStep::Ready);
+        assert!(c.capabilities().pipelining);
+    }
+
+    #[test]
+    fn multi_line_replies_in_a_transaction() {
+        let mut c = ready(EHLO_PIPE);
+        start(&mut c, "a@b.test", &["x@y.test"]);
+        feed(&mut c, b"250 ok\r\n250 ok\r\n354 go\r\n");
+        body(&mut c, b"");
+        let o = done(
+            feed(
+                &mut c,
+                b"550-5.7.1 rejected for policy\r\n550-5.7.1 see https://x.test\r\n550 5.7.1 bye\r\n",
+            )
+            .1,
+        );
+        assert_eq!(
+            o.data,
+            Some(r(550, (5, 7, 1), "rejected for policy\nsee https://x.test\nbye"))
+        );
+    }
+
+    #[test]
+    fn malformed_and_unexpected_replies_fail() {
+        let mut c = ready(EHLO_PIPE);
+        start(&mut c, "a@b.test", &["x@y.test"]);
+        let (_, step) = feed(&mut c, b"hello there\r\n");
+        assert!(matches!(step, ClientStep::Failed(r) if r.code == 421 && r.enhanced == Some((4, 5, 0))));
+
+        let mut c = ready(EHLO_PIPE);
+        let (_, step) = feed(&mut c, b"250 surprise\r\n");
+        assert!(matches!(step, ClientStep::Failed(r) if r.text.contains("Unexpected")));
+
+        let mut c = client();
+        let (_, step) = feed(&mut c, &[b'2'; 5000]);
+        assert!(matches!(step, ClientStep::Failed(r) if r.text.contains("longer than")));
+    }
+
+    #[test]
+    fn invalid_addresses_never_reach_the_wire() {
+        let mut c = ready(EHLO_PIPE);
+        assert_eq!(
+            start(&mut c, "a@b.test", &["x@y.test\r\nRSET", "ok@y.test"]),
+            "MAIL FROM:<a@b.test>\r\nRCPT TO:<ok@y.test>\r\nDATA\r\n"
+        );
+        feed(&mut c, b"250 ok\r\n250 ok\r\n354 go\r\n");
+        body(&mut c, b"b");
+        let o = done(feed(&mut c, b"250 ok\r\n").1);
+        assert_eq!(o.rcpts[0].code, 501);
+        assert!(o.rcpts[1].is_positive());
+
+        // Nothing valid: nothing written, a local outcome.
+        assert_eq!(start(&mut c, "bad sender@x", &["x@y.test"]), "");
+        let o = done(feed(&mut c, b"").1);
+        assert_eq!(o.mail.enhanced, Some((5, 1, 7)));
+        assert_eq!(start(&mut c, "a@b.test", &["nodomain"]), "");
+        let o = done(feed(&mut c, b"").1);
+        assert_eq!(o.mail.code, 554);
+        assert_eq!(o.rcpts[0].enhanced, Some((5, 1, 3)));
+        assert_eq!(feed(&mut c, b"").1, ClientStep::Ready);
+    }
+
+    #[test]
+    fn misuse_fails_instead_of_corrupting_the_stream() {
+        let mut c = client();
+        assert_eq!(start(&mut c, "a@b.test", &["x@y.test"]), "");
+        assert!(matches!(feed(&mut c, b"").1, ClientStep::Failed(_)));
+        let mut c = ready(EHLO_PIPE);
+        assert_eq!(body(&mut c, b"x"), "");
+        assert!(matches!(feed(&mut c, b"").1, ClientStep::Failed(_)));
+    }
+
+    #[test]
+    fn quit() {
+        let mut c = ready(EHLO_PIPE);
+        let mut out = Vec::new();
+        c.quit(&mut out);
+        assert_eq!(out, b"QUIT\r\n");
+        assert_eq!(feed(&mut c, b"221 2.0.0 Bye\r\n").1, ClientStep::Closed);
+    }
+
+    /// Runs a `Client` against a `Session` in memory, feeding each one's output to the other,
+    /// until the client reaches a step the caller must act on. Messages the server hands out are
+    /// queued with ids "q0", "q1", ... and collected in `spooled`.
+    struct Wire {
+        client: Client,
+        server: Session,
+        to_server: Vec<u8>,
+        spooled: Vec<crate::smtp::server::Transaction>,
+        closed: bool,
+    }
+
+    impl Wire {
+        fn new() -> Wire {
+            let cfg = Rc::new(ServerConfig {
+                hostname: "mx.test".to_owned(),
+                ..ServerConfig::default()
+            });
+            let mut server = Session::new(cfg, true);
+            let mut client = client();
+            let mut greeting = Vec::new();
+            server.greeting(&mut greeting);
+            client.input(&greeting);
+            Wire {
+                client,
+                server,
+                to_server: Vec::new(),
+                spooled: Vec::new(),
+                closed: false,
+            }
+        }
+
+        /// Exchanges bytes until the client needs its caller.
+        fn run(&mut self) -> ClientStep {
+            for _ in 0..1000 {
+                let step = self.client.poll(&mut self.to_server);
+                if step != ClientStep::NeedInput {
+                    return step;
+                }
+                self.pump();
+            }
+            panic!("no progress");
+        }
+
+        /// Delivers what the client wrote to the server and the server's replies back.
+        fn pump(&mut self) {
+            let mut to_client = Vec::new();
+            self.server.input(&std::mem::take(&mut self.to_server));
+            loop {
+                match self.server.poll(&mut to_client) {
+                    Step::NeedInput => break,
+                    Step::Close => {
+                        self.closed = true;
+                        break;
+                    }
+                    Step::Message(t) => {
+                        let id = format!("q{}", self.spooled.len());
+                        self.spooled.push(t);
+                        self.server.message_done(Ok(&id), &mut to_client);
+                    }
+                }
+            }
+            self.client.input(&to_client);
+        }
+
+        fn send(&mut self, from: &str, rcpts: &[&str], body: &[u8]) -> TransactionOutcome {
+            assert_eq!(self.run(), ClientStep::Ready);
+            self.client.start(from, rcpts, &mut self.to_server);
+            match self.run() {
+                ClientStep::SendBody => {
+                    self.client.write_body(body, &mut self.to_server);
+                    done(self.run())
+                }
+                step => done(step),
+            }
+        }
+    }
+
+    #[test]
+    fn client_and_server_in_memory() {
+        let mut w = Wire::new();
+        let bodies: [&[u8]; 5] = [
+            b"Subject: one\r\n\r\nHello\r\n",
+            b"Subject: dots\r\n\r\n.\r\n..\r\n.leading\r\n...\r\n.\r\nend\r\n",
+            b"",
+            b".",
+            b"Subject: long\r\n\r\n",
+        ];
+        let mut big = bodies[4].to_vec();
+        for i in 0..2000 {
+            big.extend_from_slice(format!(".line {i} of a longer message\r\n").as_bytes());
+        }
+        let mut expected = Vec::new();
+        for (i, body) in bodies[..4].iter().chain(std::iter::once(&&big[..])).enumerate() {
+            let o = w.send("sender@a.test", &["r1@b.test", "\"r 2\"@b.test"], body);
+            assert_eq!(o.data, Some(r(250, (2, 0, 0), &format!("Ok: queued as q{i}"))));
+            assert!(o.rcpts.iter().all(Reply::is_positive));
+            expected.push(body.to_vec());
+        }
+        // A body without a final CRLF gets one: that is the only change.
+        expected[3] = b".\r\n".to_vec();
+        let got: Vec<Vec<u8>> = w.spooled.iter().map(|t| t.body.clone()).collect();
+        assert_eq!(got, expected);
+        for t in &w.spooled {
+            assert_eq!(t.mail_from, "sender@a.test");
+            assert_eq!(t.rcpts, ["r1@b.test", "\"r 2\"@b.test"]);
+            assert_eq!(t.helo, "me.test");
+        }
+
+        // A null sender with a refused and an accepted recipient, then a refused batch.
+        let o = w.send("", &["ok@b.test", "bad@-b.test"], b"x\r\n");
+        assert!(o.rcpts[0].is_positive());
+        assert!(o.rcpts[1].is_permanent());
+        assert_eq!(w.spooled.last().map(|t| t.mail_from.as_str()), Some(""));
+
+        w.client.quit(&mut w.to_server);
+        w.pump();
+        assert_eq!(w.run(), ClientStep::Closed);
+        assert!(w.closed);
+    }
+
+    #[test]
+    fn client_and_server_when_every_recipient_is_refused() {
+        let mut w = Wire::new();
+        let cfg = Rc::new(ServerConfig::default());
+        w.server = Session::new(cfg, false);
+        let mut greeting = Vec::new();
+        w.server.greeting(&mut greeting);
+        w.client = client();
+        w.client.input(&greeting);
+        let o = w.send("a@a.test", &["x@b.test"], b"never sent\r\n");
+        assert_eq!(o.rcpts[0].enhanced, Some((5, 7, 1)));
+        assert_eq!(o.data, None);
+        assert!(w.spooled.is_empty());
+        // The connection still works (the server got RSET, not a body).
+        let o = w.send("a@a.test", &["y@b.test"], b"x");
+        assert_eq!(o.rcpts[0].code, 550);
+        assert_eq!(w.server.stats().rejected(crate::smtp::Rejection::RelayDenied), 2);
+    }
+}
