@@ -14,7 +14,10 @@ use crate::route::{Route, RouteError};
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("cannot read config file {path}: {source}")]
-    Read { path: PathBuf, source: std::io::Error },
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("config file {path}: {message}")]
     Parse { path: PathBuf, message: String },
     #[error("invalid value for `{key}`: {reason}")]
@@ -22,10 +25,13 @@ pub enum ConfigError {
 }
 
 fn invalid(key: &'static str, reason: impl Into<String>) -> ConfigError {
-    ConfigError::Invalid { key, reason: reason.into() }
+    ConfigError::Invalid {
+        key,
+        reason: reason.into(),
+    }
 }
 
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Config {
     pub server: ServerSection,
@@ -143,20 +149,6 @@ pub struct RouteEntry {
     pub target: String,
 }
 
-impl Default for Config {
-    fn default() -> Self {
-        Config {
-            server: ServerSection::default(),
-            spool: SpoolSection::default(),
-            queue: QueueSection::default(),
-            delivery: DeliverySection::default(),
-            log: LogSection::default(),
-            shards: ShardsSection::default(),
-            route: Vec::new(),
-        }
-    }
-}
-
 impl Default for ServerSection {
     fn default() -> Self {
         ServerSection {
@@ -212,7 +204,10 @@ impl Default for DeliverySection {
 
 impl Default for LogSection {
     fn default() -> Self {
-        LogSection { dir: PathBuf::from("./log"), file_size_max: 256 << 20 }
+        LogSection {
+            dir: PathBuf::from("./log"),
+            file_size_max: 256 << 20,
+        }
     }
 }
 
@@ -268,11 +263,15 @@ impl Network {
         };
         match (self.addr, ip) {
             (IpAddr::V4(net), IpAddr::V4(ip)) => {
-                let mask = u32::MAX.checked_shl(32 - u32::from(self.prefix)).unwrap_or(0);
+                let mask = u32::MAX
+                    .checked_shl(32 - u32::from(self.prefix))
+                    .unwrap_or(0);
                 u32::from(net) & mask == u32::from(ip) & mask
             }
             (IpAddr::V6(net), IpAddr::V6(ip)) => {
-                let mask = u128::MAX.checked_shl(128 - u32::from(self.prefix)).unwrap_or(0);
+                let mask = u128::MAX
+                    .checked_shl(128 - u32::from(self.prefix))
+                    .unwrap_or(0);
                 u128::from(net) & mask == u128::from(ip) & mask
             }
             _ => false,
@@ -297,9 +296,14 @@ impl Config {
         let Some(path) = path else {
             return Ok(Config::default());
         };
-        let text = std::fs::read_to_string(path)
-            .map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
-        Config::parse(&text).map_err(|message| ConfigError::Parse { path: path.to_owned(), message })
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        Config::parse(&text).map_err(|message| ConfigError::Parse {
+            path: path.to_owned(),
+            message,
+        })
     }
 
     pub fn parse(text: &str) -> Result<Config, String> {
@@ -336,7 +340,10 @@ impl Config {
             .iter()
             .map(|n| {
                 Network::parse(n).ok_or_else(|| {
-                    invalid("server.relay_networks", format!("`{n}` is not a CIDR network"))
+                    invalid(
+                        "server.relay_networks",
+                        format!("`{n}` is not a CIDR network"),
+                    )
                 })
             })
             .collect::<Result<Vec<_>, _>>()?;
@@ -354,7 +361,14 @@ impl Config {
             0 => shards::runtime::online_cpus(),
             n => n,
         };
-        Ok(Settings { config: self, hostname, helo_name, relay_networks, routes, shard_count })
+        Ok(Settings {
+            config: self,
+            hostname,
+            helo_name,
+            relay_networks,
+            routes,
+            shard_count,
+        })
     }
 
     fn validate(&self) -> Result<(), ConfigError> {
@@ -363,13 +377,19 @@ impl Config {
             return Err(invalid("server.size_max", "must be at least 1024 bytes"));
         }
         if s.rcpts_max < 100 {
-            return Err(invalid("server.rcpts_max", "RFC 5321 requires at least 100"));
+            return Err(invalid(
+                "server.rcpts_max",
+                "RFC 5321 requires at least 100",
+            ));
         }
         if s.errors_max == 0 {
             return Err(invalid("server.errors_max", "must be at least 1"));
         }
         if s.command_timeout_s == 0 || s.data_timeout_s == 0 {
-            return Err(invalid("server.command_timeout_s", "timeouts must be at least 1 s"));
+            return Err(invalid(
+                "server.command_timeout_s",
+                "timeouts must be at least 1 s",
+            ));
         }
         if s.connections_max == 0 {
             return Err(invalid("server.connections_max", "must be at least 1"));
@@ -392,36 +412,60 @@ impl Config {
             return Err(invalid("queue.retry_factor", "must be a number >= 1.0"));
         }
         if q.retry_cap_ms < q.retry_base_ms {
-            return Err(invalid("queue.retry_cap_ms", "must be >= queue.retry_base_ms"));
+            return Err(invalid(
+                "queue.retry_cap_ms",
+                "must be >= queue.retry_base_ms",
+            ));
         }
         if q.max_age_s == 0 {
             return Err(invalid("queue.max_age_s", "must be at least 1"));
         }
         let d = &self.delivery;
         if d.connections_per_destination_max == 0 {
-            return Err(invalid("delivery.connections_per_destination_max", "must be at least 1"));
+            return Err(invalid(
+                "delivery.connections_per_destination_max",
+                "must be at least 1",
+            ));
         }
         if d.messages_per_connection_max == 0 {
-            return Err(invalid("delivery.messages_per_connection_max", "must be at least 1"));
+            return Err(invalid(
+                "delivery.messages_per_connection_max",
+                "must be at least 1",
+            ));
         }
         if d.rcpts_per_transaction_max == 0 {
-            return Err(invalid("delivery.rcpts_per_transaction_max", "must be at least 1"));
+            return Err(invalid(
+                "delivery.rcpts_per_transaction_max",
+                "must be at least 1",
+            ));
         }
         if d.connect_timeout_ms == 0 || d.reply_timeout_ms == 0 {
-            return Err(invalid("delivery.reply_timeout_ms", "timeouts must be at least 1 ms"));
+            return Err(invalid(
+                "delivery.reply_timeout_ms",
+                "timeouts must be at least 1 ms",
+            ));
         }
         if self.log.file_size_max < 64 << 10 {
             return Err(invalid("log.file_size_max", "must be at least 64 KiB"));
         }
         let sh = &self.shards;
         if sh.count > shards::runtime::SHARDS_MAX {
-            return Err(invalid("shards.count", format!("at most {}", shards::runtime::SHARDS_MAX)));
+            return Err(invalid(
+                "shards.count",
+                format!("at most {}", shards::runtime::SHARDS_MAX),
+            ));
         }
         if !(64 << 10..=1 << 30).contains(&sh.io_memory_bytes) {
-            return Err(invalid("shards.io_memory_bytes", "must be between 64 KiB and 1 GiB"));
+            return Err(invalid(
+                "shards.io_memory_bytes",
+                "must be between 64 KiB and 1 GiB",
+            ));
         }
         if !sh.ring_depth.is_power_of_two() || !(8..=32_768).contains(&sh.ring_depth) {
-            return Err(invalid("shards.ring_depth", "must be a power of two from 8 to 32768"));
+            return Err(invalid(
+                "shards.ring_depth",
+                "must be a power of two from 8 to 32768",
+            ));
         }
         if sh.mesh_capacity == 0 {
             return Err(invalid("shards.mesh_capacity", "must be at least 1"));
@@ -494,6 +538,8 @@ mod tests {
         let n6 = Network::parse("::1/128").expect("cidr");
         assert!(n6.contains("::1".parse().expect("ip")));
         assert!(Network::parse("10.0.0.0/33").is_none());
-        assert!(Network::parse("0.0.0.0/0").expect("any").contains("8.8.8.8".parse().expect("ip")));
+        assert!(Network::parse("0.0.0.0/0")
+            .expect("any")
+            .contains("8.8.8.8".parse().expect("ip")));
     }
 }

@@ -58,8 +58,11 @@ pub async fn connection(ctx: Rc<ShardCtx>, dest: Destination) {
 }
 
 fn fail_job(ctx: &Rc<ShardCtx>, job: &Job, why: &str, dest: &Destination) {
-    let results: Vec<(u32, RcptResult)> =
-        job.rcpts.iter().map(|&r| (r, RcptResult::Failure(why.to_owned()))).collect();
+    let results: Vec<(u32, RcptResult)> = job
+        .rcpts
+        .iter()
+        .map(|&r| (r, RcptResult::Failure(why.to_owned())))
+        .collect();
     ctx.record_results(job, &results, &dest.to_string());
 }
 
@@ -81,14 +84,18 @@ impl Conn {
 
     /// Flush what the client wrote, then read more of the server's replies into it.
     async fn exchange(&mut self) -> Result<(), String> {
-        self.flush().await.map_err(|e| format!("write failed: {e}"))?;
+        self.flush()
+            .await
+            .map_err(|e| format!("write failed: {e}"))?;
         match self.stream.read(&mut self.buf).await {
             Ok(0) => Err("connection closed by the remote server".into()),
             Ok(n) => {
                 self.client.input(&self.buf[..n]);
                 Ok(())
             }
-            Err(e) if e.kind() == ErrorKind::TimedOut => Err("timed out waiting for a reply".into()),
+            Err(e) if e.kind() == ErrorKind::TimedOut => {
+                Err("timed out waiting for a reply".into())
+            }
             Err(e) => Err(format!("read failed: {e}")),
         }
     }
@@ -102,9 +109,10 @@ impl Conn {
 
 async fn serve(ctx: &Rc<ShardCtx>, dest: &Destination) -> Result<(), ConnError> {
     let cfg = &ctx.settings.config.delivery;
-    let stream = TcpStream::connect_timeout(dest.addr, Duration::from_millis(cfg.connect_timeout_ms))
-        .await
-        .map_err(|e| ConnError::Unreachable(format!("connect to {dest} failed: {e}")))?;
+    let stream =
+        TcpStream::connect_timeout(dest.addr, Duration::from_millis(cfg.connect_timeout_ms))
+            .await
+            .map_err(|e| ConnError::Unreachable(format!("connect to {dest} failed: {e}")))?;
     let _ = stream.set_nodelay(true);
     stream
         .set_read_timeout(Some(Duration::from_millis(cfg.reply_timeout_ms)))
@@ -113,7 +121,12 @@ async fn serve(ctx: &Rc<ShardCtx>, dest: &Destination) -> Result<(), ConnError> 
         helo_name: ctx.settings.helo_name.clone(),
         line_len_max: REPLY_LINE_LEN_MAX,
     });
-    let mut conn = Conn { stream, client, buf: vec![0u8; READ_BUF_BYTES], out: Vec::with_capacity(4096) };
+    let mut conn = Conn {
+        stream,
+        client,
+        buf: vec![0u8; READ_BUF_BYTES],
+        out: Vec::with_capacity(4096),
+    };
 
     // Greeting and EHLO.
     loop {
@@ -127,7 +140,9 @@ async fn serve(ctx: &Rc<ShardCtx>, dest: &Destination) -> Result<(), ConnError> 
                 )))
             }
             other => {
-                return Err(ConnError::Unreachable(format!("unexpected client step {other:?}")));
+                return Err(ConnError::Unreachable(format!(
+                    "unexpected client step {other:?}"
+                )));
             }
         }
     }
@@ -159,7 +174,11 @@ async fn serve(ctx: &Rc<ShardCtx>, dest: &Destination) -> Result<(), ConnError> 
 }
 
 /// The next job for this destination, waiting up to `idle` for one. None: close the connection.
-async fn next_job(ctx: &Rc<ShardCtx>, target: &crate::queue::Target, idle: Duration) -> Option<Job> {
+async fn next_job(
+    ctx: &Rc<ShardCtx>,
+    target: &crate::queue::Target,
+    idle: Duration,
+) -> Option<Job> {
     let deadline = std::time::Instant::now() + idle;
     loop {
         if ctx.shutting_down() {
@@ -203,16 +222,23 @@ async fn transaction(
         Err(e) => {
             // The connection is fine; this job could not be read. Retry it later.
             let why = format!("cannot read the spooled message: {e}");
-            return Ok(job.rcpts.iter().map(|&r| (r, RcptResult::Failure(why.clone()))).collect());
+            return Ok(job
+                .rcpts
+                .iter()
+                .map(|&r| (r, RcptResult::Failure(why.clone())))
+                .collect());
         }
     };
     let message = stored.message().map_err(|e| e.to_string())?;
     let rcpt_refs: Vec<&str> = rcpts.iter().map(String::as_str).collect();
-    conn.client.start(message.mail_from.as_str(), &rcpt_refs, &mut conn.out);
+    conn.client
+        .start(message.mail_from.as_str(), &rcpt_refs, &mut conn.out);
     let outcome = loop {
         match conn.client.poll(&mut conn.out) {
             ClientStep::NeedInput => conn.exchange().await?,
-            ClientStep::SendBody => conn.client.write_body(message.body.as_slice(), &mut conn.out),
+            ClientStep::SendBody => conn
+                .client
+                .write_body(message.body.as_slice(), &mut conn.out),
             ClientStep::Done(outcome) => break outcome,
             ClientStep::Failed(reply) => {
                 return Err(format!("session failed: {}", reply.to_string().trim_end()));

@@ -86,12 +86,19 @@ pub struct LogError {
 
 impl EventLog {
     pub fn open(dir: &Path, shard: usize, file_size_max: u64) -> Result<EventLog, LogError> {
-        std::fs::create_dir_all(dir).map_err(|source| LogError { path: dir.to_owned(), source })?;
+        std::fs::create_dir_all(dir).map_err(|source| LogError {
+            path: dir.to_owned(),
+            source,
+        })?;
         let log = EventLog {
             dir: dir.to_owned(),
             shard,
             file_size_max,
-            inner: RefCell::new(Inner { file: None, written: 0, buf: Vec::with_capacity(64 << 10) }),
+            inner: RefCell::new(Inner {
+                file: None,
+                written: 0,
+                buf: Vec::with_capacity(64 << 10),
+            }),
         };
         log.open_file()?;
         Ok(log)
@@ -107,7 +114,10 @@ impl EventLog {
             .create(true)
             .append(true)
             .open(&path)
-            .map_err(|source| LogError { path: path.clone(), source })?;
+            .map_err(|source| LogError {
+                path: path.clone(),
+                source,
+            })?;
         let written = file.metadata().map(|m| m.len()).unwrap_or(0);
         let mut inner = self.inner.borrow_mut();
         inner.file = Some(file);
@@ -165,5 +175,61 @@ impl EventLog {
         if let Err(e) = self.open_file() {
             eprintln!("shard {}: {e}", self.shard);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn event(id: &str) -> Event<'_> {
+        Event {
+            kind: EventKind::Delivery,
+            ts_ms: 1,
+            message_id: id,
+            queue_id: 7,
+            shard: 0,
+            sender: "s@x.test",
+            recipient: Some("r@y.test"),
+            recipients: None,
+            domain: Some("y.test"),
+            attempts: 1,
+            response: None,
+            peer: "127.0.0.1:25",
+            received_ms: 0,
+            next_attempt_ms: None,
+            size: 10,
+        }
+    }
+
+    #[test]
+    fn lines_are_json_and_files_rotate_by_size() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let log = EventLog::open(dir.path(), 3, 64 << 10).expect("open");
+        for i in 0..2_000 {
+            log.record(&event(&format!("m{i}")));
+            if i % 100 == 0 {
+                log.flush();
+            }
+        }
+        log.flush();
+        let mut files: Vec<_> = std::fs::read_dir(dir.path())
+            .expect("list")
+            .map(|e| e.expect("entry").path())
+            .collect();
+        files.sort();
+        assert!(files.len() > 1, "rotated: {files:?}");
+        let mut lines = 0;
+        for f in &files {
+            let text = std::fs::read_to_string(f).expect("read");
+            for line in text.lines() {
+                let v: serde_json::Value = serde_json::from_str(line).expect("json line");
+                assert_eq!(v["type"], "Delivery");
+                assert_eq!(v["shard"], 0);
+                lines += 1;
+            }
+        }
+        assert_eq!(lines, 2_000, "no line lost across rotations");
+        assert!(dir.path().join("shard-3.jsonl").exists());
     }
 }

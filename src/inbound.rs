@@ -110,10 +110,18 @@ async fn wake_on_shutdown(ctx: Rc<ShardCtx>, addr: Option<SocketAddr>) {
     }
 }
 
-async fn session(ctx: &Rc<ShardCtx>, cfg: Rc<ServerConfig>, mut stream: TcpStream) -> std::io::Result<()> {
+async fn session(
+    ctx: &Rc<ShardCtx>,
+    cfg: Rc<ServerConfig>,
+    mut stream: TcpStream,
+) -> std::io::Result<()> {
     let server = &ctx.settings.config.server;
     let peer = stream.peer_addr()?;
-    let relay_allowed = ctx.settings.relay_networks.iter().any(|n| n.contains(peer.ip()));
+    let relay_allowed = ctx
+        .settings
+        .relay_networks
+        .iter()
+        .any(|n| n.contains(peer.ip()));
     let peer_text = peer.to_string();
     let _ = stream.set_nodelay(true);
     stream.set_read_timeout(Some(Duration::from_millis(READ_SLICE_MS)))?;
@@ -142,7 +150,11 @@ async fn session(ctx: &Rc<ShardCtx>, cfg: Rc<ServerConfig>, mut stream: TcpStrea
                     }
                     Err(e) if e.kind() == ErrorKind::TimedOut => {
                         waited_ms += READ_SLICE_MS;
-                        let limit_s = if session.in_data() { server.data_timeout_s } else { server.command_timeout_s };
+                        let limit_s = if session.in_data() {
+                            server.data_timeout_s
+                        } else {
+                            server.command_timeout_s
+                        };
                         if waited_ms >= limit_s * 1000 {
                             session.timeout(&mut out);
                             stream.write_all(&out).await?;
@@ -153,11 +165,14 @@ async fn session(ctx: &Rc<ShardCtx>, cfg: Rc<ServerConfig>, mut stream: TcpStrea
                 }
             }
             Step::Message(tx) => {
-                let result = ctx.accept_message(tx.mail_from, tx.rcpts, tx.body, peer_text.clone()).await;
+                let result = ctx
+                    .accept_message(tx.mail_from, tx.rcpts, tx.body, peer_text.clone())
+                    .await;
                 match result {
                     Ok(id) => session.message_done(Ok(&id), &mut out),
                     Err(why) => {
-                        let reply = Reply::new(451, Some((4, 3, 0)), format!("Message not queued: {why}"));
+                        let reply =
+                            Reply::new(451, Some((4, 3, 0)), format!("Message not queued: {why}"));
                         session.message_done(Err(reply), &mut out);
                     }
                 }

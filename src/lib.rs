@@ -12,13 +12,13 @@
 //! - `config`: the TOML file, command-line overrides and validation.
 //! - `shard`: what one core runs, wiring the above together on top of the `shards` runtime.
 
-pub mod smtp;
-pub mod config;
-pub mod route;
-pub mod spool;
 pub mod clock;
+pub mod config;
 pub mod delivery;
 pub mod eventlog;
 pub mod inbound;
 pub mod queue;
+pub mod route;
 pub mod shard;
+pub mod smtp;
+pub mod spool;

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 use epoxi::config::{Config, Overrides};
-use epoxi::shard::{self, Shared, ShardMsg};
+use epoxi::shard::{self, ShardMsg, Shared};
 
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
@@ -86,6 +86,38 @@ fn main() -> ExitCode {
     }
 }
 
+/// A shard recovers only its own spool directory. Starting with fewer shards than a spool was
+/// written with would strand the mail of the missing shards, so refuse, and say how to fix it.
+fn check_spool_shards(dir: &std::path::Path, count: usize) -> Result<(), String> {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return Ok(());
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let Some(index) = name.to_str().and_then(|n| n.strip_prefix("shard-")) else {
+            continue;
+        };
+        let Ok(index) = index.parse::<usize>() else {
+            continue;
+        };
+        let has_segments = std::fs::read_dir(entry.path())
+            .map(|d| {
+                d.flatten()
+                    .any(|e| e.file_name().to_string_lossy().ends_with(".seg"))
+            })
+            .unwrap_or(false);
+        if index >= count && has_segments {
+            return Err(format!(
+                "spool {} holds queued mail of shard {index}, but only {count} shards are \
+                 configured: start with --shards {} (or more) to deliver it",
+                dir.display(),
+                index + 1
+            ));
+        }
+    }
+    Ok(())
+}
+
 fn serve(mut settings: epoxi::config::Settings) -> Result<(), String> {
     // Port 0 means "any free port": pick it once here so every shard binds the same one.
     if settings.config.server.listen.port() == 0 {
@@ -93,6 +125,7 @@ fn serve(mut settings: epoxi::config::Settings) -> Result<(), String> {
             .map_err(|e| format!("cannot bind {}: {e}", settings.config.server.listen))?;
         settings.config.server.listen = probe.local_addr().map_err(|e| e.to_string())?;
     }
+    check_spool_shards(&settings.config.spool.dir, settings.shard_count)?;
     let shared = Arc::new(Shared::default());
     for signal in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
         let shared = shared.clone();

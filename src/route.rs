@@ -37,8 +37,9 @@ pub struct Route {
 impl Route {
     /// `GLOB=HOST:PORT`, as given to `--route`.
     pub fn parse_flag(text: &str) -> Result<Route, RouteError> {
-        let (glob, target) =
-            text.split_once('=').ok_or_else(|| RouteError::Syntax(text.to_owned()))?;
+        let (glob, target) = text
+            .split_once('=')
+            .ok_or_else(|| RouteError::Syntax(text.to_owned()))?;
         Route::new(glob, target)
     }
 
@@ -54,7 +55,10 @@ impl Route {
             .ok()
             .and_then(|mut addrs| addrs.next())
             .ok_or_else(|| RouteError::Target(target.to_owned()))?;
-        Ok(Route { glob, dest: Destination { addr } })
+        Ok(Route {
+            glob,
+            dest: Destination { addr },
+        })
     }
 
     pub fn matches(&self, domain: &str) -> bool {
@@ -138,7 +142,13 @@ mod tests {
 
     #[test]
     fn bad_routes_are_refused() {
-        assert!(matches!(Route::parse_flag("nodest"), Err(RouteError::Syntax(_))));
-        assert!(matches!(Route::parse_flag("*.test=nohostport"), Err(RouteError::Target(_))));
+        assert!(matches!(
+            Route::parse_flag("nodest"),
+            Err(RouteError::Syntax(_))
+        ));
+        assert!(matches!(
+            Route::parse_flag("*.test=nohostport"),
+            Err(RouteError::Target(_))
+        ));
     }
 }

@@ -47,7 +47,10 @@ pub struct Submission {
 pub enum ShardMsg {
     Submit(Box<Submission>),
     /// The owning shard's answer: durable (its queue id) or not (why).
-    Ack { token: u64, result: Result<u64, String> },
+    Ack {
+        token: u64,
+        result: Result<u64, String>,
+    },
 }
 
 /// State shared by all shards of one process: shutdown coordination only.
@@ -117,7 +120,10 @@ impl ShardCtx {
         let mut parts: BTreeMap<usize, Vec<String>> = BTreeMap::new();
         for rcpt in rcpts {
             let domain = rcpt.rsplit_once('@').map_or("", |(_, d)| d);
-            parts.entry(shards::shard_of(domain, self.count)).or_default().push(rcpt);
+            parts
+                .entry(shards::shard_of(domain, self.count))
+                .or_default()
+                .push(rcpt);
         }
         let body = Arc::new(body);
         let mut tasks = Vec::with_capacity(parts.len());
@@ -162,7 +168,12 @@ impl ShardCtx {
         sub.token = token;
         let (tx, rx) = local_channel::new_bounded(1);
         self.acks.borrow_mut().insert(token, tx);
-        if self.peers.send_to(shard, ShardMsg::Submit(Box::new(sub))).await.is_err() {
+        if self
+            .peers
+            .send_to(shard, ShardMsg::Submit(Box::new(sub)))
+            .await
+            .is_err()
+        {
             self.acks.borrow_mut().remove(&token);
             return Err(format!("shard {shard} is not accepting messages"));
         }
@@ -192,10 +203,14 @@ impl ShardCtx {
             record.rcpts.clone(),
             record.peer.clone(),
         );
-        let (id, loc) = self.spool.append_message(record).await.map_err(|e| match e {
-            SpoolError::Closed => "shutting down".to_owned(),
-            other => other.to_string(),
-        })?;
+        let (id, loc) = self
+            .spool
+            .append_message(record)
+            .await
+            .map_err(|e| match e {
+                SpoolError::Closed => "shutting down".to_owned(),
+                other => other.to_string(),
+            })?;
         let rcpt_refs: Vec<&str> = rcpts.iter().map(String::as_str).collect();
         self.log.record(&Event {
             kind: EventKind::Reception,
@@ -224,7 +239,11 @@ impl ShardCtx {
             remaining: rcpts.len() as u32,
             rcpts: rcpts
                 .into_iter()
-                .map(|a| Rcpt { address: a.into(), attempts: 0, done: false })
+                .map(|a| Rcpt {
+                    address: a.into(),
+                    attempts: 0,
+                    done: false,
+                })
                 .collect(),
         };
         let pending: Vec<u32> = (0..meta.rcpts.len() as u32).collect();
@@ -243,7 +262,10 @@ impl ShardCtx {
                     let result = ctx.spool_part(*sub).await;
                     // If the origin is gone it cannot answer its client either; the part is
                     // spooled and will be delivered, so nothing is lost.
-                    let _ = ctx.peers.send_to(origin, ShardMsg::Ack { token, result }).await;
+                    let _ = ctx
+                        .peers
+                        .send_to(origin, ShardMsg::Ack { token, result })
+                        .await;
                 })
                 .detach();
             }
@@ -259,16 +281,23 @@ impl ShardCtx {
     pub fn dispatch(self: &Rc<Self>, message: u64, rcpts: &[u32], due_ms: u64) {
         let jobs = {
             let queue = self.queue.borrow();
-            let Some(meta) = queue.message(message) else { return };
+            let Some(meta) = queue.message(message) else {
+                return;
+            };
             let mut by_target: Vec<(Target, Vec<u32>)> = Vec::new();
             for &r in rcpts {
-                let Some(rcpt) = meta.rcpts.get(r as usize) else { continue };
+                let Some(rcpt) = meta.rcpts.get(r as usize) else {
+                    continue;
+                };
                 if rcpt.done {
                     continue;
                 }
                 let target = self.router.lookup(rcpt.domain()).ok();
                 let cap = self.settings.config.delivery.rcpts_per_transaction_max;
-                match by_target.iter_mut().find(|(t, v)| *t == target && v.len() < cap) {
+                match by_target
+                    .iter_mut()
+                    .find(|(t, v)| *t == target && v.len() < cap)
+                {
                     Some((_, v)) => v.push(r),
                     None => by_target.push((target, vec![r])),
                 }
@@ -277,7 +306,11 @@ impl ShardCtx {
         };
         let now = now_ms();
         for (target, rcpts) in jobs {
-            let job = Job { message, rcpts, target };
+            let job = Job {
+                message,
+                rcpts,
+                target,
+            };
             if due_ms > now {
                 self.queue.borrow_mut().schedule(due_ms, job);
             } else {
@@ -296,12 +329,19 @@ impl ShardCtx {
             // No route: nothing to connect to. Count it as a failed attempt so it backs off and
             // eventually expires, with a reply that says why.
             let reply = Reply::new(451, Some((4, 4, 0)), "No route to the recipient domain");
-            let results: Vec<(u32, RcptResult)> =
-                job.rcpts.iter().map(|&r| (r, RcptResult::Reply(reply.clone()))).collect();
+            let results: Vec<(u32, RcptResult)> = job
+                .rcpts
+                .iter()
+                .map(|&r| (r, RcptResult::Reply(reply.clone())))
+                .collect();
             self.record_results(&job, &results, "-");
             return;
         };
-        let limit = self.settings.config.delivery.connections_per_destination_max;
+        let limit = self
+            .settings
+            .config
+            .delivery
+            .connections_per_destination_max;
         let spawn = {
             let mut queue = self.queue.borrow_mut();
             let dq = queue.push_ready(job);
@@ -329,26 +369,37 @@ impl ShardCtx {
         let mut final_seq = None;
         {
             let mut queue = self.queue.borrow_mut();
-            let Some(meta) = queue.message_mut(job.message) else { return };
+            let Some(meta) = queue.message_mut(job.message) else {
+                return;
+            };
             for (r, result) in results {
-                let Some(rcpt) = meta.rcpts.get_mut(*r as usize) else { continue };
+                let Some(rcpt) = meta.rcpts.get_mut(*r as usize) else {
+                    continue;
+                };
                 if rcpt.done {
                     continue;
                 }
                 rcpt.attempts += 1;
                 let response = match result {
                     RcptResult::Reply(reply) => response_of(reply),
-                    RcptResult::Failure(why) => {
-                        Response { code: 451, enhanced: "4.4.1".into(), text: why.clone() }
-                    }
+                    RcptResult::Failure(why) => Response {
+                        code: 451,
+                        enhanced: "4.4.1".into(),
+                        text: why.clone(),
+                    },
                 };
                 let (kind, outcome, next) = if (200..300).contains(&response.code) {
                     (EventKind::Delivery, OutcomeKind::Delivered, None)
                 } else if (500..600).contains(&response.code) {
                     (EventKind::Bounce, OutcomeKind::Bounced, None)
                 } else {
-                    match self.backoff.after_failure(rcpt.attempts, meta.received_ms, now) {
-                        Retry::At(at) => (EventKind::TransientFailure, OutcomeKind::Deferred, Some(at)),
+                    match self
+                        .backoff
+                        .after_failure(rcpt.attempts, meta.received_ms, now)
+                    {
+                        Retry::At(at) => {
+                            (EventKind::TransientFailure, OutcomeKind::Deferred, Some(at))
+                        }
                         Retry::Expire => (EventKind::Expiration, OutcomeKind::Expired, None),
                     }
                 };
@@ -401,7 +452,11 @@ impl ShardCtx {
         let mut i = 0;
         while i < retry.len() {
             let at = retry[i].0;
-            let rcpts: Vec<u32> = retry[i..].iter().take_while(|(t, _)| *t == at).map(|(_, r)| *r).collect();
+            let rcpts: Vec<u32> = retry[i..]
+                .iter()
+                .take_while(|(t, _)| *t == at)
+                .map(|(_, r)| *r)
+                .collect();
             i += rcpts.len();
             self.dispatch(job.message, &rcpts, at);
         }
@@ -496,7 +551,10 @@ pub async fn run(
             .enumerate()
             .map(|(i, (address, state))| {
                 let (attempts, done) = match *state {
-                    RcptState::Pending { attempts, next_attempt_ms } => {
+                    RcptState::Pending {
+                        attempts,
+                        next_attempt_ms,
+                    } => {
                         if next_attempt_ms > 0 {
                             later.push((next_attempt_ms, i as u32));
                         } else {
@@ -506,13 +564,21 @@ pub async fn run(
                     }
                     RcptState::Final(_) => (0, true),
                 };
-                Rcpt { address: address.as_str().into(), attempts, done }
+                Rcpt {
+                    address: address.as_str().into(),
+                    attempts,
+                    done,
+                }
             })
             .collect::<Vec<_>>();
         let stored = spool.read_message(msg.loc).await;
         let (reception_id, mail_from, size) = match &stored {
             Ok(s) => match s.message() {
-                Ok(m) => (m.reception_id.as_str().into(), m.mail_from.as_str().into(), m.body.len()),
+                Ok(m) => (
+                    m.reception_id.as_str().into(),
+                    m.mail_from.as_str().into(),
+                    m.body.len(),
+                ),
                 Err(_) => ("?".into(), "".into(), 0),
             },
             Err(_) => ("?".into(), "".into(), 0),
@@ -564,7 +630,9 @@ pub async fn run(
     // Other shards' sessions may still hand parts to this shard: keep the spool open until
     // every shard's inbound side is done.
     shared.inbound_done.fetch_add(1, Ordering::SeqCst);
-    while shared.inbound_done.load(Ordering::SeqCst) < ctx.count && std::time::Instant::now() < deadline {
+    while shared.inbound_done.load(Ordering::SeqCst) < ctx.count
+        && std::time::Instant::now() < deadline
+    {
         glommio::timer::sleep(Duration::from_millis(10)).await;
     }
     while ctx.deliveries.get() > 0 && std::time::Instant::now() < deadline {

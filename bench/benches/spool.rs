@@ -57,7 +57,9 @@ fn access(c: &mut Criterion) {
 /// under load from many SMTP sessions.
 fn append(c: &mut Criterion) {
     let mut group = c.benchmark_group("spool_append_group_commit");
-    group.sample_size(10).measurement_time(Duration::from_secs(5));
+    group
+        .sample_size(10)
+        .measurement_time(Duration::from_secs(5));
     for concurrency in [1usize, 64] {
         group.throughput(Throughput::Elements(concurrency as u64));
         group.bench_function(BenchmarkId::new("1KiB_concurrency", concurrency), |b| {

@@ -56,17 +56,26 @@ mod tests {
     #[test]
     fn case_does_not_change_the_shard() {
         for shards in 1..9 {
-            assert_eq!(shard_of("Example.COM", shards), shard_of("example.com", shards));
+            assert_eq!(
+                shard_of("Example.COM", shards),
+                shard_of("example.com", shards)
+            );
         }
     }
 
     #[test]
     fn map_is_pinned_across_builds() {
         // These values are part of the on-disk contract (see the module comment).
-        let got: Vec<usize> = ["d0.test", "d1.test", "gmail.com", "outlook.com", "yahoo.com"]
-            .iter()
-            .map(|d| shard_of(d, 4))
-            .collect();
+        let got: Vec<usize> = [
+            "d0.test",
+            "d1.test",
+            "gmail.com",
+            "outlook.com",
+            "yahoo.com",
+        ]
+        .iter()
+        .map(|d| shard_of(d, 4))
+        .collect();
         assert_eq!(got, PINNED_4);
     }
     const PINNED_4: [usize; 5] = [2, 1, 3, 2, 3];
@@ -81,7 +90,13 @@ mod tests {
         for c in counts {
             assert!((2_200..2_800).contains(&c), "uneven spread {counts:?}");
         }
-        let moved = domains.iter().filter(|d| shard_of(d, 4) != shard_of(d, 5)).count();
-        assert!(moved < 2_400, "jump hash should move about 1/5 of domains, moved {moved}");
+        let moved = domains
+            .iter()
+            .filter(|d| shard_of(d, 4) != shard_of(d, 5))
+            .count();
+        assert!(
+            moved < 2_400,
+            "jump hash should move about 1/5 of domains, moved {moved}"
+        );
     }
 }

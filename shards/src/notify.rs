@@ -32,7 +32,11 @@ impl Notify {
 
     /// Completes at the first `notify_all` after this call.
     pub fn notified(&self) -> Notified<'_> {
-        Notified { notify: self, epoch: self.epoch.get(), registered: false }
+        Notified {
+            notify: self,
+            epoch: self.epoch.get(),
+            registered: false,
+        }
     }
 }
 

@@ -117,7 +117,10 @@ pub struct Shard<M: Send> {
     pub count: usize,
     pub peers: Peers<M>,
     /// One receiver per other shard, as (sender shard id, receiver).
-    pub inbox: Vec<(usize, glommio::channels::shared_channel::ConnectedReceiver<M>)>,
+    pub inbox: Vec<(
+        usize,
+        glommio::channels::shared_channel::ConnectedReceiver<M>,
+    )>,
 }
 
 /// Start `cfg.shards` executors, run `main(shard)` on each and wait for all of them to return.
@@ -170,14 +173,37 @@ where
                         // still take the mesh's word for it, since it routes the messages.
                         let id = senders.peer_id();
                         let inbox = receivers.streams();
-                        let peers = Peers { id, count, senders: Some(senders) };
+                        let peers = Peers {
+                            id,
+                            count,
+                            senders: Some(senders),
+                        };
                         (id, peers, inbox)
                     }
-                    None => (0, Peers { id: 0, count: 1, senders: None }, Vec::new()),
+                    None => (
+                        0,
+                        Peers {
+                            id: 0,
+                            count: 1,
+                            senders: None,
+                        },
+                        Vec::new(),
+                    ),
                 };
-                Ok::<R, RuntimeError>(main(Shard { id, count, peers, inbox }).await)
+                Ok::<R, RuntimeError>(
+                    main(Shard {
+                        id,
+                        count,
+                        peers,
+                        inbox,
+                    })
+                    .await,
+                )
             })
-            .map_err(|e| RuntimeError::Spawn { shard: index, reason: e.to_string() })?;
+            .map_err(|e| RuntimeError::Spawn {
+                shard: index,
+                reason: e.to_string(),
+            })?;
         handles.push(handle);
     }
 
@@ -186,7 +212,12 @@ where
         match handle.join() {
             Ok(Ok(result)) => results.push(result),
             Ok(Err(e)) => return Err(e),
-            Err(e) => return Err(RuntimeError::Join { shard, reason: e.to_string() }),
+            Err(e) => {
+                return Err(RuntimeError::Join {
+                    shard,
+                    reason: e.to_string(),
+                })
+            }
         }
     }
     Ok(results)

@@ -108,12 +108,17 @@ impl Queue {
     }
 
     pub fn pop_ready(&mut self, target: &Target) -> Option<Job> {
-        self.dests.get_mut(target).and_then(|dq| dq.ready.pop_front())
+        self.dests
+            .get_mut(target)
+            .and_then(|dq| dq.ready.pop_front())
     }
 
     /// Take every ready job of a destination (e.g. when it cannot be reached at all).
     pub fn drain_ready(&mut self, target: &Target) -> Vec<Job> {
-        self.dests.get_mut(target).map(|dq| dq.ready.drain(..).collect()).unwrap_or_default()
+        self.dests
+            .get_mut(target)
+            .map(|dq| dq.ready.drain(..).collect())
+            .unwrap_or_default()
     }
 
     /// Schedule a job for `due_ms`.
@@ -156,7 +161,11 @@ mod tests {
     use super::*;
 
     fn job(message: u64) -> Job {
-        Job { message, rcpts: vec![0], target: None }
+        Job {
+            message,
+            rcpts: vec![0],
+            target: None,
+        }
     }
 
     #[test]
@@ -177,8 +186,14 @@ mod tests {
     #[test]
     fn ready_queues_are_per_destination() {
         let mut q = Queue::default();
-        let d: Target = Some(Destination { addr: "127.0.0.1:25".parse().expect("addr") });
-        q.push_ready(Job { message: 1, rcpts: vec![0], target: d.clone() });
+        let d: Target = Some(Destination {
+            addr: "127.0.0.1:25".parse().expect("addr"),
+        });
+        q.push_ready(Job {
+            message: 1,
+            rcpts: vec![0],
+            target: d.clone(),
+        });
         q.push_ready(job(2));
         assert_eq!(q.ready_len(), 2);
         assert_eq!(q.pop_ready(&d).map(|j| j.message), Some(1));

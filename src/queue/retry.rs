@@ -46,7 +46,12 @@ impl Backoff {
 mod tests {
     use super::*;
 
-    const B: Backoff = Backoff { base_ms: 1_000, factor: 2.0, cap_ms: 10_000, max_age_ms: 60_000 };
+    const B: Backoff = Backoff {
+        base_ms: 1_000,
+        factor: 2.0,
+        cap_ms: 10_000,
+        max_age_ms: 60_000,
+    };
 
     #[test]
     fn grows_exponentially_then_caps() {
@@ -67,6 +72,9 @@ mod tests {
         assert_eq!(B.after_failure(1, 0, 100), Retry::At(1_100));
         assert_eq!(B.after_failure(5, 0, 55_000), Retry::At(60_000));
         assert_eq!(B.after_failure(6, 0, 60_000), Retry::Expire);
-        assert_eq!(B.after_failure(1, u64::MAX - 5, u64::MAX - 1), Retry::At(u64::MAX));
+        assert_eq!(
+            B.after_failure(1, u64::MAX - 5, u64::MAX - 1),
+            Retry::At(u64::MAX)
+        );
     }
 }

@@ -32,7 +32,7 @@ use rkyv::util::AlignedVec;
 use shards::Notify;
 
 use record::{MessageRecord, OutcomeRecord, RecordError, RecordKind, RECORD_HEADER_LEN};
-pub use recovery::{Recovered, RecoveredMessage, RcptState, RecoveryReport};
+pub use recovery::{RcptState, Recovered, RecoveredMessage, RecoveryReport};
 
 #[derive(Clone, Debug, thiserror::Error, PartialEq)]
 pub enum SpoolError {
@@ -89,6 +89,9 @@ pub struct SpoolStats {
     pub segments_deleted: u64,
 }
 
+/// Where a committed batch landed: (segment, file offset of the batch), or why it failed.
+type CommitResult = Result<(u64, u64), SpoolError>;
+
 struct Batch {
     no: u64,
     buf: Vec<u8>,
@@ -112,8 +115,8 @@ struct Segment {
 struct State {
     next_id: u64,
     batch: Batch,
-    /// Results of committed batches that still have waiters: (segment, batch base offset).
-    results: HashMap<u64, (Result<(u64, u64), SpoolError>, u32)>,
+    /// Results of committed batches that still have waiters, with the count still to read it.
+    results: HashMap<u64, (CommitResult, u32)>,
     segments: BTreeMap<u64, Segment>,
     current: u64,
     current_len: u64,
@@ -146,7 +149,11 @@ impl Spool {
                 .map_err(|e| io_err("open segment", e))?;
             segments.insert(
                 *seq,
-                Segment { file: Rc::new(file), live: info.live, deps: info.deps.clone() },
+                Segment {
+                    file: Rc::new(file),
+                    live: info.live,
+                    deps: info.deps.clone(),
+                },
             );
         }
         let current = recovered.segments.keys().next_back().map_or(1, |s| s + 1);
@@ -186,7 +193,10 @@ impl Spool {
     }
 
     /// Append a message and wait until it is durable. Assigns and returns the message id.
-    pub async fn append_message(&self, mut rec: MessageRecord) -> Result<(u64, Location), SpoolError> {
+    pub async fn append_message(
+        &self,
+        mut rec: MessageRecord,
+    ) -> Result<(u64, Location), SpoolError> {
         self.wait_for_batch_room().await?;
         let (no, offset, len, id) = {
             let mut st = self.state.borrow_mut();
@@ -203,7 +213,14 @@ impl Spool {
         };
         self.appended.notify_all();
         let (seq, base) = self.wait_for_commit(no).await?;
-        Ok((id, Location { seq, offset: base + offset as u64, len: len as u32 }))
+        Ok((
+            id,
+            Location {
+                seq,
+                offset: base + offset as u64,
+                len: len as u32,
+            },
+        ))
     }
 
     /// Append an outcome for a message stored in segment `message_seq`. Does not wait: the record
@@ -241,7 +258,10 @@ impl Spool {
         }
         // One copy into an aligned buffer; rkyv then reads the archive in place.
         let bytes = record::aligned_copy(&read[..RECORD_HEADER_LEN + header.payload_len]);
-        let stored = StoredMessage { bytes, payload_len: header.payload_len };
+        let stored = StoredMessage {
+            bytes,
+            payload_len: header.payload_len,
+        };
         stored.message()?;
         Ok(stored)
     }
@@ -262,12 +282,20 @@ impl Spool {
     fn collect(&self) {
         let mut st = self.state.borrow_mut();
         let current = st.current;
-        let candidates: Vec<u64> = st.segments.keys().copied().filter(|&s| s != current).collect();
+        let candidates: Vec<u64> = st
+            .segments
+            .keys()
+            .copied()
+            .filter(|&s| s != current)
+            .collect();
         for seq in candidates {
             let deletable = match st.segments.get(&seq) {
                 Some(seg) => {
                     seg.live == 0
-                        && seg.deps.iter().all(|d| *d == seq || !st.segments.contains_key(d))
+                        && seg
+                            .deps
+                            .iter()
+                            .all(|d| *d == seq || !st.segments.contains_key(d))
                 }
                 None => false,
             };
@@ -280,7 +308,11 @@ impl Spool {
                     st.segments.remove(&seq);
                     st.stats.segments_deleted += 1;
                 }
-                Err(e) => eprintln!("shard {}: cannot delete {}: {e}", self.cfg.shard, path.display()),
+                Err(e) => eprintln!(
+                    "shard {}: cannot delete {}: {e}",
+                    self.cfg.shard,
+                    path.display()
+                ),
             }
         }
     }
@@ -295,11 +327,13 @@ impl Spool {
     pub async fn run_committer(self: Rc<Self>) {
         loop {
             loop {
-                let st = self.state.borrow();
-                if st.batch.records > 0 || st.closing {
+                let ready = {
+                    let st = self.state.borrow();
+                    st.batch.records > 0 || st.closing
+                };
+                if ready {
                     break;
                 }
-                drop(st);
                 self.appended.notified().await;
             }
             if self.cfg.commit_window_us > 0 && !self.state.borrow().closing {
@@ -321,7 +355,10 @@ impl Spool {
                 eprintln!("shard {}: spool commit failed: {e}", self.cfg.shard);
             }
             if waiters > 0 {
-                self.state.borrow_mut().results.insert(no, (result, waiters));
+                self.state
+                    .borrow_mut()
+                    .results
+                    .insert(no, (result, waiters));
             }
             self.committed.notify_all();
         }
@@ -332,7 +369,10 @@ impl Spool {
         let len = batch.buf.len() as u64;
         let (full, has_records) = {
             let st = self.state.borrow();
-            (st.current_len + len > self.cfg.segment_size_max, st.current_len > segment::SEGMENT_HEADER_LEN as u64)
+            (
+                st.current_len + len > self.cfg.segment_size_max,
+                st.current_len > segment::SEGMENT_HEADER_LEN as u64,
+            )
         };
         if full && has_records {
             let next = self.state.borrow().current + 1;
@@ -341,10 +381,16 @@ impl Spool {
         let (seq, base, file) = {
             let st = self.state.borrow();
             let file = st.segments.get(&st.current).map(|s| s.file.clone());
-            (st.current, st.current_len, file.ok_or(SpoolError::UnknownSegment(st.current))?)
+            (
+                st.current,
+                st.current_len,
+                file.ok_or(SpoolError::UnknownSegment(st.current))?,
+            )
         };
         let written = write_all(&file, batch.buf, base).await.and(
-            file.fdatasync().await.map_err(|e| io_err("fdatasync segment", e)),
+            file.fdatasync()
+                .await
+                .map_err(|e| io_err("fdatasync segment", e)),
         );
         if let Err(e) = written {
             // Cut the failed batch off so the segment ends on a whole record; if even that fails,
@@ -375,11 +421,20 @@ impl Spool {
             .map_err(|e| io_err("create segment", e))?;
         let header = segment::encode_header(self.cfg.shard, seq).to_vec();
         write_all(&file, header, 0).await?;
-        file.fdatasync().await.map_err(|e| io_err("fdatasync new segment", e))?;
+        file.fdatasync()
+            .await
+            .map_err(|e| io_err("fdatasync new segment", e))?;
         // The new file's directory entry must be durable too, or a crash could lose the segment.
         sync_dir(&self.cfg.dir)?;
         let mut st = self.state.borrow_mut();
-        st.segments.insert(seq, Segment { file: Rc::new(file), live: 0, deps: BTreeSet::new() });
+        st.segments.insert(
+            seq,
+            Segment {
+                file: Rc::new(file),
+                live: 0,
+                deps: BTreeSet::new(),
+            },
+        );
         st.current = seq;
         st.current_len = segment::SEGMENT_HEADER_LEN as u64;
         Ok(())
@@ -423,17 +478,30 @@ impl Spool {
 
 impl Batch {
     fn new(no: u64) -> Batch {
-        Batch { no, buf: Vec::new(), records: 0, messages: 0, deps: Vec::new(), waiters: 0 }
+        Batch {
+            no,
+            buf: Vec::new(),
+            records: 0,
+            messages: 0,
+            deps: Vec::new(),
+            waiters: 0,
+        }
     }
 }
 
 async fn write_all(file: &BufferedFile, buf: Vec<u8>, pos: u64) -> Result<(), SpoolError> {
     let total = buf.len();
-    let done = file.write_at(buf, pos).await.map_err(|e| io_err("write segment", e))?;
+    let done = file
+        .write_at(buf, pos)
+        .await
+        .map_err(|e| io_err("write segment", e))?;
     // A short write to a regular file means the disk or a quota is full. The batch fails as a
     // whole (its clients get 451) and the caller cuts the partial bytes off.
     if done < total {
-        return Err(io_err("write segment", format!("short write: {done} of {total} bytes")));
+        return Err(io_err(
+            "write segment",
+            format!("short write: {done} of {total} bytes"),
+        ));
     }
     Ok(())
 }
@@ -481,7 +549,14 @@ mod tests {
     }
 
     fn outcome(id: u64, rcpt: u32, kind: OutcomeKind) -> OutcomeRecord {
-        OutcomeRecord { message: id, rcpt, kind: kind as u8, attempts: 1, at_ms: 5, next_attempt_ms: 77 }
+        OutcomeRecord {
+            message: id,
+            rcpt,
+            kind: kind as u8,
+            attempts: 1,
+            at_ms: 5,
+            next_attempt_ms: 77,
+        }
     }
 
     #[test]
@@ -513,13 +588,21 @@ mod tests {
             assert_eq!(stored.message().expect("valid").reception_id.as_str(), "r7");
             // First 30 messages: both recipients delivered. Message 30: one deferred.
             for (id, loc) in &locs[..30] {
-                spool.append_outcome(loc.seq, &outcome(*id, 0, OutcomeKind::Delivered)).expect("o");
-                spool.append_outcome(loc.seq, &outcome(*id, 1, OutcomeKind::Bounced)).expect("o");
+                spool
+                    .append_outcome(loc.seq, &outcome(*id, 0, OutcomeKind::Delivered))
+                    .expect("o");
+                spool
+                    .append_outcome(loc.seq, &outcome(*id, 1, OutcomeKind::Bounced))
+                    .expect("o");
                 spool.message_final(loc.seq);
             }
             let (id30, loc30) = locs[30];
-            spool.append_outcome(loc30.seq, &outcome(id30, 0, OutcomeKind::Delivered)).expect("o");
-            spool.append_outcome(loc30.seq, &outcome(id30, 1, OutcomeKind::Deferred)).expect("o");
+            spool
+                .append_outcome(loc30.seq, &outcome(id30, 0, OutcomeKind::Delivered))
+                .expect("o");
+            spool
+                .append_outcome(loc30.seq, &outcome(id30, 1, OutcomeKind::Deferred))
+                .expect("o");
             spool.close();
             committer.await;
             drop(spool);
@@ -527,15 +610,30 @@ mod tests {
             // Session 2: recovery sees 10 pending messages, message 30 with one pending rcpt.
             let (spool, rec) = Spool::open(cfg(&path, 1 << 20)).await.expect("reopen");
             assert_eq!(rec.pending.len(), 10, "{:?}", rec.report);
-            let m30 = rec.pending.iter().find(|m| m.id == id30).expect("message 30 pending");
+            let m30 = rec
+                .pending
+                .iter()
+                .find(|m| m.id == id30)
+                .expect("message 30 pending");
             assert_eq!(m30.states[0], RcptState::Final(OutcomeKind::Delivered));
-            assert_eq!(m30.states[1], RcptState::Pending { attempts: 1, next_attempt_ms: 77 });
-            assert_eq!(rec.next_id, locs.iter().map(|l| l.0).max().expect("ids") + 1);
+            assert_eq!(
+                m30.states[1],
+                RcptState::Pending {
+                    attempts: 1,
+                    next_attempt_ms: 77
+                }
+            );
+            assert_eq!(
+                rec.next_id,
+                locs.iter().map(|l| l.0).max().expect("ids") + 1
+            );
             let before = spool.segment_count();
             let committer = glommio::spawn_local(spool.clone().run_committer());
             for m in &rec.pending {
                 for r in 0..2 {
-                    spool.append_outcome(m.loc.seq, &outcome(m.id, r, OutcomeKind::Delivered)).expect("o");
+                    spool
+                        .append_outcome(m.loc.seq, &outcome(m.id, r, OutcomeKind::Delivered))
+                        .expect("o");
                 }
                 spool.message_final(m.loc.seq);
             }
@@ -546,7 +644,11 @@ mod tests {
             // Session 3: nothing pending; old segments were deleted once they held nothing live.
             let (spool, rec) = Spool::open(cfg(&path, 1 << 20)).await.expect("reopen");
             assert!(rec.pending.is_empty(), "{:?}", rec.report);
-            assert!(spool.segment_count() < before, "{} < {before}", spool.segment_count());
+            assert!(
+                spool.segment_count() < before,
+                "{} < {before}",
+                spool.segment_count()
+            );
         });
     }
 
@@ -576,8 +678,12 @@ mod tests {
 
             let (_spool, rec) = Spool::open(cfg(&path, 64 << 20)).await.expect("reopen");
             let ids: Vec<u64> = rec.pending.iter().map(|m| m.id).collect();
-            let expect: Vec<u64> =
-                locs.iter().enumerate().filter(|(i, _)| *i != 4 && *i != 9).map(|(_, l)| l.0).collect();
+            let expect: Vec<u64> = locs
+                .iter()
+                .enumerate()
+                .filter(|(i, _)| *i != 4 && *i != 9)
+                .map(|(_, l)| l.0)
+                .collect();
             assert_eq!(ids, expect);
             assert_eq!(rec.report.corrupt_records, 1, "{:?}", rec.report);
             assert_eq!(rec.report.torn_tails, 1, "{:?}", rec.report);
@@ -589,8 +695,11 @@ mod tests {
     #[test]
     fn bad_segment_header_is_set_aside() {
         let dir = tempfile::tempdir().expect("tempdir");
-        std::fs::write(segment::path(dir.path(), 3), b"garbage that is not a segment header")
-            .expect("write");
+        std::fs::write(
+            segment::path(dir.path(), 3),
+            b"garbage that is not a segment header",
+        )
+        .expect("write");
         let path = dir.path().to_owned();
         run(async move {
             let (spool, rec) = Spool::open(cfg(&path, 64 << 20)).await.expect("open");

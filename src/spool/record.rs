@@ -29,7 +29,7 @@ pub const RECORD_ALIGN: usize = 16;
 /// this at validation) plus envelope. Anything longer in a header is corruption.
 pub const RECORD_PAYLOAD_MAX: usize = 1 << 30;
 
-const _: () = assert!(RECORD_HEADER_LEN % RECORD_ALIGN == 0);
+const _: () = assert!(RECORD_HEADER_LEN.is_multiple_of(RECORD_ALIGN));
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 #[repr(u8)]
@@ -129,10 +129,18 @@ pub const fn align_up(n: usize) -> usize {
 
 /// Append a framed record to `buf`, whose length must be a multiple of the record alignment so
 /// the payload lands aligned. Returns the record's offset in `buf` and its framed length.
-pub fn encode<T>(buf: &mut Vec<u8>, kind: RecordKind, value: &T) -> Result<(usize, usize), RecordError>
+pub fn encode<T>(
+    buf: &mut Vec<u8>,
+    kind: RecordKind,
+    value: &T,
+) -> Result<(usize, usize), RecordError>
 where
     T: for<'a> Serialize<
-        rkyv::api::high::HighSerializer<Vec<u8>, rkyv::ser::allocator::ArenaHandle<'a>, rancor::Error>,
+        rkyv::api::high::HighSerializer<
+            Vec<u8>,
+            rkyv::ser::allocator::ArenaHandle<'a>,
+            rancor::Error,
+        >,
     >,
 {
     debug_assert_eq!(buf.len() % RECORD_ALIGN, 0, "records start aligned");
@@ -227,9 +235,17 @@ pub fn access_outcome(payload: &[u8]) -> Result<&ArchivedOutcomeRecord, RecordEr
 /// A record found by [`scan`].
 #[derive(Debug)]
 pub enum Scanned<'a> {
-    Record { offset: usize, header: Header, payload: &'a [u8] },
+    Record {
+        offset: usize,
+        header: Header,
+        payload: &'a [u8],
+    },
     /// Bytes that are not a valid record (corrupt), skipped up to the next valid one.
-    Corrupt { offset: usize, len: usize, error: RecordError },
+    Corrupt {
+        offset: usize,
+        len: usize,
+        error: RecordError,
+    },
     /// An incomplete record at the end: a write that a crash cut short.
     TornTail { offset: usize, len: usize },
 }
@@ -252,7 +268,11 @@ pub fn scan(bytes: &[u8]) -> impl Iterator<Item = Scanned<'_>> {
             Ok((header, payload)) => {
                 let offset = pos;
                 pos += header.framed_len();
-                Some(Scanned::Record { offset, header, payload })
+                Some(Scanned::Record {
+                    offset,
+                    header,
+                    payload,
+                })
             }
             Err(error) => {
                 let offset = pos;
@@ -262,9 +282,16 @@ pub fn scan(bytes: &[u8]) -> impl Iterator<Item = Scanned<'_>> {
                 }
                 pos = next.min(bytes.len());
                 if pos >= bytes.len() && matches!(error, RecordError::Truncated) {
-                    Some(Scanned::TornTail { offset, len: bytes.len() - offset })
+                    Some(Scanned::TornTail {
+                        offset,
+                        len: bytes.len() - offset,
+                    })
                 } else {
-                    Some(Scanned::Corrupt { offset, len: pos - offset, error })
+                    Some(Scanned::Corrupt {
+                        offset,
+                        len: pos - offset,
+                        error,
+                    })
                 }
             }
         }
@@ -318,16 +345,32 @@ mod tests {
         let buf = aligned_copy(&encode_all());
         let found: Vec<_> = scan(&buf).collect();
         assert_eq!(found.len(), 3);
-        let Scanned::Record { header, payload, .. } = &found[0] else { panic!("{found:?}") };
+        let Scanned::Record {
+            header, payload, ..
+        } = &found[0]
+        else {
+            panic!("{found:?}")
+        };
         assert_eq!(header.kind, RecordKind::Message);
         let m = access_message(payload).expect("valid");
         assert_eq!(m.id, 1);
         assert_eq!(m.body.as_slice(), b"hello\r\n");
         assert_eq!(m.rcpts[1].as_str(), "y@d1.test");
-        let Scanned::Record { payload, .. } = &found[1] else { panic!("{found:?}") };
+        let Scanned::Record { payload, .. } = &found[1] else {
+            panic!("{found:?}")
+        };
         let o = access_outcome(payload).expect("valid");
-        assert_eq!((o.message.to_native(), o.rcpt.to_native(), o.attempts.to_native()), (1, 1, 3));
-        let Scanned::Record { payload, .. } = &found[2] else { panic!("{found:?}") };
+        assert_eq!(
+            (
+                o.message.to_native(),
+                o.rcpt.to_native(),
+                o.attempts.to_native()
+            ),
+            (1, 1, 3)
+        );
+        let Scanned::Record { payload, .. } = &found[2] else {
+            panic!("{found:?}")
+        };
         assert_eq!(access_message(payload).expect("valid").body.len(), 3000);
     }
 
@@ -335,7 +378,9 @@ mod tests {
     fn records_are_aligned() {
         let buf = encode_all();
         for s in scan(&buf) {
-            let Scanned::Record { offset, .. } = s else { panic!("{s:?}") };
+            let Scanned::Record { offset, .. } = s else {
+                panic!("{s:?}")
+            };
             assert_eq!(offset % RECORD_ALIGN, 0);
         }
     }
@@ -352,7 +397,10 @@ mod tests {
         for cut in last_start + 1..payload_end {
             let buf = aligned_copy(&full[..cut]);
             let found: Vec<_> = scan(&buf).collect();
-            let good = found.iter().filter(|s| matches!(s, Scanned::Record { .. })).count();
+            let good = found
+                .iter()
+                .filter(|s| matches!(s, Scanned::Record { .. }))
+                .count();
             assert_eq!(good, 2, "cut at {cut}: {found:?}");
             // Padding-only cuts (all zero tail) are not even reported.
             assert!(found.len() <= 3);
@@ -382,8 +430,12 @@ mod tests {
                         _ => None,
                     })
                     .collect();
-                let expect: Vec<usize> =
-                    offsets.iter().enumerate().filter(|(j, _)| *j != i).map(|(_, o)| *o).collect();
+                let expect: Vec<usize> = offsets
+                    .iter()
+                    .enumerate()
+                    .filter(|(j, _)| *j != i)
+                    .map(|(_, o)| *o)
+                    .collect();
                 assert_eq!(good, expect, "flip in record {i} at +{delta}");
                 assert!(found.iter().any(|s| !matches!(s, Scanned::Record { .. })));
             }

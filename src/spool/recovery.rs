@@ -17,7 +17,10 @@ use super::{io_err, Location, SpoolError};
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum RcptState {
     /// Not final: due for an attempt at this time (0 = now).
-    Pending { attempts: u32, next_attempt_ms: u64 },
+    Pending {
+        attempts: u32,
+        next_attempt_ms: u64,
+    },
     Final(OutcomeKind),
 }
 
@@ -84,7 +87,11 @@ pub fn recover(dir: &Path, shard: u32) -> Result<Recovered, SpoolError> {
             // An unreadable header means we cannot trust the file at all. Keep it for a human
             // rather than deleting mail, and keep going with the other segments.
             let bad = path.with_extension("corrupt");
-            eprintln!("shard {shard}: segment {} unusable ({e}); renamed to {}", path.display(), bad.display());
+            eprintln!(
+                "shard {shard}: segment {} unusable ({e}); renamed to {}",
+                path.display(),
+                bad.display()
+            );
             std::fs::rename(&path, &bad).map_err(|e| io_err("rename corrupt segment", e))?;
             report.corrupt_segments.push(bad.display().to_string());
             continue;
@@ -94,7 +101,11 @@ pub fn recover(dir: &Path, shard: u32) -> Result<Recovered, SpoolError> {
         let body = &bytes[segment::SEGMENT_HEADER_LEN..];
         for found in record::scan(body) {
             match found {
-                Scanned::Record { offset, header, payload } => match header.kind {
+                Scanned::Record {
+                    offset,
+                    header,
+                    payload,
+                } => match header.kind {
                     RecordKind::Message => {
                         let Ok(m) = record::access_message(payload) else {
                             report.corrupt_records += 1;
@@ -103,14 +114,30 @@ pub fn recover(dir: &Path, shard: u32) -> Result<Recovered, SpoolError> {
                         let id = u64::from(m.id);
                         next_id = next_id.max(id + 1);
                         report.messages += 1;
-                        let rcpts: Vec<String> = m.rcpts.iter().map(|r| r.as_str().to_owned()).collect();
-                        let states = vec![RcptState::Pending { attempts: 0, next_attempt_ms: 0 }; rcpts.len()];
+                        let rcpts: Vec<String> =
+                            m.rcpts.iter().map(|r| r.as_str().to_owned()).collect();
+                        let states = vec![
+                            RcptState::Pending {
+                                attempts: 0,
+                                next_attempt_ms: 0
+                            };
+                            rcpts.len()
+                        ];
                         let loc = Location {
                             seq,
                             offset: (segment::SEGMENT_HEADER_LEN + offset) as u64,
                             len: header.framed_len() as u32,
                         };
-                        messages.insert(id, RecoveredMessage { id, loc, received_ms: m.received_ms.into(), rcpts, states });
+                        messages.insert(
+                            id,
+                            RecoveredMessage {
+                                id,
+                                loc,
+                                received_ms: m.received_ms.into(),
+                                rcpts,
+                                states,
+                            },
+                        );
                     }
                     RecordKind::Outcome => {
                         let Ok(o) = record::access_outcome(payload) else {
@@ -173,15 +200,24 @@ pub fn recover(dir: &Path, shard: u32) -> Result<Recovered, SpoolError> {
         pending.push(msg);
     }
     report.pending_messages = pending.len();
-    Ok(Recovered { pending, segments, next_id, report })
+    Ok(Recovered {
+        pending,
+        segments,
+        next_id,
+        report,
+    })
 }
 
 fn read_aligned(path: &Path) -> Result<rkyv::util::AlignedVec, SpoolError> {
     let mut file = std::fs::File::open(path).map_err(|e| io_err("open segment", e))?;
-    let len = file.metadata().map_err(|e| io_err("stat segment", e))?.len() as usize;
+    let len = file
+        .metadata()
+        .map_err(|e| io_err("stat segment", e))?
+        .len() as usize;
     let mut buf = rkyv::util::AlignedVec::with_capacity(len);
     buf.resize(len, 0);
-    file.read_exact(&mut buf).map_err(|e| io_err("read segment", e))?;
+    file.read_exact(&mut buf)
+        .map_err(|e| io_err("read segment", e))?;
     Ok(buf)
 }
 

@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 pub const SEGMENT_MAGIC: [u8; 4] = *b"EPXS";
 pub const SEGMENT_VERSION: u16 = 1;
 pub const SEGMENT_HEADER_LEN: usize = 32;
-const _: () = assert!(SEGMENT_HEADER_LEN % super::record::RECORD_ALIGN == 0);
+const _: () = assert!(SEGMENT_HEADER_LEN.is_multiple_of(super::record::RECORD_ALIGN));
 
 #[derive(Debug, thiserror::Error, PartialEq)]
 pub enum SegmentError {
@@ -75,13 +75,19 @@ pub fn check_header(bytes: &[u8], shard: u32, seq: u64) -> Result<(), SegmentErr
     }
     let found_shard = u32::from_le_bytes([bytes[8], bytes[9], bytes[10], bytes[11]]);
     if found_shard != shard {
-        return Err(SegmentError::Shard { expected: shard, found: found_shard });
+        return Err(SegmentError::Shard {
+            expected: shard,
+            found: found_shard,
+        });
     }
     let mut s = [0u8; 8];
     s.copy_from_slice(&bytes[16..24]);
     let found_seq = u64::from_le_bytes(s);
     if found_seq != seq {
-        return Err(SegmentError::Seq { expected: seq, found: found_seq });
+        return Err(SegmentError::Seq {
+            expected: seq,
+            found: found_seq,
+        });
     }
     Ok(())
 }
@@ -101,8 +107,20 @@ mod tests {
     fn header_checks() {
         let h = encode_header(3, 7);
         assert_eq!(check_header(&h, 3, 7), Ok(()));
-        assert_eq!(check_header(&h, 2, 7), Err(SegmentError::Shard { expected: 2, found: 3 }));
-        assert_eq!(check_header(&h, 3, 8), Err(SegmentError::Seq { expected: 8, found: 7 }));
+        assert_eq!(
+            check_header(&h, 2, 7),
+            Err(SegmentError::Shard {
+                expected: 2,
+                found: 3
+            })
+        );
+        assert_eq!(
+            check_header(&h, 3, 8),
+            Err(SegmentError::Seq {
+                expected: 8,
+                found: 7
+            })
+        );
         let mut bad = h;
         bad[17] ^= 1;
         assert_eq!(check_header(&bad, 3, 7), Err(SegmentError::Checksum));
