@@ -125,6 +125,21 @@ impl ShardCtx {
                 .or_default()
                 .push(rcpt);
         }
+        // The common case, one part owned by this shard: no task, no shared body.
+        if parts.len() == 1 && parts.contains_key(&self.id) {
+            let rcpts = parts.into_values().next().unwrap_or_default();
+            let sub = Submission {
+                origin: self.id,
+                token: 0,
+                reception_id: reception_id.clone(),
+                mail_from,
+                rcpts,
+                body: Arc::new(body),
+                peer,
+                received_ms,
+            };
+            return self.spool_part(sub).await.map(|_| reception_id);
+        }
         let body = Arc::new(body);
         let mut tasks = Vec::with_capacity(parts.len());
         for (shard, rcpts) in parts {

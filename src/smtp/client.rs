@@ -418,7 +418,10 @@ impl Client {
             return self.fail(reply);
         }
         let Some(expect) = self.expect.pop_front() else {
-            let text = format!("Unexpected reply from server: {}", reply.to_string().trim_end());
+            let text = format!(
+                "Unexpected reply from server: {}",
+                reply.to_string().trim_end()
+            );
             return self.fail(Reply::new(421, Some((4, 5, 0)), text));
         };
         match expect {
@@ -641,31 +644,14 @@ mod tests {
 
     #[test]
     fn ehlo_capabilities() {
-        let c = ready(EHLO_PIPE);
-        let caps = c.capabilities();
+        let mut c = ready(EHLO_PIPE);
+        let caps = c.capabilities().clone();
         assert!(caps.pipelining && caps.eight_bit_mime && caps.enhanced_status_codes);
         assert_eq!(caps.size, Some(1000));
         assert!(caps.has("auth") && !caps.has("STARTTLS"));
         assert_eq!(caps.keywords.len(), 5);
-        let mut out = Vec::new();
-        assert_eq!(c.clone_poll(&mut out), ClientStep::Ready);
-    }
-
-    impl Client {
-        /// Polls a copy, to check idempotent steps without disturbing the original.
-        fn clone_poll(&self, out: &mut Vec<u8>) -> ClientStep {
-            let mut copy = Client {
-                cfg: self.cfg.clone(),
-                buf: self.buf.clone(),
-                start: self.start,
-                phase: self.phase.clone(),
-                expect: self.expect.clone(),
-                caps: self.caps.clone(),
-                txn: None,
-                local_outcome: self.local_outcome.clone(),
-            };
-            copy.poll(out)
-        }
+        // Ready is repeated while idle.
+        assert_eq!(feed(&mut c, b""), (String::new(), ClientStep::Ready));
     }
 
     #[test]
@@ -676,10 +662,16 @@ mod tests {
             feed(&mut c, b"500 Command unrecognized\r\n"),
             ("HELO me.test\r\n".to_owned(), ClientStep::NeedInput)
         );
-        assert_eq!(feed(&mut c, b"250 old.test\r\n"), (String::new(), ClientStep::Ready));
+        assert_eq!(
+            feed(&mut c, b"250 old.test\r\n"),
+            (String::new(), ClientStep::Ready)
+        );
         assert_eq!(c.capabilities(), &Capabilities::default());
         // Without PIPELINING the client goes lock-step.
-        assert_eq!(start(&mut c, "a@b.test", &["x@y.test"]), "MAIL FROM:<a@b.test>\r\n");
+        assert_eq!(
+            start(&mut c, "a@b.test", &["x@y.test"]),
+            "MAIL FROM:<a@b.test>\r\n"
+        );
     }
 
     #[test]
@@ -688,7 +680,10 @@ mod tests {
         let (_, step) = feed(&mut c, b"554 5.7.1 go away\r\n");
         assert_eq!(step, ClientStep::Failed(r(554, (5, 7, 1), "go away")));
         // Failed is sticky.
-        assert_eq!(feed(&mut c, b"220 x\r\n").1, ClientStep::Failed(r(554, (5, 7, 1), "go away")));
+        assert_eq!(
+            feed(&mut c, b"220 x\r\n").1,
+            ClientStep::Failed(r(554, (5, 7, 1), "go away"))
+        );
 
         let mut c = client();
         feed(&mut c, b"220 mx\r\n");
@@ -709,7 +704,10 @@ mod tests {
             start(&mut c, "a@b.test", &["x@y.test", "z@y.test"]),
             "MAIL FROM:<a@b.test>\r\nRCPT TO:<x@y.test>\r\nRCPT TO:<z@y.test>\r\nDATA\r\n"
         );
-        assert_eq!(feed(&mut c, b"250 2.1.0 Ok\r\n"), (String::new(), ClientStep::NeedInput));
+        assert_eq!(
+            feed(&mut c, b"250 2.1.0 Ok\r\n"),
+            (String::new(), ClientStep::NeedInput)
+        );
         assert_eq!(
             feed(&mut c, b"250 2.1.5 Ok\r\n250 2.1.5 Ok\r\n354 go\r\n"),
             (String::new(), ClientStep::SendBody)
@@ -730,9 +728,15 @@ mod tests {
     #[test]
     fn lock_step_transaction() {
         let mut c = ready(EHLO_PLAIN);
-        assert_eq!(start(&mut c, "a@b.test", &["x@y.test", "z@y.test"]), "MAIL FROM:<a@b.test>\r\n");
+        assert_eq!(
+            start(&mut c, "a@b.test", &["x@y.test", "z@y.test"]),
+            "MAIL FROM:<a@b.test>\r\n"
+        );
         assert_eq!(feed(&mut c, b"250 ok\r\n").0, "RCPT TO:<x@y.test>\r\n");
-        assert_eq!(feed(&mut c, b"550 5.1.1 no such user\r\n").0, "RCPT TO:<z@y.test>\r\n");
+        assert_eq!(
+            feed(&mut c, b"550 5.1.1 no such user\r\n").0,
+            "RCPT TO:<z@y.test>\r\n"
+        );
         assert_eq!(feed(&mut c, b"250 ok\r\n").0, "DATA\r\n");
         assert_eq!(feed(&mut c, b"354 go\r\n").1, ClientStep::SendBody);
         assert_eq!(body(&mut c, b"x"), "x\r\n.\r\n");
@@ -777,7 +781,10 @@ mod tests {
         assert_eq!(step, ClientStep::NeedInput);
         let o = done(feed(&mut c, b"250 2.0.0 Ok\r\n").1);
         assert_eq!(o.data, None);
-        assert_eq!(o.data_command, Some(r(554, (5, 5, 1), "No valid recipients")));
+        assert_eq!(
+            o.data_command,
+            Some(r(554, (5, 5, 1), "No valid recipients"))
+        );
         assert!(o.rcpts.iter().all(Reply::is_permanent));
         // The connection is usable again.
         assert_eq!(feed(&mut c, b"").1, ClientStep::Ready);
@@ -789,7 +796,10 @@ mod tests {
         let mut c = ready(EHLO_PLAIN);
         start(&mut c, "a@b.test", &["x@y.test"]);
         feed(&mut c, b"250 ok\r\n");
-        assert_eq!(feed(&mut c, b"550 no\r\n"), ("RSET\r\n".to_owned(), ClientStep::NeedInput));
+        assert_eq!(
+            feed(&mut c, b"550 no\r\n"),
+            ("RSET\r\n".to_owned(), ClientStep::NeedInput)
+        );
         let o = done(feed(&mut c, b"250 ok\r\n").1);
         assert_eq!(o.data_command, None);
         assert_eq!(o.rcpts, [Reply::new(550, None, "no")]);
@@ -833,7 +843,10 @@ mod tests {
         let mut c = ready(EHLO_PIPE);
         start(&mut c, "a@b.test", &["x@y.test"]);
         let (_, step) = feed(&mut c, b"250 ok\r\n421 4.4.2 mx.test Timeout\r\n");
-        assert_eq!(step, ClientStep::Failed(r(421, (4, 4, 2), "mx.test Timeout")));
+        assert_eq!(
+            step,
+            ClientStep::Failed(r(421, (4, 4, 2), "mx.test Timeout"))
+        );
         assert_eq!(feed(&mut c, b"").1, step);
 
         let mut c = ready(EHLO_PIPE);
@@ -873,7 +886,11 @@ mod tests {
         );
         assert_eq!(
             o.data,
-            Some(r(550, (5, 7, 1), "rejected for policy\nsee https://x.test\nbye"))
+            Some(r(
+                550,
+                (5, 7, 1),
+                "rejected for policy\nsee https://x.test\nbye"
+            ))
         );
     }
 
@@ -882,7 +899,9 @@ mod tests {
         let mut c = ready(EHLO_PIPE);
         start(&mut c, "a@b.test", &["x@y.test"]);
         let (_, step) = feed(&mut c, b"hello there\r\n");
-        assert!(matches!(step, ClientStep::Failed(r) if r.code == 421 && r.enhanced == Some((4, 5, 0))));
+        assert!(
+            matches!(step, ClientStep::Failed(r) if r.code == 421 && r.enhanced == Some((4, 5, 0)))
+        );
 
         let mut c = ready(EHLO_PIPE);
         let (_, step) = feed(&mut c, b"250 surprise\r\n");
@@ -1028,9 +1047,16 @@ mod tests {
             big.extend_from_slice(format!(".line {i} of a longer message\r\n").as_bytes());
         }
         let mut expected = Vec::new();
-        for (i, body) in bodies[..4].iter().chain(std::iter::once(&&big[..])).enumerate() {
+        for (i, body) in bodies[..4]
+            .iter()
+            .chain(std::iter::once(&&big[..]))
+            .enumerate()
+        {
             let o = w.send("sender@a.test", &["r1@b.test", "\"r 2\"@b.test"], body);
-            assert_eq!(o.data, Some(r(250, (2, 0, 0), &format!("Ok: queued as q{i}"))));
+            assert_eq!(
+                o.data,
+                Some(r(250, (2, 0, 0), &format!("Ok: queued as q{i}")))
+            );
             assert!(o.rcpts.iter().all(Reply::is_positive));
             expected.push(body.to_vec());
         }
@@ -1072,6 +1098,78 @@ mod tests {
         // The connection still works (the server got RSET, not a body).
         let o = w.send("a@a.test", &["y@b.test"], b"x");
         assert_eq!(o.rcpts[0].code, 550);
-        assert_eq!(w.server.stats().rejected(crate::smtp::Rejection::RelayDenied), 2);
+        assert_eq!(
+            w.server
+                .stats()
+                .rejected(crate::smtp::Rejection::RelayDenied),
+            2
+        );
+    }
+
+    #[test]
+    fn garbage_never_panics() {
+        // A server that answers whatever is owed with random replies, now and then garbage.
+        let pieces: [&[u8]; 8] = [
+            b"250 ok\r\n",
+            b"250-x\r\n250-PIPELINING\r\n250 SIZE\r\n",
+            b"354 go\r\n",
+            b"354 go\r\n",
+            b"550 no\r\n",
+            b"503 5.5.1 x\r\n",
+            b"452 4.5.3 x\r\n",
+            b"250 2.0.0 ok\r\n",
+        ];
+        let mut seed = 0x2545_f491_4f6c_dd1d_u64;
+        let mut next = move || {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed
+        };
+        let mut outcomes = 0;
+        for _ in 0..300 {
+            let mut c = ready(if next() & 1 == 1 {
+                EHLO_PIPE
+            } else {
+                EHLO_PLAIN
+            });
+            let mut out = Vec::new();
+            for _ in 0..100 {
+                let r = next();
+                match r % 64 {
+                    3 => c.input(b"2"),
+                    4 => c.input(b"\r\n"),
+                    0 => {
+                        let len = (r >> 8) % 30;
+                        let bytes: Vec<u8> = (0..len).map(|_| next() as u8).collect();
+                        c.input(&bytes);
+                    }
+                    1 => c.input(b"421 4.4.2 bye\r\n"),
+                    2 => c.input(b"250 unsolicited\r\n"),
+                    _ if c.expect.is_empty() => {}
+                    _ => c.input(pieces[(r >> 8) as usize % pieces.len()]),
+                }
+                match c.poll(&mut out) {
+                    ClientStep::Ready if r % 50 == 7 => c.quit(&mut out),
+                    ClientStep::Ready => {
+                        let rcpts: &[&str] = if r % 5 == 1 {
+                            &["x@y.z", "bad"]
+                        } else {
+                            &["x@y.z", "w@y.z"]
+                        };
+                        c.start("a@b.c", rcpts, &mut out);
+                    }
+                    ClientStep::SendBody => c.write_body(b"body\r\n.\r\n", &mut out),
+                    ClientStep::Failed(_) | ClientStep::Closed => break,
+                    ClientStep::Done(o) => {
+                        assert_eq!(o.rcpts.len(), 2);
+                        assert!(c.txn.is_none() && c.expect.is_empty());
+                        outcomes += 1;
+                    }
+                    ClientStep::NeedInput => {}
+                }
+            }
+        }
+        assert!(outcomes > 100, "{outcomes}");
     }
 }

@@ -4,12 +4,14 @@
 //! ([`server::Session`]) and outbound ([`client::Client`]), without touching a socket, a clock or a
 //! file. The glommio adapters read bytes, hand them to `input`, call `poll`, and write whatever
 //! `poll` appended to `out`. That keeps the protocol testable byte by byte, fuzzable, and
-//! simulatable in memory (the tests below connect a `Client` to a `Session` with no network).
+//! simulatable in memory: the tests in `client` connect a `Client` to a `Session` with no
+//! network between them.
 //!
 //! - [`reply`]: the `Reply` value, the reply parser used by the client, and the server's canned
 //!   replies as static wire bytes.
 //! - [`parser`]: the command-line parser (`MAIL FROM:<a@b> SIZE=10`), borrowing from the line.
-//! - [`data`]: the streaming DATA reader (terminator detection and dot-unstuffing).
+//! - [`data`]: the streaming DATA reader (end marker, dot-unstuffing, limits) and the client's
+//!   dot-stuffing writer.
 //! - [`server`]: the inbound session state machine.
 //! - [`client`]: the outbound client state machine.
 //!

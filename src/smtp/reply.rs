@@ -116,10 +116,7 @@ pub enum ReplyError {
 /// `Ok(Some((reply, consumed)))` otherwise; bytes after `consumed` belong to later replies.
 /// Lines may end in CRLF or bare LF. Text that is not UTF-8 is kept lossily: it is only for logs
 /// and bounces.
-pub fn parse_reply(
-    buf: &[u8],
-    line_len_max: usize,
-) -> Result<Option<(Reply, usize)>, ReplyError> {
+pub fn parse_reply(buf: &[u8], line_len_max: usize) -> Result<Option<(Reply, usize)>, ReplyError> {
     // Pass 1 finds the end without allocating, because a partial reply (a split read) is common
     // and we would throw the work away.
     let mut pos = 0;

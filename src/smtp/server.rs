@@ -366,7 +366,8 @@ impl Session {
 
     /// Reports the fate of the message from the last `Step::Message`: `Ok(queue id)` writes
     /// `250 2.0.0 Ok: queued as <id>`, `Err(reply)` writes that reply (e.g. `451 4.3.0 ...`).
-    /// Either way the transaction is over; call `poll` again for pipelined commands.
+    /// Either way the transaction is over; call `poll` again for pipelined commands. Ignored
+    /// unless a `Step::Message` is outstanding, so a stray call cannot write an unasked-for reply.
     pub fn message_done(&mut self, result: Result<&str, Reply>, out: &mut Vec<u8>) {
         if self.proto.state != State::AwaitQueue {
             return;
@@ -662,7 +663,10 @@ mod tests {
             c.validate()
         };
         assert_eq!(bad(|c| c.rcpts_max = 99), Err(ConfigError::RcptsMax(99)));
-        assert_eq!(bad(|c| c.line_len_max = 100), Err(ConfigError::LineLenMax(100)));
+        assert_eq!(
+            bad(|c| c.line_len_max = 100),
+            Err(ConfigError::LineLenMax(100))
+        );
         assert_eq!(
             bad(|c| c.data_line_len_max = 999),
             Err(ConfigError::DataLineLenMax(999))
@@ -700,8 +704,14 @@ mod tests {
     fn helo() {
         let mut s = fresh();
         assert_eq!(replies(&mut s, b"helo client.test\r\n"), "250 mx.test\r\n");
-        assert_eq!(replies(&mut s, b"MAIL FROM:<a@b.test>\r\n"), "250 2.1.0 Ok\r\n");
-        assert_eq!(replies(&mut s, b"HELO\r\n"), "501 5.5.4 Syntax error in parameters or arguments\r\n");
+        assert_eq!(
+            replies(&mut s, b"MAIL FROM:<a@b.test>\r\n"),
+            "250 2.1.0 Ok\r\n"
+        );
+        assert_eq!(
+            replies(&mut s, b"HELO\r\n"),
+            "501 5.5.4 Syntax error in parameters or arguments\r\n"
+        );
     }
 
     #[test]
@@ -719,7 +729,10 @@ mod tests {
             replies(&mut s, b"EXPN list\r\n"),
             "502 5.5.1 Command not implemented\r\n"
         );
-        assert_eq!(talk(&mut s, b"QUIT\r\n"), ("221 2.0.0 Bye\r\n".to_owned(), Step::Close));
+        assert_eq!(
+            talk(&mut s, b"QUIT\r\n"),
+            ("221 2.0.0 Bye\r\n".to_owned(), Step::Close)
+        );
         // Closed sessions ignore input.
         assert_eq!(talk(&mut s, b"NOOP\r\n"), (String::new(), Step::Close));
     }
@@ -727,8 +740,14 @@ mod tests {
     #[test]
     fn unknown_nul_and_syntax_errors() {
         let mut s = ready();
-        assert_eq!(replies(&mut s, b"FOO\r\n"), "500 5.5.2 Command unrecognized\r\n");
-        assert_eq!(replies(&mut s, b"NO\0OP\r\n"), "500 5.5.2 NUL byte in command\r\n");
+        assert_eq!(
+            replies(&mut s, b"FOO\r\n"),
+            "500 5.5.2 Command unrecognized\r\n"
+        );
+        assert_eq!(
+            replies(&mut s, b"NO\0OP\r\n"),
+            "500 5.5.2 NUL byte in command\r\n"
+        );
         assert_eq!(
             replies(&mut s, b"DATA now\r\n"),
             "501 5.5.4 Syntax error in parameters or arguments\r\n"
@@ -745,7 +764,10 @@ mod tests {
             replies(&mut s, b"MAIL FROM:<a..b@b.test>\r\n"),
             "501 5.1.7 Bad sender address syntax\r\n"
         );
-        assert_eq!(replies(&mut s, b"MAIL FROM:<a@b.test>\r\n"), "250 2.1.0 Ok\r\n");
+        assert_eq!(
+            replies(&mut s, b"MAIL FROM:<a@b.test>\r\n"),
+            "250 2.1.0 Ok\r\n"
+        );
         assert_eq!(
             replies(&mut s, b"RCPT TO:<x@-bad>\r\n"),
             "501 5.1.3 Bad recipient address syntax\r\n"
@@ -770,28 +792,46 @@ mod tests {
             "503 5.5.1 Send EHLO or HELO first\r\n"
         );
         let mut s = ready();
-        assert_eq!(replies(&mut s, b"RCPT TO:<x@y.test>\r\n"), "503 5.5.1 Send MAIL first\r\n");
-        assert_eq!(replies(&mut s, b"DATA\r\n"), "503 5.5.1 Send MAIL first\r\n");
+        assert_eq!(
+            replies(&mut s, b"RCPT TO:<x@y.test>\r\n"),
+            "503 5.5.1 Send MAIL first\r\n"
+        );
+        assert_eq!(
+            replies(&mut s, b"DATA\r\n"),
+            "503 5.5.1 Send MAIL first\r\n"
+        );
         assert_eq!(replies(&mut s, b"MAIL FROM:<>\r\n"), "250 2.1.0 Ok\r\n");
         assert_eq!(
             replies(&mut s, b"MAIL FROM:<a@b.test>\r\n"),
             "503 5.5.1 Nested MAIL command\r\n"
         );
-        assert_eq!(replies(&mut s, b"DATA\r\n"), "554 5.5.1 No valid recipients\r\n");
+        assert_eq!(
+            replies(&mut s, b"DATA\r\n"),
+            "554 5.5.1 No valid recipients\r\n"
+        );
         // RSET ends the transaction.
         assert_eq!(replies(&mut s, b"RSET\r\n"), "250 2.0.0 Ok\r\n");
-        assert_eq!(replies(&mut s, b"RCPT TO:<x@y.test>\r\n"), "503 5.5.1 Send MAIL first\r\n");
+        assert_eq!(
+            replies(&mut s, b"RCPT TO:<x@y.test>\r\n"),
+            "503 5.5.1 Send MAIL first\r\n"
+        );
         // So does EHLO.
         assert_eq!(replies(&mut s, b"MAIL FROM:<>\r\n"), "250 2.1.0 Ok\r\n");
         assert!(replies(&mut s, b"EHLO again.test\r\n").starts_with("250-mx.test\r\n"));
-        assert_eq!(replies(&mut s, b"RCPT TO:<x@y.test>\r\n"), "503 5.5.1 Send MAIL first\r\n");
+        assert_eq!(
+            replies(&mut s, b"RCPT TO:<x@y.test>\r\n"),
+            "503 5.5.1 Send MAIL first\r\n"
+        );
     }
 
     #[test]
     fn one_transaction() {
         let mut s = ready();
         assert_eq!(
-            replies(&mut s, b"MAIL FROM:<Alice@A.test> SIZE=20 BODY=8BITMIME\r\n"),
+            replies(
+                &mut s,
+                b"MAIL FROM:<Alice@A.test> SIZE=20 BODY=8BITMIME\r\n"
+            ),
             "250 2.1.0 Ok\r\n"
         );
         assert_eq!(
@@ -817,17 +857,27 @@ mod tests {
                 size_declared: Some(20),
             }
         );
-        assert_eq!(done_ok(&mut s, "0001AB"), "250 2.0.0 Ok: queued as 0001AB\r\n");
+        assert_eq!(
+            done_ok(&mut s, "0001AB"),
+            "250 2.0.0 Ok: queued as 0001AB\r\n"
+        );
         assert!(s.wants_input());
         assert_eq!(s.stats().messages, 1);
         // The transaction was reset.
-        assert_eq!(replies(&mut s, b"RCPT TO:<x@y.test>\r\n"), "503 5.5.1 Send MAIL first\r\n");
+        assert_eq!(
+            replies(&mut s, b"RCPT TO:<x@y.test>\r\n"),
+            "503 5.5.1 Send MAIL first\r\n"
+        );
     }
 
     #[test]
     fn message_done_with_an_error_reply() {
         let mut s = ready();
-        let step = talk(&mut s, b"MAIL FROM:<>\r\nRCPT TO:<x@y.test>\r\nDATA\r\n.\r\n").1;
+        let step = talk(
+            &mut s,
+            b"MAIL FROM:<>\r\nRCPT TO:<x@y.test>\r\nDATA\r\n.\r\n",
+        )
+        .1;
         assert_eq!(message(step).body, b"");
         let mut out = Vec::new();
         s.message_done(
@@ -896,8 +946,7 @@ mod tests {
                 s.input(&SAMPLE[split..]);
             }
             assert_eq!(
-                r,
-                "250 2.1.0 Ok\r\n250 2.1.5 Ok\r\n354 End data with <CR><LF>.<CR><LF>\r\n",
+                r, "250 2.1.0 Ok\r\n250 2.1.5 Ok\r\n354 End data with <CR><LF>.<CR><LF>\r\n",
                 "split {split}"
             );
             assert_eq!(message(step).body, SAMPLE_BODY, "split {split}");
@@ -939,13 +988,19 @@ mod tests {
             replies(&mut s, b"MAIL FROM:<a@b.test> SIZE=1001\r\n"),
             "552 5.3.4 Message size exceeds fixed maximum message size\r\n"
         );
-        assert_eq!(replies(&mut s, b"MAIL FROM:<a@b.test> SIZE=1000\r\n"), "250 2.1.0 Ok\r\n");
+        assert_eq!(
+            replies(&mut s, b"MAIL FROM:<a@b.test> SIZE=1000\r\n"),
+            "250 2.1.0 Ok\r\n"
+        );
     }
 
     #[test]
     fn oversize_body_is_drained_then_refused_and_the_session_goes_on() {
         let mut s = session_with(cfg_with(|c| c.size_max = 100), true);
-        replies(&mut s, b"EHLO c.test\r\nMAIL FROM:<a@b.test>\r\nRCPT TO:<x@y.test>\r\nDATA\r\n");
+        replies(
+            &mut s,
+            b"EHLO c.test\r\nMAIL FROM:<a@b.test>\r\nRCPT TO:<x@y.test>\r\nDATA\r\n",
+        );
         let line = [b'x'; 48];
         for _ in 0..4 {
             s.input(&line);
@@ -957,22 +1012,37 @@ mod tests {
         );
         assert_eq!(s.stats().rejected(Rejection::MessageTooBig), 1);
         // The next transaction works.
-        replies(&mut s, b"MAIL FROM:<a@b.test>\r\nRCPT TO:<x@y.test>\r\nDATA\r\n");
-        assert_eq!(message(talk(&mut s, b"small\r\n.\r\n").1).body, b"small\r\n");
+        replies(
+            &mut s,
+            b"MAIL FROM:<a@b.test>\r\nRCPT TO:<x@y.test>\r\nDATA\r\n",
+        );
+        assert_eq!(
+            message(talk(&mut s, b"small\r\n.\r\n").1).body,
+            b"small\r\n"
+        );
     }
 
     #[test]
     fn long_data_line_is_refused_after_the_dot() {
         let mut s = ready();
-        replies(&mut s, b"MAIL FROM:<a@b.test>\r\nRCPT TO:<x@y.test>\r\nDATA\r\n");
+        replies(
+            &mut s,
+            b"MAIL FROM:<a@b.test>\r\nRCPT TO:<x@y.test>\r\nDATA\r\n",
+        );
         let mut body = vec![b'y'; DATA_LINE_LEN_MAX_RFC - 1];
         body.extend_from_slice(b"\r\n.\r\n");
         assert_eq!(
             talk(&mut s, &body),
-            ("552 5.3.4 Message has a line too long\r\n".to_owned(), Step::NeedInput)
+            (
+                "552 5.3.4 Message has a line too long\r\n".to_owned(),
+                Step::NeedInput
+            )
         );
         // A line of exactly 1000 bytes with its CRLF is fine.
-        replies(&mut s, b"MAIL FROM:<a@b.test>\r\nRCPT TO:<x@y.test>\r\nDATA\r\n");
+        replies(
+            &mut s,
+            b"MAIL FROM:<a@b.test>\r\nRCPT TO:<x@y.test>\r\nDATA\r\n",
+        );
         let mut body = vec![b'y'; DATA_LINE_LEN_MAX_RFC - 2];
         body.extend_from_slice(b"\r\n.\r\n");
         assert!(matches!(talk(&mut s, &body).1, Step::Message(_)));
@@ -998,8 +1068,14 @@ mod tests {
     fn relay_denied() {
         let mut s = session_with(cfg_with(|_| {}), false);
         replies(&mut s, b"EHLO c.test\r\nMAIL FROM:<a@b.test>\r\n");
-        assert_eq!(replies(&mut s, b"RCPT TO:<x@y.test>\r\n"), "550 5.7.1 Relaying denied\r\n");
-        assert_eq!(replies(&mut s, b"DATA\r\n"), "554 5.5.1 No valid recipients\r\n");
+        assert_eq!(
+            replies(&mut s, b"RCPT TO:<x@y.test>\r\n"),
+            "550 5.7.1 Relaying denied\r\n"
+        );
+        assert_eq!(
+            replies(&mut s, b"DATA\r\n"),
+            "554 5.5.1 No valid recipients\r\n"
+        );
     }
 
     #[test]
@@ -1033,7 +1109,10 @@ mod tests {
     fn too_many_errors_closes() {
         let mut s = session_with(cfg_with(|c| c.errors_max = 3), true);
         assert_eq!(
-            talk(&mut s, b"EHLO c.test\r\nX\r\nMAIL FROM:<a@b.test>\r\nRCPT TO:<x@y.test> A=B\r\n"),
+            talk(
+                &mut s,
+                b"EHLO c.test\r\nX\r\nMAIL FROM:<a@b.test>\r\nRCPT TO:<x@y.test> A=B\r\n"
+            ),
             (
                 String::new()
                     + "250-mx.test\r\n250-PIPELINING\r\n250-SIZE 26214400\r\n250-8BITMIME\r\n"
@@ -1057,9 +1136,15 @@ mod tests {
         let mut s = session_with(cfg_with(|c| c.errors_max = 2), false);
         replies(&mut s, b"EHLO c.test\r\nMAIL FROM:<a@b.test>\r\n");
         for _ in 0..5 {
-            assert_eq!(replies(&mut s, b"RCPT TO:<x@y.test>\r\n"), "550 5.7.1 Relaying denied\r\n");
+            assert_eq!(
+                replies(&mut s, b"RCPT TO:<x@y.test>\r\n"),
+                "550 5.7.1 Relaying denied\r\n"
+            );
         }
-        assert_eq!(replies(&mut s, b"EXPN x\r\n"), "502 5.5.1 Command not implemented\r\n");
+        assert_eq!(
+            replies(&mut s, b"EXPN x\r\n"),
+            "502 5.5.1 Command not implemented\r\n"
+        );
         assert_eq!(talk(&mut s, b"NOOP\r\n").1, Step::NeedInput);
     }
 
@@ -1084,7 +1169,10 @@ mod tests {
     #[test]
     fn body_streams_straight_into_the_reader() {
         let mut s = ready();
-        replies(&mut s, b"MAIL FROM:<a@b.test>\r\nRCPT TO:<x@y.test>\r\nDATA\r\n");
+        replies(
+            &mut s,
+            b"MAIL FROM:<a@b.test>\r\nRCPT TO:<x@y.test>\r\nDATA\r\n",
+        );
         s.input(b"part one\r\n");
         assert!(s.buf.is_empty(), "body bytes bypass the input buffer");
         s.input(b"part two\r\n.\r\nNOOP\r\n");
@@ -1102,5 +1190,83 @@ mod tests {
         replies(&mut s, b"NOOP\r\nFOO\r\nBAR\r\n");
         assert_eq!(s.stats().commands, 4);
         assert_eq!(s.stats().rejected(Rejection::UnknownCommand), 2);
+    }
+
+    /// Deterministic xorshift, so the garbage test needs no crate and always replays the same.
+    fn xorshift(state: &mut u64) -> u64 {
+        *state ^= *state << 13;
+        *state ^= *state >> 7;
+        *state ^= *state << 17;
+        *state
+    }
+
+    #[test]
+    fn garbage_never_panics_and_buffers_stay_bounded() {
+        // Fragments that steer the session into every state, mixed with random bytes and with
+        // whole transactions carrying random bodies.
+        let pieces: [&[u8]; 14] = [
+            b"EHLO x\r\n",
+            b"MAIL FROM:<a@b.c>\r\n",
+            b"MAIL FROM:<a@b.c> SIZE=99999999999\r\n",
+            b"RCPT TO:<x@y.z>\r\n",
+            b"DATA\r\n",
+            b".\r\n",
+            b"\r\n.\r\n",
+            b"..",
+            b"\r",
+            b"\n",
+            b"\0",
+            b"<\"@[",
+            b"RSET\r\n",
+            b"MAIL FROM:<a@b.c>\r\nRCPT TO:<x@y.z>\r\nDATA\r\n",
+        ];
+        let cfg = cfg_with(|c| {
+            c.size_max = 2000;
+            c.errors_max = 1000;
+        });
+        let mut seed = 0x9e37_79b9_7f4a_7c15_u64;
+        let mut messages = 0;
+        for _ in 0..300 {
+            let mut s = session_with(cfg.clone(), xorshift(&mut seed) & 3 != 3);
+            s.input(b"EHLO fuzz\r\n");
+            let mut out = Vec::new();
+            for _ in 0..200 {
+                let mut chunk = Vec::new();
+                for _ in 0..(xorshift(&mut seed) % 6) {
+                    let r = xorshift(&mut seed);
+                    match r % 16 {
+                        0..=3 => {
+                            let len = (r >> 8) % 40;
+                            chunk.extend((0..len).map(|_| xorshift(&mut seed) as u8));
+                        }
+                        4 => {
+                            chunk.extend_from_slice(pieces[13]);
+                            let len = (r >> 8) % 3000;
+                            chunk.extend((0..len).map(|_| xorshift(&mut seed) as u8));
+                            chunk.extend_from_slice(b"\r\n.\r\n");
+                        }
+                        5 if (r >> 8) % 50 == 1 => chunk.extend_from_slice(b"QUIT\r\n"),
+                        _ => chunk.extend_from_slice(pieces[(r >> 8) as usize % pieces.len()]),
+                    }
+                }
+                s.input(&chunk);
+                let mut step = s.poll(&mut out);
+                while let Step::Message(t) = step {
+                    assert!(t.body.len() <= 2000);
+                    messages += 1;
+                    s.message_done(Ok("id"), &mut out);
+                    step = s.poll(&mut out);
+                }
+                if step == Step::Close {
+                    break;
+                }
+                if s.proto.state == State::Command {
+                    assert!(s.buf.len() < LINE_LEN_MAX_RFC, "{}", s.buf.len());
+                }
+                assert!(s.proto.body.len() <= 2000);
+            }
+        }
+        // The mix must reach DATA often enough to exercise it.
+        assert!(messages > 100, "{messages}");
     }
 }

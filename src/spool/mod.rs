@@ -411,21 +411,32 @@ impl Spool {
     }
 
     async fn create_segment(&self, seq: u64) -> Result<(), SpoolError> {
+        debug_assert!(!self.state.borrow().segments.contains_key(&seq), "segment {seq} exists");
         let path = segment::path(&self.cfg.dir, seq);
         let file = OpenOptions::new()
             .read(true)
             .write(true)
-            .create_new(true)
+            .create(true)
+            .truncate(true)
             .buffered_open(&path)
             .await
             .map_err(|e| io_err("create segment", e))?;
-        let header = segment::encode_header(self.cfg.shard, seq).to_vec();
-        write_all(&file, header, 0).await?;
-        file.fdatasync()
-            .await
-            .map_err(|e| io_err("fdatasync new segment", e))?;
-        // The new file's directory entry must be durable too, or a crash could lose the segment.
-        sync_dir(&self.cfg.dir)?;
+        // A failure here (a full disk, typically) leaves no half-made segment behind, so the
+        // next commit can try the same sequence number again. `seq` is always past every
+        // segment we hold, so truncating can only hit such a leftover.
+        let made = async {
+            let header = segment::encode_header(self.cfg.shard, seq).to_vec();
+            write_all(&file, header, 0).await?;
+            file.fdatasync()
+                .await
+                .map_err(|e| io_err("fdatasync new segment", e))?;
+            // The new file's directory entry must be durable too, or a crash could lose it.
+            sync_dir(&self.cfg.dir)
+        };
+        if let Err(e) = made.await {
+            let _ = std::fs::remove_file(&path);
+            return Err(e);
+        }
         let mut st = self.state.borrow_mut();
         st.segments.insert(
             seq,
@@ -707,5 +718,6 @@ mod tests {
             assert_eq!(spool.segment_count(), 1);
         });
         assert!(dir.path().join("00000000000000000003.corrupt").exists());
+        assert!(!segment::path(dir.path(), 4).exists());
     }
 }

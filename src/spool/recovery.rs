@@ -83,6 +83,13 @@ pub fn recover(dir: &Path, shard: u32) -> Result<Recovered, SpoolError> {
     for seq in seqs {
         let path = segment::path(dir, seq);
         let bytes = read_aligned(&path)?;
+        if bytes.len() < segment::SEGMENT_HEADER_LEN {
+            // A crash while creating the segment: no record is written before the header is
+            // durable, so nothing acknowledged can be in it.
+            eprintln!("shard {shard}: removing incomplete new segment {}", path.display());
+            std::fs::remove_file(&path).map_err(|e| io_err("remove incomplete segment", e))?;
+            continue;
+        }
         if let Err(e) = segment::check_header(&bytes, shard, seq) {
             // An unreadable header means we cannot trust the file at all. Keep it for a human
             // rather than deleting mail, and keep going with the other segments.
