@@ -31,8 +31,9 @@ const KNOCKS_MAX: usize = 200;
 const TOO_MANY_CONNECTIONS: &[u8] = b"421 4.7.0 Too many connections, try again later\r\n";
 
 pub fn listen(ctx: &ShardCtx) -> std::io::Result<TcpListener> {
-    TcpListener::bind(ctx.settings.config.server.listen)
-        .map_err(|e| std::io::Error::other(e.to_string()))
+    let addr = ctx.settings.config.server.listen;
+    TcpListener::bind(addr)
+        .map_err(|e| std::io::Error::other(format!("cannot listen on {addr}: {e}")))
 }
 
 pub async fn accept_loop(ctx: Rc<ShardCtx>, listener: TcpListener) {

@@ -14,14 +14,15 @@ use std::time::{Duration, Instant};
 
 use crate::smtp_line::{Reply, ReplyError, ReplyReader};
 
-/// The name the injector gives in EHLO.
-pub const HELO_NAME: &str = "loadgen.test";
+/// Greeting commands, each sent in one write; the injector calls itself loadgen.test.
+const EHLO: &[u8] = b"EHLO loadgen.test\r\n";
+const HELO: &[u8] = b"HELO loadgen.test\r\n";
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
     #[error(transparent)]
     Reply(#[from] ReplyError),
-    #[error("i/o: {0}")]
+    #[error(transparent)]
     Io(#[from] std::io::Error),
     #[error("unexpected reply to {stage}: {} {}", reply.code, reply.text)]
     Unexpected { stage: &'static str, reply: Reply },
@@ -63,12 +64,12 @@ impl<S: Read + Write> Client<S> {
                 reply: greeting,
             });
         }
-        write!(reader.get_mut(), "EHLO {HELO_NAME}\r\n")?;
+        reader.get_mut().write_all(EHLO)?;
         let ehlo = reader.read_reply()?;
         let pipelining = match ehlo.class() {
             2 => ehlo.has_extension("PIPELINING"),
             5 => {
-                write!(reader.get_mut(), "HELO {HELO_NAME}\r\n")?;
+                reader.get_mut().write_all(HELO)?;
                 let helo = reader.read_reply()?;
                 if helo.class() != 2 {
                     return Err(ClientError::Unexpected {

@@ -17,9 +17,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::thread;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use anyhow::{bail, Context};
+use anyhow::Context;
 use hdrhistogram::Histogram;
-use indicatif::{ProgressBar, ProgressStyle};
+use indicatif::{ProgressBar, ProgressState, ProgressStyle};
 
 use crate::client::{Client, ClientError, Outcome};
 use crate::message::{IdPrefix, MessageSpec, Template, ID_INDEX_MAX};
@@ -28,8 +28,9 @@ use crate::stats::{self, InjectReport, LatencyMs};
 /// One thread and one socket per connection; beyond this, threads cost more than they test.
 pub const CONNECTIONS_MAX: u32 = 10_000;
 
-/// A connection that fails this many times in a row (connects or transactions) gives up, so a
-/// dead target ends the run in about `RECONNECT_BACKOFF_MS_FIRST` times 2^attempts.
+/// A connection that fails this many times in a row (connects or transactions) gives up. With
+/// the backoff below that is 1.55 s of pauses plus any timeouts, so a dead target ends the run
+/// quickly, while a restart that takes a second or so is ridden out.
 pub const RECONNECT_ATTEMPTS_MAX: u32 = 6;
 
 /// First pause before reconnecting; it doubles on each further failure.
@@ -42,9 +43,15 @@ pub const RECONNECT_BACKOFF_MS_MAX: u64 = 1000;
 /// flood stderr.
 const ERRORS_LOGGED_MAX: u32 = 3;
 
-/// Messages are tens of bytes at least and a header block is ~250, but a test may want tiny
-/// ones; larger than 100 MiB is past any MTA's SIZE limit.
+/// Past 100 MiB a message exceeds any MTA's SIZE limit, and each connection holds a copy.
 pub const MESSAGE_SIZE_BYTES_MAX: usize = 100 * 1024 * 1024;
+
+/// A rate below one message in 1000 s is surely a typo, and this floor keeps the pacing
+/// arithmetic (interval times message number) far from overflowing `Duration`.
+pub const RATE_MSGS_PER_S_MIN: f64 = 0.001;
+
+/// An hour is longer than any SMTP timeout RFC 5321 4.5.3.2 suggests (10 minutes at most).
+pub const TIMEOUT_S_MAX: u64 = 3600;
 
 /// How often the progress bar is redrawn.
 const PROGRESS_INTERVAL_MS: u64 = 100;
@@ -55,32 +62,43 @@ const THREAD_STACK_BYTES: usize = 256 * 1024;
 #[derive(Debug, clap::Args)]
 pub struct InjectArgs {
     /// SMTP server to send to, HOST:PORT.
-    #[arg(long)]
+    #[arg(long, value_name = "ADDR")]
     target: String,
     /// Messages to attempt in total.
-    #[arg(long, value_parser = clap::value_parser!(u64).range(0..=ID_INDEX_MAX))]
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(0..=ID_INDEX_MAX))]
     messages: u64,
     /// Concurrent SMTP connections, each reused for many messages.
-    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=CONNECTIONS_MAX as i64))]
+    #[arg(long, value_name = "C", default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=CONNECTIONS_MAX as i64))]
     connections: u32,
     /// Size of each message in bytes, headers included.
     #[arg(long = "size", value_name = "BYTES", value_parser = clap::value_parser!(u64).range(1..=MESSAGE_SIZE_BYTES_MAX as u64))]
     size_bytes: u64,
     /// Recipient domains d0.test ... d{D-1}.test, used round-robin.
-    #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
+    #[arg(long, value_name = "D", value_parser = clap::value_parser!(u32).range(1..))]
     domains: u32,
     /// Total send rate over all connections; as fast as possible when absent.
-    #[arg(long = "rate", value_name = "MSGS_PER_S")]
+    #[arg(long = "rate", value_name = "MSGS_PER_S", value_parser = parse_rate)]
     rate_msgs_per_s: Option<f64>,
     /// Envelope and header sender.
-    #[arg(long, default_value = "loadgen@loadgen.test")]
+    #[arg(long, value_name = "ADDR", default_value = "loadgen@loadgen.test")]
     from: String,
     /// Timeout of each connect, read and write, in seconds.
-    #[arg(long, default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..=3600))]
+    #[arg(long, value_name = "SECS", default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..=TIMEOUT_S_MAX))]
     timeout_s: u64,
     /// Write the X-Loadgen-Id of every accepted message here, one per line.
-    #[arg(long)]
+    #[arg(long, value_name = "PATH")]
     ids_file: Option<PathBuf>,
+}
+
+fn parse_rate(s: &str) -> Result<f64, String> {
+    let rate: f64 = s.parse().map_err(|e| format!("{e}"))?;
+    if rate.is_finite() && rate >= RATE_MSGS_PER_S_MIN {
+        Ok(rate)
+    } else {
+        Err(format!(
+            "must be at least {RATE_MSGS_PER_S_MIN} messages per second"
+        ))
+    }
 }
 
 /// What all connections share.
@@ -168,13 +186,9 @@ pub fn run(args: InjectArgs) -> anyhow::Result<()> {
         .with_context(|| format!("resolving --target {}", args.target))?
         .next()
         .with_context(|| format!("--target {} resolves to no address", args.target))?;
-    let interval = match args.rate_msgs_per_s {
-        Some(rate) if !(rate.is_finite() && rate > 0.0) => {
-            bail!("--rate must be a positive number of messages per second, got {rate}")
-        }
-        Some(rate) => Some(Duration::from_secs_f64(1.0 / rate)),
-        None => None,
-    };
+    let interval = args
+        .rate_msgs_per_s
+        .map(|rate| Duration::from_secs_f64(1.0 / rate));
     let size_bytes = usize::try_from(args.size_bytes).context("--size")?;
     let mut plan = Plan {
         target,
@@ -405,8 +419,15 @@ fn reconnect_backoff(failures: u32) -> Duration {
 fn show_progress(plan: &Plan, handles: &[thread::ScopedJoinHandle<'_, ConnStats>]) {
     let bar = ProgressBar::new(plan.messages);
     if let Ok(style) =
-        ProgressStyle::with_template("{bar:40} {pos}/{len} messages {per_sec} eta {eta}")
+        ProgressStyle::with_template("{bar:40} {pos}/{len} messages {rate} eta {eta}")
     {
+        // indicatif's own {per_sec} prints four decimals; whole messages read better.
+        let style = style.with_key(
+            "rate",
+            |state: &ProgressState, w: &mut dyn std::fmt::Write| {
+                let _ = write!(w, "{:.0}/s", state.per_sec());
+            },
+        );
         bar.set_style(style);
     }
     while !handles.iter().all(|h| h.is_finished()) {

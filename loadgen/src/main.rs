@@ -37,9 +37,17 @@ enum Command {
     Sink(sink::SinkArgs),
 }
 
-fn main() -> anyhow::Result<()> {
-    match Cli::parse().command {
+fn main() -> std::process::ExitCode {
+    let result = match Cli::parse().command {
         Command::Inject(args) => inject::run(args),
         Command::Sink(args) => sink::run(args),
+    };
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            // One line with its causes: scripts and CI logs want the reason, not a backtrace.
+            eprintln!("epoxi-loadgen: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
     }
 }

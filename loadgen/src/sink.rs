@@ -40,7 +40,7 @@ const _: () = assert!(
 const IDLE_TIMEOUT_S: u64 = 300;
 
 /// How often the main thread checks the exit conditions; bounds how late an exit is.
-const POLL_INTERVAL_MS: u64 = 5;
+const POLL_INTERVAL_MS: u64 = 10;
 
 /// Pause after a failed accept (out of file descriptors, say) before trying again.
 const ACCEPT_ERROR_PAUSE_MS: u64 = 10;
@@ -49,6 +49,10 @@ const ACCEPT_ERROR_PAUSE_MS: u64 = 10;
 /// sees the acknowledgement of every message the report counts; a client that stopped
 /// reading must not keep the sink alive.
 const EXIT_FLUSH_WAIT_MS_MAX: u64 = 1000;
+
+/// A reply delayed past ten minutes outlasts RFC 5321's DATA termination timeout, so no
+/// client would still be waiting for it.
+const DELAY_MS_MAX: u64 = 600_000;
 
 /// Connection threads only run the session loop; their buffers live on the heap.
 const THREAD_STACK_BYTES: usize = 256 * 1024;
@@ -59,29 +63,34 @@ const TIMEOUT: &[u8] = b"421 4.4.2 Idle timeout, closing connection\r\n";
 #[derive(Debug, clap::Args)]
 pub struct SinkArgs {
     /// Address to listen on, HOST:PORT (port 0 picks a free one; see stderr).
-    #[arg(long)]
+    #[arg(long, value_name = "ADDR")]
     listen: String,
     /// Exit after this many unique accepted messages.
-    #[arg(long)]
+    #[arg(long, value_name = "N")]
     exit_after: Option<u64>,
     /// Exit after this many seconds without a message (or since start if none came).
-    #[arg(long = "idle-exit", value_name = "SECS")]
-    idle_exit_s: Option<f64>,
+    #[arg(long = "idle-exit", value_name = "SECS", value_parser = parse_idle_exit)]
+    idle_exit: Option<Duration>,
     /// Weighted replies to the final dot, CODE:WEIGHT,... e.g. 250:90,451:5,550:5.
-    #[arg(long, default_value = "250:1")]
+    #[arg(long, value_name = "MIX", default_value = "250:1")]
     reply: ReplyMix,
     /// The first K messages to arrive get 451 4.3.0, the rest the --reply mix.
     #[arg(long, value_name = "K", default_value_t = 0)]
     tempfail_first: u64,
     /// Added latency before each reply to the final dot, in milliseconds.
-    #[arg(long, default_value_t = 0)]
+    #[arg(long, value_name = "X", default_value_t = 0, value_parser = clap::value_parser!(u64).range(0..=DELAY_MS_MAX))]
     delay_ms: u64,
     /// On exit, write every unique accepted X-Loadgen-Id here, one per line.
-    #[arg(long)]
+    #[arg(long, value_name = "PATH")]
     ids_file: Option<PathBuf>,
     /// On exit, write one line per accepted message: its X-Loadgen-Id (or -) and recipients.
-    #[arg(long)]
+    #[arg(long, value_name = "PATH")]
     rcpts_file: Option<PathBuf>,
+}
+
+fn parse_idle_exit(s: &str) -> Result<Duration, String> {
+    let secs: f64 = s.parse().map_err(|e| format!("{e}"))?;
+    Duration::try_from_secs_f64(secs).map_err(|e| format!("{e}"))
 }
 
 /// State shared by all connections.
@@ -210,13 +219,6 @@ pub fn run(args: SinkArgs) -> anyhow::Result<()> {
         signal_hook::flag::register(signal, Arc::clone(&stop))
             .context("installing a signal handler")?;
     }
-    let idle_exit = match args.idle_exit_s {
-        Some(s) if !(s.is_finite() && s >= 0.0) => {
-            anyhow::bail!("--idle-exit must be a non-negative number of seconds, got {s}")
-        }
-        Some(s) => Some(Duration::from_secs_f64(s)),
-        None => None,
-    };
 
     let sink = Arc::new(Sink {
         start: Instant::now(),
@@ -252,7 +254,7 @@ pub fn run(args: SinkArgs) -> anyhow::Result<()> {
         {
             break;
         }
-        if let Some(idle) = idle_exit {
+        if let Some(idle) = args.idle_exit {
             let last = Duration::from_nanos(sink.last_message_ns.load(Ordering::Relaxed));
             if sink.start.elapsed().saturating_sub(last) >= idle {
                 break;
@@ -260,8 +262,8 @@ pub fn run(args: SinkArgs) -> anyhow::Result<()> {
         }
     }
 
-    // Close the ledger first: from here on messages get 421, so what the report counts is
-    // exactly what was acknowledged. Then let the acknowledgements already chosen go out.
+    // Close the ledger first: from here on messages get 421 and are not counted, so nothing
+    // acknowledged is missing from the report. Then let the replies already chosen go out.
     sink.ledger().closed = true;
     let flush_deadline = Instant::now() + Duration::from_millis(EXIT_FLUSH_WAIT_MS_MAX);
     while sink.replies_unwritten.load(Ordering::Relaxed) > 0 && Instant::now() < flush_deadline {

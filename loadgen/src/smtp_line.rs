@@ -32,7 +32,7 @@ pub const HEADER_LINE_LEN_MAX: usize = 998;
 /// Why a reply could not be read.
 #[derive(Debug, thiserror::Error)]
 pub enum ReplyError {
-    #[error("i/o: {0}")]
+    #[error(transparent)]
     Io(#[from] io::Error),
     #[error("connection closed by peer")]
     Closed,

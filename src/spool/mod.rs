@@ -126,6 +126,9 @@ struct State {
 }
 
 pub struct Spool {
+    /// Held for the life of the spool: a second process on the same directory would delete
+    /// segments this one is still writing (see [`lock_dir`]).
+    _lock: std::fs::File,
     cfg: SpoolConfig,
     state: RefCell<State>,
     /// Wakes the committer: records were appended or the spool is closing.
@@ -138,7 +141,9 @@ impl Spool {
     /// Open a shard's spool: recover every segment, then start a fresh segment for new records.
     /// The caller must spawn [`Spool::run_committer`].
     pub async fn open(cfg: SpoolConfig) -> Result<(Rc<Spool>, Recovered), SpoolError> {
-        std::fs::create_dir_all(&cfg.dir).map_err(|e| io_err("create spool dir", e))?;
+        std::fs::create_dir_all(&cfg.dir)
+            .map_err(|e| io_err(&format!("create spool dir {}", cfg.dir.display()), e))?;
+        let lock = lock_dir(&cfg.dir)?;
         let recovered = recovery::recover(&cfg.dir, cfg.shard)?;
         let mut segments = BTreeMap::new();
         for (seq, info) in &recovered.segments {
@@ -169,6 +174,7 @@ impl Spool {
             stats: SpoolStats::default(),
         };
         let spool = Rc::new(Spool {
+            _lock: lock,
             cfg,
             state: RefCell::new(state),
             appended: Notify::new(),
@@ -411,7 +417,10 @@ impl Spool {
     }
 
     async fn create_segment(&self, seq: u64) -> Result<(), SpoolError> {
-        debug_assert!(!self.state.borrow().segments.contains_key(&seq), "segment {seq} exists");
+        debug_assert!(
+            !self.state.borrow().segments.contains_key(&seq),
+            "segment {seq} exists"
+        );
         let path = segment::path(&self.cfg.dir, seq);
         let file = OpenOptions::new()
             .read(true)
@@ -515,6 +524,29 @@ async fn write_all(file: &BufferedFile, buf: Vec<u8>, pos: u64) -> Result<(), Sp
         ));
     }
     Ok(())
+}
+
+/// Take an exclusive lock on `dir/lock`, or fail if another process holds it. The kernel drops
+/// the lock when the process dies, so a crash never leaves a stale lock behind.
+fn lock_dir(dir: &Path) -> Result<std::fs::File, SpoolError> {
+    use std::os::fd::AsRawFd;
+    let path = dir.join("lock");
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .map_err(|e| io_err(&format!("open {}", path.display()), e))?;
+    // SAFETY: flock on a file descriptor we own; no memory is passed.
+    let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+    if rc != 0 {
+        return Err(SpoolError::Io(format!(
+            "spool {} is in use by another epoxi process ({})",
+            dir.display(),
+            std::io::Error::last_os_error()
+        )));
+    }
+    Ok(file)
 }
 
 fn sync_dir(dir: &Path) -> Result<(), SpoolError> {

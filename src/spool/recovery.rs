@@ -86,7 +86,10 @@ pub fn recover(dir: &Path, shard: u32) -> Result<Recovered, SpoolError> {
         if bytes.len() < segment::SEGMENT_HEADER_LEN {
             // A crash while creating the segment: no record is written before the header is
             // durable, so nothing acknowledged can be in it.
-            eprintln!("shard {shard}: removing incomplete new segment {}", path.display());
+            eprintln!(
+                "shard {shard}: removing incomplete new segment {}",
+                path.display()
+            );
             std::fs::remove_file(&path).map_err(|e| io_err("remove incomplete segment", e))?;
             continue;
         }

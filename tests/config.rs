@@ -1,0 +1,176 @@
+//! Configuration errors an operator can make: each one stops epoxi with a non-zero status and
+//! a message that names the culprit, before anything listens.
+
+mod common;
+
+use std::path::Path;
+
+use common::{run_epoxi, Conf, Ran};
+
+/// `epoxi check-config --config <file with text>`.
+fn check(dir: &Path, text: &str) -> (Ran, String) {
+    let path = dir.join("epoxi.toml");
+    std::fs::write(&path, text).expect("write config");
+    let path_text = path.to_str().expect("utf-8 temp path").to_owned();
+    (
+        run_epoxi(&["check-config", "--config", &path_text]),
+        path_text,
+    )
+}
+
+fn assert_refused(ran: &Ran, mention: &str) {
+    assert!(
+        !ran.status.success(),
+        "accepted, should have refused: {ran:?}"
+    );
+    assert!(
+        ran.stderr.contains(mention),
+        "the error should name {mention:?}: {ran:?}"
+    );
+}
+
+#[test]
+fn good_config_is_accepted_and_flags_override_it() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut conf = Conf::default();
+    conf.set("server", "listen", "\"127.0.0.1:2500\"")
+        .set("queue", "retry_factor", "1.5");
+    conf.raw
+        .push_str("[[route]]\ndomain = \"*.example\"\ntarget = \"127.0.0.1:2600\"\n");
+    let path = conf.write(&dir.path().join("epoxi.toml"));
+    let ran = run_epoxi(&[
+        "check-config".as_ref(),
+        "--config".as_ref(),
+        path.as_os_str(),
+        "--listen".as_ref(),
+        "127.0.0.1:2626".as_ref(),
+    ]);
+    assert!(ran.status.success(), "{ran:?}");
+    assert!(
+        ran.stdout.contains("2626"),
+        "--listen overrides the file: {}",
+        ran.stdout
+    );
+    assert!(
+        !ran.stdout.contains("2500"),
+        "--listen overrides the file: {}",
+        ran.stdout
+    );
+    assert!(
+        ran.stdout.contains("1.5"),
+        "retry_factor from the file: {}",
+        ran.stdout
+    );
+}
+
+#[test]
+fn unknown_key_is_named() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (ran, _) = check(dir.path(), "[server]\nlisten_adress = \"127.0.0.1:25\"\n");
+    assert_refused(&ran, "listen_adress");
+    let (ran, _) = check(dir.path(), "[queues]\nretry_base_ms = 10\n");
+    assert_refused(&ran, "queues");
+}
+
+#[test]
+fn invalid_value_names_the_key() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (ran, _) = check(dir.path(), "[queue]\nretry_factor = 0.5\n");
+    assert_refused(&ran, "`queue.retry_factor`");
+    let (ran, _) = check(dir.path(), "[spool]\nsegment_size_max = 4096\n");
+    assert_refused(&ran, "`spool.segment_size_max`");
+    let (ran, _) = check(dir.path(), "[server]\nrelay_networks = [\"10.0.0.0/33\"]\n");
+    assert_refused(&ran, "`server.relay_networks`");
+    // The same checks stop `serve` before it listens.
+    let path = dir.path().join("epoxi.toml");
+    std::fs::write(&path, "[queue]\nretry_factor = 0.5\n").expect("write config");
+    let spool = dir.path().join("spool");
+    let ran = run_epoxi(&[
+        "serve".as_ref(),
+        "--config".as_ref(),
+        path.as_os_str(),
+        "--listen".as_ref(),
+        "127.0.0.1:0".as_ref(),
+        "--spool".as_ref(),
+        spool.as_os_str(),
+    ]);
+    assert_refused(&ran, "`queue.retry_factor`");
+    assert!(!ran.stderr.contains("listening on"), "{ran:?}");
+}
+
+#[test]
+fn malformed_toml_names_the_file() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (ran, path) = check(dir.path(), "[server\nlisten = \n");
+    assert_refused(&ran, &path);
+    let (ran, path) = check(dir.path(), "[queue]\nretry_base_ms = \"soon\"\n");
+    assert_refused(&ran, &path);
+    assert!(ran.stderr.contains("retry_base_ms"), "{ran:?}");
+    let missing = dir.path().join("missing.toml");
+    let ran = run_epoxi(&[
+        "check-config".as_ref(),
+        "--config".as_ref(),
+        missing.as_os_str(),
+    ]);
+    assert_refused(&ran, missing.to_str().expect("utf-8 temp path"));
+}
+
+#[test]
+fn bad_route_flag_is_named() {
+    let ran = run_epoxi(&["check-config", "--route", "nonsense"]);
+    assert_refused(&ran, "--route");
+    let ran = run_epoxi(&["check-config", "--route", "*.test=not a host"]);
+    assert_refused(&ran, "--route");
+}
+
+#[test]
+fn unwritable_spool_fails_fast() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let file = dir.path().join("a-file");
+    std::fs::write(&file, "not a directory").expect("write file");
+    let conf = Conf::default().write(&dir.path().join("epoxi.toml"));
+    let spool = file.join("spool");
+    let log = dir.path().join("log");
+    let ran = run_epoxi(&[
+        "serve".as_ref(),
+        "--config".as_ref(),
+        conf.as_os_str(),
+        "--listen".as_ref(),
+        "127.0.0.1:0".as_ref(),
+        "--shards".as_ref(),
+        "2".as_ref(),
+        "--spool".as_ref(),
+        spool.as_os_str(),
+        "--log-dir".as_ref(),
+        log.as_os_str(),
+    ]);
+    assert_refused(&ran, "spool");
+    assert!(!ran.stderr.contains("listening on"), "{ran:?}");
+    assert!(!ran.stderr.contains("stopped cleanly"), "{ran:?}");
+}
+
+#[test]
+fn listen_address_in_use_fails_fast() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    // Held without SO_REUSEPORT, so no shard can share it.
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = taken.local_addr().expect("addr").to_string();
+    let conf = Conf::default().write(&dir.path().join("epoxi.toml"));
+    let spool = dir.path().join("spool");
+    let log = dir.path().join("log");
+    let ran = run_epoxi(&[
+        "serve".as_ref(),
+        "--config".as_ref(),
+        conf.as_os_str(),
+        "--listen".as_ref(),
+        addr.as_ref(),
+        "--shards".as_ref(),
+        "2".as_ref(),
+        "--spool".as_ref(),
+        spool.as_os_str(),
+        "--log-dir".as_ref(),
+        log.as_os_str(),
+    ]);
+    assert_refused(&ran, "in use");
+    assert!(!ran.stderr.contains("listening on"), "{ran:?}");
+}

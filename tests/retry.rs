@@ -1,0 +1,174 @@
+//! Delivery outcomes: temporary failures are retried until they succeed or the message is too
+//! old, permanent failures bounce, and finished messages do not come back after a restart.
+
+mod common;
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use common::{field_set, Epoxi, Inject, Opts, Sink, DEADLINE};
+use serde_json::Value;
+
+/// Events grouped by message id, in log order.
+fn by_message(events: &[Value]) -> BTreeMap<String, Vec<&Value>> {
+    let mut map: BTreeMap<String, Vec<&Value>> = BTreeMap::new();
+    for e in events {
+        let id = e["message_id"].as_str().expect("message_id").to_owned();
+        map.entry(id).or_default().push(e);
+    }
+    map
+}
+
+#[test]
+fn retry_4xx_then_2xx() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let sink = Sink::start(dir.path(), &["--tempfail-first", "5"]);
+    let epoxi = Epoxi::start(&Opts::new(dir.path()).shards(2).route(sink.port));
+
+    let injected = Inject::new(20).domains(4).run(dir.path(), epoxi.port);
+    assert_eq!(injected.count("accepted"), 20, "inject: {}", injected.json);
+
+    let deliveries = epoxi.wait_events("Delivery", 20);
+    let report = sink.stop();
+    assert_eq!(report.count("unique"), 20, "sink: {}", report.json);
+    assert_eq!(report.count("duplicates"), 0, "sink: {}", report.json);
+    assert_eq!(report.count("tempfailed"), 5, "sink: {}", report.json);
+    assert_eq!(
+        injected.ids.iter().collect::<BTreeSet<_>>(),
+        report.ids.iter().collect::<BTreeSet<_>>()
+    );
+
+    let events = epoxi.events();
+    let failures: Vec<Value> = events
+        .iter()
+        .filter(|e| e["type"] == "TransientFailure")
+        .cloned()
+        .collect();
+    assert_eq!(
+        failures.len(),
+        5,
+        "one per tempfailed delivery: {failures:?}"
+    );
+    assert_eq!(deliveries.len(), 20);
+    assert_eq!(field_set(&deliveries, "message_id").len(), 20);
+    let delivered = by_message(&deliveries);
+    for (id, fails) in by_message(&failures) {
+        for f in &fails {
+            assert_eq!(f["response"]["code"], 451, "{f}");
+            let next = f["next_attempt_ms"].as_u64().expect("next_attempt_ms");
+            assert!(next > f["ts_ms"].as_u64().expect("ts_ms"), "{f}");
+        }
+        let d = delivered
+            .get(&id)
+            .unwrap_or_else(|| panic!("{id} retried, never delivered"));
+        assert_eq!(d.len(), 1);
+        let d = d[0];
+        assert!(d["attempts"].as_u64().expect("attempts") >= 2, "{d}");
+        let last_failure = fails.iter().filter_map(|f| f["ts_ms"].as_u64()).max();
+        assert!(
+            d["ts_ms"].as_u64() >= last_failure,
+            "delivered before it failed: {d}"
+        );
+    }
+}
+
+#[test]
+fn bounce_5xx() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let sink = Sink::start(dir.path(), &["--reply", "550:100"]);
+    let opts = Opts::new(dir.path()).shards(2).route(sink.port);
+    let mut epoxi = Epoxi::start(&opts);
+
+    let injected = Inject::new(10).domains(4).run(dir.path(), epoxi.port);
+    assert_eq!(injected.count("accepted"), 10, "inject: {}", injected.json);
+
+    let bounces = epoxi.wait_events("Bounce", 10);
+    assert_eq!(bounces.len(), 10);
+    assert_eq!(field_set(&bounces, "message_id").len(), 10);
+    for b in &bounces {
+        assert_eq!(b["response"]["code"], 550, "{b}");
+        assert_eq!(b["response"]["enhanced"], "5.1.1", "{b}");
+        assert_eq!(b["attempts"], 1, "a 5xx is not retried: {b}");
+    }
+    assert!(epoxi.events_of("Delivery").is_empty());
+    assert!(epoxi.events_of("TransientFailure").is_empty());
+    epoxi.stop();
+    let report = sink.stop();
+    assert_eq!(
+        report.count("rejected"),
+        10,
+        "each bounced once: {}",
+        report.json
+    );
+    assert_eq!(report.count("unique"), 0);
+
+    // Bounced is final: nothing comes back from the spool, and the segments that held the
+    // messages are deleted (the one being written is kept until a restart rotates it).
+    let first_segments = epoxi.segments();
+    assert!(!first_segments.is_empty());
+    let mut again = Epoxi::start(&opts.log_dir(dir.path().join("log2")));
+    let recovery = again.recovery();
+    assert_eq!(recovery.len(), 2, "{}", again.stderr());
+    assert_eq!(again.pending_at_start(), 0, "{}", again.stderr());
+    common::wait_until(
+        "the bounced messages' segments to be deleted",
+        DEADLINE,
+        || first_segments.iter().all(|p| !p.exists()),
+    );
+    assert!(again.events().is_empty(), "nothing to do after the restart");
+    again.stop();
+}
+
+#[test]
+fn expire_after_max_age() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let sink = Sink::start(dir.path(), &["--reply", "451:100"]);
+    let opts = Opts::new(dir.path())
+        .route(sink.port)
+        .set("queue", "max_age_s", "2");
+    let epoxi = Epoxi::start(&opts);
+
+    let injected = Inject::new(5).domains(2).run(dir.path(), epoxi.port);
+    assert_eq!(injected.count("accepted"), 5, "inject: {}", injected.json);
+
+    let expirations = epoxi.wait_events("Expiration", 5);
+    assert_eq!(
+        field_set(&expirations, "message_id").len(),
+        5,
+        "{expirations:?}"
+    );
+    for e in &expirations {
+        assert!(
+            e["attempts"].as_u64().expect("attempts") >= 2,
+            "expired untried: {e}"
+        );
+        assert_eq!(e["response"]["code"], 451, "{e}");
+        let age = e["ts_ms"].as_u64().expect("ts") - e["received_ms"].as_u64().expect("rcvd");
+        assert!(age >= 2000, "expired after {age} ms, max age is 2 s: {e}");
+    }
+    assert!(epoxi.events_of("Delivery").is_empty());
+    assert!(!epoxi.events_of("TransientFailure").is_empty());
+    let report = sink.stop();
+    assert_eq!(report.count("unique"), 0);
+}
+
+#[test]
+fn no_route_defers_then_expires() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    // No --route at all: nothing to deliver to, so mail waits, then expires.
+    let opts = Opts::new(dir.path()).set("queue", "max_age_s", "1");
+    let epoxi = Epoxi::start(&opts);
+    let injected = Inject::new(3).run(dir.path(), epoxi.port);
+    assert_eq!(injected.count("accepted"), 3, "inject: {}", injected.json);
+    let expirations = epoxi.wait_events("Expiration", 3);
+    assert_eq!(field_set(&expirations, "message_id").len(), 3);
+    for e in epoxi
+        .events_of("TransientFailure")
+        .iter()
+        .chain(&expirations)
+    {
+        assert_eq!(e["response"]["code"], 451, "{e}");
+        let text = e["response"]["text"].as_str().expect("text");
+        assert!(text.to_ascii_lowercase().contains("no route"), "{e}");
+    }
+    assert!(epoxi.events_of("Delivery").is_empty());
+}

@@ -1,0 +1,360 @@
+//! The SMTP server as a client sees it over a real socket. The state machine has its own unit
+//! tests; these check the adapter: replies in order, bodies as spooled, relay policy, and a
+//! graceful stop that finishes the transaction in flight.
+
+mod common;
+
+use std::thread;
+use std::time::Duration;
+
+use common::{dead_port, find, message_body, Epoxi, Opts, Reply, Sink, Smtp, DEADLINE};
+
+#[test]
+fn smtp_basics_over_socket() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    // Nothing to deliver to: the message stays in the spool, where the test reads it.
+    let epoxi = Epoxi::start(&Opts::new(dir.path()).route(dead_port()));
+    let mut smtp = Smtp::connect(epoxi.port);
+
+    let greeting = smtp.reply();
+    assert_eq!(greeting.code, 220, "{}", greeting.text);
+    assert!(greeting.text.contains("mx.epoxi.test"), "{}", greeting.text);
+    let ehlo = smtp.expect("EHLO client.test", 250);
+    for extension in ["PIPELINING", "SIZE", "8BITMIME", "ENHANCEDSTATUSCODES"] {
+        assert!(
+            ehlo.text.lines().any(|l| l[4..].starts_with(extension)),
+            "EHLO lacks {extension}:\n{}",
+            ehlo.text
+        );
+    }
+
+    let early = smtp.expect("RCPT TO:<user@d0.test>", 503);
+    assert!(early.text.starts_with("503 5.5.1"), "{}", early.text);
+    let big = smtp.expect("MAIL FROM:<sender@client.test> SIZE=999999999999", 552);
+    assert!(big.text.starts_with("552 5.3.4"), "{}", big.text);
+
+    // One write, four commands: four replies, in order.
+    smtp.send(
+        b"MAIL FROM:<sender@client.test>\r\nRCPT TO:<a@d0.test>\r\n\
+          RCPT TO:<b@d1.test>\r\nDATA\r\n",
+    );
+    let codes: Vec<u16> = (0..4).map(|_| smtp.reply().code).collect();
+    assert_eq!(codes, [250, 250, 250, 354]);
+
+    // Body, final dot and the next command in one write too. The body has a line that starts
+    // with a dot and one that is a lone dot: both go on the wire stuffed.
+    let id = format!("basics-{}", std::process::id());
+    let marker = format!(".leading-dot-{id}");
+    let body = message_body(&id, &[&marker, "."]);
+    assert!(body.contains(&format!("\r\n.{marker}\r\n..\r\n")));
+    smtp.send(format!("{body}.\r\nQUIT\r\n").as_bytes());
+    let queued = smtp.reply();
+    assert_eq!(queued.code, 250, "{}", queued.text);
+    assert_eq!(smtp.reply().code, 221);
+
+    // 250 means durable: the spool holds the body, dot-unstuffed.
+    let spooled = epoxi
+        .segments()
+        .iter()
+        .map(|p| std::fs::read(p).expect("read segment"))
+        .find(|bytes| find(bytes, id.as_bytes()).is_some())
+        .expect("the message is in a segment");
+    let unstuffed = format!("\r\n{marker}\r\n.\r\nBye.\r\n");
+    assert!(
+        find(&spooled, unstuffed.as_bytes()).is_some(),
+        "body not unstuffed in the spool"
+    );
+    assert!(
+        find(&spooled, format!(".{marker}").as_bytes()).is_none(),
+        "stuffed dot spooled"
+    );
+}
+
+#[test]
+fn relay_denied_outside_relay_networks() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let opts = Opts::new(dir.path()).route(dead_port()).set(
+        "server",
+        "relay_networks",
+        "[\"10.0.0.0/8\"]",
+    );
+    let epoxi = Epoxi::start(&opts);
+    let mut smtp = Smtp::connect(epoxi.port);
+    assert_eq!(smtp.reply().code, 220);
+    smtp.expect("EHLO client.test", 250);
+    smtp.expect("MAIL FROM:<sender@client.test>", 250);
+    let denied = smtp.expect("RCPT TO:<user@d0.test>", 550);
+    assert!(denied.text.starts_with("550 5.7.1"), "{}", denied.text);
+    // No recipient, no transaction (RFC 2920 suggests 554, RFC 5321 allows 503).
+    let data = smtp.cmd("DATA");
+    assert!(
+        matches!(data.code, 503 | 554),
+        "DATA with no recipient: {}",
+        data.text
+    );
+    smtp.expect("QUIT", 221);
+    assert!(epoxi.events_of("Reception").is_empty());
+}
+
+#[test]
+fn graceful_shutdown_mid_session() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut epoxi = Epoxi::start(&Opts::new(dir.path()).route(dead_port()));
+    let mut smtp = Smtp::connect(epoxi.port);
+    assert_eq!(smtp.reply().code, 220);
+    smtp.expect("EHLO client.test", 250);
+    smtp.expect("MAIL FROM:<sender@client.test>", 250);
+    smtp.expect("RCPT TO:<user@d0.test>", 250);
+    smtp.expect("DATA", 354);
+    let id = format!("graceful-{}", std::process::id());
+    let body = message_body(&id, &["first half", "second half"]);
+    let (first, second) = body.split_at(body.find("second half").expect("marker"));
+    smtp.send(first.as_bytes());
+
+    epoxi.sigterm();
+    // Let the shards see the signal and stop accepting before the body is finished.
+    common::wait_until("epoxi to stop accepting", DEADLINE, || {
+        match std::net::TcpStream::connect(epoxi.addr()) {
+            Err(_) => true,
+            Ok(probe) => {
+                // A shard still accepting answers 220; one shutting down says 421 or closes.
+                let mut probe = Smtp::from_stream(probe);
+                !matches!(probe.try_reply(), Some(r) if r.code == 220)
+            }
+        }
+    });
+    thread::sleep(Duration::from_millis(100));
+    smtp.send(second.as_bytes());
+    smtp.send(b".\r\n");
+    let queued = smtp.reply();
+    assert_eq!(
+        queued.code, 250,
+        "the transaction in flight must finish: {}",
+        queued.text
+    );
+    // Then the session ends: 421 (possibly before we ask anything) or a close.
+    let _ = smtp.try_send(b"NOOP\r\n");
+    match smtp.try_reply() {
+        None => {}
+        Some(r) => assert_eq!(r.code, 421, "after shutdown: {}", r.text),
+    }
+    let status = epoxi.wait_exit();
+    assert!(status.success(), "exit {status}:\n{}", epoxi.stderr());
+    assert!(
+        epoxi.stderr().contains("epoxi: stopped cleanly"),
+        "{}",
+        epoxi.stderr()
+    );
+
+    // The message it acknowledged while stopping is delivered after a restart.
+    let sink = Sink::start(dir.path(), &[]);
+    let opts = Opts::new(dir.path())
+        .route(sink.port)
+        .log_dir(dir.path().join("log2"));
+    let mut again = Epoxi::start(&opts);
+    assert_eq!(again.pending_at_start(), 1, "{}", again.stderr());
+    again.wait_events("Delivery", 1);
+    again.stop();
+    let report = sink.stop();
+    assert_eq!(report.ids, [id]);
+}
+
+#[test]
+fn size_limit_enforced_on_data() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let opts = Opts::new(dir.path())
+        .route(dead_port())
+        .set("server", "size_max", "4096");
+    let epoxi = Epoxi::start(&opts);
+    let mut smtp = Smtp::connect(epoxi.port);
+    assert_eq!(smtp.reply().code, 220);
+    let ehlo = smtp.expect("EHLO client.test", 250);
+    assert!(ehlo.text.contains("SIZE 4096"), "{}", ehlo.text);
+    // No SIZE= declared: the limit is enforced on the body itself, and the session goes on.
+    let filler = "x".repeat(70);
+    let lines = vec![filler.as_str(); 100];
+    let big = message_body("too-big", &lines);
+    let rcpts = ["user@d0.test".to_owned()];
+    let refused = smtp.send_message("sender@client.test", &rcpts, &big);
+    assert_eq!(refused.code, 552, "{}", refused.text);
+    let fits = smtp.send_message("sender@client.test", &rcpts, &message_body("fits", &[]));
+    assert_eq!(fits.code, 250, "{}", fits.text);
+    smtp.expect("QUIT", 221);
+    common::wait_until("the accepted message logged", DEADLINE, || {
+        epoxi.events_of("Reception").len() == 1
+    });
+}
+
+#[test]
+fn idle_client_times_out() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let opts = Opts::new(dir.path())
+        .route(dead_port())
+        .set("server", "command_timeout_s", "1");
+    let epoxi = Epoxi::start(&opts);
+    let mut smtp = Smtp::connect(epoxi.port);
+    assert_eq!(smtp.reply().code, 220);
+    smtp.expect("EHLO client.test", 250);
+    let bye = smtp.reply();
+    assert!(bye.text.starts_with("421 4.4.2"), "{}", bye.text);
+    assert!(smtp.try_reply().is_none(), "closed after the 421");
+}
+
+#[test]
+fn connections_over_the_limit_get_421() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let opts = Opts::new(dir.path())
+        .route(dead_port())
+        .set("server", "connections_max", "1");
+    let epoxi = Epoxi::start(&opts);
+    let mut first = Smtp::connect(epoxi.port);
+    assert_eq!(first.reply().code, 220);
+    let mut second = Smtp::connect(epoxi.port);
+    let busy = second.reply();
+    assert!(busy.text.starts_with("421 4.7.0"), "{}", busy.text);
+    first.expect("QUIT", 221);
+    drop(first);
+    // The slot is free again once the first session has ended.
+    common::wait_until("a new session to be greeted", DEADLINE, || {
+        Smtp::connect(epoxi.port)
+            .try_reply()
+            .is_some_and(|r| r.code == 220)
+    });
+}
+
+#[test]
+fn sigterm_with_idle_session() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut epoxi = Epoxi::start(&Opts::new(dir.path()).route(dead_port()));
+    let mut smtp = Smtp::connect(epoxi.port);
+    assert_eq!(smtp.reply().code, 220);
+    smtp.expect("EHLO client.test", 250);
+    epoxi.sigterm();
+    // An idle session is told, without waiting for the grace period or a command.
+    let bye = smtp.try_reply();
+    assert!(
+        matches!(&bye, None | Some(Reply { code: 421, .. })),
+        "{bye:?}"
+    );
+    let status = epoxi.wait_exit();
+    assert!(status.success(), "exit {status}:\n{}", epoxi.stderr());
+    assert!(
+        epoxi.stderr().contains("epoxi: stopped cleanly"),
+        "{}",
+        epoxi.stderr()
+    );
+}
+
+#[test]
+fn sigterm_abandons_stalled_transaction_after_grace() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let opts = Opts::new(dir.path())
+        .route(dead_port())
+        .set("server", "shutdown_grace_s", "1");
+    let mut epoxi = Epoxi::start(&opts);
+    let mut smtp = Smtp::connect(epoxi.port);
+    assert_eq!(smtp.reply().code, 220);
+    smtp.expect("EHLO client.test", 250);
+    smtp.expect("MAIL FROM:<sender@client.test>", 250);
+    smtp.expect("RCPT TO:<user@d0.test>", 250);
+    smtp.expect("DATA", 354);
+    smtp.send(b"Subject: never finished\r\n\r\nhalf a body\r\n");
+    // The client stalls for good; the grace period bounds the stop.
+    epoxi.sigterm();
+    let status = epoxi.wait_exit();
+    assert!(status.success(), "exit {status}:\n{}", epoxi.stderr());
+    assert!(
+        epoxi.stderr().contains("epoxi: stopped cleanly"),
+        "{}",
+        epoxi.stderr()
+    );
+    // Nothing was acknowledged, so nothing may be delivered later.
+    let _ = smtp.try_send(b".\r\n");
+    let late = smtp.try_reply();
+    assert!(
+        !matches!(&late, Some(Reply { code: 250, .. })),
+        "250 after exit: {late:?}"
+    );
+    let mut again = Epoxi::start(&opts.log_dir(dir.path().join("log2")));
+    assert_eq!(again.pending_at_start(), 0, "{}", again.stderr());
+    again.stop();
+}
+
+#[test]
+fn pipelined_messages_and_split_terminators() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let epoxi = Epoxi::start(&Opts::new(dir.path()).route(dead_port()));
+    let mut smtp = Smtp::connect(epoxi.port);
+    assert_eq!(smtp.reply().code, 220);
+    smtp.expect("EHLO client.test", 250);
+
+    // Two whole transactions in two writes: the second starts right after the first's dot.
+    let pid = std::process::id();
+    let (one, two) = (format!("pipe-one-{pid}"), format!("pipe-two-{pid}"));
+    let envelope = "MAIL FROM:<sender@client.test>\r\nRCPT TO:<user@d0.test>\r\nDATA\r\n";
+    smtp.send(envelope.as_bytes());
+    let codes: Vec<u16> = (0..3).map(|_| smtp.reply().code).collect();
+    assert_eq!(codes, [250, 250, 354]);
+    smtp.send(format!("{}.\r\n{envelope}", message_body(&one, &[".a"])).as_bytes());
+    let codes: Vec<u16> = (0..4).map(|_| smtp.reply().code).collect();
+    assert_eq!(
+        codes,
+        [250, 250, 250, 354],
+        "the commands after the dot were lost"
+    );
+
+    // The body of the second one trickles in, split inside a stuffed dot and inside the
+    // terminator.
+    let marker = format!(".split-{pid}");
+    let body = message_body(&two, &[&marker]);
+    let stuffed_at = body.find(&format!("\r\n.{marker}")).expect("stuffed line") + 3;
+    let (head, tail) = body.split_at(stuffed_at);
+    for piece in [head, tail, "\r", "\n.", "\r", "\n"] {
+        smtp.send(piece.as_bytes());
+        thread::sleep(Duration::from_millis(30));
+    }
+    assert!(tail.ends_with("\r\n"));
+    let done = smtp.reply();
+    // The pieces above ended the body with CRLF CR LF "." CR LF: an empty line, then the dot.
+    assert_eq!(done.code, 250, "{}", done.text);
+    smtp.expect("QUIT", 221);
+
+    common::wait_until("both messages logged", DEADLINE, || {
+        epoxi.events_of("Reception").len() == 2
+    });
+    let spool: Vec<u8> = epoxi
+        .segments()
+        .iter()
+        .flat_map(|p| std::fs::read(p).expect("read segment"))
+        .collect();
+    for id in [&one, &two] {
+        assert!(find(&spool, id.as_bytes()).is_some(), "{id} not spooled");
+    }
+    let unstuffed = format!("\r\n{marker}\r\nBye.\r\n\r\n");
+    assert!(
+        find(&spool, unstuffed.as_bytes()).is_some(),
+        "split body spooled wrong"
+    );
+    assert!(
+        find(&spool, b"\r\n.a\r\nBye.\r\n").is_some(),
+        "first body spooled wrong"
+    );
+}
+
+#[test]
+fn sigint_stops_cleanly_too() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut epoxi = Epoxi::start(&Opts::new(dir.path()).shards(2).route(dead_port()));
+    epoxi.sigint();
+    let status = epoxi.wait_exit();
+    assert!(status.success(), "exit {status}:\n{}", epoxi.stderr());
+    assert!(
+        epoxi.stderr().contains("epoxi: stopped cleanly"),
+        "{}",
+        epoxi.stderr()
+    );
+    assert!(
+        std::net::TcpStream::connect(epoxi.addr()).is_err(),
+        "still listening"
+    );
+}
