@@ -10,6 +10,7 @@
 //! A job is out of the queue while its transaction runs; if the process dies then, the spool
 //! still has the message and recovery queues it again.
 
+use std::collections::VecDeque;
 use std::io::ErrorKind;
 use std::rc::Rc;
 use std::time::Duration;
@@ -150,27 +151,117 @@ async fn serve(ctx: &Rc<ShardCtx>, dest: &Destination) -> Result<(), ConnError> 
     let target = Some(dest.clone());
     let peer = dest.to_string();
     let idle = Duration::from_millis(cfg.idle_timeout_ms);
-    let mut sent = 0usize;
+    // Transactions on the wire, oldest first: at most two, the second started behind the
+    // first's final dot (see `Client::can_start_early`).
+    let mut inflight: VecDeque<Inflight> = VecDeque::with_capacity(INFLIGHT_MAX);
+    let mut started = 0usize;
     loop {
-        let job = next_job(ctx, &target, idle).await;
-        let Some(job) = job else {
-            conn.quit().await;
-            return Ok(());
-        };
-        match transaction(ctx, &mut conn, &job).await {
-            Ok(results) => ctx.record_results(&job, &results, &peer),
-            Err(why) => {
-                fail_job(ctx, &job, &why, dest);
-                let _ = conn.stream.close().await;
-                return Err(ConnError::Broken);
+        if inflight.is_empty() {
+            if started >= cfg.messages_per_connection_max {
+                conn.quit().await;
+                return Ok(());
+            }
+            let Some(job) = next_job(ctx, &target, idle).await else {
+                conn.quit().await;
+                return Ok(());
+            };
+            if let Some(item) = begin(ctx, &mut conn, job) {
+                inflight.push_back(item);
+                started += 1;
+            }
+            continue;
+        }
+        match conn.client.poll(&mut conn.out) {
+            ClientStep::NeedInput => {
+                if inflight.len() < INFLIGHT_MAX
+                    && started < cfg.messages_per_connection_max
+                    && conn.client.can_start_early()
+                    && !ctx.shutting_down()
+                {
+                    let next = ctx.queue.borrow_mut().pop_ready(&target);
+                    if let Some(item) = next.and_then(|job| begin(ctx, &mut conn, job)) {
+                        inflight.push_back(item);
+                        started += 1;
+                    }
+                }
+                if let Err(why) = conn.exchange().await {
+                    return broken(ctx, conn, inflight, &why, dest).await;
+                }
+            }
+            ClientStep::SendBody => {
+                // The body goes to the oldest transaction that has not sent one yet.
+                let Some(item) = inflight.iter_mut().find(|i| !i.body_sent) else {
+                    return broken(ctx, conn, inflight, "354 with no body to send", dest).await;
+                };
+                item.body_sent = true;
+                let loc = item.loc;
+                let stored = match ctx.spool.read_message(loc).await {
+                    Ok(stored) => stored,
+                    Err(e) => {
+                        // DATA is open and there is nothing to send: only closing the connection
+                        // ends it without delivering a wrong message.
+                        let why = format!("cannot read the spooled message: {e}");
+                        return broken(ctx, conn, inflight, &why, dest).await;
+                    }
+                };
+                match stored.message() {
+                    Ok(message) => conn
+                        .client
+                        .write_body(message.body.as_slice(), &mut conn.out),
+                    Err(e) => {
+                        let why = format!("spooled message does not validate: {e}");
+                        return broken(ctx, conn, inflight, &why, dest).await;
+                    }
+                }
+            }
+            ClientStep::Done(outcome) => {
+                if let Some(item) = inflight.pop_front() {
+                    ctx.record_results(&item.job, &per_rcpt(&item.job, &outcome), &peer);
+                }
+            }
+            ClientStep::Failed(reply) => {
+                let why = format!("session failed: {}", reply.to_string().trim_end());
+                return broken(ctx, conn, inflight, &why, dest).await;
+            }
+            ClientStep::Ready | ClientStep::Closed => {
+                let why = "server ended the transaction unexpectedly";
+                return broken(ctx, conn, inflight, why, dest).await;
             }
         }
-        sent += 1;
-        if sent >= cfg.messages_per_connection_max {
-            conn.quit().await;
-            return Ok(());
-        }
     }
+}
+
+/// Transactions in flight on one connection, at most. Two is enough to overlap one message's
+/// final reply with the next one's envelope; more would only add messages to retry when a
+/// connection breaks.
+const INFLIGHT_MAX: usize = 2;
+
+struct Inflight {
+    job: Job,
+    loc: crate::spool::Location,
+    body_sent: bool,
+}
+
+/// Start a job's transaction: the envelope comes from the queue, the body is read from the
+/// spool only when the server asks for it. None: the message is gone (already final).
+fn begin(ctx: &Rc<ShardCtx>, conn: &mut Conn, job: Job) -> Option<Inflight> {
+    let (loc, mail_from, rcpts) = {
+        let queue = ctx.queue.borrow();
+        let meta = queue.message(job.message)?;
+        let rcpts: Vec<String> = job
+            .rcpts
+            .iter()
+            .filter_map(|&r| meta.rcpts.get(r as usize).map(|x| x.address.to_string()))
+            .collect();
+        (meta.loc, meta.mail_from.to_string(), rcpts)
+    };
+    let rcpt_refs: Vec<&str> = rcpts.iter().map(String::as_str).collect();
+    conn.client.start(&mail_from, &rcpt_refs, &mut conn.out);
+    Some(Inflight {
+        job,
+        loc,
+        body_sent: false,
+    })
 }
 
 /// The next job for this destination, waiting up to `idle` for one. None: close the connection.
@@ -199,56 +290,19 @@ async fn next_job(
     }
 }
 
-/// One SMTP transaction for one job. Ok: per-recipient results. Err: the connection broke.
-async fn transaction(
+/// The connection broke: every transaction on it failed transiently.
+async fn broken(
     ctx: &Rc<ShardCtx>,
-    conn: &mut Conn,
-    job: &Job,
-) -> Result<Vec<(u32, RcptResult)>, String> {
-    let (loc, rcpts): (_, Vec<String>) = {
-        let queue = ctx.queue.borrow();
-        let Some(meta) = queue.message(job.message) else {
-            return Ok(Vec::new());
-        };
-        let rcpts = job
-            .rcpts
-            .iter()
-            .filter_map(|&r| meta.rcpts.get(r as usize).map(|x| x.address.to_string()))
-            .collect();
-        (meta.loc, rcpts)
-    };
-    let stored = match ctx.spool.read_message(loc).await {
-        Ok(stored) => stored,
-        Err(e) => {
-            // The connection is fine; this job could not be read. Retry it later.
-            let why = format!("cannot read the spooled message: {e}");
-            return Ok(job
-                .rcpts
-                .iter()
-                .map(|&r| (r, RcptResult::Failure(why.clone())))
-                .collect());
-        }
-    };
-    let message = stored.message().map_err(|e| e.to_string())?;
-    let rcpt_refs: Vec<&str> = rcpts.iter().map(String::as_str).collect();
-    conn.client
-        .start(message.mail_from.as_str(), &rcpt_refs, &mut conn.out);
-    let outcome = loop {
-        match conn.client.poll(&mut conn.out) {
-            ClientStep::NeedInput => conn.exchange().await?,
-            ClientStep::SendBody => conn
-                .client
-                .write_body(message.body.as_slice(), &mut conn.out),
-            ClientStep::Done(outcome) => break outcome,
-            ClientStep::Failed(reply) => {
-                return Err(format!("session failed: {}", reply.to_string().trim_end()));
-            }
-            ClientStep::Ready | ClientStep::Closed => {
-                return Err("server ended the transaction unexpectedly".into())
-            }
-        }
-    };
-    Ok(per_rcpt(job, &outcome))
+    mut conn: Conn,
+    inflight: VecDeque<Inflight>,
+    why: &str,
+    dest: &Destination,
+) -> Result<(), ConnError> {
+    for item in &inflight {
+        fail_job(ctx, &item.job, why, dest);
+    }
+    let _ = conn.stream.close().await;
+    Err(ConnError::Broken)
 }
 
 /// Each recipient's fate: the first refusal among MAIL, its RCPT and the final dot, else the

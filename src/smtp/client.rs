@@ -226,8 +226,19 @@ pub struct Client {
     expect: VecDeque<Expect>,
     caps: Capabilities,
     txn: Option<Txn>,
+    /// A transaction started behind `txn` while `txn` awaited only its final reply
+    /// (see [`Client::can_start_early`]); it becomes `txn` when that reply comes.
+    next: Option<Next>,
     /// A transaction that failed locally (nothing sent), reported by the next `poll`.
     local_outcome: Option<TransactionOutcome>,
+}
+
+/// The transaction queued behind the current one.
+#[derive(Debug)]
+enum Next {
+    Sent(Txn),
+    /// Failed locally (nothing sent); reported right after the current one's outcome.
+    Local(TransactionOutcome),
 }
 
 impl Client {
@@ -240,8 +251,23 @@ impl Client {
             expect: VecDeque::from([Expect::Greeting]),
             caps: Capabilities::default(),
             txn: None,
+            next: None,
             local_outcome: None,
         }
+    }
+
+    /// Whether `start` may be called now although the previous transaction is not done: the
+    /// server offered PIPELINING and the previous transaction has sent its body and awaits only
+    /// the reply to its final dot. RFC 2920 §3.1 lets the next MAIL follow the end of data in the
+    /// same write, which saves a round trip and a write per message on a busy connection.
+    pub fn can_start_early(&self) -> bool {
+        self.caps.pipelining
+            && self.phase == Phase::Transaction
+            && self.txn.is_some()
+            && self.next.is_none()
+            && self.local_outcome.is_none()
+            && self.expect.len() == 1
+            && self.expect.front() == Some(&Expect::Dot { discard: false })
     }
 
     /// Takes bytes read from the socket.
@@ -292,7 +318,12 @@ impl Client {
     /// Starts a transaction; only valid when `poll` returned `Ready` (otherwise the client fails,
     /// as the caller has lost track of the connection). `mail_from` is "" for the null sender.
     pub fn start(&mut self, mail_from: &str, rcpts: &[&str], out: &mut Vec<u8>) {
-        if self.phase != Phase::Ready || !self.expect.is_empty() || self.local_outcome.is_some() {
+        let early = self.can_start_early();
+        if !early
+            && (self.phase != Phase::Ready
+                || !self.expect.is_empty()
+                || self.local_outcome.is_some())
+        {
             self.fail(Reply::new(
                 421,
                 Some((4, 3, 0)),
@@ -325,7 +356,11 @@ impl Client {
                 reply::BAD_SENDER.to_reply()
             });
             txn.wire.clear();
-            self.local_outcome = Some(txn.into_outcome());
+            if early {
+                self.next = Some(Next::Local(txn.into_outcome()));
+            } else {
+                self.local_outcome = Some(txn.into_outcome());
+            }
             return;
         }
         out.extend_from_slice(b"MAIL FROM:<");
@@ -341,8 +376,12 @@ impl Client {
             self.expect.push_back(Expect::Data);
             txn.next = txn.wire.len();
         }
-        self.txn = Some(txn);
-        self.phase = Phase::Transaction;
+        if early {
+            self.next = Some(Next::Sent(txn));
+        } else {
+            self.txn = Some(txn);
+            self.phase = Phase::Transaction;
+        }
     }
 
     /// Writes the message after `SendBody`: dot-stuffed, CRLF-terminated, then ".\r\n" (see
@@ -377,6 +416,7 @@ impl Client {
         out.extend_from_slice(b"QUIT\r\n");
         self.expect.push_back(Expect::Quit);
         self.txn = None;
+        self.next = None;
         self.phase = Phase::Quit;
     }
 
@@ -398,6 +438,7 @@ impl Client {
         self.phase = Phase::Failed(reply.clone());
         self.expect.clear();
         self.txn = None;
+        self.next = None;
         self.buf.clear();
         self.start = 0;
         Some(ClientStep::Failed(reply))
@@ -569,10 +610,20 @@ impl Client {
         }
     }
 
-    /// Ends the transaction: the client is Ready again.
+    /// Ends the transaction: the client is Ready again, or goes on with the one queued behind.
     fn finish(&mut self) -> Option<ClientStep> {
         let txn = self.txn.take()?;
-        self.phase = Phase::Ready;
+        match self.next.take() {
+            Some(Next::Sent(next)) => {
+                self.txn = Some(next);
+                self.phase = Phase::Transaction;
+            }
+            Some(Next::Local(outcome)) => {
+                self.local_outcome = Some(outcome);
+                self.phase = Phase::Ready;
+            }
+            None => self.phase = Phase::Ready,
+        }
         Some(ClientStep::Done(txn.into_outcome()))
     }
 }
@@ -723,6 +774,80 @@ mod tests {
         // Ready for the next message on the same connection.
         assert_eq!(feed(&mut c, b""), (String::new(), ClientStep::Ready));
         assert!(start(&mut c, "", &["x@y.test"]).starts_with("MAIL FROM:<>\r\n"));
+    }
+
+    #[test]
+    fn next_transaction_rides_behind_the_final_dot() {
+        let mut c = ready(EHLO_PIPE);
+        assert!(!c.can_start_early(), "nothing to ride behind yet");
+        start(&mut c, "a@b.test", &["x@y.test"]);
+        assert!(
+            !c.can_start_early(),
+            "first transaction has not sent its body"
+        );
+        assert_eq!(
+            feed(&mut c, b"250 Ok\r\n250 Ok\r\n354 go\r\n").1,
+            ClientStep::SendBody
+        );
+        let mut wire = body(&mut c, b"one\r\n");
+        assert!(c.can_start_early());
+        wire.push_str(&start(&mut c, "a@b.test", &["z@y.test"]));
+        assert!(!c.can_start_early(), "one transaction queued at most");
+        // Body, final dot and the next envelope go out in one write.
+        assert_eq!(
+            wire,
+            "one\r\n.\r\nMAIL FROM:<a@b.test>\r\nRCPT TO:<z@y.test>\r\nDATA\r\n"
+        );
+        // The server answers everything in one batch: first outcome, then the next body.
+        let (out, step) = feed(&mut c, b"250 2.0.0 first\r\n250 Ok\r\n250 Ok\r\n354 go\r\n");
+        assert_eq!(out, "");
+        assert_eq!(done(step).data, Some(r(250, (2, 0, 0), "first")));
+        assert_eq!(feed(&mut c, b"").1, ClientStep::SendBody);
+        assert_eq!(body(&mut c, b"two\r\n"), "two\r\n.\r\n");
+        let o = done(feed(&mut c, b"550 5.7.1 second refused\r\n").1);
+        assert_eq!(o.data, Some(r(550, (5, 7, 1), "second refused")));
+        assert_eq!(feed(&mut c, b"").1, ClientStep::Ready);
+    }
+
+    #[test]
+    fn early_start_needs_pipelining() {
+        let mut c = ready(EHLO_PLAIN);
+        start(&mut c, "a@b.test", &["x@y.test"]);
+        feed(&mut c, b"250 Ok\r\n");
+        feed(&mut c, b"250 Ok\r\n");
+        assert_eq!(feed(&mut c, b"354 go\r\n").1, ClientStep::SendBody);
+        body(&mut c, b"x\r\n");
+        assert!(!c.can_start_early());
+    }
+
+    #[test]
+    fn failure_after_early_start_fails_both() {
+        let mut c = ready(EHLO_PIPE);
+        start(&mut c, "a@b.test", &["x@y.test"]);
+        feed(&mut c, b"250 Ok\r\n250 Ok\r\n354 go\r\n");
+        body(&mut c, b"one\r\n");
+        start(&mut c, "a@b.test", &["z@y.test"]);
+        let (_, step) = feed(&mut c, b"421 4.3.2 going down\r\n");
+        assert!(
+            matches!(step, ClientStep::Failed(ref r) if r.code == 421),
+            "{step:?}"
+        );
+        assert!(matches!(feed(&mut c, b"").1, ClientStep::Failed(_)));
+    }
+
+    #[test]
+    fn local_failure_queued_behind_comes_second() {
+        let mut c = ready(EHLO_PIPE);
+        start(&mut c, "a@b.test", &["x@y.test"]);
+        feed(&mut c, b"250 Ok\r\n250 Ok\r\n354 go\r\n");
+        body(&mut c, b"one\r\n");
+        // No valid recipient: nothing is written, the outcome waits its turn.
+        assert_eq!(start(&mut c, "a@b.test", &["not an address"]), "");
+        let first = done(feed(&mut c, b"250 2.0.0 first\r\n").1);
+        assert_eq!(first.data, Some(r(250, (2, 0, 0), "first")));
+        let second = done(feed(&mut c, b"").1);
+        assert!(second.mail.is_permanent(), "{second:?}");
+        assert_eq!(feed(&mut c, b"").1, ClientStep::Ready);
     }
 
     #[test]
