@@ -70,13 +70,24 @@ pub struct Location {
 
 /// A message record read back from disk, 16-byte aligned so rkyv reads it in place.
 pub struct StoredMessage {
-    bytes: AlignedVec,
+    bytes: StoredBytes,
     payload_len: usize,
+}
+
+enum StoredBytes {
+    /// glommio's read buffer itself, when it is aligned (it is page-aligned in practice).
+    Read(glommio::io::ReadResult),
+    /// A copy, when it was not.
+    Copied(AlignedVec),
 }
 
 impl StoredMessage {
     pub fn message(&self) -> Result<&record::ArchivedMessageRecord, RecordError> {
-        record::access_message(&self.bytes[RECORD_HEADER_LEN..RECORD_HEADER_LEN + self.payload_len])
+        let bytes: &[u8] = match &self.bytes {
+            StoredBytes::Read(read) => read,
+            StoredBytes::Copied(copy) => copy,
+        };
+        record::access_message(&bytes[RECORD_HEADER_LEN..RECORD_HEADER_LEN + self.payload_len])
     }
 }
 
@@ -262,8 +273,14 @@ impl Spool {
         if header.kind != RecordKind::Message {
             return Err(RecordError::Kind(header.kind as u8).into());
         }
-        // One copy into an aligned buffer; rkyv then reads the archive in place.
-        let bytes = record::aligned_copy(&read[..RECORD_HEADER_LEN + header.payload_len]);
+        // rkyv reads the archive in place; copy only if the buffer is not aligned for it.
+        let bytes = if read.as_ptr().align_offset(record::RECORD_ALIGN) == 0 {
+            StoredBytes::Read(read)
+        } else {
+            StoredBytes::Copied(record::aligned_copy(
+                &read[..RECORD_HEADER_LEN + header.payload_len],
+            ))
+        };
         let stored = StoredMessage {
             bytes,
             payload_len: header.payload_len,
