@@ -22,3 +22,4 @@ pub mod route;
 pub mod shard;
 pub mod smtp;
 pub mod spool;
+pub mod auth;

@@ -27,6 +27,57 @@ enum Command {
     Serve(ServeArgs),
     /// Check a configuration file (and flags) and print the settings in effect.
     CheckConfig(ServeArgs),
+    /// Add or replace an AUTH user in a users file; the password is read from standard input
+    /// (first line), e.g. `printf '%s\n' "$PW" | epoxi passwd --file users alice`.
+    Passwd(PasswdArgs),
+}
+
+#[derive(clap::Args)]
+struct PasswdArgs {
+    /// Users file to create or update (written atomically, mode 0600).
+    #[arg(long)]
+    file: PathBuf,
+    /// Remove the user instead of setting a password.
+    #[arg(long)]
+    delete: bool,
+    /// PBKDF2 iterations for the new hash.
+    #[arg(long, default_value_t = epoxi::auth::ITERATIONS_DEFAULT)]
+    iterations: u32,
+    /// The user name (as given in AUTH).
+    user: String,
+}
+
+fn passwd(args: PasswdArgs) -> Result<String, String> {
+    let mut users = if args.file.exists() {
+        epoxi::auth::Users::load(&args.file).map_err(|e| e.to_string())?
+    } else {
+        epoxi::auth::Users::default()
+    };
+    if args.delete {
+        if !users.remove(&args.user) {
+            return Err(format!(
+                "no user `{}` in {}",
+                args.user,
+                args.file.display()
+            ));
+        }
+        users.save(&args.file).map_err(|e| e.to_string())?;
+        return Ok(format!("removed `{}`", args.user));
+    }
+    let mut line = String::new();
+    std::io::stdin()
+        .read_line(&mut line)
+        .map_err(|e| format!("cannot read the password: {e}"))?;
+    let password = line.trim_end_matches(['\r', '\n']);
+    users
+        .set(&args.user, password, args.iterations)
+        .map_err(|e| e.to_string())?;
+    users.save(&args.file).map_err(|e| e.to_string())?;
+    Ok(format!(
+        "set password for `{}` in {}",
+        args.user,
+        args.file.display()
+    ))
 }
 
 #[derive(clap::Args)]
@@ -69,6 +120,16 @@ fn main() -> ExitCode {
         Command::CheckConfig(args) => match settle(args) {
             Ok(settings) => {
                 println!("{settings:#?}");
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("epoxi: {e}");
+                ExitCode::from(2)
+            }
+        },
+        Command::Passwd(args) => match passwd(args) {
+            Ok(done) => {
+                eprintln!("epoxi: {done}");
                 ExitCode::SUCCESS
             }
             Err(e) => {
