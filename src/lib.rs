@@ -23,3 +23,4 @@ pub mod shard;
 pub mod smtp;
 pub mod spool;
 pub mod auth;
+pub mod tls;
