@@ -6,6 +6,7 @@
 
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use serde::Deserialize;
 
@@ -67,6 +68,14 @@ pub struct ServerSection {
     pub connections_max: usize,
     /// On SIGTERM/SIGINT, how long in-flight transactions may take to finish, in seconds.
     pub shutdown_grace_s: u64,
+    /// PEM certificate chain for TLS. Empty (with `tls_key` empty): a self-signed certificate
+    /// for `hostname` is generated at start.
+    pub tls_cert: PathBuf,
+    /// PEM private key for `tls_cert`.
+    pub tls_key: PathBuf,
+    /// A second address where every connection starts with TLS (implicit TLS, as on port 465).
+    /// Empty: none.
+    pub implicit_tls_listen: String,
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -162,6 +171,9 @@ impl Default for ServerSection {
             data_timeout_s: 300,
             connections_max: 10_000,
             shutdown_grace_s: 30,
+            tls_cert: PathBuf::new(),
+            tls_key: PathBuf::new(),
+            implicit_tls_listen: String::new(),
         }
     }
 }
@@ -288,6 +300,10 @@ pub struct Settings {
     pub relay_networks: Vec<Network>,
     pub routes: Vec<Route>,
     pub shard_count: usize,
+    /// The implicit-TLS listen address, when configured.
+    pub implicit_tls_listen: Option<SocketAddr>,
+    /// TLS server configuration (configured or self-signed certificate).
+    pub tls: Arc<rustls::ServerConfig>,
 }
 
 impl Config {
@@ -361,6 +377,39 @@ impl Config {
             0 => shards::runtime::online_cpus(),
             n => n,
         };
+        let implicit_tls_listen = match self.server.implicit_tls_listen.trim() {
+            "" => None,
+            text => Some(text.parse::<SocketAddr>().map_err(|_| {
+                invalid(
+                    "server.implicit_tls_listen",
+                    format!("`{text}` is not an address:port"),
+                )
+            })?),
+        };
+        let identity = match (
+            self.server.tls_cert.as_os_str().is_empty(),
+            self.server.tls_key.as_os_str().is_empty(),
+        ) {
+            (true, true) => crate::tls::self_signed(&hostname),
+            (false, false) => {
+                crate::tls::load_identity(&self.server.tls_cert, &self.server.tls_key)
+            }
+            (false, true) => {
+                return Err(invalid(
+                    "server.tls_key",
+                    "set it together with server.tls_cert",
+                ))
+            }
+            (true, false) => {
+                return Err(invalid(
+                    "server.tls_cert",
+                    "set it together with server.tls_key",
+                ))
+            }
+        };
+        let tls = identity
+            .and_then(crate::tls::server_config)
+            .map_err(|e| invalid("server.tls_cert", e.to_string()))?;
         Ok(Settings {
             config: self,
             hostname,
@@ -368,6 +417,8 @@ impl Config {
             relay_networks,
             routes,
             shard_count,
+            implicit_tls_listen,
+            tls,
         })
     }
 

@@ -62,6 +62,9 @@ pub struct Event<'a> {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub next_attempt_ms: Option<u64>,
     pub size: usize,
+    /// Reception over TLS: protocol version and cipher suite.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tls: Option<&'a str>,
 }
 
 pub struct EventLog {
@@ -199,6 +202,7 @@ mod tests {
             received_ms: 0,
             next_attempt_ms: None,
             size: 10,
+            tls: None,
         }
     }
 

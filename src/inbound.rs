@@ -6,6 +6,7 @@
 //! batch (PIPELINING), and when a message is complete hands it to `ShardCtx::accept_message`,
 //! which answers only once every part is durable on its owning shard.
 
+use std::cell::Cell;
 use std::io::ErrorKind;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::rc::Rc;
@@ -17,6 +18,7 @@ use glommio::net::{TcpListener, TcpStream};
 use crate::shard::ShardCtx;
 use crate::smtp::reply::Reply;
 use crate::smtp::server::{ServerConfig, Session, Step};
+use crate::tls::TlsLayer;
 
 /// Bytes read from a client at a time. 64 KiB takes a 100 KiB message in two reads and a
 /// pipelined batch of small ones in one.
@@ -30,13 +32,14 @@ const KNOCKS_MAX: usize = 200;
 
 const TOO_MANY_CONNECTIONS: &[u8] = b"421 4.7.0 Too many connections, try again later\r\n";
 
-pub fn listen(ctx: &ShardCtx) -> std::io::Result<TcpListener> {
-    let addr = ctx.settings.config.server.listen;
+pub fn listen(addr: SocketAddr) -> std::io::Result<TcpListener> {
     TcpListener::bind(addr)
         .map_err(|e| std::io::Error::other(format!("cannot listen on {addr}: {e}")))
 }
 
-pub async fn accept_loop(ctx: Rc<ShardCtx>, listener: TcpListener) {
+/// Accept on `listener` until shutdown. `implicit_tls`: every connection starts with a TLS
+/// handshake (port 465 style) before the SMTP greeting.
+pub async fn accept_loop(ctx: Rc<ShardCtx>, listener: TcpListener, implicit_tls: bool) {
     let server_cfg = Rc::new(ServerConfig {
         hostname: ctx.settings.hostname.clone(),
         size_max: ctx.settings.config.server.size_max,
@@ -44,7 +47,12 @@ pub async fn accept_loop(ctx: Rc<ShardCtx>, listener: TcpListener) {
         errors_max: ctx.settings.config.server.errors_max,
         ..ServerConfig::default()
     });
-    let waker = glommio::spawn_local(wake_on_shutdown(ctx.clone(), listener.local_addr().ok()));
+    let stopped = Rc::new(Cell::new(false));
+    let waker = glommio::spawn_local(wake_on_shutdown(
+        ctx.clone(),
+        listener.local_addr().ok(),
+        stopped.clone(),
+    ));
     loop {
         let accepted = listener.accept().await;
         if ctx.shutting_down() {
@@ -71,7 +79,7 @@ pub async fn accept_loop(ctx: Rc<ShardCtx>, listener: TcpListener) {
         let session_ctx = ctx.clone();
         let cfg = server_cfg.clone();
         glommio::spawn_local(async move {
-            if let Err(e) = session(&session_ctx, cfg, stream).await {
+            if let Err(e) = session(&session_ctx, cfg, stream, implicit_tls).await {
                 if e.kind() != ErrorKind::ConnectionReset && e.kind() != ErrorKind::BrokenPipe {
                     eprintln!("shard {}: session error: {e}", session_ctx.id);
                 }
@@ -80,14 +88,14 @@ pub async fn accept_loop(ctx: Rc<ShardCtx>, listener: TcpListener) {
         })
         .detach();
     }
-    ctx.accepting_stopped.set(true);
+    stopped.set(true);
     drop(listener);
     waker.await;
 }
 
 /// An accept can't be cancelled safely once io_uring has it, so shutdown wakes the accept loop
 /// by connecting to our own address; the loop then sees the flag and ends.
-async fn wake_on_shutdown(ctx: Rc<ShardCtx>, addr: Option<SocketAddr>) {
+async fn wake_on_shutdown(ctx: Rc<ShardCtx>, addr: Option<SocketAddr>, stopped: Rc<Cell<bool>>) {
     while !ctx.shutting_down() {
         glommio::timer::sleep(Duration::from_millis(50)).await;
     }
@@ -101,7 +109,7 @@ async fn wake_on_shutdown(ctx: Rc<ShardCtx>, addr: Option<SocketAddr>) {
     // A knock lands on any shard's listener (the kernel picks); keep knocking until ours has
     // stopped. Bounded, so a wedged listener cannot hold shutdown forever.
     for _ in 0..KNOCKS_MAX {
-        if ctx.accepting_stopped.get() {
+        if stopped.get() {
             return;
         }
         if let Ok(s) = TcpStream::connect_timeout(addr, Duration::from_millis(100)).await {
@@ -111,10 +119,60 @@ async fn wake_on_shutdown(ctx: Rc<ShardCtx>, addr: Option<SocketAddr>) {
     }
 }
 
+/// The bytes between a session and its socket: plain, or through TLS.
+struct Transport {
+    stream: TcpStream,
+    tls: Option<TlsLayer>,
+    /// Ciphertext to send (TLS only).
+    wire: Vec<u8>,
+    /// Plaintext decrypted from the last read (TLS only).
+    plain: Vec<u8>,
+}
+
+impl Transport {
+    async fn write(&mut self, out: &[u8]) -> std::io::Result<()> {
+        match &mut self.tls {
+            None => self.stream.write_all(out).await,
+            Some(tls) => {
+                self.wire.clear();
+                tls.send(out, &mut self.wire)
+                    .map_err(std::io::Error::other)?;
+                self.stream.write_all(&self.wire).await
+            }
+        }
+    }
+
+    /// Read from the socket and hand the plaintext to `session`. Returns the bytes read from
+    /// the socket (0: the client closed).
+    async fn read_into(&mut self, buf: &mut [u8], session: &mut Session) -> std::io::Result<usize> {
+        let n = self.stream.read(buf).await?;
+        match &mut self.tls {
+            None => session.input(&buf[..n]),
+            Some(tls) => {
+                self.plain.clear();
+                self.wire.clear();
+                let received = tls.receive(&buf[..n], &mut self.plain, &mut self.wire);
+                if !self.wire.is_empty() {
+                    self.stream.write_all(&self.wire).await?;
+                }
+                received.map_err(std::io::Error::other)?;
+                session.input(&self.plain);
+            }
+        }
+        Ok(n)
+    }
+
+    fn tls_info(&self) -> Option<String> {
+        let info = self.tls.as_ref()?.info()?;
+        Some(format!("{} {}", info.version, info.cipher))
+    }
+}
+
 async fn session(
     ctx: &Rc<ShardCtx>,
     cfg: Rc<ServerConfig>,
-    mut stream: TcpStream,
+    stream: TcpStream,
+    implicit_tls: bool,
 ) -> std::io::Result<()> {
     let server = &ctx.settings.config.server;
     let peer = stream.peer_addr()?;
@@ -126,6 +184,17 @@ async fn session(
     let peer_text = peer.to_string();
     let _ = stream.set_nodelay(true);
     stream.set_read_timeout(Some(Duration::from_millis(READ_SLICE_MS)))?;
+    let tls = if implicit_tls {
+        Some(TlsLayer::new(ctx.settings.tls.clone()).map_err(std::io::Error::other)?)
+    } else {
+        None
+    };
+    let mut io = Transport {
+        stream,
+        tls,
+        wire: Vec::new(),
+        plain: Vec::new(),
+    };
     let mut session = Session::new(cfg, relay_allowed);
     let mut out = Vec::with_capacity(4096);
     let mut buf = vec![0u8; READ_BUF_BYTES];
@@ -135,20 +204,17 @@ async fn session(
         match session.poll(&mut out) {
             Step::NeedInput => {
                 if !out.is_empty() {
-                    stream.write_all(&out).await?;
+                    io.write(&out).await?;
                     out.clear();
                 }
                 if ctx.shutting_down() && !session.in_data() {
                     session.shutdown(&mut out);
-                    stream.write_all(&out).await?;
+                    io.write(&out).await?;
                     break;
                 }
-                match stream.read(&mut buf).await {
+                match io.read_into(&mut buf, &mut session).await {
                     Ok(0) => break,
-                    Ok(n) => {
-                        waited_ms = 0;
-                        session.input(&buf[..n]);
-                    }
+                    Ok(_) => waited_ms = 0,
                     Err(e) if e.kind() == ErrorKind::TimedOut => {
                         waited_ms += READ_SLICE_MS;
                         let limit_s = if session.in_data() {
@@ -158,7 +224,7 @@ async fn session(
                         };
                         if waited_ms >= limit_s * 1000 {
                             session.timeout(&mut out);
-                            stream.write_all(&out).await?;
+                            io.write(&out).await?;
                             break;
                         }
                     }
@@ -167,7 +233,13 @@ async fn session(
             }
             Step::Message(tx) => {
                 let result = ctx
-                    .accept_message(tx.mail_from, tx.rcpts, tx.body, peer_text.clone())
+                    .accept_message(
+                        tx.mail_from,
+                        tx.rcpts,
+                        tx.body,
+                        peer_text.clone(),
+                        io.tls_info(),
+                    )
                     .await;
                 match result {
                     Ok(id) => session.message_done(Ok(&id), &mut out),
@@ -180,12 +252,12 @@ async fn session(
             }
             Step::Close => {
                 if !out.is_empty() {
-                    stream.write_all(&out).await?;
+                    io.write(&out).await?;
                 }
                 break;
             }
         }
     }
-    let _ = stream.close().await;
+    let _ = io.stream.close().await;
     Ok(())
 }

@@ -42,6 +42,8 @@ pub struct Submission {
     pub body: Arc<Vec<u8>>,
     pub peer: String,
     pub received_ms: u64,
+    /// TLS version and cipher of the client's session, for the log.
+    pub tls: Option<String>,
 }
 
 pub enum ShardMsg {
@@ -91,8 +93,6 @@ pub struct ShardCtx {
     pub sessions: Cell<usize>,
     /// Delivery connections running on this shard.
     pub deliveries: Cell<usize>,
-    /// The accept loop has ended (shutdown).
-    pub accepting_stopped: Cell<bool>,
 }
 
 impl ShardCtx {
@@ -114,6 +114,7 @@ impl ShardCtx {
         rcpts: Vec<String>,
         body: Vec<u8>,
         peer: String,
+        tls: Option<String>,
     ) -> Result<String, String> {
         let received_ms = now_ms();
         let reception_id = self.reception_id(received_ms);
@@ -137,6 +138,7 @@ impl ShardCtx {
                 body: Arc::new(body),
                 peer,
                 received_ms,
+                tls,
             };
             return self.spool_part(sub).await.map(|_| reception_id);
         }
@@ -152,6 +154,7 @@ impl ShardCtx {
                 body: body.clone(),
                 peer: peer.clone(),
                 received_ms,
+                tls: tls.clone(),
             };
             let ctx = self.clone();
             tasks.push(glommio::spawn_local(async move {
@@ -243,6 +246,7 @@ impl ShardCtx {
             received_ms: sub.received_ms,
             next_attempt_ms: None,
             size,
+            tls: sub.tls.as_deref(),
         });
         let meta = MessageMeta {
             id,
@@ -445,6 +449,7 @@ impl ShardCtx {
                     received_ms: meta.received_ms,
                     next_attempt_ms: next,
                     size: meta.size,
+                    tls: None,
                 });
                 match next {
                     Some(at) => retry.push((at, *r)),
@@ -552,7 +557,6 @@ pub async fn run(
         work: Notify::new(),
         sessions: Cell::new(0),
         deliveries: Cell::new(0),
-        accepting_stopped: Cell::new(false),
     });
 
     // Requeue what recovery found.
@@ -627,15 +631,27 @@ pub async fn run(
     }
 
     let scheduler = glommio::spawn_local(ctx.clone().run_scheduler());
-    let listener = crate::inbound::listen(&ctx).map_err(|e| format!("shard {}: {e}", ctx.id))?;
+    let mut acceptors = Vec::new();
+    let mut listeners = vec![(cfg.server.listen, false)];
+    listeners.extend(settings.implicit_tls_listen.map(|addr| (addr, true)));
+    for (addr, implicit_tls) in listeners {
+        let listener =
+            crate::inbound::listen(addr).map_err(|e| format!("shard {}: {e}", ctx.id))?;
+        acceptors.push(glommio::spawn_local(crate::inbound::accept_loop(
+            ctx.clone(),
+            listener,
+            implicit_tls,
+        )));
+    }
     shared.listening.fetch_add(1, Ordering::SeqCst);
-    let acceptor = glommio::spawn_local(crate::inbound::accept_loop(ctx.clone(), listener));
 
     // Wait for SIGTERM/SIGINT (set by main), then shut down in order.
     while !ctx.shutting_down() {
         glommio::timer::sleep(Duration::from_millis(TICK_MS)).await;
     }
-    acceptor.await;
+    for acceptor in acceptors {
+        acceptor.await;
+    }
     ctx.work.notify_all();
     let grace = Duration::from_secs(cfg.server.shutdown_grace_s);
     let deadline = std::time::Instant::now() + grace;

@@ -1,0 +1,103 @@
+//! TLS on the inbound side, against a real client: Python's smtplib over implicit TLS.
+
+mod common;
+
+use std::process::Command;
+
+use common::*;
+
+/// Send one message with Python's smtplib over implicit TLS (certificate not verified, as a
+/// sender on the internet would not for a self-signed one). Returns smtplib's exit status and
+/// output.
+fn smtplib_ssl(port: u16, id: &str) -> (bool, String) {
+    let script = format!(
+        r#"
+import smtplib, ssl
+ctx = ssl.create_default_context()
+ctx.check_hostname = False
+ctx.verify_mode = ssl.CERT_NONE
+with smtplib.SMTP_SSL("127.0.0.1", {port}, context=ctx, timeout=10) as s:
+    code, _ = s.ehlo("client.test")
+    assert code == 250, code
+    s.sendmail("a@x.test", ["b@d1.test", "c@d1.test"], "X-Loadgen-Id: {id}\r\nSubject: tls\r\n\r\nover TLS\r\n")
+    print("cipher", s.sock.cipher()[0], s.sock.version())
+"#
+    );
+    let out = Command::new("python3")
+        .args(["-c", &script])
+        .output()
+        .expect("run python3");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.success(), text)
+}
+
+#[test]
+fn implicit_tls_listener_accepts_mail_and_logs_the_cipher() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let sink = Sink::start(dir.path(), &[]);
+    let tls_port = dead_port();
+    let epoxi = Epoxi::start(&Opts::new(dir.path()).shards(2).route(sink.port).set(
+        "server",
+        "implicit_tls_listen",
+        &format!("\"127.0.0.1:{tls_port}\""),
+    ));
+
+    let (ok, out) = smtplib_ssl(tls_port, "tls-1");
+    assert!(ok, "smtplib over TLS failed:\n{out}");
+    assert!(out.contains("TLSv1."), "{out}");
+
+    // A client that speaks plaintext to the TLS port gets nowhere, and the server goes on.
+    let mut plain = std::net::TcpStream::connect(("127.0.0.1", tls_port)).expect("connect");
+    use std::io::{Read, Write};
+    plain
+        .set_read_timeout(Some(std::time::Duration::from_secs(5)))
+        .expect("timeout");
+    plain.write_all(b"EHLO plaintext.test\r\n").expect("write");
+    let mut buf = [0u8; 256];
+    let n = plain.read(&mut buf).unwrap_or(0);
+    assert!(
+        !buf[..n].starts_with(b"250"),
+        "no SMTP without TLS on the TLS port"
+    );
+    drop(plain);
+
+    let (ok, out) = smtplib_ssl(tls_port, "tls-2");
+    assert!(ok, "second TLS client:\n{out}");
+    // The plaintext listener is unaffected.
+    let mut smtp = Smtp::connect(epoxi.port);
+    assert_eq!(smtp.reply().code, 220);
+    smtp.expect("QUIT", 221);
+
+    let receptions = epoxi.wait_events("Reception", 2);
+    for r in &receptions {
+        let tls = r["tls"].as_str().unwrap_or_default();
+        assert!(
+            tls.starts_with("TLSv1_"),
+            "Reception records TLS details: {r}"
+        );
+    }
+    epoxi.wait_events("Delivery", 4);
+    let mut epoxi = epoxi;
+    epoxi.stop();
+    let report = sink.stop();
+    let ids: std::collections::BTreeSet<&str> = report.ids.iter().map(String::as_str).collect();
+    assert!(
+        ids.contains("tls-1") && ids.contains("tls-2"),
+        "{:?}",
+        report.ids
+    );
+    // Both recipients share a domain: one transaction per message, so no id arrives twice.
+    assert_eq!(report.count("duplicates"), 0);
+}
+
+#[test]
+fn tls_key_without_certificate_is_refused() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let opts = Opts::new(dir.path()).set("server", "tls_key", "\"/nonexistent/key.pem\"");
+    let ran = Epoxi::try_start(&opts).err().expect("refused");
+    assert!(ran.stderr.contains("server.tls_cert"), "{}", ran.stderr);
+}
