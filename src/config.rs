@@ -121,6 +121,10 @@ pub struct DeliverySection {
     pub reply_timeout_ms: u64,
     /// Keep an idle connection open this long for more mail to the same destination.
     pub idle_timeout_ms: u64,
+    /// STARTTLS policy for routes that do not set their own: opportunistic, required, disabled.
+    pub starttls: String,
+    /// CA bundle (PEM) that certificates must chain to when TLS is required.
+    pub tls_ca_file: PathBuf,
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -156,6 +160,9 @@ pub struct RouteEntry {
     pub domain: String,
     /// `HOST:PORT` to deliver to.
     pub target: String,
+    /// STARTTLS policy for this route; `delivery.starttls` when absent.
+    #[serde(default)]
+    pub tls: Option<String>,
 }
 
 impl Default for ServerSection {
@@ -210,6 +217,8 @@ impl Default for DeliverySection {
             connect_timeout_ms: 30_000,
             reply_timeout_ms: 300_000,
             idle_timeout_ms: 5_000,
+            starttls: "opportunistic".into(),
+            tls_ca_file: PathBuf::from("/etc/ssl/certs/ca-certificates.crt"),
         }
     }
 }
@@ -304,6 +313,9 @@ pub struct Settings {
     pub implicit_tls_listen: Option<SocketAddr>,
     /// TLS server configuration (configured or self-signed certificate).
     pub tls: Arc<rustls::ServerConfig>,
+    /// Outbound TLS: unverified (opportunistic) and verified (required, when a route needs it).
+    pub tls_client_unverified: Arc<rustls::ClientConfig>,
+    pub tls_client_verified: Option<Arc<rustls::ClientConfig>>,
 }
 
 impl Config {
@@ -340,14 +352,23 @@ impl Config {
         if let Some(shards) = overrides.shards {
             self.shards.count = shards;
         }
+        let starttls = crate::route::parse_tls_policy(&self.delivery.starttls)
+            .map_err(|e| invalid("delivery.starttls", e.to_string()))?;
         let mut routes = Vec::new();
         for text in &overrides.routes {
-            routes.push(Route::parse_flag(text).map_err(|e| route_error("--route", e))?);
+            let route = Route::parse_flag(text).map_err(|e| route_error("--route", e))?;
+            routes.push(route.with_tls(starttls));
         }
         for entry in &self.route {
-            routes.push(
-                Route::new(&entry.domain, &entry.target).map_err(|e| route_error("route", e))?,
-            );
+            let route =
+                Route::new(&entry.domain, &entry.target).map_err(|e| route_error("route", e))?;
+            let tls = match &entry.tls {
+                Some(text) => {
+                    crate::route::parse_tls_policy(text).map_err(|e| route_error("route.tls", e))?
+                }
+                None => starttls,
+            };
+            routes.push(route.with_tls(tls));
         }
         self.validate()?;
         let relay_networks = self
@@ -410,6 +431,19 @@ impl Config {
         let tls = identity
             .and_then(crate::tls::server_config)
             .map_err(|e| invalid("server.tls_cert", e.to_string()))?;
+        let tls_client_unverified = crate::tls::client_config_unverified()
+            .map_err(|e| invalid("delivery.starttls", e.to_string()))?;
+        // Load the CA bundle only when some route requires verified TLS.
+        let required = crate::smtp::client::TlsPolicy::Required;
+        let tls_client_verified = if routes.iter().any(|r| r.tls() == required) {
+            let ca = &self.delivery.tls_ca_file;
+            Some(
+                crate::tls::client_config_verified(ca)
+                    .map_err(|e| invalid("delivery.tls_ca_file", e.to_string()))?,
+            )
+        } else {
+            None
+        };
         Ok(Settings {
             config: self,
             hostname,
@@ -419,6 +453,8 @@ impl Config {
             shard_count,
             implicit_tls_listen,
             tls,
+            tls_client_unverified,
+            tls_client_verified,
         })
     }
 

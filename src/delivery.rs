@@ -11,8 +11,9 @@
 //! still has the message and recovery queues it again.
 
 use std::collections::VecDeque;
-use std::io::ErrorKind;
+use std::io::{ErrorKind, Read, Write};
 use std::rc::Rc;
+use std::sync::Arc;
 use std::time::Duration;
 
 use futures_lite::{AsyncReadExt, AsyncWriteExt};
@@ -21,7 +22,7 @@ use glommio::net::TcpStream;
 use crate::queue::Job;
 use crate::route::Destination;
 use crate::shard::{RcptResult, ShardCtx};
-use crate::smtp::client::{Client, ClientConfig, ClientStep, TransactionOutcome};
+use crate::smtp::client::{Client, ClientConfig, ClientStep, TlsPolicy, TransactionOutcome};
 
 /// Bytes read from the socket at a time. Replies are short; 16 KiB holds hundreds of them.
 const READ_BUF_BYTES: usize = 16 << 10;
@@ -72,14 +73,28 @@ struct Conn {
     client: Client,
     buf: Vec<u8>,
     out: Vec<u8>,
+    /// TLS after STARTTLS; `wire` holds ciphertext on its way to the socket.
+    tls: Option<rustls::ClientConnection>,
+    wire: Vec<u8>,
 }
 
 impl Conn {
     async fn flush(&mut self) -> std::io::Result<()> {
-        if !self.out.is_empty() {
-            self.stream.write_all(&self.out).await?;
-            self.out.clear();
+        if self.out.is_empty() {
+            return Ok(());
         }
+        match &mut self.tls {
+            None => self.stream.write_all(&self.out).await?,
+            Some(tls) => {
+                tls.writer().write_all(&self.out)?;
+                self.wire.clear();
+                while tls.wants_write() {
+                    tls.write_tls(&mut self.wire)?;
+                }
+                self.stream.write_all(&self.wire).await?;
+            }
+        }
+        self.out.clear();
         Ok(())
     }
 
@@ -88,17 +103,86 @@ impl Conn {
         self.flush()
             .await
             .map_err(|e| format!("write failed: {e}"))?;
+        let n = self.read_socket().await?;
+        match &mut self.tls {
+            None => self.client.input(&self.buf[..n]),
+            Some(tls) => {
+                let mut rd = &self.buf[..n];
+                while !rd.is_empty() {
+                    tls.read_tls(&mut rd)
+                        .map_err(|e| format!("TLS read failed: {e}"))?;
+                    tls.process_new_packets()
+                        .map_err(|e| format!("TLS error: {e}"))?;
+                }
+                let mut plain = [0u8; 4096];
+                loop {
+                    match tls.reader().read(&mut plain) {
+                        Ok(0) => break,
+                        Ok(m) => self.client.input(&plain[..m]),
+                        Err(e) if e.kind() == ErrorKind::WouldBlock => break,
+                        Err(e) => return Err(format!("TLS error: {e}")),
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    async fn read_socket(&mut self) -> Result<usize, String> {
         match self.stream.read(&mut self.buf).await {
             Ok(0) => Err("connection closed by the remote server".into()),
-            Ok(n) => {
-                self.client.input(&self.buf[..n]);
-                Ok(())
-            }
+            Ok(n) => Ok(n),
             Err(e) if e.kind() == ErrorKind::TimedOut => {
                 Err("timed out waiting for a reply".into())
             }
             Err(e) => Err(format!("read failed: {e}")),
         }
+    }
+
+    /// Run the TLS handshake after the server accepted STARTTLS.
+    async fn start_tls(
+        &mut self,
+        config: Arc<rustls::ClientConfig>,
+        host: &str,
+    ) -> Result<(), String> {
+        self.flush()
+            .await
+            .map_err(|e| format!("write failed: {e}"))?;
+        let name = rustls::pki_types::ServerName::try_from(host.to_owned())
+            .map_err(|e| format!("bad TLS server name `{host}`: {e}"))?;
+        let mut tls =
+            rustls::ClientConnection::new(config, name).map_err(|e| format!("TLS: {e}"))?;
+        loop {
+            self.wire.clear();
+            while tls.wants_write() {
+                tls.write_tls(&mut self.wire)
+                    .map_err(|e| format!("TLS: {e}"))?;
+            }
+            if !self.wire.is_empty() {
+                self.stream
+                    .write_all(&self.wire)
+                    .await
+                    .map_err(|e| format!("write failed: {e}"))?;
+            }
+            if !tls.is_handshaking() {
+                break;
+            }
+            let n = self.read_socket().await?;
+            let mut rd = &self.buf[..n];
+            while !rd.is_empty() {
+                tls.read_tls(&mut rd)
+                    .map_err(|e| format!("TLS read failed: {e}"))?;
+                if let Err(e) = tls.process_new_packets() {
+                    // Send our alert before giving up, so the server logs why.
+                    self.wire.clear();
+                    let _ = tls.write_tls(&mut self.wire);
+                    let _ = self.stream.write_all(&self.wire).await;
+                    return Err(format!("TLS handshake with {host} failed: {e}"));
+                }
+            }
+        }
+        self.tls = Some(tls);
+        Ok(())
     }
 
     async fn quit(mut self) {
@@ -121,12 +205,15 @@ async fn serve(ctx: &Rc<ShardCtx>, dest: &Destination) -> Result<(), ConnError> 
     let client = Client::new(ClientConfig {
         helo_name: ctx.settings.helo_name.clone(),
         line_len_max: REPLY_LINE_LEN_MAX,
+        starttls: dest.tls,
     });
     let mut conn = Conn {
         stream,
         client,
         buf: vec![0u8; READ_BUF_BYTES],
         out: Vec::with_capacity(4096),
+        tls: None,
+        wire: Vec::new(),
     };
 
     // Greeting and EHLO.
@@ -134,6 +221,19 @@ async fn serve(ctx: &Rc<ShardCtx>, dest: &Destination) -> Result<(), ConnError> 
         match conn.client.poll(&mut conn.out) {
             ClientStep::Ready => break,
             ClientStep::NeedInput => conn.exchange().await.map_err(ConnError::Unreachable)?,
+            ClientStep::StartTls => {
+                let config = match dest.tls {
+                    TlsPolicy::Required => ctx.settings.tls_client_verified.clone(),
+                    _ => Some(ctx.settings.tls_client_unverified.clone()),
+                };
+                let config = config.ok_or_else(|| {
+                    ConnError::Unreachable("TLS required but no CA bundle loaded".into())
+                })?;
+                conn.start_tls(config, &dest.host)
+                    .await
+                    .map_err(ConnError::Unreachable)?;
+                conn.client.tls_started(&mut conn.out);
+            }
             ClientStep::Failed(reply) => {
                 return Err(ConnError::Unreachable(format!(
                     "{dest} refused the session: {}",
@@ -223,7 +323,7 @@ async fn serve(ctx: &Rc<ShardCtx>, dest: &Destination) -> Result<(), ConnError> 
                 let why = format!("session failed: {}", reply.to_string().trim_end());
                 return broken(ctx, conn, inflight, &why, dest).await;
             }
-            ClientStep::Ready | ClientStep::Closed => {
+            ClientStep::Ready | ClientStep::Closed | ClientStep::StartTls => {
                 let why = "server ended the transaction unexpectedly";
                 return broken(ctx, conn, inflight, why, dest).await;
             }

@@ -6,6 +6,8 @@
 use std::fmt;
 use std::net::{SocketAddr, ToSocketAddrs};
 
+use crate::smtp::client::TlsPolicy;
+
 #[derive(Debug, thiserror::Error, PartialEq)]
 pub enum RouteError {
     #[error("`{0}` is not GLOB=HOST:PORT")]
@@ -14,12 +16,17 @@ pub enum RouteError {
     Glob(String),
     #[error("cannot resolve target `{0}` to HOST:PORT")]
     Target(String),
+    #[error("unknown TLS policy `{0}` (opportunistic, required or disabled)")]
+    Tls(String),
 }
 
-/// Where mail for a domain goes. Its text form is the queue key.
-#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+/// Where mail for a domain goes, and how. The queue keys on it.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct Destination {
     pub addr: SocketAddr,
+    /// The host as configured: the TLS server name when TLS is required.
+    pub host: String,
+    pub tls: TlsPolicy,
 }
 
 impl fmt::Display for Destination {
@@ -49,20 +56,47 @@ impl Route {
             return Err(RouteError::Glob(glob));
         }
         // Targets resolve once, at start: a route is configuration, not a lookup per message.
+        let target = target.trim();
         let addr = target
-            .trim()
             .to_socket_addrs()
             .ok()
             .and_then(|mut addrs| addrs.next())
             .ok_or_else(|| RouteError::Target(target.to_owned()))?;
+        let host = target
+            .rsplit_once(':')
+            .map_or(target, |(h, _)| h)
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .to_owned();
+        let tls = TlsPolicy::default();
         Ok(Route {
             glob,
-            dest: Destination { addr },
+            dest: Destination { addr, host, tls },
         })
+    }
+
+    /// The same route with its own STARTTLS policy.
+    pub fn with_tls(mut self, tls: TlsPolicy) -> Route {
+        self.dest.tls = tls;
+        self
+    }
+
+    pub fn tls(&self) -> TlsPolicy {
+        self.dest.tls
     }
 
     pub fn matches(&self, domain: &str) -> bool {
         glob_match(self.glob.as_bytes(), domain.to_ascii_lowercase().as_bytes())
+    }
+}
+
+/// `opportunistic`, `required` or `disabled`.
+pub fn parse_tls_policy(text: &str) -> Result<TlsPolicy, RouteError> {
+    match text.trim().to_ascii_lowercase().as_str() {
+        "opportunistic" => Ok(TlsPolicy::Opportunistic),
+        "required" => Ok(TlsPolicy::Required),
+        "disabled" => Ok(TlsPolicy::Disabled),
+        _ => Err(RouteError::Tls(text.to_owned())),
     }
 }
 
@@ -150,5 +184,14 @@ mod tests {
             Route::parse_flag("*.test=nohostport"),
             Err(RouteError::Target(_))
         ));
+        assert_eq!(parse_tls_policy("Required"), Ok(TlsPolicy::Required));
+        assert!(matches!(parse_tls_policy("maybe"), Err(RouteError::Tls(_))));
+        let r = Route::new("*", "localhost:25")
+            .expect("route")
+            .with_tls(TlsPolicy::Disabled);
+        assert_eq!(
+            (r.dest.host.as_str(), r.tls()),
+            ("localhost", TlsPolicy::Disabled)
+        );
     }
 }

@@ -188,6 +188,8 @@ mod tests {
         let mut q = Queue::default();
         let d: Target = Some(Destination {
             addr: "127.0.0.1:25".parse().expect("addr"),
+            host: "127.0.0.1".into(),
+            tls: Default::default(),
         });
         q.push_ready(Job {
             message: 1,

@@ -42,6 +42,21 @@ pub struct ClientConfig {
     pub helo_name: String,
     /// Longest reply line accepted, CRLF included.
     pub line_len_max: usize,
+    /// Whether to upgrade to TLS with STARTTLS (RFC 3207).
+    pub starttls: TlsPolicy,
+}
+
+/// STARTTLS policy for a destination.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
+pub enum TlsPolicy {
+    /// Use STARTTLS when offered, go on in plaintext when not (or when it is refused).
+    #[default]
+    Opportunistic,
+    /// Only deliver over TLS: a server that does not offer STARTTLS, or refuses it, fails the
+    /// connection (transiently: the next attempt may find it fixed).
+    Required,
+    /// Never use STARTTLS.
+    Disabled,
 }
 
 impl Default for ClientConfig {
@@ -49,6 +64,7 @@ impl Default for ClientConfig {
         ClientConfig {
             helo_name: "localhost".to_owned(),
             line_len_max: REPLY_LINE_LEN_MAX_DEFAULT,
+            starttls: TlsPolicy::Opportunistic,
         }
     }
 }
@@ -118,6 +134,9 @@ pub enum ClientStep {
     Failed(Reply),
     /// The server answered QUIT; close the connection.
     Closed,
+    /// The server accepted STARTTLS: run the TLS handshake on the socket, then call
+    /// `tls_started` (or drop the connection if the handshake fails).
+    StartTls,
 }
 
 /// Every reply of one transaction.
@@ -149,6 +168,7 @@ enum Expect {
     },
     Rset,
     Quit,
+    StartTls,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -210,6 +230,16 @@ impl Txn {
     }
 }
 
+/// Local reply when TLS is required and the server does not offer it. Transient (4.7.10 is
+/// not defined; 4.7.5 is "cryptographic failure" in RFC 5248's registry): the server may
+/// be fixed by the next attempt.
+const TLS_NOT_OFFERED: reply::Canned = reply::Canned {
+    code: 421,
+    enhanced: Some((4, 7, 5)),
+    text: "TLS required for this destination but STARTTLS is not offered",
+    wire: b"421 4.7.5 TLS required for this destination but STARTTLS is not offered\r\n",
+};
+
 /// A local stand-in for a reply that never came; only reachable through a bug.
 fn no_reply(cmd: &str) -> Reply {
     Reply::new(451, Some((4, 3, 0)), format!("No reply to {cmd}"))
@@ -231,6 +261,8 @@ pub struct Client {
     next: Option<Next>,
     /// A transaction that failed locally (nothing sent), reported by the next `poll`.
     local_outcome: Option<TransactionOutcome>,
+    /// TLS is up (after STARTTLS and the handshake).
+    tls: bool,
 }
 
 /// The transaction queued behind the current one.
@@ -253,7 +285,24 @@ impl Client {
             txn: None,
             next: None,
             local_outcome: None,
+            tls: false,
         }
+    }
+
+    /// The adapter finished the TLS handshake after `ClientStep::StartTls`. RFC 3207 §4.2: the
+    /// client forgets what it knew about the server and says EHLO again.
+    pub fn tls_started(&mut self, out: &mut Vec<u8>) {
+        self.tls = true;
+        self.caps = Capabilities::default();
+        self.buf.clear();
+        self.start = 0;
+        self.write_hello(b"EHLO ", out);
+        self.expect.push_back(Expect::Ehlo);
+    }
+
+    /// Whether the session runs over TLS.
+    pub fn is_tls(&self) -> bool {
+        self.tls
     }
 
     /// Whether `start` may be called now although the previous transaction is not done: the
@@ -477,6 +526,16 @@ impl Client {
             Expect::Ehlo => {
                 if reply.code / 100 == 2 {
                     self.caps = Capabilities::from_ehlo(&reply);
+                    if !self.tls && self.cfg.starttls != TlsPolicy::Disabled {
+                        if self.caps.has("STARTTLS") {
+                            out.extend_from_slice(b"STARTTLS\r\n");
+                            self.expect.push_back(Expect::StartTls);
+                            return None;
+                        }
+                        if self.cfg.starttls == TlsPolicy::Required {
+                            return self.fail(TLS_NOT_OFFERED.to_reply());
+                        }
+                    }
                     self.phase = Phase::Ready;
                     Some(ClientStep::Ready)
                 } else if reply.is_permanent() {
@@ -491,6 +550,9 @@ impl Client {
             Expect::Helo => {
                 if reply.code / 100 != 2 {
                     return self.fail(reply);
+                }
+                if !self.tls && self.cfg.starttls == TlsPolicy::Required {
+                    return self.fail(TLS_NOT_OFFERED.to_reply());
                 }
                 self.caps = Capabilities::default();
                 self.phase = Phase::Ready;
@@ -512,6 +574,17 @@ impl Client {
                     return self.fail(reply);
                 }
                 self.finish()
+            }
+            Expect::StartTls => {
+                if reply.code == 220 {
+                    return Some(ClientStep::StartTls);
+                }
+                if self.cfg.starttls == TlsPolicy::Required {
+                    return self.fail(reply);
+                }
+                // Refused: RFC 3207 lets us go on in plaintext when TLS is only opportunistic.
+                self.phase = Phase::Ready;
+                Some(ClientStep::Ready)
             }
             // Handled above: QUIT is only expected in Phase::Quit.
             Expect::Quit => {
@@ -848,6 +921,62 @@ mod tests {
         let second = done(feed(&mut c, b"").1);
         assert!(second.mail.is_permanent(), "{second:?}");
         assert_eq!(feed(&mut c, b"").1, ClientStep::Ready);
+    }
+
+    fn with_policy(starttls: TlsPolicy) -> Client {
+        Client::new(ClientConfig {
+            helo_name: "me.test".to_owned(),
+            starttls,
+            ..ClientConfig::default()
+        })
+    }
+
+    const EHLO_TLS: &[u8] = b"250-mx.test\r\n250-PIPELINING\r\n250 STARTTLS\r\n";
+
+    #[test]
+    fn starttls_upgrade_then_ehlo_again() {
+        let mut c = with_policy(TlsPolicy::Opportunistic);
+        assert_eq!(feed(&mut c, b"220 mx.test ESMTP\r\n").0, "EHLO me.test\r\n");
+        assert_eq!(feed(&mut c, EHLO_TLS), ("STARTTLS\r\n".to_owned(), ClientStep::NeedInput));
+        assert_eq!(feed(&mut c, b"220 2.0.0 Ready to start TLS\r\n").1, ClientStep::StartTls);
+        assert!(!c.is_tls());
+        let mut out = Vec::new();
+        c.tls_started(&mut out);
+        assert_eq!(out, b"EHLO me.test\r\n");
+        assert!(c.is_tls());
+        assert!(!c.capabilities().pipelining, "forgotten until the new EHLO");
+        let (out, step) = feed(&mut c, b"250-mx.test\r\n250-PIPELINING\r\n250 STARTTLS\r\n");
+        assert_eq!((out.as_str(), step), ("", ClientStep::Ready), "no second STARTTLS");
+        assert!(c.capabilities().pipelining);
+    }
+
+    #[test]
+    fn starttls_policies_when_not_offered_or_refused() {
+        // Not offered: opportunistic goes on, required fails transiently, disabled never asks.
+        let mut c = with_policy(TlsPolicy::Opportunistic);
+        feed(&mut c, b"220 mx\r\n");
+        assert_eq!(feed(&mut c, EHLO_PIPE).1, ClientStep::Ready);
+        let mut c = with_policy(TlsPolicy::Required);
+        feed(&mut c, b"220 mx\r\n");
+        let step = feed(&mut c, EHLO_PIPE).1;
+        assert!(matches!(step, ClientStep::Failed(ref r) if r.code == 421), "{step:?}");
+        let mut c = with_policy(TlsPolicy::Required);
+        feed(&mut c, b"220 mx\r\n");
+        feed(&mut c, b"500 no EHLO\r\n");
+        assert!(matches!(feed(&mut c, b"250 mx\r\n").1, ClientStep::Failed(_)), "HELO has no TLS");
+        let mut c = with_policy(TlsPolicy::Disabled);
+        feed(&mut c, b"220 mx\r\n");
+        assert_eq!(feed(&mut c, EHLO_TLS), (String::new(), ClientStep::Ready));
+        // Refused with 454: opportunistic goes on in plaintext, required fails.
+        let mut c = with_policy(TlsPolicy::Opportunistic);
+        feed(&mut c, b"220 mx\r\n");
+        feed(&mut c, EHLO_TLS);
+        assert_eq!(feed(&mut c, b"454 4.7.0 TLS not available\r\n").1, ClientStep::Ready);
+        let mut c = with_policy(TlsPolicy::Required);
+        feed(&mut c, b"220 mx\r\n");
+        feed(&mut c, EHLO_TLS);
+        let step = feed(&mut c, b"454 4.7.0 TLS not available\r\n").1;
+        assert!(matches!(step, ClientStep::Failed(ref r) if r.code == 454), "{step:?}");
     }
 
     #[test]
@@ -1291,6 +1420,7 @@ mod tests {
                         assert!(c.txn.is_none() && c.expect.is_empty());
                         outcomes += 1;
                     }
+                    ClientStep::StartTls => c.tls_started(&mut out),
                     ClientStep::NeedInput => {}
                 }
             }
