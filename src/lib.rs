@@ -11,7 +11,10 @@
 //! - `eventlog`: one JSON line per message event, a file per shard.
 //! - `config`: the TOML file, command-line overrides and validation.
 //! - `shard`: what one core runs, wiring the above together on top of the `shards` runtime.
+//! - `tls`: rustls configuration and an I/O-free TLS layer for the adapters.
+//! - `auth`: SMTP AUTH users (hashed passwords) and the failed-attempt limiter.
 
+pub mod auth;
 pub mod clock;
 pub mod config;
 pub mod delivery;
@@ -22,5 +25,4 @@ pub mod route;
 pub mod shard;
 pub mod smtp;
 pub mod spool;
-pub mod auth;
 pub mod tls;
