@@ -11,8 +11,13 @@
 //! - Only CRLF starts a new line. A bare LF (or bare CR) is an ordinary body byte and is kept as
 //!   is, so "\n.\r\n" or "\r\n.\n" never end the message. This is deliberately the narrowest
 //!   reading: SMTP smuggling (CVE-2023-51766 and friends) exploits servers that disagree about
-//!   where a message ends, and the strict terminator is the one every peer agrees on. Issue 4
-//!   will decide whether to also reject or normalise bare LFs.
+//!   where a message ends, and the strict terminator is the one every peer agrees on. The
+//!   operator may go further ([`DataReader::reject_bare_lf`]): then a bare LF or bare CR
+//!   anywhere in the text (RFC 5321 2.3.8 forbids both) makes `finish` report `BareLf` or
+//!   `BareCr` after the reader has drained to the end marker, so the session refuses the message
+//!   and stays in step.
+//! - NUL octets are likewise kept unless [`DataReader::reject_nul`] is set (RFC 5321 4.1.1.4
+//!   text is US-ASCII without NUL; some downstream software truncates at a NUL).
 //! - Dot-unstuffing: a line that starts with "." has that dot removed (RFC 5321 4.5.2), unless
 //!   the line is exactly "." (the end marker).
 //! - Size: `size` counts unstuffed body bytes. Past `size_max` the reader stops storing but keeps
@@ -37,6 +42,12 @@ pub enum DataError {
     TooBig { size_max: usize },
     #[error("message has a line longer than {line_len_max} bytes")]
     LineTooLong { line_len_max: usize },
+    #[error("message has a bare LF")]
+    BareLf,
+    #[error("message has a bare CR")]
+    BareCr,
+    #[error("message has a NUL octet")]
+    Nul,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -65,6 +76,10 @@ pub struct DataReader {
     size: usize,
     size_max: usize,
     line_len_max: usize,
+    /// Refuse text with an LF not preceded by CR.
+    reject_bare_lf: bool,
+    /// Refuse text with a NUL octet.
+    reject_nul: bool,
     error: Option<DataError>,
 }
 
@@ -77,8 +92,23 @@ impl DataReader {
             size: 0,
             size_max,
             line_len_max,
+            reject_bare_lf: false,
+            reject_nul: false,
             error: None,
         }
+    }
+
+    /// Refuse (rather than keep) bare line ends: an LF without CR before it, or a CR without LF
+    /// after it (RFC 5321 2.3.8 forbids both); see the module notes.
+    pub fn reject_bare_lf(mut self, on: bool) -> DataReader {
+        self.reject_bare_lf = on;
+        self
+    }
+
+    /// Refuse (rather than keep) NUL octets.
+    pub fn reject_nul(mut self, on: bool) -> DataReader {
+        self.reject_nul = on;
+        self
     }
 
     /// True once the end marker has been consumed.
@@ -137,6 +167,9 @@ impl DataReader {
                         break;
                     }
                     // ".\r" then something else: the dot was stuffing, the CR is body text.
+                    if self.reject_bare_lf {
+                        self.fail(DataError::BareCr);
+                    }
                     self.emit(b"\r", body);
                     self.prev_cr = true;
                     self.state = State::InLine;
@@ -150,6 +183,12 @@ impl DataReader {
                             } else {
                                 self.prev_cr
                             };
+                            if self.reject_bare_lf {
+                                if !crlf {
+                                    self.fail(DataError::BareLf);
+                                }
+                                self.check_bare_cr(&rest[..k]);
+                            }
                             self.emit(&rest[..=k], body);
                             self.line_len += k + 1;
                             self.check_line_len();
@@ -161,6 +200,9 @@ impl DataReader {
                             i += k + 1;
                         }
                         None => {
+                            if self.reject_bare_lf {
+                                self.check_bare_cr(rest);
+                            }
                             self.emit(rest, body);
                             self.line_len += rest.len();
                             self.check_line_len();
@@ -177,6 +219,10 @@ impl DataReader {
     #[inline]
     fn emit(&mut self, bytes: &[u8], body: &mut Vec<u8>) {
         self.size = self.size.saturating_add(bytes.len());
+        if self.reject_nul && bytes.contains(&0) {
+            self.fail(DataError::Nul);
+        }
+        // Once the message is refused, storing more of it is wasted memory.
         if self.error.is_some() {
             return;
         }
@@ -187,6 +233,27 @@ impl DataReader {
             return;
         }
         body.extend_from_slice(bytes);
+    }
+
+    /// Flags a CR not followed by LF in `span`, which is the start of the rest of a line with no
+    /// LF before its end. A CR as the last byte may be the first half of a CRLF, so it is left
+    /// for the next call (`prev_cr`); a CR left over from the previous call was bare if `span`
+    /// goes on (an LF there would have come as an empty span).
+    ///
+    /// Only runs when bare line ends are refused, so the default path scans nothing extra.
+    fn check_bare_cr(&mut self, span: &[u8]) {
+        let inner = span.strip_suffix(b"\r").unwrap_or(span);
+        if (self.prev_cr && !span.is_empty()) || inner.contains(&b'\r') {
+            self.fail(DataError::BareCr);
+        }
+    }
+
+    /// Records the first reason to refuse the message; later ones add nothing for the client.
+    #[inline]
+    fn fail(&mut self, e: DataError) {
+        if self.error.is_none() {
+            self.error = Some(e);
+        }
     }
 
     #[inline]
@@ -368,6 +435,79 @@ mod tests {
         let mut r = DataReader::new(BIG, 10);
         r.feed(b"..aaaaaaa\r\n.\r\n", &mut Vec::new());
         assert_eq!(r.finish(), Err(DataError::LineTooLong { line_len_max: 10 }));
+    }
+
+    fn strict(input: &[u8], lf: bool, nul: bool) -> (Result<(), DataError>, usize, Vec<u8>) {
+        let mut r = DataReader::new(BIG, 1000)
+            .reject_bare_lf(lf)
+            .reject_nul(nul);
+        let mut body = Vec::new();
+        let n = r.feed(input, &mut body);
+        assert!(r.is_done());
+        (r.finish(), n, body)
+    }
+
+    #[test]
+    fn bare_lf_rejected_when_asked_after_draining() {
+        for input in [
+            &b"a\nb\r\n.\r\nNOOP\r\n"[..],
+            b"a\r\n\n\r\n.\r\nNOOP\r\n",
+            b".\nx\r\n.\r\nNOOP\r\n",
+            b"a\r\n.\n\r\n.\r\nNOOP\r\n",
+        ] {
+            let (verdict, n, body) = strict(input, true, false);
+            assert_eq!(verdict, Err(DataError::BareLf), "{input:?}");
+            assert_eq!(&input[n..], b"NOOP\r\n", "{input:?}");
+            // Nothing is stored once the message is refused.
+            assert!(body.len() < n, "{input:?}");
+            // The default keeps them.
+            assert_eq!(strict(input, false, false).0, Ok(()), "{input:?}");
+        }
+        // A CRLF split across calls is not a bare LF.
+        let mut r = DataReader::new(BIG, 1000).reject_bare_lf(true);
+        let mut body = Vec::new();
+        r.feed(b"a\r", &mut body);
+        r.feed(b"\nb\r\n.\r\n", &mut body);
+        assert_eq!(r.finish(), Ok(()));
+        assert_eq!(body, b"a\r\nb\r\n");
+    }
+
+    #[test]
+    fn bare_cr_rejected_when_asked_at_every_split() {
+        for input in [
+            &b"a\rb\r\n.\r\n"[..],
+            b"a\r\r\n.\r\n",
+            b".\rx\r\n.\r\n",
+            b"ab\r\r\r\n.\r\n",
+        ] {
+            for split in 0..=input.len() {
+                let mut r = DataReader::new(BIG, 1000).reject_bare_lf(true);
+                let mut body = Vec::new();
+                let n = r.feed(&input[..split], &mut body) + r.feed(&input[split..], &mut body);
+                assert!(r.is_done(), "{input:?} {split}");
+                assert_eq!(n, input.len());
+                assert_eq!(r.finish(), Err(DataError::BareCr), "{input:?} {split}");
+            }
+            assert_eq!(strict(input, false, false).0, Ok(()), "{input:?}");
+        }
+        // Clean CRLF text split anywhere is fine.
+        let clean = b"ab\r\n\r\n.x\r\n..\r\nc\r\n.\r\n";
+        for split in 0..=clean.len() {
+            let mut r = DataReader::new(BIG, 1000).reject_bare_lf(true);
+            let mut body = Vec::new();
+            r.feed(&clean[..split], &mut body);
+            r.feed(&clean[split..], &mut body);
+            assert_eq!(r.finish(), Ok(()), "{split}");
+        }
+    }
+
+    #[test]
+    fn nul_rejected_when_asked() {
+        let input = b"a\0b\r\n.\r\n";
+        assert_eq!(strict(input, false, true).0, Err(DataError::Nul));
+        let (verdict, n, body) = strict(input, false, false);
+        assert_eq!((verdict, n), (Ok(()), input.len()));
+        assert_eq!(body, b"a\0b\r\n");
     }
 
     fn stuffed(body: &[u8]) -> Vec<u8> {

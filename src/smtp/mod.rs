@@ -14,6 +14,7 @@
 //!   dot-stuffing writer.
 //! - [`server`]: the inbound session state machine.
 //! - [`client`]: the outbound client state machine.
+//! - [`received`]: the `Received:` trace header (RFC 5321 4.4), a pure function of its inputs.
 //!
 //! Invariants shared by everything here:
 //! - No I/O and no clock. Time enters only as an explicit call (`Session::timeout`).
@@ -27,14 +28,19 @@
 pub mod client;
 pub mod data;
 pub mod parser;
+pub mod received;
 pub mod reply;
 pub mod server;
 
 pub use client::{Capabilities, Client, ClientConfig, ClientStep, TransactionOutcome};
 pub use data::{DataError, DataReader};
 pub use parser::{parse_command, Command, ParseError, PathError};
+pub use received::{received_header, received_protocol};
 pub use reply::{Canned, Rejection, Reply, ReplyError};
-pub use server::{ServerConfig, Session, SessionStats, Step, Transaction};
+pub use server::{
+    BareLf, DsnEnvelope, NulByte, Orcpt, RcptDsn, ServerConfig, Session, SessionStats, Step,
+    Transaction,
+};
 
 /// Index of the first LF in `hay`.
 ///

@@ -9,7 +9,13 @@
 //!   of LDH labels or an address literal. Addresses are kept exactly as received (case included,
 //!   quotes included); only the source route of an old-style `<@a,@b:x@y>` path is dropped, as
 //!   RFC 5321 4.1.1.3 asks.
-//! - Paths are ASCII for now; a non-ASCII byte is a path error until SMTPUTF8 (RFC 6531) lands.
+//! - Paths in commands may carry UTF-8 (RFC 6531 3.3: UTF8-non-ascii in atext, qtext and
+//!   domain labels); the parser only checks that it is well formed. Whether it is allowed (MAIL
+//!   said SMTPUTF8) is the session's decision, because it depends on the transaction. Bare
+//!   mailboxes the client writes ([`parse_mailbox`]) stay ASCII: we never negotiate SMTPUTF8
+//!   outbound yet.
+//! - DSN parameters (RFC 3461) are validated here, xtext included, and kept in their raw xtext
+//!   form; [`xtext_decode`] turns them into text when the session keeps them.
 //! - Lenient where real clients deviate harmlessly: verbs and parameter keywords are
 //!   case-insensitive, spaces after `FROM:`/`TO:` and trailing spaces are accepted.
 
@@ -31,10 +37,15 @@ pub const LABEL_LEN_MAX: usize = 63;
 /// (SIZE, BODY, RET, ENVID, AUTH, SMTPUTF8, NOTIFY, ORCPT), so 16 is room to spare while bounding
 /// the parameter loop.
 pub const PARAMS_MAX: usize = 16;
-/// Most digits in a SIZE value. 20 digits covers u64::MAX; longer is junk, not a size.
+/// Most digits in a SIZE value or a BDAT chunk size. 20 digits covers u64::MAX; longer is junk,
+/// not a size.
 pub const SIZE_DIGITS_MAX: usize = 20;
+/// RFC 3461 4.4: an ENVID value is at most 100 characters.
+pub const ENVID_LEN_MAX: usize = 100;
+/// RFC 3461 4.2: an ORCPT value (type, ";" and xtext) is at most 500 characters.
+pub const ORCPT_LEN_MAX: usize = 500;
 
-/// One parsed command. Variants are added as extensions land (STARTTLS, AUTH, BDAT).
+/// One parsed command. Variants are added as extensions land (STARTTLS, AUTH).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Command<'a> {
     /// EHLO with the client's claimed name (first word of the argument).
@@ -44,14 +55,20 @@ pub enum Command<'a> {
     /// MAIL FROM; `from` is `None` for the null reverse-path `<>`.
     Mail {
         from: Option<Mailbox<'a>>,
-        params: MailParams,
+        params: MailParams<'a>,
     },
     /// RCPT TO.
     Rcpt {
         to: Mailbox<'a>,
-        params: RcptParams,
+        params: RcptParams<'a>,
     },
     Data,
+    /// BDAT (RFC 3030): `size` octets of message follow the command line, raw; `last` ends the
+    /// message. `size` saturates like SIZE=, so an absurd value is drained, not a syntax error.
+    Bdat {
+        size: usize,
+        last: bool,
+    },
     Rset,
     Noop,
     Quit,
@@ -72,25 +89,66 @@ pub struct Mailbox<'a> {
     pub domain: &'a str,
 }
 
-/// BODY= values (RFC 6152).
+/// BODY= values (RFC 6152, and RFC 3030 for BINARYMIME).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum BodyType {
     SevenBit,
     EightBitMime,
+    /// Only valid with BDAT; the session refuses DATA for it.
+    BinaryMime,
+}
+
+/// RET= (RFC 3461 4.3): how much of the message a failure DSN returns.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ret {
+    Full,
+    Hdrs,
 }
 
 /// Parameters of MAIL FROM that we understand.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct MailParams {
+pub struct MailParams<'a> {
     /// SIZE= (RFC 1870); saturates at `usize::MAX` so an absurd value is "too big", not a syntax
     /// error.
     pub size: Option<usize>,
     pub body: Option<BodyType>,
+    /// The SMTPUTF8 keyword (RFC 6531 3.4).
+    pub smtputf8: bool,
+    /// RET= (RFC 3461 4.3).
+    pub ret: Option<Ret>,
+    /// ENVID= (RFC 3461 4.4), still xtext-encoded but validated.
+    pub envid: Option<&'a str>,
 }
 
-/// Parameters of RCPT TO that we understand: none yet (DSN's NOTIFY and ORCPT come later).
+/// NOTIFY= (RFC 3461 4.1). All three false means NEVER.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
+pub struct Notify {
+    pub success: bool,
+    pub failure: bool,
+    pub delay: bool,
+}
+
+impl Notify {
+    /// NOTIFY=NEVER.
+    pub fn is_never(self) -> bool {
+        !(self.success || self.failure || self.delay)
+    }
+}
+
+/// ORCPT= (RFC 3461 4.2) as received: `addr_type` (e.g. "rfc822") and the xtext after ";",
+/// validated but still encoded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct OrcptParam<'a> {
+    pub addr_type: &'a str,
+    pub xtext: &'a str,
+}
+
+/// Parameters of RCPT TO that we understand (DSN's NOTIFY and ORCPT).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct RcptParams {}
+pub struct RcptParams<'a> {
+    pub notify: Option<Notify>,
+    pub orcpt: Option<OrcptParam<'a>>,
+}
 
 /// Why a command line was refused; each maps to one reply via [`ParseError::rejection`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Error)]
@@ -109,6 +167,8 @@ pub enum ParseError {
     UnknownParameter,
     #[error("bad parameter value")]
     BadParameter,
+    #[error("bad DSN parameter value")]
+    BadDsnParameter,
 }
 
 impl ParseError {
@@ -121,6 +181,7 @@ impl ParseError {
             ParseError::BadSender(_) => Rejection::BadSender,
             ParseError::BadRecipient(_) => Rejection::BadRecipient,
             ParseError::UnknownParameter => Rejection::UnknownParameter,
+            ParseError::BadDsnParameter => Rejection::BadDsnParameter,
         }
     }
 }
@@ -152,6 +213,8 @@ pub enum PathError {
     NullNotAllowed,
     #[error("non-ASCII octet in path")]
     NonAscii,
+    #[error("malformed UTF-8 in path")]
+    BadUtf8,
 }
 
 /// Parses one command line without its CRLF (a trailing CR is tolerated).
@@ -181,6 +244,7 @@ pub fn parse_command(line: &[u8]) -> Result<Command<'_>, ParseError> {
         b"MAIL" => parse_mail(args),
         b"RCPT" => parse_rcpt(args),
         b"DATA" => no_args(args, Command::Data),
+        b"BDAT" => parse_bdat(args),
         b"RSET" => no_args(args, Command::Rset),
         b"QUIT" => no_args(args, Command::Quit),
         // RFC 5321 4.1.1.9: NOOP may carry a string, which is ignored.
@@ -254,6 +318,22 @@ fn strip_keyword<'a>(args: &'a [u8], keyword: &[u8]) -> Option<&'a [u8]> {
     }
 }
 
+/// `BDAT chunk-size [LAST]` (RFC 3030 2).
+fn parse_bdat(args: &[u8]) -> Result<Command<'_>, ParseError> {
+    let mut words = args.split(|&b| b == b' ').filter(|w| !w.is_empty());
+    let size =
+        parse_size(words.next().ok_or(ParseError::Syntax)?).map_err(|_| ParseError::Syntax)?;
+    let last = match words.next() {
+        None => false,
+        Some(w) if w.eq_ignore_ascii_case(b"LAST") => true,
+        Some(_) => return Err(ParseError::Syntax),
+    };
+    if words.next().is_some() {
+        return Err(ParseError::Syntax);
+    }
+    Ok(Command::Bdat { size, last })
+}
+
 fn parse_mail(args: &[u8]) -> Result<Command<'_>, ParseError> {
     let rest = strip_keyword(args, b"FROM:").ok_or(ParseError::Syntax)?;
     let rest = trim_start(rest);
@@ -296,7 +376,7 @@ fn params(s: &[u8]) -> impl Iterator<Item = Result<(&[u8], Option<&[u8]>), Parse
         })
 }
 
-fn mail_params(s: &[u8]) -> Result<MailParams, ParseError> {
+fn mail_params(s: &[u8]) -> Result<MailParams<'_>, ParseError> {
     let mut out = MailParams::default();
     for param in params(s) {
         let (key, value) = param?;
@@ -315,8 +395,70 @@ fn mail_params(s: &[u8]) -> Result<MailParams, ParseError> {
                 BodyType::SevenBit
             } else if value.eq_ignore_ascii_case(b"8BITMIME") {
                 BodyType::EightBitMime
+            } else if value.eq_ignore_ascii_case(b"BINARYMIME") {
+                BodyType::BinaryMime
             } else {
                 return Err(ParseError::BadParameter);
+            });
+        } else if key.eq_ignore_ascii_case(b"SMTPUTF8") {
+            // RFC 6531 3.4: a keyword without a value.
+            if value.is_some() || out.smtputf8 {
+                return Err(ParseError::BadParameter);
+            }
+            out.smtputf8 = true;
+        } else if key.eq_ignore_ascii_case(b"RET") {
+            let value = value.ok_or(ParseError::BadDsnParameter)?;
+            if out.ret.is_some() {
+                return Err(ParseError::BadDsnParameter);
+            }
+            out.ret = Some(if value.eq_ignore_ascii_case(b"FULL") {
+                Ret::Full
+            } else if value.eq_ignore_ascii_case(b"HDRS") {
+                Ret::Hdrs
+            } else {
+                return Err(ParseError::BadDsnParameter);
+            });
+        } else if key.eq_ignore_ascii_case(b"ENVID") {
+            let value = value.ok_or(ParseError::BadDsnParameter)?;
+            if out.envid.is_some() || value.is_empty() || value.len() > ENVID_LEN_MAX {
+                return Err(ParseError::BadDsnParameter);
+            }
+            out.envid = Some(xtext(value)?);
+        } else {
+            return Err(ParseError::UnknownParameter);
+        }
+    }
+    Ok(out)
+}
+
+fn rcpt_params(s: &[u8]) -> Result<RcptParams<'_>, ParseError> {
+    let mut out = RcptParams::default();
+    for param in params(s) {
+        let (key, value) = param?;
+        if key.eq_ignore_ascii_case(b"NOTIFY") {
+            let value = value.ok_or(ParseError::BadDsnParameter)?;
+            if out.notify.is_some() {
+                return Err(ParseError::BadDsnParameter);
+            }
+            out.notify = Some(parse_notify(value)?);
+        } else if key.eq_ignore_ascii_case(b"ORCPT") {
+            let value = value.ok_or(ParseError::BadDsnParameter)?;
+            if out.orcpt.is_some() || value.len() > ORCPT_LEN_MAX {
+                return Err(ParseError::BadDsnParameter);
+            }
+            let semi = value
+                .iter()
+                .position(|&b| b == b';')
+                .ok_or(ParseError::BadDsnParameter)?;
+            let (addr_type, rest) = (&value[..semi], &value[semi + 1..]);
+            // addr-type is an atom (RFC 3461 4.2); "rfc822" and RFC 6533's "utf-8" in practice.
+            if addr_type.is_empty() || !addr_type.iter().all(|&b| is_atext(b)) || rest.is_empty() {
+                return Err(ParseError::BadDsnParameter);
+            }
+            out.orcpt = Some(OrcptParam {
+                addr_type: std::str::from_utf8(addr_type)
+                    .map_err(|_| ParseError::BadDsnParameter)?,
+                xtext: xtext(rest)?,
             });
         } else {
             return Err(ParseError::UnknownParameter);
@@ -325,12 +467,85 @@ fn mail_params(s: &[u8]) -> Result<MailParams, ParseError> {
     Ok(out)
 }
 
-fn rcpt_params(s: &[u8]) -> Result<RcptParams, ParseError> {
-    if let Some(param) = params(s).next() {
-        param?;
-        return Err(ParseError::UnknownParameter);
+/// `NEVER` or a comma list of SUCCESS, FAILURE, DELAY (RFC 3461 4.1); NEVER mixes with nothing.
+fn parse_notify(value: &[u8]) -> Result<Notify, ParseError> {
+    if value.eq_ignore_ascii_case(b"NEVER") {
+        return Ok(Notify::default());
     }
-    Ok(RcptParams {})
+    let mut n = Notify::default();
+    for word in value.split(|&b| b == b',') {
+        let flag = if word.eq_ignore_ascii_case(b"SUCCESS") {
+            &mut n.success
+        } else if word.eq_ignore_ascii_case(b"FAILURE") {
+            &mut n.failure
+        } else if word.eq_ignore_ascii_case(b"DELAY") {
+            &mut n.delay
+        } else {
+            return Err(ParseError::BadDsnParameter);
+        };
+        if *flag {
+            return Err(ParseError::BadDsnParameter);
+        }
+        *flag = true;
+    }
+    Ok(n)
+}
+
+/// Validates xtext (RFC 3461 4): `xchar` is `!`..`~` except `+` and `=`, and `+XX` encodes any
+/// octet in hex. We also refuse encoded octets that are not printable ASCII (space included):
+/// these values end up in DSN header fields, where a CR, LF or control byte would let a client
+/// inject headers, and RFC 3461 only ever expects printable text in them.
+fn xtext(raw: &[u8]) -> Result<&str, ParseError> {
+    let mut i = 0;
+    while i < raw.len() {
+        match raw[i] {
+            b'+' => {
+                let hex = raw.get(i + 1..i + 3).ok_or(ParseError::BadDsnParameter)?;
+                let octet = hex_octet(hex).ok_or(ParseError::BadDsnParameter)?;
+                if !(0x20..=0x7e).contains(&octet) {
+                    return Err(ParseError::BadDsnParameter);
+                }
+                i += 3;
+            }
+            b'=' => return Err(ParseError::BadDsnParameter),
+            0x21..=0x7e => i += 1,
+            _ => return Err(ParseError::BadDsnParameter),
+        }
+    }
+    // Every byte checked above is ASCII.
+    std::str::from_utf8(raw).map_err(|_| ParseError::BadDsnParameter)
+}
+
+/// Two hex digits to an octet. Lowercase is accepted although RFC 3461 says uppercase: being
+/// strict would bounce nothing and lose the client's DSN request.
+fn hex_octet(hex: &[u8]) -> Option<u8> {
+    let digit = |b: u8| (b as char).to_digit(16);
+    match hex {
+        [h, l] => Some((digit(*h)? * 16 + digit(*l)?) as u8),
+        _ => None,
+    }
+}
+
+/// Decodes xtext that the parser validated (`MailParams::envid`, `OrcptParam::xtext`). Total: a
+/// malformed `+` escape (only possible for unvalidated input) is kept literally.
+pub fn xtext_decode(raw: &str) -> String {
+    let b = raw.as_bytes();
+    let mut out = String::with_capacity(raw.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'+' {
+            if let Some(octet) = b.get(i + 1..i + 3).and_then(hex_octet) {
+                if octet.is_ascii() {
+                    out.push(char::from(octet));
+                    i += 3;
+                    continue;
+                }
+            }
+        }
+        out.push(char::from(b[i]));
+        i += 1;
+    }
+    out
 }
 
 fn parse_size(value: &[u8]) -> Result<usize, ParseError> {
@@ -343,7 +558,8 @@ fn parse_size(value: &[u8]) -> Result<usize, ParseError> {
 }
 
 /// Parses `<...>` at the start of `s`: `Ok((None, 2))` for `<>`, otherwise the mailbox and the
-/// number of bytes the path took.
+/// number of bytes the path took. UTF-8 is accepted (RFC 6531 3.3); the caller decides whether
+/// the transaction allows it (`!mailbox.address.is_ascii()`).
 ///
 /// Hot path: no I/O, no allocation.
 pub fn parse_path(s: &[u8]) -> Result<(Option<Mailbox<'_>>, usize), PathError> {
@@ -357,11 +573,10 @@ pub fn parse_path(s: &[u8]) -> Result<(Option<Mailbox<'_>>, usize), PathError> {
     if s.get(i) == Some(&b'@') {
         i = skip_source_route(s, i)?;
     }
-    let (mailbox, end) = parse_mailbox_at(s, i)?;
+    let (mailbox, end) = parse_mailbox_at(s, i, true)?;
     match s.get(end) {
         Some(b'>') => {}
         None => return Err(PathError::Unterminated),
-        Some(b) if !b.is_ascii() => return Err(PathError::NonAscii),
         Some(_) => return Err(PathError::BadDomain),
     }
     if end + 1 > PATH_LEN_MAX {
@@ -370,9 +585,10 @@ pub fn parse_path(s: &[u8]) -> Result<(Option<Mailbox<'_>>, usize), PathError> {
     Ok((Some(mailbox), end + 1))
 }
 
-/// Validates a bare `local@domain` (no angle brackets), as the client does before writing it.
+/// Validates a bare ASCII `local@domain` (no angle brackets), as the client does before writing
+/// it.
 pub fn parse_mailbox(address: &str) -> Result<Mailbox<'_>, PathError> {
-    let (mailbox, end) = parse_mailbox_at(address.as_bytes(), 0)?;
+    let (mailbox, end) = parse_mailbox_at(address.as_bytes(), 0, false)?;
     if end != address.len() {
         return Err(PathError::BadDomain);
     }
@@ -404,12 +620,13 @@ fn skip_source_route(s: &[u8], mut i: usize) -> Result<usize, PathError> {
 }
 
 /// Parses `local@domain` starting at `s[start]`; returns the mailbox and the index after it.
-fn parse_mailbox_at(s: &[u8], start: usize) -> Result<(Mailbox<'_>, usize), PathError> {
+/// `utf8` admits non-ASCII octets where RFC 6531 3.3 does (local part and domain labels).
+fn parse_mailbox_at(s: &[u8], start: usize, utf8: bool) -> Result<(Mailbox<'_>, usize), PathError> {
     let mut i = start;
     if s.get(i) == Some(&b'"') {
-        i = quoted_string_end(s, i)?;
+        i = quoted_string_end(s, i, utf8)?;
     } else {
-        i = dot_string_end(s, i)?;
+        i = dot_string_end(s, i, utf8)?;
     }
     let local_end = i;
     if local_end - start > LOCAL_PART_LEN_MAX {
@@ -434,7 +651,7 @@ fn parse_mailbox_at(s: &[u8], start: usize) -> Result<(Mailbox<'_>, usize), Path
         i += len + 1;
     } else {
         while let Some(b) = s.get(i) {
-            if b.is_ascii_alphanumeric() || *b == b'-' || *b == b'.' {
+            if b.is_ascii_alphanumeric() || *b == b'-' || *b == b'.' || (utf8 && !b.is_ascii()) {
                 i += 1;
             } else {
                 break;
@@ -443,22 +660,21 @@ fn parse_mailbox_at(s: &[u8], start: usize) -> Result<(Mailbox<'_>, usize), Path
         if i - domain_start > DOMAIN_LEN_MAX {
             return Err(PathError::DomainTooLong);
         }
-        if !is_domain(&s[domain_start..i]) {
+        if !is_domain_with(&s[domain_start..i], utf8) {
             return Err(PathError::BadDomain);
         }
     }
     if i - domain_start > DOMAIN_LEN_MAX {
         return Err(PathError::DomainTooLong);
     }
-    // Every byte accepted above is ASCII, so the conversion cannot fail and every index is a char
-    // boundary; mapping the error and using `get` keeps the function total without an unwrap.
-    let address = ascii(&s[start..i])?;
-    let local = address
-        .get(..local_end - start)
-        .ok_or(PathError::NonAscii)?;
+    // Non-ASCII octets were only admitted when `utf8`, and must form valid UTF-8 then. The
+    // split points are next to ASCII '@', so they are char boundaries; mapping the error and
+    // using `get` keeps the function total without an unwrap.
+    let address = std::str::from_utf8(&s[start..i]).map_err(|_| PathError::BadUtf8)?;
+    let local = address.get(..local_end - start).ok_or(PathError::BadUtf8)?;
     let domain = address
         .get(domain_start - start..)
-        .ok_or(PathError::NonAscii)?;
+        .ok_or(PathError::BadUtf8)?;
     Ok((
         Mailbox {
             address,
@@ -467,10 +683,6 @@ fn parse_mailbox_at(s: &[u8], start: usize) -> Result<(Mailbox<'_>, usize), Path
         },
         i,
     ))
-}
-
-fn ascii(r: &[u8]) -> Result<&str, PathError> {
-    std::str::from_utf8(r).map_err(|_| PathError::NonAscii)
 }
 
 /// RFC 5322 atext, as used by RFC 5321 Atom, as a table: local parts are scanned byte by byte,
@@ -497,10 +709,13 @@ fn is_atext(b: u8) -> bool {
 }
 
 /// End of `Atom *("." Atom)` starting at `i`.
-fn dot_string_end(s: &[u8], mut i: usize) -> Result<usize, PathError> {
+fn dot_string_end(s: &[u8], mut i: usize, utf8: bool) -> Result<usize, PathError> {
     loop {
         let atom_start = i;
-        while s.get(i).is_some_and(|&b| is_atext(b)) {
+        while s
+            .get(i)
+            .is_some_and(|&b| is_atext(b) || (utf8 && !b.is_ascii()))
+        {
             i += 1;
         }
         if i == atom_start {
@@ -519,7 +734,7 @@ fn dot_string_end(s: &[u8], mut i: usize) -> Result<usize, PathError> {
 }
 
 /// End (after the closing quote) of a quoted string starting at `s[i] == '"'`.
-fn quoted_string_end(s: &[u8], mut i: usize) -> Result<usize, PathError> {
+fn quoted_string_end(s: &[u8], mut i: usize, utf8: bool) -> Result<usize, PathError> {
     i += 1;
     loop {
         match s.get(i) {
@@ -531,8 +746,9 @@ fn quoted_string_end(s: &[u8], mut i: usize) -> Result<usize, PathError> {
                 Some(b) if !b.is_ascii() => return Err(PathError::NonAscii),
                 _ => return Err(PathError::BadLocalPart),
             },
-            // qtextSMTP = %d32-33 / %d35-91 / %d93-126 (the quote and backslash excluded above).
-            Some(b) if (32..=126).contains(b) => i += 1,
+            // qtextSMTP = %d32-33 / %d35-91 / %d93-126 (the quote and backslash excluded above),
+            // plus UTF8-non-ascii under RFC 6531.
+            Some(b) if (32..=126).contains(b) || (utf8 && !b.is_ascii()) => i += 1,
             Some(b) if !b.is_ascii() => return Err(PathError::NonAscii),
             Some(_) => return Err(PathError::BadLocalPart),
         }
@@ -541,6 +757,14 @@ fn quoted_string_end(s: &[u8], mut i: usize) -> Result<usize, PathError> {
 
 /// `sub-domain *("." sub-domain)` with LDH labels of at most [`LABEL_LEN_MAX`] octets.
 pub fn is_domain(d: &[u8]) -> bool {
+    is_domain_with(d, false)
+}
+
+/// [`is_domain`], also admitting U-label octets (RFC 6531 3.3) when `utf8`. A U-label is only
+/// checked for shape here (non-ASCII octets inside an LDH-shaped label, at most
+/// [`LABEL_LEN_MAX`] octets); full IDNA2008 validation belongs to whoever converts it to an
+/// A-label for DNS.
+fn is_domain_with(d: &[u8], utf8: bool) -> bool {
     if d.is_empty() || d.len() > DOMAIN_LEN_MAX {
         return false;
     }
@@ -553,7 +777,10 @@ pub fn is_domain(d: &[u8]) -> bool {
                 return false;
             }
             label_len = 0;
-        } else if b.is_ascii_alphanumeric() || (b == b'-' && label_len > 0) {
+        } else if b.is_ascii_alphanumeric()
+            || (b == b'-' && label_len > 0)
+            || (utf8 && !b.is_ascii())
+        {
             label_len += 1;
             if label_len > LABEL_LEN_MAX {
                 return false;
@@ -719,7 +946,15 @@ mod tests {
             Err(ParseError::BadParameter)
         );
         assert_eq!(
-            bad(b"MAIL FROM:<a@b.c> BODY=BINARYMIME"),
+            bad(b"MAIL FROM:<a@b.c> BODY=BINARY"),
+            Err(ParseError::BadParameter)
+        );
+        assert_eq!(
+            bad(b"MAIL FROM:<a@b.c> SMTPUTF8=yes"),
+            Err(ParseError::BadParameter)
+        );
+        assert_eq!(
+            bad(b"MAIL FROM:<a@b.c> SMTPUTF8 SMTPUTF8"),
             Err(ParseError::BadParameter)
         );
         let mut many = b"MAIL FROM:<a@b.c>".to_vec();
@@ -743,7 +978,7 @@ mod tests {
             parse_command(b"RCPT TO:<bob@example.net>"),
             Ok(Command::Rcpt {
                 to: mailbox("bob@example.net", "bob", "example.net"),
-                params: RcptParams {}
+                params: RcptParams::default()
             })
         );
         assert_eq!(
@@ -755,7 +990,7 @@ mod tests {
             Err(ParseError::BadRecipient(PathError::MissingDomain))
         );
         assert_eq!(
-            parse_command(b"RCPT TO:<bob@example.net> NOTIFY=NEVER"),
+            parse_command(b"RCPT TO:<bob@example.net> FOO=1"),
             Err(ParseError::UnknownParameter)
         );
         assert_eq!(
@@ -823,7 +1058,7 @@ mod tests {
             (b"<a@b-.c>", PathError::BadDomain),
             (b"<a@b..c>", PathError::BadDomain),
             (b"<a@b_c.d>", PathError::BadDomain),
-            (b"<\xc3\xa9@b.c>", PathError::NonAscii),
+            (b"<\xc3@b.c>", PathError::BadUtf8),
             (b"<\"a@b.c>", PathError::Unterminated),
             (b"<\"a\x01\"@b.c>", PathError::BadLocalPart),
         ];
@@ -856,6 +1091,199 @@ mod tests {
             parse_path(path.as_bytes()).map(|_| ()),
             Err(PathError::TooLong)
         );
+    }
+
+    fn mail_params_of(line: &[u8]) -> Result<MailParams<'_>, ParseError> {
+        match parse_command(line)? {
+            Command::Mail { params, .. } => Ok(params),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    fn rcpt_params_of(line: &[u8]) -> Result<RcptParams<'_>, ParseError> {
+        match parse_command(line)? {
+            Command::Rcpt { params, .. } => Ok(params),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn bdat() {
+        assert_eq!(
+            parse_command(b"BDAT 1000"),
+            Ok(Command::Bdat {
+                size: 1000,
+                last: false
+            })
+        );
+        assert_eq!(
+            parse_command(b"bdat 0 last"),
+            Ok(Command::Bdat {
+                size: 0,
+                last: true
+            })
+        );
+        assert_eq!(
+            parse_command(b"BDAT 99999999999999999999 LAST"),
+            Ok(Command::Bdat {
+                size: usize::MAX,
+                last: true
+            })
+        );
+        for bad in [
+            &b"BDAT"[..],
+            b"BDAT x",
+            b"BDAT -1",
+            b"BDAT 10 FIRST",
+            b"BDAT 10 LAST x",
+            b"BDAT 123456789012345678901",
+        ] {
+            assert_eq!(parse_command(bad), Err(ParseError::Syntax), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn smtputf8_and_binarymime_params() {
+        let p = mail_params_of(b"MAIL FROM:<a@b.c> smtputf8 BODY=BinaryMIME").expect("parse");
+        assert!(p.smtputf8);
+        assert_eq!(p.body, Some(BodyType::BinaryMime));
+        assert!(
+            !mail_params_of(b"MAIL FROM:<a@b.c>")
+                .expect("parse")
+                .smtputf8
+        );
+    }
+
+    #[test]
+    fn utf8_paths_are_parsed_for_the_server_only() {
+        // RFC 6531 3.3: UTF-8 local part and U-label domain.
+        let line = "MAIL FROM:<pelé@exämple.test> SMTPUTF8";
+        let Ok(Command::Mail { from: Some(m), .. }) = parse_command(line.as_bytes()) else {
+            panic!("parse")
+        };
+        assert_eq!((m.local, m.domain), ("pelé", "exämple.test"));
+        let Ok(Command::Rcpt { to, .. }) =
+            parse_command("RCPT TO:<\"用 户\"@例子.测试>".as_bytes())
+        else {
+            panic!("parse")
+        };
+        assert_eq!(to.address, "\"用 户\"@例子.测试");
+        // Malformed UTF-8 is still refused, wherever it is.
+        for bad in [&b"<a\xff@b.c>"[..], b"<a@b\xc3.c>", b"<\"\xe4\xbd\"@b.c>"] {
+            assert_eq!(
+                parse_path(bad).map(|_| ()),
+                Err(PathError::BadUtf8),
+                "{bad:?}"
+            );
+        }
+        // Labels still may not start or end with a hyphen.
+        assert_eq!(
+            parse_path("<a@-é.c>".as_bytes()).map(|_| ()),
+            Err(PathError::BadDomain)
+        );
+        // The client validates with the ASCII rules.
+        assert_eq!(parse_mailbox("pelé@b.c"), Err(PathError::NonAscii));
+        assert_eq!(parse_mailbox("a@bé.c"), Err(PathError::BadDomain));
+    }
+
+    #[test]
+    fn dsn_mail_params() {
+        let p = mail_params_of(b"MAIL FROM:<a@b.c> RET=hdrs ENVID=QQ314159+2Bx").expect("parse");
+        assert_eq!(p.ret, Some(Ret::Hdrs));
+        assert_eq!(p.envid, Some("QQ314159+2Bx"));
+        assert_eq!(xtext_decode("QQ314159+2Bx"), "QQ314159+x");
+        assert_eq!(
+            mail_params_of(b"MAIL FROM:<a@b.c> RET=FULL").map(|p| p.ret),
+            Ok(Some(Ret::Full))
+        );
+        let envid_max = format!("MAIL FROM:<a@b.c> ENVID={}", "e".repeat(ENVID_LEN_MAX));
+        assert!(mail_params_of(envid_max.as_bytes()).is_ok());
+        let envid_long = format!("MAIL FROM:<a@b.c> ENVID={}", "e".repeat(ENVID_LEN_MAX + 1));
+        for bad in [
+            &b"MAIL FROM:<a@b.c> RET=ALL"[..],
+            b"MAIL FROM:<a@b.c> RET",
+            b"MAIL FROM:<a@b.c> RET=FULL RET=HDRS",
+            b"MAIL FROM:<a@b.c> ENVID=",
+            b"MAIL FROM:<a@b.c> ENVID=a+2",
+            b"MAIL FROM:<a@b.c> ENVID=a+ZZ",
+            b"MAIL FROM:<a@b.c> ENVID=a=b",
+            // Encoded CR LF would end up in a DSN header.
+            b"MAIL FROM:<a@b.c> ENVID=a+0D+0Ab",
+            b"MAIL FROM:<a@b.c> ENVID=+C3+A9",
+            b"MAIL FROM:<a@b.c> ENVID=\xc3\xa9",
+            envid_long.as_bytes(),
+        ] {
+            assert_eq!(
+                mail_params_of(bad),
+                Err(ParseError::BadDsnParameter),
+                "{bad:?}"
+            );
+        }
+        assert_eq!(
+            ParseError::BadDsnParameter.rejection(),
+            Rejection::BadDsnParameter
+        );
+    }
+
+    #[test]
+    fn dsn_rcpt_params() {
+        let p = rcpt_params_of(b"RCPT TO:<b@c.d> NOTIFY=SUCCESS,delay ORCPT=rfc822;b+40c.d")
+            .expect("parse");
+        assert_eq!(
+            p.notify,
+            Some(Notify {
+                success: true,
+                failure: false,
+                delay: true
+            })
+        );
+        assert_eq!(
+            p.orcpt,
+            Some(OrcptParam {
+                addr_type: "rfc822",
+                xtext: "b+40c.d"
+            })
+        );
+        assert_eq!(xtext_decode("b+40c.d"), "b@c.d");
+        let never = rcpt_params_of(b"RCPT TO:<b@c.d> NOTIFY=NEVER").expect("parse");
+        assert!(never.notify.is_some_and(Notify::is_never));
+        let orcpt_max = format!(
+            "RCPT TO:<b@c.d> ORCPT=rfc822;{}",
+            "o".repeat(ORCPT_LEN_MAX - 7)
+        );
+        assert!(rcpt_params_of(orcpt_max.as_bytes()).is_ok());
+        let orcpt_long = format!(
+            "RCPT TO:<b@c.d> ORCPT=rfc822;{}",
+            "o".repeat(ORCPT_LEN_MAX - 6)
+        );
+        for bad in [
+            &b"RCPT TO:<b@c.d> NOTIFY=NEVER,SUCCESS"[..],
+            b"RCPT TO:<b@c.d> NOTIFY=SUCCESS,SUCCESS",
+            b"RCPT TO:<b@c.d> NOTIFY=",
+            b"RCPT TO:<b@c.d> NOTIFY=SUCCESS,",
+            b"RCPT TO:<b@c.d> NOTIFY=ALWAYS",
+            b"RCPT TO:<b@c.d> NOTIFY=NEVER NOTIFY=NEVER",
+            b"RCPT TO:<b@c.d> ORCPT=b@c.d",
+            b"RCPT TO:<b@c.d> ORCPT=;b@c.d",
+            b"RCPT TO:<b@c.d> ORCPT=rfc822;",
+            b"RCPT TO:<b@c.d> ORCPT=rf(c;b@c.d",
+            b"RCPT TO:<b@c.d> ORCPT=rfc822;b+0Ac.d",
+            orcpt_long.as_bytes(),
+        ] {
+            assert_eq!(
+                rcpt_params_of(bad),
+                Err(ParseError::BadDsnParameter),
+                "{bad:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn xtext_decode_is_total() {
+        assert_eq!(xtext_decode(""), "");
+        assert_eq!(xtext_decode("a+2"), "a+2");
+        assert_eq!(xtext_decode("+ZZ+41"), "+ZZA");
+        assert_eq!(xtext_decode("+C3"), "+C3");
     }
 
     #[test]

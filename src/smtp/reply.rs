@@ -310,6 +310,27 @@ canned!(DATA_LINE_TOO_LONG = 552 (5, 3, 4) "Message has a line too long");
 canned!(TOO_MANY_RECIPIENTS = 452 (4, 5, 3) "Too many recipients");
 canned!(RELAY_DENIED = 550 (5, 7, 1) "Relaying denied");
 canned!(TOO_MANY_ERRORS = 421 (4, 7, 0) "Too many errors");
+canned!(
+    /// RFC 6531 3.7.4 (X.6.7 from RFC 5248): a non-ASCII address without SMTPUTF8 on MAIL.
+    NON_ASCII_SENDER = 553 (5, 6, 7) "Non-ASCII addresses not permitted for that sender"
+);
+canned!(NON_ASCII_RECIPIENT = 553 (5, 6, 7) "Non-ASCII addresses not permitted for that recipient");
+canned!(BAD_DSN_PARAMETER = 555 (5, 5, 4) "Invalid DSN parameter value");
+canned!(
+    /// RFC 3030 3: DATA after BDAT in one transaction is a bad sequence.
+    DATA_AFTER_BDAT = 503 (5, 5, 1) "DATA not allowed after BDAT"
+);
+canned!(
+    /// RFC 3030 3: BINARYMIME bodies can only be sent with BDAT.
+    BINARYMIME_NEEDS_BDAT = 503 (5, 5, 1) "BODY=BINARYMIME requires BDAT"
+);
+canned!(
+    /// RFC 5321 2.3.8: lines end in CRLF; a bare LF is what SMTP smuggling hides behind.
+    BARE_LF = 554 (5, 6, 0) "Bare LF not allowed in message, use CRLF"
+);
+canned!(BARE_CR = 554 (5, 6, 0) "Bare CR not allowed in message, use CRLF");
+canned!(NUL_IN_MESSAGE = 554 (5, 6, 0) "NUL byte not allowed in message");
+canned!(TOO_MANY_MESSAGES = 421 (4, 7, 0) "Too many messages, reconnect");
 canned!(SHUTDOWN = 421 (4, 3, 2) "Service shutting down");
 canned!(
     /// Only reachable through a bug: DATA ended with no transaction open.
@@ -337,11 +358,20 @@ pub enum Rejection {
     TooManyRecipients,
     RelayDenied,
     NotImplemented,
+    NonAsciiSender,
+    NonAsciiRecipient,
+    BadDsnParameter,
+    DataAfterBdat,
+    BinaryMimeNeedsBdat,
+    BareLf,
+    BareCr,
+    NulInMessage,
+    TooManyMessages,
     TooManyErrors,
 }
 
 impl Rejection {
-    pub const COUNT: usize = 18;
+    pub const COUNT: usize = 27;
     pub const ALL: [Rejection; Rejection::COUNT] = [
         Rejection::UnknownCommand,
         Rejection::NulInCommand,
@@ -360,6 +390,15 @@ impl Rejection {
         Rejection::TooManyRecipients,
         Rejection::RelayDenied,
         Rejection::NotImplemented,
+        Rejection::NonAsciiSender,
+        Rejection::NonAsciiRecipient,
+        Rejection::BadDsnParameter,
+        Rejection::DataAfterBdat,
+        Rejection::BinaryMimeNeedsBdat,
+        Rejection::BareLf,
+        Rejection::BareCr,
+        Rejection::NulInMessage,
+        Rejection::TooManyMessages,
         Rejection::TooManyErrors,
     ];
 
@@ -387,6 +426,15 @@ impl Rejection {
             Rejection::TooManyRecipients => &TOO_MANY_RECIPIENTS,
             Rejection::RelayDenied => &RELAY_DENIED,
             Rejection::NotImplemented => &NOT_IMPLEMENTED,
+            Rejection::NonAsciiSender => &NON_ASCII_SENDER,
+            Rejection::NonAsciiRecipient => &NON_ASCII_RECIPIENT,
+            Rejection::BadDsnParameter => &BAD_DSN_PARAMETER,
+            Rejection::DataAfterBdat => &DATA_AFTER_BDAT,
+            Rejection::BinaryMimeNeedsBdat => &BINARYMIME_NEEDS_BDAT,
+            Rejection::BareLf => &BARE_LF,
+            Rejection::BareCr => &BARE_CR,
+            Rejection::NulInMessage => &NUL_IN_MESSAGE,
+            Rejection::TooManyMessages => &TOO_MANY_MESSAGES,
             Rejection::TooManyErrors => &TOO_MANY_ERRORS,
         }
     }
@@ -408,6 +456,9 @@ impl Rejection {
                 | Rejection::NeedMail
                 | Rejection::NestedMail
                 | Rejection::NoValidRecipients
+                | Rejection::BadDsnParameter
+                | Rejection::DataAfterBdat
+                | Rejection::BinaryMimeNeedsBdat
         )
     }
 }
@@ -462,6 +513,15 @@ mod tests {
             TOO_MANY_ERRORS,
             SHUTDOWN,
             INTERNAL,
+            NON_ASCII_SENDER,
+            NON_ASCII_RECIPIENT,
+            BAD_DSN_PARAMETER,
+            DATA_AFTER_BDAT,
+            BINARYMIME_NEEDS_BDAT,
+            BARE_LF,
+            BARE_CR,
+            NUL_IN_MESSAGE,
+            TOO_MANY_MESSAGES,
         ];
         for c in all {
             assert_eq!(c.to_reply().to_string().as_bytes(), c.wire, "{c:?}");

@@ -20,8 +20,14 @@
 //!   the adapter to stop reading then.
 //! - A message body never holds more than `size_max` bytes; bigger messages are drained and
 //!   refused (see `data`).
-//! - The transaction (MAIL, RCPTs) is reset by RSET, EHLO/HELO, the end of DATA, and any refusal
-//!   of the message, so nothing leaks from one message into the next.
+//! - The transaction (MAIL, RCPTs, BDAT chunks so far) is reset by RSET, EHLO/HELO, the end of
+//!   DATA, the LAST chunk, and any refusal of the message, so nothing leaks from one message into
+//!   the next.
+//! - BDAT (RFC 3030): the chunk's octets are always consumed, whether the chunk is accepted or
+//!   not, so a refused BDAT never leaves message bytes to be read as commands. Its reply is
+//!   written once the chunk has been read, as RFC 3030 asks.
+//! - SMTPUTF8 (RFC 6531): non-ASCII addresses are accepted only in a transaction whose MAIL
+//!   carried SMTPUTF8; otherwise `553 5.6.7`.
 
 use std::io::Write as _;
 use std::rc::Rc;
@@ -30,13 +36,24 @@ use thiserror::Error;
 
 use super::data::{DataError, DataReader};
 use super::find_lf;
-use super::parser::{parse_command, BodyType, Command, MailParams, Mailbox};
+use super::parser::{
+    parse_command, xtext_decode, BodyType, Command, MailParams, Mailbox, Notify, RcptParams, Ret,
+};
 use super::reply::{self, Rejection, Reply};
 
 /// RFC 5321 4.5.3.1.8: a server must accept at least 100 recipients per message.
 pub const RCPTS_MAX_RFC: usize = 100;
 /// RFC 5321 4.5.3.1.4: a command line is at most 512 octets, CRLF included.
 pub const LINE_LEN_MAX_RFC: usize = 512;
+/// Default `line_len_max`. Service extensions may lengthen command lines (RFC 5321 4.5.3.1.4),
+/// and DSN does by a lot: ORCPT alone may be 500 characters (RFC 3461 4.2), on top of a
+/// 256-octet path and NOTIFY. 1024 holds the longest DSN RCPT line, with room, while still
+/// bounding what one line can make us buffer.
+pub const LINE_LEN_MAX_DEFAULT: usize = 1024;
+const _: () = assert!(
+    LINE_LEN_MAX_DEFAULT >= LINE_LEN_MAX_RFC + super::parser::ORCPT_LEN_MAX,
+    "a DSN RCPT line must fit the default line limit"
+);
 /// RFC 5321 4.5.3.1.6: a text line is at most 1000 octets, CRLF included.
 pub const DATA_LINE_LEN_MAX_RFC: usize = 1000;
 /// The most an operator may raise `data_line_len_max` to. Lines this long only come from broken
@@ -68,6 +85,45 @@ pub struct ServerConfig {
     pub data_line_len_max: usize,
     /// Protocol errors tolerated before `421 4.7.0` and disconnect.
     pub errors_max: usize,
+    /// Messages accepted per connection before MAIL gets `421 4.7.0` and the session closes;
+    /// 0 means no limit. Bounds how long one connection can hold a shard's attention.
+    pub messages_per_session_max: usize,
+    /// Advertise SMTPUTF8 (RFC 6531) and accept UTF-8 addresses in transactions that ask for it.
+    pub smtputf8: bool,
+    /// Advertise CHUNKING (RFC 3030) and accept BDAT.
+    pub chunking: bool,
+    /// Advertise BINARYMIME (RFC 3030) and accept BODY=BINARYMIME with BDAT; needs `chunking`.
+    /// Off by default: a binary body may hold bare CR and LF, which our client's DATA writer
+    /// turns into CRLF, so relaying one corrupts it until the client can send BDAT itself.
+    pub binarymime: bool,
+    /// Advertise DSN (RFC 3461) and accept RET, ENVID, NOTIFY and ORCPT.
+    pub dsn: bool,
+    /// What to do with a bare LF or bare CR in DATA text.
+    pub bare_lf: BareLf,
+    /// What to do with a NUL octet in DATA text.
+    pub nul: NulByte,
+}
+
+/// Policy for bare line ends in DATA text: LF not preceded by CR, or CR not followed by LF
+/// (RFC 5321 2.3.8 forbids both).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum BareLf {
+    /// Keep them as body bytes (they never end the message; see `data`). Many old clients send
+    /// them, so this is the default.
+    #[default]
+    Accept,
+    /// Refuse the message with `554 5.6.0` after reading it to the end marker.
+    Reject,
+}
+
+/// Policy for NUL octets in DATA text (RFC 5321 4.1.1.4: text is US-ASCII, no NUL).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum NulByte {
+    /// Keep them, as before this setting existed.
+    #[default]
+    Accept,
+    /// Refuse the message with `554 5.6.0` after reading it to the end marker.
+    Reject,
 }
 
 impl Default for ServerConfig {
@@ -76,9 +132,16 @@ impl Default for ServerConfig {
             hostname: "localhost".to_owned(),
             size_max: SIZE_MAX_DEFAULT,
             rcpts_max: RCPTS_MAX_RFC,
-            line_len_max: LINE_LEN_MAX_RFC,
+            line_len_max: LINE_LEN_MAX_DEFAULT,
             data_line_len_max: DATA_LINE_LEN_MAX_RFC,
             errors_max: ERRORS_MAX_DEFAULT,
+            messages_per_session_max: 0,
+            smtputf8: true,
+            chunking: true,
+            binarymime: false,
+            dsn: true,
+            bare_lf: BareLf::Accept,
+            nul: NulByte::Accept,
         }
     }
 }
@@ -101,6 +164,8 @@ pub enum ConfigError {
     DataLineLenMax(usize),
     #[error("errors_max must be at least 1")]
     ErrorsMax,
+    #[error("binarymime needs chunking: BINARYMIME bodies can only be sent with BDAT")]
+    BinaryMimeNeedsChunking,
 }
 
 impl ServerConfig {
@@ -125,19 +190,27 @@ impl ServerConfig {
         if self.errors_max == 0 {
             return Err(ConfigError::ErrorsMax);
         }
+        if self.binarymime && !self.chunking {
+            return Err(ConfigError::BinaryMimeNeedsChunking);
+        }
         Ok(())
     }
 
-    /// The EHLO keywords we advertise, in order. Later extensions (STARTTLS, AUTH, SMTPUTF8,
-    /// CHUNKING, DSN) are added here, conditioned on config and on session state.
+    /// The EHLO keywords we advertise, in order. Later extensions (STARTTLS, AUTH) are added
+    /// here, conditioned on config and on session state.
     pub fn extensions(&self) -> impl Iterator<Item = Extension> {
         [
-            Extension::Pipelining,
-            Extension::Size(self.size_max),
-            Extension::EightBitMime,
-            Extension::EnhancedStatusCodes,
+            Some(Extension::Pipelining),
+            Some(Extension::Size(self.size_max)),
+            Some(Extension::EightBitMime),
+            (self.chunking && self.binarymime).then_some(Extension::BinaryMime),
+            self.chunking.then_some(Extension::Chunking),
+            self.dsn.then_some(Extension::Dsn),
+            Some(Extension::EnhancedStatusCodes),
+            self.smtputf8.then_some(Extension::SmtpUtf8),
         ]
         .into_iter()
+        .flatten()
     }
 }
 
@@ -152,6 +225,14 @@ pub enum Extension {
     EightBitMime,
     /// RFC 2034.
     EnhancedStatusCodes,
+    /// RFC 3030.
+    Chunking,
+    /// RFC 3030.
+    BinaryMime,
+    /// RFC 3461.
+    Dsn,
+    /// RFC 6531.
+    SmtpUtf8,
 }
 
 impl Extension {
@@ -164,6 +245,10 @@ impl Extension {
             }
             Extension::EightBitMime => out.extend_from_slice(b"8BITMIME"),
             Extension::EnhancedStatusCodes => out.extend_from_slice(b"ENHANCEDSTATUSCODES"),
+            Extension::Chunking => out.extend_from_slice(b"CHUNKING"),
+            Extension::BinaryMime => out.extend_from_slice(b"BINARYMIME"),
+            Extension::Dsn => out.extend_from_slice(b"DSN"),
+            Extension::SmtpUtf8 => out.extend_from_slice(b"SMTPUTF8"),
         }
     }
 }
@@ -186,7 +271,8 @@ pub struct Transaction {
     pub mail_from: String,
     /// Forward-paths as received (`local@domain`), in RCPT order.
     pub rcpts: Vec<String>,
-    /// The message: CRLF line endings as sent, dot-unstuffed, without the final ".\r\n".
+    /// The message: CRLF line endings as sent, dot-unstuffed, without the final ".\r\n" (after
+    /// DATA); or the BDAT chunks concatenated, byte for byte.
     pub body: Vec<u8>,
     /// The EHLO/HELO name the client gave.
     pub helo: String,
@@ -194,6 +280,41 @@ pub struct Transaction {
     pub body_8bit: bool,
     /// SIZE= given on MAIL, if any.
     pub size_declared: Option<usize>,
+    /// SMTPUTF8 was given on MAIL (RFC 6531): addresses and headers may be UTF-8, and the
+    /// message may only be relayed to servers that offer SMTPUTF8.
+    pub smtputf8: bool,
+    /// BODY=BINARYMIME was given on MAIL (RFC 3030); the body came by BDAT.
+    pub body_binary: bool,
+    /// The client said EHLO (not HELO): "ESMTP" rather than "SMTP" in Received.
+    pub esmtp: bool,
+    /// RET and ENVID from MAIL (RFC 3461), if either was given.
+    pub dsn: Option<DsnEnvelope>,
+    /// NOTIFY and ORCPT of each recipient, parallel to `rcpts` (same length, same order).
+    pub rcpt_dsn: Vec<RcptDsn>,
+}
+
+/// The DSN parameters of MAIL (RFC 3461 4.3, 4.4), for a later bounce notice.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct DsnEnvelope {
+    pub ret: Option<Ret>,
+    /// ENVID, xtext-decoded (printable ASCII, at most `parser::ENVID_LEN_MAX` characters).
+    pub envid: Option<String>,
+}
+
+/// The DSN parameters of one RCPT (RFC 3461 4.1, 4.2).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RcptDsn {
+    /// `None` when NOTIFY was not given: the default is FAILURE (and perhaps DELAY).
+    pub notify: Option<Notify>,
+    pub orcpt: Option<Orcpt>,
+}
+
+/// ORCPT= decoded: the address type (e.g. "rfc822") and the original recipient.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Orcpt {
+    pub addr_type: String,
+    /// xtext-decoded (printable ASCII).
+    pub address: String,
 }
 
 /// Counters for one session, for the adapter to add to the shard's metrics.
@@ -219,6 +340,8 @@ enum State {
     Command,
     /// Reading message text after 354.
     Data,
+    /// Reading the octets of a BDAT chunk.
+    Chunk,
     /// Handed out a message; waiting for `message_done`.
     AwaitQueue,
     /// Said 221 or 421; nothing more will be read or written.
@@ -230,8 +353,14 @@ enum State {
 struct Envelope {
     mail_from: String,
     rcpts: Vec<String>,
+    rcpt_dsn: Vec<RcptDsn>,
     body_8bit: bool,
+    body_binary: bool,
     size_declared: Option<usize>,
+    smtputf8: bool,
+    dsn: Option<DsnEnvelope>,
+    /// A BDAT chunk was accepted: the body so far is in `Proto::body`, and DATA is refused.
+    bdat: bool,
 }
 
 /// One SMTP server connection.
@@ -250,9 +379,19 @@ struct Proto {
     relay_allowed: bool,
     state: State,
     helo: Option<String>,
+    /// The last EHLO/HELO was EHLO.
+    esmtp: bool,
     txn: Option<Envelope>,
     body: Vec<u8>,
     reader: DataReader,
+    /// Octets of the current BDAT chunk still to read.
+    chunk_left: usize,
+    /// Size of the current BDAT chunk, for its reply.
+    chunk_len: usize,
+    /// The current BDAT chunk has LAST.
+    chunk_last: bool,
+    /// The refusal owed once the current chunk is read; `None` if the chunk is being kept.
+    chunk_verdict: Option<Rejection>,
     errors: usize,
     /// Discarding the rest of an over-long command line (its 500 is already written).
     discarding: bool,
@@ -272,9 +411,14 @@ impl Session {
                 relay_allowed,
                 state: State::Command,
                 helo: None,
+                esmtp: false,
                 txn: None,
                 body: Vec::new(),
                 reader,
+                chunk_left: 0,
+                chunk_len: 0,
+                chunk_last: false,
+                chunk_verdict: None,
                 errors: 0,
                 discarding: false,
                 stats: SessionStats::default(),
@@ -304,6 +448,10 @@ impl Session {
                 let n = self.proto.feed_data(bytes);
                 self.buf.extend_from_slice(&bytes[n..]);
             }
+            State::Chunk if self.buf.is_empty() && self.proto.chunk_left > 0 => {
+                let n = self.proto.feed_chunk(bytes);
+                self.buf.extend_from_slice(&bytes[n..]);
+            }
             _ => self.buf.extend_from_slice(bytes),
         }
     }
@@ -324,6 +472,18 @@ impl Session {
                         }
                     }
                     if let Some(t) = self.proto.end_data(out) {
+                        break Step::Message(t);
+                    }
+                }
+                State::Chunk => {
+                    if self.proto.chunk_left > 0 {
+                        let n = self.proto.feed_chunk(&self.buf[self.start..]);
+                        self.start += n;
+                        if self.proto.chunk_left > 0 {
+                            break Step::NeedInput;
+                        }
+                    }
+                    if let Some(t) = self.proto.end_chunk(out) {
                         break Step::Message(t);
                     }
                 }
@@ -384,16 +544,19 @@ impl Session {
         self.proto.state = State::Command;
     }
 
-    /// True while message text is being read, so the adapter uses the DATA timeout
-    /// (RFC 5321 4.5.3.2.6: 10 minutes) rather than the command timeout (5 minutes).
+    /// True while message text (DATA or a BDAT chunk) is being read, so the adapter uses the
+    /// DATA timeout (RFC 5321 4.5.3.2.6: 10 minutes) rather than the command timeout (5 minutes).
     pub fn in_data(&self) -> bool {
-        self.proto.state == State::Data
+        matches!(self.proto.state, State::Data | State::Chunk)
     }
 
     /// False while the session waits for `message_done` or is closed: reading more then would
     /// only grow the buffer.
     pub fn wants_input(&self) -> bool {
-        matches!(self.proto.state, State::Command | State::Data)
+        matches!(
+            self.proto.state,
+            State::Command | State::Data | State::Chunk
+        )
     }
 
     /// The adapter's timer fired: writes `421 4.4.2` and closes.
@@ -433,6 +596,24 @@ impl Proto {
         self.reader.feed(bytes, &mut self.body)
     }
 
+    /// Consumes up to `chunk_left` octets of a BDAT chunk, keeping them if the chunk is accepted.
+    ///
+    /// Hot path: no I/O, no allocation beyond the body buffer.
+    fn feed_chunk(&mut self, bytes: &[u8]) -> usize {
+        let n = bytes.len().min(self.chunk_left);
+        if self.chunk_verdict.is_none() {
+            self.body.extend_from_slice(&bytes[..n]);
+        }
+        self.chunk_left -= n;
+        n
+    }
+
+    /// Ends the transaction and frees what it held.
+    fn reset_txn(&mut self) {
+        self.txn = None;
+        self.body = Vec::new();
+    }
+
     /// One complete line, LF included.
     fn command_line(&mut self, line: &[u8], out: &mut Vec<u8>) {
         if self.discarding {
@@ -455,22 +636,25 @@ impl Proto {
     fn execute(&mut self, cmd: Command<'_>, out: &mut Vec<u8>) {
         match cmd {
             Command::Ehlo(name) => {
-                self.txn = None;
+                self.reset_txn();
                 self.helo = Some(name.to_owned());
+                self.esmtp = true;
                 self.write_ehlo(out);
             }
             Command::Helo(name) => {
-                self.txn = None;
+                self.reset_txn();
                 self.helo = Some(name.to_owned());
+                self.esmtp = false;
                 out.extend_from_slice(b"250 ");
                 out.extend_from_slice(self.cfg.hostname.as_bytes());
                 out.extend_from_slice(b"\r\n");
             }
             Command::Mail { from, params } => self.mail(from, params, out),
-            Command::Rcpt { to, .. } => self.rcpt(to, out),
+            Command::Rcpt { to, params } => self.rcpt(to, params, out),
             Command::Data => self.data(out),
+            Command::Bdat { size, last } => self.bdat(size, last),
             Command::Rset => {
-                self.txn = None;
+                self.reset_txn();
                 out.extend_from_slice(reply::OK.wire);
             }
             Command::Noop => out.extend_from_slice(reply::OK.wire),
@@ -500,12 +684,32 @@ impl Proto {
         }
     }
 
-    fn mail(&mut self, from: Option<Mailbox<'_>>, params: MailParams, out: &mut Vec<u8>) {
+    fn mail(&mut self, from: Option<Mailbox<'_>>, params: MailParams<'_>, out: &mut Vec<u8>) {
         if self.helo.is_none() {
             return self.reject(Rejection::NeedHelo, out);
         }
+        let max = self.cfg.messages_per_session_max;
+        if max > 0 && self.stats.messages >= max as u64 {
+            // The client did nothing wrong; it is told to go on over a fresh connection.
+            self.stats.rejections[Rejection::TooManyMessages.index()] += 1;
+            out.extend_from_slice(reply::TOO_MANY_MESSAGES.wire);
+            self.state = State::Closed;
+            return;
+        }
         if self.txn.is_some() {
             return self.reject(Rejection::NestedMail, out);
+        }
+        // Parameters of extensions we did not advertise are refused (RFC 5321 4.1.1.11).
+        let dsn_given = params.ret.is_some() || params.envid.is_some();
+        if (params.smtputf8 && !self.cfg.smtputf8) || (dsn_given && !self.cfg.dsn) {
+            return self.reject(Rejection::UnknownParameter, out);
+        }
+        if params.body == Some(BodyType::BinaryMime) && !(self.cfg.chunking && self.cfg.binarymime)
+        {
+            return self.reject(Rejection::Syntax, out);
+        }
+        if from.is_some_and(|m| !m.address.is_ascii()) && !params.smtputf8 {
+            return self.reject(Rejection::NonAsciiSender, out);
         }
         if params.size.is_some_and(|n| n > self.cfg.size_max) {
             return self.reject(Rejection::SizeExceeded, out);
@@ -513,16 +717,30 @@ impl Proto {
         self.txn = Some(Envelope {
             mail_from: from.map_or_else(String::new, |m| m.address.to_owned()),
             rcpts: Vec::new(),
+            rcpt_dsn: Vec::new(),
             body_8bit: params.body == Some(BodyType::EightBitMime),
+            body_binary: params.body == Some(BodyType::BinaryMime),
             size_declared: params.size,
+            smtputf8: params.smtputf8,
+            dsn: dsn_given.then(|| DsnEnvelope {
+                ret: params.ret,
+                envid: params.envid.map(xtext_decode),
+            }),
+            bdat: false,
         });
         out.extend_from_slice(reply::MAIL_OK.wire);
     }
 
-    fn rcpt(&mut self, to: Mailbox<'_>, out: &mut Vec<u8>) {
+    fn rcpt(&mut self, to: Mailbox<'_>, params: RcptParams<'_>, out: &mut Vec<u8>) {
         let Some(txn) = self.txn.as_mut() else {
             return self.reject(Rejection::NeedMail, out);
         };
+        if (params.notify.is_some() || params.orcpt.is_some()) && !self.cfg.dsn {
+            return self.reject(Rejection::UnknownParameter, out);
+        }
+        if !to.address.is_ascii() && !txn.smtputf8 {
+            return self.reject(Rejection::NonAsciiRecipient, out);
+        }
         if txn.rcpts.len() >= self.cfg.rcpts_max {
             return self.reject(Rejection::TooManyRecipients, out);
         }
@@ -530,26 +748,119 @@ impl Proto {
             return self.reject(Rejection::RelayDenied, out);
         }
         txn.rcpts.push(to.address.to_owned());
+        txn.rcpt_dsn.push(RcptDsn {
+            notify: params.notify,
+            orcpt: params.orcpt.map(|o| Orcpt {
+                addr_type: o.addr_type.to_owned(),
+                address: xtext_decode(o.xtext),
+            }),
+        });
         out.extend_from_slice(reply::RCPT_OK.wire);
     }
 
     fn data(&mut self, out: &mut Vec<u8>) {
         let declared = match &self.txn {
             None => return self.reject(Rejection::NeedMail, out),
+            Some(t) if t.bdat => {
+                // RFC 3030 3 leaves the transaction "indeterminate"; ending it means the next
+                // MAIL starts clean instead of inheriting half a message.
+                self.reset_txn();
+                return self.reject(Rejection::DataAfterBdat, out);
+            }
+            Some(t) if t.body_binary => return self.reject(Rejection::BinaryMimeNeedsBdat, out),
             Some(t) if t.rcpts.is_empty() => {
                 return self.reject(Rejection::NoValidRecipients, out);
             }
             Some(t) => t.size_declared,
         };
         out.extend_from_slice(reply::DATA_GO.wire);
-        self.reader = DataReader::new(self.cfg.size_max, self.cfg.data_line_len_max);
-        self.body = Vec::with_capacity(
-            declared
-                .unwrap_or(0)
-                .min(self.cfg.size_max)
-                .min(BODY_RESERVE_MAX),
-        );
+        self.reader = DataReader::new(self.cfg.size_max, self.cfg.data_line_len_max)
+            .reject_bare_lf(self.cfg.bare_lf == BareLf::Reject)
+            .reject_nul(self.cfg.nul == NulByte::Reject);
+        self.body = body_buffer(declared, self.cfg.size_max);
         self.state = State::Data;
+    }
+
+    /// `BDAT size [LAST]`: decides now whether the chunk is kept, but answers only after its
+    /// octets are read (in `end_chunk`), so the reply order matches the command order.
+    fn bdat(&mut self, size: usize, last: bool) {
+        self.chunk_left = size;
+        self.chunk_len = size;
+        self.chunk_last = last;
+        self.chunk_verdict = self.chunk_refusal(size);
+        if self.chunk_verdict.is_none() {
+            if let Some(env) = self.txn.as_mut() {
+                if !env.bdat {
+                    env.bdat = true;
+                    self.body = body_buffer(env.size_declared, self.cfg.size_max);
+                }
+            }
+        }
+        self.state = State::Chunk;
+    }
+
+    /// Why the chunk about to be read will be refused, if it will.
+    fn chunk_refusal(&self, size: usize) -> Option<Rejection> {
+        if !self.cfg.chunking {
+            return Some(Rejection::NotImplemented);
+        }
+        let Some(env) = &self.txn else {
+            return Some(Rejection::NeedMail);
+        };
+        if env.rcpts.is_empty() {
+            return Some(Rejection::NoValidRecipients);
+        }
+        let so_far = if env.bdat { self.body.len() } else { 0 };
+        if so_far.saturating_add(size) > self.cfg.size_max {
+            return Some(Rejection::MessageTooBig);
+        }
+        None
+    }
+
+    /// A BDAT chunk was read: answer it, and hand out the message after LAST.
+    fn end_chunk(&mut self, out: &mut Vec<u8>) -> Option<Transaction> {
+        self.state = State::Command;
+        if let Some(r) = self.chunk_verdict.take() {
+            if r == Rejection::MessageTooBig {
+                // The message cannot be completed; the client must start over with MAIL.
+                self.reset_txn();
+            }
+            self.reject(r, out);
+            return None;
+        }
+        if !self.chunk_last {
+            // Writing into a Vec cannot fail.
+            let _ = write!(out, "250 2.0.0 {} octets received\r\n", self.chunk_len);
+            return None;
+        }
+        let body = std::mem::take(&mut self.body);
+        match self.txn.take() {
+            Some(env) => Some(self.hand_out(env, body)),
+            // `chunk_refusal` only accepts a chunk with a transaction open.
+            None => {
+                out.extend_from_slice(reply::INTERNAL.wire);
+                None
+            }
+        }
+    }
+
+    /// Completes a transaction: the session waits for `message_done`.
+    fn hand_out(&mut self, env: Envelope, body: Vec<u8>) -> Transaction {
+        self.state = State::AwaitQueue;
+        self.stats.messages += 1;
+        Transaction {
+            mail_from: env.mail_from,
+            rcpts: env.rcpts,
+            body,
+            helo: self.helo.clone().unwrap_or_default(),
+            body_8bit: env.body_8bit,
+            size_declared: env.size_declared,
+            smtputf8: env.smtputf8,
+            body_binary: env.body_binary,
+            esmtp: self.esmtp,
+            dsn: env.dsn,
+            rcpt_dsn: env.rcpt_dsn,
+        }
     }
 
     /// The end marker was read: hand the message out, or refuse it and carry on.
@@ -560,19 +871,11 @@ impl Proto {
         match self.reader.finish() {
             Err(DataError::TooBig { .. }) => self.reject(Rejection::MessageTooBig, out),
             Err(DataError::LineTooLong { .. }) => self.reject(Rejection::DataLineTooLong, out),
+            Err(DataError::BareLf) => self.reject(Rejection::BareLf, out),
+            Err(DataError::BareCr) => self.reject(Rejection::BareCr, out),
+            Err(DataError::Nul) => self.reject(Rejection::NulInMessage, out),
             Ok(()) => match txn {
-                Some(env) => {
-                    self.state = State::AwaitQueue;
-                    self.stats.messages += 1;
-                    return Some(Transaction {
-                        mail_from: env.mail_from,
-                        rcpts: env.rcpts,
-                        body,
-                        helo: self.helo.clone().unwrap_or_default(),
-                        body_8bit: env.body_8bit,
-                        size_declared: env.size_declared,
-                    });
-                }
+                Some(env) => return Some(self.hand_out(env, body)),
                 // `data` only enters State::Data with a transaction open, and nothing clears it
                 // there; answer rather than leave the client waiting.
                 None => out.extend_from_slice(reply::INTERNAL.wire),
@@ -594,6 +897,12 @@ impl Proto {
             }
         }
     }
+}
+
+/// A body buffer for a message that declared `declared` bytes: the declaration is a hint, so at
+/// most [`BODY_RESERVE_MAX`] is reserved up front.
+fn body_buffer(declared: Option<usize>, size_max: usize) -> Vec<u8> {
+    Vec::with_capacity(declared.unwrap_or(0).min(size_max).min(BODY_RESERVE_MAX))
 }
 
 #[cfg(test)]
@@ -676,6 +985,13 @@ mod tests {
             Err(ConfigError::DataLineLenMax(DATA_LINE_LEN_MAX_CEILING + 1))
         );
         assert_eq!(bad(|c| c.errors_max = 0), Err(ConfigError::ErrorsMax));
+        assert_eq!(
+            bad(|c| {
+                c.binarymime = true;
+                c.chunking = false;
+            }),
+            Err(ConfigError::BinaryMimeNeedsChunking)
+        );
         assert_eq!(bad(|c| c.size_max = 0), Err(ConfigError::SizeMax));
         assert!(bad(|c| c.hostname = "a b".to_owned())
             .is_err_and(|e| e.to_string().starts_with("hostname")));
@@ -695,7 +1011,8 @@ mod tests {
         assert_eq!(
             replies(&mut s, b"EHLO client.test\r\n"),
             "250-mx.test\r\n250-PIPELINING\r\n250-SIZE 26214400\r\n250-8BITMIME\r\n\
-             250 ENHANCEDSTATUSCODES\r\n"
+             250-CHUNKING\r\n250-DSN\r\n250-ENHANCEDSTATUSCODES\r\n\
+             250 SMTPUTF8\r\n"
         );
         assert_eq!(s.helo(), Some("client.test"));
     }
@@ -757,7 +1074,7 @@ mod tests {
             "501 5.5.4 Syntax error in parameters or arguments\r\n"
         );
         assert_eq!(
-            replies(&mut s, b"MAIL FROM:<a@b.test> RET=FULL\r\n"),
+            replies(&mut s, b"MAIL FROM:<a@b.test> XRET=FULL\r\n"),
             "555 5.5.4 Unsupported MAIL FROM or RCPT TO parameter\r\n"
         );
         assert_eq!(
@@ -777,7 +1094,7 @@ mod tests {
             "501 5.1.3 Bad recipient address syntax\r\n"
         );
         assert_eq!(
-            replies(&mut s, b"RCPT TO:<x@y.test> NOTIFY=NEVER\r\n"),
+            replies(&mut s, b"RCPT TO:<x@y.test> XNOTIFY=NEVER\r\n"),
             "555 5.5.4 Unsupported MAIL FROM or RCPT TO parameter\r\n"
         );
         assert_eq!(s.stats().rejected(Rejection::UnknownParameter), 2);
@@ -855,6 +1172,11 @@ mod tests {
                 helo: "client.test".to_owned(),
                 body_8bit: true,
                 size_declared: Some(20),
+                smtputf8: false,
+                body_binary: false,
+                esmtp: true,
+                dsn: None,
+                rcpt_dsn: vec![RcptDsn::default()],
             }
         );
         assert_eq!(
@@ -899,7 +1221,8 @@ mod tests {
         assert_eq!(
             r,
             "250-mx.test\r\n250-PIPELINING\r\n250-SIZE 26214400\r\n250-8BITMIME\r\n\
-             250 ENHANCEDSTATUSCODES\r\n250 2.1.0 Ok\r\n250 2.1.5 Ok\r\n\
+             250-CHUNKING\r\n250-DSN\r\n250-ENHANCEDSTATUSCODES\r\n\
+             250 SMTPUTF8\r\n250 2.1.0 Ok\r\n250 2.1.5 Ok\r\n\
              501 5.1.3 Bad recipient address syntax\r\n250 2.1.5 Ok\r\n\
              354 End data with <CR><LF>.<CR><LF>\r\n"
         );
@@ -1082,13 +1405,13 @@ mod tests {
     fn line_too_long_in_one_piece() {
         let mut s = ready();
         let mut line = b"NOOP ".to_vec();
-        line.resize(LINE_LEN_MAX_RFC - 1, b'a');
+        line.resize(LINE_LEN_MAX_DEFAULT - 1, b'a');
         line.extend_from_slice(b"\r\n");
-        assert_eq!(line.len(), LINE_LEN_MAX_RFC + 1);
+        assert_eq!(line.len(), LINE_LEN_MAX_DEFAULT + 1);
         assert_eq!(replies(&mut s, &line), "500 5.5.6 Line too long\r\n");
         assert_eq!(replies(&mut s, b"NOOP\r\n"), "250 2.0.0 Ok\r\n");
         // Exactly at the limit is fine.
-        line.truncate(LINE_LEN_MAX_RFC - 2);
+        line.truncate(LINE_LEN_MAX_DEFAULT - 2);
         line.extend_from_slice(b"\r\n");
         assert_eq!(replies(&mut s, &line), "250 2.0.0 Ok\r\n");
     }
@@ -1096,8 +1419,8 @@ mod tests {
     #[test]
     fn line_too_long_in_pieces_is_answered_once_and_discarded() {
         let mut s = ready();
-        assert_eq!(replies(&mut s, &[b'a'; 300]), "");
-        assert_eq!(replies(&mut s, &[b'a'; 300]), "500 5.5.6 Line too long\r\n");
+        assert_eq!(replies(&mut s, &[b'a'; 600]), "");
+        assert_eq!(replies(&mut s, &[b'a'; 600]), "500 5.5.6 Line too long\r\n");
         assert!(s.buf.is_empty(), "over-long bytes are not kept");
         assert_eq!(replies(&mut s, &[b'a'; 3000]), "");
         assert!(s.buf.is_empty());
@@ -1116,7 +1439,9 @@ mod tests {
             (
                 String::new()
                     + "250-mx.test\r\n250-PIPELINING\r\n250-SIZE 26214400\r\n250-8BITMIME\r\n"
-                    + "250 ENHANCEDSTATUSCODES\r\n500 5.5.2 Command unrecognized\r\n"
+                    + "250-CHUNKING\r\n250-DSN\r\n"
+                    + "250-ENHANCEDSTATUSCODES\r\n250 SMTPUTF8\r\n"
+                    + "500 5.5.2 Command unrecognized\r\n"
                     + "250 2.1.0 Ok\r\n555 5.5.4 Unsupported MAIL FROM or RCPT TO parameter\r\n",
                 Step::NeedInput
             )
@@ -1204,7 +1529,7 @@ mod tests {
     fn garbage_never_panics_and_buffers_stay_bounded() {
         // Fragments that steer the session into every state, mixed with random bytes and with
         // whole transactions carrying random bodies.
-        let pieces: [&[u8]; 14] = [
+        let pieces: [&[u8]; 19] = [
             b"EHLO x\r\n",
             b"MAIL FROM:<a@b.c>\r\n",
             b"MAIL FROM:<a@b.c> SIZE=99999999999\r\n",
@@ -1219,10 +1544,17 @@ mod tests {
             b"<\"@[",
             b"RSET\r\n",
             b"MAIL FROM:<a@b.c>\r\nRCPT TO:<x@y.z>\r\nDATA\r\n",
+            b"BDAT 7\r\n",
+            b"BDAT 2 LAST\r\n",
+            b"BDAT 0 LAST\r\n",
+            b"MAIL FROM:<\xc3\xa9@b.c> SMTPUTF8 BODY=BINARYMIME RET=FULL ENVID=x\r\n",
+            b"RCPT TO:<x@y.z> NOTIFY=NEVER ORCPT=rfc822;x+40y\r\n",
         ];
         let cfg = cfg_with(|c| {
             c.size_max = 2000;
             c.errors_max = 1000;
+            c.bare_lf = BareLf::Reject;
+            c.binarymime = true;
         });
         let mut seed = 0x9e37_79b9_7f4a_7c15_u64;
         let mut messages = 0;
@@ -1261,12 +1593,440 @@ mod tests {
                     break;
                 }
                 if s.proto.state == State::Command {
-                    assert!(s.buf.len() < LINE_LEN_MAX_RFC, "{}", s.buf.len());
+                    assert!(s.buf.len() < cfg.line_len_max, "{}", s.buf.len());
                 }
                 assert!(s.proto.body.len() <= 2000);
             }
         }
         // The mix must reach DATA often enough to exercise it.
         assert!(messages > 100, "{messages}");
+    }
+    fn ehlo_line(s: &mut Session) -> String {
+        replies(s, b"EHLO client.test\r\n")
+    }
+
+    #[test]
+    fn extensions_follow_the_config() {
+        let mut s = session_with(
+            cfg_with(|c| {
+                c.smtputf8 = false;
+                c.chunking = false;
+                c.dsn = false;
+            }),
+            true,
+        );
+        assert_eq!(
+            ehlo_line(&mut s),
+            "250-mx.test\r\n250-PIPELINING\r\n250-SIZE 26214400\r\n250-8BITMIME\r\n\
+             250 ENHANCEDSTATUSCODES\r\n"
+        );
+        // Parameters of extensions not advertised are refused.
+        for line in [
+            &b"MAIL FROM:<a@b.test> SMTPUTF8\r\n"[..],
+            b"MAIL FROM:<a@b.test> RET=FULL\r\n",
+            b"MAIL FROM:<a@b.test> ENVID=x\r\n",
+        ] {
+            assert_eq!(
+                replies(&mut s, line),
+                "555 5.5.4 Unsupported MAIL FROM or RCPT TO parameter\r\n",
+                "{line:?}"
+            );
+        }
+        assert_eq!(
+            replies(&mut s, b"MAIL FROM:<a@b.test> BODY=BINARYMIME\r\n"),
+            "501 5.5.4 Syntax error in parameters or arguments\r\n"
+        );
+        assert_eq!(
+            replies(&mut s, "MAIL FROM:<pelé@b.test>\r\n".as_bytes()),
+            "553 5.6.7 Non-ASCII addresses not permitted for that sender\r\n"
+        );
+        replies(&mut s, b"MAIL FROM:<a@b.test>\r\n");
+        assert_eq!(
+            replies(&mut s, b"RCPT TO:<x@y.test> NOTIFY=NEVER\r\n"),
+            "555 5.5.4 Unsupported MAIL FROM or RCPT TO parameter\r\n"
+        );
+        replies(&mut s, b"RCPT TO:<x@y.test>\r\n");
+        // BDAT is refused, but its octets are still read, so "QUIT" inside is not a command.
+        assert_eq!(
+            talk(&mut s, b"BDAT 6\r\nQUIT\r\nNOOP\r\n"),
+            (
+                "502 5.5.1 Command not implemented\r\n250 2.0.0 Ok\r\n".to_owned(),
+                Step::NeedInput
+            )
+        );
+    }
+
+    #[test]
+    fn smtputf8_addresses_need_the_mail_parameter() {
+        let mut s = ready();
+        assert_eq!(
+            replies(&mut s, "MAIL FROM:<pelé@exämple.test>\r\n".as_bytes()),
+            "553 5.6.7 Non-ASCII addresses not permitted for that sender\r\n"
+        );
+        assert_eq!(s.stats().rejected(Rejection::NonAsciiSender), 1);
+        replies(&mut s, b"MAIL FROM:<a@b.test>\r\n");
+        assert_eq!(
+            replies(&mut s, "RCPT TO:<用户@例子.测试>\r\n".as_bytes()),
+            "553 5.6.7 Non-ASCII addresses not permitted for that recipient\r\n"
+        );
+        assert_eq!(replies(&mut s, b"RSET\r\n"), "250 2.0.0 Ok\r\n");
+        let (r, step) = talk(
+            &mut s,
+            "MAIL FROM:<pelé@exämple.test> SMTPUTF8\r\nRCPT TO:<用户@例子.测试>\r\n\
+             RCPT TO:<x@y.test>\r\nDATA\r\nSubject: héllo\r\n.\r\n"
+                .as_bytes(),
+        );
+        assert_eq!(
+            r,
+            "250 2.1.0 Ok\r\n250 2.1.5 Ok\r\n250 2.1.5 Ok\r\n\
+             354 End data with <CR><LF>.<CR><LF>\r\n"
+        );
+        let t = message(step);
+        assert!(t.smtputf8);
+        assert_eq!(t.mail_from, "pelé@exämple.test");
+        assert_eq!(t.rcpts, ["用户@例子.测试", "x@y.test"]);
+        assert_eq!(t.body, "Subject: héllo\r\n".as_bytes());
+        done_ok(&mut s, "q");
+        // The next transaction starts without SMTPUTF8 again.
+        replies(&mut s, b"MAIL FROM:<a@b.test>\r\n");
+        assert_eq!(
+            replies(&mut s, "RCPT TO:<用户@例子.测试>\r\n".as_bytes()),
+            "553 5.6.7 Non-ASCII addresses not permitted for that recipient\r\n"
+        );
+    }
+
+    /// A session with MAIL and RCPT done.
+    fn in_transaction(cfg: Rc<ServerConfig>, mail: &str) -> Session {
+        let mut s = session_with(cfg, true);
+        let r = replies(
+            &mut s,
+            format!("EHLO c.test\r\n{mail}\r\nRCPT TO:<x@y.test>\r\n").as_bytes(),
+        );
+        assert!(r.ends_with("250 2.1.0 Ok\r\n250 2.1.5 Ok\r\n"), "{r}");
+        s
+    }
+
+    #[test]
+    fn bdat_chunks_are_raw_and_answered_with_their_size() {
+        let mut s = in_transaction(cfg_with(|_| {}), "MAIL FROM:<a@b.test>");
+        let (r, step) = talk(&mut s, b"BDAT 8\r\n..x\r\n.\r\n");
+        assert_eq!(
+            (r.as_str(), step),
+            ("250 2.0.0 8 octets received\r\n", Step::NeedInput)
+        );
+        let (r, step) = talk(&mut s, b"BDAT 0\r\nBDAT 3 LAST\r\nend");
+        assert_eq!(r, "250 2.0.0 0 octets received\r\n");
+        let t = message(step);
+        // No dot-unstuffing and no end marker: the octets as sent.
+        assert_eq!(t.body, b"..x\r\n.\r\nend");
+        assert_eq!(t.rcpt_dsn.len(), 1);
+        assert_eq!(done_ok(&mut s, "B1"), "250 2.0.0 Ok: queued as B1\r\n");
+        assert_eq!(s.stats().messages, 1);
+        // The transaction is over.
+        assert_eq!(
+            replies(&mut s, b"RCPT TO:<x@y.test>\r\n"),
+            "503 5.5.1 Send MAIL first\r\n"
+        );
+    }
+
+    #[test]
+    fn bdat_zero_last_ends_the_message() {
+        let mut s = in_transaction(cfg_with(|_| {}), "MAIL FROM:<>");
+        let (r, step) = talk(&mut s, b"BDAT 4\r\nabcdBDAT 0 LAST\r\n");
+        assert_eq!(r, "250 2.0.0 4 octets received\r\n");
+        assert_eq!(message(step).body, b"abcd");
+    }
+
+    fn binary_cfg() -> Rc<ServerConfig> {
+        cfg_with(|c| c.binarymime = true)
+    }
+
+    #[test]
+    fn binarymime_is_advertised_only_when_configured() {
+        let mut s = session_with(binary_cfg(), true);
+        assert!(ehlo_line(&mut s).contains("\r\n250-BINARYMIME\r\n250-CHUNKING\r\n"));
+        let mut s = ready();
+        assert_eq!(
+            replies(&mut s, b"MAIL FROM:<a@b.test> BODY=BINARYMIME\r\n"),
+            "501 5.5.4 Syntax error in parameters or arguments\r\n"
+        );
+    }
+
+    const BDAT_SAMPLE: &[u8] = b"MAIL FROM:<a@b.test> BODY=BINARYMIME\r\nRCPT TO:<x@y.test>\r\n\
+        BDAT 7\r\n\0\n\r.\r\n\xffBDAT 5 LAST\r\nQUIT\r\nNOOP\r\n";
+    const BDAT_BODY: &[u8] = b"\0\n\r.\r\n\xffQUIT\r";
+
+    #[test]
+    fn bdat_pipelined_and_split_at_every_byte_boundary() {
+        for split in 0..=BDAT_SAMPLE.len() {
+            let mut s = session_with(binary_cfg(), true);
+            replies(&mut s, b"EHLO c.test\r\n");
+            let (mut r, mut step) = talk(&mut s, &BDAT_SAMPLE[..split]);
+            if matches!(step, Step::Message(_)) {
+                s.input(&BDAT_SAMPLE[split..]);
+            } else {
+                let (r2, step2) = talk(&mut s, &BDAT_SAMPLE[split..]);
+                r.push_str(&r2);
+                step = step2;
+            }
+            assert_eq!(
+                r, "250 2.1.0 Ok\r\n250 2.1.5 Ok\r\n250 2.0.0 7 octets received\r\n",
+                "split {split}"
+            );
+            let t = message(step);
+            assert_eq!(t.body, BDAT_BODY, "split {split}");
+            assert!(t.body_binary && !t.body_8bit);
+            done_ok(&mut s, "x");
+            // The "\n" left after the chunk is an empty line: a syntax error, then NOOP.
+            assert_eq!(
+                replies(&mut s, b""),
+                "500 5.5.2 Command unrecognized\r\n250 2.0.0 Ok\r\n",
+                "split {split}"
+            );
+        }
+    }
+
+    #[test]
+    fn bdat_octets_stream_straight_into_the_body() {
+        let mut s = in_transaction(cfg_with(|_| {}), "MAIL FROM:<a@b.test>");
+        assert_eq!(
+            talk(&mut s, b"BDAT 10 LAST\r\n"),
+            (String::new(), Step::NeedInput)
+        );
+        assert!(s.in_data() && s.wants_input());
+        s.input(b"01234");
+        assert!(s.buf.is_empty(), "chunk bytes bypass the input buffer");
+        s.input(b"56789NOOP\r\n");
+        assert_eq!(s.buf, b"NOOP\r\n");
+        let (r, step) = talk(&mut s, b"");
+        assert_eq!(r, "");
+        assert_eq!(message(step).body, b"0123456789");
+        assert!(!s.in_data());
+    }
+
+    #[test]
+    fn bdat_size_limit_across_chunks() {
+        let mut s = in_transaction(cfg_with(|c| c.size_max = 10), "MAIL FROM:<a@b.test>");
+        assert_eq!(
+            replies(&mut s, b"BDAT 6\r\n123456"),
+            "250 2.0.0 6 octets received\r\n"
+        );
+        // The chunk that goes over is read in full, refused, and ends the transaction; a
+        // pipelined chunk behind it is read and refused too.
+        assert_eq!(
+            talk(&mut s, b"BDAT 6\r\nRSET\r\nBDAT 4 LAST\r\nQUITNOOP\r\n"),
+            (
+                "552 5.3.4 Message too big\r\n503 5.5.1 Send MAIL first\r\n250 2.0.0 Ok\r\n"
+                    .to_owned(),
+                Step::NeedInput
+            )
+        );
+        assert_eq!(s.stats().rejected(Rejection::MessageTooBig), 1);
+        // A message of exactly size_max is fine.
+        replies(&mut s, b"MAIL FROM:<a@b.test>\r\nRCPT TO:<x@y.test>\r\n");
+        let t = message(talk(&mut s, b"BDAT 4\r\n1234BDAT 6 LAST\r\n123456").1);
+        assert_eq!(t.body, b"1234123456");
+        done_ok(&mut s, "x");
+        // An absurd size is drained, not buffered.
+        replies(&mut s, b"MAIL FROM:<a@b.test>\r\nRCPT TO:<x@y.test>\r\n");
+        assert_eq!(
+            talk(&mut s, b"BDAT 99999999999999999999\r\n"),
+            (String::new(), Step::NeedInput)
+        );
+        s.input(&[b'z'; 5000]);
+        assert!(s.buf.is_empty() && s.proto.body.is_empty());
+    }
+
+    #[test]
+    fn bdat_sequencing() {
+        // Without MAIL, without RCPT: refused after the octets are consumed.
+        let mut s = ready();
+        assert_eq!(
+            talk(&mut s, b"BDAT 6 LAST\r\nQUIT\r\nNOOP\r\n"),
+            (
+                "503 5.5.1 Send MAIL first\r\n250 2.0.0 Ok\r\n".to_owned(),
+                Step::NeedInput
+            )
+        );
+        replies(&mut s, b"MAIL FROM:<a@b.test>\r\n");
+        assert_eq!(
+            replies(&mut s, b"BDAT 4\r\nRSET"),
+            "554 5.5.1 No valid recipients\r\n"
+        );
+        // BDAT then DATA in one transaction.
+        replies(&mut s, b"RCPT TO:<x@y.test>\r\n");
+        assert_eq!(
+            replies(&mut s, b"BDAT 2\r\nhiDATA\r\n"),
+            "250 2.0.0 2 octets received\r\n503 5.5.1 DATA not allowed after BDAT\r\n"
+        );
+        assert_eq!(s.stats().rejected(Rejection::DataAfterBdat), 1);
+        // The transaction, and its chunks, are gone.
+        assert!(s.proto.txn.is_none() && s.proto.body.is_empty());
+        // RSET drops chunks received so far.
+        replies(&mut s, b"MAIL FROM:<a@b.test>\r\nRCPT TO:<x@y.test>\r\n");
+        replies(&mut s, b"BDAT 3\r\nold");
+        assert_eq!(replies(&mut s, b"RSET\r\n"), "250 2.0.0 Ok\r\n");
+        replies(&mut s, b"MAIL FROM:<a@b.test>\r\nRCPT TO:<x@y.test>\r\n");
+        assert_eq!(message(talk(&mut s, b"BDAT 3 LAST\r\nnew").1).body, b"new");
+    }
+
+    #[test]
+    fn binarymime_needs_bdat() {
+        let mut s = in_transaction(binary_cfg(), "MAIL FROM:<a@b.test> BODY=BINARYMIME");
+        assert_eq!(
+            replies(&mut s, b"DATA\r\n"),
+            "503 5.5.1 BODY=BINARYMIME requires BDAT\r\n"
+        );
+        // The transaction survives, so the client can still send it properly.
+        let t = message(talk(&mut s, b"BDAT 2 LAST\r\n\0\0").1);
+        assert!(t.body_binary);
+        assert_eq!(t.body, b"\0\0");
+    }
+
+    #[test]
+    fn dsn_parameters_are_kept_for_bounces() {
+        let mut s = ready();
+        let (r, step) = talk(
+            &mut s,
+            b"MAIL FROM:<a@b.test> RET=HDRS ENVID=QQ+2B1\r\n\
+              RCPT TO:<x@y.test> NOTIFY=SUCCESS,FAILURE ORCPT=rfc822;X+40Y.test\r\n\
+              RCPT TO:<bad> NOTIFY=NEVER\r\n\
+              RCPT TO:<z@y.test>\r\nRCPT TO:<w@y.test> NOTIFY=NEVER\r\nDATA\r\n.\r\n",
+        );
+        assert!(r.contains("501 5.1.3"), "{r}");
+        let t = message(step);
+        assert_eq!(
+            t.dsn,
+            Some(DsnEnvelope {
+                ret: Some(Ret::Hdrs),
+                envid: Some("QQ+1".to_owned())
+            })
+        );
+        assert_eq!(t.rcpts.len(), 3);
+        assert_eq!(
+            t.rcpt_dsn,
+            [
+                RcptDsn {
+                    notify: Some(Notify {
+                        success: true,
+                        failure: true,
+                        delay: false
+                    }),
+                    orcpt: Some(Orcpt {
+                        addr_type: "rfc822".to_owned(),
+                        address: "X@Y.test".to_owned()
+                    })
+                },
+                RcptDsn::default(),
+                RcptDsn {
+                    notify: Some(Notify::default()),
+                    orcpt: None
+                },
+            ]
+        );
+        done_ok(&mut s, "x");
+        // Without DSN parameters there is no DSN envelope.
+        replies(&mut s, b"MAIL FROM:<a@b.test>\r\nRCPT TO:<x@y.test>\r\n");
+        assert_eq!(message(talk(&mut s, b"DATA\r\n.\r\n").1).dsn, None);
+    }
+
+    #[test]
+    fn bad_dsn_values_get_555() {
+        let mut s = ready();
+        let bad = "555 5.5.4 Invalid DSN parameter value\r\n";
+        assert_eq!(replies(&mut s, b"MAIL FROM:<a@b.test> RET=BODY\r\n"), bad);
+        assert_eq!(
+            replies(&mut s, b"MAIL FROM:<a@b.test> ENVID=a+0Ab\r\n"),
+            bad
+        );
+        replies(&mut s, b"MAIL FROM:<a@b.test>\r\n");
+        assert_eq!(
+            replies(&mut s, b"RCPT TO:<x@y.test> NOTIFY=NEVER,DELAY\r\n"),
+            bad
+        );
+        assert_eq!(
+            replies(&mut s, b"RCPT TO:<x@y.test> ORCPT=x@y.test\r\n"),
+            bad
+        );
+        assert_eq!(s.stats().rejected(Rejection::BadDsnParameter), 4);
+    }
+
+    #[test]
+    fn a_dsn_rcpt_line_of_maximum_length_fits() {
+        let mut s = in_transaction(cfg_with(|_| {}), "MAIL FROM:<a@b.test>");
+        let local = "l".repeat(64);
+        let domain = vec!["d".repeat(60); 3].join(".");
+        let orcpt = "o".repeat(super::super::parser::ORCPT_LEN_MAX - "rfc822;".len());
+        let line = format!(
+            "RCPT TO:<{local}@{domain}> NOTIFY=SUCCESS,FAILURE,DELAY ORCPT=rfc822;{orcpt}\r\n"
+        );
+        assert!(line.len() > LINE_LEN_MAX_RFC);
+        assert_eq!(replies(&mut s, line.as_bytes()), "250 2.1.5 Ok\r\n");
+    }
+
+    #[test]
+    fn bare_lf_policy() {
+        const MSG: &[u8] = b"MAIL FROM:<a@b.test>\r\nRCPT TO:<x@y.test>\r\nDATA\r\na\nb\r\n.\r\n";
+        // Default: kept, as before.
+        let mut s = ready();
+        assert_eq!(message(talk(&mut s, MSG).1).body, b"a\nb\r\n");
+        // Reject: refused after the end marker, and the session goes on.
+        let mut s = session_with(cfg_with(|c| c.bare_lf = BareLf::Reject), true);
+        replies(&mut s, b"EHLO c.test\r\n");
+        assert_eq!(
+            talk(&mut s, MSG),
+            (
+                "250 2.1.0 Ok\r\n250 2.1.5 Ok\r\n354 End data with <CR><LF>.<CR><LF>\r\n\
+                 554 5.6.0 Bare LF not allowed in message, use CRLF\r\n"
+                    .to_owned(),
+                Step::NeedInput
+            )
+        );
+        assert_eq!(s.stats().rejected(Rejection::BareLf), 1);
+        assert!(s.proto.txn.is_none());
+        let cr = b"MAIL FROM:<a@b.test>\r\nRCPT TO:<x@y.test>\r\nDATA\r\na\rb\r\n.\r\n";
+        assert!(talk(&mut s, cr)
+            .0
+            .ends_with("\r\n554 5.6.0 Bare CR not allowed in message, use CRLF\r\n"));
+        let ok = b"MAIL FROM:<a@b.test>\r\nRCPT TO:<x@y.test>\r\nDATA\r\nfine\r\n.\r\n";
+        assert_eq!(message(talk(&mut s, ok).1).body, b"fine\r\n");
+    }
+
+    #[test]
+    fn nul_policy() {
+        const MSG: &[u8] = b"MAIL FROM:<a@b.test>\r\nRCPT TO:<x@y.test>\r\nDATA\r\na\0b\r\n.\r\n";
+        let mut s = ready();
+        assert_eq!(message(talk(&mut s, MSG).1).body, b"a\0b\r\n");
+        let mut s = session_with(cfg_with(|c| c.nul = NulByte::Reject), true);
+        replies(&mut s, b"EHLO c.test\r\n");
+        assert!(talk(&mut s, MSG)
+            .0
+            .ends_with("\r\n554 5.6.0 NUL byte not allowed in message\r\n"));
+        assert_eq!(s.stats().rejected(Rejection::NulInMessage), 1);
+    }
+
+    #[test]
+    fn messages_per_session_limit() {
+        let mut s = session_with(cfg_with(|c| c.messages_per_session_max = 2), true);
+        replies(&mut s, b"EHLO c.test\r\n");
+        let txn = b"MAIL FROM:<a@b.test>\r\nRCPT TO:<x@y.test>\r\nDATA\r\n.\r\n";
+        for _ in 0..2 {
+            message(talk(&mut s, txn).1);
+            done_ok(&mut s, "x");
+        }
+        assert_eq!(
+            talk(&mut s, b"RSET\r\nMAIL FROM:<a@b.test>\r\nNOOP\r\n"),
+            (
+                "250 2.0.0 Ok\r\n421 4.7.0 Too many messages, reconnect\r\n".to_owned(),
+                Step::Close
+            )
+        );
+        assert_eq!(s.stats().rejected(Rejection::TooManyMessages), 1);
+        // 0 means unlimited.
+        let mut s = ready();
+        for _ in 0..20 {
+            message(talk(&mut s, txn).1);
+            done_ok(&mut s, "x");
+        }
     }
 }

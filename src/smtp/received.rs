@@ -1,0 +1,195 @@
+//! The trace header a receiving MTA prepends (RFC 5321 4.4), as a pure function.
+//!
+//! Job: format `Received:` exactly, from values the adapter already has (our name, the client's
+//! EHLO name and address, the queue id, the time). No clock is read here: the time comes in as
+//! Unix seconds, so the output is reproducible in tests and in simulation.
+//!
+//! Invariants:
+//! - The result is one header field in wire form: folded lines joined by CRLF + TAB, ending in
+//!   CRLF, every byte printable ASCII or TAB except a UTF-8 recipient in an SMTPUTF8 message
+//!   (RFC 6532 allows UTF-8 in header fields then).
+//! - Client-supplied text (the EHLO name) cannot inject CR, LF or anything outside printable
+//!   ASCII into the header: such bytes are dropped.
+
+use std::fmt::Write as _;
+use std::net::IpAddr;
+
+const WEEKDAYS: [&str; 7] = ["Thu", "Fri", "Sat", "Sun", "Mon", "Tue", "Wed"];
+const MONTHS: [&str; 12] = [
+    "Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec",
+];
+const SECONDS_PER_DAY: u64 = 86_400;
+
+/// The `with` protocol keyword (RFC 3848 for the ESMTP family, RFC 6531 3.7.3 for UTF8SMTP):
+/// `esmtp` is EHLO rather than HELO, `smtputf8` the transaction's MAIL parameter, `tls` a
+/// STARTTLS-protected session, `auth` an authenticated client.
+pub fn received_protocol(esmtp: bool, smtputf8: bool, tls: bool, auth: bool) -> &'static str {
+    match (esmtp || smtputf8, smtputf8, tls, auth) {
+        (false, _, _, _) => "SMTP",
+        (true, false, false, false) => "ESMTP",
+        (true, false, true, false) => "ESMTPS",
+        (true, false, false, true) => "ESMTPA",
+        (true, false, true, true) => "ESMTPSA",
+        (true, true, false, false) => "UTF8SMTP",
+        (true, true, true, false) => "UTF8SMTPS",
+        (true, true, false, true) => "UTF8SMTPA",
+        (true, true, true, true) => "UTF8SMTPSA",
+    }
+}
+
+/// An RFC 5322 3.3 date-time in UTC for `unix_s` seconds since the epoch, e.g.
+/// `Wed, 25 Nov 2026 05:53:25 +0000`.
+pub fn rfc5322_date(unix_s: u64) -> String {
+    let days = unix_s / SECONDS_PER_DAY;
+    let secs = unix_s % SECONDS_PER_DAY;
+    let (year, month, day) = civil_from_days(days);
+    // Indices are reduced modulo the table lengths, so they are in range.
+    let weekday = WEEKDAYS[(days % 7) as usize];
+    let month = MONTHS[(month - 1) as usize % 12];
+    format!(
+        "{weekday}, {day:02} {month} {year} {:02}:{:02}:{:02} +0000",
+        secs / 3600,
+        secs / 60 % 60,
+        secs % 60
+    )
+}
+
+/// Proleptic Gregorian (year, month 1..=12, day 1..=31) of a day count since 1970-01-01
+/// (Howard Hinnant's `civil_from_days`, for non-negative day counts).
+fn civil_from_days(days: u64) -> (u64, u64, u64) {
+    let z = days + 719_468;
+    let era = z / 146_097;
+    let doe = z % 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + u64::from(month <= 2);
+    (year, month, day)
+}
+
+/// Appends `s` keeping only printable ASCII, so client text cannot break the header.
+fn push_printable(out: &mut String, s: &str) {
+    out.extend(s.chars().filter(|c| matches!(c, '!'..='~')));
+}
+
+/// The `Received:` header field for one message, CRLF-terminated, ready to prepend to the body:
+///
+/// ```text
+/// Received: from client.example ([192.0.2.1])\r\n
+/// \tby mx.example.net with ESMTP id 0001AB\r\n
+/// \tfor <bob@example.net>; Wed, 25 Nov 2026 05:53:25 +0000\r\n
+/// ```
+///
+/// `from_helo` is the EHLO/HELO name as given, `peer_ip` the client's address (written as an
+/// address literal, RFC 5321 4.1.3), `protocol` a keyword from [`received_protocol`], `id` our
+/// queue id, `for_rcpt` the recipient when the message has exactly one (RFC 5321 4.4 advises
+/// against listing several, which leaks Bcc), and `unix_s` the time of receipt.
+pub fn received_header(
+    by_host: &str,
+    from_helo: &str,
+    peer_ip: IpAddr,
+    protocol: &str,
+    id: &str,
+    for_rcpt: Option<&str>,
+    unix_s: u64,
+) -> String {
+    let mut h = String::with_capacity(160);
+    h.push_str("Received: from ");
+    push_printable(&mut h, from_helo);
+    // Writing into a String cannot fail.
+    let _ = match peer_ip {
+        IpAddr::V4(ip) => write!(h, " ([{ip}])"),
+        IpAddr::V6(ip) => write!(h, " ([IPv6:{ip}])"),
+    };
+    h.push_str("\r\n\tby ");
+    push_printable(&mut h, by_host);
+    h.push_str(" with ");
+    push_printable(&mut h, protocol);
+    h.push_str(" id ");
+    push_printable(&mut h, id);
+    if let Some(rcpt) = for_rcpt {
+        h.push_str("\r\n\tfor <");
+        // A UTF-8 address is allowed in an SMTPUTF8 message; controls and spaces never are.
+        h.extend(rcpt.chars().filter(|c| !c.is_control() && *c != ' '));
+        h.push('>');
+    }
+    h.push_str(";\r\n\t");
+    h.push_str(&rfc5322_date(unix_s));
+    h.push_str("\r\n");
+    h
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::net::{Ipv4Addr, Ipv6Addr};
+
+    /// 2026-11-25 05:53:25 UTC, a Wednesday.
+    const T: u64 = 1_795_586_005;
+
+    #[test]
+    fn dates() {
+        assert_eq!(rfc5322_date(0), "Thu, 01 Jan 1970 00:00:00 +0000");
+        assert_eq!(rfc5322_date(T), "Wed, 25 Nov 2026 05:53:25 +0000");
+        // Leap day, and the day after.
+        assert_eq!(rfc5322_date(951_782_400), "Tue, 29 Feb 2000 00:00:00 +0000");
+        assert_eq!(rfc5322_date(951_868_799), "Tue, 29 Feb 2000 23:59:59 +0000");
+        assert_eq!(rfc5322_date(951_868_800), "Wed, 01 Mar 2000 00:00:00 +0000");
+        assert_eq!(
+            rfc5322_date(1_704_067_199),
+            "Sun, 31 Dec 2023 23:59:59 +0000"
+        );
+    }
+
+    #[test]
+    fn exact_format_with_one_recipient() {
+        let h = received_header(
+            "mx.example.net",
+            "client.example",
+            IpAddr::V4(Ipv4Addr::new(192, 0, 2, 1)),
+            "ESMTP",
+            "0001AB",
+            Some("bob@example.net"),
+            T,
+        );
+        assert_eq!(
+            h,
+            "Received: from client.example ([192.0.2.1])\r\n\
+             \tby mx.example.net with ESMTP id 0001AB\r\n\
+             \tfor <bob@example.net>;\r\n\
+             \tWed, 25 Nov 2026 05:53:25 +0000\r\n"
+        );
+    }
+
+    #[test]
+    fn ipv6_no_recipient_and_hostile_helo() {
+        let h = received_header(
+            "mx.test",
+            "evil\r\nX-Injected: 1",
+            IpAddr::V6(Ipv6Addr::LOCALHOST),
+            "UTF8SMTPS",
+            "Q1",
+            None,
+            0,
+        );
+        assert_eq!(
+            h,
+            "Received: from evilX-Injected:1 ([IPv6:::1])\r\n\
+             \tby mx.test with UTF8SMTPS id Q1;\r\n\
+             \tThu, 01 Jan 1970 00:00:00 +0000\r\n"
+        );
+        assert_eq!(h.matches("\r\n").count(), 3);
+    }
+
+    #[test]
+    fn protocols() {
+        assert_eq!(received_protocol(false, false, false, false), "SMTP");
+        assert_eq!(received_protocol(true, false, false, false), "ESMTP");
+        assert_eq!(received_protocol(true, false, true, false), "ESMTPS");
+        assert_eq!(received_protocol(true, false, true, true), "ESMTPSA");
+        assert_eq!(received_protocol(true, true, false, false), "UTF8SMTP");
+        assert_eq!(received_protocol(true, true, true, true), "UTF8SMTPSA");
+    }
+}
