@@ -45,6 +45,7 @@ pub async fn accept_loop(ctx: Rc<ShardCtx>, listener: TcpListener, implicit_tls:
         size_max: ctx.settings.config.server.size_max,
         rcpts_max: ctx.settings.config.server.rcpts_max,
         errors_max: ctx.settings.config.server.errors_max,
+        starttls: true,
         ..ServerConfig::default()
     });
     let stopped = Rc::new(Cell::new(false));
@@ -196,6 +197,9 @@ async fn session(
         plain: Vec::new(),
     };
     let mut session = Session::new(cfg, relay_allowed);
+    if implicit_tls {
+        session.tls_started();
+    }
     let mut out = Vec::with_capacity(4096);
     let mut buf = vec![0u8; READ_BUF_BYTES];
     session.greeting(&mut out);
@@ -249,6 +253,14 @@ async fn session(
                         session.message_done(Err(reply), &mut out);
                     }
                 }
+            }
+            Step::StartTls => {
+                // The 220 goes out in plaintext; everything after it through TLS.
+                io.write(&out).await?;
+                out.clear();
+                let tls = TlsLayer::new(ctx.settings.tls.clone()).map_err(std::io::Error::other)?;
+                io.tls = Some(tls);
+                session.tls_started();
             }
             Step::Close => {
                 if !out.is_empty() {

@@ -101,3 +101,112 @@ fn tls_key_without_certificate_is_refused() {
     let ran = Epoxi::try_start(&opts).err().expect("refused");
     assert!(ran.stderr.contains("server.tls_cert"), "{}", ran.stderr);
 }
+
+#[test]
+fn starttls_with_smtplib() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let sink = Sink::start(dir.path(), &[]);
+    let epoxi = Epoxi::start(&Opts::new(dir.path()).route(sink.port));
+    let script = format!(
+        r#"
+import smtplib, ssl
+ctx = ssl.create_default_context()
+ctx.check_hostname = False
+ctx.verify_mode = ssl.CERT_NONE
+with smtplib.SMTP("127.0.0.1", {port}, timeout=10) as s:
+    s.ehlo("client.test")
+    assert s.has_extn("starttls"), s.esmtp_features
+    s.starttls(context=ctx)
+    s.ehlo("client.test")
+    assert not s.has_extn("starttls"), "offered again after TLS"
+    s.sendmail("a@x.test", ["b@d3.test"], "X-Loadgen-Id: starttls-1\r\n\r\nhi\r\n")
+    print(s.sock.version())
+"#,
+        port = epoxi.port
+    );
+    let out = Command::new("python3")
+        .args(["-c", &script])
+        .output()
+        .expect("python3");
+    let text =
+        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "smtplib starttls:\n{text}");
+    let receptions = epoxi.wait_events("Reception", 1);
+    assert!(
+        receptions[0]["tls"]
+            .as_str()
+            .unwrap_or_default()
+            .starts_with("TLSv1_"),
+        "{}",
+        receptions[0]
+    );
+    epoxi.wait_events("Delivery", 1);
+    let mut epoxi = epoxi;
+    epoxi.stop();
+    assert_eq!(sink.stop().ids, vec!["starttls-1".to_owned()]);
+}
+
+#[test]
+fn relay_to_a_starttls_server_encrypts_and_required_tls_never_falls_back() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let sink = Sink::start(dir.path(), &[]);
+    // B: the next hop, offering STARTTLS, relaying to the sink.
+    let b = Epoxi::start(
+        &Opts::new(&dir.path().join("b"))
+            .route(sink.port)
+            .log_dir(dir.path().join("b-log")),
+    );
+    // A: relays *.test to B with the default (opportunistic) STARTTLS, and one domain to the
+    // sink (no STARTTLS there) with TLS required.
+    let mut conf = Opts::new(&dir.path().join("a")).log_dir(dir.path().join("a-log"));
+    conf.conf.raw = format!(
+        "[[route]]\ndomain = \"d0.test\"\ntarget = \"127.0.0.1:{}\"\ntls = \"required\"\n\
+         [[route]]\ndomain = \"*.test\"\ntarget = \"127.0.0.1:{}\"\n",
+        sink.port, b.port
+    );
+    let tmp_ca = dir.path().join("ca.pem");
+    std::fs::write(&tmp_ca, SELF_SIGNED_CA).expect("write CA file");
+    conf = conf.set(
+        "delivery",
+        "tls_ca_file",
+        &format!("\"{}\"", tmp_ca.display()),
+    );
+    let a = Epoxi::start(&conf);
+
+    // 20 messages over d0..d4: 4 of them to d0.test (required TLS), 16 through B.
+    let injected = Inject::new(20).domains(5).run(dir.path(), a.port);
+    assert_eq!(injected.count("accepted"), 20, "{}", injected.json);
+    let through_b = b.wait_events("Reception", 16);
+    for r in &through_b {
+        assert!(
+            r["tls"].as_str().unwrap_or_default().starts_with("TLSv1_"),
+            "A→B not encrypted: {r}"
+        );
+    }
+    b.wait_events("Delivery", 16);
+    // d0.test: the sink offers no STARTTLS, so A defers instead of sending in plaintext.
+    let deferred = a.wait_events("TransientFailure", 4);
+    assert!(
+        deferred.iter().all(|d| d["domain"] == "d0.test"),
+        "{deferred:?}"
+    );
+    for d in &deferred {
+        let text = d["response"]["text"].as_str().unwrap_or_default();
+        assert!(text.contains("STARTTLS"), "{d}");
+    }
+    assert!(
+        a.events_of("Delivery")
+            .iter()
+            .all(|d| d["domain"] != "d0.test"),
+        "required TLS must never fall back to plaintext"
+    );
+    let (mut a, mut b) = (a, b);
+    a.stop();
+    b.stop();
+    let report = sink.stop();
+    assert_eq!(report.count("unique"), 16, "{}", report.json);
+}
+
+/// A CA bundle for the required-TLS route: any valid PEM certificate will do, since the sink
+/// never gets as far as presenting one (it offers no STARTTLS).
+const SELF_SIGNED_CA: &str = include_str!("data/ca.pem");

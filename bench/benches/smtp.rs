@@ -96,7 +96,7 @@ fn server(c: &mut Criterion) {
                             s.message_done(Ok("0000000000000001"), out);
                         }
                         Step::Close => break,
-                        Step::NeedInput => unreachable!("the batch is complete"),
+                        Step::NeedInput | Step::StartTls => unreachable!("the batch is complete"),
                     }
                 }
             },

@@ -937,8 +937,14 @@ mod tests {
     fn starttls_upgrade_then_ehlo_again() {
         let mut c = with_policy(TlsPolicy::Opportunistic);
         assert_eq!(feed(&mut c, b"220 mx.test ESMTP\r\n").0, "EHLO me.test\r\n");
-        assert_eq!(feed(&mut c, EHLO_TLS), ("STARTTLS\r\n".to_owned(), ClientStep::NeedInput));
-        assert_eq!(feed(&mut c, b"220 2.0.0 Ready to start TLS\r\n").1, ClientStep::StartTls);
+        assert_eq!(
+            feed(&mut c, EHLO_TLS),
+            ("STARTTLS\r\n".to_owned(), ClientStep::NeedInput)
+        );
+        assert_eq!(
+            feed(&mut c, b"220 2.0.0 Ready to start TLS\r\n").1,
+            ClientStep::StartTls
+        );
         assert!(!c.is_tls());
         let mut out = Vec::new();
         c.tls_started(&mut out);
@@ -946,7 +952,11 @@ mod tests {
         assert!(c.is_tls());
         assert!(!c.capabilities().pipelining, "forgotten until the new EHLO");
         let (out, step) = feed(&mut c, b"250-mx.test\r\n250-PIPELINING\r\n250 STARTTLS\r\n");
-        assert_eq!((out.as_str(), step), ("", ClientStep::Ready), "no second STARTTLS");
+        assert_eq!(
+            (out.as_str(), step),
+            ("", ClientStep::Ready),
+            "no second STARTTLS"
+        );
         assert!(c.capabilities().pipelining);
     }
 
@@ -959,11 +969,17 @@ mod tests {
         let mut c = with_policy(TlsPolicy::Required);
         feed(&mut c, b"220 mx\r\n");
         let step = feed(&mut c, EHLO_PIPE).1;
-        assert!(matches!(step, ClientStep::Failed(ref r) if r.code == 421), "{step:?}");
+        assert!(
+            matches!(step, ClientStep::Failed(ref r) if r.code == 421),
+            "{step:?}"
+        );
         let mut c = with_policy(TlsPolicy::Required);
         feed(&mut c, b"220 mx\r\n");
         feed(&mut c, b"500 no EHLO\r\n");
-        assert!(matches!(feed(&mut c, b"250 mx\r\n").1, ClientStep::Failed(_)), "HELO has no TLS");
+        assert!(
+            matches!(feed(&mut c, b"250 mx\r\n").1, ClientStep::Failed(_)),
+            "HELO has no TLS"
+        );
         let mut c = with_policy(TlsPolicy::Disabled);
         feed(&mut c, b"220 mx\r\n");
         assert_eq!(feed(&mut c, EHLO_TLS), (String::new(), ClientStep::Ready));
@@ -971,12 +987,18 @@ mod tests {
         let mut c = with_policy(TlsPolicy::Opportunistic);
         feed(&mut c, b"220 mx\r\n");
         feed(&mut c, EHLO_TLS);
-        assert_eq!(feed(&mut c, b"454 4.7.0 TLS not available\r\n").1, ClientStep::Ready);
+        assert_eq!(
+            feed(&mut c, b"454 4.7.0 TLS not available\r\n").1,
+            ClientStep::Ready
+        );
         let mut c = with_policy(TlsPolicy::Required);
         feed(&mut c, b"220 mx\r\n");
         feed(&mut c, EHLO_TLS);
         let step = feed(&mut c, b"454 4.7.0 TLS not available\r\n").1;
-        assert!(matches!(step, ClientStep::Failed(ref r) if r.code == 454), "{step:?}");
+        assert!(
+            matches!(step, ClientStep::Failed(ref r) if r.code == 454),
+            "{step:?}"
+        );
     }
 
     #[test]
@@ -1263,6 +1285,8 @@ mod tests {
                         self.closed = true;
                         break;
                     }
+                    // TLS is the identity in memory: the handshake is the adapter's job.
+                    Step::StartTls => self.server.tls_started(),
                     Step::Message(t) => {
                         let id = format!("q{}", self.spooled.len());
                         self.spooled.push(t);

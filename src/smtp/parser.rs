@@ -70,6 +70,8 @@ pub enum Command<'a> {
         last: bool,
     },
     Rset,
+    /// RFC 3207.
+    StartTls,
     Noop,
     Quit,
     Vrfy(&'a str),
@@ -229,6 +231,9 @@ pub fn parse_command(line: &[u8]) -> Result<Command<'_>, ParseError> {
         Some(i) => (&line[..i], trim_start(&line[i + 1..])),
         None => (line, &line[line.len()..]),
     };
+    if verb.eq_ignore_ascii_case(b"STARTTLS") {
+        return no_args(args, Command::StartTls);
+    }
     let [a, b, c, d] = verb else {
         return Err(ParseError::UnknownCommand);
     };

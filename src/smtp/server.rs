@@ -88,6 +88,8 @@ pub struct ServerConfig {
     /// Messages accepted per connection before MAIL gets `421 4.7.0` and the session closes;
     /// 0 means no limit. Bounds how long one connection can hold a shard's attention.
     pub messages_per_session_max: usize,
+    /// Offer STARTTLS (RFC 3207). The adapter must be able to run TLS when it is on.
+    pub starttls: bool,
     /// Advertise SMTPUTF8 (RFC 6531) and accept UTF-8 addresses in transactions that ask for it.
     pub smtputf8: bool,
     /// Advertise CHUNKING (RFC 3030) and accept BDAT.
@@ -136,6 +138,7 @@ impl Default for ServerConfig {
             data_line_len_max: DATA_LINE_LEN_MAX_RFC,
             errors_max: ERRORS_MAX_DEFAULT,
             messages_per_session_max: 0,
+            starttls: false,
             smtputf8: true,
             chunking: true,
             binarymime: false,
@@ -214,6 +217,11 @@ impl ServerConfig {
     }
 }
 
+/// Reply to STARTTLS (RFC 3207 §4: 220, then the handshake).
+const TLS_GO: &[u8] = b"220 2.0.0 Ready to start TLS\r\n";
+/// STARTTLS on a session that already runs over TLS.
+const TLS_ACTIVE: &[u8] = b"503 5.5.1 TLS already active\r\n";
+
 /// One EHLO keyword line.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Extension {
@@ -260,6 +268,8 @@ pub enum Step {
     NeedInput,
     /// Write `out`, spool the message, then call `message_done`.
     Message(Transaction),
+    /// Write `out` (in plaintext), start TLS on the connection, then call `tls_started`.
+    StartTls,
     /// Write `out` and close the connection.
     Close,
 }
@@ -344,6 +354,8 @@ enum State {
     Chunk,
     /// Handed out a message; waiting for `message_done`.
     AwaitQueue,
+    /// Said 220 to STARTTLS; waiting for the adapter's `tls_started`.
+    AwaitTls,
     /// Said 221 or 421; nothing more will be read or written.
     Closed,
 }
@@ -393,6 +405,8 @@ struct Proto {
     /// The refusal owed once the current chunk is read; `None` if the chunk is being kept.
     chunk_verdict: Option<Rejection>,
     errors: usize,
+    /// The session runs over TLS (after STARTTLS, or implicit TLS).
+    tls: bool,
     /// Discarding the rest of an over-long command line (its 500 is already written).
     discarding: bool,
     stats: SessionStats,
@@ -420,6 +434,7 @@ impl Session {
                 chunk_last: false,
                 chunk_verdict: None,
                 errors: 0,
+                tls: false,
                 discarding: false,
                 stats: SessionStats::default(),
             },
@@ -463,6 +478,12 @@ impl Session {
                 State::Closed => break Step::Close,
                 // The adapter owes us `message_done`; input stays buffered until then.
                 State::AwaitQueue => break Step::NeedInput,
+                State::AwaitTls => {
+                    // RFC 3207 §4.2: nothing the client pipelined after STARTTLS may be acted
+                    // on; it was sent before the handshake and could have been injected.
+                    self.start = self.buf.len();
+                    break Step::StartTls;
+                }
                 State::Data => {
                     if !self.proto.reader.is_done() {
                         let n = self.proto.feed_data(&self.buf[self.start..]);
@@ -546,6 +567,26 @@ impl Session {
 
     /// True while message text (DATA or a BDAT chunk) is being read, so the adapter uses the
     /// DATA timeout (RFC 5321 4.5.3.2.6: 10 minutes) rather than the command timeout (5 minutes).
+    /// The adapter finished the TLS handshake after `Step::StartTls` (or the connection is
+    /// implicit TLS from the start). The client must say EHLO again (RFC 3207 §4.2).
+    pub fn tls_started(&mut self) {
+        let p = &mut self.proto;
+        p.tls = true;
+        p.helo = None;
+        p.esmtp = false;
+        p.reset_txn();
+        if p.state == State::AwaitTls {
+            p.state = State::Command;
+        }
+        self.buf.clear();
+        self.start = 0;
+    }
+
+    /// Whether the session runs over TLS.
+    pub fn is_tls(&self) -> bool {
+        self.proto.tls
+    }
+
     pub fn in_data(&self) -> bool {
         matches!(self.proto.state, State::Data | State::Chunk)
     }
@@ -658,6 +699,19 @@ impl Proto {
                 out.extend_from_slice(reply::OK.wire);
             }
             Command::Noop => out.extend_from_slice(reply::OK.wire),
+            Command::StartTls => {
+                if !self.cfg.starttls {
+                    return self.reject(Rejection::UnknownCommand, out);
+                }
+                if self.tls {
+                    out.extend_from_slice(TLS_ACTIVE);
+                    return;
+                }
+                // RFC 3207 §4.2: the session starts over after the handshake.
+                self.reset_txn();
+                out.extend_from_slice(TLS_GO);
+                self.state = State::AwaitTls;
+            }
             Command::Quit => {
                 out.extend_from_slice(reply::BYE.wire);
                 self.state = State::Closed;
@@ -672,6 +726,9 @@ impl Proto {
         out.extend_from_slice(b"250-");
         out.extend_from_slice(self.cfg.hostname.as_bytes());
         out.extend_from_slice(b"\r\n");
+        if self.cfg.starttls && !self.tls {
+            out.extend_from_slice(b"250-STARTTLS\r\n");
+        }
         let mut exts = self.cfg.extensions().peekable();
         while let Some(ext) = exts.next() {
             out.extend_from_slice(if exts.peek().is_some() {
@@ -1603,6 +1660,43 @@ mod tests {
     }
     fn ehlo_line(s: &mut Session) -> String {
         replies(s, b"EHLO client.test\r\n")
+    }
+
+    #[test]
+    fn starttls_upgrade_discards_pipelined_input_and_needs_a_new_ehlo() {
+        let mut s = session_with(cfg_with(|c| c.starttls = true), true);
+        assert!(ehlo_line(&mut s).starts_with("250-mx.test\r\n250-STARTTLS\r\n"));
+        // A command pipelined behind STARTTLS was sent in plaintext: it must not run.
+        let (out, step) = talk(&mut s, b"STARTTLS\r\nMAIL FROM:<a@b.test>\r\n");
+        assert_eq!(
+            (out.as_str(), step),
+            ("220 2.0.0 Ready to start TLS\r\n", Step::StartTls)
+        );
+        assert!(!s.is_tls());
+        s.tls_started();
+        assert!(s.is_tls());
+        assert!(
+            replies(&mut s, b"MAIL FROM:<a@b.test>\r\n").starts_with("503 5.5.1"),
+            "EHLO first"
+        );
+        let ehlo = ehlo_line(&mut s);
+        assert!(!ehlo.contains("STARTTLS"), "not offered twice: {ehlo}");
+        assert_eq!(
+            replies(&mut s, b"STARTTLS\r\n"),
+            "503 5.5.1 TLS already active\r\n"
+        );
+        assert!(replies(&mut s, b"MAIL FROM:<a@b.test>\r\n").starts_with("250"));
+    }
+
+    #[test]
+    fn starttls_not_offered_is_an_unknown_command() {
+        let mut s = session_with(cfg_with(|_| {}), true);
+        assert!(!ehlo_line(&mut s).contains("STARTTLS"));
+        assert!(replies(&mut s, b"STARTTLS\r\n").starts_with("500 5.5.2"));
+        assert!(
+            replies(&mut s, b"STARTTLS now\r\n").starts_with("50"),
+            "no arguments"
+        );
     }
 
     #[test]
