@@ -76,6 +76,13 @@ pub struct ServerSection {
     /// A second address where every connection starts with TLS (implicit TLS, as on port 465).
     /// Empty: none.
     pub implicit_tls_listen: String,
+    /// Users file for SMTP AUTH (written by `epoxi passwd`). Empty: AUTH is not offered.
+    pub auth_users: PathBuf,
+    /// Offer AUTH without TLS to loopback clients (never to others: passwords in clear).
+    pub auth_plaintext_loopback: bool,
+    /// Failed AUTH attempts allowed per client IP within `auth_failure_window_s`.
+    pub auth_failures_max: u32,
+    pub auth_failure_window_s: u64,
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -181,6 +188,10 @@ impl Default for ServerSection {
             tls_cert: PathBuf::new(),
             tls_key: PathBuf::new(),
             implicit_tls_listen: String::new(),
+            auth_users: PathBuf::new(),
+            auth_plaintext_loopback: false,
+            auth_failures_max: 5,
+            auth_failure_window_s: 300,
         }
     }
 }
@@ -316,6 +327,8 @@ pub struct Settings {
     /// Outbound TLS: unverified (opportunistic) and verified (required, when a route needs it).
     pub tls_client_unverified: Arc<rustls::ClientConfig>,
     pub tls_client_verified: Option<Arc<rustls::ClientConfig>>,
+    /// AUTH users, when `server.auth_users` is set.
+    pub auth_users: Option<Arc<crate::auth::Users>>,
 }
 
 impl Config {
@@ -444,6 +457,16 @@ impl Config {
         } else {
             None
         };
+        let auth_users = if self.server.auth_users.as_os_str().is_empty() {
+            None
+        } else {
+            let users = crate::auth::Users::load(&self.server.auth_users)
+                .map_err(|e| invalid("server.auth_users", e.to_string()))?;
+            Some(Arc::new(users))
+        };
+        if self.server.auth_failures_max == 0 {
+            return Err(invalid("server.auth_failures_max", "must be at least 1"));
+        }
         Ok(Settings {
             config: self,
             hostname,
@@ -455,6 +478,7 @@ impl Config {
             tls,
             tls_client_unverified,
             tls_client_verified,
+            auth_users,
         })
     }
 

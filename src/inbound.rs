@@ -17,7 +17,7 @@ use glommio::net::{TcpListener, TcpStream};
 
 use crate::shard::ShardCtx;
 use crate::smtp::reply::Reply;
-use crate::smtp::server::{ServerConfig, Session, Step};
+use crate::smtp::server::{AuthVerdict, Credentials, ServerConfig, Session, Step};
 use crate::tls::TlsLayer;
 
 /// Bytes read from a client at a time. 64 KiB takes a 100 KiB message in two reads and a
@@ -46,6 +46,7 @@ pub async fn accept_loop(ctx: Rc<ShardCtx>, listener: TcpListener, implicit_tls:
         rcpts_max: ctx.settings.config.server.rcpts_max,
         errors_max: ctx.settings.config.server.errors_max,
         starttls: true,
+        auth: ctx.settings.auth_users.is_some(),
         ..ServerConfig::default()
     });
     let stopped = Rc::new(Cell::new(false));
@@ -117,6 +118,35 @@ async fn wake_on_shutdown(ctx: Rc<ShardCtx>, addr: Option<SocketAddr>, stopped: 
             drop(s);
         }
         glommio::timer::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+/// Check AUTH credentials: refused outright while the client is over its failure limit, else
+/// verified on the executor's blocking thread, since PBKDF2 takes tens of milliseconds of CPU
+/// that must not stall the shard's other sessions.
+async fn check_credentials(
+    ctx: &Rc<ShardCtx>,
+    ip: std::net::IpAddr,
+    c: &Credentials,
+) -> AuthVerdict {
+    let Some(users) = ctx.settings.auth_users.clone() else {
+        return AuthVerdict::Rejected;
+    };
+    let now = crate::clock::now_ms();
+    if !ctx.auth_limiter.borrow().allowed(ip, now) {
+        return AuthVerdict::Limited;
+    }
+    let (user, password) = (c.user.clone(), c.password.clone());
+    let ok = glommio::executor()
+        .spawn_blocking(move || users.verify(&user, &password))
+        .await;
+    let mut limiter = ctx.auth_limiter.borrow_mut();
+    if ok {
+        limiter.succeeded(ip);
+        AuthVerdict::Accepted
+    } else {
+        limiter.failed(ip, crate::clock::now_ms());
+        AuthVerdict::Rejected
     }
 }
 
@@ -200,6 +230,7 @@ async fn session(
     if implicit_tls {
         session.tls_started();
     }
+    session.allow_auth_without_tls(server.auth_plaintext_loopback && peer.ip().is_loopback());
     let mut out = Vec::with_capacity(4096);
     let mut buf = vec![0u8; READ_BUF_BYTES];
     session.greeting(&mut out);
@@ -253,6 +284,10 @@ async fn session(
                         session.message_done(Err(reply), &mut out);
                     }
                 }
+            }
+            Step::Auth(credentials) => {
+                let verdict = check_credentials(ctx, peer.ip(), &credentials).await;
+                session.auth_done(verdict, &credentials.user, &mut out);
             }
             Step::StartTls => {
                 // The 220 goes out in plaintext; everything after it through TLS.

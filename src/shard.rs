@@ -93,6 +93,8 @@ pub struct ShardCtx {
     pub sessions: Cell<usize>,
     /// Delivery connections running on this shard.
     pub deliveries: Cell<usize>,
+    /// Failed AUTH attempts per client on this shard.
+    pub auth_limiter: RefCell<crate::auth::AuthLimiter>,
 }
 
 impl ShardCtx {
@@ -557,6 +559,10 @@ pub async fn run(
         work: Notify::new(),
         sessions: Cell::new(0),
         deliveries: Cell::new(0),
+        auth_limiter: RefCell::new(crate::auth::AuthLimiter::new(
+            cfg.server.auth_failures_max,
+            cfg.server.auth_failure_window_s.saturating_mul(1000),
+        )),
     });
 
     // Requeue what recovery found.

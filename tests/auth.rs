@@ -17,12 +17,12 @@ fn passwd(file: &Path, args: &[&str], stdin: &str) -> Output {
         .stderr(Stdio::piped())
         .spawn()
         .expect("spawn epoxi passwd");
-    child
+    // epoxi may refuse (a bad users file) before reading stdin: a broken pipe is fine here.
+    let _ = child
         .stdin
         .take()
         .expect("stdin")
-        .write_all(stdin.as_bytes())
-        .expect("write password");
+        .write_all(stdin.as_bytes());
     child.wait_with_output().expect("epoxi passwd output")
 }
 
@@ -93,5 +93,117 @@ fn passwd_refuses_bad_input_clearly() {
     assert!(
         err.contains("line 1") && err.contains("unknown hash scheme"),
         "{err}"
+    );
+}
+
+mod common;
+
+use common::*;
+
+/// Run a Python smtplib script against epoxi; returns success and combined output.
+fn python(script: &str) -> (bool, String) {
+    let out = Command::new("python3")
+        .args(["-c", script])
+        .output()
+        .expect("run python3");
+    let text =
+        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    (out.status.success(), text)
+}
+
+const PY_PRELUDE: &str = r#"
+import smtplib, ssl, sys
+ctx = ssl.create_default_context()
+ctx.check_hostname = False
+ctx.verify_mode = ssl.CERT_NONE
+def session(port):
+    s = smtplib.SMTP("127.0.0.1", port, timeout=20)
+    s.ehlo("client.test")
+    s.starttls(context=ctx)
+    s.ehlo("client.test")
+    return s
+"#;
+
+#[test]
+fn auth_over_starttls_lets_a_stranger_relay_and_limits_failures() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let users = dir.path().join("users");
+    assert!(passwd(&users, &["alice"], "right pw\n").status.success());
+    let sink = Sink::start(dir.path(), &[]);
+    // Loopback is not a relay network here, so only authenticated clients may relay.
+    let epoxi = Epoxi::start(
+        &Opts::new(dir.path())
+            .route(sink.port)
+            .set("server", "relay_networks", "[\"10.0.0.0/8\"]")
+            .set("server", "auth_users", &format!("\"{}\"", users.display()))
+            // smtplib's login() tries PLAIN then LOGIN: each wrong login is two failures.
+            .set("server", "auth_failures_max", "6"),
+    );
+    let script = format!(
+        r#"{PY_PRELUDE}
+port = {port}
+# Without AUTH: relaying denied.
+s = session(port)
+assert "auth" in s.esmtp_features, s.esmtp_features
+try:
+    s.sendmail("a@x.test", ["b@d1.test"], "X-Loadgen-Id: noauth\r\n\r\nx\r\n")
+    sys.exit("relayed without AUTH")
+except smtplib.SMTPRecipientsRefused as e:
+    code = list(e.recipients.values())[0][0]
+    assert code == 550, e.recipients
+s.quit()
+# AUTH PLAIN (smtplib's choice), then relay.
+s = session(port)
+s.login("alice", "right pw")
+s.sendmail("a@x.test", ["b@d1.test"], "X-Loadgen-Id: plain-1\r\n\r\nx\r\n")
+s.quit()
+# AUTH LOGIN explicitly.
+s = session(port)
+s.user, s.password = "alice", "right pw"
+code, _ = s.auth("LOGIN", s.auth_login)
+assert code == 235, code
+s.sendmail("a@x.test", ["b@d1.test"], "X-Loadgen-Id: login-1\r\n\r\nx\r\n")
+s.quit()
+# Failures: 3 wrong logins (6 attempts) get 535, then even the right one gets 454 for a while.
+for i in range(3):
+    s = session(port)
+    try:
+        s.login("alice", "wrong")
+        sys.exit("wrong password accepted")
+    except smtplib.SMTPAuthenticationError as e:
+        assert e.smtp_code == 535, e
+    s.quit()
+s = session(port)
+try:
+    s.login("alice", "right pw")
+    sys.exit("not rate limited")
+except smtplib.SMTPAuthenticationError as e:
+    assert e.smtp_code == 454, e
+print("ok")
+"#,
+        port = epoxi.port
+    );
+    let (ok, out) = python(&script);
+    assert!(ok, "smtplib:\n{out}");
+    epoxi.wait_events("Delivery", 2);
+    let mut epoxi = epoxi;
+    epoxi.stop();
+    let mut ids = sink.stop().ids;
+    ids.sort();
+    assert_eq!(ids, vec!["login-1".to_owned(), "plain-1".to_owned()]);
+}
+
+#[test]
+fn bad_users_file_is_refused_at_start() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let users = dir.path().join("users");
+    std::fs::write(&users, "alice:plaintext\n").expect("write");
+    let opts =
+        Opts::new(dir.path()).set("server", "auth_users", &format!("\"{}\"", users.display()));
+    let ran = Epoxi::try_start(&opts).err().expect("refused");
+    assert!(
+        ran.stderr.contains("server.auth_users") && ran.stderr.contains("line 1"),
+        "{}",
+        ran.stderr
     );
 }

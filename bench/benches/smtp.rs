@@ -96,7 +96,9 @@ fn server(c: &mut Criterion) {
                             s.message_done(Ok("0000000000000001"), out);
                         }
                         Step::Close => break,
-                        Step::NeedInput | Step::StartTls => unreachable!("the batch is complete"),
+                        Step::NeedInput | Step::StartTls | Step::Auth(_) => {
+                            unreachable!("the batch is complete")
+                        }
                     }
                 }
             },

@@ -1287,6 +1287,11 @@ mod tests {
                     }
                     // TLS is the identity in memory: the handshake is the adapter's job.
                     Step::StartTls => self.server.tls_started(),
+                    // The client never sends AUTH; a verdict keeps the session in step anyway.
+                    Step::Auth(c) => {
+                        let verdict = crate::smtp::server::AuthVerdict::Rejected;
+                        self.server.auth_done(verdict, &c.user, &mut to_client);
+                    }
                     Step::Message(t) => {
                         let id = format!("q{}", self.spooled.len());
                         self.spooled.push(t);

@@ -72,6 +72,11 @@ pub enum Command<'a> {
     Rset,
     /// RFC 3207.
     StartTls,
+    /// RFC 4954: `AUTH mechanism [initial-response]`.
+    Auth {
+        mechanism: &'a str,
+        initial: Option<&'a str>,
+    },
     Noop,
     Quit,
     Vrfy(&'a str),
@@ -251,6 +256,16 @@ pub fn parse_command(line: &[u8]) -> Result<Command<'_>, ParseError> {
         b"DATA" => no_args(args, Command::Data),
         b"BDAT" => parse_bdat(args),
         b"RSET" => no_args(args, Command::Rset),
+        b"AUTH" => {
+            let args = text(args)?;
+            let mut words = args.split(' ').filter(|w| !w.is_empty());
+            let mechanism = words.next().ok_or(ParseError::Syntax)?;
+            let initial = words.next();
+            if words.next().is_some() {
+                return Err(ParseError::Syntax);
+            }
+            Ok(Command::Auth { mechanism, initial })
+        }
         b"QUIT" => no_args(args, Command::Quit),
         // RFC 5321 4.1.1.9: NOOP may carry a string, which is ignored.
         b"NOOP" => Ok(Command::Noop),

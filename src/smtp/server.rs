@@ -32,6 +32,8 @@
 use std::io::Write as _;
 use std::rc::Rc;
 
+use base64::Engine as _;
+
 use thiserror::Error;
 
 use super::data::{DataError, DataReader};
@@ -90,6 +92,8 @@ pub struct ServerConfig {
     pub messages_per_session_max: usize,
     /// Offer STARTTLS (RFC 3207). The adapter must be able to run TLS when it is on.
     pub starttls: bool,
+    /// Offer AUTH PLAIN and LOGIN (RFC 4954) over TLS. The adapter checks the credentials.
+    pub auth: bool,
     /// Advertise SMTPUTF8 (RFC 6531) and accept UTF-8 addresses in transactions that ask for it.
     pub smtputf8: bool,
     /// Advertise CHUNKING (RFC 3030) and accept BDAT.
@@ -139,6 +143,7 @@ impl Default for ServerConfig {
             errors_max: ERRORS_MAX_DEFAULT,
             messages_per_session_max: 0,
             starttls: false,
+            auth: false,
             smtputf8: true,
             chunking: true,
             binarymime: false,
@@ -217,6 +222,48 @@ impl ServerConfig {
     }
 }
 
+/// AUTH outside its place: before EHLO, twice, or inside a transaction (RFC 4954 §4).
+const AUTH_BAD_SEQUENCE: &[u8] = b"503 5.5.1 AUTH not allowed now\r\n";
+const AUTH_UNKNOWN_MECHANISM: &[u8] = b"504 5.5.4 Unrecognized authentication type\r\n";
+const AUTH_CANCELLED: &[u8] = b"501 5.0.0 Authentication cancelled\r\n";
+const AUTH_BAD_BASE64: &[u8] = b"501 5.5.2 Cannot decode response\r\n";
+const AUTH_FAILED: &[u8] = b"535 5.7.8 Authentication credentials invalid\r\n";
+const AUTH_OK: &[u8] = b"235 2.7.0 Authentication successful\r\n";
+const AUTH_LIMITED: &[u8] = b"454 4.7.0 Too many failed authentications, try again later\r\n";
+
+/// Where an AUTH exchange stands.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum AuthStage {
+    Plain,
+    LoginUser,
+    LoginPassword(Vec<u8>),
+}
+
+/// Credentials the client sent, for the adapter to check.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Credentials {
+    pub user: String,
+    pub password: String,
+}
+
+impl std::fmt::Debug for Credentials {
+    // Never print a password, even in a debug log.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Credentials")
+            .field("user", &self.user)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The adapter's verdict on AUTH credentials.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AuthVerdict {
+    Accepted,
+    Rejected,
+    /// Too many failures from this client recently.
+    Limited,
+}
+
 /// Reply to STARTTLS (RFC 3207 §4: 220, then the handshake).
 const TLS_GO: &[u8] = b"220 2.0.0 Ready to start TLS\r\n";
 /// STARTTLS on a session that already runs over TLS.
@@ -270,6 +317,8 @@ pub enum Step {
     Message(Transaction),
     /// Write `out` (in plaintext), start TLS on the connection, then call `tls_started`.
     StartTls,
+    /// Check these AUTH credentials, then call `auth_done`.
+    Auth(Credentials),
     /// Write `out` and close the connection.
     Close,
 }
@@ -356,6 +405,8 @@ enum State {
     AwaitQueue,
     /// Said 220 to STARTTLS; waiting for the adapter's `tls_started`.
     AwaitTls,
+    /// Handed out credentials; waiting for `auth_done`.
+    AwaitAuth,
     /// Said 221 or 421; nothing more will be read or written.
     Closed,
 }
@@ -407,6 +458,14 @@ struct Proto {
     errors: usize,
     /// The session runs over TLS (after STARTTLS, or implicit TLS).
     tls: bool,
+    /// AUTH may be offered without TLS on this connection (e.g. loopback, when configured).
+    auth_plaintext: bool,
+    /// The client authenticated as this user.
+    user: Option<String>,
+    /// Where an AUTH exchange stands while the client sends its responses.
+    auth_stage: Option<AuthStage>,
+    /// Credentials handed to the adapter by `poll`.
+    credentials: Option<Credentials>,
     /// Discarding the rest of an over-long command line (its 500 is already written).
     discarding: bool,
     stats: SessionStats,
@@ -435,6 +494,10 @@ impl Session {
                 chunk_verdict: None,
                 errors: 0,
                 tls: false,
+                auth_plaintext: false,
+                user: None,
+                auth_stage: None,
+                credentials: None,
                 discarding: false,
                 stats: SessionStats::default(),
             },
@@ -478,6 +541,10 @@ impl Session {
                 State::Closed => break Step::Close,
                 // The adapter owes us `message_done`; input stays buffered until then.
                 State::AwaitQueue => break Step::NeedInput,
+                State::AwaitAuth => match self.proto.credentials.take() {
+                    Some(c) => break Step::Auth(c),
+                    None => break Step::NeedInput,
+                },
                 State::AwaitTls => {
                     // RFC 3207 §4.2: nothing the client pipelined after STARTTLS may be acted
                     // on; it was sent before the handshake and could have been injected.
@@ -573,6 +640,7 @@ impl Session {
         let p = &mut self.proto;
         p.tls = true;
         p.helo = None;
+        p.auth_stage = None;
         p.esmtp = false;
         p.reset_txn();
         if p.state == State::AwaitTls {
@@ -585,6 +653,35 @@ impl Session {
     /// Whether the session runs over TLS.
     pub fn is_tls(&self) -> bool {
         self.proto.tls
+    }
+
+    /// Offer AUTH on this connection even without TLS (e.g. a loopback client, when the
+    /// operator configured it).
+    pub fn allow_auth_without_tls(&mut self, allow: bool) {
+        self.proto.auth_plaintext = allow;
+    }
+
+    /// The adapter's verdict after `Step::Auth`. An accepted user may relay.
+    pub fn auth_done(&mut self, verdict: AuthVerdict, user: &str, out: &mut Vec<u8>) {
+        let p = &mut self.proto;
+        if p.state != State::AwaitAuth {
+            return;
+        }
+        p.state = State::Command;
+        match verdict {
+            AuthVerdict::Accepted => {
+                p.user = Some(user.to_owned());
+                p.relay_allowed = true;
+                out.extend_from_slice(AUTH_OK);
+            }
+            AuthVerdict::Rejected => out.extend_from_slice(AUTH_FAILED),
+            AuthVerdict::Limited => out.extend_from_slice(AUTH_LIMITED),
+        }
+    }
+
+    /// The authenticated user, if any.
+    pub fn user(&self) -> Option<&str> {
+        self.proto.user.as_deref()
     }
 
     pub fn in_data(&self) -> bool {
@@ -662,6 +759,11 @@ impl Proto {
             self.discarding = false;
             return;
         }
+        if let Some(stage) = self.auth_stage.take() {
+            let line = line.strip_suffix(b"\n").unwrap_or(line);
+            let line = line.strip_suffix(b"\r").unwrap_or(line);
+            return self.auth_response(stage, line, out);
+        }
         self.stats.commands += 1;
         if line.len() > self.cfg.line_len_max {
             self.reject(Rejection::LineTooLong, out);
@@ -699,6 +801,7 @@ impl Proto {
                 out.extend_from_slice(reply::OK.wire);
             }
             Command::Noop => out.extend_from_slice(reply::OK.wire),
+            Command::Auth { mechanism, initial } => self.auth(mechanism, initial, out),
             Command::StartTls => {
                 if !self.cfg.starttls {
                     return self.reject(Rejection::UnknownCommand, out);
@@ -722,12 +825,102 @@ impl Proto {
         }
     }
 
+    /// AUTH is offered over TLS, or without it where the adapter allows (e.g. loopback).
+    fn auth_offered(&self) -> bool {
+        self.cfg.auth && (self.tls || self.auth_plaintext)
+    }
+
+    fn auth(&mut self, mechanism: &str, initial: Option<&str>, out: &mut Vec<u8>) {
+        if !self.auth_offered() {
+            return self.reject(Rejection::UnknownCommand, out);
+        }
+        if self.helo.is_none() || self.user.is_some() || self.txn.is_some() {
+            // RFC 4954 §4: after EHLO, once per session, not inside a transaction.
+            out.extend_from_slice(AUTH_BAD_SEQUENCE);
+            return;
+        }
+        let stage = if mechanism.eq_ignore_ascii_case("PLAIN") {
+            AuthStage::Plain
+        } else if mechanism.eq_ignore_ascii_case("LOGIN") {
+            AuthStage::LoginUser
+        } else {
+            out.extend_from_slice(AUTH_UNKNOWN_MECHANISM);
+            return;
+        };
+        match (stage, initial) {
+            (stage, Some(response)) => self.auth_response(stage, response.as_bytes(), out),
+            (AuthStage::Plain, None) => {
+                out.extend_from_slice(b"334 \r\n");
+                self.auth_stage = Some(AuthStage::Plain);
+            }
+            (_, None) => {
+                out.extend_from_slice(b"334 VXNlcm5hbWU6\r\n");
+                self.auth_stage = Some(AuthStage::LoginUser);
+            }
+        }
+    }
+
+    /// One client response in an AUTH exchange (base64, `=` for empty, `*` to cancel).
+    fn auth_response(&mut self, stage: AuthStage, line: &[u8], out: &mut Vec<u8>) {
+        if line == b"*" {
+            out.extend_from_slice(AUTH_CANCELLED);
+            return;
+        }
+        let decoded = if line == b"=" {
+            Ok(Vec::new())
+        } else {
+            base64::engine::general_purpose::STANDARD.decode(line)
+        };
+        let Ok(decoded) = decoded else {
+            out.extend_from_slice(AUTH_BAD_BASE64);
+            return;
+        };
+        match stage {
+            AuthStage::Plain => {
+                // RFC 4616: authzid NUL authcid NUL password.
+                let mut parts = decoded.split(|&b| b == 0);
+                let (Some(authz), Some(user), Some(password), None) =
+                    (parts.next(), parts.next(), parts.next(), parts.next())
+                else {
+                    out.extend_from_slice(AUTH_BAD_BASE64);
+                    return;
+                };
+                if !authz.is_empty() && authz != user {
+                    out.extend_from_slice(AUTH_FAILED);
+                    return;
+                }
+                self.hand_out_credentials(user, password, out);
+            }
+            AuthStage::LoginUser => {
+                out.extend_from_slice(b"334 UGFzc3dvcmQ6\r\n");
+                self.auth_stage = Some(AuthStage::LoginPassword(decoded));
+            }
+            AuthStage::LoginPassword(user) => self.hand_out_credentials(&user, &decoded, out),
+        }
+    }
+
+    fn hand_out_credentials(&mut self, user: &[u8], password: &[u8], out: &mut Vec<u8>) {
+        match (std::str::from_utf8(user), std::str::from_utf8(password)) {
+            (Ok(user), Ok(password)) if !user.is_empty() => {
+                self.credentials = Some(Credentials {
+                    user: user.to_owned(),
+                    password: password.to_owned(),
+                });
+                self.state = State::AwaitAuth;
+            }
+            _ => out.extend_from_slice(AUTH_FAILED),
+        }
+    }
+
     fn write_ehlo(&self, out: &mut Vec<u8>) {
         out.extend_from_slice(b"250-");
         out.extend_from_slice(self.cfg.hostname.as_bytes());
         out.extend_from_slice(b"\r\n");
         if self.cfg.starttls && !self.tls {
             out.extend_from_slice(b"250-STARTTLS\r\n");
+        }
+        if self.auth_offered() {
+            out.extend_from_slice(b"250-AUTH PLAIN LOGIN\r\n");
         }
         let mut exts = self.cfg.extensions().peekable();
         while let Some(ext) = exts.next() {
@@ -1686,6 +1879,101 @@ mod tests {
             "503 5.5.1 TLS already active\r\n"
         );
         assert!(replies(&mut s, b"MAIL FROM:<a@b.test>\r\n").starts_with("250"));
+    }
+
+    fn auth_session(tls: bool) -> Session {
+        let mut s = session_with(
+            cfg_with(|c| {
+                c.starttls = true;
+                c.auth = true;
+            }),
+            false,
+        );
+        if tls {
+            s.tls_started();
+        }
+        s
+    }
+
+    #[test]
+    fn auth_is_offered_only_over_tls_or_where_allowed() {
+        let mut s = auth_session(false);
+        assert!(!ehlo_line(&mut s).contains("AUTH"));
+        assert!(replies(&mut s, b"AUTH PLAIN AGFsaWNlAHB3\r\n").starts_with("500 5.5.2"));
+        let mut s = auth_session(true);
+        assert!(ehlo_line(&mut s).contains("250-AUTH PLAIN LOGIN\r\n"));
+        let mut s = auth_session(false);
+        s.allow_auth_without_tls(true);
+        assert!(ehlo_line(&mut s).contains("AUTH PLAIN LOGIN"));
+    }
+
+    #[test]
+    fn auth_plain_initial_response_then_relay() {
+        let mut s = auth_session(true);
+        ehlo_line(&mut s);
+        // Not authenticated and not a relay client: relaying is refused.
+        replies(&mut s, b"MAIL FROM:<a@b.test>\r\n");
+        assert!(replies(&mut s, b"RCPT TO:<x@y.test>\r\n").starts_with("550 5.7.1"));
+        assert!(
+            replies(&mut s, b"AUTH PLAIN AGFsaWNlAHB3\r\n").starts_with("503 5.5.1"),
+            "not in a transaction"
+        );
+        replies(&mut s, b"RSET\r\n");
+        // "\0alice\0pw"
+        let (out, step) = talk(&mut s, b"AUTH PLAIN AGFsaWNlAHB3\r\nNOOP\r\n");
+        assert_eq!(out, "");
+        let Step::Auth(c) = step else {
+            panic!("{step:?}")
+        };
+        assert_eq!((c.user.as_str(), c.password.as_str()), ("alice", "pw"));
+        assert!(
+            !format!("{c:?}").contains("pw"),
+            "passwords never in debug output"
+        );
+        let mut out = Vec::new();
+        s.auth_done(AuthVerdict::Accepted, "alice", &mut out);
+        assert_eq!(out, b"235 2.7.0 Authentication successful\r\n");
+        assert_eq!(s.user(), Some("alice"));
+        // The pipelined NOOP waited for the verdict.
+        assert!(talk(&mut s, b"").0.starts_with("250"));
+        replies(&mut s, b"MAIL FROM:<a@b.test>\r\n");
+        assert!(
+            replies(&mut s, b"RCPT TO:<x@y.test>\r\n").starts_with("250"),
+            "may relay now"
+        );
+        replies(&mut s, b"RSET\r\n");
+        assert!(
+            replies(&mut s, b"AUTH PLAIN AGFsaWNlAHB3\r\n").starts_with("503"),
+            "only once"
+        );
+    }
+
+    #[test]
+    fn auth_login_exchange_failures_and_cancel() {
+        let mut s = auth_session(true);
+        ehlo_line(&mut s);
+        assert_eq!(replies(&mut s, b"AUTH LOGIN\r\n"), "334 VXNlcm5hbWU6\r\n");
+        assert_eq!(replies(&mut s, b"Ym9i\r\n"), "334 UGFzc3dvcmQ6\r\n");
+        let (_, step) = talk(&mut s, b"c2VjcmV0\r\n");
+        let Step::Auth(c) = step else {
+            panic!("{step:?}")
+        };
+        assert_eq!((c.user.as_str(), c.password.as_str()), ("bob", "secret"));
+        let mut out = Vec::new();
+        s.auth_done(AuthVerdict::Rejected, "bob", &mut out);
+        assert!(String::from_utf8_lossy(&out).starts_with("535 5.7.8"));
+        assert_eq!(replies(&mut s, b"AUTH PLAIN\r\n"), "334 \r\n");
+        assert!(
+            replies(&mut s, b"*\r\n").starts_with("501 5.0.0"),
+            "cancelled"
+        );
+        assert!(replies(&mut s, b"AUTH PLAIN !!notbase64\r\n").starts_with("501 5.5.2"));
+        assert!(replies(&mut s, b"AUTH CRAM-MD5\r\n").starts_with("504 5.5.4"));
+        let (_, step) = talk(&mut s, b"AUTH LOGIN Ym9i\r\nc2VjcmV0\r\n");
+        assert!(matches!(step, Step::Auth(_)), "{step:?}");
+        let mut out = Vec::new();
+        s.auth_done(AuthVerdict::Limited, "bob", &mut out);
+        assert!(String::from_utf8_lossy(&out).starts_with("454 4.7.0"));
     }
 
     #[test]
