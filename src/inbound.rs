@@ -15,7 +15,8 @@ use std::time::Duration;
 use futures_lite::{AsyncReadExt, AsyncWriteExt};
 use glommio::net::{TcpListener, TcpStream};
 
-use crate::shard::ShardCtx;
+use crate::shard::{Incoming, ShardCtx};
+use crate::smtp::received::{received_header, received_protocol};
 use crate::smtp::reply::Reply;
 use crate::smtp::server::{AuthVerdict, Credentials, ServerConfig, Session, Step};
 use crate::tls::TlsLayer;
@@ -267,16 +268,41 @@ async fn session(
                 }
             }
             Step::Message(tx) => {
-                let result = ctx
-                    .accept_message(
-                        tx.mail_from,
-                        tx.rcpts,
-                        tx.body,
-                        peer_text.clone(),
-                        io.tls_info(),
-                    )
-                    .await;
-                match result {
+                let received_ms = crate::clock::now_ms();
+                let reception_id = ctx.reception_id(received_ms);
+                let protocol = received_protocol(
+                    tx.esmtp,
+                    tx.smtputf8,
+                    io.tls.is_some(),
+                    session.user().is_some(),
+                );
+                let for_rcpt = match tx.rcpts.as_slice() {
+                    [only] => Some(only.as_str()),
+                    _ => None,
+                };
+                let header = received_header(
+                    &ctx.settings.hostname,
+                    &tx.helo,
+                    peer.ip(),
+                    protocol,
+                    &reception_id,
+                    for_rcpt,
+                    received_ms / 1000,
+                );
+                // RFC 5321 §4.4: every relay adds its Received line on top of the message.
+                let mut body = Vec::with_capacity(header.len() + tx.body.len());
+                body.extend_from_slice(header.as_bytes());
+                body.extend_from_slice(&tx.body);
+                let incoming = Incoming {
+                    reception_id,
+                    received_ms,
+                    mail_from: tx.mail_from,
+                    rcpts: tx.rcpts,
+                    body,
+                    peer: peer_text.clone(),
+                    tls: io.tls_info(),
+                };
+                match ctx.accept_message(incoming).await {
                     Ok(id) => session.message_done(Ok(&id), &mut out),
                     Err(why) => {
                         let reply =

@@ -32,6 +32,19 @@ use crate::spool::{RcptState, Spool, SpoolConfig, SpoolError};
 /// Small enough that retries are late by at most this much; large enough to cost nothing.
 const TICK_MS: u64 = 50;
 
+/// A message the inbound side received, ready to spool.
+pub struct Incoming {
+    pub reception_id: String,
+    pub received_ms: u64,
+    pub mail_from: String,
+    pub rcpts: Vec<String>,
+    /// The message, our Received header already on top.
+    pub body: Vec<u8>,
+    pub peer: String,
+    /// TLS version and cipher of the client's session, for the log.
+    pub tls: Option<String>,
+}
+
 /// A message part handed to its owning shard.
 pub struct Submission {
     pub origin: usize,
@@ -102,7 +115,9 @@ impl ShardCtx {
         self.shared.shutdown.load(Ordering::Relaxed)
     }
 
-    fn reception_id(&self, now: u64) -> String {
+    /// A new id for a received message: what the client is told in the 250 reply, what the
+    /// Received header and every log line carry.
+    pub fn reception_id(&self, now: u64) -> String {
         let n = self.next_reception.get();
         self.next_reception.set(n + 1);
         format!("{now:x}.{}.{n:x}", self.id)
@@ -110,16 +125,16 @@ impl ShardCtx {
 
     /// Spool a transaction on the shards that own its recipients' domains. Returns the id to
     /// give the client once every part is durable, or the reason to give a temporary failure.
-    pub async fn accept_message(
-        self: &Rc<Self>,
-        mail_from: String,
-        rcpts: Vec<String>,
-        body: Vec<u8>,
-        peer: String,
-        tls: Option<String>,
-    ) -> Result<String, String> {
-        let received_ms = now_ms();
-        let reception_id = self.reception_id(received_ms);
+    pub async fn accept_message(self: &Rc<Self>, incoming: Incoming) -> Result<String, String> {
+        let Incoming {
+            reception_id,
+            received_ms,
+            mail_from,
+            rcpts,
+            body,
+            peer,
+            tls,
+        } = incoming;
         let mut parts: BTreeMap<usize, Vec<String>> = BTreeMap::new();
         for rcpt in rcpts {
             let domain = rcpt.rsplit_once('@').map_or("", |(_, d)| d);

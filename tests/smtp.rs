@@ -358,3 +358,39 @@ fn sigint_stops_cleanly_too() {
         "still listening"
     );
 }
+
+/// Every accepted message gets our Received header on top (RFC 5321 §4.4), naming the client's
+/// EHLO name and address, the protocol, the id given in the 250 reply and the one recipient.
+#[test]
+fn received_header_is_prepended() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut epoxi = Epoxi::start(&Opts::new(dir.path()).route(dead_port()));
+    let mut smtp = Smtp::connect(epoxi.port);
+    assert_eq!(smtp.reply().code, 220);
+    smtp.expect("EHLO client.test", 250);
+    let body = message_body("received-1", &[]);
+    let reply = smtp.send_message("a@x.test", &["b@d1.test".to_owned()], &body);
+    assert_eq!(reply.code, 250, "{}", reply.text);
+    let id = reply
+        .text
+        .rsplit(' ')
+        .next()
+        .expect("queued as <id>")
+        .to_owned();
+    smtp.expect("QUIT", 221);
+    epoxi.stop();
+
+    let spooled: Vec<u8> = epoxi
+        .segments()
+        .iter()
+        .flat_map(|p| std::fs::read(p).expect("segment"))
+        .collect();
+    let want = format!(
+        "Received: from client.test ([127.0.0.1])\r\n\tby mx.epoxi.test with ESMTP id {id}\r\n\tfor <b@d1.test>;"
+    );
+    let at = find(&spooled, want.as_bytes()).unwrap_or_else(|| panic!("no `{want}` in the spool"));
+    // The header comes right before the message as the client sent it.
+    let rest = &spooled[at..];
+    let header_end = find(rest, b"+0000\r\n").expect("header date") + b"+0000\r\n".len();
+    assert!(rest[header_end..].starts_with(b"From: <sender@client.test>"));
+}
