@@ -66,6 +66,22 @@ pub struct ServerSection {
     pub data_timeout_s: u64,
     /// Concurrent inbound connections per shard; beyond it new clients get `421 4.7.0`.
     pub connections_max: usize,
+    /// Concurrent connections from one client IP, per shard; beyond it `421 4.7.0`.
+    pub connections_per_ip_max: usize,
+    /// Messages per connection before MAIL gets `421 4.7.0` (0: no limit).
+    pub messages_per_connection_max: usize,
+    /// Longest command line, CRLF included (RFC 5321: at least 512).
+    pub line_len_max: usize,
+    /// Longest line of message text, CRLF included (RFC 5321: 1000).
+    pub data_line_len_max: usize,
+    /// Offer SMTPUTF8, CHUNKING (BDAT) and DSN.
+    pub smtputf8: bool,
+    pub chunking: bool,
+    pub dsn: bool,
+    /// Bare CR or LF in message text (RFC 5321 §2.3.8): "accept" or "reject" (554 5.6.0).
+    pub bare_lf: String,
+    /// NUL bytes in message text: "accept" or "reject" (554 5.6.0).
+    pub nul: String,
     /// On SIGTERM/SIGINT, how long in-flight transactions may take to finish, in seconds.
     pub shutdown_grace_s: u64,
     /// PEM certificate chain for TLS. Empty (with `tls_key` empty): a self-signed certificate
@@ -184,6 +200,15 @@ impl Default for ServerSection {
             command_timeout_s: 300,
             data_timeout_s: 300,
             connections_max: 10_000,
+            connections_per_ip_max: 100,
+            messages_per_connection_max: 0,
+            line_len_max: 1024,
+            data_line_len_max: 1000,
+            smtputf8: true,
+            chunking: true,
+            dsn: true,
+            bare_lf: "accept".into(),
+            nul: "accept".into(),
             shutdown_grace_s: 30,
             tls_cert: PathBuf::new(),
             tls_key: PathBuf::new(),
@@ -504,6 +529,33 @@ impl Config {
         }
         if s.connections_max == 0 {
             return Err(invalid("server.connections_max", "must be at least 1"));
+        }
+        if s.line_len_max < 512 || s.line_len_max > 64 << 10 {
+            return Err(invalid(
+                "server.line_len_max",
+                "must be between 512 and 65536",
+            ));
+        }
+        if s.data_line_len_max < 1000 || s.data_line_len_max > 64 << 10 {
+            return Err(invalid(
+                "server.data_line_len_max",
+                "must be between 1000 and 65536",
+            ));
+        }
+        if s.connections_per_ip_max == 0 {
+            return Err(invalid(
+                "server.connections_per_ip_max",
+                "must be at least 1",
+            ));
+        }
+        if !["accept", "reject"].contains(&s.bare_lf.as_str()) {
+            return Err(invalid(
+                "server.bare_lf",
+                "must be \"accept\" or \"reject\"",
+            ));
+        }
+        if !["accept", "reject"].contains(&s.nul.as_str()) {
+            return Err(invalid("server.nul", "must be \"accept\" or \"reject\""));
         }
         let sp = &self.spool;
         if sp.segment_size_max < 1 << 20 {

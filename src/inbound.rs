@@ -18,7 +18,7 @@ use glommio::net::{TcpListener, TcpStream};
 use crate::shard::{Incoming, ShardCtx};
 use crate::smtp::received::{received_header, received_protocol};
 use crate::smtp::reply::Reply;
-use crate::smtp::server::{AuthVerdict, Credentials, ServerConfig, Session, Step};
+use crate::smtp::server::{AuthVerdict, BareLf, Credentials, NulByte, ServerConfig, Session, Step};
 use crate::tls::TlsLayer;
 
 /// Bytes read from a client at a time. 64 KiB takes a 100 KiB message in two reads and a
@@ -31,7 +31,42 @@ const READ_SLICE_MS: u64 = 500;
 /// Self-connects tried to wake the accept loop at shutdown (about 100 ms each at most).
 const KNOCKS_MAX: usize = 200;
 
+const TOO_MANY_FROM_IP: &[u8] =
+    b"421 4.7.0 Too many connections from your address, try again later\r\n";
+
 const TOO_MANY_CONNECTIONS: &[u8] = b"421 4.7.0 Too many connections, try again later\r\n";
+
+/// The session settings, from the configuration.
+pub fn server_config(ctx: &ShardCtx) -> Result<ServerConfig, crate::smtp::server::ConfigError> {
+    let server = &ctx.settings.config.server;
+    let cfg = ServerConfig {
+        hostname: ctx.settings.hostname.clone(),
+        size_max: server.size_max,
+        rcpts_max: server.rcpts_max,
+        errors_max: server.errors_max,
+        line_len_max: server.line_len_max,
+        data_line_len_max: server.data_line_len_max,
+        messages_per_session_max: server.messages_per_connection_max,
+        smtputf8: server.smtputf8,
+        chunking: server.chunking,
+        dsn: server.dsn,
+        bare_lf: if server.bare_lf == "reject" {
+            BareLf::Reject
+        } else {
+            BareLf::Accept
+        },
+        nul: if server.nul == "reject" {
+            NulByte::Reject
+        } else {
+            NulByte::Accept
+        },
+        starttls: true,
+        auth: ctx.settings.auth_users.is_some(),
+        ..ServerConfig::default()
+    };
+    cfg.validate()?;
+    Ok(cfg)
+}
 
 pub fn listen(addr: SocketAddr) -> std::io::Result<TcpListener> {
     TcpListener::bind(addr)
@@ -41,15 +76,15 @@ pub fn listen(addr: SocketAddr) -> std::io::Result<TcpListener> {
 /// Accept on `listener` until shutdown. `implicit_tls`: every connection starts with a TLS
 /// handshake (port 465 style) before the SMTP greeting.
 pub async fn accept_loop(ctx: Rc<ShardCtx>, listener: TcpListener, implicit_tls: bool) {
-    let server_cfg = Rc::new(ServerConfig {
-        hostname: ctx.settings.hostname.clone(),
-        size_max: ctx.settings.config.server.size_max,
-        rcpts_max: ctx.settings.config.server.rcpts_max,
-        errors_max: ctx.settings.config.server.errors_max,
-        starttls: true,
-        auth: ctx.settings.auth_users.is_some(),
-        ..ServerConfig::default()
-    });
+    let server_cfg = match server_config(&ctx) {
+        Ok(cfg) => Rc::new(cfg),
+        Err(e) => {
+            // Checked at start (`epoxi serve` validates it before any shard runs); if it
+            // still fails here, refuse connections rather than serve with a broken config.
+            eprintln!("shard {}: invalid SMTP server settings: {e}", ctx.id);
+            return;
+        }
+    };
     let stopped = Rc::new(Cell::new(false));
     let waker = glommio::spawn_local(wake_on_shutdown(
         ctx.clone(),
@@ -70,6 +105,18 @@ pub async fn accept_loop(ctx: Rc<ShardCtx>, listener: TcpListener, implicit_tls:
                 continue;
             }
         };
+        let ip = stream.peer_addr().map(|a| a.ip()).ok();
+        let per_ip = ip.map_or(0, |ip| {
+            ctx.sessions_by_ip.borrow().get(&ip).copied().unwrap_or(0)
+        });
+        if per_ip >= ctx.settings.config.server.connections_per_ip_max {
+            glommio::spawn_local(async move {
+                let _ = stream.write_all(TOO_MANY_FROM_IP).await;
+                let _ = stream.close().await;
+            })
+            .detach();
+            continue;
+        }
         if ctx.sessions.get() >= ctx.settings.config.server.connections_max {
             glommio::spawn_local(async move {
                 let _ = stream.write_all(TOO_MANY_CONNECTIONS).await;
@@ -79,6 +126,9 @@ pub async fn accept_loop(ctx: Rc<ShardCtx>, listener: TcpListener, implicit_tls:
             continue;
         }
         ctx.sessions.set(ctx.sessions.get() + 1);
+        if let Some(ip) = ip {
+            *ctx.sessions_by_ip.borrow_mut().entry(ip).or_insert(0) += 1;
+        }
         let session_ctx = ctx.clone();
         let cfg = server_cfg.clone();
         glommio::spawn_local(async move {
@@ -88,6 +138,15 @@ pub async fn accept_loop(ctx: Rc<ShardCtx>, listener: TcpListener, implicit_tls:
                 }
             }
             session_ctx.sessions.set(session_ctx.sessions.get() - 1);
+            if let Some(ip) = ip {
+                let mut by_ip = session_ctx.sessions_by_ip.borrow_mut();
+                if let Some(n) = by_ip.get_mut(&ip) {
+                    *n -= 1;
+                    if *n == 0 {
+                        by_ip.remove(&ip);
+                    }
+                }
+            }
         })
         .detach();
     }

@@ -104,6 +104,8 @@ pub struct ShardCtx {
     pub work: Notify,
     /// Inbound sessions running on this shard.
     pub sessions: Cell<usize>,
+    /// Of those, per client address (entries removed at zero, so the map stays small).
+    pub sessions_by_ip: RefCell<HashMap<std::net::IpAddr, usize>>,
     /// Delivery connections running on this shard.
     pub deliveries: Cell<usize>,
     /// Failed AUTH attempts per client on this shard.
@@ -573,6 +575,7 @@ pub async fn run(
         next_reception: Cell::new(0),
         work: Notify::new(),
         sessions: Cell::new(0),
+        sessions_by_ip: RefCell::new(HashMap::new()),
         deliveries: Cell::new(0),
         auth_limiter: RefCell::new(crate::auth::AuthLimiter::new(
             cfg.server.auth_failures_max,

@@ -394,3 +394,59 @@ fn received_header_is_prepended() {
     let header_end = find(rest, b"+0000\r\n").expect("header date") + b"+0000\r\n".len();
     assert!(rest[header_end..].starts_with(b"From: <sender@client.test>"));
 }
+
+#[test]
+fn per_ip_connection_and_per_connection_message_limits() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut epoxi = Epoxi::start(
+        &Opts::new(dir.path())
+            .route(dead_port())
+            .set("server", "connections_per_ip_max", "2")
+            .set("server", "messages_per_connection_max", "1"),
+    );
+    let mut a = Smtp::connect(epoxi.port);
+    assert_eq!(a.reply().code, 220);
+    let mut b = Smtp::connect(epoxi.port);
+    assert_eq!(b.reply().code, 220);
+    let mut c = Smtp::connect(epoxi.port);
+    let refused = c.reply();
+    assert_eq!(refused.code, 421, "{}", refused.text);
+    assert!(refused.text.contains("4.7.0"), "{}", refused.text);
+    b.expect("QUIT", 221);
+    drop(b);
+    // The slot frees once the session ends.
+    common::wait_until("a free connection slot", common::DEADLINE, || {
+        let mut d = Smtp::connect(epoxi.port);
+        d.reply().code == 220
+    });
+
+    // One message per connection: the second MAIL is told to reconnect.
+    a.expect("EHLO client.test", 250);
+    let reply = a.send_message(
+        "a@x.test",
+        &["b@d1.test".to_owned()],
+        &message_body("m-1", &[]),
+    );
+    assert_eq!(reply.code, 250, "{}", reply.text);
+    a.expect("MAIL FROM:<a@x.test>", 421);
+    epoxi.stop();
+}
+
+#[test]
+fn session_options_are_validated_at_start() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    for (key, value, named) in [
+        ("bare_lf", "\"maybe\"", "server.bare_lf"),
+        ("line_len_max", "100", "server.line_len_max"),
+        (
+            "connections_per_ip_max",
+            "0",
+            "server.connections_per_ip_max",
+        ),
+    ] {
+        let ran = Epoxi::try_start(&Opts::new(dir.path()).set("server", key, value))
+            .err()
+            .expect("refused");
+        assert!(ran.stderr.contains(named), "{key}: {}", ran.stderr);
+    }
+}
