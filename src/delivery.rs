@@ -345,7 +345,7 @@ struct Inflight {
 /// Start a job's transaction: the envelope comes from the queue, the body is read from the
 /// spool only when the server asks for it. None: the message is gone (already final).
 fn begin(ctx: &Rc<ShardCtx>, conn: &mut Conn, job: Job) -> Option<Inflight> {
-    let (loc, mail_from, rcpts) = {
+    let (loc, mail_from, rcpts, size) = {
         let queue = ctx.queue.borrow();
         let meta = queue.message(job.message)?;
         let rcpts: Vec<String> = job
@@ -353,8 +353,27 @@ fn begin(ctx: &Rc<ShardCtx>, conn: &mut Conn, job: Job) -> Option<Inflight> {
             .iter()
             .filter_map(|&r| meta.rcpts.get(r as usize).map(|x| x.address.to_string()))
             .collect();
-        (meta.loc, meta.mail_from.to_string(), rcpts)
+        (meta.loc, meta.mail_from.to_string(), rcpts, meta.size)
     };
+    // RFC 1870: the server told us its limit; sending more would only be refused after the
+    // whole body crossed the wire. Bounce now, saying why.
+    if let Some(limit) = conn
+        .client
+        .capabilities()
+        .size
+        .filter(|&n| n > 0 && size > n)
+    {
+        let text =
+            format!("Message of {size} bytes exceeds the destination's SIZE limit of {limit}");
+        let reply = crate::smtp::reply::Reply::new(552, Some((5, 3, 4)), text);
+        let results: Vec<(u32, RcptResult)> = job
+            .rcpts
+            .iter()
+            .map(|&r| (r, RcptResult::Reply(reply.clone())))
+            .collect();
+        ctx.record_results(&job, &results, "-");
+        return None;
+    }
     let rcpt_refs: Vec<&str> = rcpts.iter().map(String::as_str).collect();
     conn.client.start(&mail_from, &rcpt_refs, &mut conn.out);
     Some(Inflight {

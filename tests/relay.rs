@@ -303,3 +303,39 @@ fn event_log_rotation_keeps_every_line() {
     assert_eq!(deliveries.len(), 300, "Delivery lines lost in rotation");
     assert_eq!(field_set(&deliveries, "message_id").len(), 300);
 }
+
+/// The next hop advertises SIZE: a message over it bounces at once with a clear reason instead
+/// of being sent and refused (or retried) over and over.
+#[test]
+fn destination_size_limit_bounces_without_sending() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let sink = Sink::start(dir.path(), &[]);
+    let b = Epoxi::start(
+        &Opts::new(&dir.path().join("b"))
+            .route(sink.port)
+            .log_dir(dir.path().join("b-log"))
+            .set("server", "size_max", "2048"),
+    );
+    let a = Epoxi::start(
+        &Opts::new(&dir.path().join("a"))
+            .route(b.port)
+            .log_dir(dir.path().join("a-log")),
+    );
+    let small = Inject::new(1).size(800).domains(1).run(dir.path(), a.port);
+    let big = Inject::new(1).size(5000).domains(1).run(dir.path(), a.port);
+    assert_eq!(small.count("accepted") + big.count("accepted"), 2);
+    let bounces = a.wait_events("Bounce", 1);
+    assert_eq!(bounces[0]["response"]["code"], 552, "{}", bounces[0]);
+    let text = bounces[0]["response"]["text"].as_str().unwrap_or_default();
+    assert!(text.contains("SIZE limit of 2048"), "{text}");
+    b.wait_events("Delivery", 1);
+    assert_eq!(
+        b.events_of("Reception").len(),
+        1,
+        "the big one never reached B"
+    );
+    let (mut a, mut b) = (a, b);
+    a.stop();
+    b.stop();
+    assert_eq!(sink.stop().ids, small.ids);
+}
