@@ -16,7 +16,7 @@ use futures_lite::{AsyncReadExt, AsyncWriteExt};
 use glommio::net::{TcpListener, TcpStream};
 
 use crate::shard::{Incoming, ShardCtx};
-use crate::smtp::received::{received_header, received_protocol};
+use crate::smtp::received::{received_header, received_protocol, submission_headers};
 use crate::smtp::reply::Reply;
 use crate::smtp::server::{AuthVerdict, BareLf, Credentials, NulByte, ServerConfig, Session, Step};
 use crate::tls::TlsLayer;
@@ -349,8 +349,21 @@ async fn session(
                     received_ms / 1000,
                 );
                 // RFC 5321 §4.4: every relay adds its Received line on top of the message.
-                let mut body = Vec::with_capacity(header.len() + tx.body.len());
+                // An authenticated client is submitting (RFC 6409): fill in Date and
+                // Message-ID when its message has none.
+                let submission = if session.user().is_some() {
+                    submission_headers(
+                        &tx.body,
+                        &reception_id,
+                        &ctx.settings.hostname,
+                        received_ms / 1000,
+                    )
+                } else {
+                    String::new()
+                };
+                let mut body = Vec::with_capacity(header.len() + submission.len() + tx.body.len());
                 body.extend_from_slice(header.as_bytes());
+                body.extend_from_slice(submission.as_bytes());
                 body.extend_from_slice(&tx.body);
                 let incoming = Incoming {
                     reception_id,

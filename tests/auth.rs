@@ -207,3 +207,52 @@ fn bad_users_file_is_refused_at_start() {
         ran.stderr
     );
 }
+
+/// A submission from an authenticated client gets Date and Message-ID when it has none
+/// (RFC 6409 §8); AUTH without TLS works from loopback when configured.
+#[test]
+fn submission_fills_in_date_and_message_id() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let users = dir.path().join("users");
+    assert!(passwd(&users, &["dave"], "pw\n").status.success());
+    let mut epoxi = Epoxi::start(
+        &Opts::new(dir.path())
+            .route(dead_port())
+            .set("server", "auth_users", &format!("\"{}\"", users.display()))
+            .set("server", "auth_plaintext_loopback", "true"),
+    );
+    let script = format!(
+        r#"
+import smtplib
+s = smtplib.SMTP("127.0.0.1", {port}, timeout=20)
+s.ehlo("client.test")
+s.login("dave", "pw")
+s.mail("d@x.test")
+s.rcpt("e@d1.test")
+code, resp = s.data(b"Subject: no date, no id\r\n\r\nbody\r\n")
+assert code == 250, (code, resp)
+print(resp.decode().split()[-1])
+s.quit()
+"#,
+        port = epoxi.port
+    );
+    let (ok, out) = python(&script);
+    assert!(ok, "smtplib:\n{out}");
+    let id = out.trim().to_owned();
+    epoxi.stop();
+    let spooled: Vec<u8> = epoxi
+        .segments()
+        .iter()
+        .flat_map(|p| std::fs::read(p).expect("segment"))
+        .collect();
+    let want_id = format!("Message-ID: <{id}@mx.epoxi.test>\r\nSubject: no date, no id");
+    assert!(
+        find(&spooled, want_id.as_bytes()).is_some(),
+        "no `{want_id}` in the spool"
+    );
+    assert!(find(&spooled, b"\r\nDate: ").is_some(), "Date added");
+    assert!(
+        find(&spooled, b"with ESMTPA id").is_some(),
+        "Received says authenticated"
+    );
+}

@@ -35,7 +35,7 @@ pub mod server;
 pub use client::{Capabilities, Client, ClientConfig, ClientStep, TransactionOutcome};
 pub use data::{DataError, DataReader};
 pub use parser::{parse_command, Command, ParseError, PathError};
-pub use received::{received_header, received_protocol};
+pub use received::{received_header, received_protocol, submission_headers};
 pub use reply::{Canned, Rejection, Reply, ReplyError};
 pub use server::{
     BareLf, DsnEnvelope, NulByte, Orcpt, RcptDsn, ServerConfig, Session, SessionStats, Step,

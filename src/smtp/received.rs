@@ -121,6 +121,50 @@ pub fn received_header(
     h
 }
 
+/// Headers a submission server adds when the message lacks them (RFC 6409 §8.2 and §8.3):
+/// `Date:` and `Message-ID:`. Only the header section (up to the first empty line) is looked
+/// at; names match case-insensitively. Returns the lines to add (empty when none are missing).
+pub fn submission_headers(body: &[u8], message_id: &str, host: &str, unix_s: u64) -> String {
+    let header_end = find_header_end(body);
+    let headers = &body[..header_end];
+    let has = |name: &[u8]| {
+        headers.split(|&b| b == b'\n').any(|line| {
+            line.len() > name.len()
+                && line[..name.len()].eq_ignore_ascii_case(name)
+                && line[name.len()] == b':'
+        })
+    };
+    let mut add = String::new();
+    if !has(b"Date") {
+        add.push_str("Date: ");
+        add.push_str(&rfc5322_date(unix_s));
+        add.push_str("\r\n");
+    }
+    if !has(b"Message-ID") {
+        add.push_str("Message-ID: <");
+        push_printable(&mut add, message_id);
+        add.push('@');
+        push_printable(&mut add, host);
+        add.push_str(">\r\n");
+    }
+    add
+}
+
+/// Length of the header section: up to and including the first empty line, or all of `body`.
+fn find_header_end(body: &[u8]) -> usize {
+    let mut line_start = 0;
+    for (i, &b) in body.iter().enumerate() {
+        if b == b'\n' {
+            let line = &body[line_start..i];
+            if line.is_empty() || line == b"\r" {
+                return line_start;
+            }
+            line_start = i + 1;
+        }
+    }
+    body.len()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -128,6 +172,23 @@ mod tests {
 
     /// 2026-11-25 05:53:25 UTC, a Wednesday.
     const T: u64 = 1_795_586_005;
+
+    #[test]
+    fn submission_headers_fill_only_what_is_missing() {
+        let bare = b"Subject: hi\r\n\r\nDate: in the body does not count\r\n";
+        assert_eq!(
+            submission_headers(bare, "abc.0.1", "mx.test", T),
+            "Date: Wed, 25 Nov 2026 05:53:25 +0000\r\nMessage-ID: <abc.0.1@mx.test>\r\n"
+        );
+        let full = b"date: Tue, 1 Jan 2030 00:00:00 +0000\r\nMESSAGE-ID: <x@y>\r\n\r\nbody\r\n";
+        assert_eq!(submission_headers(full, "abc", "mx.test", T), "");
+        let no_body = b"Message-Id: <x@y>\r\n";
+        assert!(submission_headers(no_body, "a", "h", T).starts_with("Date: "));
+        assert!(
+            !submission_headers(b"Dated: x\r\n\r\n", "a", "h", T).is_empty(),
+            "exact names"
+        );
+    }
 
     #[test]
     fn dates() {
