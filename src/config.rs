@@ -64,6 +64,9 @@ pub struct ServerSection {
     pub command_timeout_s: u64,
     /// Wait for the next chunk of DATA, in seconds.
     pub data_timeout_s: u64,
+    /// Longest a transaction (MAIL to the end of the message) may take in all, in seconds, so a
+    /// client trickling bytes (slowloris) cannot hold a session forever.
+    pub transaction_timeout_s: u64,
     /// Concurrent inbound connections per shard; beyond it new clients get `421 4.7.0`.
     pub connections_max: usize,
     /// Concurrent connections from one client IP, per shard; beyond it `421 4.7.0`.
@@ -199,6 +202,7 @@ impl Default for ServerSection {
             errors_max: 10,
             command_timeout_s: 300,
             data_timeout_s: 300,
+            transaction_timeout_s: 1800,
             connections_max: 10_000,
             connections_per_ip_max: 100,
             messages_per_connection_max: 0,
@@ -520,6 +524,12 @@ impl Config {
         }
         if s.errors_max == 0 {
             return Err(invalid("server.errors_max", "must be at least 1"));
+        }
+        if s.transaction_timeout_s == 0 {
+            return Err(invalid(
+                "server.transaction_timeout_s",
+                "must be at least 1 s",
+            ));
         }
         if s.command_timeout_s == 0 || s.data_timeout_s == 0 {
             return Err(invalid(

@@ -295,12 +295,24 @@ async fn session(
     let mut buf = vec![0u8; READ_BUF_BYTES];
     session.greeting(&mut out);
     let mut waited_ms = 0u64;
+    let transaction_limit = Duration::from_secs(server.transaction_timeout_s);
+    let mut transaction_since: Option<std::time::Instant> = None;
     loop {
         match session.poll(&mut out) {
             Step::NeedInput => {
                 if !out.is_empty() {
                     io.write(&out).await?;
                     out.clear();
+                }
+                match (session.in_transaction(), transaction_since) {
+                    (false, _) => transaction_since = None,
+                    (true, None) => transaction_since = Some(std::time::Instant::now()),
+                    (true, Some(since)) if since.elapsed() >= transaction_limit => {
+                        session.timeout(&mut out);
+                        io.write(&out).await?;
+                        break;
+                    }
+                    (true, Some(_)) => {}
                 }
                 if ctx.shutting_down() && !session.in_data() {
                     session.shutdown(&mut out);

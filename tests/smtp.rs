@@ -450,3 +450,37 @@ fn session_options_are_validated_at_start() {
         assert!(ran.stderr.contains(named), "{key}: {}", ran.stderr);
     }
 }
+
+/// Slowloris: a client that keeps a transaction open by trickling commands is cut off when the
+/// whole transaction takes longer than `server.transaction_timeout_s`, though no single wait
+/// reaches the idle timeout.
+#[test]
+fn transaction_time_limit_stops_trickling_clients() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut epoxi = Epoxi::start(&Opts::new(dir.path()).route(dead_port()).set(
+        "server",
+        "transaction_timeout_s",
+        "2",
+    ));
+    let mut c = Smtp::connect(epoxi.port);
+    assert_eq!(c.reply().code, 220);
+    c.expect("EHLO client.test", 250);
+    c.expect("MAIL FROM:<a@x.test>", 250);
+    let started = std::time::Instant::now();
+    let cut = loop {
+        std::thread::sleep(std::time::Duration::from_millis(300));
+        let reply = c.cmd("NOOP");
+        if reply.code != 250 {
+            break reply;
+        }
+        assert!(started.elapsed() < common::DEADLINE, "never cut off");
+    };
+    assert_eq!(cut.code, 421, "{}", cut.text);
+    assert!(cut.text.contains("4.4.2"), "{}", cut.text);
+    // Idle sessions without a transaction are not affected by it.
+    let mut idle = Smtp::connect(epoxi.port);
+    assert_eq!(idle.reply().code, 220);
+    std::thread::sleep(std::time::Duration::from_millis(2500));
+    idle.expect("NOOP", 250);
+    epoxi.stop();
+}

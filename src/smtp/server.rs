@@ -650,6 +650,11 @@ impl Session {
         self.start = 0;
     }
 
+    /// A transaction is open: MAIL was accepted and the message is not finished yet.
+    pub fn in_transaction(&self) -> bool {
+        self.proto.txn.is_some() || matches!(self.proto.state, State::Data | State::Chunk)
+    }
+
     /// Whether the session runs over TLS.
     pub fn is_tls(&self) -> bool {
         self.proto.tls
