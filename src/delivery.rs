@@ -22,7 +22,10 @@ use glommio::net::TcpStream;
 use crate::queue::Job;
 use crate::route::Destination;
 use crate::shard::{RcptResult, ShardCtx};
-use crate::smtp::client::{Client, ClientConfig, ClientStep, TlsPolicy, TransactionOutcome};
+use crate::smtp::client::{
+    Client, ClientConfig, ClientStep, MailOptions, TlsPolicy, TransactionOutcome,
+};
+use crate::spool::record::{FLAG_8BITMIME, FLAG_SMTPUTF8};
 
 /// Bytes read from the socket at a time. Replies are short; 16 KiB holds hundreds of them.
 const READ_BUF_BYTES: usize = 16 << 10;
@@ -345,7 +348,7 @@ struct Inflight {
 /// Start a job's transaction: the envelope comes from the queue, the body is read from the
 /// spool only when the server asks for it. None: the message is gone (already final).
 fn begin(ctx: &Rc<ShardCtx>, conn: &mut Conn, job: Job) -> Option<Inflight> {
-    let (loc, mail_from, rcpts, size) = {
+    let (loc, mail_from, rcpts, size, flags) = {
         let queue = ctx.queue.borrow();
         let meta = queue.message(job.message)?;
         let rcpts: Vec<String> = job
@@ -353,7 +356,13 @@ fn begin(ctx: &Rc<ShardCtx>, conn: &mut Conn, job: Job) -> Option<Inflight> {
             .iter()
             .filter_map(|&r| meta.rcpts.get(r as usize).map(|x| x.address.to_string()))
             .collect();
-        (meta.loc, meta.mail_from.to_string(), rcpts, meta.size)
+        (
+            meta.loc,
+            meta.mail_from.to_string(),
+            rcpts,
+            meta.size,
+            meta.flags,
+        )
     };
     // RFC 1870: the server told us its limit; sending more would only be refused after the
     // whole body crossed the wire. Bounce now, saying why.
@@ -375,7 +384,13 @@ fn begin(ctx: &Rc<ShardCtx>, conn: &mut Conn, job: Job) -> Option<Inflight> {
         return None;
     }
     let rcpt_refs: Vec<&str> = rcpts.iter().map(String::as_str).collect();
-    conn.client.start(&mail_from, &rcpt_refs, &mut conn.out);
+    let opts = MailOptions {
+        size: Some(size),
+        eight_bit: flags & FLAG_8BITMIME != 0,
+        smtputf8: flags & FLAG_SMTPUTF8 != 0,
+    };
+    conn.client
+        .start_with(&mail_from, &rcpt_refs, opts, &mut conn.out);
     Some(Inflight {
         job,
         loc,

@@ -19,6 +19,7 @@ use crate::shard::{Incoming, ShardCtx};
 use crate::smtp::received::{received_header, received_protocol, submission_headers};
 use crate::smtp::reply::Reply;
 use crate::smtp::server::{AuthVerdict, BareLf, Credentials, NulByte, ServerConfig, Session, Step};
+use crate::spool::record::{FLAG_8BITMIME, FLAG_SMTPUTF8};
 use crate::tls::TlsLayer;
 
 /// Bytes read from a client at a time. 64 KiB takes a 100 KiB message in two reads and a
@@ -385,6 +386,8 @@ async fn session(
                     body,
                     peer: peer_text.clone(),
                     tls: io.tls_info(),
+                    flags: (if tx.smtputf8 { FLAG_SMTPUTF8 } else { 0 })
+                        | (if tx.body_8bit { FLAG_8BITMIME } else { 0 }),
                 };
                 match ctx.accept_message(incoming).await {
                     Ok(id) => session.message_done(Ok(&id), &mut out),

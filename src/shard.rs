@@ -43,6 +43,8 @@ pub struct Incoming {
     pub peer: String,
     /// TLS version and cipher of the client's session, for the log.
     pub tls: Option<String>,
+    /// `spool::record::FLAG_*`.
+    pub flags: u8,
 }
 
 /// A message part handed to its owning shard.
@@ -57,6 +59,7 @@ pub struct Submission {
     pub received_ms: u64,
     /// TLS version and cipher of the client's session, for the log.
     pub tls: Option<String>,
+    pub flags: u8,
 }
 
 pub enum ShardMsg {
@@ -136,6 +139,7 @@ impl ShardCtx {
             body,
             peer,
             tls,
+            flags,
         } = incoming;
         let mut parts: BTreeMap<usize, Vec<String>> = BTreeMap::new();
         for rcpt in rcpts {
@@ -158,6 +162,7 @@ impl ShardCtx {
                 peer,
                 received_ms,
                 tls,
+                flags,
             };
             return self.spool_part(sub).await.map(|_| reception_id);
         }
@@ -174,6 +179,7 @@ impl ShardCtx {
                 peer: peer.clone(),
                 received_ms,
                 tls: tls.clone(),
+                flags,
             };
             let ctx = self.clone();
             tasks.push(glommio::spawn_local(async move {
@@ -231,6 +237,7 @@ impl ShardCtx {
             mail_from: sub.mail_from,
             rcpts: sub.rcpts,
             peer: sub.peer,
+            flags: sub.flags,
             body,
         };
         // Keep the envelope for the queue; the body goes to disk only.
@@ -274,6 +281,7 @@ impl ShardCtx {
             reception_id: reception_id.into(),
             mail_from: mail_from.into(),
             size,
+            flags: sub.flags,
             remaining: rcpts.len() as u32,
             rcpts: rcpts
                 .into_iter()
@@ -615,16 +623,17 @@ pub async fn run(
             })
             .collect::<Vec<_>>();
         let stored = spool.read_message(msg.loc).await;
-        let (reception_id, mail_from, size) = match &stored {
+        let (reception_id, mail_from, size, flags) = match &stored {
             Ok(s) => match s.message() {
                 Ok(m) => (
                     m.reception_id.as_str().into(),
                     m.mail_from.as_str().into(),
                     m.body.len(),
+                    m.flags,
                 ),
-                Err(_) => ("?".into(), "".into(), 0),
+                Err(_) => ("?".into(), "".into(), 0, 0),
             },
-            Err(_) => ("?".into(), "".into(), 0),
+            Err(_) => ("?".into(), "".into(), 0, 0),
         };
         let remaining = rcpts.iter().filter(|r| !r.done).count() as u32;
         ctx.queue.borrow_mut().insert(MessageMeta {
@@ -634,6 +643,7 @@ pub async fn run(
             reception_id,
             mail_from,
             size,
+            flags,
             rcpts,
             remaining,
         });

@@ -339,3 +339,65 @@ fn destination_size_limit_bounces_without_sending() {
     b.stop();
     assert_eq!(sink.stop().ids, small.ids);
 }
+
+/// SMTPUTF8 end to end: a UTF-8 address is relayed to a next hop that offers SMTPUTF8, and
+/// bounced (553 5.6.7), never mangled, when the next hop does not.
+#[test]
+fn smtputf8_is_relayed_or_bounced_never_mangled() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let sink = Sink::start(dir.path(), &[]); // offers no SMTPUTF8
+    let b = Epoxi::start(
+        &Opts::new(&dir.path().join("b"))
+            .route(common::dead_port())
+            .log_dir(dir.path().join("b-log")),
+    );
+    let mut conf = Opts::new(&dir.path().join("a")).log_dir(dir.path().join("a-log"));
+    conf.conf.raw = format!(
+        "[[route]]\ndomain = \"*.via-b.test\"\ntarget = \"127.0.0.1:{}\"\n\
+         [[route]]\ndomain = \"*\"\ntarget = \"127.0.0.1:{}\"\n",
+        b.port, sink.port
+    );
+    let a = Epoxi::start(&conf);
+    let script = format!(
+        r#"
+import smtplib
+s = smtplib.SMTP("127.0.0.1", {port}, timeout=20)
+s.ehlo("client.test")
+assert s.has_extn("smtputf8")
+msg = "Subject: =?utf-8?q?gr=C3=BC=C3=9Fe?=\r\n\r\nhallo\r\n".encode()
+s.sendmail("absender@x.test", ["jürgen@bücher.via-b.test"], msg, mail_options=["SMTPUTF8"])
+s.sendmail("absender@x.test", ["jürgen@bücher.test"], msg, mail_options=["SMTPUTF8"])
+s.quit()
+"#,
+        port = a.port
+    );
+    let out = std::process::Command::new("python3")
+        .args(["-c", &script])
+        .output()
+        .expect("python3");
+    assert!(
+        out.status.success(),
+        "smtplib: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // Through B: the UTF-8 recipient arrives as it was sent.
+    let at_b = b.wait_events("Reception", 1);
+    assert_eq!(
+        at_b[0]["recipients"][0], "jürgen@bücher.via-b.test",
+        "{}",
+        at_b[0]
+    );
+    // To the sink: bounced, with the reason.
+    let bounces = a.wait_events("Bounce", 1);
+    assert_eq!(bounces[0]["recipient"], "jürgen@bücher.test");
+    assert_eq!(bounces[0]["response"]["code"], 553, "{}", bounces[0]);
+    assert_eq!(
+        bounces[0]["response"]["enhanced"], "5.6.7",
+        "{}",
+        bounces[0]
+    );
+    let (mut a, mut b) = (a, b);
+    a.stop();
+    b.stop();
+    assert_eq!(sink.stop().count("received"), 0, "nothing reached the sink");
+}

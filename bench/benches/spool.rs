@@ -16,6 +16,7 @@ fn message(size: usize) -> MessageRecord {
         mail_from: "sender@example.test".into(),
         rcpts: vec!["rcpt@d0.test".into()],
         peer: "127.0.0.1:40000".into(),
+        flags: 0,
         body: vec![b'x'; size],
     }
 }

@@ -41,6 +41,8 @@ pub struct MessageMeta {
     pub reception_id: Box<str>,
     pub mail_from: Box<str>,
     pub size: usize,
+    /// `spool::record::FLAG_*`: what the message needs from the next hop.
+    pub flags: u8,
     pub rcpts: Vec<Rcpt>,
     /// Recipients not final yet.
     pub remaining: u32,

@@ -28,7 +28,7 @@
 use std::collections::VecDeque;
 
 use super::data::write_stuffed;
-use super::parser::parse_mailbox;
+use super::parser::{parse_mailbox, parse_mailbox_utf8};
 use super::reply::{self, parse_reply, Reply};
 
 /// Default `line_len_max` for reply lines. RFC 5321 4.5.3.1.5 says 512, but real servers send
@@ -245,6 +245,34 @@ fn no_reply(cmd: &str) -> Reply {
     Reply::new(451, Some((4, 3, 0)), format!("No reply to {cmd}"))
 }
 
+/// What MAIL declares about the message (RFC 1870 SIZE, RFC 6152 8BITMIME, RFC 6531 SMTPUTF8).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct MailOptions {
+    /// Message size in octets, sent as SIZE= when the server supports SIZE.
+    pub size: Option<usize>,
+    /// The body has 8-bit octets: BODY=8BITMIME; refused locally if the server lacks 8BITMIME.
+    pub eight_bit: bool,
+    /// The envelope or headers are UTF-8: SMTPUTF8; refused locally if the server lacks it.
+    pub smtputf8: bool,
+}
+
+/// The next hop cannot take an SMTPUTF8 message; RFC 6531 §3.2 says not to downgrade silently.
+const NO_SMTPUTF8: reply::Canned = reply::Canned {
+    code: 553,
+    enhanced: Some((5, 6, 7)),
+    text: "Destination does not support SMTPUTF8, required by this message",
+    wire: b"553 5.6.7 Destination does not support SMTPUTF8, required by this message\r\n",
+};
+
+/// The next hop cannot take 8-bit content, and we do not convert it (RFC 6152 §3 allows
+/// returning it instead).
+const NO_8BITMIME: reply::Canned = reply::Canned {
+    code: 554,
+    enhanced: Some((5, 6, 3)),
+    text: "Destination does not support 8BITMIME, required by this message",
+    wire: b"554 5.6.3 Destination does not support 8BITMIME, required by this message\r\n",
+};
+
 /// One outbound SMTP connection.
 #[derive(Debug)]
 pub struct Client {
@@ -367,6 +395,19 @@ impl Client {
     /// Starts a transaction; only valid when `poll` returned `Ready` (otherwise the client fails,
     /// as the caller has lost track of the connection). `mail_from` is "" for the null sender.
     pub fn start(&mut self, mail_from: &str, rcpts: &[&str], out: &mut Vec<u8>) {
+        self.start_with(mail_from, rcpts, MailOptions::default(), out);
+    }
+
+    /// `start`, declaring the message's size and content in MAIL. A message the server cannot
+    /// take (SMTPUTF8 or 8BITMIME not offered) ends at once with a local permanent refusal,
+    /// nothing sent.
+    pub fn start_with(
+        &mut self,
+        mail_from: &str,
+        rcpts: &[&str],
+        opts: MailOptions,
+        out: &mut Vec<u8>,
+    ) {
         let early = self.can_start_early();
         if !early
             && (self.phase != Phase::Ready
@@ -390,20 +431,41 @@ impl Client {
             data_command: None,
             data: None,
         };
+        let valid = |a: &str| {
+            if opts.smtputf8 {
+                parse_mailbox_utf8(a).is_ok()
+            } else {
+                parse_mailbox(a).is_ok()
+            }
+        };
         for (slot, rcpt) in rcpts.iter().enumerate() {
-            if parse_mailbox(rcpt).is_ok() {
+            if valid(rcpt) {
                 txn.wire.push(((*rcpt).to_owned(), slot));
             } else {
                 txn.rcpts[slot] = Some(reply::BAD_RECIPIENT.to_reply());
             }
         }
-        let from_ok = mail_from.is_empty() || parse_mailbox(mail_from).is_ok();
-        if !from_ok || txn.wire.is_empty() {
-            txn.mail = Some(if from_ok {
-                reply::NO_VALID_RECIPIENTS.to_reply()
-            } else {
-                reply::BAD_SENDER.to_reply()
+        let from_ok = mail_from.is_empty() || valid(mail_from);
+        let unsupported = if opts.smtputf8 && !self.caps.has("SMTPUTF8") {
+            Some(&NO_SMTPUTF8)
+        } else if opts.eight_bit && !self.caps.eight_bit_mime {
+            Some(&NO_8BITMIME)
+        } else {
+            None
+        };
+        if !from_ok || txn.wire.is_empty() || unsupported.is_some() {
+            txn.mail = Some(match unsupported {
+                Some(canned) => canned.to_reply(),
+                None if from_ok => reply::NO_VALID_RECIPIENTS.to_reply(),
+                None => reply::BAD_SENDER.to_reply(),
             });
+            if unsupported.is_some() {
+                // Every recipient fails the same way; none was refused on its own.
+                let mail = txn.mail.clone();
+                for r in txn.rcpts.iter_mut() {
+                    *r = mail.clone();
+                }
+            }
             txn.wire.clear();
             if early {
                 self.next = Some(Next::Local(txn.into_outcome()));
@@ -414,7 +476,17 @@ impl Client {
         }
         out.extend_from_slice(b"MAIL FROM:<");
         out.extend_from_slice(mail_from.as_bytes());
-        out.extend_from_slice(b">\r\n");
+        out.extend_from_slice(b">");
+        if let (Some(size), Some(_)) = (opts.size, self.caps.size) {
+            out.extend_from_slice(format!(" SIZE={size}").as_bytes());
+        }
+        if opts.eight_bit {
+            out.extend_from_slice(b" BODY=8BITMIME");
+        }
+        if opts.smtputf8 {
+            out.extend_from_slice(b" SMTPUTF8");
+        }
+        out.extend_from_slice(b"\r\n");
         self.expect.push_back(Expect::Mail);
         if txn.pipelined {
             for (rcpt, slot) in &txn.wire {
@@ -999,6 +1071,66 @@ mod tests {
             matches!(step, ClientStep::Failed(ref r) if r.code == 454),
             "{step:?}"
         );
+    }
+
+    #[test]
+    fn mail_options_declare_size_body_and_smtputf8() {
+        let mut c = ready(EHLO_PIPE);
+        c.caps.keywords.push("SMTPUTF8".into());
+        let opts = MailOptions {
+            size: Some(1234),
+            eight_bit: true,
+            smtputf8: true,
+        };
+        let mut out = Vec::new();
+        c.start_with("a@b.test", &["ü@bücher.test"], opts, &mut out);
+        assert_eq!(
+            String::from_utf8_lossy(&out),
+            "MAIL FROM:<a@b.test> SIZE=1234 BODY=8BITMIME SMTPUTF8\r\nRCPT TO:<ü@bücher.test>\r\nDATA\r\n"
+        );
+    }
+
+    #[test]
+    fn what_the_server_cannot_take_fails_locally_and_permanently() {
+        let mut c = ready(EHLO_PLAIN); // 8BITMIME, no SMTPUTF8, no SIZE
+        let utf8 = MailOptions {
+            smtputf8: true,
+            ..MailOptions::default()
+        };
+        let mut out = Vec::new();
+        c.start_with("a@b.test", &["ü@bücher.test", "x@y.test"], utf8, &mut out);
+        assert!(out.is_empty(), "nothing sent");
+        let o = done(c.poll(&mut out));
+        assert_eq!((o.mail.code, o.mail.enhanced), (553, Some((5, 6, 7))));
+        assert!(o.rcpts.iter().all(|r| r.code == 553), "{o:?}");
+        assert_eq!(
+            c.poll(&mut out),
+            ClientStep::Ready,
+            "connection still usable"
+        );
+        // No SIZE advertised: no SIZE= sent. 8-bit to a server without 8BITMIME: refused.
+        c.start_with(
+            "a@b.test",
+            &["x@y.test"],
+            MailOptions {
+                size: Some(9),
+                ..MailOptions::default()
+            },
+            &mut out,
+        );
+        assert_eq!(String::from_utf8_lossy(&out), "MAIL FROM:<a@b.test>\r\n");
+        let mut c = ready(b"250-mx.test\r\n250 PIPELINING\r\n");
+        let mut out = Vec::new();
+        c.start_with(
+            "a@b.test",
+            &["x@y.test"],
+            MailOptions {
+                eight_bit: true,
+                ..MailOptions::default()
+            },
+            &mut out,
+        );
+        assert_eq!(done(c.poll(&mut out)).mail.code, 554);
     }
 
     #[test]

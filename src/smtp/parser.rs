@@ -618,6 +618,19 @@ pub fn parse_mailbox(address: &str) -> Result<Mailbox<'_>, PathError> {
     Ok(mailbox)
 }
 
+/// Like [`parse_mailbox`], also accepting UTF-8 local parts and domains (RFC 6531), for
+/// messages sent with SMTPUTF8.
+pub fn parse_mailbox_utf8(address: &str) -> Result<Mailbox<'_>, PathError> {
+    let (mailbox, end) = parse_mailbox_at(address.as_bytes(), 0, true)?;
+    if end != address.len() {
+        return Err(PathError::BadDomain);
+    }
+    if end + 2 > PATH_LEN_MAX {
+        return Err(PathError::TooLong);
+    }
+    Ok(mailbox)
+}
+
 /// Skips `@a,@b:` (RFC 5321 4.1.2 A-d-l), which servers must accept and ignore.
 fn skip_source_route(s: &[u8], mut i: usize) -> Result<usize, PathError> {
     loop {

@@ -604,6 +604,7 @@ mod tests {
             mail_from: "s@x.test".into(),
             rcpts: (0..rcpts).map(|r| format!("u{r}@d{r}.test")).collect(),
             peer: "127.0.0.1:1".into(),
+            flags: 0,
             body: vec![b'a' + (i % 26) as u8; 700],
         }
     }

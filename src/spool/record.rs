@@ -21,7 +21,9 @@ use rkyv::util::AlignedVec;
 use rkyv::{Archive, Serialize};
 
 pub const RECORD_MAGIC: [u8; 4] = *b"EPXR";
-pub const RECORD_VERSION: u8 = 1;
+/// 2: message records carry `flags`. Version 1 segments are from before the first release and
+/// are not read.
+pub const RECORD_VERSION: u8 = 2;
 pub const RECORD_HEADER_LEN: usize = 16;
 /// Records start on this boundary; it is rkyv's alignment for the archived types.
 pub const RECORD_ALIGN: usize = 16;
@@ -61,9 +63,16 @@ pub struct MessageRecord {
     pub rcpts: Vec<String>,
     /// Client address, for the log.
     pub peer: String,
+    /// What the message needs from the next hop: [`FLAG_SMTPUTF8`], [`FLAG_8BITMIME`].
+    pub flags: u8,
     /// The message as received: CRLF lines, dot-unstuffed, no final dot.
     pub body: Vec<u8>,
 }
+
+/// The message was received with SMTPUTF8: it must go out with SMTPUTF8 too.
+pub const FLAG_SMTPUTF8: u8 = 1;
+/// The message was declared BODY=8BITMIME.
+pub const FLAG_8BITMIME: u8 = 2;
 
 /// What became of one recipient of a message. The last outcome for a recipient wins.
 #[derive(Archive, Serialize, Debug, Clone, Copy, PartialEq)]
@@ -317,6 +326,7 @@ mod tests {
             mail_from: "a@b.test".into(),
             rcpts: vec!["x@d0.test".into(), "y@d1.test".into()],
             peer: "127.0.0.1:5000".into(),
+            flags: FLAG_8BITMIME,
             body: body.to_vec(),
         }
     }
