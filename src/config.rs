@@ -145,6 +145,12 @@ pub struct DeliverySection {
     pub connect_timeout_ms: u64,
     /// Wait for each reply (greeting, EHLO, MAIL, RCPT, DATA, final dot), in milliseconds.
     pub reply_timeout_ms: u64,
+    /// Wait for the reply to DATA (RFC 5321 §4.5.3.2.4: 2 minutes).
+    pub data_init_timeout_ms: u64,
+    /// Wait for each write of message data to make progress (§4.5.3.2.5: 3 minutes).
+    pub data_block_timeout_ms: u64,
+    /// Wait for the reply to the final dot (§4.5.3.2.6: 10 minutes).
+    pub final_dot_timeout_ms: u64,
     /// Keep an idle connection open this long for more mail to the same destination.
     pub idle_timeout_ms: u64,
     /// STARTTLS policy for routes that do not set their own: opportunistic, required, disabled.
@@ -256,6 +262,9 @@ impl Default for DeliverySection {
             rcpts_per_transaction_max: 100,
             connect_timeout_ms: 30_000,
             reply_timeout_ms: 300_000,
+            data_init_timeout_ms: 120_000,
+            data_block_timeout_ms: 180_000,
+            final_dot_timeout_ms: 600_000,
             idle_timeout_ms: 5_000,
             starttls: "opportunistic".into(),
             tls_ca_file: PathBuf::from("/etc/ssl/certs/ca-certificates.crt"),
@@ -610,6 +619,15 @@ impl Config {
             return Err(invalid(
                 "delivery.rcpts_per_transaction_max",
                 "must be at least 1",
+            ));
+        }
+        if d.data_init_timeout_ms == 0
+            || d.data_block_timeout_ms == 0
+            || d.final_dot_timeout_ms == 0
+        {
+            return Err(invalid(
+                "delivery.final_dot_timeout_ms",
+                "timeouts must be at least 1 ms",
             ));
         }
         if d.connect_timeout_ms == 0 || d.reply_timeout_ms == 0 {

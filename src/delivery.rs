@@ -23,7 +23,7 @@ use crate::queue::Job;
 use crate::route::Destination;
 use crate::shard::{RcptResult, ShardCtx};
 use crate::smtp::client::{
-    Client, ClientConfig, ClientStep, MailOptions, TlsPolicy, TransactionOutcome,
+    Awaiting, Client, ClientConfig, ClientStep, MailOptions, TlsPolicy, TransactionOutcome,
 };
 use crate::spool::record::{FLAG_8BITMIME, FLAG_SMTPUTF8};
 
@@ -71,8 +71,16 @@ fn fail_job(ctx: &Rc<ShardCtx>, job: &Job, why: &str, dest: &Destination) {
     ctx.record_results(job, &results, &dest.to_string());
 }
 
+/// RFC 5321 §4.5.3.2's per-phase waits, from `[delivery]`.
+struct Timeouts {
+    reply: Duration,
+    data_init: Duration,
+    final_dot: Duration,
+}
+
 struct Conn {
     stream: TcpStream,
+    timeouts: Timeouts,
     client: Client,
     buf: Vec<u8>,
     out: Vec<u8>,
@@ -132,6 +140,12 @@ impl Conn {
     }
 
     async fn read_socket(&mut self) -> Result<usize, String> {
+        let timeout = match self.client.awaiting() {
+            Awaiting::Reply => self.timeouts.reply,
+            Awaiting::DataInit => self.timeouts.data_init,
+            Awaiting::FinalDot => self.timeouts.final_dot,
+        };
+        let _ = self.stream.set_read_timeout(Some(timeout));
         match self.stream.read(&mut self.buf).await {
             Ok(0) => Err("connection closed by the remote server".into()),
             Ok(n) => Ok(n),
@@ -203,7 +217,7 @@ async fn serve(ctx: &Rc<ShardCtx>, dest: &Destination) -> Result<(), ConnError> 
             .map_err(|e| ConnError::Unreachable(format!("connect to {dest} failed: {e}")))?;
     let _ = stream.set_nodelay(true);
     stream
-        .set_read_timeout(Some(Duration::from_millis(cfg.reply_timeout_ms)))
+        .set_write_timeout(Some(Duration::from_millis(cfg.data_block_timeout_ms)))
         .map_err(|e| ConnError::Unreachable(e.to_string()))?;
     let client = Client::new(ClientConfig {
         helo_name: ctx.settings.helo_name.clone(),
@@ -217,6 +231,11 @@ async fn serve(ctx: &Rc<ShardCtx>, dest: &Destination) -> Result<(), ConnError> 
         out: Vec::with_capacity(4096),
         tls: None,
         wire: Vec::new(),
+        timeouts: Timeouts {
+            reply: Duration::from_millis(cfg.reply_timeout_ms),
+            data_init: Duration::from_millis(cfg.data_init_timeout_ms),
+            final_dot: Duration::from_millis(cfg.final_dot_timeout_ms),
+        },
     };
 
     // Greeting and EHLO.

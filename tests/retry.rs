@@ -172,3 +172,26 @@ fn no_route_defers_then_expires() {
     }
     assert!(epoxi.events_of("Delivery").is_empty());
 }
+
+/// RFC 5321 §4.5.3.2 timeouts per phase: a server that sits on the final dot longer than
+/// `final_dot_timeout_ms` is a transient failure; the message stays queued for a retry.
+#[test]
+fn final_dot_timeout_is_a_transient_failure() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let sink = Sink::start(dir.path(), &["--delay-ms", "1500"]);
+    let mut epoxi = Epoxi::start(&Opts::new(dir.path()).route(sink.port).set(
+        "delivery",
+        "final_dot_timeout_ms",
+        "500",
+    ));
+    let injected = Inject::new(1).domains(1).run(dir.path(), epoxi.port);
+    assert_eq!(injected.count("accepted"), 1);
+    let failures = epoxi.wait_events("TransientFailure", 1);
+    let text = failures[0]["response"]["text"].as_str().unwrap_or_default();
+    assert!(text.contains("timed out"), "{}", failures[0]);
+    epoxi.stop();
+    // The sink did accept it (slowly): SMTP's known duplicate window; what matters here is
+    // that the wait was bounded by the final-dot timeout and the message stayed queued.
+    let report = sink.stop();
+    assert!(report.count("received") >= 1, "{}", report.json);
+}

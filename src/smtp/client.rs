@@ -245,6 +245,18 @@ fn no_reply(cmd: &str) -> Reply {
     Reply::new(451, Some((4, 3, 0)), format!("No reply to {cmd}"))
 }
 
+/// Which reply the client waits for, so the adapter can apply RFC 5321 §4.5.3.2's timeout
+/// for that phase.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Awaiting {
+    /// Greeting, EHLO/HELO, MAIL, RCPT, RSET, QUIT, STARTTLS (§4.5.3.2.1–3: 5 minutes).
+    Reply,
+    /// The reply to DATA (§4.5.3.2.4: 2 minutes).
+    DataInit,
+    /// The reply to the final dot (§4.5.3.2.6: 10 minutes).
+    FinalDot,
+}
+
 /// What MAIL declares about the message (RFC 1870 SIZE, RFC 6152 8BITMIME, RFC 6531 SMTPUTF8).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct MailOptions {
@@ -331,6 +343,15 @@ impl Client {
     /// Whether the session runs over TLS.
     pub fn is_tls(&self) -> bool {
         self.tls
+    }
+
+    /// The reply the client waits for next.
+    pub fn awaiting(&self) -> Awaiting {
+        match self.expect.front() {
+            Some(Expect::Data) => Awaiting::DataInit,
+            Some(Expect::Dot { .. }) => Awaiting::FinalDot,
+            _ => Awaiting::Reply,
+        }
     }
 
     /// Whether `start` may be called now although the previous transaction is not done: the
@@ -1131,6 +1152,21 @@ mod tests {
             &mut out,
         );
         assert_eq!(done(c.poll(&mut out)).mail.code, 554);
+    }
+
+    #[test]
+    fn awaiting_follows_the_phase() {
+        let mut c = client();
+        assert_eq!(c.awaiting(), Awaiting::Reply, "greeting");
+        let mut c = ready(EHLO_PLAIN);
+        start(&mut c, "a@b.test", &["x@y.test"]);
+        assert_eq!(c.awaiting(), Awaiting::Reply, "MAIL");
+        feed(&mut c, b"250 Ok\r\n");
+        feed(&mut c, b"250 Ok\r\n");
+        assert_eq!(c.awaiting(), Awaiting::DataInit);
+        feed(&mut c, b"354 go\r\n");
+        body(&mut c, b"x\r\n");
+        assert_eq!(c.awaiting(), Awaiting::FinalDot);
     }
 
     #[test]
