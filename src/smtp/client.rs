@@ -1156,7 +1156,7 @@ mod tests {
 
     #[test]
     fn awaiting_follows_the_phase() {
-        let mut c = client();
+        let c = client();
         assert_eq!(c.awaiting(), Awaiting::Reply, "greeting");
         let mut c = ready(EHLO_PLAIN);
         start(&mut c, "a@b.test", &["x@y.test"]);
