@@ -97,6 +97,11 @@ pub struct ServerSection {
     pub implicit_tls_listen: String,
     /// Users file for SMTP AUTH (written by `epoxi passwd`). Empty: AUTH is not offered.
     pub auth_users: PathBuf,
+    /// Expect a PROXY protocol (v1 or v2) header on every connection, from `proxy_trusted`.
+    pub proxy_protocol: bool,
+    /// Proxies whose PROXY headers are believed (CIDR); other peers are refused when
+    /// `proxy_protocol` is on.
+    pub proxy_trusted: Vec<String>,
     /// Offer AUTH without TLS to loopback clients (never to others: passwords in clear).
     pub auth_plaintext_loopback: bool,
     /// Failed AUTH attempts allowed per client IP within `auth_failure_window_s`.
@@ -225,6 +230,8 @@ impl Default for ServerSection {
             implicit_tls_listen: String::new(),
             auth_users: PathBuf::new(),
             auth_plaintext_loopback: false,
+            proxy_protocol: false,
+            proxy_trusted: vec!["127.0.0.0/8".into(), "::1/128".into()],
             auth_failures_max: 5,
             auth_failure_window_s: 300,
         }
@@ -356,6 +363,8 @@ pub struct Settings {
     pub hostname: String,
     pub helo_name: String,
     pub relay_networks: Vec<Network>,
+    /// Proxies trusted to send PROXY protocol headers.
+    pub proxy_trusted: Vec<Network>,
     pub routes: Vec<Route>,
     pub shard_count: usize,
     /// The implicit-TLS listen address, when configured.
@@ -505,11 +514,25 @@ impl Config {
         if self.server.auth_failures_max == 0 {
             return Err(invalid("server.auth_failures_max", "must be at least 1"));
         }
+        let proxy_trusted = self
+            .server
+            .proxy_trusted
+            .iter()
+            .map(|n| {
+                Network::parse(n).ok_or_else(|| {
+                    invalid(
+                        "server.proxy_trusted",
+                        format!("`{n}` is not a CIDR network"),
+                    )
+                })
+            })
+            .collect::<Result<Vec<_>, _>>()?;
         Ok(Settings {
             config: self,
             hostname,
             helo_name,
             relay_networks,
+            proxy_trusted,
             routes,
             shard_count,
             implicit_tls_listen,

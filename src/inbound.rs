@@ -106,18 +106,6 @@ pub async fn accept_loop(ctx: Rc<ShardCtx>, listener: TcpListener, implicit_tls:
                 continue;
             }
         };
-        let ip = stream.peer_addr().map(|a| a.ip()).ok();
-        let per_ip = ip.map_or(0, |ip| {
-            ctx.sessions_by_ip.borrow().get(&ip).copied().unwrap_or(0)
-        });
-        if per_ip >= ctx.settings.config.server.connections_per_ip_max {
-            glommio::spawn_local(async move {
-                let _ = stream.write_all(TOO_MANY_FROM_IP).await;
-                let _ = stream.close().await;
-            })
-            .detach();
-            continue;
-        }
         if ctx.sessions.get() >= ctx.settings.config.server.connections_max {
             glommio::spawn_local(async move {
                 let _ = stream.write_all(TOO_MANY_CONNECTIONS).await;
@@ -127,9 +115,6 @@ pub async fn accept_loop(ctx: Rc<ShardCtx>, listener: TcpListener, implicit_tls:
             continue;
         }
         ctx.sessions.set(ctx.sessions.get() + 1);
-        if let Some(ip) = ip {
-            *ctx.sessions_by_ip.borrow_mut().entry(ip).or_insert(0) += 1;
-        }
         let session_ctx = ctx.clone();
         let cfg = server_cfg.clone();
         glommio::spawn_local(async move {
@@ -139,15 +124,6 @@ pub async fn accept_loop(ctx: Rc<ShardCtx>, listener: TcpListener, implicit_tls:
                 }
             }
             session_ctx.sessions.set(session_ctx.sessions.get() - 1);
-            if let Some(ip) = ip {
-                let mut by_ip = session_ctx.sessions_by_ip.borrow_mut();
-                if let Some(n) = by_ip.get_mut(&ip) {
-                    *n -= 1;
-                    if *n == 0 {
-                        by_ip.remove(&ip);
-                    }
-                }
-            }
         })
         .detach();
     }
@@ -211,6 +187,79 @@ async fn check_credentials(
     }
 }
 
+/// One of a client address's connection slots on this shard, given back when dropped.
+struct IpSlot {
+    ctx: Rc<ShardCtx>,
+    ip: std::net::IpAddr,
+}
+
+impl IpSlot {
+    fn take(ctx: &Rc<ShardCtx>, ip: std::net::IpAddr) -> Option<IpSlot> {
+        let mut by_ip = ctx.sessions_by_ip.borrow_mut();
+        let n = by_ip.entry(ip).or_insert(0);
+        if *n >= ctx.settings.config.server.connections_per_ip_max {
+            return None;
+        }
+        *n += 1;
+        Some(IpSlot {
+            ctx: ctx.clone(),
+            ip,
+        })
+    }
+}
+
+impl Drop for IpSlot {
+    fn drop(&mut self) {
+        let mut by_ip = self.ctx.sessions_by_ip.borrow_mut();
+        if let Some(n) = by_ip.get_mut(&self.ip) {
+            *n -= 1;
+            if *n == 0 {
+                by_ip.remove(&self.ip);
+            }
+        }
+    }
+}
+
+const PROXY_UNTRUSTED: &[u8] = b"421 4.7.0 Connection not from a trusted proxy\r\n";
+const PROXY_BAD: &[u8] = b"421 4.7.0 Bad or missing PROXY protocol header\r\n";
+
+/// Read the PROXY header: the client's address, and any bytes that came after the header.
+async fn read_proxy_header(
+    ctx: &Rc<ShardCtx>,
+    stream: &mut TcpStream,
+    socket_peer: SocketAddr,
+) -> Result<(SocketAddr, Vec<u8>), &'static [u8]> {
+    if !ctx
+        .settings
+        .proxy_trusted
+        .iter()
+        .any(|n| n.contains(socket_peer.ip()))
+    {
+        return Err(PROXY_UNTRUSTED);
+    }
+    let mut header = Vec::with_capacity(crate::proxy::V1_LEN_MAX);
+    let mut chunk = [0u8; 256];
+    let mut waited_ms = 0;
+    loop {
+        match crate::proxy::parse(&header) {
+            Ok(Some((addr, n))) => return Ok((addr.unwrap_or(socket_peer), header.split_off(n))),
+            Ok(None) => {}
+            Err(_) => return Err(PROXY_BAD),
+        }
+        match stream.read(&mut chunk).await {
+            Ok(0) => return Err(PROXY_BAD),
+            Ok(n) => header.extend_from_slice(&chunk[..n]),
+            Err(e) if e.kind() == ErrorKind::TimedOut => {
+                waited_ms += READ_SLICE_MS;
+                if waited_ms >= ctx.settings.config.server.command_timeout_s * 1000 {
+                    return Err(PROXY_BAD);
+                }
+            }
+            Err(_) => return Err(PROXY_BAD),
+        }
+    }
+}
+
 /// The bytes between a session and its socket: plain, or through TLS.
 struct Transport {
     stream: TcpStream,
@@ -267,15 +316,35 @@ async fn session(
     implicit_tls: bool,
 ) -> std::io::Result<()> {
     let server = &ctx.settings.config.server;
-    let peer = stream.peer_addr()?;
+    let mut stream = stream;
+    let _ = stream.set_nodelay(true);
+    stream.set_read_timeout(Some(Duration::from_millis(READ_SLICE_MS)))?;
+    let socket_peer = stream.peer_addr()?;
+    // Behind a load balancer the client's address comes in a PROXY header, trusted only from
+    // the configured proxies; bytes after the header belong to the SMTP session.
+    let (peer, early_input) = if server.proxy_protocol {
+        match read_proxy_header(ctx, &mut stream, socket_peer).await {
+            Ok(found) => found,
+            Err(reply) => {
+                let _ = stream.write_all(reply).await;
+                let _ = stream.close().await;
+                return Ok(());
+            }
+        }
+    } else {
+        (socket_peer, Vec::new())
+    };
+    let Some(_slot) = IpSlot::take(ctx, peer.ip()) else {
+        let _ = stream.write_all(TOO_MANY_FROM_IP).await;
+        let _ = stream.close().await;
+        return Ok(());
+    };
     let relay_allowed = ctx
         .settings
         .relay_networks
         .iter()
         .any(|n| n.contains(peer.ip()));
     let peer_text = peer.to_string();
-    let _ = stream.set_nodelay(true);
-    stream.set_read_timeout(Some(Duration::from_millis(READ_SLICE_MS)))?;
     let tls = if implicit_tls {
         Some(TlsLayer::new(ctx.settings.tls.clone()).map_err(std::io::Error::other)?)
     } else {
@@ -295,6 +364,9 @@ async fn session(
     let mut out = Vec::with_capacity(4096);
     let mut buf = vec![0u8; READ_BUF_BYTES];
     session.greeting(&mut out);
+    if !early_input.is_empty() {
+        session.input(&early_input);
+    }
     let mut waited_ms = 0u64;
     let transaction_limit = Duration::from_secs(server.transaction_timeout_s);
     let mut transaction_since: Option<std::time::Instant> = None;

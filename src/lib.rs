@@ -12,6 +12,7 @@
 //! - `config`: the TOML file, command-line overrides and validation.
 //! - `shard`: what one core runs, wiring the above together on top of the `shards` runtime.
 //! - `tls`: rustls configuration and an I/O-free TLS layer for the adapters.
+//! - `proxy`: the PROXY protocol header (v1/v2) a load balancer sends first.
 //! - `auth`: SMTP AUTH users (hashed passwords) and the failed-attempt limiter.
 
 pub mod auth;
@@ -20,6 +21,7 @@ pub mod config;
 pub mod delivery;
 pub mod eventlog;
 pub mod inbound;
+pub mod proxy;
 pub mod queue;
 pub mod route;
 pub mod shard;

@@ -484,3 +484,64 @@ fn transaction_time_limit_stops_trickling_clients() {
     idle.expect("NOOP", 250);
     epoxi.stop();
 }
+
+/// Behind a load balancer: the client's address comes from the PROXY header (v1 here), and
+/// relay control, limits and the log use it. Headers from untrusted peers, and connections
+/// without a header, are refused.
+#[test]
+fn proxy_protocol_gives_the_real_client_address() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let sink = Sink::start(dir.path(), &[]);
+    let mut epoxi = Epoxi::start(
+        &Opts::new(dir.path())
+            .route(sink.port)
+            .set("server", "proxy_protocol", "true")
+            // Only the proxied client's network may relay, not the proxy's own loopback.
+            .set("server", "relay_networks", "[\"198.51.100.0/24\"]"),
+    );
+    let stream = std::net::TcpStream::connect(("127.0.0.1", epoxi.port)).expect("connect");
+    let mut c = Smtp::from_stream(stream);
+    c.send(b"PROXY TCP4 198.51.100.7 127.0.0.1 40001 25\r\n");
+    assert_eq!(c.reply().code, 220);
+    c.expect("EHLO client.test", 250);
+    let reply = c.send_message(
+        "a@x.test",
+        &["b@d1.test".to_owned()],
+        &message_body("proxied-1", &[]),
+    );
+    assert_eq!(
+        reply.code, 250,
+        "relay allowed for the proxied address: {}",
+        reply.text
+    );
+    c.expect("QUIT", 221);
+    let receptions = epoxi.wait_events("Reception", 1);
+    assert_eq!(
+        receptions[0]["peer"], "198.51.100.7:40001",
+        "{}",
+        receptions[0]
+    );
+
+    // A connection without a PROXY header is refused.
+    let mut plain = Smtp::connect(epoxi.port);
+    plain.send(b"EHLO client.test\r\n");
+    let reply = plain.reply();
+    assert_eq!(reply.code, 421, "{}", reply.text);
+    epoxi.wait_events("Delivery", 1);
+    epoxi.stop();
+    assert_eq!(sink.stop().ids, vec!["proxied-1".to_owned()]);
+
+    // Peers outside proxy_trusted are not believed.
+    let dir2 = tempfile::tempdir().expect("tempdir");
+    let mut strict = Epoxi::start(
+        &Opts::new(dir2.path())
+            .set("server", "proxy_protocol", "true")
+            .set("server", "proxy_trusted", "[\"192.0.2.0/24\"]"),
+    );
+    let mut c = Smtp::connect(strict.port);
+    c.send(b"PROXY TCP4 198.51.100.7 127.0.0.1 40001 25\r\n");
+    let reply = c.reply();
+    assert_eq!(reply.code, 421, "{}", reply.text);
+    assert!(reply.text.contains("trusted proxy"), "{}", reply.text);
+    strict.stop();
+}
