@@ -43,6 +43,21 @@ pub struct Config {
     pub shards: ShardsSection,
     /// Static routes, tried in order after the ones given with `--route`.
     pub route: Vec<RouteEntry>,
+    /// Listeners beyond `server.listen` (and `server.implicit_tls_listen`), each with its own
+    /// policy, e.g. a submission port where AUTH is required.
+    pub listener: Vec<ListenerEntry>,
+}
+
+#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct ListenerEntry {
+    pub address: SocketAddr,
+    /// Connections start with TLS (port 465 style); otherwise STARTTLS is offered.
+    #[serde(default)]
+    pub implicit_tls: bool,
+    /// Submission (RFC 6409): MAIL only after AUTH. Needs `server.auth_users`.
+    #[serde(default)]
+    pub auth_required: bool,
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -527,6 +542,20 @@ impl Config {
                 })
             })
             .collect::<Result<Vec<_>, _>>()?;
+        for (i, l) in self.listener.iter().enumerate() {
+            if l.auth_required && self.server.auth_users.as_os_str().is_empty() {
+                return Err(invalid("listener.auth_required", "needs server.auth_users"));
+            }
+            let clash = l.address == self.server.listen
+                || Some(l.address) == implicit_tls_listen
+                || self.listener[..i].iter().any(|o| o.address == l.address);
+            if clash {
+                return Err(invalid(
+                    "listener.address",
+                    format!("{} is used twice", l.address),
+                ));
+            }
+        }
         Ok(Settings {
             config: self,
             hostname,

@@ -15,6 +15,7 @@ use std::time::Duration;
 use futures_lite::{AsyncReadExt, AsyncWriteExt};
 use glommio::net::{TcpListener, TcpStream};
 
+use crate::config::ListenerEntry;
 use crate::shard::{Incoming, ShardCtx};
 use crate::smtp::received::{received_header, received_protocol, submission_headers};
 use crate::smtp::reply::Reply;
@@ -38,7 +39,10 @@ const TOO_MANY_FROM_IP: &[u8] =
 const TOO_MANY_CONNECTIONS: &[u8] = b"421 4.7.0 Too many connections, try again later\r\n";
 
 /// The session settings, from the configuration.
-pub fn server_config(ctx: &ShardCtx) -> Result<ServerConfig, crate::smtp::server::ConfigError> {
+pub fn server_config(
+    ctx: &ShardCtx,
+    spec: &ListenerEntry,
+) -> Result<ServerConfig, crate::smtp::server::ConfigError> {
     let server = &ctx.settings.config.server;
     let cfg = ServerConfig {
         hostname: ctx.settings.hostname.clone(),
@@ -63,6 +67,7 @@ pub fn server_config(ctx: &ShardCtx) -> Result<ServerConfig, crate::smtp::server
         },
         starttls: true,
         auth: ctx.settings.auth_users.is_some(),
+        auth_required: spec.auth_required,
         ..ServerConfig::default()
     };
     cfg.validate()?;
@@ -74,10 +79,11 @@ pub fn listen(addr: SocketAddr) -> std::io::Result<TcpListener> {
         .map_err(|e| std::io::Error::other(format!("cannot listen on {addr}: {e}")))
 }
 
-/// Accept on `listener` until shutdown. `implicit_tls`: every connection starts with a TLS
-/// handshake (port 465 style) before the SMTP greeting.
-pub async fn accept_loop(ctx: Rc<ShardCtx>, listener: TcpListener, implicit_tls: bool) {
-    let server_cfg = match server_config(&ctx) {
+/// Accept on `listener` until shutdown, with that listener's policy: implicit TLS (a TLS
+/// handshake before the greeting, port 465 style) and whether AUTH is required (submission).
+pub async fn accept_loop(ctx: Rc<ShardCtx>, listener: TcpListener, spec: ListenerEntry) {
+    let implicit_tls = spec.implicit_tls;
+    let server_cfg = match server_config(&ctx, &spec) {
         Ok(cfg) => Rc::new(cfg),
         Err(e) => {
             // Checked at start (`epoxi serve` validates it before any shard runs); if it

@@ -19,7 +19,7 @@ use glommio::channels::local_channel::{self, LocalSender};
 use shards::{Notify, Peers};
 
 use crate::clock::now_ms;
-use crate::config::Settings;
+use crate::config::{ListenerEntry, Settings};
 use crate::eventlog::{Event, EventKind, EventLog, Response};
 use crate::queue::retry::{Backoff, Retry};
 use crate::queue::{Job, MessageMeta, Queue, Rcpt, Target};
@@ -666,15 +666,24 @@ pub async fn run(
 
     let scheduler = glommio::spawn_local(ctx.clone().run_scheduler());
     let mut acceptors = Vec::new();
-    let mut listeners = vec![(cfg.server.listen, false)];
-    listeners.extend(settings.implicit_tls_listen.map(|addr| (addr, true)));
-    for (addr, implicit_tls) in listeners {
+    let mut listeners = vec![ListenerEntry {
+        address: cfg.server.listen,
+        implicit_tls: false,
+        auth_required: false,
+    }];
+    listeners.extend(settings.implicit_tls_listen.map(|address| ListenerEntry {
+        address,
+        implicit_tls: true,
+        auth_required: false,
+    }));
+    listeners.extend(cfg.listener.iter().cloned());
+    for spec in listeners {
         let listener =
-            crate::inbound::listen(addr).map_err(|e| format!("shard {}: {e}", ctx.id))?;
+            crate::inbound::listen(spec.address).map_err(|e| format!("shard {}: {e}", ctx.id))?;
         acceptors.push(glommio::spawn_local(crate::inbound::accept_loop(
             ctx.clone(),
             listener,
-            implicit_tls,
+            spec,
         )));
     }
     shared.listening.fetch_add(1, Ordering::SeqCst);

@@ -256,3 +256,61 @@ s.quit()
         "Received says authenticated"
     );
 }
+
+/// A second listener for submission (RFC 6409): MAIL only after AUTH there, while the main
+/// listener keeps relaying for its networks.
+#[test]
+fn submission_listener_requires_auth() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let users = dir.path().join("users");
+    assert!(passwd(&users, &["erin"], "pw\n").status.success());
+    let sink = Sink::start(dir.path(), &[]);
+    let submission = dead_port();
+    let mut opts = Opts::new(dir.path()).route(sink.port).set(
+        "server",
+        "auth_users",
+        &format!("\"{}\"", users.display()),
+    );
+    opts.conf.raw =
+        format!("[[listener]]\naddress = \"127.0.0.1:{submission}\"\nauth_required = true\n");
+    let epoxi = Epoxi::start(&opts);
+    let script = format!(
+        r#"{PY_PRELUDE}
+s = session({submission})
+try:
+    s.sendmail("a@x.test", ["b@d1.test"], "X-Loadgen-Id: unauth\r\n\r\nx\r\n")
+    sys.exit("submission without AUTH accepted")
+except smtplib.SMTPSenderRefused as e:
+    assert e.smtp_code == 530, e
+s.login("erin", "pw")
+s.sendmail("a@x.test", ["b@d1.test"], "X-Loadgen-Id: submitted\r\n\r\nx\r\n")
+s.quit()
+# The relay port is unchanged: loopback may relay without AUTH.
+s = smtplib.SMTP("127.0.0.1", {relay}, timeout=20)
+s.sendmail("a@x.test", ["b@d2.test"], "X-Loadgen-Id: relayed\r\n\r\nx\r\n")
+s.quit()
+"#,
+        relay = epoxi.port
+    );
+    let (ok, out) = python(&script);
+    assert!(ok, "smtplib:\n{out}");
+    epoxi.wait_events("Delivery", 2);
+    let mut epoxi = epoxi;
+    epoxi.stop();
+    let mut ids = sink.stop().ids;
+    ids.sort();
+    assert_eq!(ids, vec!["relayed".to_owned(), "submitted".to_owned()]);
+}
+
+#[test]
+fn listener_config_errors_name_the_key() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut opts = Opts::new(dir.path());
+    opts.conf.raw = "[[listener]]\naddress = \"127.0.0.1:1\"\nauth_required = true\n".into();
+    let ran = Epoxi::try_start(&opts).err().expect("refused");
+    assert!(
+        ran.stderr.contains("listener.auth_required"),
+        "{}",
+        ran.stderr
+    );
+}

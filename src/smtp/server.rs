@@ -94,6 +94,8 @@ pub struct ServerConfig {
     pub starttls: bool,
     /// Offer AUTH PLAIN and LOGIN (RFC 4954) over TLS. The adapter checks the credentials.
     pub auth: bool,
+    /// Submission (RFC 6409): MAIL is refused with `530 5.7.0` until the client authenticated.
+    pub auth_required: bool,
     /// Advertise SMTPUTF8 (RFC 6531) and accept UTF-8 addresses in transactions that ask for it.
     pub smtputf8: bool,
     /// Advertise CHUNKING (RFC 3030) and accept BDAT.
@@ -144,6 +146,7 @@ impl Default for ServerConfig {
             messages_per_session_max: 0,
             starttls: false,
             auth: false,
+            auth_required: false,
             smtputf8: true,
             chunking: true,
             binarymime: false,
@@ -228,6 +231,7 @@ const AUTH_UNKNOWN_MECHANISM: &[u8] = b"504 5.5.4 Unrecognized authentication ty
 const AUTH_CANCELLED: &[u8] = b"501 5.0.0 Authentication cancelled\r\n";
 const AUTH_BAD_BASE64: &[u8] = b"501 5.5.2 Cannot decode response\r\n";
 const AUTH_FAILED: &[u8] = b"535 5.7.8 Authentication credentials invalid\r\n";
+const AUTH_REQUIRED: &[u8] = b"530 5.7.0 Authentication required\r\n";
 const AUTH_OK: &[u8] = b"235 2.7.0 Authentication successful\r\n";
 const AUTH_LIMITED: &[u8] = b"454 4.7.0 Too many failed authentications, try again later\r\n";
 
@@ -953,6 +957,10 @@ impl Proto {
         }
         if self.txn.is_some() {
             return self.reject(Rejection::NestedMail, out);
+        }
+        if self.cfg.auth_required && self.user.is_none() {
+            out.extend_from_slice(AUTH_REQUIRED);
+            return;
         }
         // Parameters of extensions we did not advertise are refused (RFC 5321 4.1.1.11).
         let dsn_given = params.ret.is_some() || params.envid.is_some();
@@ -1951,6 +1959,28 @@ mod tests {
             replies(&mut s, b"AUTH PLAIN AGFsaWNlAHB3\r\n").starts_with("503"),
             "only once"
         );
+    }
+
+    #[test]
+    fn submission_requires_auth_before_mail() {
+        let mut s = session_with(
+            cfg_with(|c| {
+                c.auth = true;
+                c.auth_required = true;
+            }),
+            true,
+        );
+        s.tls_started();
+        ehlo_line(&mut s);
+        assert_eq!(
+            replies(&mut s, b"MAIL FROM:<a@b.test>\r\n"),
+            "530 5.7.0 Authentication required\r\n"
+        );
+        let (_, step) = talk(&mut s, b"AUTH PLAIN AGFsaWNlAHB3\r\n");
+        assert!(matches!(step, Step::Auth(_)));
+        let mut out = Vec::new();
+        s.auth_done(AuthVerdict::Accepted, "alice", &mut out);
+        assert!(replies(&mut s, b"MAIL FROM:<a@b.test>\r\n").starts_with("250"));
     }
 
     #[test]
