@@ -1,0 +1,202 @@
+//! Content fidelity end to end: what a client sends arrives at the next hop byte for byte,
+//! apart from the Received header Epoxi puts on top. The next hop is aiosmtpd (PyPI, installed
+//! by .ci/run), storing each message as received; it offers no PIPELINING, so Epoxi's
+//! lock-step client path is what runs here.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::*;
+
+/// aiosmtpd on `port`, storing into `dir`; killed when dropped.
+struct Aiosmtpd(Child);
+
+impl Aiosmtpd {
+    fn start(port: u16, dir: &Path) -> Aiosmtpd {
+        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/aiosmtpd_store.py");
+        let child = Command::new("python3")
+            .arg(script)
+            .arg(port.to_string())
+            .arg(dir)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("run aiosmtpd (pip install aiosmtpd)");
+        let server = Aiosmtpd(child);
+        wait_until("aiosmtpd listening", DEADLINE, || {
+            std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
+        });
+        server
+    }
+}
+
+impl Drop for Aiosmtpd {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Stored messages by their X-Fidelity-Id, with Epoxi's Received header taken off the top.
+fn stored(dir: &Path) -> Vec<(String, Vec<u8>, String)> {
+    let mut out = Vec::new();
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return out;
+    };
+    for entry in entries.flatten() {
+        let path: PathBuf = entry.path();
+        if path.extension().is_some_and(|e| e == "eml") {
+            let bytes = std::fs::read(&path).expect("read stored message");
+            let envelope = std::fs::read_to_string(path.with_extension("env")).unwrap_or_default();
+            assert!(
+                bytes.starts_with(b"Received: from "),
+                "Received header on top"
+            );
+            // The header and its continuation lines (starting with a tab).
+            let mut at = 0;
+            loop {
+                let end = find(&bytes[at..], b"\r\n").expect("header line") + at + 2;
+                at = end;
+                if bytes.get(at) != Some(&b'\t') {
+                    break;
+                }
+            }
+            let body = bytes[at..].to_vec();
+            let id = find(&body, b"X-Fidelity-Id: ")
+                .map(|i| {
+                    let rest = &body[i + 15..];
+                    let end = find(rest, b"\r\n").unwrap_or(rest.len());
+                    String::from_utf8_lossy(&rest[..end]).into_owned()
+                })
+                .unwrap_or_default();
+            out.push((id, body, envelope));
+        }
+    }
+    out
+}
+
+fn with_id(id: &str, text: &[u8]) -> Vec<u8> {
+    let mut m = format!("X-Fidelity-Id: {id}\r\nSubject: fidelity\r\n\r\n").into_bytes();
+    m.extend_from_slice(text);
+    m
+}
+
+/// Dot-stuff for DATA (RFC 5321 §4.5.2).
+fn stuffed(message: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(message.len() + 64);
+    let mut line_start = true;
+    for &b in message {
+        if line_start && b == b'.' {
+            out.push(b'.');
+        }
+        out.push(b);
+        line_start = b == b'\n';
+    }
+    out
+}
+
+#[test]
+fn messages_arrive_byte_exact() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = dir.path().join("store");
+    let port = dead_port();
+    let _aiosmtpd = Aiosmtpd::start(port, &store);
+    let mut epoxi = Epoxi::start(&Opts::new(dir.path()).shards(2).route(port));
+
+    let eight_bit = with_id("8bit", "Grüße aus Köln, ça va? 日本語\r\n".as_bytes());
+    let long_line = with_id(
+        "998",
+        &[&[b'x'; 998][..], b"\r\n", &[b'y'; 998][..], b"\r\n"].concat(),
+    );
+    let dots = with_id("dots", b".leading dot\r\n..two dots\r\n.\r\nend\r\n");
+    let mut big_text = Vec::with_capacity(5 << 20);
+    let mut i = 0u64;
+    while big_text.len() < 5 << 20 {
+        big_text.extend_from_slice(format!("{i:08} {}\r\n", "abcdefghij".repeat(6)).as_bytes());
+        i += 1;
+    }
+    let big = with_id("5mb", &big_text);
+    let bdat = with_id(
+        "bdat",
+        b"first chunk\r\n.\r\nsecond\r\nthird chunk, no final CRLF split ",
+    );
+    let bdat = [&bdat[..], b"here\r\n"].concat();
+    let utf8 = with_id("utf8", "für jürgen\r\n".as_bytes());
+
+    let mut c = Smtp::connect(epoxi.port);
+    assert_eq!(c.reply().code, 220);
+    c.expect("EHLO client.test", 250);
+    let rcpt = |r: &str| vec![r.to_owned()];
+    for (m, to) in [
+        (&eight_bit, "a@d1.test"),
+        (&long_line, "b@d2.test"),
+        (&dots, "c@d3.test"),
+        (&big, "d@d4.test"),
+    ] {
+        let reply = c.send_message("s@x.test", &rcpt(to), &String::from_utf8_lossy(&stuffed(m)));
+        assert_eq!(reply.code, 250, "{}", reply.text);
+    }
+    // BDAT in three chunks, no dot-stuffing (RFC 3030).
+    c.expect("MAIL FROM:<s@x.test> BODY=8BITMIME", 250);
+    c.expect("RCPT TO:<e@d5.test>", 250);
+    let (one, rest) = bdat.split_at(20);
+    let (two, three) = rest.split_at(17);
+    for (chunk, last) in [(one, false), (two, false), (three, true)] {
+        let cmd = if last {
+            format!("BDAT {} LAST\r\n", chunk.len())
+        } else {
+            format!("BDAT {}\r\n", chunk.len())
+        };
+        c.send(cmd.as_bytes());
+        c.send(chunk);
+        assert_eq!(c.reply().code, 250);
+    }
+    // SMTPUTF8 address, to a next hop that offers SMTPUTF8.
+    c.expect("MAIL FROM:<s@x.test> SMTPUTF8", 250);
+    c.expect("RCPT TO:<jürgen@bücher.test>", 250);
+    c.expect("DATA", 354);
+    c.send(&stuffed(&utf8));
+    c.send(b".\r\n");
+    assert_eq!(c.reply().code, 250);
+    c.expect("QUIT", 221);
+
+    epoxi.wait_events("Delivery", 6);
+    let deadline = Instant::now() + DEADLINE;
+    let mut got = stored(&store);
+    while got.len() < 6 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+        got = stored(&store);
+    }
+    epoxi.stop();
+    assert_eq!(
+        got.len(),
+        6,
+        "stored: {:?}",
+        got.iter().map(|g| &g.0).collect::<Vec<_>>()
+    );
+    for (id, want) in [
+        ("8bit", &eight_bit),
+        ("998", &long_line),
+        ("dots", &dots),
+        ("5mb", &big),
+        ("bdat", &bdat),
+        ("utf8", &utf8),
+    ] {
+        let (_, body, envelope) = got
+            .iter()
+            .find(|g| g.0 == id)
+            .unwrap_or_else(|| panic!("{id} not stored"));
+        assert!(
+            body == want,
+            "{id}: {} bytes stored, {} sent",
+            body.len(),
+            want.len()
+        );
+        if id == "utf8" {
+            assert!(envelope.contains("jürgen@bücher.test"), "{envelope}");
+        }
+    }
+}
