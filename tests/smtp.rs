@@ -545,3 +545,79 @@ fn proxy_protocol_gives_the_real_client_address() {
     assert!(reply.text.contains("trusted proxy"), "{}", reply.text);
     strict.stop();
 }
+
+/// The remaining abuse limits, each tripped over a real socket, each followed by a client that
+/// is served normally: errors_max (421), over-long command lines (500 5.5.6), the recipient
+/// limit (452 4.5.3), bare LF and NUL in message text when configured to refuse them (554 5.6.0).
+#[test]
+fn abuse_limits_trip_and_the_next_client_is_served() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut epoxi = Epoxi::start(
+        &Opts::new(dir.path())
+            .route(dead_port())
+            .set("server", "errors_max", "3")
+            .set("server", "bare_lf", "\"reject\"")
+            .set("server", "nul", "\"reject\""),
+    );
+    let served_normally = |port: u16| {
+        let mut c = Smtp::connect(port);
+        assert_eq!(c.reply().code, 220);
+        c.expect("EHLO next.test", 250);
+        let reply = c.send_message(
+            "a@x.test",
+            &["b@d1.test".to_owned()],
+            &message_body("ok", &[]),
+        );
+        assert_eq!(reply.code, 250, "{}", reply.text);
+        c.expect("QUIT", 221);
+    };
+
+    // errors_max: the third bad command gets its reply, then 421 and the connection closes.
+    let mut c = Smtp::connect(epoxi.port);
+    assert_eq!(c.reply().code, 220);
+    c.expect("BOGUS", 500);
+    c.expect("BOGUS", 500);
+    c.send(b"BOGUS\r\n");
+    assert_eq!(c.reply().code, 500);
+    let closing = c.reply();
+    assert_eq!(closing.code, 421, "{}", closing.text);
+    served_normally(epoxi.port);
+
+    // Over-long command line: 500 5.5.6, and the session goes on.
+    let mut c = Smtp::connect(epoxi.port);
+    assert_eq!(c.reply().code, 220);
+    let long = format!("EHLO {}", "h".repeat(5000));
+    let reply = c.cmd(&long);
+    assert_eq!(reply.code, 500, "{}", reply.text);
+    assert!(reply.text.contains("5.5.6"), "{}", reply.text);
+    c.expect("EHLO client.test", 250);
+
+    // Recipient limit: the 101st RCPT gets 452 4.5.3; the message still goes to the first 100.
+    c.expect("MAIL FROM:<a@x.test>", 250);
+    for i in 0..100 {
+        c.expect(&format!("RCPT TO:<r{i}@d1.test>"), 250);
+    }
+    let reply = c.cmd("RCPT TO:<r100@d1.test>");
+    assert_eq!(reply.code, 452, "{}", reply.text);
+    assert!(reply.text.contains("4.5.3"), "{}", reply.text);
+    c.expect("RSET", 250);
+
+    // Bare LF and NUL in message text, refused after the message is read to its end.
+    for (what, body) in [
+        ("bare LF", "Subject: x\r\n\r\nline\nwith bare LF\r\n"),
+        ("NUL", "Subject: x\r\n\r\nnul \0 byte\r\n"),
+    ] {
+        c.expect("MAIL FROM:<a@x.test>", 250);
+        c.expect("RCPT TO:<b@d1.test>", 250);
+        c.expect("DATA", 354);
+        c.send(body.as_bytes());
+        c.send(b".\r\n");
+        let reply = c.reply();
+        assert_eq!(reply.code, 554, "{what}: {}", reply.text);
+        assert!(reply.text.contains("5.6.0"), "{what}: {}", reply.text);
+    }
+    c.expect("NOOP", 250);
+    c.expect("QUIT", 221);
+    served_normally(epoxi.port);
+    epoxi.stop();
+}
