@@ -16,7 +16,7 @@ use futures_lite::{AsyncReadExt, AsyncWriteExt};
 use glommio::net::{TcpListener, TcpStream};
 
 use crate::config::ListenerEntry;
-use crate::shard::{Incoming, ShardCtx};
+use crate::shard::{Dsn, Incoming, ShardCtx};
 use crate::smtp::received::{received_header, received_protocol, submission_headers};
 use crate::smtp::reply::Reply;
 use crate::smtp::server::{AuthVerdict, BareLf, Credentials, NulByte, ServerConfig, Session, Step};
@@ -266,6 +266,44 @@ async fn read_proxy_header(
     }
 }
 
+/// The transaction's DSN parameters (RFC 3461) in the spool's form.
+fn dsn_of(tx: &crate::smtp::server::Transaction) -> Dsn {
+    use crate::smtp::parser::Ret;
+    use crate::spool::record::{NOTIFY_DELAY, NOTIFY_FAILURE, NOTIFY_GIVEN, NOTIFY_SUCCESS};
+    let envelope = tx.dsn.as_ref();
+    Dsn {
+        ret: match envelope.and_then(|d| d.ret) {
+            None => 0,
+            Some(Ret::Full) => 1,
+            Some(Ret::Hdrs) => 2,
+        },
+        envid: envelope.and_then(|d| d.envid.clone()).unwrap_or_default(),
+        notify: tx
+            .rcpt_dsn
+            .iter()
+            .map(|r| match r.notify {
+                None => 0,
+                Some(n) => {
+                    NOTIFY_GIVEN
+                        | if n.success { NOTIFY_SUCCESS } else { 0 }
+                        | if n.failure { NOTIFY_FAILURE } else { 0 }
+                        | if n.delay { NOTIFY_DELAY } else { 0 }
+                }
+            })
+            .collect(),
+        orcpt: tx
+            .rcpt_dsn
+            .iter()
+            .map(|r| {
+                r.orcpt
+                    .as_ref()
+                    .map(|o| format!("{};{}", o.addr_type, o.address))
+                    .unwrap_or_default()
+            })
+            .collect(),
+    }
+}
+
 /// The bytes between a session and its socket: plain, or through TLS.
 struct Transport {
     stream: TcpStream,
@@ -456,7 +494,9 @@ async fn session(
                 body.extend_from_slice(header.as_bytes());
                 body.extend_from_slice(submission.as_bytes());
                 body.extend_from_slice(&tx.body);
+                let dsn = dsn_of(&tx);
                 let incoming = Incoming {
+                    dsn,
                     reception_id,
                     received_ms,
                     mail_from: tx.mail_from,

@@ -18,14 +18,19 @@ use std::time::Duration;
 use glommio::channels::local_channel::{self, LocalSender};
 use shards::{Notify, Peers};
 
+use crate::bounce::{status_of, Action, Notice, NoticeRcpt, Return};
 use crate::clock::now_ms;
 use crate::config::{ListenerEntry, Settings};
 use crate::eventlog::{Event, EventKind, EventLog, Response};
 use crate::queue::retry::{Backoff, Retry};
 use crate::queue::{Job, MessageMeta, Queue, Rcpt, Target};
 use crate::route::Router;
+use crate::smtp::received::rfc5322_date;
 use crate::smtp::reply::Reply;
-use crate::spool::record::{MessageRecord, OutcomeKind, OutcomeRecord};
+use crate::spool::record::{
+    notify_failure, notify_success, MessageRecord, OutcomeKind, OutcomeRecord,
+};
+use crate::spool::Location;
 use crate::spool::{RcptState, Spool, SpoolConfig, SpoolError};
 
 /// How often idle shards look at the shutdown flag and the retry schedule, in milliseconds.
@@ -45,6 +50,18 @@ pub struct Incoming {
     pub tls: Option<String>,
     /// `spool::record::FLAG_*`.
     pub flags: u8,
+    pub dsn: Dsn,
+}
+
+/// The DSN envelope of a message (RFC 3461), as the spool keeps it.
+#[derive(Clone, Debug, Default)]
+pub struct Dsn {
+    /// 0 not given, 1 FULL, 2 HDRS.
+    pub ret: u8,
+    pub envid: String,
+    /// Per recipient, same order as the recipients: NOTIFY bits and ORCPT (`type;address`).
+    pub notify: Vec<u8>,
+    pub orcpt: Vec<String>,
 }
 
 /// A message part handed to its owning shard.
@@ -60,6 +77,7 @@ pub struct Submission {
     /// TLS version and cipher of the client's session, for the log.
     pub tls: Option<String>,
     pub flags: u8,
+    pub dsn: Dsn,
 }
 
 pub enum ShardMsg {
@@ -140,19 +158,30 @@ impl ShardCtx {
             peer,
             tls,
             flags,
+            dsn,
         } = incoming;
-        let mut parts: BTreeMap<usize, Vec<String>> = BTreeMap::new();
-        for rcpt in rcpts {
+        // Split by owning shard, each recipient with its own DSN parameters.
+        let mut parts: BTreeMap<usize, (Vec<String>, Vec<u8>, Vec<String>)> = BTreeMap::new();
+        for (i, rcpt) in rcpts.into_iter().enumerate() {
             let domain = rcpt.rsplit_once('@').map_or("", |(_, d)| d);
-            parts
+            let part = parts
                 .entry(shards::shard_of(domain, self.count))
-                .or_default()
-                .push(rcpt);
+                .or_default();
+            part.1.push(dsn.notify.get(i).copied().unwrap_or(0));
+            part.2.push(dsn.orcpt.get(i).cloned().unwrap_or_default());
+            part.0.push(rcpt);
         }
+        let part_dsn = |notify: Vec<u8>, orcpt: Vec<String>| Dsn {
+            ret: dsn.ret,
+            envid: dsn.envid.clone(),
+            notify,
+            orcpt,
+        };
         // The common case, one part owned by this shard: no task, no shared body.
         if parts.len() == 1 && parts.contains_key(&self.id) {
-            let rcpts = parts.into_values().next().unwrap_or_default();
+            let (rcpts, notify, orcpt) = parts.into_values().next().unwrap_or_default();
             let sub = Submission {
+                dsn: part_dsn(notify, orcpt),
                 origin: self.id,
                 token: 0,
                 reception_id: reception_id.clone(),
@@ -168,8 +197,9 @@ impl ShardCtx {
         }
         let body = Arc::new(body);
         let mut tasks = Vec::with_capacity(parts.len());
-        for (shard, rcpts) in parts {
+        for (shard, (rcpts, notify, orcpt)) in parts {
             let sub = Submission {
+                dsn: part_dsn(notify, orcpt),
                 origin: self.id,
                 token: 0,
                 reception_id: reception_id.clone(),
@@ -229,6 +259,7 @@ impl ShardCtx {
     /// Spool one part on this shard and queue it for delivery.
     async fn spool_part(self: &Rc<Self>, sub: Submission) -> Result<u64, String> {
         let body = Arc::try_unwrap(sub.body).unwrap_or_else(|shared| (*shared).clone());
+        let success_notices = sub.dsn.notify.iter().any(|&b| notify_success(b));
         let size = body.len();
         let record = MessageRecord {
             id: 0,
@@ -238,6 +269,10 @@ impl ShardCtx {
             rcpts: sub.rcpts,
             peer: sub.peer,
             flags: sub.flags,
+            dsn_ret: sub.dsn.ret,
+            dsn_envid: sub.dsn.envid,
+            dsn_notify: sub.dsn.notify,
+            dsn_orcpt: sub.dsn.orcpt,
             body,
         };
         // Keep the envelope for the queue; the body goes to disk only.
@@ -282,6 +317,7 @@ impl ShardCtx {
             mail_from: mail_from.into(),
             size,
             flags: sub.flags,
+            success_notices,
             remaining: rcpts.len() as u32,
             rcpts: rcpts
                 .into_iter()
@@ -413,6 +449,9 @@ impl ShardCtx {
         let now = now_ms();
         let mut retry: Vec<(u64, u32)> = Vec::new();
         let mut final_seq = None;
+        // Final outcomes that may call for a notice to the sender (decided by NOTIFY later).
+        let mut notices: Vec<(u32, OutcomeKind, Response)> = Vec::new();
+        let mut notice_for = None;
         {
             let mut queue = self.queue.borrow_mut();
             let Some(meta) = queue.message_mut(job.message) else {
@@ -478,6 +517,14 @@ impl ShardCtx {
                     size: meta.size,
                     tls: None,
                 });
+                let wants_notice = match outcome {
+                    OutcomeKind::Bounced | OutcomeKind::Expired => true,
+                    OutcomeKind::Delivered => meta.success_notices,
+                    OutcomeKind::Deferred => false,
+                };
+                if wants_notice && !meta.mail_from.is_empty() {
+                    notices.push((*r, outcome, response.clone()));
+                }
                 match next {
                     Some(at) => retry.push((at, *r)),
                     None => {
@@ -486,13 +533,31 @@ impl ShardCtx {
                     }
                 }
             }
+            if !notices.is_empty() {
+                notice_for = Some((meta.loc, meta.mail_from.to_string(), meta.received_ms));
+            }
             if meta.remaining == 0 {
                 final_seq = Some(meta.loc.seq);
                 queue.remove(job.message);
             }
         }
-        if let Some(seq) = final_seq {
-            self.spool.message_final(seq);
+        match notice_for {
+            // The notice task reads the original first, then lets its segment go.
+            Some((loc, mail_from, received_ms)) => {
+                let ctx = self.clone();
+                glommio::spawn_local(async move {
+                    ctx.send_notice(loc, mail_from, received_ms, notices).await;
+                    if let Some(seq) = final_seq {
+                        ctx.spool.message_final(seq);
+                    }
+                })
+                .detach();
+            }
+            None => {
+                if let Some(seq) = final_seq {
+                    self.spool.message_final(seq);
+                }
+            }
         }
         // Recipients of one job retry together when they share a due time.
         retry.sort_unstable();
@@ -506,6 +571,103 @@ impl ShardCtx {
                 .collect();
             i += rcpts.len();
             self.dispatch(job.message, &rcpts, at);
+        }
+    }
+
+    /// Build a delivery status notification (RFC 3464) for the recipients that asked for one
+    /// (DSN NOTIFY, default: failures) and spool it to the sender from the null sender, so no
+    /// notice is ever sent about a notice. A crash between the final outcome and this can
+    /// lose the notice, never the original message's outcome.
+    async fn send_notice(
+        self: &Rc<Self>,
+        loc: Location,
+        mail_from: String,
+        received_ms: u64,
+        finals: Vec<(u32, OutcomeKind, Response)>,
+    ) {
+        let stored = match self.spool.read_message(loc).await {
+            Ok(stored) => stored,
+            Err(e) => {
+                eprintln!("shard {}: no notice: cannot read the message: {e}", self.id);
+                return;
+            }
+        };
+        let Ok(m) = stored.message() else { return };
+        let rcpts: Vec<NoticeRcpt> = finals
+            .iter()
+            .filter_map(|(r, kind, response)| {
+                let i = *r as usize;
+                let bits = m.dsn_notify.get(i).copied().unwrap_or(0);
+                let wanted = match kind {
+                    OutcomeKind::Delivered => notify_success(bits),
+                    _ => notify_failure(bits),
+                };
+                if !wanted {
+                    return None;
+                }
+                Some(NoticeRcpt {
+                    rcpt: m.rcpts.get(i)?.as_str().to_owned(),
+                    orcpt: m
+                        .dsn_orcpt
+                        .get(i)
+                        .map(|o| o.as_str().to_owned())
+                        .unwrap_or_default(),
+                    action: if *kind == OutcomeKind::Delivered {
+                        Action::Delivered
+                    } else {
+                        Action::Failed
+                    },
+                    // RFC 3463 4.4.7: delivery time expired.
+                    status: if *kind == OutcomeKind::Expired {
+                        "4.4.7".into()
+                    } else {
+                        status_of(response.code, &response.enhanced)
+                    },
+                    diagnostic: format!(
+                        "{} {} {}",
+                        response.code, response.enhanced, response.text
+                    ),
+                })
+            })
+            .collect();
+        if rcpts.is_empty() {
+            return;
+        }
+        let now = now_ms();
+        let notice_id = self.reception_id(now);
+        let body = crate::bounce::build(&Notice {
+            host: &self.settings.hostname,
+            to: &mail_from,
+            envid: m.dsn_envid.as_str(),
+            notice_id: &notice_id,
+            arrival_date: &rfc5322_date(received_ms / 1000),
+            date: &rfc5322_date(now / 1000),
+            rcpts: &rcpts,
+            original: m.body.as_slice(),
+            ret: if m.dsn_ret == 1 {
+                Return::Full
+            } else {
+                Return::Headers
+            },
+        });
+        let flags = m.flags;
+        drop(stored);
+        let incoming = Incoming {
+            reception_id: notice_id,
+            received_ms: now,
+            mail_from: String::new(),
+            rcpts: vec![mail_from],
+            body,
+            peer: "local".into(),
+            tls: None,
+            flags,
+            dsn: Dsn::default(),
+        };
+        if let Err(e) = self.accept_message(incoming).await {
+            eprintln!(
+                "shard {}: cannot spool a delivery status notification: {e}",
+                self.id
+            );
         }
     }
 
@@ -623,17 +785,18 @@ pub async fn run(
             })
             .collect::<Vec<_>>();
         let stored = spool.read_message(msg.loc).await;
-        let (reception_id, mail_from, size, flags) = match &stored {
+        let (reception_id, mail_from, size, flags, success_notices) = match &stored {
             Ok(s) => match s.message() {
                 Ok(m) => (
                     m.reception_id.as_str().into(),
                     m.mail_from.as_str().into(),
                     m.body.len(),
                     m.flags,
+                    m.dsn_notify.iter().any(|&b| notify_success(b)),
                 ),
-                Err(_) => ("?".into(), "".into(), 0, 0),
+                Err(_) => ("?".into(), "".into(), 0, 0, false),
             },
-            Err(_) => ("?".into(), "".into(), 0, 0),
+            Err(_) => ("?".into(), "".into(), 0, 0, false),
         };
         let remaining = rcpts.iter().filter(|r| !r.done).count() as u32;
         ctx.queue.borrow_mut().insert(MessageMeta {
@@ -644,6 +807,7 @@ pub async fn run(
             mail_from,
             size,
             flags,
+            success_notices,
             rcpts,
             remaining,
         });

@@ -200,3 +200,114 @@ fn messages_arrive_byte_exact() {
         }
     }
 }
+
+/// DSN (RFC 3461/3464): RET, ENVID, NOTIFY and ORCPT are kept with the message and used in the
+/// notices sent back to the sender (here stored by aiosmtpd).
+#[test]
+fn delivery_status_notifications_follow_the_dsn_parameters() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = dir.path().join("notices");
+    let aio_port = dead_port();
+    let _aiosmtpd = Aiosmtpd::start(aio_port, &store);
+    let refusing = Sink::start(dir.path(), &["--reply", "550:100"]);
+    let accepting = Sink::start(dir.path(), &[]);
+    let mut opts = Opts::new(dir.path());
+    opts.conf.raw = format!(
+        "[[route]]\ndomain = \"notices.test\"\ntarget = \"127.0.0.1:{aio_port}\"\n\
+         [[route]]\ndomain = \"refuses.test\"\ntarget = \"127.0.0.1:{}\"\n\
+         [[route]]\ndomain = \"ok.test\"\ntarget = \"127.0.0.1:{}\"\n",
+        refusing.port, accepting.port
+    );
+    let mut epoxi = Epoxi::start(&opts);
+    let mut c = Smtp::connect(epoxi.port);
+    assert_eq!(c.reply().code, 220);
+    c.expect("EHLO client.test", 250);
+    c.expect("MAIL FROM:<s@notices.test> RET=HDRS ENVID=env-77", 250);
+    c.expect(
+        "RCPT TO:<r1@refuses.test> NOTIFY=FAILURE ORCPT=rfc822;orig1@refuses.test",
+        250,
+    );
+    c.expect("RCPT TO:<r2@refuses.test> NOTIFY=NEVER", 250);
+    c.expect("RCPT TO:<r3@ok.test> NOTIFY=SUCCESS,FAILURE", 250);
+    c.expect("DATA", 354);
+    c.send(b"X-Fidelity-Id: dsn\r\nSubject: dsn test\r\n\r\nsecret body text\r\n.\r\n");
+    assert_eq!(c.reply().code, 250);
+    c.expect("QUIT", 221);
+
+    let deadline = Instant::now() + DEADLINE;
+    let mut notices: Vec<String> = Vec::new();
+    while notices.len() < 2 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+        notices = std::fs::read_dir(&store)
+            .map(|d| {
+                d.flatten()
+                    .filter(|e| e.path().extension().is_some_and(|x| x == "eml"))
+                    .map(|e| {
+                        String::from_utf8_lossy(&std::fs::read(e.path()).unwrap_or_default())
+                            .into_owned()
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+    }
+    // A moment more: a third notice (for NOTIFY=NEVER) must not come.
+    std::thread::sleep(Duration::from_millis(500));
+    let count = std::fs::read_dir(&store)
+        .map(|d| {
+            d.flatten()
+                .filter(|e| e.path().extension().is_some_and(|x| x == "eml"))
+                .count()
+        })
+        .unwrap_or(0);
+    epoxi.stop();
+    assert_eq!(
+        count, 2,
+        "a failure notice and a success notice: {notices:?}"
+    );
+    let failure = notices
+        .iter()
+        .find(|n| n.contains("Action: failed"))
+        .expect("failure notice");
+    let success = notices
+        .iter()
+        .find(|n| n.contains("Action: delivered"))
+        .expect("success notice");
+    for n in [failure, success] {
+        assert!(n.contains("To: <s@notices.test>"), "{n}");
+        assert!(n.contains("Original-Envelope-Id: env-77"), "{n}");
+        assert!(
+            n.contains("Content-Type: text/rfc822-headers"),
+            "RET=HDRS: {n}"
+        );
+        assert!(n.contains("X-Fidelity-Id: dsn"), "{n}");
+        assert!(
+            !n.contains("secret body text"),
+            "RET=HDRS returns no body: {n}"
+        );
+    }
+    assert!(failure.contains("Original-Recipient: rfc822;orig1@refuses.test\r\nFinal-Recipient: rfc822; r1@refuses.test"), "{failure}");
+    assert!(failure.contains("Status: 5.1.1"), "{failure}");
+    assert!(
+        !failure.contains("r2@refuses.test"),
+        "NOTIFY=NEVER: {failure}"
+    );
+    assert!(
+        success.contains("Final-Recipient: rfc822; r3@ok.test"),
+        "{success}"
+    );
+    // The notices come from the null sender.
+    let envelopes: Vec<String> = std::fs::read_dir(&store)
+        .expect("store")
+        .flatten()
+        .filter(|e| e.path().extension().is_some_and(|x| x == "env"))
+        .map(|e| std::fs::read_to_string(e.path()).unwrap_or_default())
+        .collect();
+    assert!(
+        envelopes
+            .iter()
+            .all(|e| e.starts_with("\n") || e.starts_with("<>")),
+        "{envelopes:?}"
+    );
+    drop(refusing);
+    drop(accepting);
+}

@@ -147,12 +147,20 @@ fn mixed_replies_each_message_final_once() {
         let events = epoxi.events();
         let finals = events
             .iter()
-            .filter(|e| e["type"] == "Delivery" || e["type"] == "Bounce");
+            .filter(|e| (e["type"] == "Delivery" || e["type"] == "Bounce") && e["sender"] != "");
         finals.count() >= 200
     });
     let report = sink.stop();
-    let deliveries = epoxi.events_of("Delivery");
-    let bounces = epoxi.events_of("Bounce");
+    // Bounce notices (from the null sender) are mail of their own; count the originals.
+    let original = |kind: &str| -> Vec<serde_json::Value> {
+        epoxi
+            .events_of(kind)
+            .into_iter()
+            .filter(|e| e["sender"] != "")
+            .collect()
+    };
+    let deliveries = original("Delivery");
+    let bounces = original("Bounce");
     assert_eq!(deliveries.len() + bounces.len(), 200);
     let delivered = field_set(&deliveries, "message_id");
     let bounced = field_set(&bounces, "message_id");
@@ -181,9 +189,10 @@ fn mixed_replies_each_message_final_once() {
         report.json
     );
     assert_eq!(report.count("duplicates"), 0, "sink: {}", report.json);
-    assert_eq!(
-        report.count("rejected"),
-        bounces.len() as u64,
+    // The sink also refuses some of the bounce notices (they may still be in flight when it
+    // stops), so its count is at least the originals' bounces.
+    assert!(
+        report.count("rejected") >= bounces.len() as u64,
         "sink: {}",
         report.json
     );
@@ -329,11 +338,13 @@ fn destination_size_limit_bounces_without_sending() {
     let text = bounces[0]["response"]["text"].as_str().unwrap_or_default();
     assert!(text.contains("SIZE limit of 2048"), "{text}");
     b.wait_events("Delivery", 1);
-    assert_eq!(
-        b.events_of("Reception").len(),
-        1,
-        "the big one never reached B"
-    );
+    // B also receives A's bounce notice for the big one (null sender); count the originals.
+    let originals = b
+        .events_of("Reception")
+        .into_iter()
+        .filter(|r| r["sender"] != "")
+        .count();
+    assert_eq!(originals, 1, "the big one never reached B");
     let (mut a, mut b) = (a, b);
     a.stop();
     b.stop();

@@ -17,6 +17,10 @@ fn message(size: usize) -> MessageRecord {
         rcpts: vec!["rcpt@d0.test".into()],
         peer: "127.0.0.1:40000".into(),
         flags: 0,
+        dsn_ret: 0,
+        dsn_envid: String::new(),
+        dsn_notify: vec![0],
+        dsn_orcpt: vec![String::new()],
         body: vec![b'x'; size],
     }
 }

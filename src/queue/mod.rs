@@ -43,6 +43,8 @@ pub struct MessageMeta {
     pub size: usize,
     /// `spool::record::FLAG_*`: what the message needs from the next hop.
     pub flags: u8,
+    /// Some recipient asked for a notice of successful delivery (DSN NOTIFY=SUCCESS).
+    pub success_notices: bool,
     pub rcpts: Vec<Rcpt>,
     /// Recipients not final yet.
     pub remaining: u32,

@@ -605,6 +605,10 @@ mod tests {
             rcpts: (0..rcpts).map(|r| format!("u{r}@d{r}.test")).collect(),
             peer: "127.0.0.1:1".into(),
             flags: 0,
+            dsn_ret: 0,
+            dsn_envid: String::new(),
+            dsn_notify: vec![0; rcpts],
+            dsn_orcpt: vec![String::new(); rcpts],
             body: vec![b'a' + (i % 26) as u8; 700],
         }
     }

@@ -23,7 +23,8 @@ use rkyv::{Archive, Serialize};
 pub const RECORD_MAGIC: [u8; 4] = *b"EPXR";
 /// 2: message records carry `flags`. Version 1 segments are from before the first release and
 /// are not read.
-pub const RECORD_VERSION: u8 = 2;
+/// 3: message records carry the DSN envelope (RFC 3461).
+pub const RECORD_VERSION: u8 = 3;
 pub const RECORD_HEADER_LEN: usize = 16;
 /// Records start on this boundary; it is rkyv's alignment for the archived types.
 pub const RECORD_ALIGN: usize = 16;
@@ -65,6 +66,14 @@ pub struct MessageRecord {
     pub peer: String,
     /// What the message needs from the next hop: [`FLAG_SMTPUTF8`], [`FLAG_8BITMIME`].
     pub flags: u8,
+    /// DSN RET: 0 not given, 1 FULL, 2 HDRS.
+    pub dsn_ret: u8,
+    /// DSN ENVID, or empty.
+    pub dsn_envid: String,
+    /// DSN NOTIFY per recipient (same order as `rcpts`): see [`NOTIFY_GIVEN`] and friends.
+    pub dsn_notify: Vec<u8>,
+    /// DSN ORCPT per recipient, `type;address`, or empty.
+    pub dsn_orcpt: Vec<String>,
     /// The message as received: CRLF lines, dot-unstuffed, no final dot.
     pub body: Vec<u8>,
 }
@@ -73,6 +82,23 @@ pub struct MessageRecord {
 pub const FLAG_SMTPUTF8: u8 = 1;
 /// The message was declared BODY=8BITMIME.
 pub const FLAG_8BITMIME: u8 = 2;
+
+/// NOTIFY bits. Without [`NOTIFY_GIVEN`] the default applies: notices of failure only.
+pub const NOTIFY_SUCCESS: u8 = 1;
+pub const NOTIFY_FAILURE: u8 = 2;
+pub const NOTIFY_DELAY: u8 = 4;
+/// NOTIFY was given (alone: NOTIFY=NEVER).
+pub const NOTIFY_GIVEN: u8 = 8;
+
+/// Whether a recipient with these NOTIFY bits wants a notice of failure.
+pub fn notify_failure(bits: u8) -> bool {
+    bits & NOTIFY_GIVEN == 0 || bits & NOTIFY_FAILURE != 0
+}
+
+/// Whether a recipient with these NOTIFY bits wants a notice of successful delivery.
+pub fn notify_success(bits: u8) -> bool {
+    bits & NOTIFY_GIVEN != 0 && bits & NOTIFY_SUCCESS != 0
+}
 
 /// What became of one recipient of a message. The last outcome for a recipient wins.
 #[derive(Archive, Serialize, Debug, Clone, Copy, PartialEq)]
@@ -327,6 +353,10 @@ mod tests {
             rcpts: vec!["x@d0.test".into(), "y@d1.test".into()],
             peer: "127.0.0.1:5000".into(),
             flags: FLAG_8BITMIME,
+            dsn_ret: 1,
+            dsn_envid: "env".into(),
+            dsn_notify: vec![0, NOTIFY_GIVEN | NOTIFY_SUCCESS],
+            dsn_orcpt: vec![String::new(), "rfc822;y@d1.test".into()],
             body: body.to_vec(),
         }
     }
