@@ -64,6 +64,9 @@ pub struct Dsn {
     pub orcpt: Vec<String>,
 }
 
+/// One shard's share of a message: its recipients, their NOTIFY bits and ORCPTs.
+type Part = (Vec<String>, Vec<u8>, Vec<String>);
+
 /// A message part handed to its owning shard.
 pub struct Submission {
     pub origin: usize,
@@ -161,7 +164,7 @@ impl ShardCtx {
             dsn,
         } = incoming;
         // Split by owning shard, each recipient with its own DSN parameters.
-        let mut parts: BTreeMap<usize, (Vec<String>, Vec<u8>, Vec<String>)> = BTreeMap::new();
+        let mut parts: BTreeMap<usize, Part> = BTreeMap::new();
         for (i, rcpt) in rcpts.into_iter().enumerate() {
             let domain = rcpt.rsplit_once('@').map_or("", |(_, d)| d);
             let part = parts
