@@ -2011,6 +2011,20 @@ mod tests {
         assert!(String::from_utf8_lossy(&out).starts_with("454 4.7.0"));
     }
 
+    /// Found by the command_parser fuzz target: the parser accepts a UTF-8 mailbox (SMTPUTF8
+    /// exists), so the session must be what refuses it when MAIL lacks SMTPUTF8.
+    #[test]
+    fn fuzz_regression_utf8_sender_without_smtputf8() {
+        let mut s = fresh();
+        replies(&mut s, b"EHLO client.test\r\n");
+        let line = b"MAIL FROM:<GilGaGGG@ekkkk.ple.kDkk.coGGGc.GkGe.oGGGoGGGGle.cke.oGG\xc2\xbale.GG2GBm>\r\n";
+        assert!(replies(&mut s, line).starts_with("553 5.6.7"));
+        assert!(
+            replies(&mut s, b"RCPT TO:<x@y.test>\r\n").starts_with("503"),
+            "no transaction opened"
+        );
+    }
+
     #[test]
     fn starttls_not_offered_is_an_unknown_command() {
         let mut s = session_with(cfg_with(|_| {}), true);
