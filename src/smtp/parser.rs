@@ -608,7 +608,12 @@ pub fn parse_path(s: &[u8]) -> Result<(Option<Mailbox<'_>>, usize), PathError> {
 /// Validates a bare ASCII `local@domain` (no angle brackets), as the client does before writing
 /// it.
 pub fn parse_mailbox(address: &str) -> Result<Mailbox<'_>, PathError> {
-    let (mailbox, end) = parse_mailbox_at(address.as_bytes(), 0, false)?;
+    parse_whole_mailbox(address, false)
+}
+
+/// A whole `address` as one mailbox, within the path length limit.
+fn parse_whole_mailbox(address: &str, utf8: bool) -> Result<Mailbox<'_>, PathError> {
+    let (mailbox, end) = parse_mailbox_at(address.as_bytes(), 0, utf8)?;
     if end != address.len() {
         return Err(PathError::BadDomain);
     }
@@ -621,14 +626,7 @@ pub fn parse_mailbox(address: &str) -> Result<Mailbox<'_>, PathError> {
 /// Like [`parse_mailbox`], also accepting UTF-8 local parts and domains (RFC 6531), for
 /// messages sent with SMTPUTF8.
 pub fn parse_mailbox_utf8(address: &str) -> Result<Mailbox<'_>, PathError> {
-    let (mailbox, end) = parse_mailbox_at(address.as_bytes(), 0, true)?;
-    if end != address.len() {
-        return Err(PathError::BadDomain);
-    }
-    if end + 2 > PATH_LEN_MAX {
-        return Err(PathError::TooLong);
-    }
-    Ok(mailbox)
+    parse_whole_mailbox(address, true)
 }
 
 /// Skips `@a,@b:` (RFC 5321 4.1.2 A-d-l), which servers must accept and ignore.
