@@ -12,6 +12,7 @@
 //! - `config`: the TOML file, command-line overrides and validation.
 //! - `shard`: what one core runs, wiring the above together on top of the `shards` runtime.
 //! - `tls`: rustls configuration and an I/O-free TLS layer for the adapters.
+//! - `dns/`: DNS messages (hickory-proto), MX plans and the cache (resolver adapter to come).
 //! - `bounce`: delivery status notifications (RFC 3464) for the sender.
 //! - `proxy`: the PROXY protocol header (v1/v2) a load balancer sends first.
 //! - `auth`: SMTP AUTH users (hashed passwords) and the failed-attempt limiter.
@@ -21,6 +22,7 @@ pub mod bounce;
 pub mod clock;
 pub mod config;
 pub mod delivery;
+pub mod dns;
 pub mod eventlog;
 pub mod inbound;
 pub mod proxy;

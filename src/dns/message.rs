@@ -1,0 +1,182 @@
+//! DNS queries and answers as bytes, through hickory-proto. No I/O.
+
+use std::net::IpAddr;
+
+use hickory_proto::op::{Message, MessageType, OpCode, Query, ResponseCode};
+use hickory_proto::rr::{Name, RData, RecordType};
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum DnsError {
+    #[error("bad domain name `{0}`")]
+    Name(String),
+    #[error("cannot encode the query: {0}")]
+    Encode(String),
+}
+
+/// Encode a recursive query for `name`/`rtype` with transaction id `id`.
+pub fn build_query(id: u16, name: &str, rtype: RecordType) -> Result<Vec<u8>, DnsError> {
+    let mut fqdn = Name::from_utf8(name).map_err(|_| DnsError::Name(name.to_owned()))?;
+    fqdn.set_fqdn(true);
+    let mut msg = Message::new();
+    msg.set_id(id)
+        .set_message_type(MessageType::Query)
+        .set_op_code(OpCode::Query)
+        .set_recursion_desired(true)
+        .add_query(Query::query(fqdn, rtype));
+    msg.to_vec().map_err(|e| DnsError::Encode(e.to_string()))
+}
+
+/// What an answer says, for the records we ask for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Answer {
+    /// MX records: (preference, exchange host without the final dot), and the smallest TTL.
+    Mx(Vec<(u16, String)>, u32),
+    /// A/AAAA addresses and the smallest TTL.
+    Addrs(Vec<IpAddr>, u32),
+    /// The name does not exist (permanent). TTL from the SOA minimum for negative caching.
+    NxDomain(u32),
+    /// The name exists but has no records of this type (RFC 2308 NODATA).
+    NoData(u32),
+    /// SERVFAIL, REFUSED and the like: try another resolver or later.
+    Transient(String),
+    /// The answer did not fit in UDP: ask again over TCP.
+    Truncated,
+}
+
+/// Negative answers without an SOA are cached this long (RFC 2308 §5 suggests 1–3 hours;
+/// short, so a fixed zone is seen soon).
+pub const NEGATIVE_TTL_DEFAULT_S: u32 = 300;
+
+/// Read a response to query `id`. A response to another query, or garbage, is an error
+/// (the resolver waits on; a spoofed or stale datagram must not be taken as the answer).
+pub fn parse_answer(id: u16, bytes: &[u8], rtype: RecordType) -> Result<Answer, String> {
+    let msg = Message::from_vec(bytes).map_err(|e| format!("malformed DNS response: {e}"))?;
+    if msg.id() != id || msg.message_type() != MessageType::Response {
+        return Err("not the response to our query".into());
+    }
+    if msg.truncated() {
+        return Ok(Answer::Truncated);
+    }
+    let negative_ttl = msg
+        .name_servers()
+        .iter()
+        .find_map(|r| match r.data() {
+            RData::SOA(soa) => Some(soa.minimum().min(r.ttl())),
+            _ => None,
+        })
+        .unwrap_or(NEGATIVE_TTL_DEFAULT_S);
+    match msg.response_code() {
+        ResponseCode::NoError => {}
+        ResponseCode::NXDomain => return Ok(Answer::NxDomain(negative_ttl)),
+        other => return Ok(Answer::Transient(format!("DNS {other}"))),
+    }
+    let mut ttl = u32::MAX;
+    let mut mx = Vec::new();
+    let mut addrs = Vec::new();
+    for record in msg.answers() {
+        match record.data() {
+            RData::MX(m) if rtype == RecordType::MX => {
+                let host = m.exchange().to_utf8();
+                mx.push((m.preference(), host.trim_end_matches('.').to_owned()));
+                ttl = ttl.min(record.ttl());
+            }
+            RData::A(a) if rtype == RecordType::A => {
+                addrs.push(IpAddr::V4(a.0));
+                ttl = ttl.min(record.ttl());
+            }
+            RData::AAAA(a) if rtype == RecordType::AAAA => {
+                addrs.push(IpAddr::V6(a.0));
+                ttl = ttl.min(record.ttl());
+            }
+            // CNAMEs and other records on the way are followed by the recursive resolver.
+            _ => {}
+        }
+    }
+    Ok(match rtype {
+        RecordType::MX if !mx.is_empty() => Answer::Mx(mx, ttl),
+        RecordType::A | RecordType::AAAA if !addrs.is_empty() => Answer::Addrs(addrs, ttl),
+        _ => Answer::NoData(negative_ttl),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use hickory_proto::rr::rdata::{A, MX, SOA};
+    use hickory_proto::rr::Record;
+
+    fn response(id: u16, code: ResponseCode, answers: Vec<Record>, soa: bool) -> Vec<u8> {
+        let mut msg = Message::new();
+        msg.set_id(id)
+            .set_message_type(MessageType::Response)
+            .set_response_code(code);
+        for a in answers {
+            msg.add_answer(a);
+        }
+        if soa {
+            let zone = Name::from_ascii("test.").expect("name");
+            let data = SOA::new(zone.clone(), zone.clone(), 1, 3600, 600, 86400, 120);
+            msg.add_name_server(Record::from_rdata(zone, 900, RData::SOA(data)));
+        }
+        msg.to_vec().expect("encode")
+    }
+
+    fn mx(pref: u16, host: &str, ttl: u32) -> Record {
+        let owner = Name::from_ascii("example.test.").expect("name");
+        let exchange = Name::from_ascii(host).expect("name");
+        Record::from_rdata(owner, ttl, RData::MX(MX::new(pref, exchange)))
+    }
+
+    #[test]
+    fn query_round_trips() {
+        let q = build_query(7, "bücher.example", RecordType::MX).expect("query");
+        let msg = Message::from_vec(&q).expect("decode");
+        assert_eq!(msg.id(), 7);
+        assert!(msg.recursion_desired());
+        assert_eq!(msg.queries()[0].query_type(), RecordType::MX);
+        assert_eq!(msg.queries()[0].name().to_ascii(), "xn--bcher-kva.example.");
+        assert!(build_query(1, "bad..name", RecordType::MX).is_err());
+    }
+
+    #[test]
+    fn answers_are_classified() {
+        let r = response(
+            9,
+            ResponseCode::NoError,
+            vec![mx(10, "mx1.test.", 300), mx(5, "mx0.test.", 60)],
+            false,
+        );
+        assert_eq!(
+            parse_answer(9, &r, RecordType::MX),
+            Ok(Answer::Mx(
+                vec![(10, "mx1.test".into()), (5, "mx0.test".into())],
+                60
+            ))
+        );
+        let owner = Name::from_ascii("mx1.test.").expect("name");
+        let a = Record::from_rdata(owner, 30, RData::A(A::new(127, 0, 0, 7)));
+        let r = response(2, ResponseCode::NoError, vec![a], false);
+        assert_eq!(
+            parse_answer(2, &r, RecordType::A),
+            Ok(Answer::Addrs(vec!["127.0.0.7".parse().expect("ip")], 30))
+        );
+        let r = response(3, ResponseCode::NXDomain, vec![], true);
+        assert_eq!(
+            parse_answer(3, &r, RecordType::MX),
+            Ok(Answer::NxDomain(120)),
+            "SOA minimum"
+        );
+        let r = response(4, ResponseCode::NoError, vec![], false);
+        assert_eq!(
+            parse_answer(4, &r, RecordType::MX),
+            Ok(Answer::NoData(NEGATIVE_TTL_DEFAULT_S))
+        );
+        let r = response(5, ResponseCode::ServFail, vec![], false);
+        assert!(matches!(
+            parse_answer(5, &r, RecordType::MX),
+            Ok(Answer::Transient(_))
+        ));
+        assert!(parse_answer(6, &r, RecordType::MX).is_err(), "wrong id");
+        assert!(parse_answer(5, b"\x00garbage", RecordType::MX).is_err());
+    }
+}
