@@ -446,19 +446,7 @@ impl Config {
             routes.push(route.with_tls(tls));
         }
         self.validate()?;
-        let relay_networks = self
-            .server
-            .relay_networks
-            .iter()
-            .map(|n| {
-                Network::parse(n).ok_or_else(|| {
-                    invalid(
-                        "server.relay_networks",
-                        format!("`{n}` is not a CIDR network"),
-                    )
-                })
-            })
-            .collect::<Result<Vec<_>, _>>()?;
+        let relay_networks = parse_networks("server.relay_networks", &self.server.relay_networks)?;
         let hostname = if self.server.hostname.is_empty() {
             system_hostname()
         } else {
@@ -529,19 +517,7 @@ impl Config {
         if self.server.auth_failures_max == 0 {
             return Err(invalid("server.auth_failures_max", "must be at least 1"));
         }
-        let proxy_trusted = self
-            .server
-            .proxy_trusted
-            .iter()
-            .map(|n| {
-                Network::parse(n).ok_or_else(|| {
-                    invalid(
-                        "server.proxy_trusted",
-                        format!("`{n}` is not a CIDR network"),
-                    )
-                })
-            })
-            .collect::<Result<Vec<_>, _>>()?;
+        let proxy_trusted = parse_networks("server.proxy_trusted", &self.server.proxy_trusted)?;
         for (i, l) in self.listener.iter().enumerate() {
             if l.auth_required && self.server.auth_users.as_os_str().is_empty() {
                 return Err(invalid("listener.auth_required", "needs server.auth_users"));
@@ -715,6 +691,15 @@ impl Config {
         }
         Ok(())
     }
+}
+
+/// A list of CIDR networks from the config; an error names `key` and the bad entry.
+fn parse_networks(key: &'static str, list: &[String]) -> Result<Vec<Network>, ConfigError> {
+    list.iter()
+        .map(|n| {
+            Network::parse(n).ok_or_else(|| invalid(key, format!("`{n}` is not a CIDR network")))
+        })
+        .collect()
 }
 
 fn route_error(key: &'static str, e: RouteError) -> ConfigError {

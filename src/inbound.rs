@@ -103,7 +103,7 @@ pub async fn accept_loop(ctx: Rc<ShardCtx>, listener: TcpListener, spec: Listene
         if ctx.shutting_down() {
             break;
         }
-        let mut stream = match accepted {
+        let stream = match accepted {
             Ok(stream) => stream,
             Err(e) => {
                 // EMFILE and friends: back off a little instead of spinning.
@@ -113,11 +113,7 @@ pub async fn accept_loop(ctx: Rc<ShardCtx>, listener: TcpListener, spec: Listene
             }
         };
         if ctx.sessions.get() >= ctx.settings.config.server.connections_max {
-            glommio::spawn_local(async move {
-                let _ = stream.write_all(TOO_MANY_CONNECTIONS).await;
-                let _ = stream.close().await;
-            })
-            .detach();
+            glommio::spawn_local(refuse(stream, TOO_MANY_CONNECTIONS)).detach();
             continue;
         }
         ctx.sessions.set(ctx.sessions.get() + 1);
@@ -191,6 +187,12 @@ async fn check_credentials(
         limiter.failed(ip, crate::clock::now_ms());
         AuthVerdict::Rejected
     }
+}
+
+/// Tell a client why it is turned away (one 421 line) and close. Best effort: it may be gone.
+async fn refuse(mut stream: TcpStream, reply: &[u8]) {
+    let _ = stream.write_all(reply).await;
+    let _ = stream.close().await;
 }
 
 /// One of a client address's connection slots on this shard, given back when dropped.
@@ -356,11 +358,10 @@ impl Transport {
 async fn session(
     ctx: &Rc<ShardCtx>,
     cfg: Rc<ServerConfig>,
-    stream: TcpStream,
+    mut stream: TcpStream,
     implicit_tls: bool,
 ) -> std::io::Result<()> {
     let server = &ctx.settings.config.server;
-    let mut stream = stream;
     let _ = stream.set_nodelay(true);
     stream.set_read_timeout(Some(Duration::from_millis(READ_SLICE_MS)))?;
     let socket_peer = stream.peer_addr()?;
@@ -370,8 +371,7 @@ async fn session(
         match read_proxy_header(ctx, &mut stream, socket_peer).await {
             Ok(found) => found,
             Err(reply) => {
-                let _ = stream.write_all(reply).await;
-                let _ = stream.close().await;
+                refuse(stream, reply).await;
                 return Ok(());
             }
         }
@@ -379,8 +379,7 @@ async fn session(
         (socket_peer, Vec::new())
     };
     let Some(_slot) = IpSlot::take(ctx, peer.ip()) else {
-        let _ = stream.write_all(TOO_MANY_FROM_IP).await;
-        let _ = stream.close().await;
+        refuse(stream, TOO_MANY_FROM_IP).await;
         return Ok(());
     };
     let relay_allowed = ctx
