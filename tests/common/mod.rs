@@ -521,6 +521,19 @@ pub fn segments(spool: &Path) -> Vec<PathBuf> {
     out
 }
 
+/// The one JSON line a loadgen command prints at its end, waited for (bounded).
+fn report_line(stdout: &Captured, what: &str) -> Value {
+    let mut json = None;
+    wait_until(what, Duration::from_secs(5), || {
+        json = stdout
+            .text()
+            .lines()
+            .find_map(|l| serde_json::from_str(l).ok());
+        json.is_some()
+    });
+    json.expect("report line")
+}
+
 /// A running `epoxi-loadgen sink`, killed when dropped.
 pub struct Sink {
     child: Child,
@@ -616,17 +629,9 @@ impl Sink {
             "sink exited with {status}:\n{}",
             self.stderr.text()
         );
-        let mut json = None;
-        wait_until("the sink's report line", Duration::from_secs(5), || {
-            json = self
-                .stdout
-                .text()
-                .lines()
-                .find_map(|l| serde_json::from_str(l).ok());
-            json.is_some()
-        });
+        let json = report_line(&self.stdout, "the sink's report line");
         SinkReport {
-            json: json.expect("report"),
+            json,
             ids: read_lines(&self.ids_file),
             rcpt_lines: read_lines(&self.rcpts_file),
         }
@@ -751,17 +756,9 @@ impl Injecting {
             "inject exited with {status}:\n{}",
             self.stderr.text()
         );
-        let mut json = None;
-        wait_until("the injector's report line", Duration::from_secs(5), || {
-            json = self
-                .stdout
-                .text()
-                .lines()
-                .find_map(|l| serde_json::from_str(l).ok());
-            json.is_some()
-        });
+        let json = report_line(&self.stdout, "the injector's report line");
         InjectReport {
-            json: json.expect("report"),
+            json,
             ids: read_lines(&self.ids_file),
         }
     }
