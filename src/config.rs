@@ -25,7 +25,7 @@ pub enum ConfigError {
     Invalid { key: &'static str, reason: String },
 }
 
-fn invalid(key: &'static str, reason: impl Into<String>) -> ConfigError {
+pub(crate) fn invalid(key: &'static str, reason: impl Into<String>) -> ConfigError {
     ConfigError::Invalid {
         key,
         reason: reason.into(),
@@ -46,6 +46,81 @@ pub struct Config {
     /// Listeners beyond `server.listen` (and `server.implicit_tls_listen`), each with its own
     /// policy, e.g. a submission port where AUTH is required.
     pub listener: Vec<ListenerEntry>,
+    pub dns: DnsSection,
+    pub egress: EgressSection,
+    /// Egress sources: a local address to send from and the EHLO name to use there.
+    pub source: Vec<SourceEntry>,
+    /// Egress pools: weighted sets of sources.
+    pub pool: Vec<PoolEntry>,
+    /// Which pool a message goes out through, first match wins; else `egress.default_pool`.
+    pub pool_rule: Vec<PoolRuleEntry>,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DnsSection {
+    /// Resolvers, `IP` or `IP:PORT` (`[IPv6]:PORT`); empty means the nameservers of
+    /// `resolv_conf`. `--resolver` replaces this list.
+    pub resolvers: Vec<String>,
+    pub resolv_conf: PathBuf,
+    /// Wait for one answer from one resolver.
+    pub timeout_ms: u64,
+    /// Rounds over all resolvers before a lookup fails (transiently).
+    pub attempts: u32,
+    /// Answers are cached at least this long, whatever their TTL says.
+    pub ttl_min_s: u32,
+    /// ... and at most this long.
+    pub ttl_max_s: u32,
+    /// Cached answers per shard.
+    pub cache_entries_max: usize,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct EgressSection {
+    /// Pool for messages no `[[pool_rule]]` matches. Empty: every source, weight 1.
+    pub default_pool: String,
+    /// Header naming a message's tenant, for `pool_rule.tenant`.
+    pub tenant_header: String,
+    /// Consecutive failed connections that take a source out of rotation.
+    pub source_failures_max: u32,
+    /// How long a failed source stays out of rotation, in seconds.
+    pub source_quarantine_s: u64,
+}
+
+#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct SourceEntry {
+    pub name: String,
+    /// Local IP address to send from; absent: the kernel's choice.
+    #[serde(default)]
+    pub address: Option<IpAddr>,
+    /// EHLO name from this source; absent: `delivery.helo_name`.
+    #[serde(default)]
+    pub ehlo: Option<String>,
+}
+
+#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct PoolEntry {
+    pub name: String,
+    /// `SOURCE` or `SOURCE:WEIGHT` (weight 1 to 1000, default 1).
+    pub sources: Vec<String>,
+}
+
+#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct PoolRuleEntry {
+    /// Glob on the sender's domain.
+    #[serde(default)]
+    pub sender_domain: Option<String>,
+    /// Glob on the recipient's domain.
+    #[serde(default)]
+    pub recipient_domain: Option<String>,
+    /// The value of the `egress.tenant_header` header, exactly (case-insensitive).
+    #[serde(default)]
+    pub tenant: Option<String>,
+    pub pool: String,
 }
 
 #[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
@@ -156,8 +231,13 @@ pub struct QueueSection {
 pub struct DeliverySection {
     /// Name sent in EHLO. Empty means `server.hostname`.
     pub helo_name: String,
-    /// Concurrent connections per destination, per shard.
+    /// Concurrent connections per destination site (MX host set or static route) and egress
+    /// source, across all shards.
     pub connections_per_destination_max: usize,
+    /// Port of MX hosts (25; other values for tests and smart hosts).
+    pub port: u16,
+    /// Which addresses of an MX host to try: ipv4-first, ipv6-first, ipv4-only, ipv6-only.
+    pub address_order: String,
     /// Messages sent over one connection before it is closed and a fresh one opened.
     pub messages_per_connection_max: usize,
     /// Recipients of one message sent in one transaction.
@@ -288,8 +368,35 @@ impl Default for DeliverySection {
             data_block_timeout_ms: 180_000,
             final_dot_timeout_ms: 600_000,
             idle_timeout_ms: 5_000,
+            port: 25,
+            address_order: "ipv4-first".into(),
             starttls: "opportunistic".into(),
             tls_ca_file: PathBuf::from("/etc/ssl/certs/ca-certificates.crt"),
+        }
+    }
+}
+
+impl Default for DnsSection {
+    fn default() -> Self {
+        DnsSection {
+            resolvers: Vec::new(),
+            resolv_conf: PathBuf::from("/etc/resolv.conf"),
+            timeout_ms: 2_000,
+            attempts: 2,
+            ttl_min_s: 5,
+            ttl_max_s: 86_400,
+            cache_entries_max: 100_000,
+        }
+    }
+}
+
+impl Default for EgressSection {
+    fn default() -> Self {
+        EgressSection {
+            default_pool: String::new(),
+            tenant_header: "X-Tenant".into(),
+            source_failures_max: 3,
+            source_quarantine_s: 60,
         }
     }
 }
@@ -325,6 +432,10 @@ pub struct Overrides {
     pub shards: Option<usize>,
     /// `GLOB=HOST:PORT`, tried before the file's routes.
     pub routes: Vec<String>,
+    /// `--resolver IP:PORT`: replace the configured resolvers.
+    pub resolvers: Vec<String>,
+    /// `--delivery-port PORT`.
+    pub delivery_port: Option<u16>,
 }
 
 /// A CIDR network, e.g. 127.0.0.0/8.
@@ -391,6 +502,10 @@ pub struct Settings {
     pub tls_client_verified: Option<Arc<rustls::ClientConfig>>,
     /// AUTH users, when `server.auth_users` is set.
     pub auth_users: Option<Arc<crate::auth::Users>>,
+    /// DNS resolvers, in failover order (empty: no MX lookups; unrouted mail waits).
+    pub resolvers: Vec<SocketAddr>,
+    pub address_order: crate::egress::AddressOrder,
+    pub egress: Arc<crate::egress::Egress>,
 }
 
 impl Config {
@@ -426,6 +541,12 @@ impl Config {
         }
         if let Some(shards) = overrides.shards {
             self.shards.count = shards;
+        }
+        if !overrides.resolvers.is_empty() {
+            self.dns.resolvers = overrides.resolvers.clone();
+        }
+        if let Some(port) = overrides.delivery_port {
+            self.delivery.port = port;
         }
         let starttls = crate::route::parse_tls_policy(&self.delivery.starttls)
             .map_err(|e| invalid("delivery.starttls", e.to_string()))?;
@@ -532,7 +653,32 @@ impl Config {
                 ));
             }
         }
+        let resolvers = if self.dns.resolvers.is_empty() {
+            crate::dns::resolv_conf(&self.dns.resolv_conf)
+                .map_err(|e| invalid("dns.resolv_conf", e))?
+        } else {
+            self.dns
+                .resolvers
+                .iter()
+                .map(|text| {
+                    crate::dns::parse_resolver(text).ok_or_else(|| {
+                        invalid("dns.resolvers", format!("`{text}` is not IP or IP:PORT"))
+                    })
+                })
+                .collect::<Result<Vec<_>, _>>()?
+        };
+        let address_order = crate::egress::AddressOrder::parse(&self.delivery.address_order)
+            .ok_or_else(|| {
+                invalid(
+                    "delivery.address_order",
+                    "must be ipv4-first, ipv6-first, ipv4-only or ipv6-only",
+                )
+            })?;
+        let egress = crate::egress::Egress::from_config(&self, &helo_name)?;
         Ok(Settings {
+            resolvers,
+            address_order,
+            egress: Arc::new(egress),
             config: self,
             hostname,
             helo_name,
@@ -663,6 +809,26 @@ impl Config {
                 "delivery.reply_timeout_ms",
                 "timeouts must be at least 1 ms",
             ));
+        }
+        if d.port == 0 {
+            return Err(invalid("delivery.port", "must be a port from 1 to 65535"));
+        }
+        let dns = &self.dns;
+        if dns.timeout_ms == 0 || dns.attempts == 0 {
+            return Err(invalid(
+                "dns.timeout_ms",
+                "timeout and attempts must be at least 1",
+            ));
+        }
+        if dns.ttl_max_s < dns.ttl_min_s {
+            return Err(invalid("dns.ttl_max_s", "must be >= dns.ttl_min_s"));
+        }
+        if dns.cache_entries_max == 0 {
+            return Err(invalid("dns.cache_entries_max", "must be at least 1"));
+        }
+        let eg = &self.egress;
+        if eg.source_failures_max == 0 {
+            return Err(invalid("egress.source_failures_max", "must be at least 1"));
         }
         if self.log.file_size_max < 64 << 10 {
             return Err(invalid("log.file_size_max", "must be at least 64 KiB"));

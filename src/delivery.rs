@@ -1,27 +1,36 @@
 //! Outbound delivery: one task per SMTP connection, driving the I/O-free client state machine
 //! over a glommio socket.
 //!
-//! A connection task serves one destination: it takes jobs from that destination's ready
-//! queue, one transaction per job, reusing the connection (and PIPELINING when offered) until
-//! the queue stays empty for `idle_timeout_ms`, the connection has carried
-//! `messages_per_connection_max` messages, or the shard shuts down. The number of tasks per
-//! destination is bounded by `connections_per_destination_max` (see `ShardCtx::make_ready`).
+//! A connection task serves one destination (a static route or an MX site, through one egress
+//! pool) from one egress source. It opens by walking the hosts: MX hosts in preference order,
+//! each host's addresses (A/AAAA, in `delivery.address_order`), moving on when a host refuses
+//! the connection or greets with anything but 220, all within the same attempt. Then it takes
+//! jobs from the destination's ready queue, one transaction per job, reusing the connection
+//! (and PIPELINING when offered) until the queue stays empty for `idle_timeout_ms`, the
+//! connection has carried `messages_per_connection_max` messages, or the shard shuts down.
+//! How many tasks run per (site, source) is bounded across shards by `egress::Slots`.
 //!
 //! A job is out of the queue while its transaction runs; if the process dies then, the spool
 //! still has the message and recovery queues it again.
 
 use std::collections::VecDeque;
 use std::io::{ErrorKind, Read, Write};
+use std::net::{IpAddr, SocketAddr};
+use std::os::unix::io::{AsRawFd, FromRawFd, IntoRawFd};
 use std::rc::Rc;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use futures_lite::{AsyncReadExt, AsyncWriteExt};
 use glommio::net::TcpStream;
+use hickory_proto::rr::RecordType;
 
-use crate::queue::Job;
-use crate::route::Destination;
-use crate::shard::{RcptResult, ShardCtx};
+use crate::clock::now_ms;
+use crate::dns::message::Answer;
+use crate::egress::{Down, Slot, Source};
+use crate::queue::{Dest, Job};
+use crate::route::Hop;
+use crate::shard::{RcptResult, ShardCtx, Via};
 use crate::smtp::client::{
     Awaiting, Client, ClientConfig, ClientStep, MailOptions, TlsPolicy, TransactionOutcome,
 };
@@ -31,18 +40,28 @@ use crate::spool::record::{FLAG_8BITMIME, FLAG_SMTPUTF8};
 const READ_BUF_BYTES: usize = 16 << 10;
 /// Longest reply line accepted from a server (RFC 5321 §4.5.3.1.5 says 512; be lenient).
 const REPLY_LINE_LEN_MAX: usize = 4096;
+/// Addresses tried per connection attempt, over all MX hosts: enough for every host of a
+/// large provider, few enough that a broken site cannot hold a connection task for long.
+const ADDRESSES_PER_ATTEMPT_MAX: usize = 10;
+/// A bound connect in progress is checked this often at first, backing off to the cap.
+const CONNECT_POLL_MIN: Duration = Duration::from_micros(200);
+const CONNECT_POLL_MAX: Duration = Duration::from_millis(20);
 
 #[derive(Debug)]
 enum ConnError {
     /// Could not reach the destination at all: every job waiting for it fails the same way.
     Unreachable(String),
+    /// The egress source could not be used (its address cannot be bound): nothing was tried,
+    /// the jobs stay queued for another source.
+    Source,
     /// The connection broke; the job in hand was already accounted for.
     Broken,
 }
 
-pub async fn connection(ctx: Rc<ShardCtx>, dest: Destination) {
+pub async fn connection(ctx: Rc<ShardCtx>, dest: Dest, source: usize, slot: Slot) {
     let target = Some(dest.clone());
-    let result = serve(&ctx, &dest).await;
+    let result = serve(&ctx, &dest, source).await;
+    drop(slot);
     {
         let mut queue = ctx.queue.borrow_mut();
         let dq = queue.dest(&target);
@@ -51,8 +70,13 @@ pub async fn connection(ctx: Rc<ShardCtx>, dest: Destination) {
     ctx.deliveries.set(ctx.deliveries.get().saturating_sub(1));
     if let Err(ConnError::Unreachable(why)) = result {
         let jobs = ctx.queue.borrow_mut().drain_ready(&target);
+        let src = &ctx.settings.egress.sources[source];
+        let via = Via {
+            peer: &dest.hop.to_string(),
+            source: Some(&src.name),
+        };
         for job in jobs {
-            fail_job(&ctx, &job, &why, &dest);
+            fail_job(&ctx, &job, &why, via);
         }
     }
     // Work may have arrived while this connection was closing: hand it to a fresh one.
@@ -62,13 +86,144 @@ pub async fn connection(ctx: Rc<ShardCtx>, dest: Destination) {
     }
 }
 
-fn fail_job(ctx: &Rc<ShardCtx>, job: &Job, why: &str, dest: &Destination) {
+fn fail_job(ctx: &Rc<ShardCtx>, job: &Job, why: &str, via: Via<'_>) {
     let results: Vec<(u32, RcptResult)> = job
         .rcpts
         .iter()
         .map(|&r| (r, RcptResult::Failure(why.to_owned())))
         .collect();
-    ctx.record_results(job, &results, &dest.to_string());
+    ctx.record_results(job, &results, via);
+}
+
+/// Why one address did not give a usable session.
+enum Refusal {
+    /// The source's address cannot be bound: no point trying other hosts from it.
+    Bind(String),
+    /// No TCP connection (refused, unreachable, timed out).
+    Connect(String),
+    /// Connected, but the greeting, EHLO or TLS failed.
+    Session(String),
+}
+
+/// Connect from `source` to `addr`: bound to the source's address when it has one.
+async fn connect_from(
+    addr: SocketAddr,
+    source: &Source,
+    timeout: Duration,
+) -> Result<TcpStream, Refusal> {
+    let Some(local) = source.address else {
+        return TcpStream::connect_timeout(addr, timeout)
+            .await
+            .map_err(|e| Refusal::Connect(e.to_string()));
+    };
+    let socket = bound_socket(local, addr)
+        .map_err(|e| Refusal::Bind(format!("cannot bind source address {local}: {e}")))?;
+    // glommio connects only sockets it creates itself: connect without blocking and watch
+    // the socket become writable (connected) or fail, backing off between looks.
+    match socket.connect(&addr.into()) {
+        Ok(()) => {}
+        Err(e) if e.raw_os_error() == Some(libc::EINPROGRESS) => {
+            let deadline = Instant::now() + timeout;
+            let mut pause = CONNECT_POLL_MIN;
+            loop {
+                let mut pfd = libc::pollfd {
+                    fd: socket.as_raw_fd(),
+                    events: libc::POLLOUT,
+                    revents: 0,
+                };
+                // SAFETY: one valid pollfd, zero timeout: poll(2) only looks.
+                let ready = unsafe { libc::poll(&mut pfd, 1, 0) };
+                if ready > 0 {
+                    break;
+                }
+                if Instant::now() >= deadline {
+                    return Err(Refusal::Connect("connection timed out".into()));
+                }
+                glommio::timer::sleep(pause).await;
+                pause = (pause * 2).min(CONNECT_POLL_MAX);
+            }
+            if let Some(e) = socket
+                .take_error()
+                .map_err(|e| Refusal::Connect(e.to_string()))?
+            {
+                return Err(Refusal::Connect(e.to_string()));
+            }
+        }
+        Err(e) => return Err(Refusal::Connect(e.to_string())),
+    }
+    socket
+        .set_nonblocking(false)
+        .map_err(|e| Refusal::Connect(e.to_string()))?;
+    // SAFETY: the descriptor is a connected TCP socket we own; the stream takes it over.
+    Ok(unsafe { TcpStream::from_raw_fd(socket.into_raw_fd()) })
+}
+
+/// A non-blocking TCP socket bound to `local` (port chosen at connect time, so one source
+/// address can hold many connections to different destinations).
+fn bound_socket(local: IpAddr, remote: SocketAddr) -> std::io::Result<socket2::Socket> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    if local.is_ipv4() != remote.is_ipv4() {
+        return Err(std::io::Error::new(
+            ErrorKind::InvalidInput,
+            "source and destination address families differ",
+        ));
+    }
+    let socket = Socket::new(
+        Domain::for_address(remote),
+        Type::STREAM,
+        Some(Protocol::TCP),
+    )?;
+    let on: libc::c_int = 1;
+    // SAFETY: setsockopt with a valid int option value on our own socket.
+    unsafe {
+        libc::setsockopt(
+            socket.as_raw_fd(),
+            libc::IPPROTO_IP,
+            libc::IP_BIND_ADDRESS_NO_PORT,
+            (&on as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        );
+    }
+    socket.bind(&SocketAddr::new(local, 0).into())?;
+    socket.set_nonblocking(true)?;
+    Ok(socket)
+}
+
+/// The addresses of an MX host, in the configured order; Err says why there are none.
+async fn host_addrs(ctx: &ShardCtx, host: &str) -> Result<Vec<IpAddr>, String> {
+    // An MX host given as an address literal ([192.0.2.1] or 192.0.2.1) needs no lookup.
+    if let Ok(ip) = host.trim_start_matches('[').trim_end_matches(']').parse() {
+        return Ok(vec![ip]);
+    }
+    let Some(resolver) = &ctx.resolver else {
+        return Err("no DNS resolver configured".into());
+    };
+    let order = ctx.settings.address_order;
+    let mut addrs = Vec::new();
+    let mut failures = Vec::new();
+    use crate::egress::AddressOrder::*;
+    let wanted: &[RecordType] = match order {
+        Ipv4Only => &[RecordType::A],
+        Ipv6Only => &[RecordType::AAAA],
+        Ipv4First | Ipv6First => &[RecordType::A, RecordType::AAAA],
+    };
+    for &rtype in wanted {
+        match resolver.lookup(host, rtype).await {
+            Answer::Addrs(found, _) => addrs.extend(found),
+            Answer::NxDomain(_) => return Err(format!("{host} does not exist (NXDOMAIN)")),
+            Answer::NoData(_) => {}
+            Answer::Transient(why) => failures.push(format!("{rtype} lookup failed: {why}")),
+            other => failures.push(format!("{rtype} lookup: unexpected {other:?}")),
+        }
+    }
+    order.arrange(&mut addrs);
+    if addrs.is_empty() {
+        return Err(match failures.is_empty() {
+            true => format!("{host} has no addresses"),
+            false => format!("{host}: {}", failures.join(", ")),
+        });
+    }
+    Ok(addrs)
 }
 
 /// RFC 5321 §4.5.3.2's per-phase waits, from `[delivery]`.
@@ -209,20 +364,122 @@ impl Conn {
     }
 }
 
-async fn serve(ctx: &Rc<ShardCtx>, dest: &Destination) -> Result<(), ConnError> {
+/// A session ready for transactions, and who it is with.
+struct Opened {
+    conn: Conn,
+    /// `host[address]:port`, for the log.
+    peer: String,
+}
+
+/// Open a session for `dest` from `source`: walk the hosts and their addresses until one
+/// greets, takes EHLO (and STARTTLS when required).
+async fn open(ctx: &Rc<ShardCtx>, dest: &Dest, source: usize) -> Result<Opened, ConnError> {
     let cfg = &ctx.settings.config.delivery;
-    let stream =
-        TcpStream::connect_timeout(dest.addr, Duration::from_millis(cfg.connect_timeout_ms))
-            .await
-            .map_err(|e| ConnError::Unreachable(format!("connect to {dest} failed: {e}")))?;
+    let src = &ctx.settings.egress.sources[source];
+    let (hosts, tls): (Vec<String>, TlsPolicy) = match &dest.hop {
+        Hop::Route(route) => (vec![route.host.clone()], route.tls),
+        Hop::Mx(site) => (
+            site.hosts.to_vec(),
+            crate::route::parse_tls_policy(&cfg.starttls).unwrap_or_default(),
+        ),
+    };
+    let mut refusals: Vec<String> = Vec::new();
+    let mut connected = false;
+    let mut tried = 0usize;
+    'hosts: for host in &hosts {
+        let addrs: Vec<SocketAddr> = match &dest.hop {
+            Hop::Route(route) => vec![route.addr],
+            Hop::Mx(_) => match host_addrs(ctx, host).await {
+                Ok(ips) => ips
+                    .into_iter()
+                    .map(|ip| SocketAddr::new(ip, cfg.port))
+                    .collect(),
+                Err(why) => {
+                    refusals.push(why);
+                    continue;
+                }
+            },
+        };
+        for addr in addrs {
+            if !src.reaches(&addr) {
+                continue;
+            }
+            if tried == ADDRESSES_PER_ATTEMPT_MAX {
+                refusals.push(format!("stopped after {tried} addresses"));
+                break 'hosts;
+            }
+            tried += 1;
+            let peer = match &dest.hop {
+                Hop::Route(_) => addr.to_string(),
+                Hop::Mx(_) => format!("{host}[{}]:{}", addr.ip(), addr.port()),
+            };
+            let timeout = Duration::from_millis(cfg.connect_timeout_ms);
+            let refusal = match connect_from(addr, src, timeout).await {
+                Ok(stream) => {
+                    connected = true;
+                    match greet(ctx, stream, src, host, tls).await {
+                        Ok(conn) => {
+                            let change = ctx.egress.borrow_mut().success(source);
+                            ctx.source_health(source, change, "");
+                            return Ok(Opened { conn, peer });
+                        }
+                        Err(why) => Refusal::Session(why),
+                    }
+                }
+                Err(refusal) => refusal,
+            };
+            match refusal {
+                Refusal::Bind(why) => {
+                    let egress = &ctx.settings.egress;
+                    let change =
+                        ctx.egress
+                            .borrow_mut()
+                            .failure(egress, source, Down::Bind, now_ms());
+                    ctx.source_health(source, change, &why);
+                    return Err(ConnError::Source);
+                }
+                Refusal::Connect(why) => refusals.push(format!("connect to {peer} failed: {why}")),
+                Refusal::Session(why) => refusals.push(format!("{peer}: {why}")),
+            }
+        }
+    }
+    if tried > 0 && !connected {
+        let egress = &ctx.settings.egress;
+        let why = refusals.join("; ");
+        let change = ctx
+            .egress
+            .borrow_mut()
+            .failure(egress, source, Down::Connect, now_ms());
+        ctx.source_health(source, change, &why);
+    }
+    if refusals.is_empty() {
+        refusals.push(format!(
+            "source `{}` ({}) cannot reach any address of {}",
+            src.name,
+            src.address.map_or("any".into(), |a| a.to_string()),
+            dest.hop
+        ));
+    }
+    Err(ConnError::Unreachable(refusals.join("; ")))
+}
+
+/// Greeting, EHLO and STARTTLS on a fresh connection to `host`.
+async fn greet(
+    ctx: &Rc<ShardCtx>,
+    stream: TcpStream,
+    src: &Source,
+    host: &str,
+    tls: TlsPolicy,
+) -> Result<Conn, String> {
+    let cfg = &ctx.settings.config.delivery;
     let _ = stream.set_nodelay(true);
     stream
         .set_write_timeout(Some(Duration::from_millis(cfg.data_block_timeout_ms)))
-        .map_err(|e| ConnError::Unreachable(e.to_string()))?;
+        .map_err(|e| e.to_string())?;
     let client = Client::new(ClientConfig {
-        helo_name: ctx.settings.helo_name.clone(),
+        helo_name: src.ehlo.clone(),
         line_len_max: REPLY_LINE_LEN_MAX,
-        starttls: dest.tls,
+        starttls: tls,
     });
     let mut conn = Conn {
         stream,
@@ -237,41 +494,54 @@ async fn serve(ctx: &Rc<ShardCtx>, dest: &Destination) -> Result<(), ConnError> 
             final_dot: Duration::from_millis(cfg.final_dot_timeout_ms),
         },
     };
-
-    // Greeting and EHLO.
     loop {
         match conn.client.poll(&mut conn.out) {
-            ClientStep::Ready => break,
-            ClientStep::NeedInput => conn.exchange().await.map_err(ConnError::Unreachable)?,
+            ClientStep::Ready => return Ok(conn),
+            ClientStep::NeedInput => {
+                if let Err(why) = conn.exchange().await {
+                    let _ = conn.stream.close().await;
+                    return Err(why);
+                }
+            }
             ClientStep::StartTls => {
-                let config = match dest.tls {
+                let config = match tls {
                     TlsPolicy::Required => ctx.settings.tls_client_verified.clone(),
                     _ => Some(ctx.settings.tls_client_unverified.clone()),
                 };
-                let config = config.ok_or_else(|| {
-                    ConnError::Unreachable("TLS required but no CA bundle loaded".into())
-                })?;
-                conn.start_tls(config, &dest.host)
-                    .await
-                    .map_err(ConnError::Unreachable)?;
+                let Some(config) = config else {
+                    conn.quit().await;
+                    return Err("TLS required but no CA bundle loaded".into());
+                };
+                if let Err(why) = conn.start_tls(config, host).await {
+                    let _ = conn.stream.close().await;
+                    return Err(why);
+                }
                 conn.client.tls_started(&mut conn.out);
             }
             ClientStep::Failed(reply) => {
-                return Err(ConnError::Unreachable(format!(
-                    "{dest} refused the session: {}",
+                conn.quit().await;
+                return Err(format!(
+                    "refused the session: {}",
                     reply.to_string().trim_end()
-                )))
+                ));
             }
             other => {
-                return Err(ConnError::Unreachable(format!(
-                    "unexpected client step {other:?}"
-                )));
+                let _ = conn.stream.close().await;
+                return Err(format!("unexpected client step {other:?}"));
             }
         }
     }
+}
 
+async fn serve(ctx: &Rc<ShardCtx>, dest: &Dest, source: usize) -> Result<(), ConnError> {
+    let cfg = &ctx.settings.config.delivery;
+    let Opened { mut conn, peer } = open(ctx, dest, source).await?;
+    let src = &ctx.settings.egress.sources[source];
+    let via = Via {
+        peer: &peer,
+        source: Some(&src.name),
+    };
     let target = Some(dest.clone());
-    let peer = dest.to_string();
     let idle = Duration::from_millis(cfg.idle_timeout_ms);
     // Transactions on the wire, oldest first: at most two, the second started behind the
     // first's final dot (see `Client::can_start_early`).
@@ -307,13 +577,14 @@ async fn serve(ctx: &Rc<ShardCtx>, dest: &Destination) -> Result<(), ConnError> 
                     }
                 }
                 if let Err(why) = conn.exchange().await {
-                    return broken(ctx, conn, inflight, &why, dest).await;
+                    return broken(ctx, conn, inflight, &why, via).await;
                 }
             }
             ClientStep::SendBody => {
                 // The body goes to the oldest transaction that has not sent one yet.
                 let Some(item) = inflight.iter_mut().find(|i| !i.body_sent) else {
-                    return broken(ctx, conn, inflight, "354 with no body to send", dest).await;
+                    let why = "354 with no body to send";
+                    return broken(ctx, conn, inflight, why, via).await;
                 };
                 item.body_sent = true;
                 let loc = item.loc;
@@ -323,7 +594,7 @@ async fn serve(ctx: &Rc<ShardCtx>, dest: &Destination) -> Result<(), ConnError> 
                         // DATA is open and there is nothing to send: only closing the connection
                         // ends it without delivering a wrong message.
                         let why = format!("cannot read the spooled message: {e}");
-                        return broken(ctx, conn, inflight, &why, dest).await;
+                        return broken(ctx, conn, inflight, &why, via).await;
                     }
                 };
                 match stored.message() {
@@ -332,22 +603,22 @@ async fn serve(ctx: &Rc<ShardCtx>, dest: &Destination) -> Result<(), ConnError> 
                         .write_body(message.body.as_slice(), &mut conn.out),
                     Err(e) => {
                         let why = format!("spooled message does not validate: {e}");
-                        return broken(ctx, conn, inflight, &why, dest).await;
+                        return broken(ctx, conn, inflight, &why, via).await;
                     }
                 }
             }
             ClientStep::Done(outcome) => {
                 if let Some(item) = inflight.pop_front() {
-                    ctx.record_results(&item.job, &per_rcpt(&item.job, &outcome), &peer);
+                    ctx.record_results(&item.job, &per_rcpt(&item.job, &outcome), via);
                 }
             }
             ClientStep::Failed(reply) => {
                 let why = format!("session failed: {}", reply.to_string().trim_end());
-                return broken(ctx, conn, inflight, &why, dest).await;
+                return broken(ctx, conn, inflight, &why, via).await;
             }
             ClientStep::Ready | ClientStep::Closed | ClientStep::StartTls => {
                 let why = "server ended the transaction unexpectedly";
-                return broken(ctx, conn, inflight, why, dest).await;
+                return broken(ctx, conn, inflight, why, via).await;
             }
         }
     }
@@ -399,7 +670,7 @@ fn begin(ctx: &Rc<ShardCtx>, conn: &mut Conn, job: Job) -> Option<Inflight> {
             .iter()
             .map(|&r| (r, RcptResult::Reply(reply.clone())))
             .collect();
-        ctx.record_results(&job, &results, "-");
+        ctx.record_results(&job, &results, Via::NONE);
         return None;
     }
     let rcpt_refs: Vec<&str> = rcpts.iter().map(String::as_str).collect();
@@ -449,10 +720,10 @@ async fn broken(
     mut conn: Conn,
     inflight: VecDeque<Inflight>,
     why: &str,
-    dest: &Destination,
+    via: Via<'_>,
 ) -> Result<(), ConnError> {
     for item in &inflight {
-        fail_job(ctx, &item.job, why, dest);
+        fail_job(ctx, &item.job, why, via);
     }
     let _ = conn.stream.close().await;
     Err(ConnError::Broken)

@@ -65,6 +65,9 @@ pub struct Event<'a> {
     /// Reception over TLS: protocol version and cipher suite.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub tls: Option<&'a str>,
+    /// Delivery events: the egress source the connection came from.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub source: Option<&'a str>,
 }
 
 pub struct EventLog {
@@ -203,6 +206,7 @@ mod tests {
             next_attempt_ms: None,
             size: 10,
             tls: None,
+            source: None,
         }
     }
 

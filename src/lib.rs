@@ -4,15 +4,17 @@
 //! - `smtp/`: the SMTP protocol as I/O-free state machines (server and client), the command
 //!   parser, the DATA reader and replies.
 //! - `spool/`: the durable, append-only, per-shard message store (records, segments, recovery).
-//! - `queue/`: per-destination ready queues and the retry schedule.
-//! - `delivery`: the outbound SMTP adapter over glommio sockets and the connection limits.
+//! - `queue/`: per-destination (site and egress pool) ready queues and the retry schedule.
+//! - `delivery`: the outbound SMTP adapter over glommio sockets: walking MX hosts, binding
+//!   the egress source, one connection's transactions.
 //! - `inbound`: the inbound SMTP adapter over glommio sockets.
-//! - `route`: destination lookup (static routes today, MX tomorrow).
+//! - `route`: destination lookup: static routes, and sites (MX host sets) for the rest.
 //! - `eventlog`: one JSON line per message event, a file per shard.
 //! - `config`: the TOML file, command-line overrides and validation.
 //! - `shard`: what one core runs, wiring the above together on top of the `shards` runtime.
 //! - `tls`: rustls configuration and an I/O-free TLS layer for the adapters.
-//! - `dns/`: DNS messages (hickory-proto), MX plans and the cache (resolver adapter to come).
+//! - `dns/`: DNS messages (hickory-proto), MX plans, the cache and the resolver adapter.
+//! - `egress`: sources, pools and the rules that pick them, source health, connection slots.
 //! - `bounce`: delivery status notifications (RFC 3464) for the sender.
 //! - `proxy`: the PROXY protocol header (v1/v2) a load balancer sends first.
 //! - `auth`: SMTP AUTH users (hashed passwords) and the failed-attempt limiter.
@@ -23,6 +25,7 @@ pub mod clock;
 pub mod config;
 pub mod delivery;
 pub mod dns;
+pub mod egress;
 pub mod eventlog;
 pub mod inbound;
 pub mod proxy;

@@ -100,6 +100,13 @@ struct ServeArgs {
     /// Static route GLOB=HOST:PORT, e.g. '*.test=127.0.0.1:2526'. Repeatable; first match wins.
     #[arg(long = "route", value_name = "GLOB=HOST:PORT")]
     routes: Vec<String>,
+    /// DNS resolver IP or IP:PORT, replacing `dns.resolvers` and /etc/resolv.conf. Repeatable;
+    /// tried in order.
+    #[arg(long = "resolver", value_name = "IP:PORT")]
+    resolvers: Vec<String>,
+    /// Port of MX hosts [default: 25]; for tests and smart hosts.
+    #[arg(long, value_name = "PORT")]
+    delivery_port: Option<u16>,
 }
 
 fn settle(args: ServeArgs) -> Result<epoxi::config::Settings, String> {
@@ -110,6 +117,8 @@ fn settle(args: ServeArgs) -> Result<epoxi::config::Settings, String> {
         log_dir: args.log_dir,
         shards: args.shards,
         routes: args.routes,
+        resolvers: args.resolvers,
+        delivery_port: args.delivery_port,
     };
     config.settle(overrides).map_err(|e| e.to_string())
 }

@@ -1,10 +1,13 @@
 //! Destination lookup: which host a recipient domain's mail goes to.
 //!
-//! Today only static routes (`--route GLOB=HOST:PORT`, first match wins). MX resolution fills the
-//! same seam later: [`Router::lookup`] returns a [`Destination`], and the queue keys on it.
+//! Static routes (`--route GLOB=HOST:PORT`, first match wins) are tried first; a domain no
+//! route matches goes to its MX hosts ([`Site`], resolved by the shard). Either way the result
+//! is a [`Hop`], which the queue and the connection limits key on.
 
 use std::fmt;
+use std::hash::{Hash, Hasher};
 use std::net::{SocketAddr, ToSocketAddrs};
+use std::sync::Arc;
 
 use crate::smtp::client::TlsPolicy;
 
@@ -32,6 +35,73 @@ pub struct Destination {
 impl fmt::Display for Destination {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         self.addr.fmt(f)
+    }
+}
+
+/// A set of MX hosts. Domains whose MX records name the same hosts (gmail.com and
+/// googlemail.com, or every domain hosted by one provider) are one site: they share a queue,
+/// connections and connection limits. Equal by the set of host names, whatever their order.
+#[derive(Clone, Debug)]
+pub struct Site {
+    /// The host names, sorted, lower case, comma-separated.
+    pub key: Arc<str>,
+    /// The hosts in the order to try them (MX preference, equal preferences shuffled).
+    pub hosts: Arc<[String]>,
+}
+
+impl Site {
+    pub fn new(hosts: Vec<String>) -> Site {
+        let hosts: Vec<String> = hosts
+            .into_iter()
+            .map(|h| h.trim_end_matches('.').to_ascii_lowercase())
+            .collect();
+        let mut sorted = hosts.clone();
+        sorted.sort();
+        sorted.dedup();
+        Site {
+            key: sorted.join(",").into(),
+            hosts: hosts.into(),
+        }
+    }
+}
+
+impl PartialEq for Site {
+    fn eq(&self, other: &Site) -> bool {
+        self.key == other.key
+    }
+}
+
+impl Eq for Site {}
+
+impl Hash for Site {
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        self.key.hash(state);
+    }
+}
+
+/// Where a job's connections go: a static route's one address, or a site's MX hosts.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub enum Hop {
+    Route(Destination),
+    Mx(Site),
+}
+
+impl Hop {
+    /// The name connection limits are counted under.
+    pub fn site_key(&self) -> Arc<str> {
+        match self {
+            Hop::Route(dest) => format!("[{}]", dest.addr).into(),
+            Hop::Mx(site) => site.key.clone(),
+        }
+    }
+}
+
+impl fmt::Display for Hop {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Hop::Route(dest) => dest.fmt(f),
+            Hop::Mx(site) => f.write_str(&site.key),
+        }
     }
 }
 
@@ -103,7 +173,7 @@ pub fn parse_tls_policy(text: &str) -> Result<TlsPolicy, RouteError> {
 /// Why a domain has no destination.
 #[derive(Clone, Debug, PartialEq)]
 pub enum LookupError {
-    /// Nothing matched; MX resolution is the later fallback. Transient: routes can be added.
+    /// Nothing matched: the domain's MX hosts decide.
     NoRoute,
 }
 
@@ -127,7 +197,7 @@ impl Router {
 }
 
 /// `*` matches any run of characters (including dots), `?` one character; case-folded by caller.
-fn glob_match(pattern: &[u8], text: &[u8]) -> bool {
+pub(crate) fn glob_match(pattern: &[u8], text: &[u8]) -> bool {
     let (mut p, mut t) = (0, 0);
     let mut star: Option<(usize, usize)> = None;
     while t < text.len() {
@@ -172,6 +242,18 @@ mod tests {
         assert_eq!(r.lookup("Special.TEST").expect("dest").addr.port(), 26);
         assert_eq!(r.lookup("other.test").expect("dest").addr.port(), 25);
         assert_eq!(r.lookup("example.com"), Err(LookupError::NoRoute));
+    }
+
+    #[test]
+    fn sites_are_equal_by_host_set() {
+        let a = Site::new(vec!["MX2.example.".into(), "mx1.example".into()]);
+        let b = Site::new(vec!["mx1.example".into(), "mx2.example".into()]);
+        assert_eq!(a, b);
+        assert_eq!(&*a.key, "mx1.example,mx2.example");
+        assert_eq!(a.hosts[0], "mx2.example", "order to try is kept");
+        assert_ne!(a, Site::new(vec!["mx1.example".into()]));
+        let route = Hop::Route(Route::parse_flag("*=127.0.0.1:25").expect("r").dest);
+        assert_eq!(&*route.site_key(), "[127.0.0.1:25]");
     }
 
     #[test]

@@ -9,22 +9,27 @@
 //! sending a [`ShardMsg`] over the channel mesh.
 
 use std::cell::{Cell, RefCell};
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::rc::Rc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use glommio::channels::local_channel::{self, LocalSender};
+use hickory_proto::rr::RecordType;
 use shards::{Notify, Peers};
 
 use crate::bounce::{status_of, Action, Notice, NoticeRcpt, Return};
 use crate::clock::now_ms;
 use crate::config::{ListenerEntry, Settings};
+use crate::dns::message::Answer;
+use crate::dns::mx::Plan;
+use crate::dns::resolver::{Resolver, ResolverConfig};
+use crate::egress::{EgressState, HealthChange, Slots};
 use crate::eventlog::{Event, EventKind, EventLog, Response};
 use crate::queue::retry::{Backoff, Retry};
-use crate::queue::{Job, MessageMeta, Queue, Rcpt, Target};
-use crate::route::Router;
+use crate::queue::{Dest, Job, MessageMeta, Queue, Rcpt};
+use crate::route::{Hop, LookupError, Router, Site};
 use crate::smtp::received::rfc5322_date;
 use crate::smtp::reply::Reply;
 use crate::spool::record::{
@@ -100,6 +105,23 @@ pub struct Shared {
     pub inbound_done: AtomicUsize,
     /// Shards that have bound their listener.
     pub listening: AtomicUsize,
+    /// Delivery connections per (site, egress source), across shards.
+    pub slots: Arc<Slots>,
+}
+
+/// Where a delivery attempt went, for the log: the remote host and the egress source.
+#[derive(Clone, Copy, Debug)]
+pub struct Via<'a> {
+    pub peer: &'a str,
+    pub source: Option<&'a str>,
+}
+
+impl Via<'_> {
+    /// No connection was made (e.g. DNS said the domain takes no mail).
+    pub const NONE: Via<'static> = Via {
+        peer: "-",
+        source: None,
+    };
 }
 
 /// The outcome of one recipient in one attempt.
@@ -134,6 +156,13 @@ pub struct ShardCtx {
     pub deliveries: Cell<usize>,
     /// Failed AUTH attempts per client on this shard.
     pub auth_limiter: RefCell<crate::auth::AuthLimiter>,
+    /// MX and address lookups; None when no resolver is configured.
+    pub resolver: Option<Resolver>,
+    /// This shard's view of the egress sources: health and round robin.
+    pub egress: RefCell<EgressState>,
+    /// Destinations with work waiting and no free connection slot (the site's limit is taken,
+    /// maybe by other shards): tried again every tick.
+    starved: RefCell<HashSet<Dest>>,
 }
 
 impl ShardCtx {
@@ -262,6 +291,7 @@ impl ShardCtx {
     /// Spool one part on this shard and queue it for delivery.
     async fn spool_part(self: &Rc<Self>, sub: Submission) -> Result<u64, String> {
         let body = Arc::try_unwrap(sub.body).unwrap_or_else(|shared| (*shared).clone());
+        let tenant = self.settings.egress.tenant_of(&body).map(Into::into);
         let success_notices = sub.dsn.notify.iter().any(|&b| notify_success(b));
         let size = body.len();
         let record = MessageRecord {
@@ -311,6 +341,7 @@ impl ShardCtx {
             next_attempt_ms: None,
             size,
             tls: sub.tls.as_deref(),
+            source: None,
         });
         let meta = MessageMeta {
             id,
@@ -321,6 +352,7 @@ impl ShardCtx {
             size,
             flags: sub.flags,
             success_notices,
+            tenant,
             remaining: rcpts.len() as u32,
             rcpts: rcpts
                 .into_iter()
@@ -362,14 +394,15 @@ impl ShardCtx {
         }
     }
 
-    /// Queue recipients of a message for delivery at `due_ms` (0 = now), one job per target.
+    /// Queue recipients of a message for delivery at `due_ms` (0 = now). Recipients are
+    /// grouped by domain; each domain goes where a static route says, else to its MX site.
     pub fn dispatch(self: &Rc<Self>, message: u64, rcpts: &[u32], due_ms: u64) {
-        let jobs = {
+        let groups = {
             let queue = self.queue.borrow();
             let Some(meta) = queue.message(message) else {
                 return;
             };
-            let mut by_target: Vec<(Target, Vec<u32>)> = Vec::new();
+            let mut groups: Vec<(String, Vec<u32>)> = Vec::new();
             for &r in rcpts {
                 let Some(rcpt) = meta.rcpts.get(r as usize) else {
                     continue;
@@ -377,30 +410,105 @@ impl ShardCtx {
                 if rcpt.done {
                     continue;
                 }
-                let target = self.router.lookup(rcpt.domain()).ok();
-                let cap = self.settings.config.delivery.rcpts_per_transaction_max;
-                match by_target
-                    .iter_mut()
-                    .find(|(t, v)| *t == target && v.len() < cap)
-                {
+                let domain = rcpt.domain().to_ascii_lowercase();
+                match groups.iter_mut().find(|(d, _)| *d == domain) {
                     Some((_, v)) => v.push(r),
-                    None => by_target.push((target, vec![r])),
+                    None => groups.push((domain, vec![r])),
                 }
             }
-            by_target
+            groups
+                .into_iter()
+                .map(|(domain, rcpts)| {
+                    let tenant = meta.tenant.as_deref();
+                    let pool = self
+                        .settings
+                        .egress
+                        .pool_for(&meta.mail_from, &domain, tenant);
+                    (domain, pool, rcpts)
+                })
+                .collect::<Vec<_>>()
         };
         let now = now_ms();
-        for (target, rcpts) in jobs {
-            let job = Job {
-                message,
-                rcpts,
-                target,
-            };
+        for (domain, pool, rcpts) in groups {
             if due_ms > now {
+                // Routed again when due: routes, MX records and pools may change meanwhile.
+                let job = Job {
+                    message,
+                    rcpts,
+                    target: None,
+                };
                 self.queue.borrow_mut().schedule(due_ms, job);
-            } else {
-                self.make_ready(job);
+                continue;
             }
+            match self.router.lookup(&domain) {
+                Ok(dest) => self.ready_jobs(message, rcpts, Hop::Route(dest), pool),
+                Err(LookupError::NoRoute) => self.dispatch_mx(message, rcpts, domain, pool),
+            }
+        }
+    }
+
+    /// Queue recipients for `domain`'s MX site: at once when its MX answer is cached, else
+    /// once the lookup is done.
+    fn dispatch_mx(self: &Rc<Self>, message: u64, rcpts: Vec<u32>, domain: String, pool: usize) {
+        let Some(resolver) = &self.resolver else {
+            let reply = Reply::new(
+                451,
+                Some((4, 4, 3)),
+                format!("No route to {domain} and no DNS resolver configured"),
+            );
+            return self.fail_rcpts(message, &rcpts, &reply);
+        };
+        if let Some(answer) = resolver.cached(&domain, RecordType::MX) {
+            return self.site_resolved(message, rcpts, pool, site_of(&domain, &answer));
+        }
+        let ctx = self.clone();
+        glommio::spawn_local(async move {
+            let answer = match &ctx.resolver {
+                Some(resolver) => resolver.lookup(&domain, RecordType::MX).await,
+                None => return,
+            };
+            ctx.site_resolved(message, rcpts, pool, site_of(&domain, &answer));
+        })
+        .detach();
+    }
+
+    fn site_resolved(
+        self: &Rc<Self>,
+        message: u64,
+        rcpts: Vec<u32>,
+        pool: usize,
+        site: Result<Site, Reply>,
+    ) {
+        match site {
+            Ok(site) => self.ready_jobs(message, rcpts, Hop::Mx(site), pool),
+            Err(reply) => self.fail_rcpts(message, &rcpts, &reply),
+        }
+    }
+
+    /// Every recipient of `rcpts` gets `reply` without a connection being made.
+    fn fail_rcpts(self: &Rc<Self>, message: u64, rcpts: &[u32], reply: &Reply) {
+        let job = Job {
+            message,
+            rcpts: rcpts.to_vec(),
+            target: None,
+        };
+        let results: Vec<(u32, RcptResult)> = rcpts
+            .iter()
+            .map(|&r| (r, RcptResult::Reply(reply.clone())))
+            .collect();
+        self.record_results(&job, &results, Via::NONE);
+    }
+
+    /// Ready jobs for `hop`, at most `rcpts_per_transaction_max` recipients each.
+    fn ready_jobs(self: &Rc<Self>, message: u64, rcpts: Vec<u32>, hop: Hop, pool: usize) {
+        let cap = self.settings.config.delivery.rcpts_per_transaction_max;
+        let dest = Dest { hop, pool };
+        for chunk in rcpts.chunks(cap) {
+            self.make_ready(Job {
+                message,
+                rcpts: chunk.to_vec(),
+                target: Some(dest.clone()),
+            });
         }
     }
 
@@ -411,44 +519,91 @@ impl ShardCtx {
 
     fn make_ready(self: &Rc<Self>, job: Job) {
         let Some(dest) = job.target.clone() else {
-            // No route: nothing to connect to. Count it as a failed attempt so it backs off and
-            // eventually expires, with a reply that says why.
-            let reply = Reply::new(451, Some((4, 4, 0)), "No route to the recipient domain");
-            let results: Vec<(u32, RcptResult)> = job
-                .rcpts
-                .iter()
-                .map(|&r| (r, RcptResult::Reply(reply.clone())))
-                .collect();
-            self.record_results(&job, &results, "-");
-            return;
+            // Jobs without a destination are only ever scheduled; route it now.
+            return self.dispatch(job.message, &job.rcpts, 0);
         };
+        self.queue.borrow_mut().push_ready(job);
+        self.connect_more(&dest);
+        self.work.notify_all();
+    }
+
+    /// Open one more connection to `dest` when work waits that no idle connection will take,
+    /// from the next source of its pool with a free slot for the site.
+    fn connect_more(self: &Rc<Self>, dest: &Dest) {
+        let target = Some(dest.clone());
+        {
+            let mut queue = self.queue.borrow_mut();
+            let dq = queue.dest(&target);
+            if dq.ready.len() <= dq.idle || self.shutting_down() {
+                self.starved.borrow_mut().remove(dest);
+                return;
+            }
+        }
+        let egress = &self.settings.egress;
+        let sources = self
+            .egress
+            .borrow_mut()
+            .candidates(egress, dest.pool, now_ms());
+        if sources.is_empty() {
+            // Every source of the pool has an address that cannot be bound.
+            let pool = &egress.pools[dest.pool].name;
+            let reply = Reply::new(
+                451,
+                Some((4, 4, 0)),
+                format!("No usable source in egress pool `{pool}`"),
+            );
+            let jobs = self.queue.borrow_mut().drain_ready(&target);
+            for job in jobs {
+                self.fail_rcpts(job.message, &job.rcpts, &reply);
+            }
+            return;
+        }
+        let site = dest.hop.site_key();
         let limit = self
             .settings
             .config
             .delivery
             .connections_per_destination_max;
-        let spawn = {
-            let mut queue = self.queue.borrow_mut();
-            let dq = queue.push_ready(job);
-            // Open another connection when work waits and the destination is under its limit.
-            if dq.connections < limit && dq.ready.len() > dq.idle && !self.shutting_down() {
-                dq.connections += 1;
-                true
-            } else {
-                false
-            }
+        let Some((source, slot)) = sources.into_iter().find_map(|source| {
+            self.shared
+                .slots
+                .acquire(&site, source, limit)
+                .map(|slot| (source, slot))
+        }) else {
+            self.starved.borrow_mut().insert(dest.clone());
+            return;
         };
-        if spawn {
-            self.deliveries.set(self.deliveries.get() + 1);
-            let ctx = self.clone();
-            glommio::spawn_local(crate::delivery::connection(ctx, dest)).detach();
+        self.starved.borrow_mut().remove(dest);
+        self.queue.borrow_mut().dest(&target).connections += 1;
+        self.deliveries.set(self.deliveries.get() + 1);
+        let ctx = self.clone();
+        glommio::spawn_local(crate::delivery::connection(ctx, dest.clone(), source, slot)).detach();
+    }
+
+    /// Log a change in an egress source's health (it left or rejoined rotation).
+    pub fn source_health(&self, source: usize, change: Option<HealthChange>, why: &str) {
+        let Some(change) = change else {
+            return;
+        };
+        let src = &self.settings.egress.sources[source];
+        let addr = src.address.map_or("any".to_owned(), |a| a.to_string());
+        match change {
+            HealthChange::Down { why: kind, until_ms } => eprintln!(
+                "epoxi: shard {}: egress source `{}` ({addr}) out of rotation for {} s ({kind:?} failure): {why}",
+                self.id,
+                src.name,
+                until_ms.saturating_sub(now_ms()).div_ceil(1000),
+            ),
+            HealthChange::Up => eprintln!(
+                "epoxi: shard {}: egress source `{}` ({addr}) back in rotation",
+                self.id, src.name
+            ),
         }
-        self.work.notify_all();
     }
 
     /// Record what happened to each recipient of a job, log it, and reschedule what must be
     /// retried. `peer` is the remote host, for the log.
-    pub fn record_results(self: &Rc<Self>, job: &Job, results: &[(u32, RcptResult)], peer: &str) {
+    pub fn record_results(self: &Rc<Self>, job: &Job, results: &[(u32, RcptResult)], via: Via<'_>) {
         let now = now_ms();
         let mut retry: Vec<(u64, u32)> = Vec::new();
         let mut final_seq = None;
@@ -514,11 +669,12 @@ impl ShardCtx {
                     domain: Some(rcpt.domain()),
                     attempts: rcpt.attempts,
                     response: Some(&response),
-                    peer,
+                    peer: via.peer,
                     received_ms: meta.received_ms,
                     next_attempt_ms: next,
                     size: meta.size,
                     tls: None,
+                    source: via.source,
                 });
                 let wants_notice = match outcome {
                     OutcomeKind::Bounced | OutcomeKind::Expired => true,
@@ -677,6 +833,10 @@ impl ShardCtx {
     /// Move due retries to the ready queues, forever (until shutdown).
     async fn run_scheduler(self: Rc<Self>) {
         while !self.shutting_down() {
+            let starved: Vec<Dest> = self.starved.borrow().iter().cloned().collect();
+            for dest in starved {
+                self.connect_more(&dest);
+            }
             let due = self.queue.borrow_mut().take_due(now_ms());
             for job in due {
                 // Route again: the configuration may have been missing a route last time.
@@ -686,6 +846,29 @@ impl ShardCtx {
             glommio::timer::sleep(Duration::from_millis(TICK_MS)).await;
             self.log.flush();
         }
+    }
+}
+
+/// A domain's site from its MX answer, or the reply for its recipients: bounce when the domain
+/// does not exist or takes no mail (RFC 7505), retry when DNS failed.
+fn site_of(domain: &str, answer: &Answer) -> Result<Site, Reply> {
+    match crate::dns::mx::plan(domain, answer, now_ms()) {
+        Plan::Hosts(hosts) => Ok(Site::new(hosts)),
+        Plan::Refuse(_) if matches!(answer, Answer::NxDomain(_)) => Err(Reply::new(
+            550,
+            Some((5, 1, 2)),
+            format!("Domain {domain} does not exist (NXDOMAIN)"),
+        )),
+        Plan::Refuse(_) => Err(Reply::new(
+            556,
+            Some((5, 1, 10)),
+            format!("Domain {domain} does not accept mail (null MX)"),
+        )),
+        Plan::Retry(why) => Err(Reply::new(
+            451,
+            Some((4, 4, 3)),
+            format!("MX lookup for {domain} failed: {why}"),
+        )),
     }
 }
 
@@ -754,6 +937,22 @@ pub async fn run(
             cfg.server.auth_failures_max,
             cfg.server.auth_failure_window_s.saturating_mul(1000),
         )),
+        resolver: (!settings.resolvers.is_empty()).then(|| {
+            Resolver::new(
+                ResolverConfig {
+                    servers: settings.resolvers.clone(),
+                    timeout: Duration::from_millis(cfg.dns.timeout_ms),
+                    attempts: cfg.dns.attempts,
+                },
+                crate::dns::cache::Cache::new(
+                    cfg.dns.ttl_min_s,
+                    cfg.dns.ttl_max_s,
+                    cfg.dns.cache_entries_max,
+                ),
+            )
+        }),
+        egress: RefCell::new(EgressState::new(&settings.egress)),
+        starved: RefCell::new(HashSet::new()),
     });
 
     // Requeue what recovery found.
@@ -788,7 +987,7 @@ pub async fn run(
             })
             .collect::<Vec<_>>();
         let stored = spool.read_message(msg.loc).await;
-        let (reception_id, mail_from, size, flags, success_notices) = match &stored {
+        let (reception_id, mail_from, size, flags, success_notices, tenant) = match &stored {
             Ok(s) => match s.message() {
                 Ok(m) => (
                     m.reception_id.as_str().into(),
@@ -796,10 +995,11 @@ pub async fn run(
                     m.body.len(),
                     m.flags,
                     m.dsn_notify.iter().any(|&b| notify_success(b)),
+                    settings.egress.tenant_of(m.body.as_slice()).map(Into::into),
                 ),
-                Err(_) => ("?".into(), "".into(), 0, 0, false),
+                Err(_) => ("?".into(), "".into(), 0, 0, false, None),
             },
-            Err(_) => ("?".into(), "".into(), 0, 0, false),
+            Err(_) => ("?".into(), "".into(), 0, 0, false, None),
         };
         let remaining = rcpts.iter().filter(|r| !r.done).count() as u32;
         ctx.queue.borrow_mut().insert(MessageMeta {
@@ -811,6 +1011,7 @@ pub async fn run(
             size,
             flags,
             success_notices,
+            tenant,
             rcpts,
             remaining,
         });

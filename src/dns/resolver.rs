@@ -1,6 +1,6 @@
 //! The resolver adapter: queries over glommio UDP sockets, TCP when an answer is truncated,
 //! several resolvers with failover, the shard's cache, and concurrent lookups of the same name
-//! coalesced into one query. Per shard, like everything else; not wired into delivery yet.
+//! coalesced into one query. Per shard, like everything else.
 
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
@@ -48,6 +48,14 @@ impl Resolver {
             next_id: Cell::new(seed),
             inflight: RefCell::new(HashMap::new()),
         }
+    }
+
+    /// The cached answer for `name`, without asking anyone.
+    pub fn cached(&self, name: &str, rtype: RecordType) -> Option<Answer> {
+        self.cache
+            .borrow()
+            .get(name, rtype, crate::clock::now_ms())
+            .cloned()
     }
 
     /// Look `name` up: from the cache, by joining a query already under way, or by asking.

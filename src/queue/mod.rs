@@ -13,11 +13,18 @@ pub mod retry;
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap, VecDeque};
 
-use crate::route::Destination;
+use crate::route::Hop;
 use crate::spool::Location;
 
-/// Where a job goes: a destination, or nowhere yet (no route; looked up again on retry).
-pub type Target = Option<Destination>;
+/// Where a job goes and through which egress pool. Ready queues key on it.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct Dest {
+    pub hop: Hop,
+    pub pool: usize,
+}
+
+/// A job's destination, or none yet (scheduled jobs are routed again when due).
+pub type Target = Option<Dest>;
 
 #[derive(Clone, Debug)]
 pub struct Rcpt {
@@ -45,6 +52,8 @@ pub struct MessageMeta {
     pub flags: u8,
     /// Some recipient asked for a notice of successful delivery (DSN NOTIFY=SUCCESS).
     pub success_notices: bool,
+    /// The tenant header's value, for egress pool rules.
+    pub tenant: Option<Box<str>>,
     pub rcpts: Vec<Rcpt>,
     /// Recipients not final yet.
     pub remaining: u32,
@@ -190,10 +199,13 @@ mod tests {
     #[test]
     fn ready_queues_are_per_destination() {
         let mut q = Queue::default();
-        let d: Target = Some(Destination {
-            addr: "127.0.0.1:25".parse().expect("addr"),
-            host: "127.0.0.1".into(),
-            tls: Default::default(),
+        let d: Target = Some(Dest {
+            hop: Hop::Route(crate::route::Destination {
+                addr: "127.0.0.1:25".parse().expect("addr"),
+                host: "127.0.0.1".into(),
+                tls: Default::default(),
+            }),
+            pool: 0,
         });
         q.push_ready(Job {
             message: 1,
