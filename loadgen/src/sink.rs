@@ -8,11 +8,13 @@
 //! Invariants: a message is counted (and its id recorded) before its reply is written, and at
 //! exit the ledger is closed before the report is taken, so every message a client saw
 //! acknowledged is in the report and the files; `unique` counts distinct X-Loadgen-Id
-//! values of messages answered 2xx, and `duplicates` the further ones.
+//! values of messages answered 2xx, and `duplicates` the further ones. Every accepted
+//! connection is counted once in `connections` and once under its client's address in `peers`;
+//! `connections_max_concurrent` is the most that were being served at the same time.
 
-use std::collections::HashSet;
+use std::collections::{BTreeMap, HashSet};
 use std::io::{BufWriter, ErrorKind, Read, Write};
-use std::net::{TcpListener, TcpStream};
+use std::net::{IpAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
@@ -28,6 +30,14 @@ use crate::stats::{self, SinkReport};
 /// Each connection costs a thread and a read buffer; a loopback test never needs more, and
 /// past this the sink answers 421 rather than exhausting threads.
 pub const CONNECTIONS_ACTIVE_MAX: usize = 4096;
+
+/// Client addresses named in the report. Tests and benchmarks connect from a few loopback or
+/// egress addresses; a sink exposed to many clients must not grow without bound, so further
+/// addresses are counted together under `PEERS_OTHER`.
+const PEERS_MAX: usize = 1024;
+
+/// The `peers` key for connections from addresses past `PEERS_MAX`.
+const PEERS_OTHER: &str = "other";
 
 /// Per-connection read buffer: a few pipelined batches, or a good slice of a large message.
 const READ_BUF_LEN: usize = 64 * 1024;
@@ -104,6 +114,10 @@ struct Sink {
     keep_rcpts: bool,
     connections: AtomicU64,
     active: AtomicUsize,
+    /// The highest `active` has been.
+    active_max: AtomicUsize,
+    /// Connections by client address.
+    peers: Mutex<Peers>,
     /// Copy of `Ledger::unique` that the main thread polls without taking the lock.
     unique: AtomicU64,
     /// Nanoseconds from `start` to the last completed DATA; 0 while none has.
@@ -130,6 +144,21 @@ struct Ledger {
     last_accepted: Option<Instant>,
     /// One line per accepted message, when --rcpts-file asks for it.
     rcpt_lines: Vec<String>,
+}
+
+/// Connections counted by client address, at most `PEERS_MAX` of them by name.
+#[derive(Default)]
+struct Peers(BTreeMap<String, u64>);
+
+impl Peers {
+    fn count(&mut self, ip: IpAddr) {
+        // A client reaching an IPv6 socket over IPv4 is the IPv4 client it is.
+        let mut key = ip.to_canonical().to_string();
+        if !self.0.contains_key(&key) && self.0.len() >= PEERS_MAX {
+            key = PEERS_OTHER.to_owned();
+        }
+        *self.0.entry(key).or_default() += 1;
+    }
 }
 
 impl Sink {
@@ -188,7 +217,12 @@ impl Sink {
 }
 
 impl Ledger {
-    fn report(&self, connections: u64) -> SinkReport {
+    fn report(
+        &self,
+        connections: u64,
+        connections_max_concurrent: usize,
+        peers: BTreeMap<String, u64>,
+    ) -> SinkReport {
         let elapsed_s = match (self.first_accepted, self.last_accepted) {
             (Some(first), Some(last)) => (last - first).as_secs_f64(),
             _ => 0.0,
@@ -203,6 +237,8 @@ impl Ledger {
             rcpts: self.rcpts,
             tempfailed: self.tempfailed,
             rejected: self.rejected,
+            connections_max_concurrent: connections_max_concurrent as u64,
+            peers,
         }
     }
 }
@@ -230,6 +266,8 @@ pub fn run(args: SinkArgs) -> anyhow::Result<()> {
         keep_rcpts: args.rcpts_file.is_some(),
         connections: AtomicU64::new(0),
         active: AtomicUsize::new(0),
+        active_max: AtomicUsize::new(0),
+        peers: Mutex::new(Peers::default()),
         unique: AtomicU64::new(0),
         last_message_ns: AtomicU64::new(0),
         replies_unwritten: AtomicU64::new(0),
@@ -270,7 +308,12 @@ pub fn run(args: SinkArgs) -> anyhow::Result<()> {
         thread::sleep(Duration::from_millis(1));
     }
     let ledger = sink.ledger();
-    let report = ledger.report(sink.connections.load(Ordering::Relaxed));
+    let peers = std::mem::take(&mut sink.peers.lock().unwrap_or_else(PoisonError::into_inner).0);
+    let report = ledger.report(
+        sink.connections.load(Ordering::Relaxed),
+        sink.active_max.load(Ordering::Relaxed),
+        peers,
+    );
     if let Some(path) = &args.ids_file {
         let mut ids: Vec<&str> = ledger.ids.iter().map(|id| &**id).collect();
         ids.sort_unstable();
@@ -297,11 +340,21 @@ fn accept_loop(listener: &TcpListener, sink: &Arc<Sink>) {
             }
         };
         sink.connections.fetch_add(1, Ordering::Relaxed);
-        if sink.active.fetch_add(1, Ordering::Relaxed) >= CONNECTIONS_ACTIVE_MAX {
+        if let Ok(peer) = stream.peer_addr() {
+            sink.peers
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .count(peer.ip());
+        }
+        let active_before = sink.active.fetch_add(1, Ordering::Relaxed);
+        if active_before >= CONNECTIONS_ACTIVE_MAX {
             sink.active.fetch_sub(1, Ordering::Relaxed);
             let _ = stream.write_all(TOO_MANY_CONNECTIONS);
             continue;
         }
+        // `active` only rises here, so every peak passes through this line.
+        sink.active_max
+            .fetch_max(active_before + 1, Ordering::Relaxed);
         let conn_sink = Arc::clone(sink);
         let spawned = thread::Builder::new()
             .name("sink-conn".into())
@@ -424,4 +477,53 @@ fn write_lines<S: AsRef<str>>(path: &Path, lines: &[S]) -> anyhow::Result<()> {
     }
     file.flush()?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn peers_are_counted_by_canonical_address() {
+        let mut peers = Peers::default();
+        peers.count("127.0.0.2".parse().unwrap());
+        peers.count("::ffff:127.0.0.2".parse().unwrap());
+        peers.count("::1".parse().unwrap());
+        let want: BTreeMap<String, u64> = [("127.0.0.2".into(), 2), ("::1".into(), 1)].into();
+        assert_eq!(peers.0, want);
+    }
+
+    #[test]
+    fn peers_past_the_limit_are_counted_together() {
+        let mut peers = Peers::default();
+        for i in 0..PEERS_MAX as u32 + 3 {
+            peers.count(IpAddr::V4(std::net::Ipv4Addr::from(0x7f00_0000 + i)));
+        }
+        // An address already named keeps its own count.
+        peers.count("127.0.0.0".parse().unwrap());
+        assert_eq!(peers.0.len(), PEERS_MAX + 1);
+        assert_eq!(peers.0[PEERS_OTHER], 3);
+        assert_eq!(peers.0["127.0.0.0"], 2);
+        assert_eq!(peers.0.values().sum::<u64>(), PEERS_MAX as u64 + 4);
+    }
+
+    #[test]
+    fn report_adds_peers_and_concurrency_after_the_old_fields() {
+        let ledger = Ledger {
+            received: 2,
+            unique: 2,
+            ..Ledger::default()
+        };
+        let peers: BTreeMap<String, u64> =
+            [("127.0.0.3".into(), 1), ("127.0.0.2".into(), 2)].into();
+        let line = serde_json::to_string(&ledger.report(3, 2, peers)).unwrap();
+        let old = r#"{"received":2,"unique":2,"duplicates":0,"elapsed_s":0.0,"msgs_per_s":0.0,"connections":3,"rcpts":0,"tempfailed":0,"rejected":0,"#;
+        assert!(line.starts_with(old), "{line}");
+        assert!(
+            line.ends_with(
+                r#""connections_max_concurrent":2,"peers":{"127.0.0.2":2,"127.0.0.3":1}}"#
+            ),
+            "{line}"
+        );
+    }
 }

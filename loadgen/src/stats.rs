@@ -3,6 +3,7 @@
 //! Scripts parse these reports, so field names and their order are part of the interface:
 //! change them only together with those scripts.
 
+use std::collections::BTreeMap;
 use std::io::Write as _;
 
 use hdrhistogram::Histogram;
@@ -82,6 +83,11 @@ pub struct SinkReport {
     pub rcpts: u64,
     pub tempfailed: u64,
     pub rejected: u64,
+    /// The most connections being served at the same time.
+    pub connections_max_concurrent: u64,
+    /// Connections by client IP address (IPv4-mapped IPv6 shown as IPv4), at most
+    /// `sink::PEERS_MAX` addresses by name and the rest under "other".
+    pub peers: BTreeMap<String, u64>,
 }
 
 /// Prints `report` as one JSON line on stdout and flushes it, since the sink exits right after.

@@ -8,9 +8,12 @@
 // Each test file uses a different part of the harness.
 #![allow(dead_code)]
 
+pub mod dns;
+
 use std::collections::BTreeMap;
+use std::ffi::OsString;
 use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -216,6 +219,11 @@ pub struct Opts {
     pub conf: Conf,
     /// `--route '*.test=127.0.0.1:PORT'` when set.
     pub route_port: Option<u16>,
+    /// `--resolver IP:PORT`; without one, a dead loopback port, so that no test ever sends a
+    /// DNS query off this machine.
+    pub resolver: Option<SocketAddr>,
+    /// `--delivery-port PORT`: the port delivery connects to on MX hosts, instead of 25.
+    pub delivery_port: Option<u16>,
     pub spool: PathBuf,
     pub log_dir: PathBuf,
 }
@@ -227,6 +235,8 @@ impl Opts {
             shards: 1,
             conf: Conf::default(),
             route_port: None,
+            resolver: None,
+            delivery_port: None,
             spool: dir.join("spool"),
             log_dir: dir.join("log"),
         }
@@ -242,6 +252,18 @@ impl Opts {
         self
     }
 
+    /// The DNS server epoxi asks, e.g. a `dns::DnsServer`'s `addr()`.
+    pub fn resolver(mut self, addr: SocketAddr) -> Opts {
+        self.resolver = Some(addr);
+        self
+    }
+
+    /// The SMTP port of MX hosts, e.g. the one `sinks_on_shared_port` returns.
+    pub fn delivery_port(mut self, port: u16) -> Opts {
+        self.delivery_port = Some(port);
+        self
+    }
+
     pub fn log_dir(mut self, dir: PathBuf) -> Opts {
         self.log_dir = dir;
         self
@@ -250,6 +272,30 @@ impl Opts {
     pub fn set(mut self, section: &str, key: &str, value: &str) -> Opts {
         self.conf.set(section, key, value);
         self
+    }
+
+    /// The `epoxi serve ...` arguments for a config file at `config_path`.
+    pub fn serve_args(&self, config_path: &Path) -> Vec<OsString> {
+        let mut args: Vec<OsString> = vec!["serve".into(), "--config".into()];
+        args.push(config_path.into());
+        args.extend(["--listen", "127.0.0.1:0", "--spool"].map(OsString::from));
+        args.push(self.spool.clone().into());
+        args.push("--log-dir".into());
+        args.push(self.log_dir.clone().into());
+        args.extend(["--shards".into(), self.shards.to_string().into()]);
+        if let Some(port) = self.route_port {
+            args.extend(["--route".into(), format!("*.test=127.0.0.1:{port}").into()]);
+        }
+        // Always a resolver on loopback: a test that forgot one must fail to resolve, not ask
+        // the machine's resolver about test domains.
+        let resolver = self
+            .resolver
+            .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], dead_port())));
+        args.extend(["--resolver".into(), resolver.to_string().into()]);
+        if let Some(port) = self.delivery_port {
+            args.extend(["--delivery-port".into(), port.to_string().into()]);
+        }
+        args
     }
 }
 
@@ -289,18 +335,7 @@ impl Epoxi {
         let config_path = opts.log_dir.with_extension("toml");
         opts.conf.write(&config_path);
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_epoxi"));
-        cmd.arg("serve")
-            .arg("--config")
-            .arg(&config_path)
-            .args(["--listen", "127.0.0.1:0"])
-            .arg("--spool")
-            .arg(&opts.spool)
-            .arg("--log-dir")
-            .arg(&opts.log_dir)
-            .args(["--shards", &opts.shards.to_string()]);
-        if let Some(port) = opts.route_port {
-            cmd.args(["--route", &format!("*.test=127.0.0.1:{port}")]);
-        }
+        cmd.args(opts.serve_args(&config_path));
         let mut child = cmd
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -444,9 +479,14 @@ impl Drop for Epoxi {
 
 /// The port in a `<prefix>127.0.0.1:PORT` line.
 fn listening_port(text: &str, prefix: &str) -> Option<u16> {
+    listening_addr(text, prefix).map(|a| a.port())
+}
+
+/// The address in a `<prefix>IP:PORT` line (`[IPv6]:PORT` too).
+fn listening_addr(text: &str, prefix: &str) -> Option<SocketAddr> {
     let line = text.lines().find_map(|l| l.strip_prefix(prefix))?;
     let addr = line.split_whitespace().next()?;
-    addr.parse::<SocketAddr>().ok().map(|a| a.port())
+    addr.parse::<SocketAddr>().ok()
 }
 
 /// `epoxi: shard 0 recovered 1 segments, 5 messages pending, 1 corrupt records, 1 torn tails`
@@ -538,6 +578,8 @@ fn report_line(stdout: &Captured, what: &str) -> Value {
 pub struct Sink {
     child: Child,
     pub port: u16,
+    /// Where it listens, as it said.
+    pub addr: SocketAddr,
     stdout: Captured,
     stderr: Captured,
     ids_file: PathBuf,
@@ -569,7 +611,14 @@ impl Sink {
         Sink::start_on(dir, "127.0.0.1:0", args)
     }
 
+    /// Starts a sink listening on `listen` (`IP:PORT`, `[IPv6]:PORT`).
     pub fn start_on(dir: &Path, listen: &str, args: &[&str]) -> Sink {
+        Sink::try_start_on(dir, listen, args).unwrap_or_else(|why| panic!("{why}"))
+    }
+
+    /// Starts a sink on `listen`; `Err` with what it said when it exits instead of listening
+    /// (the port is taken, say).
+    pub fn try_start_on(dir: &Path, listen: &str, args: &[&str]) -> Result<Sink, String> {
         let n = next_file_number();
         let ids_file = dir.join(format!("sink-{n}.ids"));
         let rcpts_file = dir.join(format!("sink-{n}.rcpts"));
@@ -590,6 +639,7 @@ impl Sink {
         let mut sink = Sink {
             child,
             port: 0,
+            addr: SocketAddr::from(([0, 0, 0, 0], 0)),
             stdout,
             stderr,
             ids_file,
@@ -597,15 +647,18 @@ impl Sink {
         };
         let deadline = Instant::now() + DEADLINE;
         loop {
-            if let Some(port) = listening_port(&sink.stderr.text(), "listening on ") {
-                sink.port = port;
-                return sink;
+            if let Some(addr) = listening_addr(&sink.stderr.text(), "listening on ") {
+                sink.port = addr.port();
+                sink.addr = addr;
+                return Ok(sink);
             }
             if let Some(status) = sink.child.try_wait().expect("try_wait") {
-                panic!(
-                    "sink exited before listening ({status}):\n{}",
+                // Let the reader thread take the last lines.
+                thread::sleep(Duration::from_millis(50));
+                return Err(format!(
+                    "sink on {listen} exited before listening ({status}):\n{}",
                     sink.stderr.text()
-                );
+                ));
             }
             assert!(
                 Instant::now() < deadline,
@@ -643,6 +696,44 @@ impl Drop for Sink {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// Tries at finding one port free on every address `sinks_on_shared_port` is given.
+const SHARED_PORT_ATTEMPTS_MAX: usize = 20;
+
+/// One sink per address in `ips` ("127.0.0.2", "[::1]", ...), all on the same port, as MX hosts
+/// are all reached on one delivery port. The first sink's port is picked by the kernel; when
+/// another address has it taken, all start again on a new one.
+pub fn sinks_on_shared_port(dir: &Path, ips: &[&str], args: &[&str]) -> (u16, Vec<Sink>) {
+    let ips: Vec<IpAddr> = ips
+        .iter()
+        .map(|ip| {
+            ip.trim_start_matches('[')
+                .trim_end_matches(']')
+                .parse()
+                .unwrap_or_else(|e| panic!("bad sink address {ip:?}: {e}"))
+        })
+        .collect();
+    let (&first, rest) = ips.split_first().expect("at least one sink address");
+    let mut last = String::new();
+    'attempt: for _ in 0..SHARED_PORT_ATTEMPTS_MAX {
+        let listen = SocketAddr::new(first, 0).to_string();
+        let sink = Sink::start_on(dir, &listen, args);
+        let port = sink.port;
+        let mut sinks = vec![sink];
+        for &ip in rest {
+            match Sink::try_start_on(dir, &SocketAddr::new(ip, port).to_string(), args) {
+                Ok(sink) => sinks.push(sink),
+                Err(why) => {
+                    // Dropping the sinks started so far kills them and frees the port.
+                    last = why;
+                    continue 'attempt;
+                }
+            }
+        }
+        return (port, sinks);
+    }
+    panic!("no port free on all of {ips:?} after {SHARED_PORT_ATTEMPTS_MAX} tries; last: {last}");
 }
 
 pub fn read_lines(path: &Path) -> Vec<String> {
