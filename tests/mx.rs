@@ -126,7 +126,10 @@ fn refused_or_busy_mx_falls_back_within_the_attempt() {
     let deliveries = epoxi.wait_events("Delivery", 3);
     for d in &deliveries {
         assert_eq!(d["attempts"], 1, "delivered in the first attempt: {d}");
-        assert!(d["peer"].as_str().unwrap_or_default().starts_with("up.d0.test[127.0.0.3]"));
+        assert!(d["peer"]
+            .as_str()
+            .unwrap_or_default()
+            .starts_with("up.d0.test[127.0.0.3]"));
     }
     assert!(epoxi.events_of("TransientFailure").is_empty());
     assert!(busy.accepted() >= 1, "the busy host was tried first");
@@ -156,9 +159,23 @@ fn implicit_mx_and_static_routes() {
     assert_eq!(injected.count("accepted"), 4, "{}", injected.json);
     epoxi.wait_events("Delivery", 4);
     let (mx, route) = (mx_sink.stop(), route_sink.stop());
-    assert_eq!(mx.count("unique"), 2, "d0.test via its A record: {}", mx.json);
-    assert_eq!(route.count("unique"), 2, "d1.test via the route: {}", route.json);
-    assert_eq!(dns.queries("d1.test", RecordType::MX), 0, "routes need no DNS");
+    assert_eq!(
+        mx.count("unique"),
+        2,
+        "d0.test via its A record: {}",
+        mx.json
+    );
+    assert_eq!(
+        route.count("unique"),
+        2,
+        "d1.test via the route: {}",
+        route.json
+    );
+    assert_eq!(
+        dns.queries("d1.test", RecordType::MX),
+        0,
+        "routes need no DNS"
+    );
 }
 
 #[test]
@@ -212,7 +229,11 @@ fn servfail_is_retried_then_delivered() {
     let failures = epoxi.events_of("TransientFailure");
     assert_eq!(failures.len(), 1, "{failures:?}");
     assert_eq!(failures[0]["response"]["code"], 451, "{}", failures[0]);
-    assert_eq!(failures[0]["response"]["enhanced"], "4.4.3", "{}", failures[0]);
+    assert_eq!(
+        failures[0]["response"]["enhanced"], "4.4.3",
+        "{}",
+        failures[0]
+    );
     assert_eq!(delivered[0]["attempts"], 2);
     let report = sinks.into_iter().next().expect("sink").stop();
     assert_eq!(report.count("unique"), 1, "{}", report.json);
@@ -227,17 +248,28 @@ fn answers_are_cached_for_their_ttl() {
     dns.a("mx.d0.test", ip(2), 2);
     let epoxi = Epoxi::start(&opts(dir.path(), &dns, port).set("dns", "ttl_min_s", "1"));
 
-    let first = Inject::new(20).connections(4).domains(1).run(dir.path(), epoxi.port);
+    let first = Inject::new(20)
+        .connections(4)
+        .domains(1)
+        .run(dir.path(), epoxi.port);
     assert_eq!(first.count("accepted"), 20, "{}", first.json);
     epoxi.wait_events("Delivery", 20);
-    assert_eq!(dns.queries("d0.test", RecordType::MX), 1, "20 messages, one MX query");
+    assert_eq!(
+        dns.queries("d0.test", RecordType::MX),
+        1,
+        "20 messages, one MX query"
+    );
     assert_eq!(dns.queries("mx.d0.test", RecordType::A), 1);
     // Past the 2 s TTL the next message asks again.
     thread::sleep(Duration::from_millis(2500));
     let second = Inject::new(1).domains(1).run(dir.path(), epoxi.port);
     assert_eq!(second.count("accepted"), 1, "{}", second.json);
     epoxi.wait_events("Delivery", 21);
-    assert_eq!(dns.queries("d0.test", RecordType::MX), 2, "asked again after the TTL");
+    assert_eq!(
+        dns.queries("d0.test", RecordType::MX),
+        2,
+        "asked again after the TTL"
+    );
     let report = sinks.into_iter().next().expect("sink").stop();
     assert_eq!(report.count("unique"), 21, "{}", report.json);
 }
@@ -261,12 +293,20 @@ fn domains_sharing_mx_hosts_share_connections() {
             .set("delivery", "idle_timeout_ms", "3000"),
     );
 
-    let injected = Inject::new(20).connections(4).domains(2).run(dir.path(), epoxi.port);
+    let injected = Inject::new(20)
+        .connections(4)
+        .domains(2)
+        .run(dir.path(), epoxi.port);
     assert_eq!(injected.count("accepted"), 20, "{}", injected.json);
     epoxi.wait_events("Delivery", 20);
     let report = sinks.into_iter().next().expect("sink").stop();
     assert_eq!(report.count("unique"), 20, "{}", report.json);
-    assert_eq!(report.count("connections"), 1, "one pool for the site: {}", report.json);
+    assert_eq!(
+        report.count("connections"),
+        1,
+        "one pool for the site: {}",
+        report.json
+    );
 }
 
 /// A site spanning shards keeps its limit: domains owned by different shards, same MX, a
@@ -290,7 +330,10 @@ fn a_site_limit_holds_across_shards() {
             .set("delivery", "idle_timeout_ms", "100"),
     );
 
-    let injected = Inject::new(40).connections(4).domains(10).run(dir.path(), epoxi.port);
+    let injected = Inject::new(40)
+        .connections(4)
+        .domains(10)
+        .run(dir.path(), epoxi.port);
     assert_eq!(injected.count("accepted"), 40, "{}", injected.json);
     epoxi.wait_events("Delivery", 40);
     let report = sinks.into_iter().next().expect("sink").stop();
@@ -351,6 +394,7 @@ fn egress_sources_bind_and_pools_fall_back() {
     // Sender rule: the flaky pool, whose heavier source cannot bind: it leaves rotation and
     // the pool falls back to s8.
     let mut smtp = Smtp::connect(epoxi.port);
+    assert_eq!(smtp.reply().code, 220);
     smtp.expect("EHLO client.test", 250);
     for i in 0..3 {
         let body = message_body(&format!("flaky-{i}"), &[]);
@@ -358,7 +402,7 @@ fn egress_sources_bind_and_pools_fall_back() {
         assert_eq!(reply.code, 250, "{}", reply.text);
     }
     // Tenant rule: the header picks the pool.
-    let body = message_body("tenant-0", &["X-Tenant: ACME"]);
+    let body = format!("X-Tenant: ACME\r\n{}", message_body("tenant-0", &[]));
     let reply = smtp.send_message("x@shop.example", &["b@d0.test".into()], &body);
     assert_eq!(reply.code, 250, "{}", reply.text);
     smtp.expect("QUIT", 221);
@@ -368,8 +412,16 @@ fn egress_sources_bind_and_pools_fall_back() {
         .iter()
         .map(|d| d["source"].as_str().unwrap_or_default())
         .collect();
-    assert_eq!(sources.iter().filter(|s| **s == "s7").count(), 3, "{sources:?}");
-    assert_eq!(sources.iter().filter(|s| **s == "s8").count(), 4, "{sources:?}");
+    assert_eq!(
+        sources.iter().filter(|s| **s == "s7").count(),
+        3,
+        "{sources:?}"
+    );
+    assert_eq!(
+        sources.iter().filter(|s| **s == "s8").count(),
+        4,
+        "{sources:?}"
+    );
     assert!(epoxi.events_of("TransientFailure").is_empty());
     let stderr = epoxi.stderr();
     assert!(
@@ -379,9 +431,22 @@ fn egress_sources_bind_and_pools_fall_back() {
     let report = sinks.into_iter().next().expect("sink").stop();
     assert_eq!(report.count("unique"), 7, "{}", report.json);
     let peers = &report.json["peers"];
-    assert_eq!(peers["127.0.0.7"], 1, "{}", report.json);
-    assert!(peers["127.0.0.8"].as_u64().unwrap_or(0) >= 1, "{}", report.json);
-    assert_eq!(peers.as_object().map(|m| m.len()), Some(2), "{}", report.json);
+    assert!(
+        peers["127.0.0.7"].as_u64().unwrap_or(0) >= 1,
+        "{}",
+        report.json
+    );
+    assert!(
+        peers["127.0.0.8"].as_u64().unwrap_or(0) >= 1,
+        "{}",
+        report.json
+    );
+    assert_eq!(
+        peers.as_object().map(|m| m.len()),
+        Some(2),
+        "{}",
+        report.json
+    );
 }
 
 #[test]

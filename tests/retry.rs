@@ -185,7 +185,10 @@ fn unresolvable_domain_defers_then_expires() {
         assert_eq!(e["response"]["code"], 451, "{e}");
         let text = e["response"]["text"].as_str().expect("text");
         assert_eq!(e["response"]["enhanced"], "4.4.3", "{e}");
-        assert!(text.contains("MX lookup for ") && text.contains("failed"), "{e}");
+        assert!(
+            text.contains("MX lookup for ") && text.contains("failed"),
+            "{e}"
+        );
     }
     assert!(epoxi.events_of("Delivery").is_empty());
 }
