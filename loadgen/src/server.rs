@@ -10,6 +10,8 @@
 //! scanner keeps the state that spans reads; a message is reported only after a MAIL and at
 //! least one RCPT were accepted.
 
+use std::sync::Arc;
+
 use crate::message::ID_HEADER;
 use crate::smtp_line::{split_line, DataScanner, Scan};
 
@@ -73,6 +75,8 @@ pub struct Message {
     /// The X-Loadgen-Id header's value, if there was one.
     pub id: Option<String>,
     pub rcpts: Vec<String>,
+    /// The name the client gave in EHLO/HELO (lossy UTF-8).
+    pub helo: Option<Arc<str>>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -89,6 +93,7 @@ pub struct Session {
     greeted: bool,
     in_transaction: bool,
     rcpts: Vec<String>,
+    helo: Option<Arc<str>>,
     data: DataScanner,
 }
 
@@ -105,6 +110,7 @@ impl Session {
             greeted: false,
             in_transaction: false,
             rcpts: Vec::new(),
+            helo: None,
             data: DataScanner::new(ID_HEADER),
         }
     }
@@ -135,6 +141,7 @@ impl Session {
                         let message = Message {
                             id: self.data.take_header_value(),
                             rcpts: std::mem::take(&mut self.rcpts),
+                            helo: self.helo.clone(),
                         };
                         return (pos, Event::Message(message));
                     }
@@ -191,6 +198,7 @@ impl Session {
                     return;
                 }
                 self.greeted = true;
+                self.helo = Some(String::from_utf8_lossy(arg).into());
                 self.reset_transaction();
                 if verb == b"EHLO" {
                     out.extend_from_slice(EHLO_REPLY);
@@ -368,11 +376,13 @@ NOOP\r\nRSET\r\nQUIT\r\nNOOP\r\n";
                 [
                     Message {
                         id: Some("id-1".into()),
-                        rcpts: vec!["u1@d0.test".into(), "u2@d1.test".into()]
+                        rcpts: vec!["u1@d0.test".into(), "u2@d1.test".into()],
+                        helo: Some("client.test".into()),
                     },
                     Message {
                         id: None,
-                        rcpts: vec!["u3@d2.test".into()]
+                        rcpts: vec!["u3@d2.test".into()],
+                        helo: Some("client.test".into()),
                     }
                 ]
             );

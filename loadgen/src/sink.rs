@@ -144,6 +144,8 @@ struct Ledger {
     last_accepted: Option<Instant>,
     /// One line per accepted message, when --rcpts-file asks for it.
     rcpt_lines: Vec<String>,
+    /// Accepted messages by the EHLO name of their session, at most `PEERS_MAX` names.
+    helos: BTreeMap<String, u64>,
 }
 
 /// Connections counted by client address, at most `PEERS_MAX` of them by name.
@@ -200,6 +202,11 @@ impl Sink {
                         ledger.duplicates += 1;
                     }
                 }
+                let mut helo = message.helo.as_deref().unwrap_or("-");
+                if !ledger.helos.contains_key(helo) && ledger.helos.len() >= PEERS_MAX {
+                    helo = PEERS_OTHER;
+                }
+                *ledger.helos.entry(helo.to_owned()).or_default() += 1;
                 if self.keep_rcpts {
                     let mut line = message.id.clone().unwrap_or_else(|| "-".to_owned());
                     for rcpt in &message.rcpts {
@@ -239,6 +246,7 @@ impl Ledger {
             rejected: self.rejected,
             connections_max_concurrent: connections_max_concurrent as u64,
             peers,
+            helos: self.helos.clone(),
         }
     }
 }
@@ -512,6 +520,7 @@ mod tests {
         let ledger = Ledger {
             received: 2,
             unique: 2,
+            helos: [("mta1.test".into(), 2)].into(),
             ..Ledger::default()
         };
         let peers: BTreeMap<String, u64> =
@@ -521,7 +530,7 @@ mod tests {
         assert!(line.starts_with(old), "{line}");
         assert!(
             line.ends_with(
-                r#""connections_max_concurrent":2,"peers":{"127.0.0.2":2,"127.0.0.3":1}}"#
+                r#""connections_max_concurrent":2,"peers":{"127.0.0.2":2,"127.0.0.3":1},"helos":{"mta1.test":2}}"#
             ),
             "{line}"
         );

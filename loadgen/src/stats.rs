@@ -88,6 +88,9 @@ pub struct SinkReport {
     /// Connections by client IP address (IPv4-mapped IPv6 shown as IPv4), at most
     /// `sink::PEERS_MAX` addresses by name and the rest under "other".
     pub peers: BTreeMap<String, u64>,
+    /// Accepted messages by the EHLO/HELO name their client gave, at most `sink::PEERS_MAX`
+    /// names by name and the rest under "other".
+    pub helos: BTreeMap<String, u64>,
 }
 
 /// Prints `report` as one JSON line on stdout and flushes it, since the sink exits right after.
