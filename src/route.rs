@@ -52,8 +52,8 @@ pub struct Site {
 impl Site {
     pub fn new(hosts: Vec<String>) -> Site {
         let hosts: Vec<String> = hosts
-            .into_iter()
-            .map(|h| h.trim_end_matches('.').to_ascii_lowercase())
+            .iter()
+            .map(|h| crate::dns::message::ascii_host(h))
             .collect();
         let mut sorted = hosts.clone();
         sorted.sort();
@@ -252,6 +252,8 @@ mod tests {
         assert_eq!(&*a.key, "mx1.example,mx2.example");
         assert_eq!(a.hosts[0], "mx2.example", "order to try is kept");
         assert_ne!(a, Site::new(vec!["mx1.example".into()]));
+        // An internationalised implicit MX is kept as A-labels (DNS and TLS want them).
+        assert_eq!(&*Site::new(vec!["bücher.example".into()]).key, "xn--bcher-kva.example");
         let route = Hop::Route(Route::parse_flag("*=127.0.0.1:25").expect("r").dest);
         assert_eq!(&*route.site_key(), "[127.0.0.1:25]");
     }

@@ -26,6 +26,15 @@ pub fn build_query(id: u16, name: &str, rtype: RecordType) -> Result<Vec<u8>, Dn
     msg.to_vec().map_err(|e| DnsError::Encode(e.to_string()))
 }
 
+/// `name` with internationalised labels as A-labels (UTS 46), without the final dot: the form
+/// for DNS, TLS server names and logs. Unconvertible names come back as given (lower case).
+pub fn ascii_host(name: &str) -> String {
+    match Name::from_utf8(name) {
+        Ok(n) => n.to_ascii().trim_end_matches('.').to_ascii_lowercase(),
+        Err(_) => name.trim_end_matches('.').to_lowercase(),
+    }
+}
+
 /// What an answer says, for the records we ask for.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Answer {
@@ -76,7 +85,8 @@ pub fn parse_answer(id: u16, bytes: &[u8], rtype: RecordType) -> Result<Answer, 
     for record in msg.answers() {
         match record.data() {
             RData::MX(m) if rtype == RecordType::MX => {
-                let host = m.exchange().to_utf8();
+                // A-labels (xn--...): what DNS, TLS server names and logs all take.
+                let host = m.exchange().to_ascii();
                 mx.push((m.preference(), host.trim_end_matches('.').to_owned()));
                 ttl = ttl.min(record.ttl());
             }
@@ -135,6 +145,8 @@ mod tests {
         assert!(msg.recursion_desired());
         assert_eq!(msg.queries()[0].query_type(), RecordType::MX);
         assert_eq!(msg.queries()[0].name().to_ascii(), "xn--bcher-kva.example.");
+        assert_eq!(ascii_host("Bücher.Example."), "xn--bcher-kva.example");
+        assert_eq!(ascii_host("mx1.example"), "mx1.example");
         assert!(build_query(1, "bad..name", RecordType::MX).is_err());
     }
 
