@@ -54,6 +54,31 @@ pub struct Config {
     pub pool: Vec<PoolEntry>,
     /// Which pool a message goes out through, first match wins; else `egress.default_pool`.
     pub pool_rule: Vec<PoolRuleEntry>,
+    /// Connection settings for particular sites, first match wins; else `[delivery]`'s.
+    pub site: Vec<SiteEntry>,
+}
+
+#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct SiteEntry {
+    /// Glob on the site's MX host names (one matching host is enough), e.g. `*.google.com`;
+    /// for a static route, on the route's host.
+    pub mx: String,
+    /// Connections per egress source to this site, across shards.
+    #[serde(default)]
+    pub connections_max: Option<usize>,
+    #[serde(default)]
+    pub messages_per_connection_max: Option<usize>,
+    #[serde(default)]
+    pub idle_timeout_ms: Option<u64>,
+}
+
+/// How connections to one site behave: `[delivery]`'s values unless a `[[site]]` says otherwise.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SiteLimits {
+    pub connections_max: usize,
+    pub messages_per_connection_max: usize,
+    pub idle_timeout_ms: u64,
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -508,6 +533,36 @@ pub struct Settings {
     pub egress: Arc<crate::egress::Egress>,
 }
 
+impl Settings {
+    /// The connection settings for `hop`.
+    pub fn site_limits(&self, hop: &crate::route::Hop) -> SiteLimits {
+        let d = &self.config.delivery;
+        let mut limits = SiteLimits {
+            connections_max: d.connections_per_destination_max,
+            messages_per_connection_max: d.messages_per_connection_max,
+            idle_timeout_ms: d.idle_timeout_ms,
+        };
+        let matches = |glob: &str, host: &str| {
+            crate::route::glob_match(
+                glob.to_ascii_lowercase().as_bytes(),
+                host.to_ascii_lowercase().as_bytes(),
+            )
+        };
+        let entry = self.config.site.iter().find(|e| match hop {
+            crate::route::Hop::Route(dest) => matches(&e.mx, &dest.host),
+            crate::route::Hop::Mx(site) => site.hosts.iter().any(|h| matches(&e.mx, h)),
+        });
+        if let Some(e) = entry {
+            limits.connections_max = e.connections_max.unwrap_or(limits.connections_max);
+            limits.messages_per_connection_max = e
+                .messages_per_connection_max
+                .unwrap_or(limits.messages_per_connection_max);
+            limits.idle_timeout_ms = e.idle_timeout_ms.unwrap_or(limits.idle_timeout_ms);
+        }
+        limits
+    }
+}
+
 impl Config {
     /// Read `path`, or the embedded defaults when there is no file.
     pub fn load(path: Option<&Path>) -> Result<Config, ConfigError> {
@@ -826,6 +881,17 @@ impl Config {
         if dns.cache_entries_max == 0 {
             return Err(invalid("dns.cache_entries_max", "must be at least 1"));
         }
+        for e in &self.site {
+            if e.mx.trim().is_empty() {
+                return Err(invalid("site.mx", "a glob on MX host names is needed"));
+            }
+            if e.connections_max == Some(0) || e.messages_per_connection_max == Some(0) {
+                return Err(invalid(
+                    "site.connections_max",
+                    format!("site `{}`: limits must be at least 1", e.mx),
+                ));
+            }
+        }
         let eg = &self.egress;
         if eg.source_failures_max == 0 {
             return Err(invalid("egress.source_failures_max", "must be at least 1"));
@@ -921,6 +987,69 @@ mod tests {
         let s = cfg.settle(o).expect("valid");
         assert_eq!(s.config.server.listen.port(), 2626);
         assert_eq!(s.shard_count, 3);
+    }
+
+    #[test]
+    fn resolvers_and_delivery_port_from_flags_file_or_resolv_conf() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let conf = dir.path().join("resolv.conf");
+        std::fs::write(&conf, "nameserver 10.9.8.7\n").expect("write");
+        let text = format!("[dns]\nresolv_conf = {:?}\n", conf.display().to_string());
+        let s = Config::parse(&text)
+            .expect("parses")
+            .settle(Overrides::default())
+            .expect("valid");
+        assert_eq!(
+            s.resolvers,
+            vec!["10.9.8.7:53".parse::<SocketAddr>().expect("addr")]
+        );
+        assert_eq!(s.config.delivery.port, 25);
+        let o = Overrides {
+            resolvers: vec!["127.0.0.1:5353".into(), "::1".into()],
+            delivery_port: Some(2526),
+            ..Overrides::default()
+        };
+        let s = Config::parse(&text)
+            .expect("parses")
+            .settle(o)
+            .expect("valid");
+        assert_eq!(s.resolvers.len(), 2);
+        assert_eq!(s.resolvers[0].port(), 5353);
+        assert_eq!(s.config.delivery.port, 2526);
+        let bad = Overrides {
+            resolvers: vec!["dns.example".into()],
+            ..Overrides::default()
+        };
+        let err = Config::parse("")
+            .expect("parses")
+            .settle(bad)
+            .expect_err("bad");
+        assert!(err.to_string().contains("dns.resolvers"), "{err}");
+    }
+
+    #[test]
+    fn site_entries_override_delivery_limits() {
+        let text = "[delivery]\nconnections_per_destination_max = 8\n\
+                    [[site]]\nmx = \"*.Google.com\"\nconnections_max = 40\n\
+                    [[site]]\nmx = \"*\"\nidle_timeout_ms = 100\n";
+        let s = Config::parse(text)
+            .expect("parses")
+            .settle(Overrides::default())
+            .expect("valid");
+        let google = crate::route::Hop::Mx(crate::route::Site::new(vec![
+            "alt1.aspmx.l.google.com".into(),
+            "aspmx.l.google.com".into(),
+        ]));
+        let other = crate::route::Hop::Mx(crate::route::Site::new(vec!["mx.example".into()]));
+        let g = s.site_limits(&google);
+        assert_eq!((g.connections_max, g.idle_timeout_ms), (40, 5000));
+        let o = s.site_limits(&other);
+        assert_eq!((o.connections_max, o.idle_timeout_ms), (8, 100));
+        let err = Config::parse("[[site]]\nmx = \"x\"\nconnections_max = 0\n")
+            .expect("parses")
+            .settle(Overrides::default())
+            .expect_err("zero");
+        assert!(err.to_string().contains("site.connections_max"), "{err}");
     }
 
     #[test]

@@ -7,7 +7,8 @@
 //! the connection or greets with anything but 220, all within the same attempt. Then it takes
 //! jobs from the destination's ready queue, one transaction per job, reusing the connection
 //! (and PIPELINING when offered) until the queue stays empty for `idle_timeout_ms`, the
-//! connection has carried `messages_per_connection_max` messages, or the shard shuts down.
+//! connection has carried `messages_per_connection_max` messages (`[delivery]`, or the
+//! matching `[[site]]`), or the shard shuts down.
 //! How many tasks run per (site, source) is bounded across shards by `egress::Slots`.
 //!
 //! A job is out of the queue while its transaction runs; if the process dies then, the spool
@@ -534,7 +535,6 @@ async fn greet(
 }
 
 async fn serve(ctx: &Rc<ShardCtx>, dest: &Dest, source: usize) -> Result<(), ConnError> {
-    let cfg = &ctx.settings.config.delivery;
     let Opened { mut conn, peer } = open(ctx, dest, source).await?;
     let src = &ctx.settings.egress.sources[source];
     let via = Via {
@@ -542,14 +542,15 @@ async fn serve(ctx: &Rc<ShardCtx>, dest: &Dest, source: usize) -> Result<(), Con
         source: Some(&src.name),
     };
     let target = Some(dest.clone());
-    let idle = Duration::from_millis(cfg.idle_timeout_ms);
+    let limits = ctx.settings.site_limits(&dest.hop);
+    let idle = Duration::from_millis(limits.idle_timeout_ms);
     // Transactions on the wire, oldest first: at most two, the second started behind the
     // first's final dot (see `Client::can_start_early`).
     let mut inflight: VecDeque<Inflight> = VecDeque::with_capacity(INFLIGHT_MAX);
     let mut started = 0usize;
     loop {
         if inflight.is_empty() {
-            if started >= cfg.messages_per_connection_max {
+            if started >= limits.messages_per_connection_max {
                 conn.quit().await;
                 return Ok(());
             }
@@ -566,7 +567,7 @@ async fn serve(ctx: &Rc<ShardCtx>, dest: &Dest, source: usize) -> Result<(), Con
         match conn.client.poll(&mut conn.out) {
             ClientStep::NeedInput => {
                 if inflight.len() < INFLIGHT_MAX
-                    && started < cfg.messages_per_connection_max
+                    && started < limits.messages_per_connection_max
                     && conn.client.can_start_early()
                     && !ctx.shutting_down()
                 {

@@ -253,7 +253,10 @@ mod tests {
         assert_eq!(a.hosts[0], "mx2.example", "order to try is kept");
         assert_ne!(a, Site::new(vec!["mx1.example".into()]));
         // An internationalised implicit MX is kept as A-labels (DNS and TLS want them).
-        assert_eq!(&*Site::new(vec!["bücher.example".into()]).key, "xn--bcher-kva.example");
+        assert_eq!(
+            &*Site::new(vec!["bücher.example".into()]).key,
+            "xn--bcher-kva.example"
+        );
         let route = Hop::Route(Route::parse_flag("*=127.0.0.1:25").expect("r").dest);
         assert_eq!(&*route.site_key(), "[127.0.0.1:25]");
     }

@@ -559,11 +559,7 @@ impl ShardCtx {
             return;
         }
         let site = dest.hop.site_key();
-        let limit = self
-            .settings
-            .config
-            .delivery
-            .connections_per_destination_max;
+        let limit = self.settings.site_limits(&dest.hop).connections_max;
         let Some((source, slot)) = sources.into_iter().find_map(|source| {
             self.shared
                 .slots

@@ -274,8 +274,8 @@ fn answers_are_cached_for_their_ttl() {
     assert_eq!(report.count("unique"), 21, "{}", report.json);
 }
 
-/// Two domains with the same MX hosts are one site: one shard, a limit of one connection per
-/// site, so both domains' mail goes over a single connection.
+/// Two domains with the same MX hosts are one site: one shard, a limit of one connection for
+/// the site, so both domains' mail goes over a single connection.
 #[test]
 fn domains_sharing_mx_hosts_share_connections() {
     let dir = tempfile::tempdir().expect("tempdir");
@@ -287,11 +287,12 @@ fn domains_sharing_mx_hosts_share_connections() {
     }
     dns.a("mx1.shared.test", ip(2), TTL);
     dns.a("mx2.shared.test", ip(2), TTL);
-    let epoxi = Epoxi::start(
-        &opts(dir.path(), &dns, port)
-            .set("delivery", "connections_per_destination_max", "1")
-            .set("delivery", "idle_timeout_ms", "3000"),
+    // The limit comes from a [[site]] entry matching the MX hosts.
+    let mut o = opts(dir.path(), &dns, port);
+    o.conf.raw.push_str(
+        "[[site]]\nmx = \"mx?.shared.test\"\nconnections_max = 1\nidle_timeout_ms = 3000\n",
     );
+    let epoxi = Epoxi::start(&o);
 
     let injected = Inject::new(20)
         .connections(4)
