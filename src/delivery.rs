@@ -97,12 +97,22 @@ impl Conn {
         match &mut self.tls {
             None => self.stream.write_all(&self.out).await?,
             Some(tls) => {
-                tls.writer().write_all(&self.out)?;
-                self.wire.clear();
-                while tls.wants_write() {
-                    tls.write_tls(&mut self.wire)?;
+                // rustls buffers at most 64 KiB (its default limit) of records not yet written
+                // out and takes no more plaintext until they are: a message body is fed to it
+                // piece by piece, each piece's records sent before the next.
+                let mut rest = &self.out[..];
+                while !rest.is_empty() {
+                    let n = tls.writer().write(rest)?;
+                    rest = &rest[n..];
+                    self.wire.clear();
+                    while tls.wants_write() {
+                        tls.write_tls(&mut self.wire)?;
+                    }
+                    if n == 0 && self.wire.is_empty() {
+                        return Err(ErrorKind::WriteZero.into());
+                    }
+                    self.stream.write_all(&self.wire).await?;
                 }
-                self.stream.write_all(&self.wire).await?;
             }
         }
         self.out.clear();
