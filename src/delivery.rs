@@ -25,7 +25,7 @@ use crate::shard::{RcptResult, ShardCtx};
 use crate::smtp::client::{
     Awaiting, Client, ClientConfig, ClientStep, MailOptions, TlsPolicy, TransactionOutcome,
 };
-use crate::spool::record::{FLAG_8BITMIME, FLAG_SMTPUTF8};
+use crate::spool::record::{FLAG_8BITMIME, FLAG_BINARYMIME, FLAG_SMTPUTF8};
 
 /// Bytes read from the socket at a time. Replies are short; 16 KiB holds hundreds of them.
 const READ_BUF_BYTES: usize = 16 << 10;
@@ -233,6 +233,7 @@ async fn serve(ctx: &Rc<ShardCtx>, dest: &Destination) -> Result<(), ConnError> 
         helo_name: ctx.settings.helo_name.clone(),
         line_len_max: REPLY_LINE_LEN_MAX,
         starttls: dest.tls,
+        bdat_chunk_size_max: cfg.bdat_chunk_size_max,
     });
     let mut conn = Conn {
         stream,
@@ -321,17 +322,19 @@ async fn serve(ctx: &Rc<ShardCtx>, dest: &Destination) -> Result<(), ConnError> 
                 }
             }
             ClientStep::SendBody => {
-                // The body goes to the oldest transaction that has not sent one yet.
+                // The body goes to the oldest transaction that has not sent one yet; the client
+                // frames it for DATA or BDAT.
                 let Some(item) = inflight.iter_mut().find(|i| !i.body_sent) else {
-                    return broken(ctx, conn, inflight, "354 with no body to send", dest).await;
+                    let why = "server ready for a body with none to send";
+                    return broken(ctx, conn, inflight, why, dest).await;
                 };
                 item.body_sent = true;
                 let loc = item.loc;
                 let stored = match ctx.spool.read_message(loc).await {
                     Ok(stored) => stored,
                     Err(e) => {
-                        // DATA is open and there is nothing to send: only closing the connection
-                        // ends it without delivering a wrong message.
+                        // DATA may be open and there is nothing to send: only closing the
+                        // connection ends it without delivering a wrong message.
                         let why = format!("cannot read the spooled message: {e}");
                         return broken(ctx, conn, inflight, &why, dest).await;
                     }
@@ -416,6 +419,7 @@ fn begin(ctx: &Rc<ShardCtx>, conn: &mut Conn, job: Job) -> Option<Inflight> {
     let opts = MailOptions {
         size: Some(size),
         eight_bit: flags & FLAG_8BITMIME != 0,
+        binary: flags & FLAG_BINARYMIME != 0,
         smtputf8: flags & FLAG_SMTPUTF8 != 0,
     };
     conn.client

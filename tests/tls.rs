@@ -218,7 +218,8 @@ fn a_message_bigger_than_the_tls_send_buffer_relays_over_starttls() {
         &Opts::new(&dir.path().join("b"))
             .route(sink.port)
             .log_dir(dir.path().join("b-log"))
-            .set("server", "chunking", "false"),
+            .set("server", "chunking", "false")
+            .set("server", "binarymime", "false"),
     );
     let mut a = Epoxi::start(
         &Opts::new(&dir.path().join("a"))
