@@ -5,6 +5,8 @@
 
 use std::fmt::Write as _;
 
+use crate::spool::record::{FLAG_8BITMIME, FLAG_BINARYMIME};
+
 /// What happened to a recipient (RFC 3464 §2.3.3 Action).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Action {
@@ -135,6 +137,20 @@ pub fn build(n: &Notice<'_>) -> Vec<u8> {
     bytes
 }
 
+/// What the next hop must offer to take a notice about a message spooled with `flags`
+/// (`spool::record::FLAG_*`): what the original needed when it is returned in full, but never
+/// BINARYMIME for the headers alone, which are text (8-bit at most), so that a notice about a
+/// binary message can still reach a sender whose server lacks BINARYMIME.
+pub fn notice_flags(flags: u8, ret: Return) -> u8 {
+    match ret {
+        Return::Full => flags,
+        Return::Headers if flags & FLAG_BINARYMIME != 0 => {
+            (flags & !FLAG_BINARYMIME) | FLAG_8BITMIME
+        }
+        Return::Headers => flags,
+    }
+}
+
 /// The header section of a message, up to and including its ending empty line.
 fn headers_of(message: &[u8]) -> &[u8] {
     match message.windows(4).position(|w| w == b"\r\n\r\n") {
@@ -217,6 +233,19 @@ mod tests {
         assert!(!n.contains("secret body"), "RET=HDRS returns headers only");
         assert!(n.ends_with("\r\n--n1/mx.test--\r\n"));
         assert!(!n.replace("\r\n", "").contains('\n'), "CRLF lines only");
+    }
+
+    #[test]
+    fn notice_of_a_binary_message_needs_binarymime_only_when_returned_in_full() {
+        use crate::spool::record::FLAG_SMTPUTF8;
+        let binary = FLAG_BINARYMIME | FLAG_SMTPUTF8;
+        assert_eq!(notice_flags(binary, Return::Full), binary);
+        assert_eq!(
+            notice_flags(binary, Return::Headers),
+            FLAG_8BITMIME | FLAG_SMTPUTF8
+        );
+        assert_eq!(notice_flags(FLAG_8BITMIME, Return::Headers), FLAG_8BITMIME);
+        assert_eq!(notice_flags(0, Return::Full), 0);
     }
 
     #[test]

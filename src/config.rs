@@ -25,6 +25,17 @@ pub enum ConfigError {
     Invalid { key: &'static str, reason: String },
 }
 
+/// Bounds of `delivery.bdat_chunk_size_max`. Below 64 KiB a big message becomes hundreds of
+/// chunks, each a command and a reply to wait for; above 1 GiB a chunk is bigger than any
+/// message the spool can hold.
+const BDAT_CHUNK_SIZE_MIN: usize = 64 << 10;
+const BDAT_CHUNK_SIZE_CEILING: usize = 1 << 30;
+const _: () = assert!(
+    BDAT_CHUNK_SIZE_MIN <= crate::smtp::client::BDAT_CHUNK_SIZE_MAX_DEFAULT
+        && crate::smtp::client::BDAT_CHUNK_SIZE_MAX_DEFAULT <= BDAT_CHUNK_SIZE_CEILING,
+    "the default BDAT chunk size must pass validation"
+);
+
 pub(crate) fn invalid(key: &'static str, reason: impl Into<String>) -> ConfigError {
     ConfigError::Invalid {
         key,
@@ -196,6 +207,9 @@ pub struct ServerSection {
     pub smtputf8: bool,
     pub chunking: bool,
     pub dsn: bool,
+    /// Offer BINARYMIME (RFC 3030): binary bodies by BDAT. Needs `chunking`. Such a message is
+    /// relayed only to a next hop offering CHUNKING and BINARYMIME, else bounced `554 5.6.3`.
+    pub binarymime: bool,
     /// Bare CR or LF in message text (RFC 5321 §2.3.8): "accept" or "reject" (554 5.6.0).
     pub bare_lf: String,
     /// NUL bytes in message text: "accept" or "reject" (554 5.6.0).
@@ -274,7 +288,7 @@ pub struct DeliverySection {
     pub data_init_timeout_ms: u64,
     /// Wait for each write of message data to make progress (§4.5.3.2.5: 3 minutes).
     pub data_block_timeout_ms: u64,
-    /// Wait for the reply to the final dot (§4.5.3.2.6: 10 minutes).
+    /// Wait for the reply to the final dot (§4.5.3.2.6: 10 minutes), or to `BDAT ... LAST`.
     pub final_dot_timeout_ms: u64,
     /// Keep an idle connection open this long for more mail to the same destination.
     pub idle_timeout_ms: u64,
@@ -282,6 +296,9 @@ pub struct DeliverySection {
     pub starttls: String,
     /// CA bundle (PEM) that certificates must chain to when TLS is required.
     pub tls_ca_file: PathBuf,
+    /// Largest BDAT chunk sent to a server offering CHUNKING, in bytes; bigger messages go in
+    /// several chunks.
+    pub bdat_chunk_size_max: usize,
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -342,6 +359,7 @@ impl Default for ServerSection {
             smtputf8: true,
             chunking: true,
             dsn: true,
+            binarymime: true,
             bare_lf: "accept".into(),
             nul: "accept".into(),
             shutdown_grace_s: 30,
@@ -397,6 +415,7 @@ impl Default for DeliverySection {
             address_order: "ipv4-first".into(),
             starttls: "opportunistic".into(),
             tls_ca_file: PathBuf::from("/etc/ssl/certs/ca-certificates.crt"),
+            bdat_chunk_size_max: crate::smtp::client::BDAT_CHUNK_SIZE_MAX_DEFAULT,
         }
     }
 }
@@ -805,6 +824,13 @@ impl Config {
         if !["accept", "reject"].contains(&s.nul.as_str()) {
             return Err(invalid("server.nul", "must be \"accept\" or \"reject\""));
         }
+        if s.binarymime && !s.chunking {
+            return Err(invalid(
+                "server.binarymime",
+                "needs server.chunking (binary bodies only arrive by BDAT); \
+                 set server.binarymime = false too",
+            ));
+        }
         let sp = &self.spool;
         if sp.segment_size_max < 1 << 20 {
             return Err(invalid("spool.segment_size_max", "must be at least 1 MiB"));
@@ -896,6 +922,12 @@ impl Config {
         if eg.source_failures_max == 0 {
             return Err(invalid("egress.source_failures_max", "must be at least 1"));
         }
+        if !(BDAT_CHUNK_SIZE_MIN..=BDAT_CHUNK_SIZE_CEILING).contains(&d.bdat_chunk_size_max) {
+            return Err(invalid(
+                "delivery.bdat_chunk_size_max",
+                format!("must be between {BDAT_CHUNK_SIZE_MIN} and {BDAT_CHUNK_SIZE_CEILING}"),
+            ));
+        }
         if self.log.file_size_max < 64 << 10 {
             return Err(invalid("log.file_size_max", "must be at least 64 KiB"));
         }
@@ -974,6 +1006,27 @@ mod tests {
         let cfg = Config::parse("[queue]\nretry_factor = 0.5\n").expect("parses");
         let err = cfg.settle(Overrides::default()).expect_err("factor < 1");
         assert!(err.to_string().contains("queue.retry_factor"), "{err}");
+    }
+
+    #[test]
+    fn binarymime_and_bdat_chunk_limits_name_their_key() {
+        let cfg = Config::parse("[server]\nchunking = false\n").expect("parses");
+        let err = cfg
+            .settle(Overrides::default())
+            .expect_err("BINARYMIME without BDAT");
+        assert!(err.to_string().contains("server.binarymime"), "{err}");
+        let cfg =
+            Config::parse("[server]\nchunking = false\nbinarymime = false\n").expect("parses");
+        assert!(cfg.settle(Overrides::default()).is_ok());
+        for bad in [0, 65535, (1 << 30) + 1] {
+            let cfg = Config::parse(&format!("[delivery]\nbdat_chunk_size_max = {bad}\n"))
+                .expect("parses");
+            let err = cfg.settle(Overrides::default()).expect_err("out of range");
+            assert!(
+                err.to_string().contains("delivery.bdat_chunk_size_max"),
+                "{err}"
+            );
+        }
     }
 
     #[test]

@@ -35,7 +35,7 @@ use crate::shard::{RcptResult, ShardCtx, Via};
 use crate::smtp::client::{
     Awaiting, Client, ClientConfig, ClientStep, MailOptions, TlsPolicy, TransactionOutcome,
 };
-use crate::spool::record::{FLAG_8BITMIME, FLAG_SMTPUTF8};
+use crate::spool::record::{FLAG_8BITMIME, FLAG_BINARYMIME, FLAG_SMTPUTF8};
 
 /// Bytes read from the socket at a time. Replies are short; 16 KiB holds hundreds of them.
 const READ_BUF_BYTES: usize = 16 << 10;
@@ -253,12 +253,22 @@ impl Conn {
         match &mut self.tls {
             None => self.stream.write_all(&self.out).await?,
             Some(tls) => {
-                tls.writer().write_all(&self.out)?;
-                self.wire.clear();
-                while tls.wants_write() {
-                    tls.write_tls(&mut self.wire)?;
+                // rustls buffers at most 64 KiB (its default limit) of records not yet written
+                // out and takes no more plaintext until they are: a message body is fed to it
+                // piece by piece, each piece's records sent before the next.
+                let mut rest = &self.out[..];
+                while !rest.is_empty() {
+                    let n = tls.writer().write(rest)?;
+                    rest = &rest[n..];
+                    self.wire.clear();
+                    while tls.wants_write() {
+                        tls.write_tls(&mut self.wire)?;
+                    }
+                    if n == 0 && self.wire.is_empty() {
+                        return Err(ErrorKind::WriteZero.into());
+                    }
+                    self.stream.write_all(&self.wire).await?;
                 }
-                self.stream.write_all(&self.wire).await?;
             }
         }
         self.out.clear();
@@ -481,6 +491,7 @@ async fn greet(
         helo_name: src.ehlo.clone(),
         line_len_max: REPLY_LINE_LEN_MAX,
         starttls: tls,
+        bdat_chunk_size_max: cfg.bdat_chunk_size_max,
     });
     let mut conn = Conn {
         stream,
@@ -582,9 +593,10 @@ async fn serve(ctx: &Rc<ShardCtx>, dest: &Dest, source: usize) -> Result<(), Con
                 }
             }
             ClientStep::SendBody => {
-                // The body goes to the oldest transaction that has not sent one yet.
+                // The body goes to the oldest transaction that has not sent one yet; the client
+                // frames it for DATA or BDAT.
                 let Some(item) = inflight.iter_mut().find(|i| !i.body_sent) else {
-                    let why = "354 with no body to send";
+                    let why = "server ready for a body with none to send";
                     return broken(ctx, conn, inflight, why, via).await;
                 };
                 item.body_sent = true;
@@ -592,8 +604,8 @@ async fn serve(ctx: &Rc<ShardCtx>, dest: &Dest, source: usize) -> Result<(), Con
                 let stored = match ctx.spool.read_message(loc).await {
                     Ok(stored) => stored,
                     Err(e) => {
-                        // DATA is open and there is nothing to send: only closing the connection
-                        // ends it without delivering a wrong message.
+                        // DATA may be open and there is nothing to send: only closing the
+                        // connection ends it without delivering a wrong message.
                         let why = format!("cannot read the spooled message: {e}");
                         return broken(ctx, conn, inflight, &why, via).await;
                     }
@@ -678,6 +690,7 @@ fn begin(ctx: &Rc<ShardCtx>, conn: &mut Conn, job: Job) -> Option<Inflight> {
     let opts = MailOptions {
         size: Some(size),
         eight_bit: flags & FLAG_8BITMIME != 0,
+        binary: flags & FLAG_BINARYMIME != 0,
         smtputf8: flags & FLAG_SMTPUTF8 != 0,
     };
     conn.client

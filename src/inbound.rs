@@ -20,7 +20,7 @@ use crate::shard::{Dsn, Incoming, ShardCtx};
 use crate::smtp::received::{received_header, received_protocol, submission_headers};
 use crate::smtp::reply::Reply;
 use crate::smtp::server::{AuthVerdict, BareLf, Credentials, NulByte, ServerConfig, Session, Step};
-use crate::spool::record::{FLAG_8BITMIME, FLAG_SMTPUTF8};
+use crate::spool::record::{FLAG_8BITMIME, FLAG_BINARYMIME, FLAG_SMTPUTF8};
 use crate::tls::TlsLayer;
 
 /// Bytes read from a client at a time. 64 KiB takes a 100 KiB message in two reads and a
@@ -54,6 +54,7 @@ pub fn server_config(
         messages_per_session_max: server.messages_per_connection_max,
         smtputf8: server.smtputf8,
         chunking: server.chunking,
+        binarymime: server.binarymime,
         dsn: server.dsn,
         bare_lf: if server.bare_lf == "reject" {
             BareLf::Reject
@@ -68,7 +69,6 @@ pub fn server_config(
         starttls: true,
         auth: ctx.settings.auth_users.is_some(),
         auth_required: spec.auth_required,
-        ..ServerConfig::default()
     };
     cfg.validate()?;
     Ok(cfg)
@@ -504,7 +504,8 @@ async fn session(
                     peer: peer_text.clone(),
                     tls: io.tls_info(),
                     flags: (if tx.smtputf8 { FLAG_SMTPUTF8 } else { 0 })
-                        | (if tx.body_8bit { FLAG_8BITMIME } else { 0 }),
+                        | (if tx.body_8bit { FLAG_8BITMIME } else { 0 })
+                        | (if tx.body_binary { FLAG_BINARYMIME } else { 0 }),
                 };
                 match ctx.accept_message(incoming).await {
                     Ok(id) => session.message_done(Ok(&id), &mut out),

@@ -790,6 +790,11 @@ impl ShardCtx {
         }
         let now = now_ms();
         let notice_id = self.reception_id(now);
+        let ret = if m.dsn_ret == 1 {
+            Return::Full
+        } else {
+            Return::Headers
+        };
         let body = crate::bounce::build(&Notice {
             host: &self.settings.hostname,
             to: &mail_from,
@@ -799,13 +804,9 @@ impl ShardCtx {
             date: &rfc5322_date(now / 1000),
             rcpts: &rcpts,
             original: m.body.as_slice(),
-            ret: if m.dsn_ret == 1 {
-                Return::Full
-            } else {
-                Return::Headers
-            },
+            ret,
         });
-        let flags = m.flags;
+        let flags = crate::bounce::notice_flags(m.flags, ret);
         drop(stored);
         let incoming = Incoming {
             reception_id: notice_id,

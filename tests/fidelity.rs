@@ -1,7 +1,8 @@
 //! Content fidelity end to end: what a client sends arrives at the next hop byte for byte,
 //! apart from the Received header Epoxi puts on top. The next hop is aiosmtpd (PyPI, installed
 //! by .ci/run), storing each message as received; it offers no PIPELINING, so Epoxi's
-//! lock-step client path is what runs here.
+//! lock-step client path is what runs there. aiosmtpd has no CHUNKING, so BDAT and BINARYMIME
+//! on the way out are checked against a second Epoxi, whose spool shows what it received.
 
 mod common;
 
@@ -310,4 +311,152 @@ fn delivery_status_notifications_follow_the_dsn_parameters() {
     );
     drop(refusing);
     drop(accepting);
+}
+
+/// Every message in an epoxi spool (stopped): its flags (`spool::record::FLAG_*`), first
+/// recipient and body as spooled, Received headers included.
+fn spooled(spool: &Path) -> Vec<(u8, String, Vec<u8>)> {
+    use epoxi::spool::record::{access_message, aligned_copy, scan, RecordKind, Scanned};
+    use epoxi::spool::segment::SEGMENT_HEADER_LEN;
+    let mut out = Vec::new();
+    for seg in segments(spool) {
+        // Aligned, so rkyv can read the records in place.
+        let bytes = aligned_copy(&std::fs::read(&seg).expect("read segment"));
+        for found in scan(&bytes[SEGMENT_HEADER_LEN..]) {
+            if let Scanned::Record {
+                header, payload, ..
+            } = found
+            {
+                if header.kind == RecordKind::Message {
+                    let m = access_message(payload).expect("message record");
+                    let rcpt = m.rcpts.first().map(|r| r.to_string()).unwrap_or_default();
+                    out.push((m.flags, rcpt, m.body.to_vec()));
+                }
+            }
+        }
+    }
+    out
+}
+
+/// `message` without the `n` Received headers (and their continuation lines) on top.
+fn without_received(message: &[u8], n: usize) -> &[u8] {
+    let mut at = 0;
+    for _ in 0..n {
+        assert!(
+            message[at..].starts_with(b"Received: from "),
+            "Received header expected"
+        );
+        loop {
+            at += find(&message[at..], b"\r\n").expect("header line") + 2;
+            if message.get(at) != Some(&b'\t') {
+                break;
+            }
+        }
+    }
+    &message[at..]
+}
+
+/// Epoxi relaying to an Epoxi next hop, which offers CHUNKING and BINARYMIME: the bodies go by
+/// BDAT (in several pipelined chunks when big) and arrive byte for byte, a lone dot line and a
+/// bare LF included (DATA would have stuffed the one and turned the other into CRLF); a
+/// BINARYMIME body of every octet value arrives with its binary flag. The same binary message to
+/// a next hop without CHUNKING and BINARYMIME (the loadgen sink) is bounced with 554 5.6.3.
+#[test]
+fn bdat_to_an_epoxi_next_hop_is_byte_exact() {
+    use epoxi::spool::record::{FLAG_8BITMIME, FLAG_BINARYMIME};
+    let dir = tempfile::tempdir().expect("tempdir");
+    let next_hop_dir = dir.path().join("next-hop");
+    std::fs::create_dir(&next_hop_dir).expect("mkdir");
+    let mut next_hop = Epoxi::start(&Opts::new(&next_hop_dir));
+    let sink = Sink::start(dir.path(), &[]);
+    let mut opts = Opts::new(dir.path())
+        // 64 KiB chunks, the least allowed: the big message goes in four.
+        .set("delivery", "bdat_chunk_size_max", "65536");
+    opts.conf.raw = format!(
+        "[[route]]\ndomain = \"nochunk.test\"\ntarget = \"127.0.0.1:{}\"\n\
+         [[route]]\ndomain = \"*.test\"\ntarget = \"127.0.0.1:{}\"\n",
+        sink.port, next_hop.port
+    );
+    let mut epoxi = Epoxi::start(&opts);
+
+    let dots = with_id(
+        "dots",
+        "Grüße\r\n.\r\n..two\r\n.leading\r\nbare\nLF\r\n.\r\nend\r\n".as_bytes(),
+    );
+    let mut big_text = Vec::with_capacity(200 << 10);
+    let mut i = 0u64;
+    while big_text.len() < 200 << 10 {
+        big_text.extend_from_slice(format!(".{i:08} {}\r\n", "abcdefghij".repeat(6)).as_bytes());
+        i += 1;
+    }
+    let big = with_id("big", &big_text);
+    let mut octets: Vec<u8> = (0..=255u8).cycle().take(3000).collect();
+    octets.extend_from_slice(b"\r\n.\r\n\r.\n\0 no final CRLF");
+    let binary = with_id("binary", &octets);
+
+    let mut c = Smtp::connect(epoxi.port);
+    assert_eq!(c.reply().code, 220);
+    c.expect("EHLO client.test", 250);
+    for (m, to) in [(&dots, "a@d1.test"), (&big, "b@d2.test")] {
+        c.expect("MAIL FROM:<s@sender.example> BODY=8BITMIME", 250);
+        c.expect(&format!("RCPT TO:<{to}>"), 250);
+        c.expect("DATA", 354);
+        c.send(&stuffed(m));
+        c.send(b".\r\n");
+        assert_eq!(c.reply().code, 250);
+    }
+    for to in ["c@d3.test", "r@nochunk.test"] {
+        c.expect("MAIL FROM:<s@sender.example> BODY=BINARYMIME", 250);
+        c.expect(&format!("RCPT TO:<{to}>"), 250);
+        let (one, two) = binary.split_at(1000);
+        c.send(format!("BDAT {}\r\n", one.len()).as_bytes());
+        c.send(one);
+        assert_eq!(c.reply().code, 250);
+        c.send(format!("BDAT {} LAST\r\n", two.len()).as_bytes());
+        c.send(two);
+        assert_eq!(c.reply().code, 250);
+    }
+    c.expect("QUIT", 221);
+
+    let delivered = epoxi.wait_events("Delivery", 3);
+    assert!(
+        delivered.iter().all(|e| e["recipient"] != "r@nochunk.test"),
+        "{delivered:?}"
+    );
+    let bounces = epoxi.wait_events("Bounce", 1);
+    let bounce = &bounces[0];
+    assert_eq!(bounce["recipient"], "r@nochunk.test", "{bounce}");
+    assert_eq!(bounce["response"]["code"], 554, "{bounce}");
+    assert_eq!(bounce["response"]["enhanced"], "5.6.3", "{bounce}");
+    next_hop.wait_events("Reception", 3);
+    epoxi.stop();
+    next_hop.stop();
+    drop(sink);
+
+    let got = spooled(&next_hop.spool);
+    assert_eq!(
+        got.len(),
+        3,
+        "{:?}",
+        got.iter().map(|g| &g.1).collect::<Vec<_>>()
+    );
+    for (to, want, flags) in [
+        ("a@d1.test", &dots, FLAG_8BITMIME),
+        ("b@d2.test", &big, FLAG_8BITMIME),
+        ("c@d3.test", &binary, FLAG_BINARYMIME),
+    ] {
+        let (got_flags, _, body) = got
+            .iter()
+            .find(|g| g.1 == to)
+            .unwrap_or_else(|| panic!("{to} not spooled at the next hop"));
+        // The next hop's Received header, then ours, then the message as the client sent it.
+        let body = without_received(body, 2);
+        assert!(
+            body == want.as_slice(),
+            "{to}: {} bytes spooled, {} sent",
+            body.len(),
+            want.len()
+        );
+        assert_eq!(*got_flags, flags, "{to}");
+    }
 }

@@ -207,6 +207,47 @@ fn relay_to_a_starttls_server_encrypts_and_required_tls_never_falls_back() {
     assert_eq!(report.count("unique"), 16, "{}", report.json);
 }
 
+/// Regression: a message bigger than rustls's 64 KiB send buffer used to fail outbound over
+/// STARTTLS ("failed to write whole buffer") and be retried forever. Here through DATA (the next
+/// hop has CHUNKING off); `fidelity::bdat_to_an_epoxi_next_hop_is_byte_exact` covers BDAT.
+#[test]
+fn a_message_bigger_than_the_tls_send_buffer_relays_over_starttls() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let sink = Sink::start(dir.path(), &[]);
+    let mut b = Epoxi::start(
+        &Opts::new(&dir.path().join("b"))
+            .route(sink.port)
+            .log_dir(dir.path().join("b-log"))
+            .set("server", "chunking", "false")
+            .set("server", "binarymime", "false"),
+    );
+    let mut a = Epoxi::start(
+        &Opts::new(&dir.path().join("a"))
+            .route(b.port)
+            .log_dir(dir.path().join("a-log")),
+    );
+    let injected = Inject::new(1)
+        .size(300 << 10)
+        .domains(1)
+        .run(dir.path(), a.port);
+    assert_eq!(injected.count("accepted"), 1, "{}", injected.json);
+    let received = b.wait_events("Reception", 1);
+    assert!(
+        received[0]["tls"]
+            .as_str()
+            .unwrap_or_default()
+            .starts_with("TLSv1_"),
+        "A→B not encrypted: {}",
+        received[0]
+    );
+    assert!(received[0]["size"].as_u64().unwrap_or(0) > 300 << 10);
+    a.wait_events("Delivery", 1);
+    b.wait_events("Delivery", 1);
+    a.stop();
+    b.stop();
+    assert_eq!(sink.stop().count("unique"), 1);
+}
+
 /// A CA bundle for the required-TLS route: any valid PEM certificate will do, since the sink
 /// never gets as far as presenting one (it offers no STARTTLS).
 const SELF_SIGNED_CA: &str = include_str!("data/ca.pem");

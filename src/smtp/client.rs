@@ -10,14 +10,28 @@
 //! `write_body` writes the message, and `poll` returns `Done` with every reply. The client is
 //! `Ready` again after `Done`, for the next message on the same connection.
 //!
+//! When the server offers CHUNKING (RFC 3030) the body goes with BDAT instead of DATA: `start`
+//! writes MAIL and RCPTs only, `poll` returns `SendBody` once every RCPT is answered and one was
+//! accepted, and `write_body` writes the body as it is, no dot-stuffing, in chunks of at most
+//! `bdat_chunk_size_max` octets, the last one `BDAT n LAST`. Waiting for the RCPT replies costs
+//! no round trip over DATA (whose 354 must be waited for too) and never sends a body to nobody.
+//! With PIPELINING every chunk goes out at once; without it, one chunk per reply.
+//!
 //! Invariants:
 //! - No I/O, no clock: timeouts are the adapter's timers.
 //! - Replies are matched to commands strictly in order through a queue of expected replies, so
 //!   a pipelined batch needs no special casing beyond what to send after each reply.
-//! - The body is only written after a 354 and at least one accepted recipient. If a pipelined
-//!   DATA is refused (all recipients failed: 503/554), no body is sent, and the connection is made
-//!   usable again with RSET when the server may still hold our MAIL. If a broken server says 354
-//!   anyway, we end the empty message with "." alone and discard its reply.
+//! - The body is only written after a 354 (with BDAT: after the RCPT replies) and at least one
+//!   accepted recipient. If a pipelined DATA is refused (all recipients failed: 503/554), no
+//!   body is sent, and the connection is made usable again with RSET when the server may still
+//!   hold our MAIL. If a broken server says 354 anyway, we end the empty message with "." alone
+//!   and discard its reply.
+//! - A refused BDAT chunk fails the transaction with its reply; no chunk is sent after it
+//!   (RFC 3030 §2), the replies to chunks already pipelined are read and ignored, and RSET
+//!   closes the transaction the server still holds. The reply to `BDAT LAST` ends the
+//!   transaction as the reply to the final dot does, so the next one may ride behind it.
+//! - A BINARYMIME body only goes with BDAT to a server that offers CHUNKING and BINARYMIME;
+//!   otherwise the transaction ends at once with a local permanent refusal, nothing sent.
 //! - Any 421, a malformed or unexpected reply, or a failed handshake makes the client `Failed`
 //!   for good: the connection is no longer in a known state.
 //! - Addresses are validated before they reach the wire, so a CR or LF in one can never inject a
@@ -35,6 +49,12 @@ use super::reply::{self, parse_reply, Reply};
 /// longer banners and error texts; 2048 is lenient while still bounding the buffer.
 pub const REPLY_LINE_LEN_MAX_DEFAULT: usize = 2048;
 
+/// Default `bdat_chunk_size_max`. A server may take in a whole chunk before it looks at it, and
+/// can only report an error (a full disk, a size limit) once a chunk is read (RFC 3030 §2 asks
+/// for a chunk size suited to that); 1 MiB bounds both while each chunk's command and reply
+/// (about 30 octets) stay noise. Most messages are smaller and go as a single `BDAT n LAST`.
+pub const BDAT_CHUNK_SIZE_MAX_DEFAULT: usize = 1 << 20;
+
 /// Client settings, shared by all outbound connections of a shard.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ClientConfig {
@@ -44,6 +64,8 @@ pub struct ClientConfig {
     pub line_len_max: usize,
     /// Whether to upgrade to TLS with STARTTLS (RFC 3207).
     pub starttls: TlsPolicy,
+    /// Largest BDAT chunk, in octets (at least 1); bigger bodies go in several chunks.
+    pub bdat_chunk_size_max: usize,
 }
 
 /// STARTTLS policy for a destination.
@@ -65,6 +87,7 @@ impl Default for ClientConfig {
             helo_name: "localhost".to_owned(),
             line_len_max: REPLY_LINE_LEN_MAX_DEFAULT,
             starttls: TlsPolicy::Opportunistic,
+            bdat_chunk_size_max: BDAT_CHUNK_SIZE_MAX_DEFAULT,
         }
     }
 }
@@ -80,6 +103,10 @@ pub struct Capabilities {
     pub eight_bit_mime: bool,
     /// RFC 2034.
     pub enhanced_status_codes: bool,
+    /// RFC 3030 CHUNKING: the body goes with BDAT.
+    pub chunking: bool,
+    /// RFC 3030 BINARYMIME: BODY=BINARYMIME is taken (with BDAT).
+    pub binary_mime: bool,
     /// Every keyword line as the server sent it (`SIZE 1000`, `AUTH PLAIN`, ...).
     pub keywords: Vec<String>,
 }
@@ -102,6 +129,10 @@ impl Capabilities {
                 caps.eight_bit_mime = true;
             } else if keyword.eq_ignore_ascii_case("ENHANCEDSTATUSCODES") {
                 caps.enhanced_status_codes = true;
+            } else if keyword.eq_ignore_ascii_case("CHUNKING") {
+                caps.chunking = true;
+            } else if keyword.eq_ignore_ascii_case("BINARYMIME") {
+                caps.binary_mime = true;
             }
             caps.keywords.push(line.to_owned());
         }
@@ -125,7 +156,7 @@ pub enum ClientStep {
     NeedInput,
     /// Idle with a working session: call `start` or `quit`. Returned on every `poll` while idle.
     Ready,
-    /// DATA was accepted: call `write_body`.
+    /// DATA was accepted (with BDAT: the RCPTs were answered, one accepted): call `write_body`.
     SendBody,
     /// The transaction is over; the client is `Ready` again.
     Done(TransactionOutcome),
@@ -147,9 +178,11 @@ pub struct TransactionOutcome {
     /// One reply per recipient, in the order given to `start`. When MAIL failed, recipients that
     /// were sent carry the MAIL reply; invalid addresses carry a local 501 5.1.3.
     pub rcpts: Vec<Reply>,
-    /// Reply to the final dot; `None` if DATA was not sent or was refused.
+    /// Reply to the final dot, or with BDAT to `BDAT LAST` or to the first refused chunk;
+    /// `None` if no body was sent.
     pub data: Option<Reply>,
-    /// Reply to the DATA command itself (354, or the refusal); `None` if DATA was not sent.
+    /// Reply to the DATA command itself (354, or the refusal); `None` if DATA was not sent
+    /// (BDAT has no such command).
     pub data_command: Option<Reply>,
 }
 
@@ -165,6 +198,10 @@ enum Expect {
     /// Reply to the final dot; `discard` when we only ended a DATA we had nothing to send for.
     Dot {
         discard: bool,
+    },
+    /// The reply to a BDAT chunk; `last` for `BDAT n LAST`.
+    Bdat {
+        last: bool,
     },
     Rset,
     Quit,
@@ -194,6 +231,15 @@ struct Txn {
     rcpts: Vec<Option<Reply>>,
     data_command: Option<Reply>,
     data: Option<Reply>,
+    /// The body goes with BDAT (the server offers CHUNKING).
+    bdat: bool,
+    /// A chunk before the LAST one was refused: no more chunks, RSET once the replies owed for
+    /// pipelined chunks are in.
+    chunk_failed: bool,
+    /// Lock-step BDAT only: the body, and how much of it has gone out, until the last chunk is
+    /// written.
+    body: Vec<u8>,
+    body_at: usize,
 }
 
 impl Txn {
@@ -253,17 +299,22 @@ pub enum Awaiting {
     Reply,
     /// The reply to DATA (§4.5.3.2.4: 2 minutes).
     DataInit,
-    /// The reply to the final dot (§4.5.3.2.6: 10 minutes).
+    /// The reply to the final dot (§4.5.3.2.6: 10 minutes), or to `BDAT LAST`, which the
+    /// server sends once it has processed the message just as for the final dot.
     FinalDot,
 }
 
-/// What MAIL declares about the message (RFC 1870 SIZE, RFC 6152 8BITMIME, RFC 6531 SMTPUTF8).
+/// What MAIL declares about the message (RFC 1870 SIZE, RFC 6152 8BITMIME, RFC 3030
+/// BINARYMIME, RFC 6531 SMTPUTF8).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct MailOptions {
     /// Message size in octets, sent as SIZE= when the server supports SIZE.
     pub size: Option<usize>,
     /// The body has 8-bit octets: BODY=8BITMIME; refused locally if the server lacks 8BITMIME.
     pub eight_bit: bool,
+    /// The body is binary (received with BODY=BINARYMIME): BODY=BINARYMIME and BDAT; refused
+    /// locally if the server lacks CHUNKING or BINARYMIME. Takes precedence over `eight_bit`.
+    pub binary: bool,
     /// The envelope or headers are UTF-8: SMTPUTF8; refused locally if the server lacks it.
     pub smtputf8: bool,
 }
@@ -283,6 +334,16 @@ const NO_8BITMIME: reply::Canned = reply::Canned {
     enhanced: Some((5, 6, 3)),
     text: "Destination does not support 8BITMIME, required by this message",
     wire: b"554 5.6.3 Destination does not support 8BITMIME, required by this message\r\n",
+};
+
+/// The next hop cannot take a binary body: RFC 3030 §3 allows it only with BDAT to a server
+/// offering BINARYMIME, and sending it as DATA text would corrupt it (bare CR and LF, NUL).
+const NO_BINARYMIME: reply::Canned = reply::Canned {
+    code: 554,
+    enhanced: Some((5, 6, 3)),
+    text: "Destination does not support BINARYMIME and CHUNKING, required by this message",
+    wire: b"554 5.6.3 Destination does not support BINARYMIME and CHUNKING, required by this \
+            message\r\n",
 };
 
 /// One outbound SMTP connection.
@@ -349,23 +410,32 @@ impl Client {
     pub fn awaiting(&self) -> Awaiting {
         match self.expect.front() {
             Some(Expect::Data) => Awaiting::DataInit,
-            Some(Expect::Dot { .. }) => Awaiting::FinalDot,
+            Some(Expect::Dot { .. } | Expect::Bdat { last: true }) => Awaiting::FinalDot,
+            // A chunk before the last is answered as soon as it is read, like a command.
             _ => Awaiting::Reply,
         }
     }
 
     /// Whether `start` may be called now although the previous transaction is not done: the
     /// server offered PIPELINING and the previous transaction has sent its body and awaits only
-    /// the reply to its final dot. RFC 2920 §3.1 lets the next MAIL follow the end of data in the
-    /// same write, which saves a round trip and a write per message on a busy connection.
+    /// the reply to its final dot, or to its `BDAT LAST` with no chunk refused before it. RFC
+    /// 2920 §3.1 lets the next MAIL follow the end of data in the same write, which saves a round
+    /// trip and a write per message on a busy connection. A refused earlier chunk rules it out:
+    /// that transaction still needs its RSET, which must not come after the next MAIL.
     pub fn can_start_early(&self) -> bool {
+        let Some(txn) = &self.txn else {
+            return false;
+        };
+        let only_final_reply_owed = match (self.expect.len(), self.expect.front()) {
+            (1, Some(Expect::Dot { discard: false })) => true,
+            (1, Some(Expect::Bdat { last: true })) => !txn.chunk_failed,
+            _ => false,
+        };
         self.caps.pipelining
             && self.phase == Phase::Transaction
-            && self.txn.is_some()
             && self.next.is_none()
             && self.local_outcome.is_none()
-            && self.expect.len() == 1
-            && self.expect.front() == Some(&Expect::Dot { discard: false })
+            && only_final_reply_owed
     }
 
     /// Takes bytes read from the socket.
@@ -451,6 +521,10 @@ impl Client {
             rcpts: vec![None; rcpts.len()],
             data_command: None,
             data: None,
+            bdat: self.caps.chunking,
+            chunk_failed: false,
+            body: Vec::new(),
+            body_at: 0,
         };
         let valid = |a: &str| {
             if opts.smtputf8 {
@@ -469,7 +543,9 @@ impl Client {
         let from_ok = mail_from.is_empty() || valid(mail_from);
         let unsupported = if opts.smtputf8 && !self.caps.has("SMTPUTF8") {
             Some(&NO_SMTPUTF8)
-        } else if opts.eight_bit && !self.caps.eight_bit_mime {
+        } else if opts.binary && !(self.caps.chunking && self.caps.binary_mime) {
+            Some(&NO_BINARYMIME)
+        } else if !opts.binary && opts.eight_bit && !self.caps.eight_bit_mime {
             Some(&NO_8BITMIME)
         } else {
             None
@@ -501,7 +577,9 @@ impl Client {
         if let (Some(size), Some(_)) = (opts.size, self.caps.size) {
             out.extend_from_slice(format!(" SIZE={size}").as_bytes());
         }
-        if opts.eight_bit {
+        if opts.binary {
+            out.extend_from_slice(b" BODY=BINARYMIME");
+        } else if opts.eight_bit {
             out.extend_from_slice(b" BODY=8BITMIME");
         }
         if opts.smtputf8 {
@@ -514,8 +592,11 @@ impl Client {
                 write_rcpt(rcpt, out);
                 self.expect.push_back(Expect::Rcpt(*slot));
             }
-            out.extend_from_slice(b"DATA\r\n");
-            self.expect.push_back(Expect::Data);
+            // With BDAT the body waits for the RCPT replies (see the module comment).
+            if !txn.bdat {
+                out.extend_from_slice(b"DATA\r\n");
+                self.expect.push_back(Expect::Data);
+            }
             txn.next = txn.wire.len();
         }
         if early {
@@ -526,20 +607,40 @@ impl Client {
         }
     }
 
-    /// Writes the message after `SendBody`: dot-stuffed, CRLF-terminated, then ".\r\n" (see
-    /// `data::write_stuffed`, which also turns bare LFs into CRLF).
+    /// Writes the message after `SendBody`. After DATA: dot-stuffed, CRLF-terminated, then
+    /// ".\r\n" (see `data::write_stuffed`, which also turns bare LFs into CRLF). With BDAT: the
+    /// body byte for byte, as there is no end marker to stuff for or to smuggle one past; every
+    /// chunk at once with PIPELINING, else the first one, the rest kept for the chunk replies.
     pub fn write_body(&mut self, body: &[u8], out: &mut Vec<u8>) {
-        if self.phase != Phase::AwaitBody {
+        let Some(txn) = self.txn.as_mut().filter(|_| self.phase == Phase::AwaitBody) else {
             self.fail(Reply::new(
                 421,
                 Some((4, 3, 0)),
                 "Client used out of sequence: write_body() without SendBody",
             ));
             return;
-        }
-        write_stuffed(body, out);
-        self.expect.push_back(Expect::Dot { discard: false });
+        };
         self.phase = Phase::Transaction;
+        if !txn.bdat {
+            write_stuffed(body, out);
+            self.expect.push_back(Expect::Dot { discard: false });
+            return;
+        }
+        let chunk_max = self.cfg.bdat_chunk_size_max.max(1);
+        let mut at = 0;
+        loop {
+            let last = write_chunk(body, &mut at, chunk_max, out);
+            self.expect.push_back(Expect::Bdat { last });
+            if last {
+                break;
+            }
+            if !txn.pipelined {
+                // The one copy of the body this client makes, and only in lock-step.
+                txn.body = body.to_vec();
+                txn.body_at = at;
+                break;
+            }
+        }
     }
 
     /// Writes QUIT; `poll` returns `Closed` once the server answers (or just close the socket).
@@ -654,6 +755,7 @@ impl Client {
             Expect::Mail => self.on_mail(reply, out),
             Expect::Rcpt(slot) => self.on_rcpt(slot, reply, out),
             Expect::Data => self.on_data(reply, out),
+            Expect::Bdat { last } => self.on_chunk(last, reply, out),
             Expect::Dot { discard } => {
                 if let Some(txn) = self.txn.as_mut() {
                     if !discard {
@@ -723,17 +825,68 @@ impl Client {
             *r = Some(reply);
         }
         if txn.pipelined {
+            // Without BDAT the reply to DATA decides what comes next; with BDAT the last RCPT
+            // reply does.
+            let last_rcpt = txn.wire.last().is_some_and(|&(_, s)| s == slot);
+            if !(txn.bdat && last_rcpt) {
+                return None;
+            }
+            if !txn.mail_ok() {
+                // Nothing was opened on the server, so no RSET is needed.
+                return self.finish();
+            }
+        } else if txn.next < txn.wire.len() {
+            self.send_next_rcpt(out);
             return None;
         }
-        if txn.next < txn.wire.len() {
-            self.send_next_rcpt(out);
-        } else if txn.accepted > 0 {
-            out.extend_from_slice(b"DATA\r\n");
-            self.expect.push_back(Expect::Data);
-        } else {
+        if txn.accepted == 0 {
             // MAIL is open on the server; close it so the connection can be reused.
             out.extend_from_slice(b"RSET\r\n");
             self.expect.push_back(Expect::Rset);
+        } else if txn.bdat {
+            self.phase = Phase::AwaitBody;
+            return Some(ClientStep::SendBody);
+        } else {
+            out.extend_from_slice(b"DATA\r\n");
+            self.expect.push_back(Expect::Data);
+        }
+        None
+    }
+
+    /// A BDAT chunk was answered. The first refusal is the transaction's reply; after a refused
+    /// chunk no other is sent and, unless it was the LAST one, RSET follows the last reply owed.
+    fn on_chunk(&mut self, last: bool, reply: Reply, out: &mut Vec<u8>) -> Option<ClientStep> {
+        let Some(txn) = self.txn.as_mut() else {
+            return self.fail(no_reply("BDAT"));
+        };
+        if !txn.chunk_failed {
+            // RFC 3030 answers a chunk with 250; anything but 2xx (a 354 too) is a refusal.
+            if reply.code / 100 != 2 {
+                txn.chunk_failed = !last;
+                txn.data = Some(reply);
+            } else if last {
+                txn.data = Some(reply);
+            }
+        }
+        let more_owed = !last && txn.pipelined;
+        if txn.chunk_failed {
+            if !more_owed {
+                txn.body = Vec::new();
+                out.extend_from_slice(b"RSET\r\n");
+                self.expect.push_back(Expect::Rset);
+            }
+            return None;
+        }
+        if last {
+            return self.finish();
+        }
+        if !txn.pipelined {
+            let chunk_max = self.cfg.bdat_chunk_size_max.max(1);
+            let sent_last = write_chunk(&txn.body, &mut txn.body_at, chunk_max, out);
+            if sent_last {
+                txn.body = Vec::new();
+            }
+            self.expect.push_back(Expect::Bdat { last: sent_last });
         }
         None
     }
@@ -794,6 +947,23 @@ impl Client {
     }
 }
 
+/// Writes the chunk of `body` starting at `at`, at most `chunk_max` octets, as `BDAT n` or, when
+/// it reaches the end of the body, `BDAT n LAST`; moves `at` past it and returns whether it was
+/// the last. An empty body is one `BDAT 0 LAST`.
+fn write_chunk(body: &[u8], at: &mut usize, chunk_max: usize, out: &mut Vec<u8>) -> bool {
+    let start = (*at).min(body.len());
+    let end = start.saturating_add(chunk_max).min(body.len());
+    let last = end == body.len();
+    let chunk = &body[start..end];
+    out.reserve(chunk.len() + 32);
+    out.extend_from_slice(b"BDAT ");
+    out.extend_from_slice(chunk.len().to_string().as_bytes());
+    out.extend_from_slice(if last { b" LAST\r\n" } else { b"\r\n" });
+    out.extend_from_slice(chunk);
+    *at = end;
+    last
+}
+
 fn write_rcpt(rcpt: &str, out: &mut Vec<u8>) {
     out.extend_from_slice(b"RCPT TO:<");
     out.extend_from_slice(rcpt.as_bytes());
@@ -815,6 +985,28 @@ mod tests {
             helo_name: "me.test".to_owned(),
             ..ClientConfig::default()
         })
+    }
+
+    fn client_with_chunks(bdat_chunk_size_max: usize) -> Client {
+        Client::new(ClientConfig {
+            helo_name: "me.test".to_owned(),
+            bdat_chunk_size_max,
+            ..ClientConfig::default()
+        })
+    }
+
+    /// CHUNKING and BINARYMIME with PIPELINING, as Epoxi's own server offers them.
+    const EHLO_CHUNKING: &[u8] = b"250-mx.test\r\n250-PIPELINING\r\n250-8BITMIME\r\n\
+        250-BINARYMIME\r\n250-CHUNKING\r\n250 ENHANCEDSTATUSCODES\r\n";
+    /// CHUNKING without PIPELINING: one chunk per reply.
+    const EHLO_CHUNKING_LOCK_STEP: &[u8] = b"250-mx.test\r\n250-CHUNKING\r\n250 8BITMIME\r\n";
+
+    /// `ready` for a client that sends BDAT chunks of at most `chunk` octets.
+    fn ready_chunks(ehlo: &[u8], chunk: usize) -> Client {
+        let mut c = client_with_chunks(chunk);
+        feed(&mut c, b"220 mx.test ESMTP\r\n");
+        assert_eq!(feed(&mut c, ehlo), (String::new(), ClientStep::Ready));
+        c
     }
 
     /// Feeds `input`, polls once; returns what the client wrote and the step.
@@ -1101,6 +1293,7 @@ mod tests {
         let opts = MailOptions {
             size: Some(1234),
             eight_bit: true,
+            binary: false,
             smtputf8: true,
         };
         let mut out = Vec::new();
@@ -1156,6 +1349,15 @@ mod tests {
 
     #[test]
     fn awaiting_follows_the_phase() {
+        let mut c = ready_chunks(EHLO_CHUNKING_LOCK_STEP, 2);
+        start(&mut c, "a@b.test", &["x@y.test"]);
+        feed(&mut c, b"250 Ok\r\n");
+        feed(&mut c, b"250 Ok\r\n");
+        body(&mut c, b"abc");
+        assert_eq!(c.awaiting(), Awaiting::Reply, "chunk before LAST");
+        feed(&mut c, b"250 Ok\r\n");
+        assert_eq!(c.awaiting(), Awaiting::FinalDot, "BDAT LAST");
+
         let c = client();
         assert_eq!(c.awaiting(), Awaiting::Reply, "greeting");
         let mut c = ready(EHLO_PLAIN);
@@ -1167,6 +1369,267 @@ mod tests {
         feed(&mut c, b"354 go\r\n");
         body(&mut c, b"x\r\n");
         assert_eq!(c.awaiting(), Awaiting::FinalDot);
+    }
+
+    #[test]
+    fn bdat_replaces_data_when_chunking_is_offered() {
+        let mut c = ready(EHLO_CHUNKING);
+        let caps = c.capabilities();
+        assert!(caps.chunking && caps.binary_mime && caps.pipelining);
+        // MAIL and RCPTs only: the body waits for their replies.
+        assert_eq!(
+            start(&mut c, "a@b.test", &["x@y.test", "z@y.test"]),
+            "MAIL FROM:<a@b.test>\r\nRCPT TO:<x@y.test>\r\nRCPT TO:<z@y.test>\r\n"
+        );
+        assert_eq!(c.awaiting(), Awaiting::Reply);
+        assert_eq!(
+            feed(&mut c, b"250 2.1.0 Ok\r\n250 2.1.5 Ok\r\n"),
+            (String::new(), ClientStep::NeedInput)
+        );
+        assert_eq!(
+            feed(&mut c, b"550 5.1.1 no\r\n"),
+            (String::new(), ClientStep::SendBody)
+        );
+        // No dot-stuffing, no end marker, no CRLF added, bare LF and CR left alone.
+        let text = b"Hi\r\n.\r\n..x\r\n\n.\n\rno final CRLF";
+        assert_eq!(
+            body(&mut c, text),
+            format!(
+                "BDAT {} LAST\r\n{}",
+                text.len(),
+                String::from_utf8_lossy(text)
+            )
+        );
+        assert_eq!(c.awaiting(), Awaiting::FinalDot);
+        let (out, step) = feed(&mut c, b"250 2.0.0 Ok: queued as 7\r\n");
+        assert_eq!(out, "");
+        let o = done(step);
+        assert_eq!(o.data, Some(r(250, (2, 0, 0), "Ok: queued as 7")));
+        assert_eq!(o.data_command, None, "no DATA command");
+        assert!(o.rcpts[0].is_positive() && o.rcpts[1].is_permanent());
+        assert_eq!(feed(&mut c, b"").1, ClientStep::Ready);
+        // An empty body is one empty LAST chunk.
+        start(&mut c, "a@b.test", &["x@y.test"]);
+        feed(&mut c, b"250 Ok\r\n250 Ok\r\n");
+        assert_eq!(body(&mut c, b""), "BDAT 0 LAST\r\n");
+        assert!(done(feed(&mut c, b"250 Ok\r\n").1).data.is_some());
+    }
+
+    #[test]
+    fn bdat_chunks_are_pipelined_and_each_reply_checked() {
+        let mut c = ready_chunks(EHLO_CHUNKING, 4);
+        start(&mut c, "a@b.test", &["x@y.test"]);
+        assert_eq!(
+            feed(&mut c, b"250 Ok\r\n250 Ok\r\n").1,
+            ClientStep::SendBody
+        );
+        assert_eq!(
+            body(&mut c, b"abcdefghij"),
+            "BDAT 4\r\nabcdBDAT 4\r\nefghBDAT 2 LAST\r\nij"
+        );
+        // The chunk replies come one by one; only the last one waits as long as a final dot.
+        assert_eq!(c.awaiting(), Awaiting::Reply);
+        assert!(!c.can_start_early(), "chunk replies still owed");
+        assert_eq!(
+            feed(&mut c, b"250 2.0.0 4 octets received\r\n"),
+            (String::new(), ClientStep::NeedInput)
+        );
+        assert_eq!(
+            feed(&mut c, b"250 2.0.0 4 octets received\r\n"),
+            (String::new(), ClientStep::NeedInput)
+        );
+        assert_eq!(c.awaiting(), Awaiting::FinalDot);
+        assert!(c.can_start_early(), "only the reply to LAST is owed");
+        let o = done(feed(&mut c, b"250 2.0.0 Ok: queued\r\n").1);
+        assert_eq!(o.data, Some(r(250, (2, 0, 0), "Ok: queued")));
+        // A body of a whole number of chunks ends with a full LAST chunk, not an empty one.
+        start(&mut c, "a@b.test", &["x@y.test"]);
+        feed(&mut c, b"250 Ok\r\n250 Ok\r\n");
+        assert_eq!(
+            body(&mut c, b"abcdefgh"),
+            "BDAT 4\r\nabcdBDAT 4 LAST\r\nefgh"
+        );
+    }
+
+    #[test]
+    fn bdat_lock_step_without_pipelining() {
+        let mut c = ready_chunks(EHLO_CHUNKING_LOCK_STEP, 4);
+        assert_eq!(
+            start(&mut c, "a@b.test", &["x@y.test"]),
+            "MAIL FROM:<a@b.test>\r\n"
+        );
+        assert_eq!(feed(&mut c, b"250 Ok\r\n").0, "RCPT TO:<x@y.test>\r\n");
+        assert_eq!(
+            feed(&mut c, b"250 Ok\r\n"),
+            (String::new(), ClientStep::SendBody)
+        );
+        assert_eq!(body(&mut c, b"abcdefghij"), "BDAT 4\r\nabcd");
+        assert_eq!(c.awaiting(), Awaiting::Reply);
+        assert_eq!(feed(&mut c, b"250 Ok\r\n").0, "BDAT 4\r\nefgh");
+        assert_eq!(feed(&mut c, b"250 Ok\r\n").0, "BDAT 2 LAST\r\nij");
+        assert_eq!(c.awaiting(), Awaiting::FinalDot);
+        let o = done(feed(&mut c, b"250 2.0.0 queued\r\n").1);
+        assert_eq!(o.data, Some(r(250, (2, 0, 0), "queued")));
+        assert!(c.txn.is_none());
+        assert_eq!(feed(&mut c, b"").1, ClientStep::Ready);
+    }
+
+    #[test]
+    fn a_refused_chunk_fails_the_transaction_with_its_reply() {
+        // Pipelined: the chunk behind the refused one is answered too; then RSET.
+        let mut c = ready_chunks(EHLO_CHUNKING, 4);
+        start(&mut c, "a@b.test", &["x@y.test", "z@y.test"]);
+        feed(&mut c, b"250 Ok\r\n250 Ok\r\n250 Ok\r\n");
+        body(&mut c, b"abcdefghij");
+        assert_eq!(
+            feed(&mut c, b"250 2.0.0 4 octets\r\n452 4.3.1 Disk full\r\n"),
+            (String::new(), ClientStep::NeedInput)
+        );
+        assert!(!c.can_start_early(), "RSET must come first");
+        assert_eq!(
+            feed(&mut c, b"503 5.5.1 Bad sequence\r\n"),
+            ("RSET\r\n".to_owned(), ClientStep::NeedInput)
+        );
+        let o = done(feed(&mut c, b"250 2.0.0 Ok\r\n").1);
+        assert_eq!(o.data, Some(r(452, (4, 3, 1), "Disk full")));
+        assert!(o.rcpts.iter().all(Reply::is_positive));
+        assert_eq!(feed(&mut c, b"").1, ClientStep::Ready);
+
+        // Lock-step: no chunk after the refused one; RSET at once.
+        let mut c = ready_chunks(EHLO_CHUNKING_LOCK_STEP, 4);
+        start(&mut c, "a@b.test", &["x@y.test"]);
+        feed(&mut c, b"250 Ok\r\n");
+        feed(&mut c, b"250 Ok\r\n");
+        assert_eq!(body(&mut c, b"abcdefghij"), "BDAT 4\r\nabcd");
+        assert_eq!(
+            feed(&mut c, b"552 5.3.4 Message too big\r\n"),
+            ("RSET\r\n".to_owned(), ClientStep::NeedInput)
+        );
+        let o = done(feed(&mut c, b"250 Ok\r\n").1);
+        assert_eq!(o.data, Some(r(552, (5, 3, 4), "Message too big")));
+        assert_eq!(feed(&mut c, b"").1, ClientStep::Ready);
+
+        // The LAST chunk refused: that ends the transaction, like a refused final dot.
+        let mut c = ready(EHLO_CHUNKING);
+        start(&mut c, "a@b.test", &["x@y.test"]);
+        feed(&mut c, b"250 Ok\r\n250 Ok\r\n");
+        body(&mut c, b"spam\r\n");
+        let (out, step) = feed(&mut c, b"554 5.7.1 Rejected as spam\r\n");
+        assert_eq!(out, "", "no RSET after LAST");
+        assert_eq!(done(step).data, Some(r(554, (5, 7, 1), "Rejected as spam")));
+        assert_eq!(feed(&mut c, b"").1, ClientStep::Ready);
+    }
+
+    #[test]
+    fn bdat_when_no_recipient_or_the_sender_is_refused() {
+        let mut c = ready(EHLO_CHUNKING);
+        start(&mut c, "a@b.test", &["x@y.test", "z@y.test"]);
+        assert_eq!(
+            feed(&mut c, b"250 Ok\r\n550 5.1.1 no\r\n550 5.1.1 no\r\n"),
+            ("RSET\r\n".to_owned(), ClientStep::NeedInput),
+            "no body for nobody"
+        );
+        let o = done(feed(&mut c, b"250 Ok\r\n").1);
+        assert_eq!((o.data, o.data_command), (None, None));
+        assert!(o.rcpts.iter().all(Reply::is_permanent));
+
+        start(&mut c, "a@b.test", &["x@y.test"]);
+        let (out, step) = feed(&mut c, b"451 4.3.0 later\r\n503 5.5.1 need MAIL\r\n");
+        assert_eq!(out, "", "no RSET when MAIL was refused");
+        assert_eq!(done(step).rcpts, [r(451, (4, 3, 0), "later")]);
+        assert_eq!(feed(&mut c, b"").1, ClientStep::Ready);
+    }
+
+    #[test]
+    fn next_transaction_rides_behind_bdat_last() {
+        let mut c = ready(EHLO_CHUNKING);
+        start(&mut c, "a@b.test", &["x@y.test"]);
+        assert_eq!(
+            feed(&mut c, b"250 Ok\r\n250 Ok\r\n").1,
+            ClientStep::SendBody
+        );
+        let mut wire = body(&mut c, b"one\r\n");
+        assert!(c.can_start_early());
+        wire.push_str(&start(&mut c, "a@b.test", &["z@y.test"]));
+        assert!(!c.can_start_early(), "one transaction queued at most");
+        assert_eq!(
+            wire,
+            "BDAT 5 LAST\r\none\r\nMAIL FROM:<a@b.test>\r\nRCPT TO:<z@y.test>\r\n"
+        );
+        // The first outcome, then the second's body once its RCPT is answered.
+        let (out, step) = feed(&mut c, b"250 2.0.0 first\r\n250 Ok\r\n250 Ok\r\n");
+        assert_eq!(out, "");
+        assert_eq!(done(step).data, Some(r(250, (2, 0, 0), "first")));
+        assert_eq!(feed(&mut c, b"").1, ClientStep::SendBody);
+        assert_eq!(body(&mut c, b"two"), "BDAT 3 LAST\r\ntwo");
+        let mut wire = start(&mut c, "a@b.test", &["w@y.test"]);
+        assert_eq!(wire, "MAIL FROM:<a@b.test>\r\nRCPT TO:<w@y.test>\r\n");
+        // The second is refused at LAST: it still ends cleanly, and the third goes on.
+        let (out, step) = feed(&mut c, b"550 5.7.1 second refused\r\n");
+        assert_eq!(out, "", "no RSET behind LAST");
+        assert_eq!(done(step).data, Some(r(550, (5, 7, 1), "second refused")));
+        assert_eq!(
+            feed(&mut c, b"250 Ok\r\n250 Ok\r\n").1,
+            ClientStep::SendBody
+        );
+        wire = body(&mut c, b"three");
+        assert_eq!(wire, "BDAT 5 LAST\r\nthree");
+        assert!(done(feed(&mut c, b"250 Ok\r\n").1)
+            .data
+            .is_some_and(|d| d.is_positive()));
+        assert_eq!(feed(&mut c, b"").1, ClientStep::Ready);
+    }
+
+    #[test]
+    fn binarymime_goes_only_with_bdat_to_a_server_offering_it() {
+        assert_eq!(
+            NO_BINARYMIME.wire,
+            NO_BINARYMIME.to_reply().to_string().as_bytes()
+        );
+        let binary = MailOptions {
+            binary: true,
+            eight_bit: true,
+            ..MailOptions::default()
+        };
+        let mut c = ready(EHLO_CHUNKING);
+        let mut out = Vec::new();
+        c.start_with("a@b.test", &["x@y.test"], binary, &mut out);
+        assert_eq!(
+            String::from_utf8_lossy(&out),
+            "MAIL FROM:<a@b.test> BODY=BINARYMIME\r\nRCPT TO:<x@y.test>\r\n"
+        );
+        assert_eq!(
+            feed(&mut c, b"250 Ok\r\n250 Ok\r\n").1,
+            ClientStep::SendBody
+        );
+        let octets = b"\0\xff\r.\r\n.\n\r\n.\r\n";
+        let mut want = format!("BDAT {} LAST\r\n", octets.len()).into_bytes();
+        want.extend_from_slice(octets);
+        let mut out = Vec::new();
+        c.write_body(octets, &mut out);
+        assert_eq!(out, want, "byte for byte");
+
+        // Refused, nothing sent, every recipient bounced: without CHUNKING, without
+        // BINARYMIME, or with BINARYMIME but no CHUNKING to carry it.
+        for ehlo in [
+            EHLO_PIPE,
+            EHLO_CHUNKING_LOCK_STEP,
+            b"250-mx.test\r\n250 BINARYMIME\r\n",
+        ] {
+            let mut c = ready(ehlo);
+            let mut out = Vec::new();
+            c.start_with("a@b.test", &["x@y.test", "z@y.test"], binary, &mut out);
+            assert!(out.is_empty(), "nothing sent");
+            let o = done(c.poll(&mut out));
+            assert_eq!((o.mail.code, o.mail.enhanced), (554, Some((5, 6, 3))));
+            assert!(o.mail.text.contains("BINARYMIME"), "{o:?}");
+            assert!(o.rcpts.iter().all(|r| r.code == 554), "{o:?}");
+            assert_eq!(
+                c.poll(&mut out),
+                ClientStep::Ready,
+                "connection still usable"
+            );
+        }
     }
 
     #[test]
@@ -1412,12 +1875,17 @@ mod tests {
 
     impl Wire {
         fn new() -> Wire {
-            let cfg = Rc::new(ServerConfig {
+            Wire::with(|_| {}, client())
+        }
+
+        /// A server with its default settings changed by `f`, talking to `client`.
+        fn with(f: impl FnOnce(&mut ServerConfig), mut client: Client) -> Wire {
+            let mut cfg = ServerConfig {
                 hostname: "mx.test".to_owned(),
                 ..ServerConfig::default()
-            });
-            let mut server = Session::new(cfg, true);
-            let mut client = client();
+            };
+            f(&mut cfg);
+            let mut server = Session::new(Rc::new(cfg), true);
             let mut greeting = Vec::new();
             server.greeting(&mut greeting);
             client.input(&greeting);
@@ -1471,8 +1939,19 @@ mod tests {
         }
 
         fn send(&mut self, from: &str, rcpts: &[&str], body: &[u8]) -> TransactionOutcome {
+            self.send_with(from, rcpts, body, MailOptions::default())
+        }
+
+        fn send_with(
+            &mut self,
+            from: &str,
+            rcpts: &[&str],
+            body: &[u8],
+            opts: MailOptions,
+        ) -> TransactionOutcome {
             assert_eq!(self.run(), ClientStep::Ready);
-            self.client.start(from, rcpts, &mut self.to_server);
+            self.client
+                .start_with(from, rcpts, opts, &mut self.to_server);
             match self.run() {
                 ClientStep::SendBody => {
                     self.client.write_body(body, &mut self.to_server);
@@ -1483,9 +1962,25 @@ mod tests {
         }
     }
 
+    /// The same messages through our own server, with DATA (CHUNKING turned off) and with BDAT
+    /// in chunks of 1000 octets, most of them pipelined.
     #[test]
     fn client_and_server_in_memory() {
-        let mut w = Wire::new();
+        for chunking in [false, true] {
+            let w = Wire::with(
+                |c| {
+                    c.chunking = chunking;
+                    c.binarymime = chunking;
+                },
+                client_with_chunks(1000),
+            );
+            client_and_server_in_memory_with(w, chunking);
+        }
+    }
+
+    fn client_and_server_in_memory_with(mut w: Wire, chunking: bool) {
+        assert_eq!(w.run(), ClientStep::Ready);
+        assert_eq!(w.client.capabilities().chunking, chunking);
         let bodies: [&[u8]; 5] = [
             b"Subject: one\r\n\r\nHello\r\n",
             b"Subject: dots\r\n\r\n.\r\n..\r\n.leading\r\n...\r\n.\r\nend\r\n",
@@ -1511,8 +2006,11 @@ mod tests {
             assert!(o.rcpts.iter().all(Reply::is_positive));
             expected.push(body.to_vec());
         }
-        // A body without a final CRLF gets one: that is the only change.
-        expected[3] = b".\r\n".to_vec();
+        if !chunking {
+            // DATA: a body without a final CRLF gets one; that is the only change. BDAT sends
+            // the octets as they are.
+            expected[3] = b".\r\n".to_vec();
+        }
         let got: Vec<Vec<u8>> = w.spooled.iter().map(|t| t.body.clone()).collect();
         assert_eq!(got, expected);
         for t in &w.spooled {
@@ -1531,6 +2029,21 @@ mod tests {
         w.pump();
         assert_eq!(w.run(), ClientStep::Closed);
         assert!(w.closed);
+    }
+
+    #[test]
+    fn binary_body_through_our_server_byte_for_byte() {
+        let mut w = Wire::with(|_| {}, client_with_chunks(3));
+        let octets = b"\0\x01\xfe\xff\r\r\n.\r\n\n.\nQUIT\r\nBDAT 9 LAST\r\n";
+        let binary = MailOptions {
+            binary: true,
+            ..MailOptions::default()
+        };
+        let o = w.send_with("a@a.test", &["x@b.test"], octets, binary);
+        assert!(o.data.is_some_and(|d| d.is_positive()));
+        let t = w.spooled.last().expect("spooled");
+        assert!(t.body_binary && !t.body_8bit);
+        assert_eq!(t.body, octets);
     }
 
     #[test]
@@ -1578,13 +2091,18 @@ mod tests {
             seed
         };
         let mut outcomes = 0;
-        for _ in 0..300 {
-            let mut c = ready(if next() & 1 == 1 {
-                EHLO_PIPE
-            } else {
-                EHLO_PLAIN
-            });
+        let ehlos = [
+            EHLO_PIPE,
+            EHLO_PLAIN,
+            EHLO_CHUNKING,
+            EHLO_CHUNKING_LOCK_STEP,
+        ];
+        for _ in 0..600 {
+            // Chunks of 4 octets: the body below goes in three of them.
+            let mut c = ready_chunks(ehlos[next() as usize % ehlos.len()], 4);
             let mut out = Vec::new();
+            // Transactions started and not yet Done (two when one rode behind the other).
+            let mut open = 0;
             for _ in 0..100 {
                 let r = next();
                 match r % 64 {
@@ -1609,15 +2127,23 @@ mod tests {
                             &["x@y.z", "w@y.z"]
                         };
                         c.start("a@b.c", rcpts, &mut out);
+                        open += 1;
                     }
                     ClientStep::SendBody => c.write_body(b"body\r\n.\r\n", &mut out),
                     ClientStep::Failed(_) | ClientStep::Closed => break,
                     ClientStep::Done(o) => {
                         assert_eq!(o.rcpts.len(), 2);
-                        assert!(c.txn.is_none() && c.expect.is_empty());
+                        open -= 1;
+                        if open == 0 {
+                            assert!(c.txn.is_none() && c.expect.is_empty());
+                        }
                         outcomes += 1;
                     }
                     ClientStep::StartTls => c.tls_started(&mut out),
+                    ClientStep::NeedInput if r % 3 == 0 && c.can_start_early() => {
+                        c.start("a@b.c", &["v@y.z", "u@y.z"], &mut out);
+                        open += 1;
+                    }
                     ClientStep::NeedInput => {}
                 }
             }

@@ -101,8 +101,9 @@ pub struct ServerConfig {
     /// Advertise CHUNKING (RFC 3030) and accept BDAT.
     pub chunking: bool,
     /// Advertise BINARYMIME (RFC 3030) and accept BODY=BINARYMIME with BDAT; needs `chunking`.
-    /// Off by default: a binary body may hold bare CR and LF, which our client's DATA writer
-    /// turns into CRLF, so relaying one corrupts it until the client can send BDAT itself.
+    /// The body is kept byte for byte and marked binary, and our client relays it only with
+    /// BDAT to a server offering BINARYMIME (bouncing it otherwise), never as DATA text, which
+    /// would turn its bare CR and LF into CRLF.
     pub binarymime: bool,
     /// Advertise DSN (RFC 3461) and accept RET, ENVID, NOTIFY and ORCPT.
     pub dsn: bool,
@@ -149,7 +150,7 @@ impl Default for ServerConfig {
             auth_required: false,
             smtputf8: true,
             chunking: true,
-            binarymime: false,
+            binarymime: true,
             dsn: true,
             bare_lf: BareLf::Accept,
             nul: NulByte::Accept,
@@ -1274,7 +1275,7 @@ mod tests {
         assert_eq!(
             replies(&mut s, b"EHLO client.test\r\n"),
             "250-mx.test\r\n250-PIPELINING\r\n250-SIZE 26214400\r\n250-8BITMIME\r\n\
-             250-CHUNKING\r\n250-DSN\r\n250-ENHANCEDSTATUSCODES\r\n\
+             250-BINARYMIME\r\n250-CHUNKING\r\n250-DSN\r\n250-ENHANCEDSTATUSCODES\r\n\
              250 SMTPUTF8\r\n"
         );
         assert_eq!(s.helo(), Some("client.test"));
@@ -1484,7 +1485,7 @@ mod tests {
         assert_eq!(
             r,
             "250-mx.test\r\n250-PIPELINING\r\n250-SIZE 26214400\r\n250-8BITMIME\r\n\
-             250-CHUNKING\r\n250-DSN\r\n250-ENHANCEDSTATUSCODES\r\n\
+             250-BINARYMIME\r\n250-CHUNKING\r\n250-DSN\r\n250-ENHANCEDSTATUSCODES\r\n\
              250 SMTPUTF8\r\n250 2.1.0 Ok\r\n250 2.1.5 Ok\r\n\
              501 5.1.3 Bad recipient address syntax\r\n250 2.1.5 Ok\r\n\
              354 End data with <CR><LF>.<CR><LF>\r\n"
@@ -1702,7 +1703,7 @@ mod tests {
             (
                 String::new()
                     + "250-mx.test\r\n250-PIPELINING\r\n250-SIZE 26214400\r\n250-8BITMIME\r\n"
-                    + "250-CHUNKING\r\n250-DSN\r\n"
+                    + "250-BINARYMIME\r\n250-CHUNKING\r\n250-DSN\r\n"
                     + "250-ENHANCEDSTATUSCODES\r\n250 SMTPUTF8\r\n"
                     + "500 5.5.2 Command unrecognized\r\n"
                     + "250 2.1.0 Ok\r\n555 5.5.4 Unsupported MAIL FROM or RCPT TO parameter\r\n",
@@ -2042,6 +2043,7 @@ mod tests {
             cfg_with(|c| {
                 c.smtputf8 = false;
                 c.chunking = false;
+                c.binarymime = false;
                 c.dsn = false;
             }),
             true,
@@ -2168,15 +2170,17 @@ mod tests {
         assert_eq!(message(step).body, b"abcd");
     }
 
+    /// BINARYMIME is on by default.
     fn binary_cfg() -> Rc<ServerConfig> {
-        cfg_with(|c| c.binarymime = true)
+        cfg_with(|_| {})
     }
 
     #[test]
-    fn binarymime_is_advertised_only_when_configured() {
+    fn binarymime_is_advertised_by_default_and_can_be_turned_off() {
         let mut s = session_with(binary_cfg(), true);
         assert!(ehlo_line(&mut s).contains("\r\n250-BINARYMIME\r\n250-CHUNKING\r\n"));
-        let mut s = ready();
+        let mut s = session_with(cfg_with(|c| c.binarymime = false), true);
+        assert!(!ehlo_line(&mut s).contains("BINARYMIME"));
         assert_eq!(
             replies(&mut s, b"MAIL FROM:<a@b.test> BODY=BINARYMIME\r\n"),
             "501 5.5.4 Syntax error in parameters or arguments\r\n"

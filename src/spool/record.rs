@@ -64,7 +64,8 @@ pub struct MessageRecord {
     pub rcpts: Vec<String>,
     /// Client address, for the log.
     pub peer: String,
-    /// What the message needs from the next hop: [`FLAG_SMTPUTF8`], [`FLAG_8BITMIME`].
+    /// What the message needs from the next hop: [`FLAG_SMTPUTF8`], [`FLAG_8BITMIME`],
+    /// [`FLAG_BINARYMIME`].
     pub flags: u8,
     /// DSN RET: 0 not given, 1 FULL, 2 HDRS.
     pub dsn_ret: u8,
@@ -82,6 +83,10 @@ pub struct MessageRecord {
 pub const FLAG_SMTPUTF8: u8 = 1;
 /// The message was declared BODY=8BITMIME.
 pub const FLAG_8BITMIME: u8 = 2;
+/// The message was declared BODY=BINARYMIME (RFC 3030): it may only go out with BDAT and
+/// BODY=BINARYMIME. A new bit in the same field, so records keep their format version; a build
+/// from before it would read such a message as plain text.
+pub const FLAG_BINARYMIME: u8 = 4;
 
 /// NOTIFY bits. Without [`NOTIFY_GIVEN`] the default applies: notices of failure only.
 pub const NOTIFY_SUCCESS: u8 = 1;
