@@ -531,15 +531,21 @@ impl ShardCtx {
     /// from the next source of its pool with a free slot for the site.
     fn connect_more(self: &Rc<Self>, dest: &Dest) {
         let target = Some(dest.clone());
+        let egress = &self.settings.egress;
+        let limit = self.settings.site_limits(&dest.hop).connections_max;
         {
             let mut queue = self.queue.borrow_mut();
             let dq = queue.dest(&target);
-            if dq.ready.len() <= dq.idle || self.shutting_down() {
+            // No work for another connection, or this shard alone already holds every slot
+            // the pool's sources have for the site (its own connections will take the work;
+            // no need to ask the shared count, which the busy path would otherwise do per
+            // message).
+            let slots_max = limit.saturating_mul(egress.pools[dest.pool].members.len());
+            if dq.ready.len() <= dq.idle || dq.connections >= slots_max || self.shutting_down() {
                 self.starved.borrow_mut().remove(dest);
                 return;
             }
         }
-        let egress = &self.settings.egress;
         let sources = self
             .egress
             .borrow_mut()
@@ -559,7 +565,6 @@ impl ShardCtx {
             return;
         }
         let site = dest.hop.site_key();
-        let limit = self.settings.site_limits(&dest.hop).connections_max;
         let Some((source, slot)) = sources.into_iter().find_map(|source| {
             self.shared
                 .slots

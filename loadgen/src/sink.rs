@@ -255,14 +255,15 @@ pub fn run(args: SinkArgs) -> anyhow::Result<()> {
     let listener = TcpListener::bind(&args.listen)
         .with_context(|| format!("binding --listen {}", args.listen))?;
     let addr = listener.local_addr()?;
-    // Tests that listen on port 0 read the port from this line; stderr is unbuffered.
-    eprintln!("listening on {addr}");
-
+    // Handlers first: whoever reads the line below may stop the sink at once, and must get a
+    // report rather than the default action's silent death.
     let stop = Arc::new(AtomicBool::new(false));
     for signal in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
         signal_hook::flag::register(signal, Arc::clone(&stop))
             .context("installing a signal handler")?;
     }
+    // Tests that listen on port 0 read the port from this line; stderr is unbuffered.
+    eprintln!("listening on {addr}");
 
     let sink = Arc::new(Sink {
         start: Instant::now(),
