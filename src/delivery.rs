@@ -101,9 +101,29 @@ enum Refusal {
     /// The source's address cannot be bound: no point trying other hosts from it.
     Bind(String),
     /// No TCP connection (refused, unreachable, timed out).
-    Connect(String),
+    Connect(ConnectError),
     /// Connected, but the greeting, EHLO or TLS failed.
     Session(String),
+}
+
+/// Why a TCP connection was not made.
+struct ConnectError {
+    why: String,
+    /// The remote end answered (refused or reset): the source's path works, the host is the
+    /// problem. Timeouts and unreachable networks may be the source's fault.
+    remote_answered: bool,
+}
+
+impl From<std::io::Error> for ConnectError {
+    fn from(e: std::io::Error) -> ConnectError {
+        ConnectError {
+            remote_answered: matches!(
+                e.kind(),
+                ErrorKind::ConnectionRefused | ErrorKind::ConnectionReset
+            ),
+            why: e.to_string(),
+        }
+    }
 }
 
 /// Connect from `source` to `addr`: bound to the source's address when it has one.
@@ -115,7 +135,7 @@ async fn connect_from(
     let Some(local) = source.address else {
         return TcpStream::connect_timeout(addr, timeout)
             .await
-            .map_err(|e| Refusal::Connect(e.to_string()));
+            .map_err(|e| Refusal::Connect(std::io::Error::from(e).into()));
     };
     let socket = bound_socket(local, addr)
         .map_err(|e| Refusal::Bind(format!("cannot bind source address {local}: {e}")))?;
@@ -138,23 +158,24 @@ async fn connect_from(
                     break;
                 }
                 if Instant::now() >= deadline {
-                    return Err(Refusal::Connect("connection timed out".into()));
+                    let timed_out = std::io::Error::from(ErrorKind::TimedOut);
+                    return Err(Refusal::Connect(timed_out.into()));
                 }
                 glommio::timer::sleep(pause).await;
                 pause = (pause * 2).min(CONNECT_POLL_MAX);
             }
             if let Some(e) = socket
                 .take_error()
-                .map_err(|e| Refusal::Connect(e.to_string()))?
+                .map_err(|e| Refusal::Connect(e.into()))?
             {
-                return Err(Refusal::Connect(e.to_string()));
+                return Err(Refusal::Connect(e.into()));
             }
         }
-        Err(e) => return Err(Refusal::Connect(e.to_string())),
+        Err(e) => return Err(Refusal::Connect(e.into())),
     }
     socket
         .set_nonblocking(false)
-        .map_err(|e| Refusal::Connect(e.to_string()))?;
+        .map_err(|e| Refusal::Connect(e.into()))?;
     // SAFETY: the descriptor is a connected TCP socket we own; the stream takes it over.
     Ok(unsafe { TcpStream::from_raw_fd(socket.into_raw_fd()) })
 }
@@ -396,6 +417,8 @@ async fn open(ctx: &Rc<ShardCtx>, dest: &Dest, source: usize) -> Result<Opened, 
     };
     let mut refusals: Vec<String> = Vec::new();
     let mut connected = false;
+    // A connection attempt failed in a way that may be the source's fault.
+    let mut source_suspect = false;
     let mut tried = 0usize;
     'hosts: for host in &hosts {
         let addrs: Vec<SocketAddr> = match &dest.hop {
@@ -449,12 +472,15 @@ async fn open(ctx: &Rc<ShardCtx>, dest: &Dest, source: usize) -> Result<Opened, 
                     ctx.source_health(source, change, &why);
                     return Err(ConnError::Source);
                 }
-                Refusal::Connect(why) => refusals.push(format!("connect to {peer} failed: {why}")),
+                Refusal::Connect(e) => {
+                    source_suspect |= !e.remote_answered;
+                    refusals.push(format!("connect to {peer} failed: {}", e.why));
+                }
                 Refusal::Session(why) => refusals.push(format!("{peer}: {why}")),
             }
         }
     }
-    if tried > 0 && !connected {
+    if source_suspect && !connected {
         let egress = &ctx.settings.egress;
         let why = refusals.join("; ");
         let change = ctx

@@ -6,7 +6,8 @@
 //!   `[[pool_rule]]` matching its sender domain, recipient domain and tenant header, else the
 //!   default pool. Within a pool, sources take turns by smooth weighted round robin.
 //! - **Health**, per shard: a source whose bind fails, or whose last `source_failures_max`
-//!   connections all failed, is out of rotation for `source_quarantine_s`; the pool uses its
+//!   connection attempts all failed without the remote end answering (a refusal proves the
+//!   source's path works), is out of rotation for `source_quarantine_s`; the pool uses its
 //!   other sources meanwhile. A source down for connect failures is still used when every
 //!   source of the pool is down (better than no mail at all); one whose address cannot be
 //!   bound is not.
