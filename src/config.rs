@@ -169,6 +169,48 @@ pub struct ListenerEntry {
     /// Submission (RFC 6409): MAIL only after AUTH. Needs `server.auth_users`.
     #[serde(default)]
     pub auth_required: bool,
+    /// MAIL only after STARTTLS (`530 5.7.0`); implicit-TLS listeners are encrypted anyway.
+    #[serde(default)]
+    pub tls_required: bool,
+    /// Name in the greeting, the EHLO reply and Received headers; `server.hostname` if unset.
+    #[serde(default)]
+    pub hostname: Option<String>,
+    /// Clients that may relay without AUTH; `server.relay_networks` if unset.
+    #[serde(default)]
+    pub relay_networks: Option<Vec<String>>,
+    /// Connections to this listener per shard; `server.connections_max` if unset (the
+    /// shard-wide `server.connections_max` applies as well).
+    #[serde(default)]
+    pub connections_max: Option<usize>,
+    /// Connections to this listener per client IP, per shard; `server.connections_per_ip_max`
+    /// if unset (the shard-wide per-IP limit applies as well).
+    #[serde(default)]
+    pub connections_per_ip_max: Option<usize>,
+    #[serde(default)]
+    pub messages_per_connection_max: Option<usize>,
+    #[serde(default)]
+    pub size_max: Option<usize>,
+    #[serde(default)]
+    pub rcpts_max: Option<usize>,
+}
+
+impl ListenerEntry {
+    /// A listener with the server-wide policy at `address`.
+    pub fn plain(address: SocketAddr, implicit_tls: bool) -> ListenerEntry {
+        ListenerEntry {
+            address,
+            implicit_tls,
+            auth_required: false,
+            tls_required: false,
+            hostname: None,
+            relay_networks: None,
+            connections_max: None,
+            connections_per_ip_max: None,
+            messages_per_connection_max: None,
+            size_max: None,
+            rcpts_max: None,
+        }
+    }
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -716,6 +758,32 @@ impl Config {
         for (i, l) in self.listener.iter().enumerate() {
             if l.auth_required && self.server.auth_users.as_os_str().is_empty() {
                 return Err(invalid("listener.auth_required", "needs server.auth_users"));
+            }
+            if let Some(h) = &l.hostname {
+                if h.trim().is_empty() || h.contains(char::is_whitespace) {
+                    return Err(invalid(
+                        "listener.hostname",
+                        format!("`{h}` is not a host name"),
+                    ));
+                }
+            }
+            if let Some(nets) = &l.relay_networks {
+                parse_networks("listener.relay_networks", nets)?;
+            }
+            if l.connections_max == Some(0) || l.connections_per_ip_max == Some(0) {
+                return Err(invalid(
+                    "listener.connections_max",
+                    format!("listener {}: limits must be at least 1", l.address),
+                ));
+            }
+            if l.size_max.is_some_and(|n| n < 1024) {
+                return Err(invalid("listener.size_max", "must be at least 1024 bytes"));
+            }
+            if l.rcpts_max.is_some_and(|n| n < 100) {
+                return Err(invalid(
+                    "listener.rcpts_max",
+                    "RFC 5321 requires at least 100",
+                ));
             }
             let clash = l.address == self.server.listen
                 || Some(l.address) == implicit_tls_listen

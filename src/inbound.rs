@@ -6,7 +6,8 @@
 //! batch (PIPELINING), and when a message is complete hands it to `ShardCtx::accept_message`,
 //! which answers only once every part is durable on its owning shard.
 
-use std::cell::Cell;
+use std::cell::{Cell, RefCell};
+use std::collections::HashMap;
 use std::io::ErrorKind;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::rc::Rc;
@@ -15,7 +16,7 @@ use std::time::Duration;
 use futures_lite::{AsyncReadExt, AsyncWriteExt};
 use glommio::net::{TcpListener, TcpStream};
 
-use crate::config::ListenerEntry;
+use crate::config::{ListenerEntry, Network};
 use crate::shard::{Dsn, Incoming, ShardCtx};
 use crate::smtp::received::{received_header, received_protocol, submission_headers};
 use crate::smtp::reply::Reply;
@@ -38,20 +39,25 @@ const TOO_MANY_FROM_IP: &[u8] =
 
 const TOO_MANY_CONNECTIONS: &[u8] = b"421 4.7.0 Too many connections, try again later\r\n";
 
-/// The session settings, from the configuration.
+/// The session settings of a listener: `[server]`'s, with the listener's own values on top.
 pub fn server_config(
     ctx: &ShardCtx,
     spec: &ListenerEntry,
 ) -> Result<ServerConfig, crate::smtp::server::ConfigError> {
     let server = &ctx.settings.config.server;
     let cfg = ServerConfig {
-        hostname: ctx.settings.hostname.clone(),
-        size_max: server.size_max,
-        rcpts_max: server.rcpts_max,
+        hostname: spec
+            .hostname
+            .clone()
+            .unwrap_or_else(|| ctx.settings.hostname.clone()),
+        size_max: spec.size_max.unwrap_or(server.size_max),
+        rcpts_max: spec.rcpts_max.unwrap_or(server.rcpts_max),
         errors_max: server.errors_max,
         line_len_max: server.line_len_max,
         data_line_len_max: server.data_line_len_max,
-        messages_per_session_max: server.messages_per_connection_max,
+        messages_per_session_max: spec
+            .messages_per_connection_max
+            .unwrap_or(server.messages_per_connection_max),
         smtputf8: server.smtputf8,
         chunking: server.chunking,
         binarymime: server.binarymime,
@@ -69,6 +75,7 @@ pub fn server_config(
         starttls: true,
         auth: ctx.settings.auth_users.is_some(),
         auth_required: spec.auth_required,
+        tls_required: spec.tls_required && !spec.implicit_tls,
     };
     cfg.validate()?;
     Ok(cfg)
@@ -79,16 +86,55 @@ pub fn listen(addr: SocketAddr) -> std::io::Result<TcpListener> {
         .map_err(|e| std::io::Error::other(format!("cannot listen on {addr}: {e}")))
 }
 
+/// One listener's policy on this shard, and its connection counts.
+struct Listener {
+    cfg: Rc<ServerConfig>,
+    implicit_tls: bool,
+    relay_networks: Vec<Network>,
+    connections_max: usize,
+    connections_per_ip_max: usize,
+    sessions: Cell<usize>,
+    by_ip: RefCell<HashMap<IpAddr, usize>>,
+}
+
+impl Listener {
+    fn new(ctx: &ShardCtx, spec: &ListenerEntry) -> Result<Listener, String> {
+        let server = &ctx.settings.config.server;
+        let cfg = server_config(ctx, spec).map_err(|e| e.to_string())?;
+        let relay_networks = match &spec.relay_networks {
+            Some(nets) => nets
+                .iter()
+                .map(|n| Network::parse(n).ok_or_else(|| format!("bad network `{n}`")))
+                .collect::<Result<Vec<_>, _>>()?,
+            None => ctx.settings.relay_networks.clone(),
+        };
+        Ok(Listener {
+            cfg: Rc::new(cfg),
+            implicit_tls: spec.implicit_tls,
+            relay_networks,
+            connections_max: spec.connections_max.unwrap_or(server.connections_max),
+            connections_per_ip_max: spec
+                .connections_per_ip_max
+                .unwrap_or(server.connections_per_ip_max),
+            sessions: Cell::new(0),
+            by_ip: RefCell::new(HashMap::new()),
+        })
+    }
+}
+
 /// Accept on `listener` until shutdown, with that listener's policy: implicit TLS (a TLS
-/// handshake before the greeting, port 465 style) and whether AUTH is required (submission).
+/// handshake before the greeting, port 465 style), AUTH or TLS required, its own host name,
+/// relay networks and limits.
 pub async fn accept_loop(ctx: Rc<ShardCtx>, listener: TcpListener, spec: ListenerEntry) {
-    let implicit_tls = spec.implicit_tls;
-    let server_cfg = match server_config(&ctx, &spec) {
-        Ok(cfg) => Rc::new(cfg),
+    let policy = match Listener::new(&ctx, &spec) {
+        Ok(policy) => Rc::new(policy),
         Err(e) => {
-            // Checked at start (`epoxi serve` validates it before any shard runs); if it
-            // still fails here, refuse connections rather than serve with a broken config.
-            eprintln!("shard {}: invalid SMTP server settings: {e}", ctx.id);
+            // Validated with the configuration at start; if it still fails here, refuse
+            // connections rather than serve with a broken config.
+            eprintln!(
+                "shard {}: invalid settings for listener {}: {e}",
+                ctx.id, spec.address
+            );
             return;
         }
     };
@@ -112,20 +158,24 @@ pub async fn accept_loop(ctx: Rc<ShardCtx>, listener: TcpListener, spec: Listene
                 continue;
             }
         };
-        if ctx.sessions.get() >= ctx.settings.config.server.connections_max {
+        if ctx.sessions.get() >= ctx.settings.config.server.connections_max
+            || policy.sessions.get() >= policy.connections_max
+        {
             glommio::spawn_local(refuse(stream, TOO_MANY_CONNECTIONS)).detach();
             continue;
         }
         ctx.sessions.set(ctx.sessions.get() + 1);
+        policy.sessions.set(policy.sessions.get() + 1);
         let session_ctx = ctx.clone();
-        let cfg = server_cfg.clone();
+        let policy = policy.clone();
         glommio::spawn_local(async move {
-            if let Err(e) = session(&session_ctx, cfg, stream, implicit_tls).await {
+            if let Err(e) = session(&session_ctx, &policy, stream).await {
                 if e.kind() != ErrorKind::ConnectionReset && e.kind() != ErrorKind::BrokenPipe {
                     eprintln!("shard {}: session error: {e}", session_ctx.id);
                 }
             }
             session_ctx.sessions.set(session_ctx.sessions.get() - 1);
+            policy.sessions.set(policy.sessions.get() - 1);
         })
         .detach();
     }
@@ -195,36 +245,49 @@ async fn refuse(mut stream: TcpStream, reply: &[u8]) {
     let _ = stream.close().await;
 }
 
-/// One of a client address's connection slots on this shard, given back when dropped.
+/// One of a client address's connection slots on this shard (all listeners) and on its
+/// listener, given back when dropped.
 struct IpSlot {
     ctx: Rc<ShardCtx>,
+    listener: Rc<Listener>,
     ip: std::net::IpAddr,
 }
 
 impl IpSlot {
-    fn take(ctx: &Rc<ShardCtx>, ip: std::net::IpAddr) -> Option<IpSlot> {
-        let mut by_ip = ctx.sessions_by_ip.borrow_mut();
-        let n = by_ip.entry(ip).or_insert(0);
-        if *n >= ctx.settings.config.server.connections_per_ip_max {
+    fn take(ctx: &Rc<ShardCtx>, listener: &Rc<Listener>, ip: std::net::IpAddr) -> Option<IpSlot> {
+        let shard_max = ctx.settings.config.server.connections_per_ip_max;
+        let mut shard = ctx.sessions_by_ip.borrow_mut();
+        let mut own = listener.by_ip.borrow_mut();
+        if shard.get(&ip).copied().unwrap_or(0) >= shard_max
+            || own.get(&ip).copied().unwrap_or(0) >= listener.connections_per_ip_max
+        {
             return None;
         }
-        *n += 1;
+        *shard.entry(ip).or_insert(0) += 1;
+        *own.entry(ip).or_insert(0) += 1;
         Some(IpSlot {
             ctx: ctx.clone(),
+            listener: listener.clone(),
             ip,
         })
     }
 }
 
+/// Take one from `ip`'s count, removing it at zero so the map stays small.
+fn release(by_ip: &RefCell<HashMap<IpAddr, usize>>, ip: IpAddr) {
+    let mut by_ip = by_ip.borrow_mut();
+    if let Some(n) = by_ip.get_mut(&ip) {
+        *n -= 1;
+        if *n == 0 {
+            by_ip.remove(&ip);
+        }
+    }
+}
+
 impl Drop for IpSlot {
     fn drop(&mut self) {
-        let mut by_ip = self.ctx.sessions_by_ip.borrow_mut();
-        if let Some(n) = by_ip.get_mut(&self.ip) {
-            *n -= 1;
-            if *n == 0 {
-                by_ip.remove(&self.ip);
-            }
-        }
+        release(&self.ctx.sessions_by_ip, self.ip);
+        release(&self.listener.by_ip, self.ip);
     }
 }
 
@@ -357,10 +420,11 @@ impl Transport {
 
 async fn session(
     ctx: &Rc<ShardCtx>,
-    cfg: Rc<ServerConfig>,
+    listener: &Rc<Listener>,
     mut stream: TcpStream,
-    implicit_tls: bool,
 ) -> std::io::Result<()> {
+    let implicit_tls = listener.implicit_tls;
+    let hostname = listener.cfg.hostname.clone();
     let server = &ctx.settings.config.server;
     let _ = stream.set_nodelay(true);
     stream.set_read_timeout(Some(Duration::from_millis(READ_SLICE_MS)))?;
@@ -378,12 +442,11 @@ async fn session(
     } else {
         (socket_peer, Vec::new())
     };
-    let Some(_slot) = IpSlot::take(ctx, peer.ip()) else {
+    let Some(_slot) = IpSlot::take(ctx, listener, peer.ip()) else {
         refuse(stream, TOO_MANY_FROM_IP).await;
         return Ok(());
     };
-    let relay_allowed = ctx
-        .settings
+    let relay_allowed = listener
         .relay_networks
         .iter()
         .any(|n| n.contains(peer.ip()));
@@ -399,7 +462,7 @@ async fn session(
         wire: Vec::new(),
         plain: Vec::new(),
     };
-    let mut session = Session::new(cfg, relay_allowed);
+    let mut session = Session::new(listener.cfg.clone(), relay_allowed);
     if implicit_tls {
         session.tls_started();
     }
@@ -468,7 +531,7 @@ async fn session(
                     _ => None,
                 };
                 let header = received_header(
-                    &ctx.settings.hostname,
+                    &hostname,
                     &tx.helo,
                     peer.ip(),
                     protocol,
@@ -480,12 +543,7 @@ async fn session(
                 // An authenticated client is submitting (RFC 6409): fill in Date and
                 // Message-ID when its message has none.
                 let submission = if session.user().is_some() {
-                    submission_headers(
-                        &tx.body,
-                        &reception_id,
-                        &ctx.settings.hostname,
-                        received_ms / 1000,
-                    )
+                    submission_headers(&tx.body, &reception_id, &hostname, received_ms / 1000)
                 } else {
                     String::new()
                 };

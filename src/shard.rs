@@ -1036,16 +1036,12 @@ pub async fn run(
 
     let scheduler = glommio::spawn_local(ctx.clone().run_scheduler());
     let mut acceptors = Vec::new();
-    let mut listeners = vec![ListenerEntry {
-        address: cfg.server.listen,
-        implicit_tls: false,
-        auth_required: false,
-    }];
-    listeners.extend(settings.implicit_tls_listen.map(|address| ListenerEntry {
-        address,
-        implicit_tls: true,
-        auth_required: false,
-    }));
+    let mut listeners = vec![ListenerEntry::plain(cfg.server.listen, false)];
+    listeners.extend(
+        settings
+            .implicit_tls_listen
+            .map(|address| ListenerEntry::plain(address, true)),
+    );
     listeners.extend(cfg.listener.iter().cloned());
     for spec in listeners {
         let listener =

@@ -314,3 +314,71 @@ fn listener_config_errors_name_the_key() {
         ran.stderr
     );
 }
+
+/// Each listener has its own name, relay networks, limits and TLS policy; the main listener
+/// keeps the server-wide ones.
+#[test]
+fn listeners_have_their_own_name_limits_and_policy() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let sink = Sink::start(dir.path(), &[]);
+    let (strict, secure) = (dead_port(), dead_port());
+    let mut opts = Opts::new(dir.path()).route(sink.port);
+    opts.conf.raw = format!(
+        "[[listener]]\naddress = \"127.0.0.1:{strict}\"\nhostname = \"strict.epoxi.test\"\n\
+         relay_networks = []\nconnections_per_ip_max = 1\nsize_max = 4096\n\
+         [[listener]]\naddress = \"127.0.0.1:{secure}\"\nhostname = \"secure.epoxi.test\"\n\
+         tls_required = true\n"
+    );
+    let epoxi = Epoxi::start(&opts);
+
+    // The strict listener: its name, its SIZE, no relaying for loopback, one connection per IP.
+    let mut first = Smtp::connect(strict);
+    let greeting = first.reply();
+    assert!(
+        greeting.text.contains("strict.epoxi.test"),
+        "{}",
+        greeting.text
+    );
+    let ehlo = first.expect("EHLO client.test", 250);
+    assert!(ehlo.text.contains("SIZE 4096"), "{}", ehlo.text);
+    first.expect("MAIL FROM:<a@x.test>", 250);
+    let denied = first.expect("RCPT TO:<b@d1.test>", 550);
+    assert!(denied.text.contains("5.7.1"), "{}", denied.text);
+    let mut second = Smtp::connect(strict);
+    let refused = second.reply();
+    assert_eq!(refused.code, 421, "{}", refused.text);
+    assert!(second.try_reply().is_none(), "closed after the 421");
+    // The main listener is not affected by the strict one's limits or name.
+    let mut main = Smtp::connect(epoxi.port);
+    let greeting = main.reply();
+    assert!(greeting.text.contains("mx.epoxi.test"), "{}", greeting.text);
+    main.expect("EHLO client.test", 250);
+    let body = message_body("main-listener", &[]);
+    let reply = main.send_message("a@x.test", &["b@d1.test".into()], &body);
+    assert_eq!(reply.code, 250, "{}", reply.text);
+    first.expect("QUIT", 221);
+
+    // The secure listener: MAIL only after STARTTLS.
+    let script = format!(
+        r#"{PY_PRELUDE}
+s = smtplib.SMTP("127.0.0.1", {secure}, timeout=20)
+s.ehlo("client.test")
+code, msg = s.mail("a@x.test")
+assert code == 530, (code, msg)
+assert b"STARTTLS" in msg, msg
+s.rset()
+s.starttls(context=ctx)
+s.ehlo("client.test")
+s.sendmail("a@x.test", ["b@d2.test"], "X-Loadgen-Id: secure\r\n\r\nx\r\n")
+s.quit()
+"#
+    );
+    let (ok, out) = python(&script);
+    assert!(ok, "smtplib:\n{out}");
+    epoxi.wait_events("Delivery", 2);
+    let mut epoxi = epoxi;
+    epoxi.stop();
+    let mut ids = sink.stop().ids;
+    ids.sort();
+    assert_eq!(ids, vec!["main-listener".to_owned(), "secure".to_owned()]);
+}

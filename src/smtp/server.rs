@@ -96,6 +96,8 @@ pub struct ServerConfig {
     pub auth: bool,
     /// Submission (RFC 6409): MAIL is refused with `530 5.7.0` until the client authenticated.
     pub auth_required: bool,
+    /// MAIL is refused with `530 5.7.0` until the session is encrypted (RFC 3207 §4).
+    pub tls_required: bool,
     /// Advertise SMTPUTF8 (RFC 6531) and accept UTF-8 addresses in transactions that ask for it.
     pub smtputf8: bool,
     /// Advertise CHUNKING (RFC 3030) and accept BDAT.
@@ -148,6 +150,7 @@ impl Default for ServerConfig {
             starttls: false,
             auth: false,
             auth_required: false,
+            tls_required: false,
             smtputf8: true,
             chunking: true,
             binarymime: true,
@@ -233,6 +236,7 @@ const AUTH_CANCELLED: &[u8] = b"501 5.0.0 Authentication cancelled\r\n";
 const AUTH_BAD_BASE64: &[u8] = b"501 5.5.2 Cannot decode response\r\n";
 const AUTH_FAILED: &[u8] = b"535 5.7.8 Authentication credentials invalid\r\n";
 const AUTH_REQUIRED: &[u8] = b"530 5.7.0 Authentication required\r\n";
+const TLS_REQUIRED: &[u8] = b"530 5.7.0 Must issue a STARTTLS command first\r\n";
 const AUTH_OK: &[u8] = b"235 2.7.0 Authentication successful\r\n";
 const AUTH_LIMITED: &[u8] = b"454 4.7.0 Too many failed authentications, try again later\r\n";
 
@@ -958,6 +962,10 @@ impl Proto {
         }
         if self.txn.is_some() {
             return self.reject(Rejection::NestedMail, out);
+        }
+        if self.cfg.tls_required && !self.tls {
+            out.extend_from_slice(TLS_REQUIRED);
+            return;
         }
         if self.cfg.auth_required && self.user.is_none() {
             out.extend_from_slice(AUTH_REQUIRED);
@@ -1960,6 +1968,25 @@ mod tests {
             replies(&mut s, b"AUTH PLAIN AGFsaWNlAHB3\r\n").starts_with("503"),
             "only once"
         );
+    }
+
+    #[test]
+    fn tls_required_refuses_mail_until_starttls() {
+        let mut s = session_with(
+            cfg_with(|c| {
+                c.starttls = true;
+                c.tls_required = true;
+            }),
+            true,
+        );
+        ehlo_line(&mut s);
+        assert_eq!(
+            replies(&mut s, b"MAIL FROM:<a@b.test>\r\n"),
+            "530 5.7.0 Must issue a STARTTLS command first\r\n"
+        );
+        s.tls_started();
+        ehlo_line(&mut s);
+        assert!(replies(&mut s, b"MAIL FROM:<a@b.test>\r\n").starts_with("250"));
     }
 
     #[test]
