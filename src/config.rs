@@ -1174,6 +1174,25 @@ mod tests {
     }
 
     #[test]
+    fn bad_listener_entries_name_the_key() {
+        let cases = [
+            ("hostname = \"two words\"", "listener.hostname"),
+            ("relay_networks = [\"10.0.0.0/99\"]", "listener.relay_networks"),
+            ("connections_per_ip_max = 0", "listener.connections_max"),
+            ("size_max = 10", "listener.size_max"),
+            ("rcpts_max = 5", "listener.rcpts_max"),
+        ];
+        for (line, key) in cases {
+            let text = format!("[[listener]]\naddress = \"127.0.0.1:2600\"\n{line}\n");
+            let err = Config::parse(&text)
+                .expect("parses")
+                .settle(Overrides::default())
+                .expect_err(line);
+            assert!(err.to_string().contains(key), "{line}: {err}");
+        }
+    }
+
+    #[test]
     fn networks_match() {
         let n = Network::parse("127.0.0.0/8").expect("cidr");
         assert!(n.contains("127.1.2.3".parse().expect("ip")));
