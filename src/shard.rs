@@ -611,6 +611,8 @@ impl ShardCtx {
         // Final outcomes that may call for a notice to the sender (decided by NOTIFY later).
         let mut notices: Vec<(u32, OutcomeKind, Response)> = Vec::new();
         let mut notice_for = None;
+        // Failure outcomes whose notice must be durable first (see below).
+        let mut after_notice: Vec<OutcomeRecord> = Vec::new();
         {
             let mut queue = self.queue.borrow_mut();
             let Some(meta) = queue.message_mut(job.message) else {
@@ -655,7 +657,19 @@ impl ShardCtx {
                     at_ms: now,
                     next_attempt_ms: next.unwrap_or(0),
                 };
-                if let Err(e) = self.spool.append_outcome(meta.loc.seq, &record) {
+                let wants_notice = match outcome {
+                    OutcomeKind::Bounced | OutcomeKind::Expired => true,
+                    OutcomeKind::Delivered => meta.success_notices,
+                    OutcomeKind::Deferred => false,
+                } && !meta.mail_from.is_empty();
+                // A bounce or expiry is recorded only once its notice is spooled: a crash in
+                // between leaves the recipient pending, so it bounces (and notifies) again
+                // after restart: at least once. A delivery is recorded at once: its success
+                // notice is at most once, since redelivering the message would be worse.
+                let failure = matches!(outcome, OutcomeKind::Bounced | OutcomeKind::Expired);
+                if wants_notice && failure {
+                    after_notice.push(record);
+                } else if let Err(e) = self.spool.append_outcome(meta.loc.seq, &record) {
                     eprintln!("shard {}: cannot record outcome: {e}", self.id);
                 }
                 self.log.record(&Event {
@@ -677,12 +691,7 @@ impl ShardCtx {
                     tls: None,
                     source: via.source,
                 });
-                let wants_notice = match outcome {
-                    OutcomeKind::Bounced | OutcomeKind::Expired => true,
-                    OutcomeKind::Delivered => meta.success_notices,
-                    OutcomeKind::Deferred => false,
-                };
-                if wants_notice && !meta.mail_from.is_empty() {
+                if wants_notice {
                     notices.push((*r, outcome, response.clone()));
                 }
                 match next {
@@ -702,11 +711,17 @@ impl ShardCtx {
             }
         }
         match notice_for {
-            // The notice task reads the original first, then lets its segment go.
+            // The notice task reads the original first, spools the notice, then records the
+            // failures it reports and lets the original's segment go.
             Some((loc, mail_from, received_ms)) => {
                 let ctx = self.clone();
                 glommio::spawn_local(async move {
                     ctx.send_notice(loc, mail_from, received_ms, notices).await;
+                    for record in &after_notice {
+                        if let Err(e) = ctx.spool.append_outcome(loc.seq, record) {
+                            eprintln!("shard {}: cannot record outcome: {e}", ctx.id);
+                        }
+                    }
                     if let Some(seq) = final_seq {
                         ctx.spool.message_final(seq);
                     }
@@ -736,8 +751,9 @@ impl ShardCtx {
 
     /// Build a delivery status notification (RFC 3464) for the recipients that asked for one
     /// (DSN NOTIFY, default: failures) and spool it to the sender from the null sender, so no
-    /// notice is ever sent about a notice. A crash between the final outcome and this can
-    /// lose the notice, never the original message's outcome.
+    /// notice is ever sent about a notice. Failures it reports are recorded only after it is
+    /// spooled (at least once across a crash); success notices follow their delivery's record
+    /// (at most once).
     async fn send_notice(
         self: &Rc<Self>,
         loc: Location,
