@@ -315,6 +315,13 @@ canned!(
     NON_ASCII_SENDER = 553 (5, 6, 7) "Non-ASCII addresses not permitted for that sender"
 );
 canned!(NON_ASCII_RECIPIENT = 553 (5, 6, 7) "Non-ASCII addresses not permitted for that recipient");
+canned!(
+    /// RFC 6531 §3.3: a UTF-8 domain must be a valid internationalized domain name (IDNA2008).
+    BAD_IDN_SENDER = 553 (5, 1, 7) "Sender domain is not a valid internationalized domain name"
+);
+canned!(
+    BAD_IDN_RECIPIENT = 553 (5, 1, 3) "Recipient domain is not a valid internationalized domain name"
+);
 canned!(BAD_DSN_PARAMETER = 555 (5, 5, 4) "Invalid DSN parameter value");
 canned!(
     /// RFC 3030 3: DATA after BDAT in one transaction is a bad sequence.
@@ -360,6 +367,8 @@ pub enum Rejection {
     NotImplemented,
     NonAsciiSender,
     NonAsciiRecipient,
+    BadIdnSender,
+    BadIdnRecipient,
     BadDsnParameter,
     DataAfterBdat,
     BinaryMimeNeedsBdat,
@@ -371,7 +380,7 @@ pub enum Rejection {
 }
 
 impl Rejection {
-    pub const COUNT: usize = 27;
+    pub const COUNT: usize = 29;
     pub const ALL: [Rejection; Rejection::COUNT] = [
         Rejection::UnknownCommand,
         Rejection::NulInCommand,
@@ -392,6 +401,8 @@ impl Rejection {
         Rejection::NotImplemented,
         Rejection::NonAsciiSender,
         Rejection::NonAsciiRecipient,
+        Rejection::BadIdnSender,
+        Rejection::BadIdnRecipient,
         Rejection::BadDsnParameter,
         Rejection::DataAfterBdat,
         Rejection::BinaryMimeNeedsBdat,
@@ -428,6 +439,8 @@ impl Rejection {
             Rejection::NotImplemented => &NOT_IMPLEMENTED,
             Rejection::NonAsciiSender => &NON_ASCII_SENDER,
             Rejection::NonAsciiRecipient => &NON_ASCII_RECIPIENT,
+            Rejection::BadIdnSender => &BAD_IDN_SENDER,
+            Rejection::BadIdnRecipient => &BAD_IDN_RECIPIENT,
             Rejection::BadDsnParameter => &BAD_DSN_PARAMETER,
             Rejection::DataAfterBdat => &DATA_AFTER_BDAT,
             Rejection::BinaryMimeNeedsBdat => &BINARYMIME_NEEDS_BDAT,
@@ -515,6 +528,8 @@ mod tests {
             INTERNAL,
             NON_ASCII_SENDER,
             NON_ASCII_RECIPIENT,
+            BAD_IDN_SENDER,
+            BAD_IDN_RECIPIENT,
             BAD_DSN_PARAMETER,
             DATA_AFTER_BDAT,
             BINARYMIME_NEEDS_BDAT,

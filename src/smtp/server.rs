@@ -983,6 +983,9 @@ impl Proto {
         if from.is_some_and(|m| !m.address.is_ascii()) && !params.smtputf8 {
             return self.reject(Rejection::NonAsciiSender, out);
         }
+        if from.is_some_and(|m| !idn_ok(m.address)) {
+            return self.reject(Rejection::BadIdnSender, out);
+        }
         if params.size.is_some_and(|n| n > self.cfg.size_max) {
             return self.reject(Rejection::SizeExceeded, out);
         }
@@ -1012,6 +1015,9 @@ impl Proto {
         }
         if !to.address.is_ascii() && !txn.smtputf8 {
             return self.reject(Rejection::NonAsciiRecipient, out);
+        }
+        if !idn_ok(to.address) {
+            return self.reject(Rejection::BadIdnRecipient, out);
         }
         if txn.rcpts.len() >= self.cfg.rcpts_max {
             return self.reject(Rejection::TooManyRecipients, out);
@@ -1169,6 +1175,16 @@ impl Proto {
             }
         }
     }
+}
+
+/// Whether an address's domain, when internationalized (UTF-8), is a valid IDNA2008 name
+/// (RFC 6531 §3.3), checked as UTS 46 non-transitional processing with STD3 rules, hyphen and
+/// DNS length checks. ASCII domains and address literals are the parser's business.
+fn idn_ok(address: &str) -> bool {
+    let Some((_, domain)) = address.rsplit_once('@') else {
+        return true;
+    };
+    domain.is_ascii() || idna::domain_to_ascii_strict(domain).is_ok()
 }
 
 /// A body buffer for a message that declared `declared` bytes: the declaration is a hint, so at
@@ -1968,6 +1984,34 @@ mod tests {
             replies(&mut s, b"AUTH PLAIN AGFsaWNlAHB3\r\n").starts_with("503"),
             "only once"
         );
+    }
+
+    #[test]
+    fn internationalized_domains_must_be_valid_idna() {
+        let mut s = session_with(cfg_with(|_| {}), true);
+        ehlo_line(&mut s);
+        // A UTF-8 sender domain with a disallowed code point (U+2488, a "digit full stop").
+        assert_eq!(
+            replies(
+                &mut s,
+                "MAIL FROM:<a@\u{2488}x.test> SMTPUTF8\r\n".as_bytes()
+            ),
+            "553 5.1.7 Sender domain is not a valid internationalized domain name\r\n"
+        );
+        assert!(replies(
+            &mut s,
+            "MAIL FROM:<\u{e9}@b\u{fc}cher.test> SMTPUTF8\r\n".as_bytes()
+        )
+        .starts_with("250"));
+        assert!(replies(&mut s, "RCPT TO:<x@m\u{fc}nchen.test>\r\n".as_bytes()).starts_with("250"));
+        // A label starting with a combining mark, and one over 63 octets once encoded.
+        assert_eq!(
+            replies(&mut s, "RCPT TO:<x@\u{301}m\u{fc}nchen.test>\r\n".as_bytes()),
+            "553 5.1.3 Recipient domain is not a valid internationalized domain name\r\n"
+        );
+        let long = format!("RCPT TO:<x@{}\u{fc}.test>\r\n", "a".repeat(60));
+        assert!(replies(&mut s, long.as_bytes()).starts_with("553 5.1.3"));
+        assert_eq!(s.stats().rejected(Rejection::BadIdnRecipient), 2);
     }
 
     #[test]
