@@ -1177,7 +1177,10 @@ mod tests {
     fn bad_listener_entries_name_the_key() {
         let cases = [
             ("hostname = \"two words\"", "listener.hostname"),
-            ("relay_networks = [\"10.0.0.0/99\"]", "listener.relay_networks"),
+            (
+                "relay_networks = [\"10.0.0.0/99\"]",
+                "listener.relay_networks",
+            ),
             ("connections_per_ip_max = 0", "listener.connections_max"),
             ("size_max = 10", "listener.size_max"),
             ("rcpts_max = 5", "listener.rcpts_max"),
