@@ -1,8 +1,9 @@
 //! `epoxi-loadgen`: load for an SMTP MTA and a sink to measure what comes out of it.
 //!
 //! `inject` sends messages over reused, pipelined SMTP connections and reports counts and
-//! end-of-data latency; `sink` accepts, counts and discards. Both end with one JSON line on
-//! stdout that scripts parse, and say everything else on stderr.
+//! end-of-data latency; `sink` accepts, counts and discards; `dns` serves a static zone of MX
+//! and address records, so mail can take the MX path. All end with one JSON line on stdout
+//! that scripts parse, and say everything else on stderr.
 
 // The workspace denies `unwrap` outside tests; a test that unwraps is asserting.
 #![cfg_attr(test, allow(clippy::unwrap_used))]
@@ -10,6 +11,7 @@
 use clap::{Parser, Subcommand};
 
 mod client;
+mod dns;
 mod inject;
 mod message;
 mod reply_mix;
@@ -17,8 +19,9 @@ mod server;
 mod sink;
 mod smtp_line;
 mod stats;
+mod zone;
 
-// Both commands allocate a little per message on many threads at once.
+// inject and sink allocate a little per message on many threads at once.
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
@@ -35,12 +38,15 @@ enum Command {
     Inject(inject::InjectArgs),
     /// Accept, count and discard messages, then report.
     Sink(sink::SinkArgs),
+    /// Answer DNS queries from a static zone (MX, A, AAAA) until a signal, then report.
+    Dns(dns::DnsArgs),
 }
 
 fn main() -> std::process::ExitCode {
     let result = match Cli::parse().command {
         Command::Inject(args) => inject::run(args),
         Command::Sink(args) => sink::run(args),
+        Command::Dns(args) => dns::run(args),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

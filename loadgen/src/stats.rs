@@ -93,6 +93,30 @@ pub struct SinkReport {
     pub helos: BTreeMap<String, u64>,
 }
 
+/// The DNS server's report. `queries` counts every message that decoded as a query, and is
+/// `udp + tcp` and `answered + nodata + nxdomain + errors`.
+#[derive(Debug, Clone, Serialize)]
+pub struct DnsReport {
+    pub queries: u64,
+    pub udp: u64,
+    pub tcp: u64,
+    /// NOERROR with records.
+    pub answered: u64,
+    /// NOERROR without records: the name exists, not with that type.
+    pub nodata: u64,
+    pub nxdomain: u64,
+    /// FORMERR, NOTIMP or REFUSED.
+    pub errors: u64,
+    /// UDP answers cut to header and question with TC set (a subset of the above).
+    pub truncated: u64,
+    /// Datagrams or frames that were not a DNS query: dropped unanswered, not in `queries`.
+    pub malformed: u64,
+    /// Queries by name (lowercase A-labels, no trailing dot), then type, e.g.
+    /// `{"d0.test": {"MX": 1}}`; at most `dns::NAMES_MAX` pairs, the rest in `names_other`.
+    pub names: BTreeMap<String, BTreeMap<String, u64>>,
+    pub names_other: u64,
+}
+
 /// Prints `report` as one JSON line on stdout and flushes it, since the sink exits right after.
 pub fn print_json_line<T: Serialize>(report: &T) -> anyhow::Result<()> {
     let line = serde_json::to_string(report)?;

@@ -1,76 +1,18 @@
 //! The sink as a test harness sees it: the real binary on loopback, clients connecting from
 //! chosen loopback addresses, and the JSON line it prints at exit.
 
-use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{IpAddr, SocketAddr, TcpStream};
-use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
-use std::thread;
-use std::time::{Duration, Instant};
+mod common;
 
-use serde_json::{json, Value};
+use std::io::{BufRead, BufReader, Write};
+use std::net::{IpAddr, SocketAddr, TcpStream};
+
+use common::{Running, DEADLINE};
+use serde_json::json;
 use socket2::{Domain, Socket, Type};
 
-/// Longest any wait here may take: generous for a loaded two-core machine, but bounded.
-const DEADLINE: Duration = Duration::from_secs(30);
-
-/// A running sink, killed when dropped.
-struct Sink {
-    child: Child,
-    addr: SocketAddr,
-}
-
-impl Sink {
-    fn start(listen: &str) -> Sink {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_epoxi-loadgen"))
-            .args(["sink", "--listen", listen])
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn the sink");
-        let stderr = child.stderr.take().expect("stderr");
-        let (tx, rx) = mpsc::channel();
-        thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                eprintln!("[sink] {line}");
-                if let Some(addr) = line.strip_prefix("listening on ") {
-                    let _ = tx.send(addr.parse::<SocketAddr>().expect("listening address"));
-                }
-            }
-        });
-        let addr = rx
-            .recv_timeout(DEADLINE)
-            .expect("the sink says where it listens");
-        Sink { child, addr }
-    }
-
-    /// SIGTERM, then the report line.
-    fn stop(mut self) -> Value {
-        let pid = libc::pid_t::try_from(self.child.id()).expect("pid");
-        // SAFETY: kill(2) takes plain integers; the pid is our own child's.
-        assert_eq!(unsafe { libc::kill(pid, libc::SIGTERM) }, 0);
-        let deadline = Instant::now() + DEADLINE;
-        while self.child.try_wait().expect("try_wait").is_none() {
-            assert!(Instant::now() < deadline, "the sink did not exit");
-            thread::sleep(Duration::from_millis(10));
-        }
-        let mut out = String::new();
-        self.child
-            .stdout
-            .take()
-            .expect("stdout")
-            .read_to_string(&mut out)
-            .expect("read the report");
-        serde_json::from_str(out.trim()).unwrap_or_else(|e| panic!("report {out:?}: {e}"))
-    }
-}
-
-impl Drop for Sink {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+/// A sink listening on `listen`, killed when dropped.
+fn start_sink(listen: &str) -> Running {
+    Running::start(&["sink", "--listen", listen])
 }
 
 /// A connection to `server` from `from` (port picked by the kernel), greeted.
@@ -103,7 +45,7 @@ fn quit(mut conn: BufReader<TcpStream>) {
 
 #[test]
 fn report_names_the_peers() {
-    let sink = Sink::start("127.0.0.1:0");
+    let sink = start_sink("127.0.0.1:0");
     for from in ["127.0.0.2", "127.0.0.3", "127.0.0.2"] {
         quit(connect_from(from, sink.addr));
     }
@@ -127,7 +69,7 @@ fn report_names_the_peers() {
 
 #[test]
 fn report_counts_connections_open_at_once() {
-    let sink = Sink::start("127.0.0.1:0");
+    let sink = start_sink("127.0.0.1:0");
     // All three are greeted, so all three are being served, before any goes away.
     let conns: Vec<_> = ["127.0.0.2", "127.0.0.3", "127.0.0.3"]
         .iter()
@@ -144,7 +86,7 @@ fn report_counts_connections_open_at_once() {
 
 #[test]
 fn report_names_ipv6_peers() {
-    let sink = Sink::start("[::1]:0");
+    let sink = start_sink("[::1]:0");
     quit(connect_from("::1", sink.addr));
     let report = sink.stop();
     assert_eq!(report["peers"], json!({"::1": 1}));
@@ -153,7 +95,7 @@ fn report_names_ipv6_peers() {
 
 #[test]
 fn an_idle_sink_reports_no_peers() {
-    let sink = Sink::start("127.0.0.1:0");
+    let sink = start_sink("127.0.0.1:0");
     let report = sink.stop();
     assert_eq!(report["peers"], json!({}));
     assert_eq!(report["connections_max_concurrent"], 0);
