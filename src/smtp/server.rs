@@ -2006,7 +2006,10 @@ mod tests {
         assert!(replies(&mut s, "RCPT TO:<x@m\u{fc}nchen.test>\r\n".as_bytes()).starts_with("250"));
         // A label starting with a combining mark, and one over 63 octets once encoded.
         assert_eq!(
-            replies(&mut s, "RCPT TO:<x@\u{301}m\u{fc}nchen.test>\r\n".as_bytes()),
+            replies(
+                &mut s,
+                "RCPT TO:<x@\u{301}m\u{fc}nchen.test>\r\n".as_bytes()
+            ),
             "553 5.1.3 Recipient domain is not a valid internationalized domain name\r\n"
         );
         let long = format!("RCPT TO:<x@{}\u{fc}.test>\r\n", "a".repeat(60));
