@@ -44,6 +44,14 @@ const REPLY_LINE_LEN_MAX: usize = 4096;
 /// Addresses tried per connection attempt, over all MX hosts: enough for every host of a
 /// large provider, few enough that a broken site cannot hold a connection task for long.
 const ADDRESSES_PER_ATTEMPT_MAX: usize = 10;
+/// A connection carries at least this many messages before it hands its slot to a waiting
+/// shard (so turns are not a connection per message), then checks every few messages.
+const YIELD_AFTER_MESSAGES: usize = 32;
+const YIELD_CHECK_EVERY: usize = 8;
+/// Longest wait for the reply to QUIT.
+const QUIT_REPLY_WAIT: Duration = Duration::from_secs(2);
+/// How often an idle connection looks whether another shard waits for its slot.
+const IDLE_SLOT_CHECK: Duration = Duration::from_millis(100);
 /// A bound connect in progress is checked this often at first, backing off to the cap.
 const CONNECT_POLL_MIN: Duration = Duration::from_micros(200);
 const CONNECT_POLL_MAX: Duration = Duration::from_millis(20);
@@ -61,7 +69,7 @@ enum ConnError {
 
 pub async fn connection(ctx: Rc<ShardCtx>, dest: Dest, source: usize, slot: Slot) {
     let target = Some(dest.clone());
-    let result = serve(&ctx, &dest, source).await;
+    let result = serve(&ctx, &dest, source, &slot).await;
     drop(slot);
     {
         let mut queue = ctx.queue.borrow_mut();
@@ -389,9 +397,22 @@ impl Conn {
         Ok(())
     }
 
+    /// QUIT, then wait (briefly) for the server's reply before closing: RFC 5321 §3.3 asks
+    /// for it, and a connection counted against a site's limit ends when the server knows it.
     async fn quit(mut self) {
         self.client.quit(&mut self.out);
-        let _ = self.flush().await;
+        if self.flush().await.is_ok() {
+            self.timeouts.reply = self.timeouts.reply.min(QUIT_REPLY_WAIT);
+            while self.client.poll(&mut self.out) == ClientStep::NeedInput {
+                if self.exchange().await.is_err() {
+                    break;
+                }
+            }
+            // Then the server's close (it ends the session after 221), still bounded.
+            if self.client.poll(&mut self.out) == ClientStep::Closed {
+                let _ = self.read_socket().await;
+            }
+        }
         let _ = self.stream.close().await;
     }
 }
@@ -571,7 +592,12 @@ async fn greet(
     }
 }
 
-async fn serve(ctx: &Rc<ShardCtx>, dest: &Dest, source: usize) -> Result<(), ConnError> {
+async fn serve(
+    ctx: &Rc<ShardCtx>,
+    dest: &Dest,
+    source: usize,
+    slot: &Slot,
+) -> Result<(), ConnError> {
     let Opened { mut conn, peer } = open(ctx, dest, source).await?;
     let src = &ctx.settings.egress.sources[source];
     let via = Via {
@@ -585,13 +611,27 @@ async fn serve(ctx: &Rc<ShardCtx>, dest: &Dest, source: usize) -> Result<(), Con
     // first's final dot (see `Client::can_start_early`).
     let mut inflight: VecDeque<Inflight> = VecDeque::with_capacity(INFLIGHT_MAX);
     let mut started = 0usize;
+    // Set once the connection should take no more work: finish what is in flight, then quit.
+    let mut winding_down = false;
+    let mut yield_checked_at = 0usize;
     loop {
+        if !winding_down
+            && started >= YIELD_AFTER_MESSAGES
+            && started.is_multiple_of(YIELD_CHECK_EVERY)
+            && started != yield_checked_at
+        {
+            // Another shard waits for this site's slots and this one holds more than its
+            // share: hand the slot on (checked every few messages, after a fair run).
+            yield_checked_at = started;
+            winding_down = slot.should_yield(now_ms());
+        }
+        winding_down |= started >= limits.messages_per_connection_max;
         if inflight.is_empty() {
-            if started >= limits.messages_per_connection_max {
+            if winding_down {
                 conn.quit().await;
                 return Ok(());
             }
-            let Some(job) = next_job(ctx, &target, idle).await else {
+            let Some(job) = next_job(ctx, &target, idle, slot).await else {
                 conn.quit().await;
                 return Ok(());
             };
@@ -604,7 +644,7 @@ async fn serve(ctx: &Rc<ShardCtx>, dest: &Dest, source: usize) -> Result<(), Con
         match conn.client.poll(&mut conn.out) {
             ClientStep::NeedInput => {
                 if inflight.len() < INFLIGHT_MAX
-                    && started < limits.messages_per_connection_max
+                    && !winding_down
                     && conn.client.can_start_early()
                     && !ctx.shutting_down()
                 {
@@ -728,13 +768,16 @@ fn begin(ctx: &Rc<ShardCtx>, conn: &mut Conn, job: Job) -> Option<Inflight> {
     })
 }
 
-/// The next job for this destination, waiting up to `idle` for one. None: close the connection.
+/// The next job for this destination, waiting up to `idle` for one. None: close the connection
+/// (idle too long, shutting down, or another shard waits for this idle connection's slot).
 async fn next_job(
     ctx: &Rc<ShardCtx>,
     target: &crate::queue::Target,
     idle: Duration,
+    slot: &Slot,
 ) -> Option<Job> {
     let deadline = std::time::Instant::now() + idle;
+    let mut first_look = true;
     loop {
         if ctx.shutting_down() {
             return None;
@@ -742,12 +785,20 @@ async fn next_job(
         if let Some(job) = ctx.queue.borrow_mut().pop_ready(target) {
             return Some(job);
         }
+        // No work here: an idle connection is worth keeping only if no other shard wants its
+        // slot. Looked at after `IDLE_SLOT_CHECK` without work and as often after that, so a
+        // busy connection never takes the lock per message.
+        if !first_look && slot.should_yield(now_ms()) {
+            return None;
+        }
+        first_look = false;
         let left = deadline.saturating_duration_since(std::time::Instant::now());
         if left.is_zero() {
             return None;
         }
         ctx.queue.borrow_mut().dest(target).idle += 1;
-        futures_lite::future::or(ctx.work.notified(), glommio::timer::sleep(left)).await;
+        let wait = left.min(IDLE_SLOT_CHECK);
+        futures_lite::future::or(ctx.work.notified(), glommio::timer::sleep(wait)).await;
         let mut queue = ctx.queue.borrow_mut();
         let dq = queue.dest(target);
         dq.idle = dq.idle.saturating_sub(1);

@@ -393,32 +393,117 @@ impl EgressState {
     }
 }
 
+/// A shard that found no slot counts as waiting for this long after its last try; shards
+/// retry every scheduler tick (50 ms), so this covers a few missed ticks.
+const WAIT_FRESH_MS: u64 = 250;
+
 /// Connections open per (site, source), counted across shards.
 ///
 /// A site (one MX host set) can span shards, since domains are spread by hash. Its messages
 /// stay with the shard that spooled them (no body is handed between shards); what is shared is
-/// only this count, taken under a lock when a connection opens and given back when it closes,
-/// never per message. A shard that finds the site full leaves its jobs queued and tries again
-/// when one of its connections ends or at the next scheduler tick. So the configured limit
-/// holds exactly, and a shard holding idle connections yields them after `idle_timeout_ms`.
+/// only this count, taken under a lock when a connection opens or closes, and looked at every
+/// few messages by open connections, never per message. A shard that finds the site full
+/// leaves its jobs queued and tries again when one of its connections ends or at the next
+/// scheduler tick. So the configured limit holds exactly.
+///
+/// Fairness: while another shard waits, a shard holding more than its share of the limit
+/// (limit / shards wanting the site, rounded down) lets its connections finish after a few
+/// dozen messages ([`Slot::should_yield`]), and a free slot goes first to the shard that has
+/// waited longest. With a limit of one, two shards take turns; no shard starves because
+/// another keeps its connection busy.
 #[derive(Debug, Default)]
 pub struct Slots {
-    open: Mutex<HashMap<(Arc<str>, usize), usize>>,
+    open: Mutex<HashMap<(Arc<str>, usize), Entry>>,
+}
+
+#[derive(Debug, Default)]
+struct Entry {
+    open: usize,
+    /// Indexed by shard id, grown as shards show up.
+    shards: Vec<ShardUse>,
+}
+
+#[derive(Debug, Default, Clone)]
+struct ShardUse {
+    held: usize,
+    /// Since when this shard has been finding no slot (None: not waiting), and when it last
+    /// tried: it counts as waiting only while that is recent.
+    waiting_since_ms: Option<u64>,
+    waiting_seen_ms: u64,
+}
+
+impl Entry {
+    fn shard(&mut self, shard: usize) -> &mut ShardUse {
+        if self.shards.len() <= shard {
+            self.shards.resize(shard + 1, ShardUse::default());
+        }
+        &mut self.shards[shard]
+    }
+
+    fn waiting(u: &ShardUse, now_ms: u64) -> bool {
+        u.waiting_since_ms.is_some() && now_ms.saturating_sub(u.waiting_seen_ms) <= WAIT_FRESH_MS
+    }
+
+    /// Whether shards other than `shard` wait, and the share of `limit` each shard wanting
+    /// the site may hold (rounded down).
+    fn contention(&self, shard: usize, limit: usize, now_ms: u64) -> (bool, usize) {
+        let others = self
+            .shards
+            .iter()
+            .enumerate()
+            .any(|(i, u)| i != shard && Entry::waiting(u, now_ms));
+        let wanting = self
+            .shards
+            .iter()
+            .enumerate()
+            .filter(|(i, u)| *i == shard || u.held > 0 || Entry::waiting(u, now_ms))
+            .count();
+        (others, limit / wanting.max(1))
+    }
+
+    /// Whether `shard` has waited at least as long as every other waiting shard.
+    fn longest_waiting(&self, shard: usize, now_ms: u64) -> bool {
+        let Some(mine) = self.shards.get(shard).and_then(|u| u.waiting_since_ms) else {
+            return false;
+        };
+        self.shards.iter().enumerate().all(|(i, u)| {
+            i == shard || !Entry::waiting(u, now_ms) || u.waiting_since_ms.is_none_or(|t| mine <= t)
+        })
+    }
 }
 
 impl Slots {
-    /// Take a slot for `site` from `source` if fewer than `limit` are taken.
-    pub fn acquire(self: &Arc<Self>, site: &Arc<str>, source: usize, limit: usize) -> Option<Slot> {
+    /// Take a slot for `site` from `source` on `shard` if fewer than `limit` are taken and no
+    /// other shard has a better claim to it (see the type's notes on fairness).
+    pub fn acquire(
+        self: &Arc<Self>,
+        site: &Arc<str>,
+        source: usize,
+        limit: usize,
+        shard: usize,
+        now_ms: u64,
+    ) -> Option<Slot> {
         let mut open = self.open.lock().unwrap_or_else(|e| e.into_inner());
-        let n = open.entry((site.clone(), source)).or_default();
-        if *n >= limit {
-            return None;
+        let entry = open.entry((site.clone(), source)).or_default();
+        let (others_wait, share) = entry.contention(shard, limit, now_ms);
+        let held = entry.shard(shard).held;
+        let fair = !others_wait || held < share || entry.longest_waiting(shard, now_ms);
+        if entry.open < limit && fair {
+            entry.open += 1;
+            let me = entry.shard(shard);
+            me.held += 1;
+            me.waiting_since_ms = None;
+            return Some(Slot {
+                slots: self.clone(),
+                key: (site.clone(), source),
+                shard,
+                limit,
+            });
         }
-        *n += 1;
-        Some(Slot {
-            slots: self.clone(),
-            key: (site.clone(), source),
-        })
+        let me = entry.shard(shard);
+        me.waiting_since_ms.get_or_insert(now_ms);
+        me.waiting_seen_ms = now_ms;
+        None
     }
 
     /// Connections open now for `site` from `source`.
@@ -426,7 +511,7 @@ impl Slots {
         let open = self.open.lock().unwrap_or_else(|e| e.into_inner());
         open.iter()
             .filter(|((s, src), _)| &**s == site && *src == source)
-            .map(|(_, n)| *n)
+            .map(|(_, e)| e.open)
             .sum()
     }
 }
@@ -436,14 +521,32 @@ impl Slots {
 pub struct Slot {
     slots: Arc<Slots>,
     key: (Arc<str>, usize),
+    shard: usize,
+    limit: usize,
+}
+
+impl Slot {
+    /// Whether this connection should end after its current transaction so that a waiting
+    /// shard gets a turn: another shard waits and this one holds more than its share.
+    pub fn should_yield(&self, now_ms: u64) -> bool {
+        let mut open = self.slots.open.lock().unwrap_or_else(|e| e.into_inner());
+        let Some(entry) = open.get_mut(&self.key) else {
+            return false;
+        };
+        let (others_wait, share) = entry.contention(self.shard, self.limit, now_ms);
+        others_wait && entry.shard(self.shard).held > share
+    }
 }
 
 impl Drop for Slot {
     fn drop(&mut self) {
         let mut open = self.slots.open.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(n) = open.get_mut(&self.key) {
-            *n -= 1;
-            if *n == 0 {
+        if let Some(entry) = open.get_mut(&self.key) {
+            entry.open = entry.open.saturating_sub(1);
+            let me = entry.shard(self.shard);
+            me.held = me.held.saturating_sub(1);
+            // Keep the entry while shards may still be waiting on it: their claim counts.
+            if entry.open == 0 && entry.shards.iter().all(|u| u.waiting_since_ms.is_none()) {
                 open.remove(&self.key);
             }
         }
@@ -607,16 +710,55 @@ mod tests {
     fn slots_cap_connections_per_site_and_source() {
         let slots = Arc::new(Slots::default());
         let site: Arc<str> = "mx1.example,mx2.example".into();
-        let a = slots.acquire(&site, 0, 2).expect("first");
-        let _b = slots.acquire(&site, 0, 2).expect("second");
-        assert!(slots.acquire(&site, 0, 2).is_none());
+        let a = slots.acquire(&site, 0, 2, 0, 0).expect("first");
+        let _b = slots.acquire(&site, 0, 2, 0, 0).expect("second");
+        assert!(slots.acquire(&site, 0, 2, 0, 0).is_none());
         assert!(
-            slots.acquire(&site, 1, 2).is_some(),
+            slots.acquire(&site, 1, 2, 0, 0).is_some(),
             "other source, own count"
         );
         drop(a);
         assert_eq!(slots.open(&site, 0), 1);
-        assert!(slots.acquire(&site, 0, 2).is_some());
+        assert!(slots.acquire(&site, 0, 2, 0, 0).is_some());
+    }
+
+    #[test]
+    fn shards_take_turns_at_a_full_site() {
+        let slots = Arc::new(Slots::default());
+        let site: Arc<str> = "mx.example".into();
+        // Limit one: shard 0 holds it; shard 1 waits, so shard 0 should yield.
+        let held = slots.acquire(&site, 0, 1, 0, 1000).expect("shard 0");
+        assert!(!held.should_yield(1000), "nobody waits yet");
+        assert!(slots.acquire(&site, 0, 1, 1, 1010).is_none());
+        assert!(held.should_yield(1020));
+        drop(held);
+        // Shard 0 comes straight back, but shard 1 has waited longer: it goes first.
+        assert!(slots.acquire(&site, 0, 1, 0, 1030).is_none());
+        let turn = slots.acquire(&site, 0, 1, 1, 1050).expect("shard 1's turn");
+        assert!(turn.should_yield(1060), "shard 0 waits now");
+        // A waiter that stopped trying (no work left) no longer counts.
+        assert!(!turn.should_yield(1030 + WAIT_FRESH_MS + 1));
+        drop(turn);
+        assert!(slots.acquire(&site, 0, 1, 0, 2000).is_some());
+    }
+
+    #[test]
+    fn a_shard_keeps_its_share_of_a_larger_limit() {
+        let slots = Arc::new(Slots::default());
+        let site: Arc<str> = "mx.example".into();
+        let mut shard0: Vec<Slot> = (0..4)
+            .map(|_| slots.acquire(&site, 0, 4, 0, 0).expect("free"))
+            .collect();
+        assert!(slots.acquire(&site, 0, 4, 1, 10).is_none());
+        // Share: 4 / 2 shards = 2. Shard 0 yields down to 2, shard 1 takes the freed ones.
+        let mut shard1 = Vec::new();
+        while shard0.last().is_some_and(|s| s.should_yield(20)) {
+            shard0.pop();
+            shard1.push(slots.acquire(&site, 0, 4, 1, 30).expect("shard 1"));
+            assert!(slots.acquire(&site, 0, 4, 1, 30).is_none(), "limit holds");
+        }
+        assert_eq!((shard0.len(), shard1.len()), (2, 2));
+        assert_eq!(slots.open(&site, 0), 4);
     }
 
     #[test]

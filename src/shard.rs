@@ -568,7 +568,7 @@ impl ShardCtx {
         let Some((source, slot)) = sources.into_iter().find_map(|source| {
             self.shared
                 .slots
-                .acquire(&site, source, limit)
+                .acquire(&site, source, limit, self.id, now_ms())
                 .map(|slot| (source, slot))
         }) else {
             self.starved.borrow_mut().insert(dest.clone());

@@ -469,3 +469,47 @@ fn ipv6_mx_hosts() {
     let report = sinks.into_iter().next().expect("sink").stop();
     assert_eq!(report.count("unique"), 2, "{}", report.json);
 }
+
+/// The shards sharing a site take turns: with a limit of one connection and both shards'
+/// queues full, the connection holding the slot hands it over after a run of messages instead
+/// of keeping it until its own queue is empty (here, idle connections would stay 30 s).
+#[test]
+fn shards_take_turns_at_a_site_limit() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (port, sinks) = sinks_on_shared_port(dir.path(), &["127.0.0.2"], &["--delay-ms", "2"]);
+    let dns = DnsServer::start();
+    for i in 0..10 {
+        dns.mx(&format!("d{i}.test"), 10, "mx.shared.test", TTL);
+    }
+    dns.a("mx.shared.test", ip(2), TTL);
+    let epoxi = Epoxi::start(
+        &opts(dir.path(), &dns, port)
+            .shards(2)
+            .set("delivery", "connections_per_destination_max", "1")
+            .set("delivery", "idle_timeout_ms", "30000"),
+    );
+
+    let injected = Inject::new(300)
+        .connections(4)
+        .domains(10)
+        .run(dir.path(), epoxi.port);
+    assert_eq!(injected.count("accepted"), 300, "{}", injected.json);
+    let mut deliveries = epoxi.wait_events("Delivery", 300);
+    deliveries.sort_by_key(|d| d["ts_ms"].as_u64().unwrap_or(0));
+    let shard_of = |d: &serde_json::Value| d["shard"].as_u64().unwrap_or(9);
+    let first = shard_of(&deliveries[0]);
+    let last_of_first = deliveries.iter().rposition(|d| shard_of(d) == first);
+    let first_of_other = deliveries.iter().position(|d| shard_of(d) != first);
+    assert!(
+        first_of_other.is_some() && first_of_other < last_of_first,
+        "the other shard only got the site after shard {first} was done"
+    );
+    let report = sinks.into_iter().next().expect("sink").stop();
+    assert_eq!(report.count("unique"), 300, "{}", report.json);
+    assert_eq!(
+        report.count("connections_max_concurrent"),
+        1,
+        "{}",
+        report.json
+    );
+}

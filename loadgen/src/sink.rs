@@ -369,13 +369,13 @@ fn accept_loop(listener: &TcpListener, sink: &Arc<Sink>) {
             .name("sink-conn".into())
             .stack_size(THREAD_STACK_BYTES)
             .spawn(move || {
+                // `serve` counts the connection as ended before closing it.
                 if let Err(e) = serve(stream, &conn_sink) {
                     // Clients that vanish mid-session are normal under load; say why, briefly.
                     if !matches!(e.kind(), ErrorKind::ConnectionReset | ErrorKind::BrokenPipe) {
                         eprintln!("connection: {e}");
                     }
                 }
-                conn_sink.active.fetch_sub(1, Ordering::Relaxed);
             });
         if let Err(e) = spawned {
             sink.active.fetch_sub(1, Ordering::Relaxed);
@@ -395,6 +395,10 @@ fn serve(stream: TcpStream, sink: &Sink) -> std::io::Result<()> {
     // Replies that can no longer be written must not hold up the exit.
     sink.replies_unwritten
         .fetch_sub(conn.replies_pending, Ordering::Relaxed);
+    // No longer active before the socket closes: a client that saw our close and connected
+    // again must not be counted as concurrent with this connection.
+    sink.active.fetch_sub(1, Ordering::Relaxed);
+    drop(conn);
     result
 }
 
