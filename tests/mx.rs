@@ -212,6 +212,34 @@ fn null_mx_and_nxdomain_bounce() {
     assert_eq!(report.count("received"), 0, "{}", report.json);
 }
 
+/// Resolvers are tried in order: the first one is dead (nothing listens), the second answers.
+#[test]
+fn a_dead_resolver_fails_over_to_the_next() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (port, sinks) = sinks_on_shared_port(dir.path(), &["127.0.0.2"], &[]);
+    let dns = DnsServer::start();
+    dns.mx("d0.test", 10, "mx.d0.test", TTL);
+    dns.a("mx.d0.test", ip(2), TTL);
+    let dead = std::net::SocketAddr::from(([127, 0, 0, 1], common::dead_port()));
+    let o = Opts::new(dir.path())
+        .resolver(dead)
+        .resolver(dns.addr())
+        .delivery_port(port)
+        .set("dns", "timeout_ms", "300");
+    let epoxi = Epoxi::start(&o);
+
+    let injected = Inject::new(3).domains(1).run(dir.path(), epoxi.port);
+    assert_eq!(injected.count("accepted"), 3, "{}", injected.json);
+    let deliveries = epoxi.wait_events("Delivery", 3);
+    assert!(
+        deliveries.iter().all(|d| d["attempts"] == 1),
+        "{deliveries:?}"
+    );
+    assert!(epoxi.events_of("TransientFailure").is_empty());
+    let report = sinks.into_iter().next().expect("sink").stop();
+    assert_eq!(report.count("unique"), 3, "{}", report.json);
+}
+
 #[test]
 fn servfail_is_retried_then_delivered() {
     let dir = tempfile::tempdir().expect("tempdir");

@@ -219,9 +219,9 @@ pub struct Opts {
     pub conf: Conf,
     /// `--route '*.test=127.0.0.1:PORT'` when set.
     pub route_port: Option<u16>,
-    /// `--resolver IP:PORT`; without one, a dead loopback port, so that no test ever sends a
-    /// DNS query off this machine.
-    pub resolver: Option<SocketAddr>,
+    /// `--resolver IP:PORT` for each, in order; without any, a dead loopback port, so that no
+    /// test ever sends a DNS query off this machine.
+    pub resolvers: Vec<SocketAddr>,
     /// `--delivery-port PORT`: the port delivery connects to on MX hosts, instead of 25.
     pub delivery_port: Option<u16>,
     pub spool: PathBuf,
@@ -235,7 +235,7 @@ impl Opts {
             shards: 1,
             conf: Conf::default(),
             route_port: None,
-            resolver: None,
+            resolvers: Vec::new(),
             delivery_port: None,
             spool: dir.join("spool"),
             log_dir: dir.join("log"),
@@ -252,9 +252,10 @@ impl Opts {
         self
     }
 
-    /// The DNS server epoxi asks, e.g. a `dns::DnsServer`'s `addr()`.
+    /// A DNS server epoxi asks, e.g. a `dns::DnsServer`'s `addr()`; several are tried in the
+    /// order given.
     pub fn resolver(mut self, addr: SocketAddr) -> Opts {
-        self.resolver = Some(addr);
+        self.resolvers.push(addr);
         self
     }
 
@@ -288,10 +289,14 @@ impl Opts {
         }
         // Always a resolver on loopback: a test that forgot one must fail to resolve, not ask
         // the machine's resolver about test domains.
-        let resolver = self
-            .resolver
-            .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], dead_port())));
-        args.extend(["--resolver".into(), resolver.to_string().into()]);
+        let dead = [SocketAddr::from(([127, 0, 0, 1], dead_port()))];
+        let resolvers = match self.resolvers.as_slice() {
+            [] => &dead[..],
+            given => given,
+        };
+        for resolver in resolvers {
+            args.extend(["--resolver".into(), resolver.to_string().into()]);
+        }
         if let Some(port) = self.delivery_port {
             args.extend(["--delivery-port".into(), port.to_string().into()]);
         }
