@@ -611,7 +611,7 @@ impl Settings {
         };
         let entry = self.config.site.iter().find(|e| match hop {
             crate::route::Hop::Route(dest) => matches(&e.mx, &dest.host),
-            crate::route::Hop::Mx(site) => site.hosts.iter().any(|h| matches(&e.mx, h)),
+            crate::route::Hop::Mx(site) => site.hosts.iter().any(|(_, h)| matches(&e.mx, h)),
         });
         if let Some(e) = entry {
             limits.connections_max = e.connections_max.unwrap_or(limits.connections_max);
@@ -1158,10 +1158,10 @@ mod tests {
             .settle(Overrides::default())
             .expect("valid");
         let google = crate::route::Hop::Mx(crate::route::Site::new(vec![
-            "alt1.aspmx.l.google.com".into(),
-            "aspmx.l.google.com".into(),
+            (5, "alt1.aspmx.l.google.com".into()),
+            (1, "aspmx.l.google.com".into()),
         ]));
-        let other = crate::route::Hop::Mx(crate::route::Site::new(vec!["mx.example".into()]));
+        let other = crate::route::Hop::Mx(crate::route::Site::new(vec![(10, "mx.example".into())]));
         let g = s.site_limits(&google);
         assert_eq!((g.connections_max, g.idle_timeout_ms), (40, 5000));
         let o = s.site_limits(&other);

@@ -219,6 +219,12 @@ fn bound_socket(local: IpAddr, remote: SocketAddr) -> std::io::Result<socket2::S
     Ok(socket)
 }
 
+/// A random seed per connection, for the order of equal-preference MX hosts.
+fn connection_seed() -> u64 {
+    use std::hash::BuildHasher;
+    std::collections::hash_map::RandomState::new().hash_one(now_ms())
+}
+
 /// The addresses of an MX host, in the configured order; Err says why there are none.
 async fn host_addrs(ctx: &ShardCtx, host: &str) -> Result<Vec<IpAddr>, String> {
     // An MX host given as an address literal ([192.0.2.1] or 192.0.2.1) needs no lookup.
@@ -432,7 +438,11 @@ async fn open(ctx: &Rc<ShardCtx>, dest: &Dest, source: usize) -> Result<Opened, 
     let (hosts, tls): (Vec<String>, TlsPolicy) = match &dest.hop {
         Hop::Route(route) => (vec![route.host.clone()], route.tls),
         Hop::Mx(site) => (
-            site.hosts.to_vec(),
+            // Equal preferences in a fresh order per connection, to spread the load.
+            crate::dns::mx::order(&site.hosts, connection_seed())
+                .into_iter()
+                .map(str::to_owned)
+                .collect(),
             crate::route::parse_tls_policy(&cfg.starttls).unwrap_or_default(),
         ),
     };

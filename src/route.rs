@@ -45,17 +45,18 @@ impl fmt::Display for Destination {
 pub struct Site {
     /// The host names, sorted, lower case, comma-separated.
     pub key: Arc<str>,
-    /// The hosts in the order to try them (MX preference, equal preferences shuffled).
-    pub hosts: Arc<[String]>,
+    /// The hosts (A-labels) and their MX preferences; `dns::mx::order` orders them per
+    /// connection.
+    pub hosts: Arc<[(u16, String)]>,
 }
 
 impl Site {
-    pub fn new(hosts: Vec<String>) -> Site {
-        let hosts: Vec<String> = hosts
+    pub fn new(hosts: Vec<(u16, String)>) -> Site {
+        let hosts: Vec<(u16, String)> = hosts
             .iter()
-            .map(|h| crate::dns::message::ascii_host(h))
+            .map(|(pref, h)| (*pref, crate::dns::message::ascii_host(h)))
             .collect();
-        let mut sorted = hosts.clone();
+        let mut sorted: Vec<&str> = hosts.iter().map(|(_, h)| h.as_str()).collect();
         sorted.sort();
         sorted.dedup();
         Site {
@@ -246,15 +247,18 @@ mod tests {
 
     #[test]
     fn sites_are_equal_by_host_set() {
-        let a = Site::new(vec!["MX2.example.".into(), "mx1.example".into()]);
-        let b = Site::new(vec!["mx1.example".into(), "mx2.example".into()]);
-        assert_eq!(a, b);
+        let a = Site::new(vec![
+            (10, "MX2.example.".into()),
+            (20, "mx1.example".into()),
+        ]);
+        let b = Site::new(vec![(10, "mx1.example".into()), (10, "mx2.example".into())]);
+        assert_eq!(a, b, "the same hosts, whatever their preferences");
         assert_eq!(&*a.key, "mx1.example,mx2.example");
-        assert_eq!(a.hosts[0], "mx2.example", "order to try is kept");
-        assert_ne!(a, Site::new(vec!["mx1.example".into()]));
+        assert_eq!(a.hosts[0], (10, "mx2.example".to_owned()));
+        assert_ne!(a, Site::new(vec![(10, "mx1.example".into())]));
         // An internationalised implicit MX is kept as A-labels (DNS and TLS want them).
         assert_eq!(
-            &*Site::new(vec!["bücher.example".into()]).key,
+            &*Site::new(vec![(0, "bücher.example".into())]).key,
             "xn--bcher-kva.example"
         );
         let route = Hop::Route(Route::parse_flag("*=127.0.0.1:25").expect("r").dest);

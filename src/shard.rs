@@ -163,6 +163,9 @@ pub struct ShardCtx {
     /// Destinations with work waiting and no free connection slot (the site's limit is taken,
     /// maybe by other shards): tried again every tick.
     starved: RefCell<HashSet<Dest>>,
+    /// Sites of recently resolved domains, until their MX answer's TTL runs out: what the
+    /// resolver's cache holds, already turned into a site (no per-message parsing).
+    sites: RefCell<HashMap<String, (Site, u64)>>,
 }
 
 impl ShardCtx {
@@ -458,8 +461,18 @@ impl ShardCtx {
             );
             return self.fail_rcpts(message, &rcpts, &reply);
         };
-        if let Some(answer) = resolver.cached(&domain, RecordType::MX) {
-            return self.site_resolved(message, rcpts, pool, site_of(&domain, &answer));
+        let known = self
+            .sites
+            .borrow()
+            .get(&domain)
+            .filter(|(_, expires_ms)| now_ms() < *expires_ms)
+            .map(|(site, _)| site.clone());
+        if let Some(site) = known {
+            return self.ready_jobs(message, rcpts, Hop::Mx(site), pool);
+        }
+        if let Some((answer, until)) = resolver.cached(&domain, RecordType::MX) {
+            let site = self.site_from(&domain, &answer, Some(until));
+            return self.site_resolved(message, rcpts, pool, site);
         }
         let ctx = self.clone();
         glommio::spawn_local(async move {
@@ -467,9 +480,38 @@ impl ShardCtx {
                 Some(resolver) => resolver.lookup(&domain, RecordType::MX).await,
                 None => return,
             };
-            ctx.site_resolved(message, rcpts, pool, site_of(&domain, &answer));
+            let site = ctx.site_from(&domain, &answer, None);
+            ctx.site_resolved(message, rcpts, pool, site);
         })
         .detach();
+    }
+
+    /// `domain`'s site from its MX answer, remembered as long as the resolver's cache keeps
+    /// the answer: until `cached_until`, or for a fresh answer its (clamped) TTL.
+    fn site_from(
+        &self,
+        domain: &str,
+        answer: &Answer,
+        cached_until: Option<u64>,
+    ) -> Result<Site, Reply> {
+        let site = site_of(domain, answer)?;
+        let ttl_s = match answer {
+            Answer::Mx(_, ttl) | Answer::NoData(ttl) => *ttl,
+            _ => return Ok(site),
+        };
+        let dns = &self.settings.config.dns;
+        let now = now_ms();
+        let expires_ms = cached_until
+            .unwrap_or_else(|| now + u64::from(ttl_s.clamp(dns.ttl_min_s, dns.ttl_max_s)) * 1000);
+        let mut sites = self.sites.borrow_mut();
+        if sites.len() >= dns.cache_entries_max {
+            sites.retain(|_, (_, expires)| *expires > now);
+            if sites.len() >= dns.cache_entries_max {
+                sites.clear();
+            }
+        }
+        sites.insert(domain.to_owned(), (site.clone(), expires_ms));
+        Ok(site)
     }
 
     fn site_resolved(
@@ -870,7 +912,7 @@ impl ShardCtx {
 /// A domain's site from its MX answer, or the reply for its recipients: bounce when the domain
 /// does not exist or takes no mail (RFC 7505), retry when DNS failed.
 fn site_of(domain: &str, answer: &Answer) -> Result<Site, Reply> {
-    match crate::dns::mx::plan(domain, answer, now_ms()) {
+    match crate::dns::mx::plan(domain, answer) {
         Plan::Hosts(hosts) => Ok(Site::new(hosts)),
         Plan::Refuse(_) if matches!(answer, Answer::NxDomain(_)) => Err(Reply::new(
             550,
@@ -971,6 +1013,7 @@ pub async fn run(
         }),
         egress: RefCell::new(EgressState::new(&settings.egress)),
         starved: RefCell::new(HashSet::new()),
+        sites: RefCell::new(HashMap::new()),
     });
 
     // Requeue what recovery found.

@@ -541,3 +541,34 @@ fn shards_take_turns_at_a_site_limit() {
         report.json
     );
 }
+
+/// MX hosts of equal preference share the load: each connection tries them in a fresh order.
+#[test]
+fn equal_preference_mx_hosts_share_the_load() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (port, sinks) = sinks_on_shared_port(dir.path(), &["127.0.0.2", "127.0.0.3"], &[]);
+    let dns = DnsServer::start();
+    dns.mx("d0.test", 10, "a.mx.test", TTL);
+    dns.mx("d0.test", 10, "b.mx.test", TTL);
+    dns.a("a.mx.test", ip(2), TTL);
+    dns.a("b.mx.test", ip(3), TTL);
+    // One message per connection: 40 connections, each choosing its own order.
+    let epoxi = Epoxi::start(&opts(dir.path(), &dns, port).set(
+        "delivery",
+        "messages_per_connection_max",
+        "1",
+    ));
+
+    let injected = Inject::new(40).domains(1).run(dir.path(), epoxi.port);
+    assert_eq!(injected.count("accepted"), 40, "{}", injected.json);
+    epoxi.wait_events("Delivery", 40);
+    let counts: Vec<u64> = sinks
+        .into_iter()
+        .map(|s| s.stop().count("unique"))
+        .collect();
+    assert_eq!(counts.iter().sum::<u64>(), 40, "{counts:?}");
+    assert!(
+        counts.iter().all(|&n| n > 0),
+        "both hosts got mail: {counts:?}"
+    );
+}

@@ -26,8 +26,14 @@ impl Cache {
     }
 
     pub fn get(&self, name: &str, rtype: RecordType, now_ms: u64) -> Option<&Answer> {
+        self.get_until(name, rtype, now_ms)
+            .map(|(answer, _)| answer)
+    }
+
+    /// The cached answer and when it expires (Unix ms).
+    pub fn get_until(&self, name: &str, rtype: RecordType, now_ms: u64) -> Option<(&Answer, u64)> {
         let (answer, expires_ms) = self.entries.get(&(name.to_ascii_lowercase(), rtype))?;
-        (now_ms < *expires_ms).then_some(answer)
+        (now_ms < *expires_ms).then_some((answer, *expires_ms))
     }
 
     pub fn put(&mut self, name: &str, rtype: RecordType, answer: Answer, now_ms: u64) {

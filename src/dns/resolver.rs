@@ -50,12 +50,12 @@ impl Resolver {
         }
     }
 
-    /// The cached answer for `name`, without asking anyone.
-    pub fn cached(&self, name: &str, rtype: RecordType) -> Option<Answer> {
+    /// The cached answer for `name` and when it expires (Unix ms), without asking anyone.
+    pub fn cached(&self, name: &str, rtype: RecordType) -> Option<(Answer, u64)> {
         self.cache
             .borrow()
-            .get(name, rtype, crate::clock::now_ms())
-            .cloned()
+            .get_until(name, rtype, crate::clock::now_ms())
+            .map(|(answer, until)| (answer.clone(), until))
     }
 
     /// Look `name` up: from the cache, by joining a query already under way, or by asking.
