@@ -572,3 +572,34 @@ fn equal_preference_mx_hosts_share_the_load() {
         "both hosts got mail: {counts:?}"
     );
 }
+
+/// A pool whose every source is unusable fails its mail transiently, saying why, and nothing
+/// is sent from anywhere else.
+#[test]
+fn a_pool_without_usable_sources_defers() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (port, sinks) = sinks_on_shared_port(dir.path(), &["127.0.0.2"], &[]);
+    let dns = DnsServer::start();
+    dns.mx("d0.test", 10, "mx.d0.test", TTL);
+    dns.a("mx.d0.test", ip(2), TTL);
+    let mut o = opts(dir.path(), &dns, port);
+    o.conf.raw.push_str(
+        "[egress]\ndefault_pool = \"broken\"\n\
+         [[source]]\nname = \"unbindable\"\naddress = \"192.0.2.1\"\n\
+         [[pool]]\nname = \"broken\"\nsources = [\"unbindable\"]\n",
+    );
+    let epoxi = Epoxi::start(&o);
+
+    let injected = Inject::new(1).domains(1).run(dir.path(), epoxi.port);
+    assert_eq!(injected.count("accepted"), 1, "{}", injected.json);
+    let failures = epoxi.wait_events("TransientFailure", 1);
+    let text = failures[0]["response"]["text"].as_str().unwrap_or_default();
+    assert!(
+        text.contains("No usable source in egress pool `broken`"),
+        "{}",
+        failures[0]
+    );
+    assert!(epoxi.events_of("Delivery").is_empty());
+    let report = sinks.into_iter().next().expect("sink").stop();
+    assert_eq!(report.count("connections"), 0, "{}", report.json);
+}
