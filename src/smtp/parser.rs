@@ -143,7 +143,8 @@ impl Notify {
 }
 
 /// ORCPT= (RFC 3461 4.2) as received: `addr_type` (e.g. "rfc822") and the xtext after ";",
-/// validated but still encoded.
+/// validated but still encoded. For RFC 6533's `utf-8` type, `xtext` is its
+/// `utf-8-addr-xtext` or (with SMTPUTF8, raw UTF-8) `utf-8-addr-unitext`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct OrcptParam<'a> {
     pub addr_type: &'a str,
@@ -475,10 +476,15 @@ fn rcpt_params(s: &[u8]) -> Result<RcptParams<'_>, ParseError> {
             if addr_type.is_empty() || !addr_type.iter().all(|&b| is_atext(b)) || rest.is_empty() {
                 return Err(ParseError::BadDsnParameter);
             }
+            let encoded = if addr_type.eq_ignore_ascii_case(b"utf-8") {
+                utf8_addr(rest)?
+            } else {
+                xtext(rest)?
+            };
             out.orcpt = Some(OrcptParam {
                 addr_type: std::str::from_utf8(addr_type)
                     .map_err(|_| ParseError::BadDsnParameter)?,
-                xtext: xtext(rest)?,
+                xtext: encoded,
             });
         } else {
             return Err(ParseError::UnknownParameter);
@@ -534,6 +540,57 @@ fn xtext(raw: &[u8]) -> Result<&str, ParseError> {
     }
     // Every byte checked above is ASCII.
     std::str::from_utf8(raw).map_err(|_| ParseError::BadDsnParameter)
+}
+
+/// Validates RFC 6533 §3's `utf-8-addr-xtext` and `utf-8-addr-unitext`: printable ASCII but
+/// `+`, `=` and `\`; `\x{HEX}` for a code point (1 to 6 hex digits); and, in unitext, UTF-8
+/// characters. Control characters are refused, encoded or not: the value ends up in a DSN
+/// header field.
+fn utf8_addr(raw: &[u8]) -> Result<&str, ParseError> {
+    let text = std::str::from_utf8(raw).map_err(|_| ParseError::BadDsnParameter)?;
+    let mut rest = text;
+    while let Some(c) = rest.chars().next() {
+        let c = match c {
+            '\\' => {
+                let body = rest
+                    .strip_prefix("\\x{")
+                    .ok_or(ParseError::BadDsnParameter)?;
+                let end = body.find('}').ok_or(ParseError::BadDsnParameter)?;
+                let hex = &body[..end];
+                if hex.is_empty() || hex.len() > 6 || !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
+                    return Err(ParseError::BadDsnParameter);
+                }
+                rest = &body[end + 1..];
+                u32::from_str_radix(hex, 16)
+                    .ok()
+                    .and_then(char::from_u32)
+                    .ok_or(ParseError::BadDsnParameter)?
+            }
+            '+' | '=' => return Err(ParseError::BadDsnParameter),
+            c => {
+                rest = &rest[c.len_utf8()..];
+                c
+            }
+        };
+        if c.is_control() || c == ' ' {
+            return Err(ParseError::BadDsnParameter);
+        }
+    }
+    Ok(text)
+}
+
+/// `\x{HEX}` for every non-ASCII character: the ASCII `utf-8-addr-xtext` form of a validated
+/// `utf-8` ORCPT (RFC 6533 §3), which fits a message/delivery-status field.
+pub fn utf8_addr_ascii(value: &str) -> String {
+    let mut out = String::with_capacity(value.len());
+    for c in value.chars() {
+        if c.is_ascii() {
+            out.push(c);
+        } else {
+            out.push_str(&format!("\\x{{{:X}}}", u32::from(c)));
+        }
+    }
+    out
 }
 
 /// Two hex digits to an octet. Lowercase is accepted although RFC 3461 says uppercase: being
@@ -1253,6 +1310,36 @@ mod tests {
         assert_eq!(
             ParseError::BadDsnParameter.rejection(),
             Rejection::BadDsnParameter
+        );
+    }
+
+    #[test]
+    fn utf8_orcpt_values() {
+        let orcpt = |v: &str| {
+            let line = format!("RCPT TO:<b@c.d> ORCPT={v}");
+            rcpt_params_of(line.as_bytes()).map(|p| {
+                p.orcpt
+                    .map(|o| (o.addr_type.to_owned(), o.xtext.to_owned()))
+            })
+        };
+        let ok = |t: &str, x: &str| Ok(Some((t.to_owned(), x.to_owned())));
+        assert_eq!(orcpt("utf-8;a\\x{E9}b@c.d"), ok("utf-8", "a\\x{E9}b@c.d"));
+        assert_eq!(orcpt("utf-8;a\u{e9}b@c.d"), ok("utf-8", "a\u{e9}b@c.d"));
+        for bad in [
+            "utf-8;a\\x{}b",
+            "utf-8;a\\x{110000}b",
+            "utf-8;a\\x{1234567}",
+            "utf-8;a\\xE9",
+            "utf-8;a+40b",
+            "utf-8;a\\x{7}b",
+            "utf-8;a\u{85}b",
+            "utf-8;a=b",
+        ] {
+            assert_eq!(orcpt(bad), Err(ParseError::BadDsnParameter), "{bad}");
+        }
+        assert_eq!(
+            utf8_addr_ascii("j\u{f8}rn\u{1f600}@x"),
+            "j\\x{F8}rn\\x{1F600}@x"
         );
     }
 

@@ -39,7 +39,8 @@ use thiserror::Error;
 use super::data::{DataError, DataReader};
 use super::find_lf;
 use super::parser::{
-    parse_command, xtext_decode, BodyType, Command, MailParams, Mailbox, Notify, RcptParams, Ret,
+    parse_command, utf8_addr_ascii, xtext_decode, BodyType, Command, MailParams, Mailbox, Notify,
+    RcptParams, Ret,
 };
 use super::reply::{self, Rejection, Reply};
 
@@ -1025,13 +1026,28 @@ impl Proto {
         if !self.relay_allowed {
             return self.reject(Rejection::RelayDenied, out);
         }
-        txn.rcpts.push(to.address.to_owned());
-        txn.rcpt_dsn.push(RcptDsn {
-            notify: params.notify,
-            orcpt: params.orcpt.map(|o| Orcpt {
+        // RFC 6533: a `utf-8` ORCPT in raw UTF-8 needs SMTPUTF8; it is kept in its ASCII
+        // `\x{..}` form, the others xtext-decoded.
+        let orcpt = match params.orcpt {
+            Some(o) if o.addr_type.eq_ignore_ascii_case("utf-8") => {
+                if !o.xtext.is_ascii() && !txn.smtputf8 {
+                    return self.reject(Rejection::BadDsnParameter, out);
+                }
+                Some(Orcpt {
+                    addr_type: "utf-8".to_owned(),
+                    address: utf8_addr_ascii(o.xtext),
+                })
+            }
+            Some(o) => Some(Orcpt {
                 addr_type: o.addr_type.to_owned(),
                 address: xtext_decode(o.xtext),
             }),
+            None => None,
+        };
+        txn.rcpts.push(to.address.to_owned());
+        txn.rcpt_dsn.push(RcptDsn {
+            notify: params.notify,
+            orcpt,
         });
         out.extend_from_slice(reply::RCPT_OK.wire);
     }
@@ -2437,6 +2453,42 @@ mod tests {
         // Without DSN parameters there is no DSN envelope.
         replies(&mut s, b"MAIL FROM:<a@b.test>\r\nRCPT TO:<x@y.test>\r\n");
         assert_eq!(message(talk(&mut s, b"DATA\r\n.\r\n").1).dsn, None);
+    }
+
+    #[test]
+    fn utf8_orcpt_is_kept_in_its_ascii_form() {
+        let mut s = ready();
+        let (r, step) = talk(
+            &mut s,
+            "MAIL FROM:<a@b.test> SMTPUTF8\r\n\
+             RCPT TO:<j\u{f8}rn@y.test> ORCPT=utf-8;j\u{f8}rn@y.test\r\n\
+             RCPT TO:<x@y.test> ORCPT=UTF-8;x\\x{E9}@y.test\r\nDATA\r\n.\r\n"
+                .as_bytes(),
+        );
+        assert!(!r.contains("555"), "{r}");
+        let t = message(step);
+        let orcpts: Vec<String> = t
+            .rcpt_dsn
+            .iter()
+            .filter_map(|d| d.orcpt.as_ref())
+            .map(|o| format!("{};{}", o.addr_type, o.address))
+            .collect();
+        assert_eq!(orcpts, ["utf-8;j\\x{F8}rn@y.test", "utf-8;x\\x{E9}@y.test"]);
+        done_ok(&mut s, "x");
+        // Raw UTF-8 needs SMTPUTF8 (RFC 6533 §3); the escaped form does not.
+        replies(&mut s, b"MAIL FROM:<a@b.test>\r\n");
+        assert_eq!(
+            replies(
+                &mut s,
+                "RCPT TO:<x@y.test> ORCPT=utf-8;\u{e9}@y.test\r\n".as_bytes()
+            ),
+            "555 5.5.4 Invalid DSN parameter value\r\n"
+        );
+        assert!(replies(
+            &mut s,
+            b"RCPT TO:<x@y.test> ORCPT=utf-8;x\\x{E9}@y.test\r\n"
+        )
+        .starts_with("250"));
     }
 
     #[test]
