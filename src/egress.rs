@@ -16,6 +16,7 @@
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use crate::config::{invalid, Config, ConfigError};
@@ -401,8 +402,9 @@ const WAIT_FRESH_MS: u64 = 250;
 ///
 /// A site (one MX host set) can span shards, since domains are spread by hash. Its messages
 /// stay with the shard that spooled them (no body is handed between shards); what is shared is
-/// only this count, taken under a lock when a connection opens or closes, and looked at every
-/// few messages by open connections, never per message. A shard that finds the site full
+/// only this count, taken under a lock when a connection opens or closes, and looked at by
+/// open connections every few messages only while some shard is waiting (an atomic says so
+/// without the lock), never per message. A shard that finds the site full
 /// leaves its jobs queued and tries again when one of its connections ends or at the next
 /// scheduler tick. So the configured limit holds exactly.
 ///
@@ -414,6 +416,9 @@ const WAIT_FRESH_MS: u64 = 250;
 #[derive(Debug, Default)]
 pub struct Slots {
     open: Mutex<HashMap<(Arc<str>, usize), Entry>>,
+    /// Until when (Unix ms) some shard may be waiting for some slot: while it is past, no
+    /// connection needs the lock to learn that nobody waits.
+    contended_until_ms: AtomicU64,
 }
 
 #[derive(Debug, Default)]
@@ -503,6 +508,8 @@ impl Slots {
         let me = entry.shard(shard);
         me.waiting_since_ms.get_or_insert(now_ms);
         me.waiting_seen_ms = now_ms;
+        self.contended_until_ms
+            .fetch_max(now_ms + WAIT_FRESH_MS, Ordering::Relaxed);
         None
     }
 
@@ -529,6 +536,9 @@ impl Slot {
     /// Whether this connection should end after its current transaction so that a waiting
     /// shard gets a turn: another shard waits and this one holds more than its share.
     pub fn should_yield(&self, now_ms: u64) -> bool {
+        if now_ms > self.slots.contended_until_ms.load(Ordering::Relaxed) {
+            return false;
+        }
         let mut open = self.slots.open.lock().unwrap_or_else(|e| e.into_inner());
         let Some(entry) = open.get_mut(&self.key) else {
             return false;
