@@ -96,12 +96,7 @@ pub async fn connection(ctx: Rc<ShardCtx>, dest: Dest, source: usize, slot: Slot
 }
 
 fn fail_job(ctx: &Rc<ShardCtx>, job: &Job, why: &str, via: Via<'_>) {
-    let results: Vec<(u32, RcptResult)> = job
-        .rcpts
-        .iter()
-        .map(|&r| (r, RcptResult::Failure(why.to_owned())))
-        .collect();
-    ctx.record_results(job, &results, via);
+    ctx.record_all(job, &RcptResult::Failure(why.to_owned()), via);
 }
 
 /// Why one address did not give a usable session.
@@ -754,12 +749,7 @@ fn begin(ctx: &Rc<ShardCtx>, conn: &mut Conn, job: Job) -> Option<Inflight> {
         let text =
             format!("Message of {size} bytes exceeds the destination's SIZE limit of {limit}");
         let reply = crate::smtp::reply::Reply::new(552, Some((5, 3, 4)), text);
-        let results: Vec<(u32, RcptResult)> = job
-            .rcpts
-            .iter()
-            .map(|&r| (r, RcptResult::Reply(reply.clone())))
-            .collect();
-        ctx.record_results(&job, &results, Via::NONE);
+        ctx.record_all(&job, &RcptResult::Reply(reply), Via::NONE);
         return None;
     }
     let rcpt_refs: Vec<&str> = rcpts.iter().map(String::as_str).collect();

@@ -207,6 +207,10 @@ impl Egress {
 
     /// The pool for mail from `sender` (an address) to `rcpt_domain` with `tenant`.
     pub fn pool_for(&self, sender: &str, rcpt_domain: &str, tenant: Option<&str>) -> usize {
+        // Per message: without rules there is nothing to lower-case.
+        if self.rules.is_empty() {
+            return self.default_pool;
+        }
         let sender_domain = sender
             .rsplit_once('@')
             .map_or("", |(_, d)| d)
@@ -516,10 +520,7 @@ impl Slots {
     /// Connections open now for `site` from `source`.
     pub fn open(&self, site: &str, source: usize) -> usize {
         let open = self.open.lock().unwrap_or_else(|e| e.into_inner());
-        open.iter()
-            .filter(|((s, src), _)| &**s == site && *src == source)
-            .map(|(_, e)| e.open)
-            .sum()
+        open.get(&(Arc::from(site), source)).map_or(0, |e| e.open)
     }
 }
 

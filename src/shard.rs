@@ -534,11 +534,14 @@ impl ShardCtx {
             rcpts: rcpts.to_vec(),
             target: None,
         };
-        let results: Vec<(u32, RcptResult)> = rcpts
-            .iter()
-            .map(|&r| (r, RcptResult::Reply(reply.clone())))
-            .collect();
-        self.record_results(&job, &results, Via::NONE);
+        self.record_all(&job, &RcptResult::Reply(reply.clone()), Via::NONE);
+    }
+
+    /// The same outcome for every recipient of `job`.
+    pub fn record_all(self: &Rc<Self>, job: &Job, result: &RcptResult, via: Via<'_>) {
+        let results: Vec<(u32, RcptResult)> =
+            job.rcpts.iter().map(|&r| (r, result.clone())).collect();
+        self.record_results(job, &results, via);
     }
 
     /// Ready jobs for `hop`, at most `rcpts_per_transaction_max` recipients each.
