@@ -31,6 +31,15 @@ fn opts(dir: &std::path::Path, dns: &DnsServer, port: u16) -> Opts {
         .set("queue", "retry_cap_ms", "300")
 }
 
+/// Injects `inject`'s messages, all of which must be accepted, and waits until each one is
+/// delivered; returns the Delivery events.
+fn delivered(dir: &std::path::Path, epoxi: &Epoxi, inject: Inject) -> Vec<serde_json::Value> {
+    let n = inject.messages;
+    let injected = inject.run(dir, epoxi.port);
+    assert_eq!(injected.count("accepted"), n, "{}", injected.json);
+    epoxi.wait_events("Delivery", n as usize)
+}
+
 /// A host that greets every connection with `421` and closes it: a busy MX.
 struct Busy {
     stop: Arc<AtomicBool>,
@@ -88,9 +97,7 @@ fn delivers_to_the_most_preferred_mx() {
     dns.a("backup.d0.test", ip(3), TTL);
     let epoxi = Epoxi::start(&opts(dir.path(), &dns, port));
 
-    let injected = Inject::new(5).domains(1).run(dir.path(), epoxi.port);
-    assert_eq!(injected.count("accepted"), 5, "{}", injected.json);
-    let deliveries = epoxi.wait_events("Delivery", 5);
+    let deliveries = delivered(dir.path(), &epoxi, Inject::new(5).domains(1));
     for d in &deliveries {
         let peer = d["peer"].as_str().unwrap_or_default();
         assert_eq!(peer, format!("primary.d0.test[127.0.0.2]:{port}"), "{d}");
@@ -121,9 +128,7 @@ fn refused_or_busy_mx_falls_back_within_the_attempt() {
     dns.a("up.d0.test", ip(3), TTL);
     let epoxi = Epoxi::start(&opts(dir.path(), &dns, port));
 
-    let injected = Inject::new(3).domains(1).run(dir.path(), epoxi.port);
-    assert_eq!(injected.count("accepted"), 3, "{}", injected.json);
-    let deliveries = epoxi.wait_events("Delivery", 3);
+    let deliveries = delivered(dir.path(), &epoxi, Inject::new(3).domains(1));
     for d in &deliveries {
         assert_eq!(d["attempts"], 1, "delivered in the first attempt: {d}");
         assert!(d["peer"]
@@ -155,9 +160,7 @@ fn implicit_mx_and_static_routes() {
     ));
     let epoxi = Epoxi::start(&o);
 
-    let injected = Inject::new(4).domains(2).run(dir.path(), epoxi.port);
-    assert_eq!(injected.count("accepted"), 4, "{}", injected.json);
-    epoxi.wait_events("Delivery", 4);
+    delivered(dir.path(), &epoxi, Inject::new(4).domains(2));
     let (mx, route) = (mx_sink.stop(), route_sink.stop());
     assert_eq!(
         mx.count("unique"),
@@ -228,9 +231,7 @@ fn a_dead_resolver_fails_over_to_the_next() {
         .set("dns", "timeout_ms", "300");
     let epoxi = Epoxi::start(&o);
 
-    let injected = Inject::new(3).domains(1).run(dir.path(), epoxi.port);
-    assert_eq!(injected.count("accepted"), 3, "{}", injected.json);
-    let deliveries = epoxi.wait_events("Delivery", 3);
+    let deliveries = delivered(dir.path(), &epoxi, Inject::new(3).domains(1));
     assert!(
         deliveries.iter().all(|d| d["attempts"] == 1),
         "{deliveries:?}"
@@ -251,9 +252,7 @@ fn servfail_is_retried_then_delivered() {
     dns.servfail("d0.test", 2);
     let epoxi = Epoxi::start(&opts(dir.path(), &dns, port));
 
-    let injected = Inject::new(1).domains(1).run(dir.path(), epoxi.port);
-    assert_eq!(injected.count("accepted"), 1, "{}", injected.json);
-    let delivered = epoxi.wait_events("Delivery", 1);
+    let deliveries = delivered(dir.path(), &epoxi, Inject::new(1).domains(1));
     let failures = epoxi.events_of("TransientFailure");
     assert_eq!(failures.len(), 1, "{failures:?}");
     assert_eq!(failures[0]["response"]["code"], 451, "{}", failures[0]);
@@ -262,7 +261,7 @@ fn servfail_is_retried_then_delivered() {
         "{}",
         failures[0]
     );
-    assert_eq!(delivered[0]["attempts"], 2);
+    assert_eq!(deliveries[0]["attempts"], 2);
     let report = sinks.into_iter().next().expect("sink").stop();
     assert_eq!(report.count("unique"), 1, "{}", report.json);
 }
@@ -322,12 +321,11 @@ fn domains_sharing_mx_hosts_share_connections() {
     );
     let epoxi = Epoxi::start(&o);
 
-    let injected = Inject::new(20)
-        .connections(4)
-        .domains(2)
-        .run(dir.path(), epoxi.port);
-    assert_eq!(injected.count("accepted"), 20, "{}", injected.json);
-    epoxi.wait_events("Delivery", 20);
+    delivered(
+        dir.path(),
+        &epoxi,
+        Inject::new(20).connections(4).domains(2),
+    );
     let report = sinks.into_iter().next().expect("sink").stop();
     assert_eq!(report.count("unique"), 20, "{}", report.json);
     assert_eq!(
@@ -359,12 +357,11 @@ fn a_site_limit_holds_across_shards() {
             .set("delivery", "idle_timeout_ms", "100"),
     );
 
-    let injected = Inject::new(40)
-        .connections(4)
-        .domains(10)
-        .run(dir.path(), epoxi.port);
-    assert_eq!(injected.count("accepted"), 40, "{}", injected.json);
-    epoxi.wait_events("Delivery", 40);
+    delivered(
+        dir.path(),
+        &epoxi,
+        Inject::new(40).connections(4).domains(10),
+    );
     let report = sinks.into_iter().next().expect("sink").stop();
     assert_eq!(report.count("unique"), 40, "{}", report.json);
     assert_eq!(
@@ -487,9 +484,7 @@ fn ipv6_mx_hosts() {
     dns.aaaa("mx6.d0.test", Ipv6Addr::LOCALHOST, TTL);
     let epoxi = Epoxi::start(&opts(dir.path(), &dns, port));
 
-    let injected = Inject::new(2).domains(1).run(dir.path(), epoxi.port);
-    assert_eq!(injected.count("accepted"), 2, "{}", injected.json);
-    let deliveries = epoxi.wait_events("Delivery", 2);
+    let deliveries = delivered(dir.path(), &epoxi, Inject::new(2).domains(1));
     assert_eq!(
         deliveries[0]["peer"].as_str().unwrap_or_default(),
         format!("mx6.d0.test[::1]:{port}")
@@ -517,12 +512,11 @@ fn shards_take_turns_at_a_site_limit() {
             .set("delivery", "idle_timeout_ms", "30000"),
     );
 
-    let injected = Inject::new(300)
-        .connections(4)
-        .domains(10)
-        .run(dir.path(), epoxi.port);
-    assert_eq!(injected.count("accepted"), 300, "{}", injected.json);
-    let mut deliveries = epoxi.wait_events("Delivery", 300);
+    let mut deliveries = delivered(
+        dir.path(),
+        &epoxi,
+        Inject::new(300).connections(4).domains(10),
+    );
     deliveries.sort_by_key(|d| d["ts_ms"].as_u64().unwrap_or(0));
     let shard_of = |d: &serde_json::Value| d["shard"].as_u64().unwrap_or(9);
     let first = shard_of(&deliveries[0]);
@@ -559,9 +553,7 @@ fn equal_preference_mx_hosts_share_the_load() {
         "1",
     ));
 
-    let injected = Inject::new(40).domains(1).run(dir.path(), epoxi.port);
-    assert_eq!(injected.count("accepted"), 40, "{}", injected.json);
-    epoxi.wait_events("Delivery", 40);
+    delivered(dir.path(), &epoxi, Inject::new(40).domains(1));
     let counts: Vec<u64> = sinks
         .into_iter()
         .map(|s| s.stop().count("unique"))
