@@ -20,18 +20,19 @@
 //! - `auth`: SMTP AUTH users (hashed passwords) and the failed-attempt limiter.
 
 pub mod auth;
-pub mod bounce;
 pub mod clock;
 pub mod config;
-pub mod delivery;
+// pub mod delivery;
 pub mod dns;
 pub mod egress;
 pub mod eventlog;
-pub mod inbound;
+pub mod notices;
+// pub mod inbound;
+pub mod envelope;
 pub mod proxy;
 pub mod queue;
 pub mod route;
-pub mod shard;
+// pub mod shard;
 pub mod smtp;
 pub mod spool;
 pub mod tls;

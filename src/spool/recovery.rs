@@ -1,17 +1,26 @@
-//! Recovery: rebuild a shard's state from its segments at start.
+//! Recovery: rebuild a shard's state from its segments at start, from the records alone.
 //!
-//! Segments are read in sequence order and their records in file order, so the last outcome
-//! recorded for a recipient wins. A segment with a bad header is renamed `*.corrupt` and left for
-//! the operator; a bad record inside a segment is skipped by its checksum (see `record::scan`)
-//! and the rest of the segment is still recovered. Nothing here panics on bad data.
+//! Segments are replayed in sequence order and their records in file order, so the last outcome
+//! recorded for a recipient wins. A message record whose id was seen before is a copy made by
+//! compaction: it moves the message and keeps its recipients' states (the copy is followed by
+//! outcomes restating them). An outcome for recipient [`TOMBSTONE_RCPT`] marks the whole message
+//! final. The envelope of every pending message comes from its record, so no body is read back
+//! and no message is ever rebuilt without its sender.
+//!
+//! A segment with a bad header is renamed `*.corrupt` and left for the operator. Bytes inside a
+//! segment that are not a valid record (a checksum or archive that does not verify) are copied
+//! to `quarantine/` for the operator, reported with their location, and skipped; the rest of the
+//! segment is still recovered. A torn tail (a write a crash cut short) was never acknowledged
+//! and is only counted. Nothing here panics on bad data.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::io::Read;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
+use super::engine::{SegmentState, TOMBSTONE_RCPT};
 use super::record::{self, OutcomeKind, RecordKind, Scanned};
 use super::segment;
 use super::{io_err, Location, SpoolError};
+use crate::envelope::Envelope;
 
 /// Per-recipient state after replaying the outcomes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -28,8 +37,7 @@ pub enum RcptState {
 pub struct RecoveredMessage {
     pub id: u64,
     pub loc: Location,
-    pub received_ms: u64,
-    pub rcpts: Vec<String>,
+    pub envelope: Envelope,
     pub states: Vec<RcptState>,
 }
 
@@ -39,10 +47,14 @@ impl RecoveredMessage {
     }
 }
 
-#[derive(Clone, Debug, Default)]
-pub struct SegmentInfo {
-    pub live: u32,
-    pub deps: BTreeSet<u64>,
+/// Bytes recovery could not read, for the operator.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Unreadable {
+    pub seq: u64,
+    /// File offset in the segment.
+    pub offset: u64,
+    pub len: usize,
+    pub why: String,
 }
 
 /// What recovery found, for the log and the tests.
@@ -55,17 +67,235 @@ pub struct RecoveryReport {
     pub corrupt_records: usize,
     pub corrupt_bytes: usize,
     pub torn_tails: usize,
+    /// Records that could not be read, with their location.
+    pub unreadable: Vec<Unreadable>,
+    /// Segments with a bad header, renamed for the operator.
     pub corrupt_segments: Vec<String>,
+    /// Where the unreadable bytes were copied.
+    pub quarantined: Vec<String>,
 }
 
 pub struct Recovered {
     /// Messages with at least one recipient not final, in id order.
     pub pending: Vec<RecoveredMessage>,
-    pub segments: BTreeMap<u64, SegmentInfo>,
-    pub next_id: u64,
+    /// Every segment replayed, with what is live in it.
+    pub segments: BTreeMap<u64, SegmentState>,
+    /// Every message id seen on disk is below this one in generation (see `queue::Ids`).
+    pub id_max: u64,
     pub report: RecoveryReport,
 }
 
+/// One segment's bytes, the whole file.
+pub struct SegmentBytes {
+    pub seq: u64,
+    pub bytes: rkyv::util::AlignedVec,
+}
+
+/// Replay `segments` (in any order; sorted here). Pure: no I/O, so the simulation runs it over
+/// its own storage. Returns the state and, per unreadable record, its bytes to set aside.
+pub fn replay(
+    shard: u32,
+    mut segments: Vec<SegmentBytes>,
+) -> (Recovered, Vec<(Unreadable, Vec<u8>)>) {
+    segments.sort_by_key(|s| s.seq);
+    let mut report = RecoveryReport::default();
+    let mut messages: BTreeMap<u64, RecoveredMessage> = BTreeMap::new();
+    let mut infos: BTreeMap<u64, SegmentState> = BTreeMap::new();
+    let mut set_aside = Vec::new();
+    let mut id_max = 0u64;
+    for seg in &segments {
+        let seq = seg.seq;
+        let bytes = &seg.bytes[..];
+        if let Err(e) = segment::check_header(bytes, shard, seq) {
+            // The caller checks headers before and renames bad files; one here is corruption
+            // that appeared in between: skip it whole.
+            report.unreadable.push(Unreadable {
+                seq,
+                offset: 0,
+                len: bytes.len(),
+                why: e.to_string(),
+            });
+            continue;
+        }
+        report.segments += 1;
+        let mut info = SegmentState::with_len(bytes.len() as u64);
+        let body = &bytes[segment::SEGMENT_HEADER_LEN..];
+        for found in record::scan(body) {
+            match found {
+                Scanned::Record {
+                    offset,
+                    header,
+                    payload,
+                } => {
+                    let file_offset = (segment::SEGMENT_HEADER_LEN + offset) as u64;
+                    match header.kind {
+                        RecordKind::Message => {
+                            let view = match record::MessageView::new(header.version, payload) {
+                                Ok(view) => view,
+                                Err(e) => {
+                                    let len = header.framed_len();
+                                    let at = segment::SEGMENT_HEADER_LEN + offset;
+                                    let u = Unreadable {
+                                        seq,
+                                        offset: file_offset,
+                                        len,
+                                        why: format!("message record: {e}"),
+                                    };
+                                    set_aside.push((u.clone(), bytes[at..at + len].to_vec()));
+                                    report.unreadable.push(u);
+                                    report.corrupt_records += 1;
+                                    continue;
+                                }
+                            };
+                            let id = view.id();
+                            id_max = id_max.max(id);
+                            report.messages += 1;
+                            let loc = Location {
+                                seq,
+                                offset: file_offset,
+                                len: header.framed_len() as u32,
+                            };
+                            match messages.get_mut(&id) {
+                                // A compaction copy: the message moved, its states stay.
+                                Some(known) => known.loc = loc,
+                                None => {
+                                    let envelope = match view.envelope() {
+                                        Ok(envelope) => envelope,
+                                        Err(e) => {
+                                            let len = header.framed_len();
+                                            let at = segment::SEGMENT_HEADER_LEN + offset;
+                                            let u = Unreadable {
+                                                seq,
+                                                offset: file_offset,
+                                                len,
+                                                why: format!("envelope: {e}"),
+                                            };
+                                            set_aside
+                                                .push((u.clone(), bytes[at..at + len].to_vec()));
+                                            report.unreadable.push(u);
+                                            report.corrupt_records += 1;
+                                            continue;
+                                        }
+                                    };
+                                    let states = vec![
+                                        RcptState::Pending {
+                                            attempts: 0,
+                                            next_attempt_ms: 0,
+                                        };
+                                        envelope.rcpts.len()
+                                    ];
+                                    messages.insert(
+                                        id,
+                                        RecoveredMessage {
+                                            id,
+                                            loc,
+                                            envelope,
+                                            states,
+                                        },
+                                    );
+                                }
+                            }
+                        }
+                        RecordKind::Outcome => {
+                            let o = match record::access_outcome(header.version, payload) {
+                                Ok(o) => o,
+                                Err(e) => {
+                                    // An outcome lost only means a retry; count it and go on.
+                                    report.unreadable.push(Unreadable {
+                                        seq,
+                                        offset: file_offset,
+                                        len: header.framed_len(),
+                                        why: format!("outcome record: {e}"),
+                                    });
+                                    report.corrupt_records += 1;
+                                    continue;
+                                }
+                            };
+                            report.outcomes += 1;
+                            let Some(msg) = messages.get_mut(&o.message) else {
+                                // Its message's segment was already deleted: the message is
+                                // final (or this is compaction's empty-batch marker).
+                                continue;
+                            };
+                            info.deps.insert(msg.loc.seq);
+                            let Some(kind) = o.kind else {
+                                report.corrupt_records += 1;
+                                continue;
+                            };
+                            if o.rcpt == TOMBSTONE_RCPT {
+                                for s in &mut msg.states {
+                                    *s = RcptState::Final(kind);
+                                }
+                                continue;
+                            }
+                            let Some(state) = msg.states.get_mut(o.rcpt as usize) else {
+                                report.corrupt_records += 1;
+                                continue;
+                            };
+                            *state = match kind {
+                                OutcomeKind::Deferred => RcptState::Pending {
+                                    attempts: o.attempts,
+                                    next_attempt_ms: o.next_attempt_ms,
+                                },
+                                kind => RcptState::Final(kind),
+                            };
+                        }
+                    }
+                }
+                Scanned::Corrupt { offset, len, error } => {
+                    let at = segment::SEGMENT_HEADER_LEN + offset;
+                    let u = Unreadable {
+                        seq,
+                        offset: at as u64,
+                        len,
+                        why: error.to_string(),
+                    };
+                    set_aside.push((u.clone(), bytes[at..at + len].to_vec()));
+                    report.unreadable.push(u);
+                    report.corrupt_records += 1;
+                    report.corrupt_bytes += len;
+                }
+                Scanned::TornTail { len, .. } => {
+                    report.torn_tails += 1;
+                    report.corrupt_bytes += len;
+                }
+            }
+        }
+        infos.insert(seq, info);
+    }
+
+    let mut pending = Vec::new();
+    for msg in messages.into_values() {
+        if msg.is_final() {
+            continue;
+        }
+        if let Some(info) = infos.get_mut(&msg.loc.seq) {
+            info.live += 1;
+            info.live_bytes += u64::from(msg.loc.len);
+        }
+        pending.push(msg);
+    }
+    // A dependency on a segment that is not there any more is moot.
+    let present: BTreeSet<u64> = infos.keys().copied().collect();
+    for (seq, info) in infos.iter_mut() {
+        info.deps.retain(|d| d != seq && present.contains(d));
+    }
+    report.pending_messages = pending.len();
+    (
+        Recovered {
+            pending,
+            segments: infos,
+            id_max,
+            report,
+        },
+        set_aside,
+    )
+}
+
+/// Read and replay the segments in `dir`: incomplete new segments (shorter than a header) are
+/// removed, segments with a bad header renamed `*.corrupt`, unreadable records copied (durably)
+/// to `dir/quarantine/`. Blocking file I/O: run it before the shard serves, or on a blocking
+/// thread.
 pub fn recover(dir: &Path, shard: u32) -> Result<Recovered, SpoolError> {
     let mut seqs = Vec::new();
     for entry in std::fs::read_dir(dir).map_err(|e| io_err("list spool dir", e))? {
@@ -75,21 +305,15 @@ pub fn recover(dir: &Path, shard: u32) -> Result<Recovered, SpoolError> {
         }
     }
     seqs.sort_unstable();
-
-    let mut report = RecoveryReport::default();
-    let mut messages: BTreeMap<u64, RecoveredMessage> = BTreeMap::new();
-    let mut segments: BTreeMap<u64, SegmentInfo> = BTreeMap::new();
-    let mut next_id = 1u64;
+    let mut segments = Vec::new();
+    let mut corrupt_segments = Vec::new();
     for seq in seqs {
         let path = segment::path(dir, seq);
         let bytes = read_aligned(&path)?;
         if bytes.len() < segment::SEGMENT_HEADER_LEN {
             // A crash while creating the segment: no record is written before the header is
             // durable, so nothing acknowledged can be in it.
-            eprintln!(
-                "shard {shard}: removing incomplete new segment {}",
-                path.display()
-            );
+            tracing::warn!(shard, path = %path.display(), "removing incomplete new segment");
             std::fs::remove_file(&path).map_err(|e| io_err("remove incomplete segment", e))?;
             continue;
         }
@@ -97,128 +321,60 @@ pub fn recover(dir: &Path, shard: u32) -> Result<Recovered, SpoolError> {
             // An unreadable header means we cannot trust the file at all. Keep it for a human
             // rather than deleting mail, and keep going with the other segments.
             let bad = path.with_extension("corrupt");
-            eprintln!(
-                "shard {shard}: segment {} unusable ({e}); renamed to {}",
-                path.display(),
-                bad.display()
+            tracing::error!(
+                shard,
+                segment = %path.display(),
+                renamed = %bad.display(),
+                "segment unusable ({e}); set aside"
             );
             std::fs::rename(&path, &bad).map_err(|e| io_err("rename corrupt segment", e))?;
-            report.corrupt_segments.push(bad.display().to_string());
+            corrupt_segments.push(bad.display().to_string());
             continue;
         }
-        report.segments += 1;
-        let mut info = SegmentInfo::default();
-        let body = &bytes[segment::SEGMENT_HEADER_LEN..];
-        for found in record::scan(body) {
-            match found {
-                Scanned::Record {
-                    offset,
-                    header,
-                    payload,
-                } => match header.kind {
-                    RecordKind::Message => {
-                        let Ok(m) = record::access_message(payload) else {
-                            report.corrupt_records += 1;
-                            continue;
-                        };
-                        let id = u64::from(m.id);
-                        next_id = next_id.max(id + 1);
-                        report.messages += 1;
-                        let rcpts: Vec<String> =
-                            m.rcpts.iter().map(|r| r.as_str().to_owned()).collect();
-                        let states = vec![
-                            RcptState::Pending {
-                                attempts: 0,
-                                next_attempt_ms: 0
-                            };
-                            rcpts.len()
-                        ];
-                        let loc = Location {
-                            seq,
-                            offset: (segment::SEGMENT_HEADER_LEN + offset) as u64,
-                            len: header.framed_len() as u32,
-                        };
-                        messages.insert(
-                            id,
-                            RecoveredMessage {
-                                id,
-                                loc,
-                                received_ms: m.received_ms.into(),
-                                rcpts,
-                                states,
-                            },
-                        );
-                    }
-                    RecordKind::Outcome => {
-                        let Ok(o) = record::access_outcome(payload) else {
-                            report.corrupt_records += 1;
-                            continue;
-                        };
-                        report.outcomes += 1;
-                        let id = u64::from(o.message);
-                        let Some(msg) = messages.get_mut(&id) else {
-                            // Its message's segment was already deleted: the message is final.
-                            continue;
-                        };
-                        info.deps.insert(msg.loc.seq);
-                        let Some(state) = msg.states.get_mut(u32::from(o.rcpt) as usize) else {
-                            report.corrupt_records += 1;
-                            continue;
-                        };
-                        *state = match OutcomeKind::from_u8(o.kind) {
-                            Some(OutcomeKind::Deferred) => RcptState::Pending {
-                                attempts: o.attempts.into(),
-                                next_attempt_ms: o.next_attempt_ms.into(),
-                            },
-                            Some(kind) => RcptState::Final(kind),
-                            None => {
-                                report.corrupt_records += 1;
-                                continue;
-                            }
-                        };
-                    }
-                },
-                Scanned::Corrupt { offset, len, error } => {
-                    eprintln!(
-                        "shard {shard}: segment {seq}: skipped {len} corrupt bytes at offset {} ({error})",
-                        segment::SEGMENT_HEADER_LEN + offset
-                    );
-                    report.corrupt_records += 1;
-                    report.corrupt_bytes += len;
-                }
-                Scanned::TornTail { offset, len } => {
-                    eprintln!(
-                        "shard {shard}: segment {seq}: torn tail of {len} bytes at offset {} ignored",
-                        segment::SEGMENT_HEADER_LEN + offset
-                    );
-                    report.torn_tails += 1;
-                    report.corrupt_bytes += len;
-                }
-            }
-        }
-        segments.insert(seq, info);
+        segments.push(SegmentBytes { seq, bytes });
     }
+    let (mut recovered, set_aside) = replay(shard, segments);
+    recovered.report.corrupt_segments = corrupt_segments;
+    if !set_aside.is_empty() {
+        let qdir = dir.join("quarantine");
+        std::fs::create_dir_all(&qdir).map_err(|e| io_err("create quarantine dir", e))?;
+        for (u, bytes) in &set_aside {
+            let path = quarantine_path(&qdir, u);
+            write_durably(&path, bytes)?;
+            recovered.report.quarantined.push(path.display().to_string());
+        }
+        std::fs::File::open(&qdir)
+            .and_then(|d| d.sync_all())
+            .map_err(|e| io_err("fsync quarantine dir", e))?;
+    }
+    for u in &recovered.report.unreadable {
+        tracing::error!(
+            shard,
+            segment = u.seq,
+            offset = u.offset,
+            len = u.len,
+            "unreadable record set aside: {}",
+            u.why
+        );
+    }
+    Ok(recovered)
+}
 
-    let mut pending = Vec::new();
-    for msg in messages.into_values() {
-        if msg.is_final() {
-            continue;
-        }
-        if let Some(info) = segments.get_mut(&msg.loc.seq) {
-            info.live += 1;
-        }
-        pending.push(msg);
-    }
-    report.pending_messages = pending.len();
-    Ok(Recovered {
-        pending,
-        segments,
-        next_id,
-        report,
-    })
+/// `quarantine/<seq>-<offset>.rec`.
+pub fn quarantine_path(qdir: &Path, u: &Unreadable) -> PathBuf {
+    qdir.join(format!("{:020}-{:010}.rec", u.seq, u.offset))
+}
+
+fn write_durably(path: &Path, bytes: &[u8]) -> Result<(), SpoolError> {
+    use std::io::Write;
+    let mut f = std::fs::File::create(path).map_err(|e| io_err("create quarantine file", e))?;
+    f.write_all(bytes)
+        .and_then(|()| f.sync_all())
+        .map_err(|e| io_err("write quarantine file", e))
 }
 
 fn read_aligned(path: &Path) -> Result<rkyv::util::AlignedVec, SpoolError> {
+    use std::io::Read;
     let mut file = std::fs::File::open(path).map_err(|e| io_err("open segment", e))?;
     let len = file
         .metadata()

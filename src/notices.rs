@@ -5,7 +5,7 @@
 
 use std::fmt::Write as _;
 
-use crate::spool::record::{FLAG_8BITMIME, FLAG_BINARYMIME};
+use crate::envelope::Body;
 
 /// What happened to a recipient (RFC 3464 §2.3.3 Action).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -137,17 +137,14 @@ pub fn build(n: &Notice<'_>) -> Vec<u8> {
     bytes
 }
 
-/// What the next hop must offer to take a notice about a message spooled with `flags`
-/// (`spool::record::FLAG_*`): what the original needed when it is returned in full, but never
-/// BINARYMIME for the headers alone, which are text (8-bit at most), so that a notice about a
-/// binary message can still reach a sender whose server lacks BINARYMIME.
-pub fn notice_flags(flags: u8, ret: Return) -> u8 {
-    match ret {
-        Return::Full => flags,
-        Return::Headers if flags & FLAG_BINARYMIME != 0 => {
-            (flags & !FLAG_BINARYMIME) | FLAG_8BITMIME
-        }
-        Return::Headers => flags,
+/// What the next hop must offer to take a notice about a message whose body is `body`: what the
+/// original needed when it is returned in full, but never BINARYMIME for the headers alone,
+/// which are text (8-bit at most), so that a notice about a binary message can still reach a
+/// sender whose server lacks BINARYMIME.
+pub fn notice_body(body: Body, ret: Return) -> Body {
+    match (ret, body) {
+        (Return::Headers, Body::BinaryMime) => Body::EightBitMime,
+        (_, body) => body,
     }
 }
 
@@ -237,15 +234,16 @@ mod tests {
 
     #[test]
     fn notice_of_a_binary_message_needs_binarymime_only_when_returned_in_full() {
-        use crate::spool::record::FLAG_SMTPUTF8;
-        let binary = FLAG_BINARYMIME | FLAG_SMTPUTF8;
-        assert_eq!(notice_flags(binary, Return::Full), binary);
+        assert_eq!(notice_body(Body::BinaryMime, Return::Full), Body::BinaryMime);
         assert_eq!(
-            notice_flags(binary, Return::Headers),
-            FLAG_8BITMIME | FLAG_SMTPUTF8
+            notice_body(Body::BinaryMime, Return::Headers),
+            Body::EightBitMime
         );
-        assert_eq!(notice_flags(FLAG_8BITMIME, Return::Headers), FLAG_8BITMIME);
-        assert_eq!(notice_flags(0, Return::Full), 0);
+        assert_eq!(
+            notice_body(Body::EightBitMime, Return::Headers),
+            Body::EightBitMime
+        );
+        assert_eq!(notice_body(Body::SevenBit, Return::Full), Body::SevenBit);
     }
 
     #[test]
