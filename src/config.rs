@@ -10,7 +10,7 @@ use std::sync::Arc;
 
 use serde::Deserialize;
 
-use crate::route::{Route, RouteError};
+use crate::route::{DomainGlob, Route, RouteError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -524,47 +524,32 @@ pub struct Overrides {
     pub delivery_port: Option<u16>,
 }
 
-/// A CIDR network, e.g. 127.0.0.0/8.
+/// A CIDR network, e.g. 127.0.0.0/8: a thin wrapper over [`ipnet::IpNet`] that keeps the
+/// address as written (host bits included, as in `10.1.2.3/8`) and adds the two rules the
+/// relay and proxy checks need: a bare address is a single host (/32 or /128), and an
+/// IPv4-mapped IPv6 client (`::ffff:a.b.c.d`, a dual-stack socket's view of an IPv4 peer) is
+/// compared as the IPv4 address it is.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Network {
-    addr: IpAddr,
-    prefix: u8,
-}
+pub struct Network(ipnet::IpNet);
 
 impl Network {
+    /// `ADDR/PREFIX` or a bare `ADDR`; `None` for anything else, including a prefix longer
+    /// than the address (`10.0.0.0/33`).
     pub fn parse(text: &str) -> Option<Network> {
-        let (addr, prefix) = match text.split_once('/') {
-            Some((a, p)) => (a.parse::<IpAddr>().ok()?, p.parse::<u8>().ok()?),
-            None => {
-                let a = text.parse::<IpAddr>().ok()?;
-                (a, if a.is_ipv4() { 32 } else { 128 })
-            }
+        let net = match text.parse::<ipnet::IpNet>() {
+            Ok(net) => net,
+            Err(_) => ipnet::IpNet::from(text.parse::<IpAddr>().ok()?),
         };
-        let bits = if addr.is_ipv4() { 32 } else { 128 };
-        (prefix <= bits).then_some(Network { addr, prefix })
+        Some(Network(net))
     }
 
     pub fn contains(&self, ip: IpAddr) -> bool {
-        // Compare IPv4-mapped IPv6 clients (::ffff:a.b.c.d) as IPv4.
         let ip = match ip {
             IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
             v4 => v4,
         };
-        match (self.addr, ip) {
-            (IpAddr::V4(net), IpAddr::V4(ip)) => {
-                let mask = u32::MAX
-                    .checked_shl(32 - u32::from(self.prefix))
-                    .unwrap_or(0);
-                u32::from(net) & mask == u32::from(ip) & mask
-            }
-            (IpAddr::V6(net), IpAddr::V6(ip)) => {
-                let mask = u128::MAX
-                    .checked_shl(128 - u32::from(self.prefix))
-                    .unwrap_or(0);
-                u128::from(net) & mask == u128::from(ip) & mask
-            }
-            _ => false,
-        }
+        // A network of the other family contains nothing: `IpNet::contains` says false.
+        self.0.contains(&ip)
     }
 }
 
@@ -592,6 +577,8 @@ pub struct Settings {
     pub resolvers: Vec<SocketAddr>,
     pub address_order: crate::egress::AddressOrder,
     pub egress: Arc<crate::egress::Egress>,
+    /// `config.site[i].mx`, compiled: `site_globs[i]` belongs to `config.site[i]`.
+    site_globs: Vec<DomainGlob>,
 }
 
 impl Settings {
@@ -603,17 +590,15 @@ impl Settings {
             messages_per_connection_max: d.messages_per_connection_max,
             idle_timeout_ms: d.idle_timeout_ms,
         };
-        let matches = |glob: &str, host: &str| {
-            crate::route::glob_match(
-                glob.to_ascii_lowercase().as_bytes(),
-                host.to_ascii_lowercase().as_bytes(),
-            )
-        };
-        let entry = self.config.site.iter().find(|e| match hop {
-            crate::route::Hop::Route(dest) => matches(&e.mx, &dest.host),
-            crate::route::Hop::Mx(site) => site.hosts.iter().any(|(_, h)| matches(&e.mx, h)),
-        });
-        if let Some(e) = entry {
+        let entry = self
+            .site_globs
+            .iter()
+            .zip(&self.config.site)
+            .find(|(glob, _)| match hop {
+                crate::route::Hop::Route(dest) => glob.matches(&dest.host),
+                crate::route::Hop::Mx(site) => site.hosts.iter().any(|(_, h)| glob.matches(h)),
+            });
+        if let Some((_, e)) = entry {
             limits.connections_max = e.connections_max.unwrap_or(limits.connections_max);
             limits.messages_per_connection_max = e
                 .messages_per_connection_max
@@ -683,6 +668,11 @@ impl Config {
             routes.push(route.with_tls(tls));
         }
         self.validate()?;
+        let site_globs = self
+            .site
+            .iter()
+            .map(|e| DomainGlob::new(&e.mx).map_err(|e| invalid("site.mx", e.to_string())))
+            .collect::<Result<Vec<_>, _>>()?;
         let relay_networks = parse_networks("server.relay_networks", &self.server.relay_networks)?;
         let hostname = if self.server.hostname.is_empty() {
             system_hostname()
@@ -833,6 +823,7 @@ impl Config {
             tls_client_unverified,
             tls_client_verified,
             auth_users,
+            site_globs,
         })
     }
 
@@ -1045,7 +1036,7 @@ fn system_hostname() -> String {
     if rc != 0 {
         return "localhost".into();
     }
-    let end = buf.iter().position(|&b| b == 0).unwrap_or(buf.len());
+    let end = memchr::memchr(0, &buf).unwrap_or(buf.len());
     match std::str::from_utf8(&buf[..end]) {
         Ok(name) if !name.is_empty() => name.to_owned(),
         _ => "localhost".into(),
@@ -1171,6 +1162,37 @@ mod tests {
             .settle(Overrides::default())
             .expect_err("zero");
         assert!(err.to_string().contains("site.connections_max"), "{err}");
+        let err = Config::parse("[[site]]\nmx = \"mx[1.example\"\n")
+            .expect("parses")
+            .settle(Overrides::default())
+            .expect_err("bad glob");
+        assert!(err.to_string().contains("site.mx"), "{err}");
+        let err = Config::parse("[[route]]\ndomain = \"{a.test\"\ntarget = \"127.0.0.1:25\"\n")
+            .expect("parses")
+            .settle(Overrides::default())
+            .expect_err("bad glob");
+        assert!(err.to_string().contains("`route`"), "{err}");
+    }
+
+    #[test]
+    fn site_globs_match_static_route_hosts() {
+        let text = "[[site]]\nmx = \"relay.*\"\nconnections_max = 3\n";
+        let s = Config::parse(text)
+            .expect("parses")
+            .settle(Overrides::default())
+            .expect("valid");
+        let hop = |host: &str| {
+            crate::route::Hop::Route(crate::route::Destination {
+                addr: SocketAddr::from(([127, 0, 0, 1], 25)),
+                host: host.into(),
+                tls: crate::smtp::client::TlsPolicy::default(),
+            })
+        };
+        assert_eq!(s.site_limits(&hop("Relay.Example")).connections_max, 3);
+        assert_eq!(
+            s.site_limits(&hop("mx.relay.example")).connections_max,
+            s.config.delivery.connections_per_destination_max
+        );
     }
 
     #[test]
@@ -1207,5 +1229,44 @@ mod tests {
         assert!(Network::parse("0.0.0.0/0")
             .expect("any")
             .contains("8.8.8.8".parse().expect("ip")));
+    }
+
+    #[test]
+    fn network_edge_cases() {
+        let ip = |s: &str| s.parse::<IpAddr>().expect("ip");
+        // A bare address is one host.
+        let host = Network::parse("192.0.2.7").expect("bare v4");
+        assert!(host.contains(ip("192.0.2.7")));
+        assert!(host.contains(ip("::ffff:192.0.2.7")));
+        assert!(!host.contains(ip("192.0.2.8")));
+        let host6 = Network::parse("2001:db8::1").expect("bare v6");
+        assert!(host6.contains(ip("2001:db8::1")));
+        assert!(!host6.contains(ip("2001:db8::2")));
+        // Host bits in the written address do not matter.
+        let n = Network::parse("10.1.2.3/8").expect("cidr");
+        assert!(n.contains(ip("10.200.0.1")));
+        assert!(!n.contains(ip("11.0.0.1")));
+        // Prefix bounds per family.
+        assert!(Network::parse("10.0.0.0/32").is_some());
+        assert!(Network::parse("::/128").is_some());
+        assert!(Network::parse("::/129").is_none());
+        assert!(Network::parse("10.0.0.0/").is_none());
+        assert!(Network::parse("10.0.0.0/x").is_none());
+        assert!(Network::parse("example.com").is_none());
+        assert!(Network::parse("").is_none());
+        // Families do not mix: an IPv4 network never holds a (non-mapped) IPv6 client, and an
+        // IPv6 network is not consulted for IPv4-mapped clients.
+        assert!(!Network::parse("0.0.0.0/0")
+            .expect("any4")
+            .contains(ip("2001:db8::1")));
+        assert!(!Network::parse("::/0")
+            .expect("any6")
+            .contains(ip("127.0.0.1")));
+        assert!(!Network::parse("::/0")
+            .expect("any6")
+            .contains(ip("::ffff:127.0.0.1")));
+        let n6 = Network::parse("2001:db8::/32").expect("cidr6");
+        assert!(n6.contains(ip("2001:db8:ffff::1")));
+        assert!(!n6.contains(ip("2001:db9::1")));
     }
 }

@@ -20,7 +20,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use crate::config::{invalid, Config, ConfigError};
-use crate::route::glob_match;
+use crate::route::DomainGlob;
 
 /// Largest weight of a source in a pool.
 const WEIGHT_MAX: u32 = 1000;
@@ -79,8 +79,9 @@ pub struct Pool {
 
 #[derive(Clone, Debug)]
 struct Rule {
-    sender_domain: Option<String>,
-    recipient_domain: Option<String>,
+    sender_domain: Option<DomainGlob>,
+    recipient_domain: Option<DomainGlob>,
+    /// Compared case-insensitively (ASCII).
     tenant: Option<String>,
     pool: usize,
 }
@@ -178,10 +179,16 @@ impl Egress {
                         "a rule needs sender_domain, recipient_domain or tenant",
                     ));
                 }
+                let glob = |key: &'static str, text: &Option<String>| {
+                    text.as_deref()
+                        .map(DomainGlob::new)
+                        .transpose()
+                        .map_err(|e| invalid(key, e.to_string()))
+                };
                 Ok(Rule {
-                    sender_domain: r.sender_domain.as_deref().map(str::to_ascii_lowercase),
-                    recipient_domain: r.recipient_domain.as_deref().map(str::to_ascii_lowercase),
-                    tenant: r.tenant.as_deref().map(str::to_ascii_lowercase),
+                    sender_domain: glob("pool_rule.sender_domain", &r.sender_domain)?,
+                    recipient_domain: glob("pool_rule.recipient_domain", &r.recipient_domain)?,
+                    tenant: r.tenant.clone(),
                     pool: pool_index("pool_rule.pool", &r.pool)?,
                 })
             })
@@ -206,29 +213,23 @@ impl Egress {
     }
 
     /// The pool for mail from `sender` (an address) to `rcpt_domain` with `tenant`.
+    ///
+    /// Per message: the globs were compiled with the config and fold case themselves, so this
+    /// allocates nothing.
     pub fn pool_for(&self, sender: &str, rcpt_domain: &str, tenant: Option<&str>) -> usize {
-        // Per message: without rules there is nothing to lower-case.
-        if self.rules.is_empty() {
-            return self.default_pool;
-        }
-        let sender_domain = sender
-            .rsplit_once('@')
-            .map_or("", |(_, d)| d)
-            .to_ascii_lowercase();
-        let rcpt_domain = rcpt_domain.to_ascii_lowercase();
-        let tenant = tenant.map(str::to_ascii_lowercase);
+        let sender_domain = sender.rsplit_once('@').map_or("", |(_, d)| d);
         self.rules
             .iter()
             .find(|r| {
                 r.sender_domain
                     .as_ref()
-                    .is_none_or(|g| glob_match(g.as_bytes(), sender_domain.as_bytes()))
+                    .is_none_or(|g| g.matches(sender_domain))
                     && r.recipient_domain
                         .as_ref()
-                        .is_none_or(|g| glob_match(g.as_bytes(), rcpt_domain.as_bytes()))
+                        .is_none_or(|g| g.matches(rcpt_domain))
                     && r.tenant
                         .as_ref()
-                        .is_none_or(|t| tenant.as_deref() == Some(t.as_str()))
+                        .is_none_or(|t| tenant.is_some_and(|v| v.eq_ignore_ascii_case(t)))
             })
             .map_or(self.default_pool, |r| r.pool)
     }
@@ -268,7 +269,7 @@ fn member(sources: &[Source], text: &str) -> Result<(usize, u32), ConfigError> {
 /// The first value of header `name` (lower-case, with its colon) in the message's header
 /// block, unfolded and trimmed.
 pub fn header_value(body: &[u8], name: &str) -> Option<String> {
-    let mut lines = body.split(|&b| b == b'\n').peekable();
+    let mut lines = crate::smtp::split_lf(body).peekable();
     while let Some(line) = lines.next() {
         let line = line.strip_suffix(b"\r").unwrap_or(line);
         if line.is_empty() {
@@ -630,6 +631,12 @@ mod tests {
             main
         );
         assert_eq!(e.pool_for("", "gmail.com", None), main);
+        // Domains and tenants fold case; the globs were compiled with the config.
+        assert_eq!(e.pool_for("x@News.BULK.example", "y.test", None), bulk);
+        assert_eq!(
+            e.pool_for("x@shop.example", "GMail.COM", Some("ACME")),
+            bulk
+        );
     }
 
     #[test]
@@ -656,6 +663,14 @@ mod tests {
             (
                 "[egress]\ntenant_header = \"X-T: y\"",
                 "egress.tenant_header",
+            ),
+            (
+                "[[pool_rule]]\nsender_domain = \"[a.example\"\npool = \"default\"",
+                "pool_rule.sender_domain",
+            ),
+            (
+                "[[pool_rule]]\nrecipient_domain = \"{a,b\"\npool = \"default\"",
+                "pool_rule.recipient_domain",
             ),
         ];
         for (toml, key) in cases {

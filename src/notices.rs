@@ -150,7 +150,7 @@ pub fn notice_body(body: Body, ret: Return) -> Body {
 
 /// The header section of a message, up to and including its ending empty line.
 fn headers_of(message: &[u8]) -> &[u8] {
-    match message.windows(4).position(|w| w == b"\r\n\r\n") {
+    match memchr::memmem::find(message, b"\r\n\r\n") {
         Some(i) => &message[..i + 4],
         None => message,
     }

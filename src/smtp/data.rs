@@ -31,9 +31,8 @@
 //! - Memory is bounded by `size_max` (the body buffer) and nothing else: the reader keeps only a
 //!   few bytes of state between calls.
 
+use memchr::memchr;
 use thiserror::Error;
-
-use super::find_lf;
 
 /// Why a message read to its end marker is refused.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Error)]
@@ -176,7 +175,7 @@ impl DataReader {
                 }
                 State::InLine => {
                     let rest = &input[i..];
-                    match find_lf(rest) {
+                    match memchr(b'\n', rest) {
                         Some(k) => {
                             let crlf = if k > 0 {
                                 rest[k - 1] == b'\r'
@@ -219,7 +218,7 @@ impl DataReader {
     #[inline]
     fn emit(&mut self, bytes: &[u8], body: &mut Vec<u8>) {
         self.size = self.size.saturating_add(bytes.len());
-        if self.reject_nul && bytes.contains(&0) {
+        if self.reject_nul && memchr(0, bytes).is_some() {
             self.fail(DataError::Nul);
         }
         // Once the message is refused, storing more of it is wasted memory.
@@ -243,7 +242,7 @@ impl DataReader {
     /// Only runs when bare line ends are refused, so the default path scans nothing extra.
     fn check_bare_cr(&mut self, span: &[u8]) {
         let inner = span.strip_suffix(b"\r").unwrap_or(span);
-        if (self.prev_cr && !span.is_empty()) || inner.contains(&b'\r') {
+        if (self.prev_cr && !span.is_empty()) || memchr(b'\r', inner).is_some() {
             self.fail(DataError::BareCr);
         }
     }
@@ -285,7 +284,7 @@ pub fn write_stuffed(body: &[u8], out: &mut Vec<u8>) {
         if line_start && body[i] == b'.' {
             out.push(b'.');
         }
-        match find_lf(&body[i..]) {
+        match memchr(b'\n', &body[i..]) {
             Some(k) => {
                 let line = &body[i..i + k];
                 out.extend_from_slice(line);
