@@ -17,16 +17,16 @@
 use std::collections::VecDeque;
 use std::io::{ErrorKind, Read, Write};
 use std::net::{IpAddr, SocketAddr};
-use std::os::unix::io::{AsRawFd, FromRawFd, IntoRawFd};
 use std::rc::Rc;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use futures_lite::{AsyncReadExt, AsyncWriteExt};
 use glommio::net::TcpStream;
 use hickory_proto::rr::RecordType;
 
 use crate::clock::now_ms;
+use crate::delivery_connect::{connect_bound, BoundConnectError};
 use crate::dns::message::Answer;
 use crate::egress::{Down, Slot, Source};
 use crate::queue::{Dest, Job};
@@ -52,9 +52,6 @@ const YIELD_CHECK_EVERY: usize = 8;
 const QUIT_REPLY_WAIT: Duration = Duration::from_secs(2);
 /// How often an idle connection looks whether another shard waits for its slot.
 const IDLE_SLOT_CHECK: Duration = Duration::from_millis(100);
-/// A bound connect in progress is checked this often at first, backing off to the cap.
-const CONNECT_POLL_MIN: Duration = Duration::from_micros(200);
-const CONNECT_POLL_MAX: Duration = Duration::from_millis(20);
 
 #[derive(Debug)]
 enum ConnError {
@@ -140,78 +137,12 @@ async fn connect_from(
             .await
             .map_err(|e| Refusal::Connect(std::io::Error::from(e).into()));
     };
-    let socket = bound_socket(local, addr)
-        .map_err(|e| Refusal::Bind(format!("cannot bind source address {local}: {e}")))?;
-    // glommio connects only sockets it creates itself: connect without blocking and watch
-    // the socket become writable (connected) or fail, backing off between looks.
-    match socket.connect(&addr.into()) {
-        Ok(()) => {}
-        Err(e) if e.raw_os_error() == Some(libc::EINPROGRESS) => {
-            let deadline = Instant::now() + timeout;
-            let mut pause = CONNECT_POLL_MIN;
-            loop {
-                let mut pfd = libc::pollfd {
-                    fd: socket.as_raw_fd(),
-                    events: libc::POLLOUT,
-                    revents: 0,
-                };
-                // SAFETY: one valid pollfd, zero timeout: poll(2) only looks.
-                let ready = unsafe { libc::poll(&mut pfd, 1, 0) };
-                if ready > 0 {
-                    break;
-                }
-                if Instant::now() >= deadline {
-                    let timed_out = std::io::Error::from(ErrorKind::TimedOut);
-                    return Err(Refusal::Connect(timed_out.into()));
-                }
-                glommio::timer::sleep(pause).await;
-                pause = (pause * 2).min(CONNECT_POLL_MAX);
-            }
-            if let Some(e) = socket
-                .take_error()
-                .map_err(|e| Refusal::Connect(e.into()))?
-            {
-                return Err(Refusal::Connect(e.into()));
-            }
-        }
-        Err(e) => return Err(Refusal::Connect(e.into())),
-    }
-    socket
-        .set_nonblocking(false)
-        .map_err(|e| Refusal::Connect(e.into()))?;
-    // SAFETY: the descriptor is a connected TCP socket we own; the stream takes it over.
-    Ok(unsafe { TcpStream::from_raw_fd(socket.into_raw_fd()) })
-}
-
-/// A non-blocking TCP socket bound to `local` (port chosen at connect time, so one source
-/// address can hold many connections to different destinations).
-fn bound_socket(local: IpAddr, remote: SocketAddr) -> std::io::Result<socket2::Socket> {
-    use socket2::{Domain, Protocol, Socket, Type};
-    if local.is_ipv4() != remote.is_ipv4() {
-        return Err(std::io::Error::new(
-            ErrorKind::InvalidInput,
-            "source and destination address families differ",
-        ));
-    }
-    let socket = Socket::new(
-        Domain::for_address(remote),
-        Type::STREAM,
-        Some(Protocol::TCP),
-    )?;
-    let on: libc::c_int = 1;
-    // SAFETY: setsockopt with a valid int option value on our own socket.
-    unsafe {
-        libc::setsockopt(
-            socket.as_raw_fd(),
-            libc::IPPROTO_IP,
-            libc::IP_BIND_ADDRESS_NO_PORT,
-            (&on as *const libc::c_int).cast(),
-            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-        );
-    }
-    socket.bind(&SocketAddr::new(local, 0).into())?;
-    socket.set_nonblocking(true)?;
-    Ok(socket)
+    connect_bound(local, addr, timeout)
+        .await
+        .map_err(|e| match e {
+            BoundConnectError::Bind { .. } => Refusal::Bind(e.to_string()),
+            BoundConnectError::Connect(e) => Refusal::Connect(e.into()),
+        })
 }
 
 /// A random seed per connection, for the order of equal-preference MX hosts.

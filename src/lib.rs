@@ -6,7 +6,8 @@
 //! - `spool/`: the durable, append-only, per-shard message store (records, segments, recovery).
 //! - `queue/`: per-destination (site and egress pool) ready queues and the retry schedule.
 //! - `delivery`: the outbound SMTP adapter over glommio sockets: walking MX hosts, binding
-//!   the egress source, one connection's transactions.
+//!   the egress source, one connection's transactions; `delivery_connect`: the TCP connect
+//!   bound to the source's address.
 //! - `inbound`: the inbound SMTP adapter over glommio sockets.
 //! - `route`: destination lookup: static routes, and sites (MX host sets) for the rest.
 //! - `eventlog`: one JSON line per message event, a file per shard.
@@ -23,6 +24,7 @@ pub mod auth;
 pub mod clock;
 pub mod config;
 // pub mod delivery;
+// mod delivery_connect;
 pub mod dns;
 pub mod egress;
 pub mod eventlog;
