@@ -34,6 +34,7 @@ pub mod envelope;
 pub mod proxy;
 pub mod queue;
 pub mod route;
+pub mod settings;
 // pub mod shard;
 pub mod smtp;
 pub mod spool;

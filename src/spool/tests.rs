@@ -29,9 +29,9 @@ fn cfg(dir: &Path, segment_size_max: u64) -> SpoolConfig {
     }
 }
 
-/// Ids as the queue makes them: generation 1, slot `i`.
+/// Ids as the queue makes them (24 slot bits): generation 1, slot `i`.
 fn id(i: usize) -> u64 {
-    (1 << crate::queue::SLOT_BITS) | i as u64
+    (1 << 24) | i as u64
 }
 
 fn outcome(id: u64, rcpt: u32, kind: OutcomeKind) -> OutcomeRecord {
