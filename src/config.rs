@@ -9,7 +9,6 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
-
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("cannot read config file {path}: {source}")]
@@ -65,6 +64,24 @@ pub struct Config {
     pub pool_rule: Vec<PoolRuleEntry>,
     /// Connection settings for particular sites, first match wins; else `[delivery]`'s.
     pub site: Vec<SiteEntry>,
+    /// Per recipient domain settings, e.g. spreading a hot domain over several shards.
+    pub domain: Vec<DomainEntry>,
+}
+
+#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct DomainEntry {
+    /// The recipient domain, exactly (case-insensitive).
+    pub name: String,
+    /// Shards that share this domain's messages (by a hash of the recipient), from its owner
+    /// shard on: a domain that carries a big share of the traffic would otherwise pin one
+    /// core. 1 (the default) keeps it on its owner; capped at the shard count.
+    #[serde(default = "one")]
+    pub shards: usize,
+}
+
+fn one() -> usize {
+    1
 }
 
 #[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
@@ -290,6 +307,12 @@ pub struct SpoolSection {
     pub commit_window_us: u64,
     /// Largest batch written by one commit, in bytes; more waits for the next commit.
     pub commit_batch_max: usize,
+    /// A closed segment whose live messages take less than this share of it is compacted:
+    /// they are copied forward and the segment deleted. 0 turns compaction off.
+    pub compact_live_ratio: f64,
+    /// Bytes per second compaction may read from a segment (its copies ride the group
+    /// commit), so it never crowds out the hot path.
+    pub compaction_bytes_per_s: u64,
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -303,6 +326,9 @@ pub struct QueueSection {
     pub retry_cap_ms: u64,
     /// A message still undelivered this long after reception expires, in seconds.
     pub max_age_s: u64,
+    /// Messages one shard may hold (queued or being spooled); beyond it reception answers
+    /// `452 4.3.1` (try again later) instead of growing without bound.
+    pub messages_max: usize,
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -423,6 +449,8 @@ impl Default for SpoolSection {
             segment_size_max: 64 << 20,
             commit_window_us: 0,
             commit_batch_max: 8 << 20,
+            compact_live_ratio: crate::spool::engine::COMPACT_LIVE_RATIO_DEFAULT,
+            compaction_bytes_per_s: 32 << 20,
         }
     }
 }
@@ -434,6 +462,7 @@ impl Default for QueueSection {
             retry_factor: 2.0,
             retry_cap_ms: 4 * 3_600_000,
             max_age_s: 5 * 24 * 3600,
+            messages_max: 1_000_000,
         }
     }
 }
@@ -641,6 +670,26 @@ impl Config {
         if sp.commit_window_us > 1_000_000 {
             return Err(invalid("spool.commit_window_us", "must be at most 1 s"));
         }
+        if sp.segment_size_max > 1 << 30 {
+            // Record offsets are 32-bit in the queue: a segment (its size, one batch and one
+            // record past it) must stay below 4 GiB.
+            return Err(invalid("spool.segment_size_max", "must be at most 1 GiB"));
+        }
+        if sp.commit_batch_max > 1 << 30 {
+            return Err(invalid("spool.commit_batch_max", "must be at most 1 GiB"));
+        }
+        if !(0.0..=1.0).contains(&sp.compact_live_ratio) {
+            return Err(invalid(
+                "spool.compact_live_ratio",
+                "must be between 0 (off) and 1",
+            ));
+        }
+        if sp.compaction_bytes_per_s < 64 << 10 {
+            return Err(invalid(
+                "spool.compaction_bytes_per_s",
+                "must be at least 64 KiB/s",
+            ));
+        }
         if sp.commit_batch_max < 64 << 10 {
             return Err(invalid("spool.commit_batch_max", "must be at least 64 KiB"));
         }
@@ -659,6 +708,21 @@ impl Config {
         }
         if q.max_age_s == 0 {
             return Err(invalid("queue.max_age_s", "must be at least 1"));
+        }
+        if q.max_age_s.saturating_mul(1000) > crate::queue::AGE_MAX_MS {
+            return Err(invalid(
+                "queue.max_age_s",
+                format!(
+                    "must be at most {} (49 days)",
+                    crate::queue::AGE_MAX_MS / 1000
+                ),
+            ));
+        }
+        if q.messages_max == 0 || q.messages_max > crate::queue::MESSAGES_CEILING {
+            return Err(invalid(
+                "queue.messages_max",
+                format!("must be between 1 and {}", crate::queue::MESSAGES_CEILING),
+            ));
         }
         let d = &self.delivery;
         if d.connections_per_destination_max == 0 {
@@ -696,6 +760,30 @@ impl Config {
         }
         if d.port == 0 {
             return Err(invalid("delivery.port", "must be a port from 1 to 65535"));
+        }
+        for (i, d) in self.domain.iter().enumerate() {
+            let name = d.name.trim();
+            if name.is_empty() || name.contains(|c: char| c.is_whitespace() || c == '@') {
+                return Err(invalid(
+                    "domain.name",
+                    format!("`{}` is not a domain", d.name),
+                ));
+            }
+            if d.shards == 0 || d.shards > shards::runtime::SHARDS_MAX {
+                return Err(invalid(
+                    "domain.shards",
+                    format!(
+                        "domain {name}: must be between 1 and {}",
+                        shards::runtime::SHARDS_MAX
+                    ),
+                ));
+            }
+            if self.domain[..i]
+                .iter()
+                .any(|o| o.name.trim().eq_ignore_ascii_case(name))
+            {
+                return Err(invalid("domain.name", format!("{name} is listed twice")));
+            }
         }
         let dns = &self.dns;
         if dns.timeout_ms == 0 || dns.attempts == 0 {

@@ -36,7 +36,10 @@ impl ReceptionId {
         let ms = u64::from_str_radix(parts.next()?, 16).ok()?;
         let shard = parts.next()?.parse().ok()?;
         let n = u64::from_str_radix(parts.next()?, 16).ok()?;
-        parts.next().is_none().then_some(ReceptionId { ms, shard, n })
+        parts
+            .next()
+            .is_none()
+            .then_some(ReceptionId { ms, shard, n })
     }
 }
 
@@ -268,7 +271,10 @@ mod tests {
         };
         let part = env.part(&[1]);
         assert_eq!(part.rcpts, vec![Recipient::new("b@b.test")]);
-        assert_eq!((part.ret, part.body, part.size), (Ret::Full, Body::EightBitMime, 10));
+        assert_eq!(
+            (part.ret, part.body, part.size),
+            (Ret::Full, Body::EightBitMime, 10)
+        );
         assert_eq!(part.rcpts[0].domain(), "b.test");
     }
 }

@@ -29,7 +29,9 @@ pub struct Response {
 pub enum AttemptOutcome {
     Delivered,
     /// A transient failure: tried again at this Unix time (ms).
-    Deferred { next_attempt_ms: u64 },
+    Deferred {
+        next_attempt_ms: u64,
+    },
     Bounced,
     /// Too old to retry.
     Expired,
@@ -71,7 +73,7 @@ pub struct Attempt<'a> {
 
 /// A notice about some recipients of a message was spooled for its sender.
 #[derive(Clone, Copy, Debug)]
-pub struct NoticeQueued<'a> {
+pub struct NoticeQueued {
     pub ts_ms: u64,
     pub shard: usize,
     /// The message the notice is about.
@@ -96,7 +98,7 @@ pub struct SourceHealth<'a> {
 pub enum Event<'a> {
     Received(Received<'a>),
     Attempt(Attempt<'a>),
-    NoticeQueued(NoticeQueued<'a>),
+    NoticeQueued(NoticeQueued),
     SourceHealth(SourceHealth<'a>),
 }
 
@@ -133,10 +135,24 @@ pub struct Recorder {
 /// What [`Recorder`] keeps of an event.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Recorded {
-    Received { id: u64, rcpts: usize },
-    Attempt { id: u64, rcpt: String, outcome: AttemptOutcome, code: u16 },
-    NoticeQueued { id: u64, rcpts: usize },
-    SourceHealth { source: String, down: bool },
+    Received {
+        id: u64,
+        rcpts: usize,
+    },
+    Attempt {
+        id: u64,
+        rcpt: String,
+        outcome: AttemptOutcome,
+        code: u16,
+    },
+    NoticeQueued {
+        id: u64,
+        rcpts: usize,
+    },
+    SourceHealth {
+        source: String,
+        down: bool,
+    },
 }
 
 impl Observer for Recorder {

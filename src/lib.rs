@@ -21,21 +21,25 @@
 //! - `auth`: SMTP AUTH users (hashed passwords) and the failed-attempt limiter.
 
 pub mod auth;
+pub mod clients;
 pub mod clock;
 pub mod config;
-// pub mod delivery;
-// mod delivery_connect;
+pub mod core;
+pub mod delivery;
 pub mod dns;
 pub mod egress;
-pub mod eventlog;
-pub mod notices;
-// pub mod inbound;
 pub mod envelope;
+pub mod eventlog;
+pub mod events;
+pub mod logging;
+pub mod notices;
+pub mod outcome;
 pub mod proxy;
 pub mod queue;
+pub mod reception;
 pub mod route;
 pub mod settings;
-// pub mod shard;
+pub mod shard;
 pub mod smtp;
 pub mod spool;
 pub mod tls;

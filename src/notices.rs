@@ -1,7 +1,8 @@
-//! Delivery status notifications (RFC 3464): the bounce notice sent back to a message's sender
-//! when recipients fail (or, when asked with NOTIFY=SUCCESS, succeed). A pure function of its
-//! inputs; the shard decides when one is due and spools it like any other message, from the
-//! null sender so that a notice about a notice is never generated.
+//! The notices stage: delivery status notifications (RFC 3464), the notice sent back to a
+//! message's sender when recipients fail (or, when asked with NOTIFY=SUCCESS, succeed). Pure
+//! functions of their inputs; the core decides when one is due, the shard's adapter reads the
+//! original and spools the notice like any other message, from the null sender so that a
+//! notice about a notice is never generated.
 
 use std::fmt::Write as _;
 
@@ -175,6 +176,93 @@ pub fn status_of(code: u16, enhanced: &str) -> String {
     }
 }
 
+/// One recipient of a notice request: which recipient, its final outcome and the response.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Outcome<'a> {
+    pub rcpt: u16,
+    pub kind: crate::spool::record::OutcomeKind,
+    pub response: &'a crate::events::Response,
+}
+
+/// The notice about `outcomes` of the message whose envelope is `original` (body `body`), for
+/// its sender, or None when no recipient asked for one (NOTIFY). `notice` is the notice's own
+/// reception id, `now_ms` its date. Pure: the adapter reads the original and spools the result.
+pub fn compose(
+    host: &str,
+    original: &crate::envelope::Envelope,
+    body: &[u8],
+    outcomes: &[Outcome<'_>],
+    notice: crate::envelope::ReceptionId,
+    now_ms: u64,
+) -> Option<(crate::envelope::Envelope, Vec<u8>)> {
+    use crate::envelope::{Envelope, Recipient, Ret};
+    use crate::smtp::received::rfc5322_date;
+    use crate::spool::record::OutcomeKind;
+    let rcpts: Vec<NoticeRcpt> = outcomes
+        .iter()
+        .filter_map(|o| {
+            let r = original.rcpts.get(usize::from(o.rcpt))?;
+            let wanted = match o.kind {
+                OutcomeKind::Delivered => r.notify.on_success(),
+                _ => r.notify.on_failure(),
+            };
+            if !wanted {
+                return None;
+            }
+            let response = o.response;
+            Some(NoticeRcpt {
+                rcpt: r.address.clone(),
+                orcpt: r.orcpt.clone().unwrap_or_default(),
+                action: if o.kind == OutcomeKind::Delivered {
+                    Action::Delivered
+                } else {
+                    Action::Failed
+                },
+                // RFC 3463 4.4.7: delivery time expired.
+                status: if o.kind == OutcomeKind::Expired {
+                    "4.4.7".into()
+                } else {
+                    status_of(response.code, &response.enhanced)
+                },
+                diagnostic: format!("{} {} {}", response.code, response.enhanced, response.text),
+            })
+        })
+        .collect();
+    if rcpts.is_empty() || original.sender.is_empty() {
+        return None;
+    }
+    let ret = if original.ret == Ret::Full {
+        Return::Full
+    } else {
+        Return::Headers
+    };
+    let notice_text = notice.to_string();
+    let bytes = build(&Notice {
+        host,
+        to: &original.sender,
+        envid: original.envid.as_deref().unwrap_or(""),
+        notice_id: &notice_text,
+        arrival_date: &rfc5322_date(original.received_ms() / 1000),
+        date: &rfc5322_date(now_ms / 1000),
+        rcpts: &rcpts,
+        original: body,
+        ret,
+    });
+    let envelope = Envelope {
+        reception: notice,
+        sender: String::new(),
+        rcpts: vec![Recipient::new(original.sender.clone())],
+        ret: Ret::Unspecified,
+        envid: None,
+        tenant: original.tenant.clone(),
+        smtputf8: original.smtputf8,
+        body: notice_body(original.body, ret),
+        size: bytes.len() as u64,
+        peer: "local".into(),
+    };
+    Some((envelope, bytes))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -234,7 +322,10 @@ mod tests {
 
     #[test]
     fn notice_of_a_binary_message_needs_binarymime_only_when_returned_in_full() {
-        assert_eq!(notice_body(Body::BinaryMime, Return::Full), Body::BinaryMime);
+        assert_eq!(
+            notice_body(Body::BinaryMime, Return::Full),
+            Body::BinaryMime
+        );
         assert_eq!(
             notice_body(Body::BinaryMime, Return::Headers),
             Body::EightBitMime

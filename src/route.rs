@@ -264,6 +264,90 @@ impl Router {
     }
 }
 
+/// Sites of recently resolved domains, until their MX answer's TTL runs out: what the
+/// resolver's cache holds, already turned into a site, so a message costs one hash lookup and
+/// no DNS parsing. Bounded: at `entries_max` the expired entries go, then all.
+#[derive(Debug)]
+pub struct SiteMemo {
+    sites: std::collections::HashMap<String, (Site, u64)>,
+    ttl_min_s: u32,
+    ttl_max_s: u32,
+    entries_max: usize,
+}
+
+impl SiteMemo {
+    pub fn new(ttl_min_s: u32, ttl_max_s: u32, entries_max: usize) -> SiteMemo {
+        SiteMemo {
+            sites: std::collections::HashMap::new(),
+            ttl_min_s,
+            ttl_max_s,
+            entries_max,
+        }
+    }
+
+    /// `domain`'s site (lower case) if its answer is still fresh at `now_ms`.
+    pub fn get(&self, domain: &str, now_ms: u64) -> Option<Site> {
+        self.sites
+            .get(domain)
+            .filter(|(_, until)| now_ms < *until)
+            .map(|(site, _)| site.clone())
+    }
+
+    /// `domain`'s site from its MX answer (remembered until `cached_until`, or the answer's
+    /// clamped TTL), or the reply its recipients get: bounce when the domain does not exist or
+    /// takes no mail (RFC 7505), retry when DNS failed.
+    pub fn resolved(
+        &mut self,
+        domain: &str,
+        answer: &crate::dns::message::Answer,
+        cached_until: Option<u64>,
+        now_ms: u64,
+    ) -> Result<Site, crate::smtp::reply::Reply> {
+        use crate::dns::message::Answer;
+        use crate::dns::mx::Plan;
+        use crate::smtp::reply::Reply;
+        let site = match crate::dns::mx::plan(domain, answer) {
+            Plan::Hosts(hosts) => Site::new(hosts),
+            Plan::Refuse(_) if matches!(answer, Answer::NxDomain(_)) => {
+                return Err(Reply::new(
+                    550,
+                    Some((5, 1, 2)),
+                    format!("Domain {domain} does not exist (NXDOMAIN)"),
+                ))
+            }
+            Plan::Refuse(_) => {
+                return Err(Reply::new(
+                    556,
+                    Some((5, 1, 10)),
+                    format!("Domain {domain} does not accept mail (null MX)"),
+                ))
+            }
+            Plan::Retry(why) => {
+                return Err(Reply::new(
+                    451,
+                    Some((4, 4, 3)),
+                    format!("MX lookup for {domain} failed: {why}"),
+                ))
+            }
+        };
+        let ttl_s = match answer {
+            Answer::Mx(_, ttl) | Answer::NoData(ttl) => *ttl,
+            _ => return Ok(site),
+        };
+        let until = cached_until.unwrap_or_else(|| {
+            now_ms + u64::from(ttl_s.clamp(self.ttl_min_s, self.ttl_max_s)) * 1000
+        });
+        if self.sites.len() >= self.entries_max {
+            self.sites.retain(|_, (_, expires)| *expires > now_ms);
+            if self.sites.len() >= self.entries_max {
+                self.sites.clear();
+            }
+        }
+        self.sites.insert(domain.to_owned(), (site.clone(), until));
+        Ok(site)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

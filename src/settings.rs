@@ -262,7 +262,6 @@ impl Config {
             site_globs,
         })
     }
-
 }
 
 /// A list of CIDR networks from the config; an error names `key` and the bad entry.
@@ -291,4 +290,3 @@ fn system_hostname() -> String {
         _ => "localhost".into(),
     }
 }
-

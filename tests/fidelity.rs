@@ -313,10 +313,16 @@ fn delivery_status_notifications_follow_the_dsn_parameters() {
     drop(accepting);
 }
 
-/// Every message in an epoxi spool (stopped): its flags (`spool::record::FLAG_*`), first
+/// What the next hop must offer, as bits: SMTPUTF8, 8BITMIME, BINARYMIME.
+const FLAG_SMTPUTF8: u8 = 1;
+const FLAG_8BITMIME: u8 = 2;
+const FLAG_BINARYMIME: u8 = 4;
+
+/// Every message in an epoxi spool (stopped): its flags (`FLAG_*`, from the envelope), first
 /// recipient and body as spooled, Received headers included.
 fn spooled(spool: &Path) -> Vec<(u8, String, Vec<u8>)> {
-    use epoxi::spool::record::{access_message, aligned_copy, scan, RecordKind, Scanned};
+    use epoxi::envelope::Body;
+    use epoxi::spool::record::{aligned_copy, scan, MessageView, RecordKind, Scanned};
     use epoxi::spool::segment::SEGMENT_HEADER_LEN;
     let mut out = Vec::new();
     for seg in segments(spool) {
@@ -328,9 +334,20 @@ fn spooled(spool: &Path) -> Vec<(u8, String, Vec<u8>)> {
             } = found
             {
                 if header.kind == RecordKind::Message {
-                    let m = access_message(payload).expect("message record");
-                    let rcpt = m.rcpts.first().map(|r| r.to_string()).unwrap_or_default();
-                    out.push((m.flags, rcpt, m.body.to_vec()));
+                    let m = MessageView::new(header.version, payload).expect("message record");
+                    let env = m.envelope().expect("envelope");
+                    let rcpt = env
+                        .rcpts
+                        .first()
+                        .map(|r| r.address.clone())
+                        .unwrap_or_default();
+                    let flags = (if env.smtputf8 { FLAG_SMTPUTF8 } else { 0 })
+                        | match env.body {
+                            Body::SevenBit => 0,
+                            Body::EightBitMime => FLAG_8BITMIME,
+                            Body::BinaryMime => FLAG_BINARYMIME,
+                        };
+                    out.push((flags, rcpt, m.body().to_vec()));
                 }
             }
         }
@@ -363,7 +380,6 @@ fn without_received(message: &[u8], n: usize) -> &[u8] {
 /// a next hop without CHUNKING and BINARYMIME (the loadgen sink) is bounced with 554 5.6.3.
 #[test]
 fn bdat_to_an_epoxi_next_hop_is_byte_exact() {
-    use epoxi::spool::record::{FLAG_8BITMIME, FLAG_BINARYMIME};
     let dir = tempfile::tempdir().expect("tempdir");
     let next_hop_dir = dir.path().join("next-hop");
     std::fs::create_dir(&next_hop_dir).expect("mkdir");

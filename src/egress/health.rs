@@ -114,7 +114,6 @@ impl EgressState {
     }
 }
 
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -158,5 +157,4 @@ mod tests {
         assert_eq!(st.success(1), Some(HealthChange::Up));
         assert_eq!(st.success(1), None);
     }
-
 }

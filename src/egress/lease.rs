@@ -33,7 +33,8 @@ pub struct LeaseKey {
 /// The shard that owns `key`'s budget, among `shards`. Stable: FNV-1a of the site and the
 /// source, then jump hash, like the domain map.
 pub fn owner_of(key: &LeaseKey, shards: usize) -> usize {
-    let h = shards::hash::domain_hash(&key.site) ^ u64::from(key.source).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    let h = shards::hash::domain_hash(&key.site)
+        ^ u64::from(key.source).wrapping_mul(0x9e37_79b9_7f4a_7c15);
     shards::hash::jump_hash(h, shards.max(1))
 }
 
@@ -182,7 +183,10 @@ impl Budgets {
         let Some(b) = self.keys.get_mut(&key) else {
             return;
         };
-        debug_assert!(b.held(from) > 0, "shard {from} released a permit it does not hold");
+        debug_assert!(
+            b.held(from) > 0,
+            "shard {from} released a permit it does not hold"
+        );
         if b.held(from) == 0 {
             return;
         }
@@ -390,7 +394,10 @@ mod tests {
         let out = b.handle(0, LeaseMsg::Release { key: k.clone() });
         assert!(granted(&out, 1), "{out:?}");
         // Now shard 0 waits and shard 1 is asked to yield: turns.
-        assert!(out.contains(&(1, LeaseMsg::Yield { key: k.clone() })), "{out:?}");
+        assert!(
+            out.contains(&(1, LeaseMsg::Yield { key: k.clone() })),
+            "{out:?}"
+        );
         let out = b.handle(1, LeaseMsg::Release { key: k.clone() });
         assert!(granted(&out, 0));
         assert_eq!(b.open(&k), 1);

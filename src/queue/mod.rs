@@ -66,6 +66,10 @@ enum Status {
     Delivered = 1,
     Bounced = 2,
     Expired = 3,
+    /// Bounced or expired, its notice not spooled yet: no more attempts, but on disk (and to
+    /// compaction) still what it was before.
+    FinishingBounce = 4,
+    FinishingExpiry = 5,
 }
 
 /// One recipient's state, eight bytes.
@@ -179,11 +183,25 @@ impl Message {
             .map_or(0, |r| u32::from(r.attempts))
     }
 
+    /// Whether recipient `i` takes no more attempts (final, or waiting for its notice).
     pub fn is_done(&self, i: u16) -> bool {
         self.rcpts
             .as_slice()
             .get(usize::from(i))
             .is_none_or(|r| r.status != Status::Pending)
+    }
+
+    /// Recipient `i` bounced or expired; its record waits for its notice (see
+    /// [`Message::finish`], which follows once the notice is spooled).
+    pub fn finishing(&mut self, i: u16, kind: OutcomeKind) {
+        if let Some(r) = self.rcpts.as_mut_slice().get_mut(usize::from(i)) {
+            if r.status == Status::Pending {
+                r.status = match kind {
+                    OutcomeKind::Bounced => Status::FinishingBounce,
+                    _ => Status::FinishingExpiry,
+                };
+            }
+        }
     }
 
     /// Count one more attempt of recipient `i`; returns the new count.
@@ -200,7 +218,10 @@ impl Message {
     /// Recipient `i` reached a final outcome. Returns whether the whole message is now final.
     pub fn finish(&mut self, i: u16, kind: OutcomeKind) -> bool {
         if let Some(r) = self.rcpts.as_mut_slice().get_mut(usize::from(i)) {
-            if r.status == Status::Pending {
+            if matches!(
+                r.status,
+                Status::Pending | Status::FinishingBounce | Status::FinishingExpiry
+            ) {
                 r.status = match kind {
                     OutcomeKind::Delivered => Status::Delivered,
                     OutcomeKind::Bounced => Status::Bounced,
@@ -235,6 +256,14 @@ impl Message {
                         rel => self.received_ms + u64::from(rel),
                     },
                 },
+                // On disk it is still as it was before the attempt that failed it.
+                Status::FinishingBounce | Status::FinishingExpiry if r.attempts <= 1 => {
+                    RcptSnapshot::Fresh
+                }
+                Status::FinishingBounce | Status::FinishingExpiry => RcptSnapshot::Deferred {
+                    attempts: u32::from(r.attempts) - 1,
+                    next_attempt_ms: 0,
+                },
                 Status::Delivered => RcptSnapshot::Final(OutcomeKind::Delivered),
                 Status::Bounced => RcptSnapshot::Final(OutcomeKind::Bounced),
                 Status::Expired => RcptSnapshot::Final(OutcomeKind::Expired),
@@ -246,9 +275,13 @@ impl Message {
 #[derive(Debug)]
 enum Slot {
     /// Free; the next message here gets this generation.
-    Vacant { gen: u64 },
+    Vacant {
+        gen: u64,
+    },
     /// Taken by a message being spooled.
-    Reserved { gen: u64 },
+    Reserved {
+        gen: u64,
+    },
     Occupied(Message),
 }
 
@@ -396,7 +429,12 @@ impl Queue {
 
     fn build(&mut self, id: u64, envelope: &Envelope, loc: Location) -> Message {
         let mut addrs = String::with_capacity(
-            envelope.sender.len() + envelope.rcpts.iter().map(|r| r.address.len() + 1).sum::<usize>(),
+            envelope.sender.len()
+                + envelope
+                    .rcpts
+                    .iter()
+                    .map(|r| r.address.len() + 1)
+                    .sum::<usize>(),
         );
         addrs.push_str(&envelope.sender);
         for r in &envelope.rcpts {

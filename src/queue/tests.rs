@@ -44,7 +44,8 @@ fn route_dest() -> Dest {
 fn ids_are_slots_and_generations_and_never_repeat() {
     let mut q = Queue::new(10);
     let a = q.reserve().expect("room");
-    q.insert(a, &envelope(&["a@d.test"]), loc(1)).expect("inserted");
+    q.insert(a, &envelope(&["a@d.test"]), loc(1))
+        .expect("inserted");
     assert_eq!(q.get(a).map(|m| m.sender()), Some("s@x.test"));
     assert_eq!(q.remove(a), Some(loc(1)));
     assert!(q.get(a).is_none());
@@ -54,7 +55,10 @@ fn ids_are_slots_and_generations_and_never_repeat() {
     q.cancel(b);
     let c = q.reserve().expect("room");
     assert_ne!(c, b);
-    assert_eq!(q.insert(b, &envelope(&["a@d.test"]), loc(1)).map(|m| m.id), None);
+    assert_eq!(
+        q.insert(b, &envelope(&["a@d.test"]), loc(1)).map(|m| m.id),
+        None
+    );
 }
 
 #[test]
@@ -79,7 +83,10 @@ fn messages_keep_addresses_tenant_and_state() {
     };
     q.insert(id, &env, loc(3)).expect("inserted");
     let m = q.get(id).expect("queued");
-    assert_eq!((m.rcpt(0), m.rcpt(1), m.rcpt(2)), ("a@d1.test", "b@d2.test", ""));
+    assert_eq!(
+        (m.rcpt(0), m.rcpt(1), m.rcpt(2)),
+        ("a@d1.test", "b@d2.test", "")
+    );
     assert!(m.success_notices);
     assert_eq!(m.reception().to_string(), "3e8.1.7");
     assert_eq!(q.tenant(m), Some("Acme"));
@@ -169,7 +176,10 @@ fn restored_messages_keep_their_ids_and_states_and_new_ids_go_above() {
     );
     for _ in 0..4 {
         let new = q.reserve().expect("room");
-        assert!(new >> SLOT_BITS > 5, "new ids are above every recovered generation");
+        assert!(
+            new >> SLOT_BITS > 5,
+            "new ids are above every recovered generation"
+        );
     }
     q.relocate(id, loc(9));
     assert_eq!(q.get(id).map(|m| m.loc().seq), Some(9));
@@ -179,7 +189,11 @@ fn restored_messages_keep_their_ids_and_states_and_new_ids_go_above() {
 fn a_single_recipient_message_is_compact() {
     // Part of the memory budget (issue: ≤ 150 bytes per queued single-recipient message, all
     // in): the slot itself.
-    assert!(std::mem::size_of::<Slot>() <= 96, "{}", std::mem::size_of::<Slot>());
+    assert!(
+        std::mem::size_of::<Slot>() <= 96,
+        "{}",
+        std::mem::size_of::<Slot>()
+    );
     assert_eq!(std::mem::size_of::<Rcpt>(), 8);
     assert_eq!(std::mem::size_of::<Due>(), 16);
 }

@@ -127,7 +127,10 @@ struct Moving {
 pub enum RcptSnapshot {
     /// Never tried: nothing to restate.
     Fresh,
-    Deferred { attempts: u32, next_attempt_ms: u64 },
+    Deferred {
+        attempts: u32,
+        next_attempt_ms: u64,
+    },
     Final(OutcomeKind),
 }
 
@@ -268,7 +271,7 @@ impl Engine {
         &mut self,
         id: u64,
         envelope: &Envelope,
-        body: &[u8],
+        body: &[&[u8]],
     ) -> Result<(u64, u64, u32), SpoolError> {
         if self.closing {
             return Err(SpoolError::Closed);
@@ -507,10 +510,9 @@ impl Engine {
                     .iter()
                     .any(|d| *d != seq && self.segments.contains_key(d));
             let ratio = seg.live_bytes as f64 / seg.len as f64;
-            if (seg.live > 0 && ratio < self.limits.compact_live_ratio) || pinned {
-                if best.is_none_or(|(r, _)| ratio < r) {
-                    best = Some((ratio, seq));
-                }
+            let wanted = (seg.live > 0 && ratio < self.limits.compact_live_ratio) || pinned;
+            if wanted && best.is_none_or(|(r, _)| ratio < r) {
+                best = Some((ratio, seq));
             }
         }
         best.map(|(_, seq)| seq)
@@ -539,8 +541,7 @@ impl Engine {
             let Some(live) = index.live(id) else {
                 continue;
             };
-            if live.loc.seq != seq || live.loc.offset != offset || self.moving.contains_key(&id)
-            {
+            if live.loc.seq != seq || live.loc.offset != offset || self.moving.contains_key(&id) {
                 continue;
             }
             let start = offset as usize;

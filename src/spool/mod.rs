@@ -155,9 +155,12 @@ pub struct Spool {
 impl Spool {
     /// Open a shard's spool: recover every segment, then start a fresh segment for new records.
     /// The caller must spawn [`Spool::run_committer`] (and the collector and compactor).
-    pub async fn open(cfg: SpoolConfig) -> Result<(Rc<Spool>, Recovered), SpoolError> {
+    pub async fn open(mut cfg: SpoolConfig) -> Result<(Rc<Spool>, Recovered), SpoolError> {
         std::fs::create_dir_all(&cfg.dir)
             .map_err(|e| io_err(&format!("create spool dir {}", cfg.dir.display()), e))?;
+        // glommio opens directories relative to no descriptor: give it an absolute path.
+        cfg.dir = std::fs::canonicalize(&cfg.dir)
+            .map_err(|e| io_err(&format!("resolve spool dir {}", cfg.dir.display()), e))?;
         let lock = lock_dir(&cfg.dir)?;
         // Recovery reads whole segments with blocking I/O before the shard serves anything;
         // run it on the executor's blocking pool so the reactor stays free.
@@ -229,13 +232,13 @@ impl Spool {
         *self.on_moved.borrow_mut() = Some(handler);
     }
 
-    /// Append message `id` and wait until it is durable. The body is copied once, into the
-    /// batch.
+    /// Append message `id` and wait until it is durable. The body (in pieces: our headers,
+    /// then the message) is copied once, into the batch.
     pub async fn append_message(
         &self,
         id: u64,
         envelope: &Envelope,
-        body: &[u8],
+        body: &[&[u8]],
     ) -> Result<Location, SpoolError> {
         self.wait_for_batch_room().await?;
         let (no, offset, len) = self
@@ -338,10 +341,10 @@ impl Spool {
             if let Err(e) = &result {
                 tracing::error!(shard = self.cfg.shard, "spool commit failed: {e}");
             }
-            let done = self.engine.borrow_mut().committed(
-                commit,
-                result.as_ref().map(|r| *r).map_err(|_| ()),
-            );
+            let done = self
+                .engine
+                .borrow_mut()
+                .committed(commit, result.as_ref().map(|r| *r).map_err(|_| ()));
             if !done.moved.is_empty() {
                 if let Some(handler) = self.on_moved.borrow().as_ref() {
                     handler(&done.moved);
@@ -426,7 +429,11 @@ impl Spool {
     /// Compact segments whose live share fell below the threshold, one at a time, reading at
     /// most `compaction_bytes_per_s`, until the spool closes. Run it on a low-priority task
     /// queue: it only ever trades its own latency.
-    pub async fn run_compactor(self: Rc<Self>, index: Rc<dyn LiveIndex>, clock: Rc<dyn crate::clock::Clock>) {
+    pub async fn run_compactor(
+        self: Rc<Self>,
+        index: Rc<dyn LiveIndex>,
+        clock: Rc<dyn crate::clock::Clock>,
+    ) {
         loop {
             if self.committer_done.get() || self.engine.borrow().is_closing() {
                 return;
@@ -442,7 +449,11 @@ impl Spool {
                     self.appended.notify_all();
                 }
                 Err(e) => {
-                    tracing::warn!(shard = self.cfg.shard, segment = seq, "compaction failed: {e}");
+                    tracing::warn!(
+                        shard = self.cfg.shard,
+                        segment = seq,
+                        "compaction failed: {e}"
+                    );
                     // Wait for the next change before trying again.
                     self.changed.notified().await;
                 }

@@ -236,7 +236,10 @@ where
 
 /// Append a framed outcome record to `buf`, whose length must be a multiple of the record
 /// alignment. Returns the record's offset in `buf` and its framed length. No I/O.
-pub fn encode_outcome(buf: &mut Vec<u8>, rec: &OutcomeRecord) -> Result<(usize, usize), RecordError> {
+pub fn encode_outcome(
+    buf: &mut Vec<u8>,
+    rec: &OutcomeRecord,
+) -> Result<(usize, usize), RecordError> {
     debug_assert_eq!(buf.len() % RECORD_ALIGN, 0, "records start aligned");
     let start = buf.len();
     buf.extend_from_slice(&[0u8; RECORD_HEADER_LEN]);
@@ -248,13 +251,14 @@ pub fn encode_outcome(buf: &mut Vec<u8>, rec: &OutcomeRecord) -> Result<(usize, 
 }
 
 /// Append a framed message record (id, envelope, body) to `buf`, whose length must be a
-/// multiple of the record alignment. The body is copied once, into `buf`. Returns the record's
-/// offset in `buf` and its framed length. No I/O.
+/// multiple of the record alignment. The body comes in pieces (our headers, then the message as
+/// received) and is copied once, into `buf`. Returns the record's offset in `buf` and its
+/// framed length. No I/O.
 pub fn encode_message(
     buf: &mut Vec<u8>,
     id: u64,
     envelope: &Envelope,
-    body: &[u8],
+    body: &[&[u8]],
 ) -> Result<(usize, usize), RecordError> {
     debug_assert_eq!(buf.len() % RECORD_ALIGN, 0, "records start aligned");
     let start = buf.len();
@@ -268,7 +272,9 @@ pub fn encode_message(
     let prefix = start + RECORD_HEADER_LEN;
     buf[prefix..prefix + 8].copy_from_slice(&id.to_le_bytes());
     buf[prefix + 8..prefix + 12].copy_from_slice(&(env_len as u32).to_le_bytes());
-    buf.extend_from_slice(body);
+    for part in body {
+        buf.extend_from_slice(part);
+    }
     Ok((start, frame(buf, start, RecordKind::Message)?))
 }
 
@@ -605,9 +611,9 @@ pub(crate) mod tests {
 
     fn encode_all() -> Vec<u8> {
         let mut buf = Vec::new();
-        encode_message(&mut buf, 1, &envelope(1, 2), b"hello\r\n").expect("encode");
+        encode_message(&mut buf, 1, &envelope(1, 2), &[b"hel", b"lo\r\n"]).expect("encode");
         encode_outcome(&mut buf, &outcome(1)).expect("encode");
-        encode_message(&mut buf, 2, &envelope(2, 2), &[7u8; 3000]).expect("encode");
+        encode_message(&mut buf, 2, &envelope(2, 2), &[&[7u8; 3000]]).expect("encode");
         buf
     }
 
@@ -720,7 +726,10 @@ pub(crate) mod tests {
         let env = m.envelope().expect("envelope");
         assert_eq!(env.reception.to_string(), "18c00000001.1.2a");
         assert_eq!(env.sender, "s@x.test");
-        assert_eq!((env.smtputf8, env.body, env.ret), (true, Body::EightBitMime, Ret::Headers));
+        assert_eq!(
+            (env.smtputf8, env.body, env.ret),
+            (true, Body::EightBitMime, Ret::Headers)
+        );
         assert_eq!(env.envid, None);
         assert_eq!(env.rcpts[0].notify, Notify::Default);
         assert_eq!(
@@ -745,7 +754,7 @@ pub(crate) mod tests {
     #[test]
     fn a_lying_envelope_length_is_an_error_not_a_panic() {
         let mut buf = Vec::new();
-        encode_message(&mut buf, 1, &envelope(1, 1), b"x").expect("encode");
+        encode_message(&mut buf, 1, &envelope(1, 1), &[b"x"]).expect("encode");
         let buf = aligned_copy(&buf);
         let (header, payload) = decode(&buf).expect("frame");
         let mut bad = aligned_copy(payload);

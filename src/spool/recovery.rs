@@ -341,7 +341,10 @@ pub fn recover(dir: &Path, shard: u32) -> Result<Recovered, SpoolError> {
         for (u, bytes) in &set_aside {
             let path = quarantine_path(&qdir, u);
             write_durably(&path, bytes)?;
-            recovered.report.quarantined.push(path.display().to_string());
+            recovered
+                .report
+                .quarantined
+                .push(path.display().to_string());
         }
         std::fs::File::open(&qdir)
             .and_then(|d| d.sync_all())

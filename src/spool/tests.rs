@@ -79,7 +79,10 @@ fn append_read_recover_and_collect() {
             appends.push(glommio::spawn_local(async move {
                 let env = envelope(i as u64, 2);
                 let body = vec![b'a' + (i % 26) as u8; 60_000];
-                let loc = spool.append_message(id(i), &env, &body).await.expect("append");
+                let loc = spool
+                    .append_message(id(i), &env, &[&body])
+                    .await
+                    .expect("append");
                 (id(i), loc)
             }));
         }
@@ -164,7 +167,7 @@ fn unreadable_records_are_reported_set_aside_and_the_rest_recovered() {
         let mut locs = Vec::new();
         for i in 0..10 {
             let loc = spool
-                .append_message(id(i), &envelope(i as u64, 1), &[b'x'; 700])
+                .append_message(id(i), &envelope(i as u64, 1), &[&[b'x'; 700]])
                 .await
                 .expect("append");
             locs.push((id(i), loc));
@@ -259,7 +262,7 @@ fn compaction_moves_the_few_live_messages_and_frees_the_segments() {
         for i in 0..400 {
             let mid = id(i);
             let loc = spool
-                .append_message(mid, &envelope(i as u64, 1), &[b'y'; 2000])
+                .append_message(mid, &envelope(i as u64, 1), &[&[b'y'; 2000]])
                 .await
                 .expect("append");
             if i % 50 == 0 {
@@ -294,8 +297,7 @@ fn compaction_moves_the_few_live_messages_and_frees_the_segments() {
         assert!(spool.stats().compactions > 0, "{:?}", spool.stats());
         assert!(spool.segment_count() <= 2, "{}", spool.segment_count());
         // Every live message still reads back from where the queue now says it is.
-        let locs: Vec<(u64, Location)> =
-            live.0.borrow().iter().map(|(i, m)| (*i, m.loc)).collect();
+        let locs: Vec<(u64, Location)> = live.0.borrow().iter().map(|(i, m)| (*i, m.loc)).collect();
         for (mid, loc) in &locs {
             let stored = spool.read_message(*loc).await.expect("read moved");
             assert_eq!(stored.view().expect("valid").id(), *mid);

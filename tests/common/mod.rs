@@ -358,7 +358,7 @@ impl Epoxi {
         };
         let deadline = Instant::now() + DEADLINE;
         loop {
-            if let Some(port) = listening_port(&epoxi.stderr.text(), "epoxi: listening on ") {
+            if let Some(port) = listening_port(&epoxi.stderr.text(), "listening on ") {
                 epoxi.port = port;
                 return Ok(epoxi);
             }
@@ -435,7 +435,7 @@ impl Epoxi {
             "epoxi exited with {status} after SIGTERM:\n{stderr}"
         );
         assert!(
-            stderr.contains("epoxi: stopped cleanly"),
+            stderr.contains("stopped cleanly"),
             "no clean stop:\n{stderr}"
         );
     }
@@ -487,16 +487,20 @@ fn listening_port(text: &str, prefix: &str) -> Option<u16> {
     listening_addr(text, prefix).map(|a| a.port())
 }
 
-/// The address in a `<prefix>IP:PORT` line (`[IPv6]:PORT` too).
+/// The address after `<prefix>` in a line like `... <prefix>IP:PORT ...` (`[IPv6]:PORT` too).
 fn listening_addr(text: &str, prefix: &str) -> Option<SocketAddr> {
-    let line = text.lines().find_map(|l| l.strip_prefix(prefix))?;
+    let line = text
+        .lines()
+        .find_map(|l| l.find(prefix).map(|at| &l[at + prefix.len()..]))?;
     let addr = line.split_whitespace().next()?;
     addr.parse::<SocketAddr>().ok()
 }
 
-/// `epoxi: shard 0 recovered 1 segments, 5 messages pending, 1 corrupt records, 1 torn tails`
+/// `... shard 0 recovered 1 segments, 5 messages pending, 1 corrupt records, 1 torn tails`
 fn parse_recovery(line: &str) -> Option<Recovery> {
-    let rest = line.strip_prefix("epoxi: shard ")?;
+    let at = line.find(" recovered ")?;
+    let start = line[..at].rfind("shard ")?;
+    let rest = &line[start + "shard ".len()..];
     let words: Vec<&str> = rest.split([' ', ',']).filter(|w| !w.is_empty()).collect();
     if words.get(1) != Some(&"recovered") {
         return None;

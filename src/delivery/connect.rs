@@ -120,6 +120,55 @@ fn for_glommio(socket: Socket) -> glommio_socket2::Socket {
     glommio_socket2::Socket::from(std::net::TcpStream::from(socket))
 }
 
+/// Why one address did not give a usable session.
+pub(super) enum Refusal {
+    /// The source's address cannot be bound: no point trying other hosts from it.
+    Bind(String),
+    /// No TCP connection (refused, unreachable, timed out).
+    Connect(ConnectError),
+    /// Connected, but the greeting, EHLO or TLS failed.
+    Session(String),
+}
+
+/// Why a TCP connection was not made.
+pub(super) struct ConnectError {
+    pub(super) why: String,
+    /// The remote end answered (refused or reset): the source's path works, the host is the
+    /// problem. Timeouts and unreachable networks may be the source's fault.
+    pub(super) remote_answered: bool,
+}
+
+impl From<std::io::Error> for ConnectError {
+    fn from(e: std::io::Error) -> ConnectError {
+        ConnectError {
+            remote_answered: matches!(
+                e.kind(),
+                ErrorKind::ConnectionRefused | ErrorKind::ConnectionReset
+            ),
+            why: e.to_string(),
+        }
+    }
+}
+
+/// Connect from `source` to `addr`: bound to the source's address when it has one.
+pub(super) async fn connect_from(
+    addr: SocketAddr,
+    source: &crate::egress::Source,
+    timeout: Duration,
+) -> Result<TcpStream, Refusal> {
+    let Some(local) = source.address else {
+        return TcpStream::connect_timeout(addr, timeout)
+            .await
+            .map_err(|e| Refusal::Connect(std::io::Error::from(e).into()));
+    };
+    connect_bound(local, addr, timeout)
+        .await
+        .map_err(|e| match e {
+            BoundConnectError::Bind { .. } => Refusal::Bind(e.to_string()),
+            BoundConnectError::Connect(e) => Refusal::Connect(e.into()),
+        })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
