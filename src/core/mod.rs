@@ -17,7 +17,7 @@ mod deliver;
 mod finish;
 mod handle;
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::rc::Rc;
 
 use crate::egress::lease::{Budgets, LeaseKey, LeaseMsg, Permits};
@@ -132,7 +132,8 @@ pub struct Core {
     /// Domains being resolved, and the recipients waiting for their site.
     resolving: HashMap<String, Vec<(u64, JobRcpts, usize)>>,
     pending_leases: HashMap<LeaseKey, VecDeque<PendingLease>>,
-    notices: HashMap<u64, finish::PendingNotice>,
+    /// By token: iterated in order, so a run replays exactly (the simulation relies on it).
+    notices: BTreeMap<u64, finish::PendingNotice>,
     next_notice: u64,
     observers: Observers,
     actions: Vec<Action>,
@@ -166,7 +167,7 @@ impl Core {
             next_conn: 1,
             resolving: HashMap::new(),
             pending_leases: HashMap::new(),
-            notices: HashMap::new(),
+            notices: BTreeMap::new(),
             next_notice: 1,
             observers,
             actions: Vec::new(),
