@@ -1,7 +1,8 @@
 //! The event log: one JSON line per message event, one file per shard; an [`Observer`] of the
 //! stage events.
 //!
-//! Lines: Reception, Delivery, TransientFailure, Bounce, Expiration. They are built in a buffer
+//! Lines: Reception, Delivery, TransientFailure, Bounce, Expiration, and Notice (the notice about
+//! some recipients was spooled, with its `notice_id`, or was not needed: no `notice_id`). They are built in a buffer
 //! on the shard (no syscall per message) and handed, a buffer at a time, to a writer thread over
 //! a bounded crossbeam channel: the shard's executor never blocks on the file. The shard hands
 //! a buffer over once it is past [`BUFFER_FLUSH_BYTES`], or [`FLUSH_DELAY_MS`] after its first
@@ -67,6 +68,9 @@ struct Line<'a> {
     tls: Option<&'a str>,
     #[serde(skip_serializing_if = "Option::is_none")]
     source: Option<&'a str>,
+    /// Notice lines: the notice's own id, when one was sent.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    notice_id: Option<String>,
 }
 
 pub struct EventLog {
@@ -238,6 +242,7 @@ impl Observer for EventLog {
                     size: env.size,
                     tls: e.tls,
                     source: None,
+                    notice_id: None,
                 });
             }
             Event::Attempt(e) => {
@@ -267,10 +272,33 @@ impl Observer for EventLog {
                     size: e.size,
                     tls: None,
                     source: e.source,
+                    notice_id: None,
                 });
             }
-            // Not message events: they go to the operational log (tracing).
-            Event::NoticeQueued(_) | Event::SourceHealth(_) => {}
+            Event::Notice(e) => {
+                self.line(&Line {
+                    kind: "Notice",
+                    ts_ms: e.ts_ms,
+                    message_id: e.reception.to_string(),
+                    queue_id: e.id,
+                    shard: e.shard,
+                    sender: e.sender,
+                    recipient: None,
+                    recipients: Some(e.rcpts.to_vec()),
+                    domain: None,
+                    attempts: 0,
+                    response: None,
+                    peer: "-",
+                    received_ms: e.reception.ms,
+                    next_attempt_ms: None,
+                    size: 0,
+                    tls: None,
+                    source: None,
+                    notice_id: e.notice.map(|n| n.to_string()),
+                });
+            }
+            // Not a message event: it goes to the operational log (tracing).
+            Event::SourceHealth(_) => {}
         }
     }
 }

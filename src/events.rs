@@ -6,8 +6,9 @@
 //!   queued (the `250` goes out once every part is).
 //! - [`Event::Attempt`]: delivery → outcome. One recipient's attempt ended, with what the next
 //!   hop said and what follows (delivered, deferred until, bounced, expired).
-//! - [`Event::NoticeQueued`]: outcome → notices. A delivery status notification about some
-//!   recipients is spooled for the sender.
+//! - [`Event::Notice`]: outcome → notices. The notice about some recipients' outcomes is
+//!   spooled for the sender, or was not needed (NOTIFY asked for none); either way the
+//!   failures it reports are recorded after this.
 //! - [`Event::SourceHealth`]: an egress source left or rejoined rotation.
 
 use std::rc::Rc;
@@ -71,17 +72,20 @@ pub struct Attempt<'a> {
     pub size: u64,
 }
 
-/// A notice about some recipients of a message was spooled for its sender.
+/// The notice about some recipients of a message was spooled for its sender (or none was
+/// needed).
 #[derive(Clone, Copy, Debug)]
-pub struct NoticeQueued {
+pub struct Notice<'a> {
     pub ts_ms: u64,
     pub shard: usize,
     /// The message the notice is about.
     pub id: u64,
     pub reception: ReceptionId,
-    /// The notice's own reception id.
-    pub notice: ReceptionId,
-    pub rcpts: usize,
+    pub sender: &'a str,
+    /// The recipients whose outcomes it was about.
+    pub rcpts: &'a [&'a str],
+    /// The notice's own reception id; None when no recipient asked for a notice.
+    pub notice: Option<ReceptionId>,
 }
 
 /// An egress source left rotation (until a time) or came back.
@@ -98,7 +102,7 @@ pub struct SourceHealth<'a> {
 pub enum Event<'a> {
     Received(Received<'a>),
     Attempt(Attempt<'a>),
-    NoticeQueued(NoticeQueued),
+    Notice(Notice<'a>),
     SourceHealth(SourceHealth<'a>),
 }
 
@@ -145,9 +149,10 @@ pub enum Recorded {
         outcome: AttemptOutcome,
         code: u16,
     },
-    NoticeQueued {
+    Notice {
         id: u64,
         rcpts: usize,
+        sent: bool,
     },
     SourceHealth {
         source: String,
@@ -168,9 +173,10 @@ impl Observer for Recorder {
                 outcome: e.outcome,
                 code: e.response.code,
             },
-            Event::NoticeQueued(e) => Recorded::NoticeQueued {
+            Event::Notice(e) => Recorded::Notice {
                 id: e.id,
-                rcpts: e.rcpts,
+                rcpts: e.rcpts.len(),
+                sent: e.notice.is_some(),
             },
             Event::SourceHealth(e) => Recorded::SourceHealth {
                 source: e.source.to_owned(),

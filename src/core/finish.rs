@@ -3,7 +3,7 @@
 
 use super::deliver::Via;
 use super::{Action, Core, NoticeRcpt, NoticeRequest};
-use crate::events::{Attempt, AttemptOutcome, Event, NoticeQueued};
+use crate::events::{Attempt, AttemptOutcome, Event, Notice};
 use crate::outcome::{self, RcptResult};
 use crate::spool::record::OutcomeRecord;
 
@@ -170,14 +170,21 @@ impl Core {
             return;
         };
         let id = pending.request.id;
-        if let Some(notice) = notice {
-            self.observers.emit(&Event::NoticeQueued(NoticeQueued {
+        if let Some(m) = self.queue.get(id) {
+            let rcpts: Vec<&str> = pending
+                .request
+                .rcpts
+                .iter()
+                .map(|r| m.rcpt(r.rcpt))
+                .collect();
+            self.observers.emit(&Event::Notice(Notice {
                 ts_ms: now_ms,
                 shard: self.shard,
                 id,
                 reception: pending.request.reception,
+                sender: m.sender(),
+                rcpts: &rcpts,
                 notice,
-                rcpts: pending.request.rcpts.len(),
             }));
         }
         let Some(m) = self.queue.get_mut(id) else {
