@@ -354,7 +354,15 @@ impl Writer {
 
     fn rotate(&mut self) {
         let now = crate::clock::now_ms();
-        let rotated = self.dir.join(format!("shard-{}.{now}.jsonl", self.shard));
+        // Two rotations within a millisecond must not overwrite each other's file.
+        let mut rotated = self.dir.join(format!("shard-{}.{now}.jsonl", self.shard));
+        let mut n = 1;
+        while rotated.exists() {
+            rotated = self
+                .dir
+                .join(format!("shard-{}.{now}-{n}.jsonl", self.shard));
+            n += 1;
+        }
         self.file = None;
         if let Err(e) = std::fs::rename(EventLog::path(&self.dir, self.shard), &rotated) {
             tracing::error!(shard = self.shard, "cannot rotate event log: {e}");

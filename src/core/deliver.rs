@@ -1,6 +1,8 @@
 //! The core's delivery side: when to open a connection and from which source, the permits
 //! that bound connections per (site, source) across shards, and what each connection does next.
 
+use std::collections::VecDeque;
+
 use super::{Action, Core, DestState, PendingLease};
 use crate::egress::lease::{owner_of, LeaseKey, LeaseMsg};
 use crate::envelope::Body;
@@ -161,14 +163,15 @@ impl Core {
             self.actions.push(Action::Lease { to, msg });
             return;
         }
-        // Handle locally, iteratively (an answer can cause more messages).
-        let mut work = vec![(self.shard, to, msg)];
-        while let Some((from, at, msg)) = work.pop() {
+        // Handle locally, iteratively (an answer can cause more messages), first in first out
+        // as the mesh would carry them.
+        let mut work = VecDeque::from([(self.shard, to, msg)]);
+        while let Some((from, at, msg)) = work.pop_front() {
             debug_assert_eq!(at, self.shard);
             if is_request(&msg) {
                 for (dest, reply) in self.budgets.handle(from, msg) {
                     if dest == self.shard {
-                        work.push((self.shard, self.shard, reply));
+                        work.push_back((self.shard, self.shard, reply));
                     } else {
                         self.actions.push(Action::Lease {
                             to: dest,

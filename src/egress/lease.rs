@@ -243,8 +243,11 @@ pub struct Holding {
     pub held: u32,
     /// Requests sent and not answered with `Granted` yet.
     pub requested: u32,
-    /// Yields the owner asked for and no connection has answered yet.
+    /// Yields the owner asked for and no release has answered yet. The owner counts any
+    /// release of this key from this shard as the answer to a yield; so does this side.
     pub yields: u32,
+    /// Of those, yields a connection has taken on (it is finishing to answer it).
+    pub claimed: u32,
 }
 
 /// The permits a shard holds and wants, per key.
@@ -288,10 +291,13 @@ impl Permits {
         Some(LeaseMsg::Cancel { key: key.clone() })
     }
 
-    /// A permit's connection closed: the message for the owner.
+    /// A permit's connection closed, for whatever reason: the message for the owner. A
+    /// pending yield counts as answered (as the owner counts it).
     pub fn release(&mut self, key: &LeaseKey) -> LeaseMsg {
         if let Some(h) = self.keys.get_mut(key) {
             h.held = h.held.saturating_sub(1);
+            h.yields = h.yields.saturating_sub(1);
+            h.claimed = h.claimed.saturating_sub(1).min(h.yields);
             h.yields = h.yields.min(h.held);
         }
         self.tidy(key);
@@ -306,19 +312,20 @@ impl Permits {
     }
 
     /// Whether a connection of `key` should finish to answer a yield; if so, the yield is
-    /// taken (one connection answers one yield).
+    /// taken on (one connection answers one yield; its release will answer it).
     pub fn take_yield(&mut self, key: &LeaseKey) -> bool {
         match self.keys.get_mut(key) {
-            Some(h) if h.yields > 0 => {
-                h.yields -= 1;
+            Some(h) if h.yields > h.claimed => {
+                h.claimed += 1;
                 true
             }
             _ => false,
         }
     }
 
+    /// Whether a yield waits for a connection to take it on.
     pub fn yields_pending(&self, key: &LeaseKey) -> bool {
-        self.keys.get(key).is_some_and(|h| h.yields > 0)
+        self.keys.get(key).is_some_and(|h| h.yields > h.claimed)
     }
 
     fn tidy(&mut self, key: &LeaseKey) {
@@ -461,16 +468,26 @@ mod tests {
             Holding {
                 held: 1,
                 requested: 0,
-                yields: 0
+                yields: 0,
+                claimed: 0,
             }
         );
         p.yield_asked(&k);
         p.yield_asked(&k);
         assert_eq!(p.holding(&k).yields, 1, "no more yields than permits held");
         assert!(p.take_yield(&k));
-        assert!(!p.take_yield(&k));
+        assert!(!p.take_yield(&k), "one connection answers one yield");
         assert_eq!(p.release(&k), LeaseMsg::Release { key: k.clone() });
         assert_eq!(p.holding(&k), Holding::default());
+        // A release for another reason answers a pending yield too, as the owner counts it.
+        p.want(&k, 3);
+        p.granted(&k);
+        p.want(&k, 3);
+        p.granted(&k);
+        p.yield_asked(&k);
+        p.release(&k);
+        assert!(!p.yields_pending(&k), "answered by the release");
+        assert!(!p.take_yield(&k));
         assert_eq!(p.cancel(&k), None);
     }
 
