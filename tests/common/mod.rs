@@ -226,6 +226,8 @@ pub struct Opts {
     pub delivery_port: Option<u16>,
     pub spool: PathBuf,
     pub log_dir: PathBuf,
+    /// `--log-format FORMAT` (a global flag, before `serve`) when set; `human` otherwise.
+    pub log_format: Option<String>,
 }
 
 impl Opts {
@@ -239,6 +241,7 @@ impl Opts {
             delivery_port: None,
             spool: dir.join("spool"),
             log_dir: dir.join("log"),
+            log_format: None,
         }
     }
 
@@ -275,9 +278,19 @@ impl Opts {
         self
     }
 
-    /// The `epoxi serve ...` arguments for a config file at `config_path`.
+    /// The operational log format on stderr: `"json"` or `"human"`.
+    pub fn log_format(mut self, format: &str) -> Opts {
+        self.log_format = Some(format.to_owned());
+        self
+    }
+
+    /// The `epoxi [global flags] serve ...` arguments for a config file at `config_path`.
     pub fn serve_args(&self, config_path: &Path) -> Vec<OsString> {
-        let mut args: Vec<OsString> = vec!["serve".into(), "--config".into()];
+        let mut args: Vec<OsString> = Vec::new();
+        if let Some(format) = &self.log_format {
+            args.extend(["--log-format".into(), format.into()]);
+        }
+        args.extend(["serve".into(), "--config".into()]);
         args.push(config_path.into());
         args.extend(["--listen", "127.0.0.1:0", "--spool"].map(OsString::from));
         args.push(self.spool.clone().into());
