@@ -408,14 +408,10 @@ fn delivery_status_notifications_follow_the_dsn_parameters() {
 /// (one bounced, one delivered with NOTIFY=SUCCESS) gets two notices and two Notice lines, one
 /// per recipient, each with its notice's id.
 ///
-/// Ignored: epoxi loses the success notice's line. When the failure's notice is spooled after
-/// the delivery but before the success notice is, `Core::notice_spooled` for the failure
-/// finishes the message's last recipient and removes the message from the queue; for the
-/// success notice it then finds no message and emits no Notice event (src/core/finish.rs).
-/// The notice itself is spooled and delivered. Few messages escape the race (about one in six
-/// of the DSN test's), so five messages show it.
+/// A regression test: the failure's notice, spooled after the delivery but before the success
+/// notice, used to finish the message and remove it from the queue, so the success notice's
+/// decision found no message and logged no line (the message now stays until its last notice).
 #[test]
-#[ignore = "epoxi bug: a notice spooled after its message went final has no Notice line"]
 fn every_notice_decision_is_logged() {
     const MESSAGES: usize = 5;
     let dir = tempfile::tempdir().expect("tempdir");

@@ -92,7 +92,7 @@ fn append(c: &mut Criterion) {
                         compact_live_ratio: 0.0,
                         compaction_bytes_per_s: 1 << 30,
                     };
-                    let (spool, _) = Spool::open(cfg).await.expect("open");
+                    let (spool, _) = Spool::open_collecting(cfg).await.expect("open");
                     let committer = glommio::spawn_local(spool.clone().run_committer());
                     let start = Instant::now();
                     let env = Rc::new(envelope(1024));

@@ -148,7 +148,9 @@ impl Core {
                     },
                 );
             }
-            None if final_now => {
+            // Another notice about this message may still be on its way (a success notice,
+            // say, and this failure's): the message stays until the last one is spooled.
+            None if final_now && !self.notice_pending_for(id) => {
                 if let Some(loc) = self.queue.remove(id) {
                     self.actions.push(Action::Final { id, loc });
                 }
@@ -199,11 +201,16 @@ impl Core {
         for record in pending.after {
             self.actions.push(Action::Outcome { seq, record });
         }
-        if final_now {
+        if final_now && !self.notice_pending_for(id) {
             if let Some(loc) = self.queue.remove(id) {
                 self.actions.push(Action::Final { id, loc });
             }
         }
+    }
+
+    /// Whether a notice about message `id` is still to be spooled.
+    fn notice_pending_for(&self, id: u64) -> bool {
+        self.notices.values().any(|n| n.request.id == id)
     }
 
     /// Spooling the notice of request `token` failed (a full disk, shutdown): try again later;

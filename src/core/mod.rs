@@ -292,6 +292,28 @@ impl Core {
         self.queue.restored(id_max);
     }
 
+    /// The spool replayed its records into this core (see the `Replay` impl): set the ids
+    /// above every one on disk, then route the pending recipients that are due and schedule
+    /// the others.
+    pub fn replayed(&mut self, id_max: u64, now_ms: u64) {
+        self.queue.restored(id_max);
+        let mut due_now: Vec<(u64, JobRcpts)> = Vec::new();
+        for (id, rcpt, due) in self.queue.pending_rcpts() {
+            if due > now_ms {
+                self.queue.schedule(id, rcpt, due);
+                continue;
+            }
+            match due_now.last_mut() {
+                Some((last, rcpts)) if *last == id => rcpts.push(rcpt),
+                _ => due_now.push((id, smallvec::smallvec![rcpt])),
+            }
+        }
+        for (id, rcpts) in due_now {
+            self.dispatch(id, &rcpts, now_ms);
+        }
+        self.rearm();
+    }
+
     /// When [`Core::tick`] is next due (retries, notices to try again).
     pub fn next_wakeup(&self) -> Option<u64> {
         // A stopping core tries no notice again (see `retry_notices`): reporting their times
@@ -422,6 +444,26 @@ impl Core {
     fn fail(&mut self, id: u64, rcpts: &[u16], result: &RcptResult, now_ms: u64) {
         let results: Vec<(u16, RcptResult)> = rcpts.iter().map(|&r| (r, result.clone())).collect();
         self.record_results(id, &results, &deliver::Via::NONE, now_ms);
+    }
+}
+
+/// Recovery replays the spool straight into the queue.
+impl crate::spool::Replay for Core {
+    fn message(
+        &mut self,
+        id: u64,
+        loc: Location,
+        view: &crate::spool::record::MessageView<'_>,
+    ) -> Result<(), String> {
+        self.queue.replay_message(id, loc, view)
+    }
+
+    fn outcome(&mut self, o: &crate::spool::record::Outcome) -> Option<u64> {
+        self.queue.replay_outcome(o)
+    }
+
+    fn for_each_pending(&self, f: &mut dyn FnMut(Location)) {
+        self.queue.for_each_location(f);
     }
 }
 

@@ -15,6 +15,7 @@
 //!
 //! No I/O here.
 
+mod replay;
 pub mod retry;
 
 use std::cmp::Reverse;
@@ -56,6 +57,19 @@ pub type JobRcpts = SmallVec<[u16; 4]>;
 pub struct Job {
     pub id: u64,
     pub rcpts: JobRcpts,
+}
+
+/// What the queue keeps of an envelope, borrowed from an owned envelope or read in place from a
+/// spooled one.
+struct Facts<'a> {
+    reception: crate::envelope::ReceptionId,
+    sender: &'a str,
+    rcpts: &'a [&'a str],
+    success_notices: bool,
+    tenant: Option<&'a str>,
+    smtputf8: bool,
+    body: Body,
+    size: u64,
 }
 
 /// What became of a recipient so far.
@@ -428,33 +442,46 @@ impl Queue {
     }
 
     fn build(&mut self, id: u64, envelope: &Envelope, loc: Location) -> Message {
+        let rcpts: Vec<&str> = envelope.rcpts.iter().map(|r| r.address.as_str()).collect();
+        self.build_parts(
+            id,
+            loc,
+            &Facts {
+                reception: envelope.reception,
+                sender: &envelope.sender,
+                rcpts: &rcpts,
+                success_notices: envelope.rcpts.iter().any(|r| r.notify.on_success()),
+                tenant: envelope.tenant.as_deref(),
+                smtputf8: envelope.smtputf8,
+                body: envelope.body,
+                size: envelope.size,
+            },
+        )
+    }
+
+    fn build_parts(&mut self, id: u64, loc: Location, f: &Facts<'_>) -> Message {
         let mut addrs = String::with_capacity(
-            envelope.sender.len()
-                + envelope
-                    .rcpts
-                    .iter()
-                    .map(|r| r.address.len() + 1)
-                    .sum::<usize>(),
+            f.sender.len() + f.rcpts.iter().map(|r| r.len() + 1).sum::<usize>(),
         );
-        addrs.push_str(&envelope.sender);
-        for r in &envelope.rcpts {
+        addrs.push_str(f.sender);
+        for r in f.rcpts {
             addrs.push('\n');
-            addrs.push_str(&r.address);
+            addrs.push_str(r);
         }
-        let n = envelope.rcpts.len().clamp(1, RCPTS_PER_MESSAGE_MAX);
-        let tenant = self.tenant_id(envelope.tenant.as_deref());
+        let n = f.rcpts.len().clamp(1, RCPTS_PER_MESSAGE_MAX);
+        let tenant = self.tenant_id(f.tenant);
         Message {
             id,
             seq: loc.seq,
             offset: loc.offset as u32,
             len: loc.len,
-            received_ms: envelope.reception.ms,
-            reception_shard: envelope.reception.shard,
-            reception_n: envelope.reception.n,
-            size: envelope.size.min(u64::from(u32::MAX)) as u32,
-            body: envelope.body,
-            smtputf8: envelope.smtputf8,
-            success_notices: envelope.rcpts.iter().any(|r| r.notify.on_success()),
+            received_ms: f.reception.ms,
+            reception_shard: f.reception.shard,
+            reception_n: f.reception.n,
+            size: f.size.min(u64::from(u32::MAX)) as u32,
+            body: f.body,
+            smtputf8: f.smtputf8,
+            success_notices: f.success_notices,
             remaining: n as u16,
             tenant,
             addrs: addrs.into_boxed_str(),

@@ -91,16 +91,34 @@ pub async fn run(
         compact_live_ratio: cfg.spool.compact_live_ratio,
         compaction_bytes_per_s: cfg.spool.compaction_bytes_per_s,
     };
-    let (spool, recovered) = Spool::open(spool_cfg)
+    let log = Rc::new(
+        EventLog::open(&cfg.log.dir, id, cfg.log.file_size_max)
+            .map_err(|source| ShardError::Log { shard: id, source })?,
+    );
+    let observers = Observers::new(vec![log.clone()]);
+    let mut core = Core::new(
+        CoreConfig {
+            shard: id,
+            shards: count,
+            settings: settings.clone(),
+            has_resolver: !settings.resolvers.is_empty(),
+        },
+        observers,
+    );
+    // Recovery replays the spool straight into the core's queue, one segment in memory at a
+    // time; the envelopes come from the records, no body is read back.
+    let started = std::time::Instant::now();
+    let (spool, opened) = Spool::open(spool_cfg, &mut core)
         .await
         .map_err(|source| ShardError::Spool { shard: id, source })?;
-    let report = &recovered.report;
+    let report = &opened.report;
     tracing::info!(
-        "shard {id} recovered {} segments, {} messages pending, {} corrupt records, {} torn tails",
+        "shard {id} recovered {} segments, {} messages pending, {} corrupt records, {} torn tails in {} ms",
         report.segments,
         report.pending_messages,
         report.corrupt_records,
-        report.torn_tails
+        report.torn_tails,
+        started.elapsed().as_millis()
     );
     if !report.unreadable.is_empty() {
         tracing::error!(
@@ -115,10 +133,6 @@ pub async fn run(
                 .join("; ")
         );
     }
-    let log = Rc::new(
-        EventLog::open(&cfg.log.dir, id, cfg.log.file_size_max)
-            .map_err(|source| ShardError::Log { shard: id, source })?,
-    );
     let resolver = (!settings.resolvers.is_empty()).then(|| {
         Rc::new(Resolver::new(
             ResolverConfig {
@@ -133,16 +147,7 @@ pub async fn run(
             ),
         ))
     });
-    let observers = Observers::new(vec![log.clone()]);
-    let core = Rc::new(CoreCell::new(Core::new(
-        CoreConfig {
-            shard: id,
-            shards: count,
-            settings: settings.clone(),
-            has_resolver: resolver.is_some(),
-        },
-        observers,
-    )));
+    let core = Rc::new(CoreCell::new(core));
     let mesh = shards::Mesh::new(
         shard,
         &shards::MeshConfig {
@@ -232,22 +237,9 @@ pub async fn run(
         None
     };
 
-    // Requeue what recovery found (the performer is in place: connections can open).
+    // Route what recovery found (the performer is in place: connections can open).
     let now = clock.now_ms();
-    core.with(|c| {
-        for msg in &recovered.pending {
-            if let Err(e) = c.restore(msg, now) {
-                // The record stays where it is, pinned, for the operator.
-                tracing::error!(
-                    "shard {id}: recovered message set aside (segment {} offset {}): {e}",
-                    msg.loc.seq,
-                    msg.loc.offset
-                );
-            }
-        }
-        c.restored(recovered.id_max);
-    });
-    drop(recovered);
+    core.with(|c| c.replayed(opened.id_max, now));
     let timer = glommio::spawn_local(driver.clone().run_timer(stop.clone()));
 
     let mut acceptors = Vec::new();

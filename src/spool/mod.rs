@@ -39,7 +39,7 @@ use shards::Notify;
 pub use engine::{CompactionReport, EngineStats, LiveIndex, LiveMessage, RcptSnapshot};
 use engine::{Engine, EngineLimits, Target};
 use record::{MessageView, OutcomeRecord, RecordError, RecordKind, RECORD_HEADER_LEN};
-pub use recovery::{RcptState, Recovered, RecoveredMessage, RecoveryReport};
+pub use recovery::{RcptState, Recovered, RecoveredMessage, RecoveryReport, Replay};
 
 use crate::envelope::Envelope;
 
@@ -126,6 +126,14 @@ impl StoredMessage {
 /// Counters for the metrics and the benchmark report.
 pub type SpoolStats = EngineStats;
 
+/// What opening a spool found.
+#[derive(Debug)]
+pub struct Opened {
+    pub report: RecoveryReport,
+    /// Every message id seen on disk is at most this one.
+    pub id_max: u64,
+}
+
 /// Where a committed batch landed: (segment, file offset of the batch), or why it failed.
 type CommitResult = Result<(u64, u64), SpoolError>;
 
@@ -153,24 +161,59 @@ pub struct Spool {
 }
 
 impl Spool {
-    /// Open a shard's spool: recover every segment, then start a fresh segment for new records.
-    /// The caller must spawn [`Spool::run_committer`] (and the collector and compactor).
-    pub async fn open(mut cfg: SpoolConfig) -> Result<(Rc<Spool>, Recovered), SpoolError> {
+    /// Open a shard's spool: replay every segment into `sink`, one segment in memory at a
+    /// time, then start a fresh segment for new records. Unreadable records are reported (and
+    /// copied to `quarantine/`). The caller must spawn [`Spool::run_committer`] (and the
+    /// collector and compactor).
+    pub async fn open(
+        mut cfg: SpoolConfig,
+        sink: &mut dyn recovery::Replay,
+    ) -> Result<(Rc<Spool>, Opened), SpoolError> {
         std::fs::create_dir_all(&cfg.dir)
             .map_err(|e| io_err(&format!("create spool dir {}", cfg.dir.display()), e))?;
         // glommio opens directories relative to no descriptor: give it an absolute path.
         cfg.dir = std::fs::canonicalize(&cfg.dir)
             .map_err(|e| io_err(&format!("resolve spool dir {}", cfg.dir.display()), e))?;
         let lock = lock_dir(&cfg.dir)?;
-        // Recovery reads whole segments with blocking I/O before the shard serves anything;
-        // run it on the executor's blocking pool so the reactor stays free.
-        let dir = cfg.dir.clone();
         let shard = cfg.shard;
-        let mut recovered = glommio::executor()
-            .spawn_blocking(move || recovery::recover(&dir, shard))
+        // Directory and file reads are blocking: they run on the executor's blocking pool,
+        // a segment at a time, so memory holds one segment, not the spool.
+        let dir = cfg.dir.clone();
+        let (seqs, corrupt) = glommio::executor()
+            .spawn_blocking(move || recovery::list_segments(&dir, shard))
             .await?;
+        let mut report = RecoveryReport {
+            corrupt_segments: corrupt,
+            ..RecoveryReport::default()
+        };
+        let mut segments = BTreeMap::new();
+        let mut set_aside = Vec::new();
+        let mut id_max = 0u64;
+        for seq in seqs {
+            let dir = cfg.dir.clone();
+            let bytes = glommio::executor()
+                .spawn_blocking(move || recovery::read_segment(&dir, seq))
+                .await?;
+            let info = recovery::replay_segment(
+                seq,
+                &bytes,
+                sink,
+                &mut report,
+                &mut set_aside,
+                &mut id_max,
+            );
+            segments.insert(seq, info);
+        }
+        recovery::settle(&mut segments, sink, &mut report);
+        if !set_aside.is_empty() {
+            let dir = cfg.dir.clone();
+            report.quarantined = glommio::executor()
+                .spawn_blocking(move || recovery::quarantine(&dir, &set_aside))
+                .await?;
+        }
+        recovery::log_unreadable(shard, &report);
         let mut files = BTreeMap::new();
-        for seq in recovered.segments.keys() {
+        for seq in segments.keys() {
             let file = OpenOptions::new()
                 .read(true)
                 .buffered_open(segment::path(&cfg.dir, *seq))
@@ -178,8 +221,7 @@ impl Spool {
                 .map_err(|e| io_err("open segment", e))?;
             files.insert(*seq, Rc::new(file));
         }
-        let current = recovered.segments.keys().next_back().map_or(1, |s| s + 1);
-        let segments = std::mem::take(&mut recovered.segments);
+        let current = segments.keys().next_back().map_or(1, |s| s + 1);
         let limits = EngineLimits {
             segment_size_max: cfg.segment_size_max,
             commit_batch_max: cfg.commit_batch_max,
@@ -193,12 +235,6 @@ impl Spool {
             current,
             segment::SEGMENT_HEADER_LEN as u64,
         );
-        recovered.segments = engine
-            .segments()
-            .iter()
-            .filter(|(s, _)| **s != current)
-            .map(|(s, st)| (*s, st.clone()))
-            .collect();
         let spool = Rc::new(Spool {
             _lock: lock,
             cfg,
@@ -211,7 +247,31 @@ impl Spool {
             changed: Notify::new(),
             on_moved: RefCell::new(None),
         });
-        Ok((spool, recovered))
+        Ok((spool, Opened { report, id_max }))
+    }
+
+    /// [`Spool::open`] into a [`recovery::Collect`]: the pending messages as a list, for
+    /// tests and tools.
+    pub async fn open_collecting(cfg: SpoolConfig) -> Result<(Rc<Spool>, Recovered), SpoolError> {
+        let mut sink = recovery::Collect::default();
+        let (spool, opened) = Spool::open(cfg, &mut sink).await?;
+        let segments = spool
+            .engine
+            .borrow()
+            .segments()
+            .iter()
+            .filter(|(s, _)| **s != spool.engine.borrow().current())
+            .map(|(s, st)| (*s, st.clone()))
+            .collect();
+        Ok((
+            spool,
+            Recovered {
+                pending: sink.into_pending(),
+                segments,
+                id_max: opened.id_max,
+                report: opened.report,
+            },
+        ))
     }
 
     pub fn shard(&self) -> u32 {
@@ -400,14 +460,18 @@ impl Spool {
     /// Delete segments that hold nothing needed, as they become so, until the spool closes.
     pub async fn run_collector(self: Rc<Self>) {
         loop {
+            // Looked at before the pass: once the committer is done, one more pass sees
+            // everything its last commit made deletable.
+            let last = self.committer_done.get();
+            let changed = self.changed.notified();
             let seqs = self.engine.borrow().collectable();
             for seq in seqs {
                 self.remove_segment(seq).await;
             }
-            if self.committer_done.get() {
+            if last {
                 return;
             }
-            self.changed.notified().await;
+            changed.await;
         }
     }
 

@@ -17,7 +17,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
 
 use super::engine::{SegmentState, TOMBSTONE_RCPT};
-use super::record::{self, OutcomeKind, RecordKind, Scanned};
+use super::record::{self, MessageView, Outcome, OutcomeKind, RecordKind, Scanned};
 use super::segment;
 use super::{io_err, Location, SpoolError};
 use crate::envelope::Envelope;
@@ -80,7 +80,7 @@ pub struct Recovered {
     pub pending: Vec<RecoveredMessage>,
     /// Every segment replayed, with what is live in it.
     pub segments: BTreeMap<u64, SegmentState>,
-    /// Every message id seen on disk is below this one in generation (see `queue::Ids`).
+    /// Every message id seen on disk is at most this one (see `queue::Queue::restored`).
     pub id_max: u64,
     pub report: RecoveryReport,
 }
@@ -91,199 +91,249 @@ pub struct SegmentBytes {
     pub bytes: rkyv::util::AlignedVec,
 }
 
-/// Replay `segments` (in any order; sorted here). Pure: no I/O, so the simulation runs it over
-/// its own storage. Returns the state and, per unreadable record, its bytes to set aside.
+/// Who rebuilds per-message state from the records, as recovery replays them: the queue in
+/// production (no intermediate copy of a million envelopes), [`Collect`] in tests and the
+/// simulation.
+pub trait Replay {
+    /// A message record at `loc`. The first one seen with an id is the message; a later one is
+    /// a copy compaction made: the message moved, and its recipients' states stay.
+    fn message(&mut self, id: u64, loc: Location, view: &MessageView<'_>) -> Result<(), String>;
+    /// An outcome record (a tombstone when its recipient is [`TOMBSTONE_RCPT`]). Returns the
+    /// segment the message it is about lives in, or None when that message is not known (its
+    /// record is gone: it was final).
+    fn outcome(&mut self, o: &Outcome) -> Option<u64>;
+    /// Every message still pending, once replay is over.
+    fn for_each_pending(&self, f: &mut dyn FnMut(Location));
+}
+
+/// A [`Replay`] that keeps every message (owned envelopes), for tests and the simulation.
+#[derive(Default)]
+pub struct Collect {
+    messages: BTreeMap<u64, RecoveredMessage>,
+}
+
+impl Replay for Collect {
+    fn message(&mut self, id: u64, loc: Location, view: &MessageView<'_>) -> Result<(), String> {
+        if let Some(known) = self.messages.get_mut(&id) {
+            known.loc = loc;
+            return Ok(());
+        }
+        let envelope = view.envelope().map_err(|e| format!("envelope: {e}"))?;
+        let states = vec![
+            RcptState::Pending {
+                attempts: 0,
+                next_attempt_ms: 0,
+            };
+            envelope.rcpts.len()
+        ];
+        self.messages.insert(
+            id,
+            RecoveredMessage {
+                id,
+                loc,
+                envelope,
+                states,
+            },
+        );
+        Ok(())
+    }
+
+    fn outcome(&mut self, o: &Outcome) -> Option<u64> {
+        let msg = self.messages.get_mut(&o.message)?;
+        let seq = msg.loc.seq;
+        let kind = o.kind?;
+        if o.rcpt == TOMBSTONE_RCPT {
+            for s in &mut msg.states {
+                *s = RcptState::Final(kind);
+            }
+        } else if let Some(state) = msg.states.get_mut(o.rcpt as usize) {
+            *state = match kind {
+                OutcomeKind::Deferred => RcptState::Pending {
+                    attempts: o.attempts,
+                    next_attempt_ms: o.next_attempt_ms,
+                },
+                kind => RcptState::Final(kind),
+            };
+        }
+        Some(seq)
+    }
+
+    fn for_each_pending(&self, f: &mut dyn FnMut(Location)) {
+        for m in self.messages.values().filter(|m| !m.is_final()) {
+            f(m.loc);
+        }
+    }
+}
+
+impl Collect {
+    /// The pending messages, in id order.
+    pub fn into_pending(self) -> Vec<RecoveredMessage> {
+        self.messages
+            .into_values()
+            .filter(|m| !m.is_final())
+            .collect()
+    }
+}
+
+/// Replay one segment's records (the whole file, header checked by the caller) into `sink`.
+/// Returns what the segment holds (its live counts come with [`settle`]). Unreadable records
+/// are reported in `report` and, with their bytes, in `set_aside`. Pure: no I/O.
+pub fn replay_segment(
+    seq: u64,
+    bytes: &[u8],
+    sink: &mut dyn Replay,
+    report: &mut RecoveryReport,
+    set_aside: &mut Vec<(Unreadable, Vec<u8>)>,
+    id_max: &mut u64,
+) -> SegmentState {
+    report.segments += 1;
+    let mut info = SegmentState::with_len(bytes.len() as u64);
+    let body = bytes.get(segment::SEGMENT_HEADER_LEN..).unwrap_or_default();
+    let mut unreadable = |at: usize, len: usize, why: String, keep: bool| {
+        let u = Unreadable {
+            seq,
+            offset: at as u64,
+            len,
+            why,
+        };
+        if keep {
+            let end = (at + len).min(bytes.len());
+            set_aside.push((u.clone(), bytes[at.min(end)..end].to_vec()));
+        }
+        u
+    };
+    for found in record::scan(body) {
+        match found {
+            Scanned::Record {
+                offset,
+                header,
+                payload,
+            } => {
+                let at = segment::SEGMENT_HEADER_LEN + offset;
+                let len = header.framed_len();
+                match header.kind {
+                    RecordKind::Message => {
+                        let loc = Location {
+                            seq,
+                            offset: at as u64,
+                            len: len as u32,
+                        };
+                        let result = record::MessageView::new(header.version, payload)
+                            .map_err(|e| format!("message record: {e}"))
+                            .and_then(|view| {
+                                *id_max = (*id_max).max(view.id());
+                                sink.message(view.id(), loc, &view)
+                            });
+                        match result {
+                            Ok(()) => report.messages += 1,
+                            Err(why) => {
+                                report.unreadable.push(unreadable(at, len, why, true));
+                                report.corrupt_records += 1;
+                            }
+                        }
+                    }
+                    RecordKind::Outcome => match record::access_outcome(header.version, payload) {
+                        Ok(o) => {
+                            report.outcomes += 1;
+                            if o.kind.is_none() {
+                                report.corrupt_records += 1;
+                            }
+                            // Its message's segment was already deleted when None: the message
+                            // is final (or this is compaction's empty-batch marker).
+                            if let Some(message_seq) = sink.outcome(&o) {
+                                info.deps.insert(message_seq);
+                            }
+                        }
+                        Err(e) => {
+                            // An outcome lost only means a retry; count it and go on.
+                            report.unreadable.push(unreadable(
+                                at,
+                                len,
+                                format!("outcome record: {e}"),
+                                false,
+                            ));
+                            report.corrupt_records += 1;
+                        }
+                    },
+                }
+            }
+            Scanned::Corrupt { offset, len, error } => {
+                let at = segment::SEGMENT_HEADER_LEN + offset;
+                report
+                    .unreadable
+                    .push(unreadable(at, len, error.to_string(), true));
+                report.corrupt_records += 1;
+                report.corrupt_bytes += len;
+            }
+            Scanned::TornTail { len, .. } => {
+                report.torn_tails += 1;
+                report.corrupt_bytes += len;
+            }
+        }
+    }
+    info
+}
+
+/// After the last segment: count each segment's live messages, and drop dependencies on
+/// segments that are not there any more (they are moot).
+pub fn settle(
+    segments: &mut BTreeMap<u64, SegmentState>,
+    sink: &dyn Replay,
+    report: &mut RecoveryReport,
+) {
+    let mut pending = 0;
+    sink.for_each_pending(&mut |loc| {
+        pending += 1;
+        if let Some(info) = segments.get_mut(&loc.seq) {
+            info.live += 1;
+            info.live_bytes += u64::from(loc.len);
+        }
+    });
+    let present: BTreeSet<u64> = segments.keys().copied().collect();
+    for (seq, info) in segments.iter_mut() {
+        info.deps.retain(|d| d != seq && present.contains(d));
+    }
+    report.pending_messages = pending;
+}
+
+/// Replay `segments` (in any order; sorted here) into a [`Collect`]. Pure: the simulation runs
+/// it over its own storage. Returns the state and, per unreadable record, its bytes.
 pub fn replay(
     shard: u32,
     mut segments: Vec<SegmentBytes>,
 ) -> (Recovered, Vec<(Unreadable, Vec<u8>)>) {
     segments.sort_by_key(|s| s.seq);
     let mut report = RecoveryReport::default();
-    let mut messages: BTreeMap<u64, RecoveredMessage> = BTreeMap::new();
+    let mut sink = Collect::default();
     let mut infos: BTreeMap<u64, SegmentState> = BTreeMap::new();
     let mut set_aside = Vec::new();
     let mut id_max = 0u64;
     for seg in &segments {
-        let seq = seg.seq;
-        let bytes = &seg.bytes[..];
-        if let Err(e) = segment::check_header(bytes, shard, seq) {
+        if let Err(e) = segment::check_header(&seg.bytes, shard, seg.seq) {
             // The caller checks headers before and renames bad files; one here is corruption
             // that appeared in between: skip it whole.
             report.unreadable.push(Unreadable {
-                seq,
+                seq: seg.seq,
                 offset: 0,
-                len: bytes.len(),
+                len: seg.bytes.len(),
                 why: e.to_string(),
             });
             continue;
         }
-        report.segments += 1;
-        let mut info = SegmentState::with_len(bytes.len() as u64);
-        let body = &bytes[segment::SEGMENT_HEADER_LEN..];
-        for found in record::scan(body) {
-            match found {
-                Scanned::Record {
-                    offset,
-                    header,
-                    payload,
-                } => {
-                    let file_offset = (segment::SEGMENT_HEADER_LEN + offset) as u64;
-                    match header.kind {
-                        RecordKind::Message => {
-                            let view = match record::MessageView::new(header.version, payload) {
-                                Ok(view) => view,
-                                Err(e) => {
-                                    let len = header.framed_len();
-                                    let at = segment::SEGMENT_HEADER_LEN + offset;
-                                    let u = Unreadable {
-                                        seq,
-                                        offset: file_offset,
-                                        len,
-                                        why: format!("message record: {e}"),
-                                    };
-                                    set_aside.push((u.clone(), bytes[at..at + len].to_vec()));
-                                    report.unreadable.push(u);
-                                    report.corrupt_records += 1;
-                                    continue;
-                                }
-                            };
-                            let id = view.id();
-                            id_max = id_max.max(id);
-                            report.messages += 1;
-                            let loc = Location {
-                                seq,
-                                offset: file_offset,
-                                len: header.framed_len() as u32,
-                            };
-                            match messages.get_mut(&id) {
-                                // A compaction copy: the message moved, its states stay.
-                                Some(known) => known.loc = loc,
-                                None => {
-                                    let envelope = match view.envelope() {
-                                        Ok(envelope) => envelope,
-                                        Err(e) => {
-                                            let len = header.framed_len();
-                                            let at = segment::SEGMENT_HEADER_LEN + offset;
-                                            let u = Unreadable {
-                                                seq,
-                                                offset: file_offset,
-                                                len,
-                                                why: format!("envelope: {e}"),
-                                            };
-                                            set_aside
-                                                .push((u.clone(), bytes[at..at + len].to_vec()));
-                                            report.unreadable.push(u);
-                                            report.corrupt_records += 1;
-                                            continue;
-                                        }
-                                    };
-                                    let states = vec![
-                                        RcptState::Pending {
-                                            attempts: 0,
-                                            next_attempt_ms: 0,
-                                        };
-                                        envelope.rcpts.len()
-                                    ];
-                                    messages.insert(
-                                        id,
-                                        RecoveredMessage {
-                                            id,
-                                            loc,
-                                            envelope,
-                                            states,
-                                        },
-                                    );
-                                }
-                            }
-                        }
-                        RecordKind::Outcome => {
-                            let o = match record::access_outcome(header.version, payload) {
-                                Ok(o) => o,
-                                Err(e) => {
-                                    // An outcome lost only means a retry; count it and go on.
-                                    report.unreadable.push(Unreadable {
-                                        seq,
-                                        offset: file_offset,
-                                        len: header.framed_len(),
-                                        why: format!("outcome record: {e}"),
-                                    });
-                                    report.corrupt_records += 1;
-                                    continue;
-                                }
-                            };
-                            report.outcomes += 1;
-                            let Some(msg) = messages.get_mut(&o.message) else {
-                                // Its message's segment was already deleted: the message is
-                                // final (or this is compaction's empty-batch marker).
-                                continue;
-                            };
-                            info.deps.insert(msg.loc.seq);
-                            let Some(kind) = o.kind else {
-                                report.corrupt_records += 1;
-                                continue;
-                            };
-                            if o.rcpt == TOMBSTONE_RCPT {
-                                for s in &mut msg.states {
-                                    *s = RcptState::Final(kind);
-                                }
-                                continue;
-                            }
-                            let Some(state) = msg.states.get_mut(o.rcpt as usize) else {
-                                report.corrupt_records += 1;
-                                continue;
-                            };
-                            *state = match kind {
-                                OutcomeKind::Deferred => RcptState::Pending {
-                                    attempts: o.attempts,
-                                    next_attempt_ms: o.next_attempt_ms,
-                                },
-                                kind => RcptState::Final(kind),
-                            };
-                        }
-                    }
-                }
-                Scanned::Corrupt { offset, len, error } => {
-                    let at = segment::SEGMENT_HEADER_LEN + offset;
-                    let u = Unreadable {
-                        seq,
-                        offset: at as u64,
-                        len,
-                        why: error.to_string(),
-                    };
-                    set_aside.push((u.clone(), bytes[at..at + len].to_vec()));
-                    report.unreadable.push(u);
-                    report.corrupt_records += 1;
-                    report.corrupt_bytes += len;
-                }
-                Scanned::TornTail { len, .. } => {
-                    report.torn_tails += 1;
-                    report.corrupt_bytes += len;
-                }
-            }
-        }
-        infos.insert(seq, info);
+        let info = replay_segment(
+            seg.seq,
+            &seg.bytes,
+            &mut sink,
+            &mut report,
+            &mut set_aside,
+            &mut id_max,
+        );
+        infos.insert(seg.seq, info);
     }
-
-    let mut pending = Vec::new();
-    for msg in messages.into_values() {
-        if msg.is_final() {
-            continue;
-        }
-        if let Some(info) = infos.get_mut(&msg.loc.seq) {
-            info.live += 1;
-            info.live_bytes += u64::from(msg.loc.len);
-        }
-        pending.push(msg);
-    }
-    // A dependency on a segment that is not there any more is moot.
-    let present: BTreeSet<u64> = infos.keys().copied().collect();
-    for (seq, info) in infos.iter_mut() {
-        info.deps.retain(|d| d != seq && present.contains(d));
-    }
-    report.pending_messages = pending.len();
+    settle(&mut infos, &sink, &mut report);
     (
         Recovered {
-            pending,
+            pending: sink.into_pending(),
             segments: infos,
             id_max,
             report,
@@ -292,11 +342,10 @@ pub fn replay(
     )
 }
 
-/// Read and replay the segments in `dir`: incomplete new segments (shorter than a header) are
-/// removed, segments with a bad header renamed `*.corrupt`, unreadable records copied (durably)
-/// to `dir/quarantine/`. Blocking file I/O: run it before the shard serves, or on a blocking
-/// thread.
-pub fn recover(dir: &Path, shard: u32) -> Result<Recovered, SpoolError> {
+/// The segments of `dir`, in order, with bad files dealt with: incomplete new segments
+/// (shorter than a header) removed, segments with a bad header renamed `*.corrupt` (listed in
+/// the second value). Blocking file I/O.
+pub fn list_segments(dir: &Path, shard: u32) -> Result<(Vec<u64>, Vec<String>), SpoolError> {
     let mut seqs = Vec::new();
     for entry in std::fs::read_dir(dir).map_err(|e| io_err("list spool dir", e))? {
         let entry = entry.map_err(|e| io_err("list spool dir", e))?;
@@ -305,61 +354,104 @@ pub fn recover(dir: &Path, shard: u32) -> Result<Recovered, SpoolError> {
         }
     }
     seqs.sort_unstable();
-    let mut segments = Vec::new();
-    let mut corrupt_segments = Vec::new();
+    let mut good = Vec::new();
+    let mut corrupt = Vec::new();
     for seq in seqs {
         let path = segment::path(dir, seq);
-        let bytes = read_aligned(&path)?;
-        if bytes.len() < segment::SEGMENT_HEADER_LEN {
+        let mut header = [0u8; segment::SEGMENT_HEADER_LEN];
+        let read = std::fs::File::open(&path).and_then(|mut f| {
+            use std::io::Read;
+            let mut n = 0;
+            while n < header.len() {
+                let got = f.read(&mut header[n..])?;
+                if got == 0 {
+                    break;
+                }
+                n += got;
+            }
+            Ok(n)
+        });
+        let n = read.map_err(|e| io_err("read segment header", e))?;
+        if n < segment::SEGMENT_HEADER_LEN {
             // A crash while creating the segment: no record is written before the header is
             // durable, so nothing acknowledged can be in it.
             tracing::warn!(shard, path = %path.display(), "removing incomplete new segment");
             std::fs::remove_file(&path).map_err(|e| io_err("remove incomplete segment", e))?;
             continue;
         }
-        if let Err(e) = segment::check_header(&bytes, shard, seq) {
+        if let Err(e) = segment::check_header(&header, shard, seq) {
             // An unreadable header means we cannot trust the file at all. Keep it for a human
             // rather than deleting mail, and keep going with the other segments.
             let bad = path.with_extension("corrupt");
             tracing::error!(
-                shard,
-                segment = %path.display(),
-                renamed = %bad.display(),
-                "segment unusable ({e}); set aside"
+                "shard {shard}: segment {} unusable ({e}); renamed to {}",
+                path.display(),
+                bad.display()
             );
             std::fs::rename(&path, &bad).map_err(|e| io_err("rename corrupt segment", e))?;
-            corrupt_segments.push(bad.display().to_string());
+            corrupt.push(bad.display().to_string());
             continue;
         }
-        segments.push(SegmentBytes { seq, bytes });
+        good.push(seq);
     }
-    let (mut recovered, set_aside) = replay(shard, segments);
-    recovered.report.corrupt_segments = corrupt_segments;
-    if !set_aside.is_empty() {
-        let qdir = dir.join("quarantine");
-        std::fs::create_dir_all(&qdir).map_err(|e| io_err("create quarantine dir", e))?;
-        for (u, bytes) in &set_aside {
-            let path = quarantine_path(&qdir, u);
-            write_durably(&path, bytes)?;
-            recovered
-                .report
-                .quarantined
-                .push(path.display().to_string());
-        }
-        std::fs::File::open(&qdir)
-            .and_then(|d| d.sync_all())
-            .map_err(|e| io_err("fsync quarantine dir", e))?;
+    Ok((good, corrupt))
+}
+
+/// Read segment `seq` of `dir` whole, aligned for rkyv. Blocking file I/O.
+pub fn read_segment(dir: &Path, seq: u64) -> Result<rkyv::util::AlignedVec, SpoolError> {
+    read_aligned(&segment::path(dir, seq))
+}
+
+/// Copy unreadable records to `dir/quarantine/`, durably; returns the files written.
+/// Blocking file I/O.
+pub fn quarantine(
+    dir: &Path,
+    set_aside: &[(Unreadable, Vec<u8>)],
+) -> Result<Vec<String>, SpoolError> {
+    if set_aside.is_empty() {
+        return Ok(Vec::new());
     }
-    for u in &recovered.report.unreadable {
+    let qdir = dir.join("quarantine");
+    std::fs::create_dir_all(&qdir).map_err(|e| io_err("create quarantine dir", e))?;
+    let mut written = Vec::new();
+    for (u, bytes) in set_aside {
+        let path = quarantine_path(&qdir, u);
+        write_durably(&path, bytes)?;
+        written.push(path.display().to_string());
+    }
+    std::fs::File::open(&qdir)
+        .and_then(|d| d.sync_all())
+        .map_err(|e| io_err("fsync quarantine dir", e))?;
+    Ok(written)
+}
+
+/// Log what recovery found unreadable, with its place.
+pub fn log_unreadable(shard: u32, report: &RecoveryReport) {
+    for u in &report.unreadable {
         tracing::error!(
-            shard,
-            segment = u.seq,
-            offset = u.offset,
-            len = u.len,
-            "unreadable record set aside: {}",
+            "shard {shard}: unreadable record set aside: segment {} offset {} length {}: {}",
+            u.seq,
+            u.offset,
+            u.len,
             u.why
         );
     }
+}
+
+/// Recover `dir` into a [`Collect`]: everything at once, for tests and tools. Blocking.
+pub fn recover(dir: &Path, shard: u32) -> Result<Recovered, SpoolError> {
+    let (seqs, corrupt) = list_segments(dir, shard)?;
+    let mut segments = Vec::new();
+    for seq in seqs {
+        segments.push(SegmentBytes {
+            seq,
+            bytes: read_segment(dir, seq)?,
+        });
+    }
+    let (mut recovered, set_aside) = replay(shard, segments);
+    recovered.report.corrupt_segments = corrupt;
+    recovered.report.quarantined = quarantine(dir, &set_aside)?;
+    log_unreadable(shard, &recovered.report);
     Ok(recovered)
 }
 

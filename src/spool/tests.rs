@@ -70,7 +70,9 @@ fn append_read_recover_and_collect() {
     run(async move {
         // Session 1: 40 messages over several 1 MiB segments, concurrent appenders so batches
         // hold several messages.
-        let (spool, rec) = Spool::open(cfg(&path, 1 << 20)).await.expect("open");
+        let (spool, rec) = Spool::open_collecting(cfg(&path, 1 << 20))
+            .await
+            .expect("open");
         assert!(rec.pending.is_empty());
         let tasks = start(&spool);
         let mut appends = Vec::new();
@@ -117,7 +119,9 @@ fn append_read_recover_and_collect() {
 
         // Session 2: recovery sees 10 pending messages, message 30 with one pending rcpt, and
         // every envelope whole, from the records alone.
-        let (spool, rec) = Spool::open(cfg(&path, 1 << 20)).await.expect("reopen");
+        let (spool, rec) = Spool::open_collecting(cfg(&path, 1 << 20))
+            .await
+            .expect("reopen");
         assert_eq!(rec.pending.len(), 10, "{:?}", rec.report);
         let m30 = rec
             .pending
@@ -147,7 +151,9 @@ fn append_read_recover_and_collect() {
         stop(spool, tasks).await;
 
         // Session 3: nothing pending; old segments were deleted once they held nothing live.
-        let (spool, rec) = Spool::open(cfg(&path, 1 << 20)).await.expect("reopen");
+        let (spool, rec) = Spool::open_collecting(cfg(&path, 1 << 20))
+            .await
+            .expect("reopen");
         assert!(rec.pending.is_empty(), "{:?}", rec.report);
         assert!(
             spool.segment_count() < before,
@@ -162,7 +168,9 @@ fn unreadable_records_are_reported_set_aside_and_the_rest_recovered() {
     let dir = tempfile::tempdir().expect("tempdir");
     let path = dir.path().to_owned();
     run(async move {
-        let (spool, _) = Spool::open(cfg(&path, 64 << 20)).await.expect("open");
+        let (spool, _) = Spool::open_collecting(cfg(&path, 64 << 20))
+            .await
+            .expect("open");
         let tasks = start(&spool);
         let mut locs = Vec::new();
         for i in 0..10 {
@@ -184,7 +192,9 @@ fn unreadable_records_are_reported_set_aside_and_the_rest_recovered() {
         bytes.truncate((l9.offset + u64::from(l9.len) / 2) as usize);
         std::fs::write(&seg, &bytes).expect("write");
 
-        let (_spool, rec) = Spool::open(cfg(&path, 64 << 20)).await.expect("reopen");
+        let (_spool, rec) = Spool::open_collecting(cfg(&path, 64 << 20))
+            .await
+            .expect("reopen");
         let ids: Vec<u64> = rec.pending.iter().map(|m| m.id).collect();
         let expect: Vec<u64> = locs
             .iter()
@@ -219,7 +229,9 @@ fn bad_segment_header_is_set_aside() {
     .expect("write");
     let path = dir.path().to_owned();
     run(async move {
-        let (spool, rec) = Spool::open(cfg(&path, 64 << 20)).await.expect("open");
+        let (spool, rec) = Spool::open_collecting(cfg(&path, 64 << 20))
+            .await
+            .expect("open");
         assert_eq!(rec.report.corrupt_segments.len(), 1);
         assert_eq!(spool.segment_count(), 1);
     });
@@ -242,7 +254,9 @@ fn compaction_moves_the_few_live_messages_and_frees_the_segments() {
     let dir = tempfile::tempdir().expect("tempdir");
     let path = dir.path().to_owned();
     run(async move {
-        let (spool, _) = Spool::open(cfg(&path, 256 << 10)).await.expect("open");
+        let (spool, _) = Spool::open_collecting(cfg(&path, 256 << 10))
+            .await
+            .expect("open");
         let live = Rc::new(Live::default());
         {
             let live = live.clone();
@@ -307,7 +321,9 @@ fn compaction_moves_the_few_live_messages_and_frees_the_segments() {
         stop(spool, tasks).await;
 
         // After a restart the 8 deferred messages are there once each, with their state.
-        let (_spool, rec) = Spool::open(cfg(&path, 256 << 10)).await.expect("reopen");
+        let (_spool, rec) = Spool::open_collecting(cfg(&path, 256 << 10))
+            .await
+            .expect("reopen");
         assert_eq!(rec.pending.len(), 8, "{:?}", rec.report);
         for m in &rec.pending {
             assert_eq!(
