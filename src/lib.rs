@@ -20,6 +20,7 @@
 //! - `proxy`: the PROXY protocol header (v1/v2) a load balancer sends first.
 //! - `auth`: SMTP AUTH users (hashed passwords) and the failed-attempt limiter.
 
+pub mod alloc;
 pub mod auth;
 pub mod clients;
 pub mod clock;

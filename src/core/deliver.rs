@@ -432,9 +432,9 @@ impl Core {
                 loc: m.loc(),
                 sender: m.sender().to_owned(),
                 rcpts,
-                size: u64::from(m.size),
-                body: m.body,
-                smtputf8: m.smtputf8,
+                size: m.size(),
+                body: m.body(),
+                smtputf8: m.smtputf8(),
                 job,
             });
         }

@@ -56,7 +56,7 @@ impl Core {
                     response.code,
                     &self.backoff,
                     attempts,
-                    m.received_ms,
+                    m.received_ms(),
                     now_ms,
                 );
                 let record = OutcomeRecord {
@@ -70,7 +70,7 @@ impl Core {
                         _ => 0,
                     },
                 };
-                let notice = outcome::wants_notice(decision, m.success_notices, m.sender());
+                let notice = outcome::wants_notice(decision, m.success_notices(), m.sender());
                 // A bounce or expiry is recorded only once its notice is spooled: a crash in
                 // between leaves the recipient pending, so it bounces (and notifies) again
                 // after restart: at least once. A delivery is recorded at once: its success
@@ -92,8 +92,8 @@ impl Core {
                     response: &response,
                     peer,
                     source: source.as_deref(),
-                    received_ms: m.received_ms,
-                    size: u64::from(m.size),
+                    received_ms: m.received_ms(),
+                    size: m.size(),
                 }));
                 if notice {
                     notice_rcpts.push(NoticeRcpt {

@@ -15,11 +15,11 @@
 //!
 //! No I/O here.
 
+mod pages;
 mod replay;
 pub mod retry;
 
-use std::cmp::Reverse;
-use std::collections::{BinaryHeap, HashMap, VecDeque};
+use std::collections::{HashMap, VecDeque};
 
 use smallvec::SmallVec;
 
@@ -132,34 +132,55 @@ impl Rcpts {
     }
 }
 
-/// A queued message: what delivery, routing and the log need of it.
+/// A queued message: what delivery, routing and the log need of it, packed into 80 bytes plus
+/// one allocation for the addresses.
 #[derive(Debug)]
 pub struct Message {
     pub id: u64,
-    seq: u64,
+    /// The record's segment; the spool never numbers one past `u32::MAX` (see
+    /// `spool::SEGMENT_SEQ_MAX`).
+    seq: u32,
     offset: u32,
     len: u32,
-    pub received_ms: u64,
-    /// The reception id is (received_ms, shard, n).
-    pub reception_shard: u16,
-    pub reception_n: u64,
-    pub size: u32,
-    pub body: Body,
-    pub smtputf8: bool,
-    /// Some recipient asked for a notice of successful delivery (DSN NOTIFY=SUCCESS).
-    pub success_notices: bool,
-    /// Recipients not final yet.
-    remaining: u16,
-    tenant: u16,
+    /// `received_ms << 16 | reception shard`.
+    received: u64,
+    /// `reception n << 40 | remaining << 24 | tenant << 8 | flags` (see [`Word`]).
+    word: u64,
+    size: u32,
     /// `sender \n rcpt0 \n rcpt1 ...`: one allocation (addresses cannot hold a line feed).
     addrs: Box<str>,
     rcpts: Rcpts,
 }
 
+/// The fields packed into [`Message::word`].
+struct Word;
+
+impl Word {
+    const FLAG_SMTPUTF8: u64 = 1 << 2;
+    const FLAG_SUCCESS_NOTICES: u64 = 1 << 3;
+
+    fn pack(n: u64, remaining: u16, tenant: u16, body: Body, smtputf8: bool, success: bool) -> u64 {
+        let body = match body {
+            Body::SevenBit => 0,
+            Body::EightBitMime => 1,
+            Body::BinaryMime => 2,
+        };
+        (n.min(RECEPTION_N_MAX) << 40)
+            | u64::from(remaining) << 24
+            | u64::from(tenant) << 8
+            | body
+            | if smtputf8 { Word::FLAG_SMTPUTF8 } else { 0 }
+            | if success { Word::FLAG_SUCCESS_NOTICES } else { 0 }
+    }
+}
+
+/// A reception id's counter (per shard and millisecond) kept in 24 bits.
+pub const RECEPTION_N_MAX: u64 = (1 << 24) - 1;
+
 impl Message {
     pub fn loc(&self) -> Location {
         Location {
-            seq: self.seq,
+            seq: u64::from(self.seq),
             offset: u64::from(self.offset),
             len: self.len,
         }
@@ -167,10 +188,48 @@ impl Message {
 
     pub fn reception(&self) -> crate::envelope::ReceptionId {
         crate::envelope::ReceptionId {
-            ms: self.received_ms,
-            shard: self.reception_shard,
-            n: self.reception_n,
+            ms: self.received_ms(),
+            shard: (self.received & 0xffff) as u16,
+            n: self.word >> 40,
         }
+    }
+
+    /// Unix time of reception, in ms (the message's age counts from here).
+    pub fn received_ms(&self) -> u64 {
+        self.received >> 16
+    }
+
+    pub fn size(&self) -> u64 {
+        u64::from(self.size)
+    }
+
+    pub fn body(&self) -> Body {
+        match self.word & 3 {
+            1 => Body::EightBitMime,
+            2 => Body::BinaryMime,
+            _ => Body::SevenBit,
+        }
+    }
+
+    pub fn smtputf8(&self) -> bool {
+        self.word & Word::FLAG_SMTPUTF8 != 0
+    }
+
+    /// Some recipient asked for a notice of successful delivery (DSN NOTIFY=SUCCESS).
+    pub fn success_notices(&self) -> bool {
+        self.word & Word::FLAG_SUCCESS_NOTICES != 0
+    }
+
+    fn tenant_id(&self) -> u16 {
+        ((self.word >> 8) & 0xffff) as u16
+    }
+
+    fn remaining_count(&self) -> u16 {
+        ((self.word >> 24) & 0xffff) as u16
+    }
+
+    fn set_remaining(&mut self, remaining: u16) {
+        self.word = (self.word & !(0xffff << 24)) | u64::from(remaining) << 24;
     }
 
     pub fn sender(&self) -> &str {
@@ -187,7 +246,7 @@ impl Message {
     }
 
     pub fn remaining(&self) -> usize {
-        usize::from(self.remaining)
+        usize::from(self.remaining_count())
     }
 
     pub fn attempts(&self, i: u16) -> u32 {
@@ -242,15 +301,15 @@ impl Message {
                     // A deferral is not final; callers never pass it.
                     OutcomeKind::Expired | OutcomeKind::Deferred => Status::Expired,
                 };
-                self.remaining = self.remaining.saturating_sub(1);
+                self.set_remaining(self.remaining_count().saturating_sub(1));
             }
         }
-        self.remaining == 0
+        self.remaining_count() == 0
     }
 
     /// Recipient `i` is due again at `due_ms` (kept for compaction's restatement).
     fn set_due(&mut self, i: u16, due_ms: u64) {
-        let rel = due_ms.saturating_sub(self.received_ms).min(AGE_MAX_MS) as u32;
+        let rel = due_ms.saturating_sub(self.received_ms()).min(AGE_MAX_MS) as u32;
         if let Some(r) = self.rcpts.as_mut_slice().get_mut(usize::from(i)) {
             r.due_rel_ms = rel;
         }
@@ -267,7 +326,7 @@ impl Message {
                     attempts: u32::from(r.attempts),
                     next_attempt_ms: match r.due_rel_ms {
                         0 => 0,
-                        rel => self.received_ms + u64::from(rel),
+                        rel => self.received_ms() + u64::from(rel),
                     },
                 },
                 // On disk it is still as it was before the attempt that failed it.
@@ -332,7 +391,7 @@ struct Due {
 const DUE_MS_MAX: u64 = (1 << 48) - 1;
 
 pub struct Queue {
-    slots: Vec<Slot>,
+    slots: pages::Pages<Slot>,
     /// Vacant slots, most recently freed last (reused first: warm in cache).
     free: Vec<u32>,
     /// Generations start here for slots never used in this run (above every id on disk).
@@ -343,14 +402,14 @@ pub struct Queue {
     tenants: Vec<Box<str>>,
     tenant_ids: HashMap<Box<str>, u16>,
     dests: HashMap<Dest, DestQueue>,
-    schedule: BinaryHeap<Reverse<Due>>,
+    schedule: pages::MinHeap<Due>,
 }
 
 impl Queue {
     /// An empty queue holding at most `messages_max` messages (capped at [`MESSAGES_CEILING`]).
     pub fn new(messages_max: usize) -> Queue {
         Queue {
-            slots: Vec::new(),
+            slots: pages::Pages::default(),
             free: Vec::new(),
             gen_floor: 1,
             occupied: 0,
@@ -359,7 +418,7 @@ impl Queue {
             tenants: Vec::new(),
             tenant_ids: HashMap::new(),
             dests: HashMap::new(),
-            schedule: BinaryHeap::new(),
+            schedule: pages::MinHeap::default(),
         }
     }
 
@@ -434,8 +493,9 @@ impl Queue {
         let message = self.build(id, envelope, loc);
         self.reserved -= 1;
         self.occupied += 1;
-        self.slots[slot] = Slot::Occupied(message);
-        match &self.slots[slot] {
+        let entry = self.slots.get_mut(slot)?;
+        *entry = Slot::Occupied(message);
+        match entry {
             Slot::Occupied(m) => Some(m),
             _ => None,
         }
@@ -472,18 +532,19 @@ impl Queue {
         let tenant = self.tenant_id(f.tenant);
         Message {
             id,
-            seq: loc.seq,
+            seq: loc.seq as u32,
             offset: loc.offset as u32,
             len: loc.len,
-            received_ms: f.reception.ms,
-            reception_shard: f.reception.shard,
-            reception_n: f.reception.n,
+            received: f.reception.ms << 16 | u64::from(f.reception.shard),
+            word: Word::pack(
+                f.reception.n,
+                n as u16,
+                tenant,
+                f.body,
+                f.smtputf8,
+                f.success_notices,
+            ),
             size: f.size.min(u64::from(u32::MAX)) as u32,
-            body: f.body,
-            smtputf8: f.smtputf8,
-            success_notices: f.success_notices,
-            remaining: n as u16,
-            tenant,
             addrs: addrs.into_boxed_str(),
             rcpts: Rcpts::new(n),
         }
@@ -505,7 +566,7 @@ impl Queue {
 
     /// The tenant of `message`, if it has one.
     pub fn tenant(&self, message: &Message) -> Option<&str> {
-        match message.tenant {
+        match message.tenant_id() {
             0 => None,
             n => self.tenants.get(usize::from(n) - 1).map(|t| &**t),
         }
@@ -521,10 +582,11 @@ impl Queue {
         if msg.envelope.rcpts.len() > RCPTS_PER_MESSAGE_MAX || msg.envelope.rcpts.is_empty() {
             return Err(RestoreError::TooManyRcpts(msg.id, msg.envelope.rcpts.len()));
         }
-        if self.slots.len() <= slot {
-            self.slots.resize_with(slot + 1, || Slot::Vacant { gen: 0 });
-        }
-        if matches!(self.slots[slot], Slot::Occupied(_) | Slot::Reserved { .. }) {
+        self.slots.grow_to(slot + 1, || Slot::Vacant { gen: 0 });
+        if matches!(
+            self.slots.get(slot),
+            Some(Slot::Occupied(_) | Slot::Reserved { .. })
+        ) {
             return Err(RestoreError::Duplicate(msg.id));
         }
         let mut message = self.build(msg.id, &msg.envelope, msg.loc);
@@ -548,8 +610,11 @@ impl Queue {
             }
         }
         self.occupied += 1;
-        self.slots[slot] = Slot::Occupied(message);
-        match &self.slots[slot] {
+        let Some(entry) = self.slots.get_mut(slot) else {
+            return Err(RestoreError::BadId(msg.id));
+        };
+        *entry = Slot::Occupied(message);
+        match entry {
             Slot::Occupied(m) => Ok(m),
             _ => Err(RestoreError::BadId(msg.id)),
         }
@@ -560,7 +625,9 @@ impl Queue {
     pub fn restored(&mut self, id_max: u64) {
         self.gen_floor = self.gen_floor.max((id_max >> SLOT_BITS) + 1);
         self.free.clear();
-        for (slot, entry) in self.slots.iter_mut().enumerate().rev() {
+        let n = self.slots.len();
+        for (back, entry) in self.slots.iter_mut().rev().enumerate() {
+            let slot = n - 1 - back;
             if let Slot::Vacant { gen } = entry {
                 *gen = (*gen).max(self.gen_floor);
                 self.free.push(slot as u32);
@@ -601,7 +668,7 @@ impl Queue {
     /// Compaction moved the record of `id` to `loc`.
     pub fn relocate(&mut self, id: u64, loc: Location) {
         if let Some(m) = self.get_mut(id) {
-            m.seq = loc.seq;
+            m.seq = loc.seq as u32;
             m.offset = loc.offset as u32;
             m.len = loc.len;
         }
@@ -622,19 +689,19 @@ impl Queue {
             m.set_due(rcpt, due_ms);
         }
         let at = due_ms.min(DUE_MS_MAX) << 16 | u64::from(rcpt);
-        self.schedule.push(Reverse(Due { at, id }));
+        self.schedule.push(Due { at, id });
     }
 
     /// When the earliest scheduled recipient is due.
     pub fn next_due_ms(&self) -> Option<u64> {
-        self.schedule.peek().map(|Reverse(d)| d.at >> 16)
+        self.schedule.peek().map(|d| d.at >> 16)
     }
 
     /// Recipients due at `now_ms`, grouped per message (those of one message that share a due
     /// time come together), in due order. Entries of messages gone meanwhile are dropped.
     pub fn take_due(&mut self, now_ms: u64) -> Vec<Job> {
         let mut due: Vec<Job> = Vec::new();
-        while let Some(Reverse(d)) = self.schedule.peek().copied() {
+        while let Some(d) = self.schedule.peek() {
             if d.at >> 16 > now_ms {
                 break;
             }

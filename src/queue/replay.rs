@@ -63,11 +63,11 @@ impl Queue {
                 self.build(id, &envelope, loc)
             }
         };
-        if self.slots.len() <= slot {
-            self.slots.resize_with(slot + 1, || Slot::Vacant { gen: 0 });
+        self.slots.grow_to(slot + 1, || Slot::Vacant { gen: 0 });
+        if let Some(entry) = self.slots.get_mut(slot) {
+            *entry = Slot::Occupied(message);
+            self.occupied += 1;
         }
-        self.slots[slot] = Slot::Occupied(message);
-        self.occupied += 1;
         Ok(())
     }
 
@@ -111,7 +111,7 @@ impl Queue {
 
     /// Every queued message's location (after replay: the pending ones).
     pub fn for_each_location(&self, f: &mut dyn FnMut(Location)) {
-        for slot in &self.slots {
+        for slot in self.slots.iter() {
             if let Slot::Occupied(m) = slot {
                 f(m.loc());
             }
@@ -122,13 +122,13 @@ impl Queue {
     /// dispatch or schedule.
     pub fn pending_rcpts(&self) -> Vec<(u64, u16, u64)> {
         let mut out = Vec::with_capacity(self.occupied);
-        for slot in &self.slots {
+        for slot in self.slots.iter() {
             let Slot::Occupied(m) = slot else { continue };
             for (i, r) in m.rcpts.as_slice().iter().enumerate() {
                 if r.status == Status::Pending {
                     let due = match r.due_rel_ms {
                         0 => 0,
-                        rel => m.received_ms + u64::from(rel),
+                        rel => m.received_ms() + u64::from(rel),
                     };
                     out.push((m.id, i as u16, due));
                 }

@@ -87,7 +87,7 @@ fn messages_keep_addresses_tenant_and_state() {
         (m.rcpt(0), m.rcpt(1), m.rcpt(2)),
         ("a@d1.test", "b@d2.test", "")
     );
-    assert!(m.success_notices);
+    assert!(m.success_notices());
     assert_eq!(m.reception().to_string(), "3e8.1.7");
     assert_eq!(q.tenant(m), Some("Acme"));
     let m = q.get_mut(id).expect("queued");

@@ -192,6 +192,8 @@ pub struct Reception {
     core: Rc<CoreCell>,
     peers: Rc<dyn Peers>,
     pub clock: Rc<dyn Clock>,
+    /// The millisecond of the last reception id, and the next counter within it.
+    last_ms: Cell<u64>,
     next_n: Cell<u64>,
     /// Hot domains spread over several shards: lower-case name → shards.
     spread: HashMap<String, usize>,
@@ -226,6 +228,7 @@ impl Reception {
             core,
             peers,
             clock,
+            last_ms: Cell::new(0),
             next_n: Cell::new(0),
             spread,
             sessions: Sessions::default(),
@@ -241,12 +244,24 @@ impl Reception {
         &self.peers
     }
 
-    /// A new reception id, received now.
+    /// A new reception id, received now: unique per shard by (millisecond, counter within it),
+    /// so the counter stays small (the queue keeps it in 24 bits). A clock that steps back keeps
+    /// counting in the last millisecond seen.
     pub fn next_id(&self, now_ms: u64) -> ReceptionId {
-        let n = self.next_n.get();
+        let mut ms = now_ms.max(self.last_ms.get());
+        let mut n = if ms == self.last_ms.get() {
+            self.next_n.get()
+        } else {
+            0
+        };
+        if n > crate::queue::RECEPTION_N_MAX {
+            ms += 1;
+            n = 0;
+        }
+        self.last_ms.set(ms);
         self.next_n.set(n + 1);
         ReceptionId {
-            ms: now_ms,
+            ms,
             shard: self.shard as u16,
             n,
         }

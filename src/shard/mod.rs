@@ -237,6 +237,9 @@ pub async fn run(
         None
     };
 
+    // Recovery's segment buffers are freed; hand the memory back to the system now rather than
+    // whenever this thread next allocates a lot (mimalloc is the process's allocator).
+    crate::alloc::collect();
     // Route what recovery found (the performer is in place: connections can open).
     let now = clock.now_ms();
     core.with(|c| c.replayed(opened.id_max, now));

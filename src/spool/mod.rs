@@ -70,6 +70,11 @@ fn io_err(context: &str, e: impl Into<std::io::Error>) -> SpoolError {
     }
 }
 
+/// The highest segment number the spool uses: the queue keeps record locations in 32 bits.
+/// 4 billion segments of at least 1 MiB (the smallest `segment_size_max`) is 4 PiB written
+/// per shard; past it the spool refuses to take more rather than misplace a record.
+pub const SEGMENT_SEQ_MAX: u64 = u32::MAX as u64;
+
 /// Compaction reads a segment this many bytes at a time, pausing between reads to keep to its
 /// rate: small enough that a read never holds the disk long, big enough to be sequential.
 const COMPACTION_READ_CHUNK: usize = 1 << 20;
@@ -190,10 +195,7 @@ impl Spool {
         let mut set_aside = Vec::new();
         let mut id_max = 0u64;
         for seq in seqs {
-            let dir = cfg.dir.clone();
-            let bytes = glommio::executor()
-                .spawn_blocking(move || recovery::read_segment(&dir, seq))
-                .await?;
+            let bytes = read_segment(&cfg.dir, seq).await?;
             let info = recovery::replay_segment(
                 seq,
                 &bytes,
@@ -427,6 +429,11 @@ impl Spool {
         let (seq, base) = match target {
             Target::Append { seq, offset } => (seq, offset),
             Target::Create { seq } => {
+                if seq > SEGMENT_SEQ_MAX {
+                    return Err(SpoolError::Io(format!(
+                        "segment numbers exhausted at {seq}: start over with an empty spool"
+                    )));
+                }
                 let file = create_segment_file(&self.cfg, seq).await?;
                 self.files.borrow_mut().insert(seq, Rc::new(file));
                 let header = segment::SEGMENT_HEADER_LEN as u64;
@@ -611,6 +618,38 @@ impl Spool {
         }
     }
 }
+
+/// Read segment `seq` whole, aligned for rkyv, with glommio's I/O on the shard's own thread:
+/// the buffer is this thread's (a buffer filled and handed back by a blocking thread would be
+/// freed here but owned by that thread's heap, which never takes it back while it idles).
+async fn read_segment(dir: &Path, seq: u64) -> Result<AlignedVec, SpoolError> {
+    let file = OpenOptions::new()
+        .read(true)
+        .buffered_open(segment::path(dir, seq))
+        .await
+        .map_err(|e| io_err("open segment", e))?;
+    let len = file
+        .file_size()
+        .await
+        .map_err(|e| io_err("stat segment", e))? as usize;
+    let mut bytes: AlignedVec = AlignedVec::with_capacity(len);
+    while bytes.len() < len {
+        let want = RECOVERY_READ_CHUNK.min(len - bytes.len());
+        let read = file
+            .read_at(bytes.len() as u64, want)
+            .await
+            .map_err(|e| io_err("read segment", e))?;
+        if read.is_empty() {
+            break;
+        }
+        bytes.extend_from_slice(&read);
+    }
+    let _ = file.close().await;
+    Ok(bytes)
+}
+
+/// Recovery reads a segment this many bytes at a time.
+const RECOVERY_READ_CHUNK: usize = 8 << 20;
 
 /// Create segment `seq` with its header, durably (file and directory entry).
 async fn create_segment_file(cfg: &SpoolConfig, seq: u64) -> Result<BufferedFile, SpoolError> {
