@@ -5,6 +5,7 @@
 # temporary directory and deleted at the end; every process started here is stopped here.
 #
 # Usage: bench/memory.sh      Knobs: MESSAGES=1000000 SIZE=1024 SHARDS=2 CONNECTIONS=64
+#                            EPOXI_BIN=path (another build) NO_QUEUE_LIMIT=1 (builds before it)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 MESSAGES=${MESSAGES:-1000000}
@@ -22,12 +23,12 @@ free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",
 rss_kb() { awk '/^VmRSS/{print $2}' "/proc/$1/status"; }
 dead=$(free_port)
 port=$(free_port)
-cat >"$work/epoxi.toml" <<TOML
-[queue]
-messages_max = $(( MESSAGES + 1000 ))
-[shards]
-pin = false
-TOML
+# NO_QUEUE_LIMIT=1 leaves queue.messages_max out (for builds from before it existed).
+if [ "${NO_QUEUE_LIMIT:-0}" = 1 ]; then
+  printf '[shards]\npin = false\n' >"$work/epoxi.toml"
+else
+  printf '[queue]\nmessages_max = %s\n[shards]\npin = false\n' $(( MESSAGES + 1000 )) >"$work/epoxi.toml"
+fi
 start() { # start epoxi; sets pid and started_s (seconds until it listens)
   local t0 t1
   t0=$(date +%s.%N)
@@ -35,7 +36,11 @@ start() { # start epoxi; sets pid and started_s (seconds until it listens)
     --spool "$work/spool" --log-dir "$work/log" --route "*.test=127.0.0.1:$dead" \
     </dev/null >/dev/null 2>"$work/epoxi.err" &
   pid=$!
-  for _ in $(seq 6000); do grep -q "listening on" "$work/epoxi.err" && break; sleep 0.05; done
+  for _ in $(seq 6000); do
+    grep -q "listening on" "$work/epoxi.err" && break
+    kill -0 "$pid" 2>/dev/null || { echo "epoxi did not start: $(cat "$work/epoxi.err")" >&2; exit 1; }
+    sleep 0.05
+  done
   t1=$(date +%s.%N)
   started_s=$(python3 -c "print(round($t1 - $t0, 2))")
 }
