@@ -170,7 +170,11 @@ impl Word {
             | u64::from(tenant) << 8
             | body
             | if smtputf8 { Word::FLAG_SMTPUTF8 } else { 0 }
-            | if success { Word::FLAG_SUCCESS_NOTICES } else { 0 }
+            | if success {
+                Word::FLAG_SUCCESS_NOTICES
+            } else {
+                0
+            }
     }
 }
 

@@ -103,7 +103,11 @@ impl<T: Ord + Copy> MinHeap<T> {
         // Indices passed here are always in range; fall back to the top rather than panic.
         match self.items.get(i) {
             Some(v) => *v,
-            None => self.items.get(0).copied().unwrap_or_else(|| unreachable_heap()),
+            None => self
+                .items
+                .get(0)
+                .copied()
+                .unwrap_or_else(|| unreachable_heap()),
         }
     }
 
@@ -196,7 +200,9 @@ mod tests {
         let mut x: u64 = 12345;
         let mut all = Vec::new();
         for _ in 0..(PAGE_LEN * 2 + 77) {
-            x = x.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            x = x
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
             let v = x >> 40;
             all.push(v);
             h.push(v);

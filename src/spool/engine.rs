@@ -325,8 +325,12 @@ impl Engine {
         if !self.wants_commit() {
             return None;
         }
+        // The next batch starts with room for about as much as this one: under steady load it
+        // then does not grow by doubling, copying every body in it again.
+        let len = self.batch.buf.len();
         let next = Batch {
             no: self.batch.no + 1,
+            buf: Vec::with_capacity((len + len / 4).min(self.limits.commit_batch_max)),
             ..Batch::default()
         };
         let b = std::mem::replace(&mut self.batch, next);
