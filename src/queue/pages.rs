@@ -27,7 +27,7 @@ impl<T> Pages<T> {
     }
 
     pub fn push(&mut self, value: T) {
-        if self.len % PAGE_LEN == 0 {
+        if self.len.is_multiple_of(PAGE_LEN) {
             self.pages.push(Vec::with_capacity(PAGE_LEN));
         }
         if let Some(page) = self.pages.last_mut() {
