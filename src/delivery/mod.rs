@@ -192,7 +192,7 @@ async fn open(ctx: &DeliveryCtx, dest: &Dest, source: usize) -> Result<Opened, C
                     connected = true;
                     match greet(&ctx.settings, stream, src, host, tls).await {
                         Ok(conn) => return Ok(Opened { conn, peer }),
-                        Err(why) => Refusal::Session(why),
+                        Err(why) => Refusal::Session(why.to_string()),
                     }
                 }
                 Err(refusal) => refusal,
@@ -263,7 +263,7 @@ async fn serve(ctx: &DeliveryCtx, id: ConnId, mut conn: Conn) {
                     }
                 }
                 if let Err(why) = conn.exchange().await {
-                    return broken(ctx, id, conn, inflight, &why).await;
+                    return broken(ctx, id, conn, inflight, &why.to_string()).await;
                 }
             }
             ClientStep::SendBody => {

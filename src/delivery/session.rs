@@ -20,6 +20,31 @@ const REPLY_LINE_LEN_MAX: usize = 4096;
 /// Longest wait for the reply to QUIT.
 const QUIT_REPLY_WAIT: Duration = Duration::from_secs(2);
 
+/// Why an outbound session failed. The text is what the recipients' events and deferrals say.
+#[derive(Debug, thiserror::Error)]
+pub(super) enum SessionError {
+    #[error("write failed: {0}")]
+    Write(std::io::Error),
+    #[error("read failed: {0}")]
+    Read(std::io::Error),
+    #[error("connection closed by the remote server")]
+    Closed,
+    #[error("timed out waiting for a reply")]
+    Timeout,
+    #[error("TLS error: {0}")]
+    Tls(String),
+    #[error("bad TLS server name `{host}`: {why}")]
+    ServerName { host: String, why: String },
+    #[error("TLS handshake with {host} failed: {why}")]
+    Handshake { host: String, why: String },
+    #[error("TLS required but no CA bundle loaded")]
+    NoCaBundle,
+    #[error("refused the session: {0}")]
+    Refused(String),
+    #[error("unexpected client step {0}")]
+    Unexpected(String),
+}
+
 /// RFC 5321 §4.5.3.2's per-phase waits, from `[delivery]`.
 pub(super) struct Timeouts {
     reply: Duration,
@@ -69,10 +94,8 @@ impl Conn {
     }
 
     /// Flush what the client wrote, then read more of the server's replies into it.
-    pub(super) async fn exchange(&mut self) -> Result<(), String> {
-        self.flush()
-            .await
-            .map_err(|e| format!("write failed: {e}"))?;
+    pub(super) async fn exchange(&mut self) -> Result<(), SessionError> {
+        self.flush().await.map_err(SessionError::Write)?;
         let n = self.read_socket().await?;
         match &mut self.tls {
             None => self.client.input(&self.buf[..n]),
@@ -80,9 +103,9 @@ impl Conn {
                 let mut rd = &self.buf[..n];
                 while !rd.is_empty() {
                     tls.read_tls(&mut rd)
-                        .map_err(|e| format!("TLS read failed: {e}"))?;
+                        .map_err(|e| SessionError::Tls(format!("read failed: {e}")))?;
                     tls.process_new_packets()
-                        .map_err(|e| format!("TLS error: {e}"))?;
+                        .map_err(|e| SessionError::Tls(e.to_string()))?;
                 }
                 let mut plain = [0u8; 4096];
                 loop {
@@ -90,7 +113,7 @@ impl Conn {
                         Ok(0) => break,
                         Ok(m) => self.client.input(&plain[..m]),
                         Err(e) if e.kind() == ErrorKind::WouldBlock => break,
-                        Err(e) => return Err(format!("TLS error: {e}")),
+                        Err(e) => return Err(SessionError::Tls(e.to_string())),
                     }
                 }
             }
@@ -98,7 +121,7 @@ impl Conn {
         Ok(())
     }
 
-    pub(super) async fn read_socket(&mut self) -> Result<usize, String> {
+    pub(super) async fn read_socket(&mut self) -> Result<usize, SessionError> {
         let timeout = match self.client.awaiting() {
             Awaiting::Reply => self.timeouts.reply,
             Awaiting::DataInit => self.timeouts.data_init,
@@ -106,12 +129,10 @@ impl Conn {
         };
         let _ = self.stream.set_read_timeout(Some(timeout));
         match self.stream.read(&mut self.buf).await {
-            Ok(0) => Err("connection closed by the remote server".into()),
+            Ok(0) => Err(SessionError::Closed),
             Ok(n) => Ok(n),
-            Err(e) if e.kind() == ErrorKind::TimedOut => {
-                Err("timed out waiting for a reply".into())
-            }
-            Err(e) => Err(format!("read failed: {e}")),
+            Err(e) if e.kind() == ErrorKind::TimedOut => Err(SessionError::Timeout),
+            Err(e) => Err(SessionError::Read(e)),
         }
     }
 
@@ -120,25 +141,27 @@ impl Conn {
         &mut self,
         config: Arc<rustls::ClientConfig>,
         host: &str,
-    ) -> Result<(), String> {
-        self.flush()
-            .await
-            .map_err(|e| format!("write failed: {e}"))?;
-        let name = rustls::pki_types::ServerName::try_from(host.to_owned())
-            .map_err(|e| format!("bad TLS server name `{host}`: {e}"))?;
-        let mut tls =
-            rustls::ClientConnection::new(config, name).map_err(|e| format!("TLS: {e}"))?;
+    ) -> Result<(), SessionError> {
+        self.flush().await.map_err(SessionError::Write)?;
+        let name = rustls::pki_types::ServerName::try_from(host.to_owned()).map_err(|e| {
+            SessionError::ServerName {
+                host: host.to_owned(),
+                why: e.to_string(),
+            }
+        })?;
+        let mut tls = rustls::ClientConnection::new(config, name)
+            .map_err(|e| SessionError::Tls(e.to_string()))?;
         loop {
             self.wire.clear();
             while tls.wants_write() {
                 tls.write_tls(&mut self.wire)
-                    .map_err(|e| format!("TLS: {e}"))?;
+                    .map_err(|e| SessionError::Tls(e.to_string()))?;
             }
             if !self.wire.is_empty() {
                 self.stream
                     .write_all(&self.wire)
                     .await
-                    .map_err(|e| format!("write failed: {e}"))?;
+                    .map_err(SessionError::Write)?;
             }
             if !tls.is_handshaking() {
                 break;
@@ -147,13 +170,16 @@ impl Conn {
             let mut rd = &self.buf[..n];
             while !rd.is_empty() {
                 tls.read_tls(&mut rd)
-                    .map_err(|e| format!("TLS read failed: {e}"))?;
+                    .map_err(|e| SessionError::Tls(format!("read failed: {e}")))?;
                 if let Err(e) = tls.process_new_packets() {
                     // Send our alert before giving up, so the server logs why.
                     self.wire.clear();
                     let _ = tls.write_tls(&mut self.wire);
                     let _ = self.stream.write_all(&self.wire).await;
-                    return Err(format!("TLS handshake with {host} failed: {e}"));
+                    return Err(SessionError::Handshake {
+                        host: host.to_owned(),
+                        why: e.to_string(),
+                    });
                 }
             }
         }
@@ -188,12 +214,12 @@ pub(super) async fn greet(
     src: &Source,
     host: &str,
     tls: TlsPolicy,
-) -> Result<Conn, String> {
+) -> Result<Conn, SessionError> {
     let cfg = &settings.config.delivery;
     let _ = stream.set_nodelay(true);
     stream
         .set_write_timeout(Some(Duration::from_millis(cfg.data_block_timeout_ms)))
-        .map_err(|e| e.to_string())?;
+        .map_err(|e| SessionError::Write(e.into()))?;
     let client = Client::new(ClientConfig {
         helo_name: src.ehlo.clone(),
         line_len_max: REPLY_LINE_LEN_MAX,
@@ -229,7 +255,7 @@ pub(super) async fn greet(
                 };
                 let Some(config) = config else {
                     conn.quit().await;
-                    return Err("TLS required but no CA bundle loaded".into());
+                    return Err(SessionError::NoCaBundle);
                 };
                 if let Err(why) = conn.start_tls(config, host).await {
                     let _ = conn.stream.close().await;
@@ -239,14 +265,13 @@ pub(super) async fn greet(
             }
             ClientStep::Failed(reply) => {
                 conn.quit().await;
-                return Err(format!(
-                    "refused the session: {}",
-                    reply.to_string().trim_end()
+                return Err(SessionError::Refused(
+                    reply.to_string().trim_end().to_owned(),
                 ));
             }
             other => {
                 let _ = conn.stream.close().await;
-                return Err(format!("unexpected client step {other:?}"));
+                return Err(SessionError::Unexpected(format!("{other:?}")));
             }
         }
     }
