@@ -383,7 +383,8 @@ impl Core {
     /// there is none or the connection should take no more.
     pub fn early_job(&mut self, conn: ConnId) -> Option<Box<Ticket>> {
         let c = self.conns.get(&conn)?;
-        if self.stopping || c.started + 1 >= c.messages_max {
+        // `started` already counts the job in flight: this one would be number `started + 1`.
+        if self.stopping || c.started >= c.messages_max {
             return None;
         }
         let (dest, key) = (c.dest.clone(), c.key.clone());

@@ -230,6 +230,11 @@ impl Core {
         for token in due {
             if let Some(p) = self.notices.get_mut(&token) {
                 p.retry_at_ms = None;
+                // Compaction may have moved the message since the request: the notice reads
+                // it where it is now (the old place may be gone).
+                if let Some(m) = self.queue.get(p.request.id) {
+                    p.request.loc = m.loc();
+                }
                 self.actions.push(Action::Notice(p.request.clone()));
             }
         }

@@ -294,7 +294,12 @@ impl Core {
 
     /// When [`Core::tick`] is next due (retries, notices to try again).
     pub fn next_wakeup(&self) -> Option<u64> {
-        let notices = self.notices.values().filter_map(|n| n.retry_at_ms).min();
+        // A stopping core tries no notice again (see `retry_notices`): reporting their times
+        // would have the timer tick at a time that never passes.
+        let notices = match self.stopping {
+            true => None,
+            false => self.notices.values().filter_map(|n| n.retry_at_ms).min(),
+        };
         match (self.queue.next_due_ms(), notices) {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
