@@ -31,6 +31,13 @@ use crate::spool::{Location, RcptState as RecoveredState, RecoveredMessage};
 /// Bits of a message id that name its slot.
 pub const SLOT_BITS: u32 = 24;
 const SLOT_MASK: u64 = (1 << SLOT_BITS) - 1;
+
+/// The slot of message `id`. Of two ids with the same slot, the larger is the newer: a slot's
+/// generation only grows, and a slot gets a new id only once its message is final (or its
+/// reservation was cancelled).
+pub fn slot_of(id: u64) -> u64 {
+    id & SLOT_MASK
+}
 /// Most messages one shard's queue can hold: the slot space. `queue.messages_max` is checked
 /// against it.
 pub const MESSAGES_CEILING: usize = SLOT_MASK as usize;

@@ -400,9 +400,18 @@ impl Spool {
     /// Delete segments that hold nothing needed, as they become so, until the spool closes.
     pub async fn run_collector(self: Rc<Self>) {
         loop {
-            let seqs = self.engine.borrow().collectable();
-            for seq in seqs {
-                self.remove_segment(seq).await;
+            // Deleting a segment can free the ones whose outcomes were only about it: go on
+            // until nothing is collectable (or deletions fail, to try again on the next change
+            // rather than spin), or they would wait for the next change, maybe forever.
+            loop {
+                let seqs = self.engine.borrow().collectable();
+                let mut removed = false;
+                for seq in seqs {
+                    removed |= self.remove_segment(seq).await;
+                }
+                if !removed {
+                    break;
+                }
             }
             if self.committer_done.get() {
                 return;
@@ -411,17 +420,20 @@ impl Spool {
         }
     }
 
-    async fn remove_segment(&self, seq: u64) {
+    /// Delete segment `seq`; false when that failed.
+    async fn remove_segment(&self, seq: u64) -> bool {
         let path = segment::path(&self.cfg.dir, seq);
         match glommio::io::remove(&path).await {
             Ok(()) => {
                 // Readers holding the file keep it open until they finish.
                 self.files.borrow_mut().remove(&seq);
                 self.engine.borrow_mut().segment_removed(seq);
+                true
             }
             Err(e) => {
                 tracing::error!(shard = self.cfg.shard, path = %path.display(), "cannot delete segment: {e}");
                 // Try again on the next change rather than spinning.
+                false
             }
         }
     }

@@ -67,6 +67,9 @@ pub struct RecoveryReport {
     pub corrupt_records: usize,
     pub corrupt_bytes: usize,
     pub torn_tails: usize,
+    /// Messages that looked pending but share their queue slot with a newer message: they
+    /// were final before the slot was reused, and only their last outcome was lost.
+    pub superseded: usize,
     /// Records that could not be read, with their location.
     pub unreadable: Vec<Unreadable>,
     /// Segments with a bad header, renamed for the operator.
@@ -264,9 +267,24 @@ pub fn replay(
         infos.insert(seq, info);
     }
 
+    // The queue gives a slot a new id only once the message holding it is final (or its
+    // reservation was cancelled), so of the messages on disk sharing a slot only the newest
+    // can be pending. An older one that still looks pending lost its final outcome (a batch
+    // that failed after the message was done, or that a crash cut off, while a later one with
+    // the newer message committed). It is final: restoring it would also take the newer
+    // message's place in the queue, and that one would be set aside, never delivered.
+    let mut newest: BTreeMap<u64, u64> = BTreeMap::new();
+    for &id in messages.keys() {
+        // Ids ascend: the last one seen in a slot is its newest.
+        newest.insert(crate::queue::slot_of(id), id);
+    }
     let mut pending = Vec::new();
     for msg in messages.into_values() {
         if msg.is_final() {
+            continue;
+        }
+        if newest.get(&crate::queue::slot_of(msg.id)) != Some(&msg.id) {
+            report.superseded += 1;
             continue;
         }
         if let Some(info) = infos.get_mut(&msg.loc.seq) {
@@ -393,4 +411,47 @@ fn read_aligned(path: &Path) -> Result<rkyv::util::AlignedVec, SpoolError> {
 /// Messages by id, for tests that look at a recovery result.
 pub fn by_id(recovered: &Recovered) -> HashMap<u64, &RecoveredMessage> {
     recovered.pending.iter().map(|m| (m.id, m)).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::spool::record::{encode_message, encode_outcome, tests::envelope, OutcomeRecord};
+
+    /// One segment holding `records` (already framed), as recovery reads it.
+    fn segment_of(seq: u64, records: &[u8]) -> SegmentBytes {
+        let mut bytes = rkyv::util::AlignedVec::new();
+        bytes.extend_from_slice(&segment::encode_header(0, seq));
+        bytes.extend_from_slice(records);
+        SegmentBytes { seq, bytes }
+    }
+
+    #[test]
+    fn an_older_message_in_a_reused_slot_is_final_not_pending() {
+        // Message `old` (generation 1 of slot 5) was delivered, but the batch with its outcome
+        // failed; the slot went to `new` (generation 2), whose record committed. Then a crash.
+        let old = 1 << 24 | 5;
+        let new = 2 << 24 | 5;
+        let other = 1 << 24 | 6;
+        let mut buf = Vec::new();
+        encode_message(&mut buf, old, &envelope(old, 1), &[b"old body"]).expect("encode");
+        let deferred = OutcomeRecord {
+            message: old,
+            rcpt: 0,
+            kind: OutcomeKind::Deferred,
+            attempts: 1,
+            at_ms: 5,
+            next_attempt_ms: 10,
+        };
+        encode_outcome(&mut buf, &deferred).expect("encode");
+        encode_message(&mut buf, other, &envelope(other, 1), &[b"other"]).expect("encode");
+        encode_message(&mut buf, new, &envelope(new, 2), &[b"new body"]).expect("encode");
+        let (rec, set_aside) = replay(0, vec![segment_of(1, &buf)]);
+        assert!(set_aside.is_empty());
+        let ids: Vec<u64> = rec.pending.iter().map(|m| m.id).collect();
+        assert_eq!(ids, vec![other, new], "the newer message keeps the slot");
+        assert_eq!(rec.report.superseded, 1);
+        assert_eq!(rec.segments.get(&1).map(|s| s.live), Some(2), "only those two are live");
+        assert_eq!(rec.id_max, new);
+    }
 }

@@ -217,11 +217,20 @@ impl World {
             return Ok(());
         };
         sh.collect_scheduled = false;
-        let seqs = sh.engine.collectable();
-        for seq in &seqs {
-            self.disks[s].remove(*seq);
-            sh.engine.segment_removed(*seq);
-            self.stats.segments_deleted += 1;
+        // As `Spool::run_collector`: until nothing is collectable (deleting a segment can free
+        // those whose outcomes were about it).
+        let mut seqs = Vec::new();
+        loop {
+            let round = sh.engine.collectable();
+            if round.is_empty() {
+                break;
+            }
+            for seq in &round {
+                self.disks[s].remove(*seq);
+                sh.engine.segment_removed(*seq);
+                self.stats.segments_deleted += 1;
+            }
+            seqs.extend(round);
         }
         if !seqs.is_empty() {
             self.note(|| format!("s{s} deleted segments {seqs:?}"));
