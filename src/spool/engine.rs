@@ -565,6 +565,15 @@ impl Engine {
             report.snapshots += self.restate(id, &live, now_ms)?;
             restated.insert(id);
         }
+        // A tombstone keeps a final message final after this segment goes, should its record
+        // outlive it: that record is in a segment this one depends on. With none of those left,
+        // no tombstone is needed, and writing them anyway would carry them from compaction to
+        // compaction (the next one finds them as outcomes about final messages) for ever.
+        let records_elsewhere = self.segments.get(&seq).is_some_and(|s| {
+            s.deps
+                .iter()
+                .any(|d| *d != seq && self.segments.contains_key(d))
+        });
         for &id in &scan.outcome_ids {
             if restated.contains(&id) {
                 continue;
@@ -578,6 +587,7 @@ impl Engine {
                         Dep::Seg(live.loc.seq)
                     });
                 }
+                None if !records_elsewhere => {}
                 None => {
                     // Final (or never ours): say so, in case its record outlives this segment.
                     let rec = OutcomeRecord {
@@ -681,3 +691,116 @@ pub fn scan_segment(bytes: &[u8], base: usize) -> SegmentScan {
 
 /// The tombstone convention: an outcome for recipient `u32::MAX` marks the whole message final.
 pub const TOMBSTONE_RCPT: u32 = u32::MAX;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::spool::record::tests::envelope;
+    use crate::spool::segment::SEGMENT_HEADER_LEN;
+
+    const HEADER: u64 = SEGMENT_HEADER_LEN as u64;
+
+    struct Index(BTreeMap<u64, LiveMessage>);
+
+    impl LiveIndex for Index {
+        fn live(&self, id: u64) -> Option<LiveMessage> {
+            self.0.get(&id).cloned()
+        }
+    }
+
+    /// Commit the open batch where the engine says, into `disk` (segment → bytes).
+    fn commit(e: &mut Engine, disk: &mut BTreeMap<u64, Vec<u8>>) -> (u64, u64, Committed) {
+        let mut c = e.take_commit().expect("a batch");
+        let buf = std::mem::take(&mut c.buf);
+        let (seq, base) = match e.target(buf.len() as u64) {
+            Target::Append { seq, offset } => (seq, offset),
+            Target::Create { seq } => {
+                disk.insert(seq, vec![0; SEGMENT_HEADER_LEN]);
+                e.segment_created(seq, HEADER);
+                (seq, HEADER)
+            }
+        };
+        disk.entry(seq).or_default().extend_from_slice(&buf);
+        let done = e.committed(c, Ok((seq, base)));
+        (seq, base, done)
+    }
+
+    fn delivered(id: u64) -> OutcomeRecord {
+        OutcomeRecord {
+            message: id,
+            rcpt: 0,
+            kind: OutcomeKind::Delivered,
+            attempts: 1,
+            at_ms: 1,
+            next_attempt_ms: 0,
+        }
+    }
+
+    fn compact(
+        e: &mut Engine,
+        disk: &BTreeMap<u64, Vec<u8>>,
+        seq: u64,
+        index: &Index,
+    ) -> CompactionReport {
+        let bytes = record::aligned_copy(&disk[&seq]);
+        let scan = scan_segment(&bytes[SEGMENT_HEADER_LEN..], SEGMENT_HEADER_LEN);
+        e.compact(seq, &bytes, &scan, index, 2).expect("compact")
+    }
+
+    #[test]
+    fn tombstones_only_while_a_record_they_speak_for_may_outlive_the_segment() {
+        let limits = EngineLimits {
+            segment_size_max: 4096,
+            commit_batch_max: 1 << 20,
+            compact_live_ratio: 0.9,
+        };
+        let mut e = Engine::new(limits, BTreeMap::new(), 1, HEADER);
+        let mut disk: BTreeMap<u64, Vec<u8>> = BTreeMap::from([(1, vec![0; SEGMENT_HEADER_LEN])]);
+        let (a, b, c) = (1 << 24 | 1, 1 << 24 | 2, 1 << 24 | 3);
+        let body = [b'x'; 900];
+        let (_, oa, la) = e
+            .append_message(a, &envelope(a, 1), &[&body])
+            .expect("append");
+        let (_, ob, lb) = e
+            .append_message(b, &envelope(b, 1), &[&body])
+            .expect("append");
+        let (seq, base, _) = commit(&mut e, &mut disk);
+        let loc_a = Location {
+            seq,
+            offset: base + oa,
+            len: la,
+        };
+        let loc_b = Location {
+            seq,
+            offset: base + ob,
+            len: lb,
+        };
+        // B is delivered in segment 1, where its record is.
+        e.append_outcome(1, &delivered(b)).expect("outcome");
+        e.message_final(b, loc_b);
+        commit(&mut e, &mut disk);
+        // Segment 2: a big message C, and A's delivery, whose record is in segment 1.
+        let big = [b'y'; 2500];
+        e.append_message(c, &envelope(c, 1), &[&big])
+            .expect("append");
+        assert_eq!(commit(&mut e, &mut disk).0, 2);
+        e.append_outcome(1, &delivered(a)).expect("outcome");
+        e.message_final(a, loc_a);
+        commit(&mut e, &mut disk);
+        // Segment 3 becomes current; segment 2 holds C (live) and A's outcome.
+        e.append_message(c + 1, &envelope(c + 1, 1), &[&big])
+            .expect("append");
+        assert_eq!(commit(&mut e, &mut disk).0, 3);
+        let none = Index(BTreeMap::new());
+        // Segment 1 depends on nothing else: B's tombstone would speak for no record.
+        assert_eq!(compact(&mut e, &disk, 1, &none).tombstones, 0);
+        commit(&mut e, &mut disk);
+        assert_eq!(e.collectable(), vec![1]);
+        // Segment 2's outcome about A speaks for A's record in segment 1, still there: a
+        // tombstone. Once segment 1 is gone, none.
+        let mut again = Engine::new(limits, e.segments().clone(), 4, HEADER);
+        assert_eq!(compact(&mut again, &disk, 2, &none).tombstones, 1);
+        e.segment_removed(1);
+        assert_eq!(compact(&mut e, &disk, 2, &none).tombstones, 0);
+    }
+}
