@@ -42,6 +42,9 @@ pub struct SegmentState {
     pub len: u64,
     /// Segments of the messages that outcome records here are about.
     pub deps: BTreeSet<u64>,
+    /// Ids of the message records here, current or left behind by a move: compaction writes a
+    /// tombstone about a final message only while a segment holding its record remains.
+    pub ids: BTreeSet<u64>,
     /// A compaction of this segment is under way (its copies ride batch `.0`).
     compacting: Option<u64>,
 }
@@ -405,9 +408,11 @@ impl Engine {
         self.stats.bytes += commit.len();
         let mut live_new = 0u32;
         let mut live_bytes_new = 0u64;
-        for &(_, _, len) in &commit.messages {
+        let mut ids: Vec<u64> = Vec::with_capacity(commit.messages.len() + commit.copies.len());
+        for &(id, _, len) in &commit.messages {
             live_new += 1;
             live_bytes_new += u64::from(len);
+            ids.push(id);
         }
         for c in &commit.copies {
             let Some(m) = self.moving.remove(&c.id) else {
@@ -416,6 +421,7 @@ impl Engine {
             // The record left its old segment either way.
             self.release(c.from);
             resolved.insert(c.id, seq);
+            ids.push(c.id);
             if !m.finalized {
                 live_new += 1;
                 live_bytes_new += u64::from(c.len);
@@ -467,6 +473,7 @@ impl Engine {
             seg.live += live_new;
             seg.live_bytes += live_bytes_new;
             seg.deps.extend(deps);
+            seg.ids.extend(ids);
         }
         out
     }
@@ -566,14 +573,27 @@ impl Engine {
             restated.insert(id);
         }
         // A tombstone keeps a final message final after this segment goes, should its record
-        // outlive it: that record is in a segment this one depends on. With none of those left,
-        // no tombstone is needed, and writing them anyway would carry them from compaction to
-        // compaction (the next one finds them as outcomes about final messages) for ever.
-        let records_elsewhere = self.segments.get(&seq).is_some_and(|s| {
-            s.deps
-                .iter()
-                .any(|d| *d != seq && self.segments.contains_key(d))
-        });
+        // outlive it; that record is in a segment this one depends on. Only while one of those
+        // holds it is a tombstone needed: written anyway, tombstones would be carried from
+        // compaction to compaction (the next one finds them as outcomes about final messages)
+        // for ever, and a segment of them would stay below the live ratio, compacted again and
+        // again.
+        let tombstoned: BTreeSet<u64> = match self.segments.get(&seq) {
+            Some(seg) => {
+                let holders: Vec<&SegmentState> = seg
+                    .deps
+                    .iter()
+                    .filter(|d| **d != seq)
+                    .filter_map(|d| self.segments.get(d))
+                    .collect();
+                scan.outcome_ids
+                    .iter()
+                    .copied()
+                    .filter(|id| holders.iter().any(|h| h.ids.contains(id)))
+                    .collect()
+            }
+            None => BTreeSet::new(),
+        };
         for &id in &scan.outcome_ids {
             if restated.contains(&id) {
                 continue;
@@ -587,7 +607,7 @@ impl Engine {
                         Dep::Seg(live.loc.seq)
                     });
                 }
-                None if !records_elsewhere => {}
+                None if !tombstoned.contains(&id) => {}
                 None => {
                     // Final (or never ours): say so, in case its record outlives this segment.
                     let rec = OutcomeRecord {
@@ -765,41 +785,46 @@ mod tests {
             .append_message(b, &envelope(b, 1), &[&body])
             .expect("append");
         let (seq, base, _) = commit(&mut e, &mut disk);
-        let loc_a = Location {
+        let at = |offset: u64, len: u32| Location {
             seq,
-            offset: base + oa,
-            len: la,
-        };
-        let loc_b = Location {
-            seq,
-            offset: base + ob,
-            len: lb,
+            offset: base + offset,
+            len,
         };
         // B is delivered in segment 1, where its record is.
         e.append_outcome(1, &delivered(b)).expect("outcome");
-        e.message_final(b, loc_b);
+        e.message_final(b, at(ob, lb));
         commit(&mut e, &mut disk);
-        // Segment 2: a big message C, and A's delivery, whose record is in segment 1.
+        // Segment 2: a big message C, A's delivery (A's record is in segment 1) and C's.
         let big = [b'y'; 2500];
-        e.append_message(c, &envelope(c, 1), &[&big])
+        let (_, oc, lc) = e
+            .append_message(c, &envelope(c, 1), &[&big])
             .expect("append");
-        assert_eq!(commit(&mut e, &mut disk).0, 2);
+        let (seq_c, base_c, _) = commit(&mut e, &mut disk);
+        assert_eq!(seq_c, 2);
         e.append_outcome(1, &delivered(a)).expect("outcome");
-        e.message_final(a, loc_a);
+        e.message_final(a, at(oa, la));
+        e.append_outcome(2, &delivered(c)).expect("outcome");
+        let loc_c = Location {
+            seq: 2,
+            offset: base_c + oc,
+            len: lc,
+        };
+        e.message_final(c, loc_c);
         commit(&mut e, &mut disk);
-        // Segment 3 becomes current; segment 2 holds C (live) and A's outcome.
+        // Segment 3 becomes current.
         e.append_message(c + 1, &envelope(c + 1, 1), &[&big])
             .expect("append");
         assert_eq!(commit(&mut e, &mut disk).0, 3);
         let none = Index(BTreeMap::new());
-        // Segment 1 depends on nothing else: B's tombstone would speak for no record.
+        // Segment 1 depends on no other segment: B's tombstone would speak for no record.
         assert_eq!(compact(&mut e, &disk, 1, &none).tombstones, 0);
-        commit(&mut e, &mut disk);
-        assert_eq!(e.collectable(), vec![1]);
-        // Segment 2's outcome about A speaks for A's record in segment 1, still there: a
-        // tombstone. Once segment 1 is gone, none.
+        // Segment 2's outcome about A speaks for A's record in segment 1, still there; the
+        // one about C only for C's record in segment 2 itself, going with it: one tombstone.
         let mut again = Engine::new(limits, e.segments().clone(), 4, HEADER);
         assert_eq!(compact(&mut again, &disk, 2, &none).tombstones, 1);
+        // Once segment 1 is gone, none.
+        commit(&mut e, &mut disk);
+        assert_eq!(e.collectable(), vec![1]);
         e.segment_removed(1);
         assert_eq!(compact(&mut e, &disk, 2, &none).tombstones, 0);
     }

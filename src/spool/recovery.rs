@@ -152,6 +152,7 @@ pub fn replay(
                             };
                             let id = view.id();
                             id_max = id_max.max(id);
+                            info.ids.insert(id);
                             report.messages += 1;
                             let loc = Location {
                                 seq,
@@ -451,7 +452,11 @@ mod tests {
         let ids: Vec<u64> = rec.pending.iter().map(|m| m.id).collect();
         assert_eq!(ids, vec![other, new], "the newer message keeps the slot");
         assert_eq!(rec.report.superseded, 1);
-        assert_eq!(rec.segments.get(&1).map(|s| s.live), Some(2), "only those two are live");
+        assert_eq!(
+            rec.segments.get(&1).map(|s| s.live),
+            Some(2),
+            "only those two are live"
+        );
         assert_eq!(rec.id_max, new);
     }
 }

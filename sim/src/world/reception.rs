@@ -267,7 +267,12 @@ impl World {
     /// Build the notice of `request` from the original record and spool it for the sender.
     pub(super) fn notice(&mut self, s: usize, request: NoticeRequest) -> Result<(), Violation> {
         let token = request.token;
-        let original = match self.read_message(s, request.loc) {
+        // As the adapter: where the record is now (compaction may have moved it since).
+        let loc = self.shards[s]
+            .as_ref()
+            .and_then(|sh| sh.core.live(request.id))
+            .map_or(request.loc, |live| live.loc);
+        let original = match self.read_message(s, loc) {
             Ok(original) => original,
             Err(ReadError::Missing) => {
                 // The adapter records the failures anyway rather than retry forever: a notice
@@ -275,8 +280,8 @@ impl World {
                 self.stats.notice_read_failures += 1;
                 self.note(|| {
                     format!(
-                        "s{s} notice {token}: original {:#x} at {:?} is gone",
-                        request.id, request.loc
+                        "s{s} notice {token}: original {:#x} at {loc:?} is gone",
+                        request.id
                     )
                 });
                 self.core_step(s, |c, now| c.notice_spooled(token, None, now))?;
@@ -286,8 +291,8 @@ impl World {
                 return Err(Violation::new(
                     "wrong-record",
                     format!(
-                        "s{s}: notice {token} for {:#x} reads {:?}: {e}",
-                        request.id, request.loc
+                        "s{s}: notice {token} for {:#x} reads {loc:?}: {e}",
+                        request.id
                     ),
                 ));
             }
@@ -296,8 +301,8 @@ impl World {
             return Err(Violation::new(
                 "wrong-record",
                 format!(
-                    "s{s}: notice {token} for {:#x} read message {:#x} at {:?}",
-                    request.id, original.id, request.loc
+                    "s{s}: notice {token} for {:#x} read message {:#x} at {loc:?}",
+                    request.id, original.id
                 ),
             ));
         }

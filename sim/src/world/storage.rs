@@ -285,6 +285,23 @@ impl World {
             return Ok(());
         }
         let scan = scan_segment(&bytes[SEGMENT_HEADER_LEN..], SEGMENT_HEADER_LEN);
+        if self.trace.on() {
+            let st = sh.engine.segments().get(&seq).cloned().unwrap_or_default();
+            let existing: Vec<u64> = sh.engine.segments().keys().copied().collect();
+            let line = format!(
+                "{:>9} s{s} compacting {seq}: live {} of {} bytes in {}, deps {:?}, segments {:?}",
+                self.now - crate::scenario::EPOCH_MS,
+                st.live_bytes,
+                st.len,
+                st.live,
+                st.deps,
+                existing
+            );
+            self.trace.line(line);
+        }
+        let Some(sh) = self.shards[s].as_mut() else {
+            return Ok(());
+        };
         let index = Index(&sh.core);
         match sh.engine.compact(seq, &bytes, &scan, &index, now) {
             Ok(report) => {
