@@ -51,6 +51,8 @@ pub struct Entry {
     /// Its record was set aside by recovery as unreadable (media corruption): losing it is
     /// reported, not a bug.
     pub exempt: bool,
+    /// A final outcome for it was durably committed: it must never be pending again.
+    pub durable_final: bool,
 }
 
 /// Counters the report prints.

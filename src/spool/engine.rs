@@ -47,6 +47,8 @@ pub struct SegmentState {
     pub ids: BTreeSet<u64>,
     /// A compaction of this segment is under way (its copies ride batch `.0`).
     compacting: Option<u64>,
+    /// Compacting it would reclaim nothing while it holds this many live messages.
+    no_gain_live: Option<u32>,
 }
 
 /// Where a batch goes: appended to the current segment, or a new one must be created first.
@@ -166,6 +168,9 @@ pub struct CompactionReport {
     pub copied_bytes: u64,
     pub snapshots: u32,
     pub tombstones: u32,
+    /// Compacting would have written back as many bytes as the segment holds: nothing was
+    /// done, and the segment is no candidate again until its live messages change.
+    pub no_gain: bool,
 }
 
 /// Counters for metrics and the benchmark report.
@@ -468,6 +473,9 @@ impl Engine {
             self.stats.compactions += 1;
         }
         deps.remove(&seq);
+        // A dependency on a segment already deleted is moot; keeping it would only grow the
+        // set, which compaction passes on from segment to segment.
+        deps.retain(|d| self.segments.contains_key(d));
         if let Some(seg) = self.segments.get_mut(&seq) {
             seg.len = base + commit.len();
             seg.live += live_new;
@@ -508,7 +516,11 @@ impl Engine {
     pub fn compaction_candidate(&self) -> Option<u64> {
         let mut best: Option<(f64, u64)> = None;
         for (&seq, seg) in &self.segments {
-            if seq == self.current || seg.compacting.is_some() || seg.len == 0 {
+            if seq == self.current
+                || seg.compacting.is_some()
+                || seg.len == 0
+                || seg.no_gain_live == Some(seg.live)
+            {
                 continue;
             }
             let pinned = seg.live == 0
@@ -543,6 +555,13 @@ impl Engine {
         if seq == self.current || !self.segments.contains_key(&seq) {
             return Ok(report);
         }
+        // Where the batch stood, to take this compaction back out if it gains nothing.
+        let mark = (
+            self.batch.buf.len(),
+            self.batch.records,
+            self.batch.copies.len(),
+            self.batch.deps.len(),
+        );
         let mut restated: BTreeSet<u64> = BTreeSet::new();
         for &(id, offset, len) in &scan.messages {
             let Some(live) = index.live(id) else {
@@ -623,6 +642,26 @@ impl Engine {
                     report.tombstones += 1;
                 }
             }
+        }
+        let written = (self.batch.buf.len() - mark.0) as u64;
+        let len = self.segments.get(&seq).map_or(0, |st| st.len);
+        if written > 0 && super::segment::SEGMENT_HEADER_LEN as u64 + written >= len {
+            // The copies and restatements fill as much as the segment: the new one would be
+            // just as sparse, compacted again, and so on for ever. Take them back out, and
+            // leave the segment be until its live messages change.
+            for c in self.batch.copies.drain(mark.2..) {
+                self.moving.remove(&c.id);
+            }
+            self.batch.buf.truncate(mark.0);
+            self.batch.records = mark.1;
+            self.batch.deps.truncate(mark.3);
+            if let Some(seg) = self.segments.get_mut(&seq) {
+                seg.no_gain_live = Some(seg.live);
+            }
+            return Ok(CompactionReport {
+                no_gain: true,
+                ..CompactionReport::default()
+            });
         }
         if let Some(seg) = self.segments.get_mut(&seq) {
             seg.compacting = Some(self.batch.no);
@@ -827,5 +866,62 @@ mod tests {
         assert_eq!(e.collectable(), vec![1]);
         e.segment_removed(1);
         assert_eq!(compact(&mut e, &disk, 2, &none).tombstones, 0);
+    }
+
+    #[test]
+    fn a_compaction_that_would_reclaim_nothing_is_not_done_until_the_segment_changes() {
+        let limits = EngineLimits {
+            segment_size_max: 4096,
+            commit_batch_max: 1 << 20,
+            compact_live_ratio: 0.9,
+        };
+        let mut e = Engine::new(limits, BTreeMap::new(), 1, HEADER);
+        let mut disk: BTreeMap<u64, Vec<u8>> = BTreeMap::from([(1, vec![0; SEGMENT_HEADER_LEN])]);
+        let a = 1 << 24 | 1;
+        let (_, offset, len) = e
+            .append_message(a, &envelope(a, 3), &[&[b'x'; 200]])
+            .expect("append");
+        let (seq, base, _) = commit(&mut e, &mut disk);
+        let loc = Location {
+            seq,
+            offset: base + offset,
+            len,
+        };
+        // Every recipient deferred once: segment 1 is A and what compaction would restate.
+        let deferred = RcptSnapshot::Deferred {
+            attempts: 1,
+            next_attempt_ms: 9,
+        };
+        for rcpt in 0..3 {
+            let rec = OutcomeRecord {
+                kind: OutcomeKind::Deferred,
+                next_attempt_ms: 9,
+                rcpt,
+                ..delivered(a)
+            };
+            e.append_outcome(1, &rec).expect("outcome");
+        }
+        commit(&mut e, &mut disk);
+        e.append_message(a + 1, &envelope(a + 1, 1), &[&[b'y'; 3600]])
+            .expect("append");
+        assert_eq!(commit(&mut e, &mut disk).0, 2);
+        assert_eq!(
+            e.compaction_candidate(),
+            Some(1),
+            "A is below the live ratio"
+        );
+        let index = Index(BTreeMap::from([(
+            a,
+            LiveMessage {
+                loc,
+                rcpts: vec![deferred; 3],
+            },
+        )]));
+        let report = compact(&mut e, &disk, 1, &index);
+        assert!(report.no_gain, "{report:?}");
+        assert!(!e.wants_commit(), "nothing was added to the batch");
+        assert_eq!(e.compaction_candidate(), None, "not again while A is there");
+        e.message_final(a, loc);
+        assert_eq!(e.collectable(), vec![1]);
     }
 }

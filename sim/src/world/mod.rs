@@ -68,6 +68,10 @@ pub struct Stats {
     pub compactions: u64,
     pub compaction_copies: u64,
     pub compaction_errors: u64,
+    /// Compactions that wrote back as many bytes as they read.
+    pub compactions_no_gain: u64,
+    /// Compactions the engine declined: they would have gained nothing.
+    pub compactions_skipped: u64,
     pub moves: u64,
     pub connections: u64,
     pub transactions: u64,
@@ -214,6 +218,8 @@ struct Writing {
     commit: Commit,
     seq: u64,
     base: u64,
+    /// The recipients whose final outcomes ride this batch.
+    finals: Vec<EntryKey>,
 }
 
 /// A part waiting for its batch to commit.
@@ -235,6 +241,8 @@ struct ShardState {
     /// Parts waiting for room in the open batch.
     room_wait: VecDeque<u64>,
     conns: BTreeMap<ConnId, delivery::SimConn>,
+    /// Recipients whose final outcomes were appended to the open batch.
+    finals_open: Vec<EntryKey>,
     timer_gen: u64,
     compacting: bool,
     collect_scheduled: bool,
@@ -656,6 +664,7 @@ impl World {
                 waiting: BTreeMap::new(),
                 room_wait: VecDeque::new(),
                 conns: BTreeMap::new(),
+                finals_open: Vec::new(),
                 timer_gen: 0,
                 compacting: false,
                 collect_scheduled: false,
@@ -667,6 +676,22 @@ impl World {
         let restart = self.crashed();
         if restart {
             self.check_recovered(&pending_keys, &unreadable, &aside)?;
+        }
+        // What was durably final stays final, unless media corruption took records away.
+        let corrupted =
+            unreadable.iter().any(|u| !u.is_empty()) || aside.iter().any(|a| !a.is_empty());
+        if !corrupted {
+            if let Some((key, _)) = self
+                .ledger
+                .entries
+                .iter()
+                .find(|(key, e)| e.durable_final && !e.exempt && pending_keys.contains(*key))
+            {
+                return Err(Violation::new(
+                    "durable-regression",
+                    format!("{key:?} had a final outcome committed, yet is pending after recovery"),
+                ));
+            }
         }
         self.note(|| {
             format!(

@@ -24,6 +24,15 @@ impl World {
                             format!("s{s}: outcome not appended: {e}"),
                         ));
                     }
+                    if record.kind.is_final() {
+                        let key = self.msgs.get(&(s, record.message)).and_then(|t| {
+                            let rcpt = t.rcpts.get(record.rcpt as usize)?;
+                            Some((t.rec, rcpt.clone()))
+                        });
+                        if let (Some(key), Some(sh)) = (key, self.shards[s].as_mut()) {
+                            sh.finals_open.push(key);
+                        }
+                    }
                     self.schedule_commit(s);
                 }
                 Action::Final { id, loc } => {

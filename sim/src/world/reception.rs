@@ -73,6 +73,7 @@ impl World {
                     delivered: 0,
                     notices: Vec::new(),
                     exempt: false,
+                    durable_final: false,
                 },
             );
             keys.push(key);
@@ -358,6 +359,7 @@ impl World {
                     delivered: 0,
                     notices: Vec::new(),
                     exempt: false,
+                    durable_final: false,
                 },
             );
             keys.push(key);

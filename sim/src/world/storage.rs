@@ -8,6 +8,11 @@ use epoxi::spool::segment::{encode_header, SEGMENT_HEADER_LEN};
 use epoxi::spool::Location;
 
 use super::{Local, Tracked, World, Writing};
+
+/// Compactions that reclaim nothing (they write back as many bytes as the segment holds) a run
+/// tolerates: a few happen when a segment's copies and restatements fill it; past this many the
+/// compactor is going round in circles.
+const COMPACTIONS_NO_GAIN_MAX: u64 = 50;
 use crate::ledger::Violation;
 
 /// The core as compaction's index of live messages (what `CoreCell` is in production).
@@ -63,6 +68,8 @@ impl World {
         let Some(mut commit) = sh.engine.take_commit() else {
             return Ok(());
         };
+        // Final outcomes appended since the last batch was taken ride this one.
+        let finals = std::mem::take(&mut sh.finals_open);
         let buf = std::mem::take(&mut commit.buf);
         let target = sh.engine.target(buf.len() as u64);
         let header = SEGMENT_HEADER_LEN as u64;
@@ -100,7 +107,12 @@ impl World {
         let Some(sh) = self.shards[s].as_mut() else {
             return Ok(());
         };
-        sh.writing = Some(Writing { commit, seq, base });
+        sh.writing = Some(Writing {
+            commit,
+            seq,
+            base,
+            finals,
+        });
         let delay = self.rng_fault.range(0, 3);
         self.local(delay, Local::Sync(s));
         Ok(())
@@ -123,6 +135,11 @@ impl World {
             return self.commit_done(s, w.commit, Err("fdatasync failed".into()));
         }
         self.disks[s].sync(w.seq);
+        for key in &w.finals {
+            if let Some(e) = self.ledger.entries.get_mut(key) {
+                e.durable_final = true;
+            }
+        }
         self.commit_done(s, w.commit, Ok((w.seq, w.base)))
     }
 
@@ -302,9 +319,33 @@ impl World {
         let Some(sh) = self.shards[s].as_mut() else {
             return Ok(());
         };
+        let input_len = sh.engine.segments().get(&seq).map_or(0, |st| st.len);
         let index = Index(&sh.core);
         match sh.engine.compact(seq, &bytes, &scan, &index, now) {
+            Ok(report) if report.no_gain => {
+                self.stats.compactions_skipped += 1;
+                self.note(|| format!("s{s} compaction of {seq} would gain nothing: skipped"));
+                self.compact_check(s)
+            }
             Ok(report) => {
+                // Compaction should reclaim space: one that writes back as much as it read
+                // leaves a segment just as sparse, compacted again and again.
+                let written = report.copied_bytes
+                    + u64::from(report.snapshots + report.tombstones) * outcome_framed_len();
+                if report.copied > 0 && SEGMENT_HEADER_LEN as u64 + written >= input_len {
+                    self.stats.compactions_no_gain += 1;
+                    if self.stats.compactions_no_gain > COMPACTIONS_NO_GAIN_MAX {
+                        return Err(Violation::new(
+                            "compaction-progress",
+                            format!(
+                                "s{s}: {} compactions reclaimed nothing; the last, of segment \
+                                 {seq} ({input_len} bytes), wrote {written} bytes again \
+                                 ({report:?}): it stays below the live ratio",
+                                self.stats.compactions_no_gain
+                            ),
+                        ));
+                    }
+                }
                 self.stats.compactions += 1;
                 self.stats.compaction_copies += u64::from(report.copied);
                 self.note(|| format!("s{s} compacted segment {seq}: {report:?}"));
@@ -349,4 +390,22 @@ impl World {
             body: view.body().to_vec(),
         })
     }
+}
+
+/// The framed length of an outcome record (they are all the same size).
+fn outcome_framed_len() -> u64 {
+    use std::sync::OnceLock;
+    static LEN: OnceLock<u64> = OnceLock::new();
+    *LEN.get_or_init(|| {
+        let mut buf = Vec::new();
+        let rec = epoxi::spool::record::OutcomeRecord {
+            message: 1,
+            rcpt: 0,
+            kind: epoxi::spool::record::OutcomeKind::Deferred,
+            attempts: 1,
+            at_ms: 1,
+            next_attempt_ms: 1,
+        };
+        record::encode_outcome(&mut buf, &rec).map_or(64, |(_, len)| len as u64)
+    })
 }
