@@ -72,9 +72,12 @@ impl Disk {
         self.files.remove(&seq);
     }
 
-    /// `len` bytes at `offset` of segment `seq`, as reads see them now.
+    /// Up to `len` bytes at `offset` of segment `seq`, as reads see them now: fewer at the
+    /// end of the file, as pread gives (None only past the end).
     pub fn read(&self, seq: u64, offset: usize, len: usize) -> Option<&[u8]> {
-        self.files.get(&seq)?.data.get(offset..offset + len)
+        let data = &self.files.get(&seq)?.data;
+        data.get(offset..(offset + len).min(data.len()))
+            .filter(|b| !b.is_empty() || len == 0)
     }
 
     /// The whole file as reads see it now.

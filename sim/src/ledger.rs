@@ -184,7 +184,9 @@ impl Ledger {
                 continue;
             };
             let bound = e.received_ms + self.max_age_ms + retry_cap_ms + slack_ms;
-            if let Some((ts, o)) = e.terminal.iter().find(|(ts, _)| *ts > bound) {
+            // The first final outcome counts: a later one comes from a crash that lost the
+            // record of the first (the batch carrying it failed), at any time after.
+            if let Some((ts, o)) = e.terminal.first().filter(|(ts, _)| *ts > bound) {
                 out.push(Violation::new(
                     "max-age",
                     format!(

@@ -571,13 +571,18 @@ impl Engine {
                 continue;
             }
             let start = offset as usize;
-            let Some(framed) = bytes.get(start..start + len as usize) else {
+            // A crash can cut the zero padding after the last record of a segment: the record
+            // is whole without it (the checksum covers header and payload), and skipping it
+            // would leave it live here, the segment a candidate for ever.
+            let end = (start + len as usize).min(bytes.len());
+            let Some(framed) = bytes.get(start..end) else {
                 continue;
             };
             // The record's own checksum travels with it; check it before trusting the copy.
             record::decode(framed)?;
             let at = self.batch.buf.len() as u64;
             self.batch.buf.extend_from_slice(framed);
+            self.batch.buf.resize(at as usize + len as usize, 0);
             self.batch.records += 1;
             self.batch.copies.push(Copy {
                 id,
@@ -755,6 +760,7 @@ pub const TOMBSTONE_RCPT: u32 = u32::MAX;
 mod tests {
     use super::*;
     use crate::spool::record::tests::envelope;
+    use crate::spool::record::RECORD_HEADER_LEN;
     use crate::spool::segment::SEGMENT_HEADER_LEN;
 
     const HEADER: u64 = SEGMENT_HEADER_LEN as u64;
@@ -922,6 +928,71 @@ mod tests {
         assert!(!e.wants_commit(), "nothing was added to the batch");
         assert_eq!(e.compaction_candidate(), None, "not again while A is there");
         e.message_final(a, loc);
+        assert_eq!(e.collectable(), vec![1]);
+    }
+
+    #[test]
+    fn a_record_whose_padding_a_crash_cut_off_is_still_copied() {
+        let limits = EngineLimits {
+            segment_size_max: 1 << 20,
+            commit_batch_max: 1 << 20,
+            compact_live_ratio: 0.5,
+        };
+        let a = 1 << 24 | 1;
+        let mut rec = Vec::new();
+        // A body length that leaves padding after the payload.
+        let (_, framed_len) = (0..16)
+            .find_map(|n| {
+                let mut buf = Vec::new();
+                let body = vec![b'z'; 100 + n];
+                let (_, len) =
+                    record::encode_message(&mut buf, a, &envelope(a, 1), &[&body]).ok()?;
+                let (header, _) = record::decode(&buf).ok()?;
+                (RECORD_HEADER_LEN + header.payload_len < len).then(|| {
+                    rec = buf;
+                    (0, len)
+                })
+            })
+            .expect("some body length leaves padding");
+        // Segment 1 as recovery found it: the header, a message delivered since, then A's
+        // record with its last padding byte gone.
+        let mut bytes = vec![0u8; SEGMENT_HEADER_LEN];
+        let b = 1 << 24 | 2;
+        record::encode_message(&mut bytes, b, &envelope(b, 1), &[&[b'w'; 2000]]).expect("encode");
+        let offset = bytes.len() as u64;
+        bytes.extend_from_slice(&rec[..framed_len - 1]);
+        let seg = SegmentState {
+            live: 1,
+            live_bytes: framed_len as u64,
+            ids: BTreeSet::from([a, b]),
+            ..SegmentState::with_len(bytes.len() as u64)
+        };
+        let mut e = Engine::new(limits, BTreeMap::from([(1, seg)]), 2, HEADER);
+        let loc = Location {
+            seq: 1,
+            offset,
+            len: framed_len as u32,
+        };
+        let index = Index(BTreeMap::from([(
+            a,
+            LiveMessage {
+                loc,
+                rcpts: vec![RcptSnapshot::Fresh],
+            },
+        )]));
+        let disk = BTreeMap::from([(1, bytes)]);
+        let report = compact(&mut e, &disk, 1, &index);
+        assert_eq!(report.copied, 1, "{report:?}");
+        let mut out = BTreeMap::from([(2, vec![0u8; SEGMENT_HEADER_LEN])]);
+        let (seq, _, done) = commit(&mut e, &mut out);
+        assert_eq!(seq, 2);
+        assert_eq!(done.moved.len(), 1);
+        let copy = &out[&2][SEGMENT_HEADER_LEN..SEGMENT_HEADER_LEN + framed_len];
+        assert_eq!(
+            copy,
+            &rec[..framed_len],
+            "the copy is the whole record, padding included"
+        );
         assert_eq!(e.collectable(), vec![1]);
     }
 }

@@ -349,7 +349,12 @@ impl World {
             Err(ReadError::Corrupt(e)) => {
                 return Err(Violation::new(
                     "wrong-record",
-                    format!("s{s}: job {:#x} at {:?}: {e}", ticket.job.id, ticket.loc),
+                    format!(
+                        "s{s}: job {:#x} at {:?}: {e} (segment is {:?} bytes)",
+                        ticket.job.id,
+                        ticket.loc,
+                        self.disks[s].len(ticket.loc.seq)
+                    ),
                 ));
             }
         }

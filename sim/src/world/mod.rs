@@ -611,6 +611,11 @@ impl World {
             let segments = self.disks[s].prepare_recovery(s as u32);
             aside[s] = self.disks[s].set_aside()[before..].to_vec();
             self.stats.set_aside_segments += aside[s].len() as u64;
+            if self.trace.on() {
+                let lens: Vec<(u64, usize)> =
+                    segments.iter().map(|b| (b.seq, b.bytes.len())).collect();
+                self.note(|| format!("s{s} recovering segments (seq, bytes) {lens:?}"));
+            }
             let (mut rec, _set_aside) = replay(s as u32, segments);
             for u in &rec.report.unreadable {
                 unreadable[s].push((u.seq, u.offset, u.offset + u.len as u64));
@@ -750,14 +755,20 @@ impl World {
         unreadable: &[Vec<(u64, u64, u64)>],
         aside: &[Vec<u64>],
     ) -> Result<(), Violation> {
-        let mut lost: Vec<EntryKey> = Vec::new();
+        // Acknowledged recipients not pending now: those without a final outcome are lost,
+        // unless media corruption took their record (then so is any notice still owed).
+        let mut gone: Vec<(EntryKey, bool)> = Vec::new();
         for (key, e) in &self.ledger.entries {
-            if e.acked_at.is_some() && e.terminal.is_empty() && !e.exempt && !pending.contains(key)
-            {
-                lost.push(key.clone());
+            if e.acked_at.is_some() && !e.exempt && !pending.contains(key) {
+                gone.push((key.clone(), e.terminal.is_empty()));
             }
         }
-        for key in lost {
+        let unreadable_any =
+            unreadable.iter().any(|u| !u.is_empty()) || aside.iter().any(|a| !a.is_empty());
+        for (key, unfinished) in gone {
+            if !unfinished && !unreadable_any {
+                continue;
+            }
             // Where the world last knew its record to be.
             let place = self
                 .msgs
@@ -775,6 +786,9 @@ impl World {
                 if let Some(e) = self.ledger.entries.get_mut(&key) {
                     e.exempt = true;
                 }
+                continue;
+            }
+            if !unfinished {
                 continue;
             }
             return Err(Violation::new(
