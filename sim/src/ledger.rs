@@ -67,6 +67,23 @@ pub struct LedgerStats {
     pub duplicates: u64,
     pub notices: u64,
     pub exempt: u64,
+    /// Recipients whose final outcome changed after a crash undid the first one (its record
+    /// was lost with a failed batch): e.g. delivered, then expired and a failure notice.
+    pub changed_after_crash: u64,
+}
+
+impl LedgerStats {
+    pub fn add(&mut self, o: &LedgerStats) {
+        self.acked += o.acked;
+        self.delivered += o.delivered;
+        self.bounced += o.bounced;
+        self.expired += o.expired;
+        self.deferred += o.deferred;
+        self.duplicates += o.duplicates;
+        self.notices += o.notices;
+        self.exempt += o.exempt;
+        self.changed_after_crash += o.changed_after_crash;
+    }
 }
 
 #[derive(Debug, Default)]
@@ -238,6 +255,9 @@ impl Ledger {
             }
             if e.delivered > 1 {
                 s.duplicates += 1;
+            }
+            if e.terminal.windows(2).any(|w| w[0].1 != w[1].1) {
+                s.changed_after_crash += 1;
             }
             s.notices += e.notices.len() as u64;
         }

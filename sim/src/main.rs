@@ -77,7 +77,12 @@ fn main() {
     let next = Arc::new(AtomicU64::new(args.start));
     let end = args.start + args.seeds;
     let failures = Arc::new(Mutex::new(Vec::new()));
-    let totals = Arc::new(Mutex::new((0u64, 0u64, 0u64, 0u64)));
+    let totals = Arc::new(Mutex::new((
+        0u64,
+        0u64,
+        epoxi_sim::ledger::LedgerStats::default(),
+        epoxi_sim::world::Stats::default(),
+    )));
     let mut workers = Vec::new();
     for _ in 0..args.jobs {
         let (next, failures, totals, opts) = (
@@ -95,9 +100,9 @@ fn main() {
                 Ok(s) => {
                     if let Ok(mut t) = totals.lock() {
                         t.0 += 1;
-                        t.1 += s.ledger.acked;
-                        t.2 += u64::from(s.crashes);
-                        t.3 += s.ledger.duplicates;
+                        t.1 += u64::from(s.crashes);
+                        t.2.add(&s.ledger);
+                        t.3.add(&s.stats);
                     }
                 }
                 Err(f) => {
@@ -113,13 +118,48 @@ fn main() {
         let _ = w.join();
     }
     let failed = failures.lock().map(|v| v.clone()).unwrap_or_default();
-    let (ok, acked, crashes, dups) = totals.lock().map(|t| *t).unwrap_or_default();
+    let (ok, crashes, ledger, stats) = totals.lock().map(|t| t.clone()).unwrap_or_default();
     println!(
-        "{} seeds from {} in {:.1} s: {ok} passed, {} failed ({acked} recipients acknowledged, {crashes} crashes, {dups} duplicates after crashes)",
+        "{} seeds from {} in {:.1} s: {ok} passed, {} failed",
         args.seeds,
         args.start,
         started.elapsed().as_secs_f64(),
         failed.len()
+    );
+    println!(
+        "  passed runs: {} recipients acknowledged, {} delivered, {} bounced, {} expired, {} notices; \
+         {crashes} crashes, {} duplicates after crashes, {} outcomes changed after crashes, \
+         {} lost to media corruption",
+        ledger.acked,
+        ledger.delivered,
+        ledger.bounced,
+        ledger.expired,
+        ledger.notices,
+        ledger.duplicates,
+        ledger.changed_after_crash,
+        ledger.exempt
+    );
+    println!(
+        "  spool: {} commits, {} failed; {} compactions ({} declined as gaining nothing, {} that gained nothing); \
+         {} quarantined records; {} recovered messages set aside",
+        stats.commits_ok,
+        stats.commits_failed,
+        stats.compactions,
+        stats.compactions_skipped,
+        stats.compactions_no_gain,
+        stats.quarantined,
+        stats.restore_errors
+    );
+    println!(
+        "  delivery: {} connections, {} transactions ({} pipelined), {} broken; {} bodies unreadable \
+         when the peer asked (record moved by compaction, old segment gone); {} notices whose \
+         original was gone",
+        stats.connections,
+        stats.transactions,
+        stats.pipelined,
+        stats.broken,
+        stats.body_read_failures,
+        stats.notice_read_failures
     );
     for (seed, invariant) in &failed {
         println!("  seed {seed}: {invariant}");

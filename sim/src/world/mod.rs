@@ -93,6 +93,38 @@ pub struct Stats {
     pub max_open_per_key: u32,
 }
 
+impl Stats {
+    /// Add another run's counters (for totals over many seeds).
+    pub fn add(&mut self, o: &Stats) {
+        self.commits_ok += o.commits_ok;
+        self.commits_failed += o.commits_failed;
+        self.segments_created += o.segments_created;
+        self.segments_deleted += o.segments_deleted;
+        self.compactions += o.compactions;
+        self.compaction_copies += o.compaction_copies;
+        self.compaction_errors += o.compaction_errors;
+        self.compactions_no_gain += o.compactions_no_gain;
+        self.compactions_skipped += o.compactions_skipped;
+        self.moves += o.moves;
+        self.connections += o.connections;
+        self.transactions += o.transactions;
+        self.pipelined += o.pipelined;
+        self.conn_failures += o.conn_failures;
+        self.broken += o.broken;
+        self.body_read_failures += o.body_read_failures;
+        self.notice_read_failures += o.notice_read_failures;
+        self.notices_failed += o.notices_failed;
+        self.parts_failed += o.parts_failed;
+        self.queue_full += o.queue_full;
+        self.recovered += o.recovered;
+        self.quarantined += o.quarantined;
+        self.set_aside_segments += o.set_aside_segments;
+        self.restore_errors += o.restore_errors;
+        self.lease_messages += o.lease_messages;
+        self.max_open_per_key = self.max_open_per_key.max(o.max_open_per_key);
+    }
+}
+
 /// A world event. The ones in [`Local`] belong to one incarnation of the process.
 #[derive(Debug)]
 enum Ev {
@@ -321,6 +353,9 @@ pub struct World {
     msgs: BTreeMap<(usize, u64), Tracked>,
     ledger: Ledger,
     seen: Rc<RefCell<Vec<Seen>>>,
+    /// The byte media corruption flipped at the last crash (shard, segment, offset): recovery
+    /// may not see it as corruption (in the last record it reads as a torn tail).
+    flipped: Option<(usize, u64, usize)>,
     trace: Trace,
     stats: Stats,
 }
@@ -372,6 +407,7 @@ impl World {
             msgs: BTreeMap::new(),
             ledger,
             seen: Rc::new(RefCell::new(Vec::new())),
+            flipped: None,
             trace,
             stats: Stats::default(),
             sc,
@@ -603,6 +639,9 @@ impl World {
         let n = self.sc.shards;
         let mut recovered = Vec::with_capacity(n);
         let mut pending_keys: BTreeSet<EntryKey> = BTreeSet::new();
+        // Where recovery found each pending recipient: (shard, id, record, state).
+        let mut found: BTreeMap<EntryKey, (usize, u64, Location, epoxi::spool::RcptState)> =
+            BTreeMap::new();
         // Per shard: unreadable ranges (seq, start, end) and segments set aside whole.
         let mut unreadable: Vec<Vec<(u64, u64, u64)>> = vec![Vec::new(); n];
         let mut aside: Vec<Vec<u64>> = vec![Vec::new(); n];
@@ -620,6 +659,10 @@ impl World {
             for u in &rec.report.unreadable {
                 unreadable[s].push((u.seq, u.offset, u.offset + u.len as u64));
             }
+            let flipped_here = match self.flipped {
+                Some((shard, seq, at)) if shard == s => Some((seq, at as u64, at as u64 + 1)),
+                _ => None,
+            };
             self.stats.quarantined += rec.report.unreadable.len() as u64;
             // Unreadable records are reported, never turned into messages.
             for m in &rec.pending {
@@ -641,9 +684,19 @@ impl World {
                     if matches!(state, epoxi::spool::RcptState::Pending { .. }) {
                         if let Some(r) = m.envelope.rcpts.get(i) {
                             pending_keys.insert((rk, r.address.clone()));
+                            found.insert((rk, r.address.clone()), (s, m.id, m.loc, *state));
                         }
                     }
                 }
+            }
+            unreadable[s].extend(flipped_here);
+            if self.trace.on() {
+                let locs: Vec<(u64, u64, u64)> = rec
+                    .pending
+                    .iter()
+                    .map(|m| (m.id, m.loc.seq, m.loc.offset))
+                    .collect();
+                self.note(|| format!("s{s} recovered (id, seq, offset) {locs:x?}"));
             }
             let current = rec.segments.keys().next_back().map_or(1, |last| last + 1);
             self.disks[s].create(current, &encode_header(s as u32, current));
@@ -678,6 +731,7 @@ impl World {
             recovered.push(rec);
         }
         self.up = true;
+        self.flipped = None;
         let restart = self.crashed();
         if restart {
             self.check_recovered(&pending_keys, &unreadable, &aside)?;
@@ -694,7 +748,10 @@ impl World {
             {
                 return Err(Violation::new(
                     "durable-regression",
-                    format!("{key:?} had a final outcome committed, yet is pending after recovery"),
+                    format!(
+                        "{key:?} had a final outcome committed, yet is pending after recovery: {:?}",
+                        found.get(key)
+                    ),
                 ));
             }
         }
@@ -823,6 +880,7 @@ impl World {
                 .flip(&mut self.rng_fault, 0)
                 .map(|(seq, at)| (s, seq, at));
         }
+        self.flipped = flipped;
         self.open.clear();
         self.mesh.clear();
         self.parts.clear();
