@@ -12,6 +12,9 @@
 //!   after it, and depend on the copy's segment (never only on the segment it left).
 //! - `live` and `live_bytes` of a segment count exactly the messages whose current record is in
 //!   it and that are not final.
+//! - Compaction makes progress: it is done only when it reclaims space (a segment whose copies
+//!   and restatements would fill as much is left alone until its live messages change), and it
+//!   writes a tombstone only while a segment holding a record of that message remains.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
