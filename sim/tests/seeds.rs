@@ -208,3 +208,13 @@ fn seed_12527_notices_deadlock_on_a_full_queue() {
 fn seed_101186_failed_batch_comes_back_after_a_crash() {
     seeds(101_186, 101_187, &Options::default());
 }
+
+/// A message was let go (`Final`) once its last recipient was done while a success notice
+/// about an earlier one (NOTIFY=SUCCESS) waited to be tried again after a full queue: the
+/// retry found the original gone and the notice was dropped. Fixed in `Core::record_results`
+/// and `Core::notice_spooled` (a message stays while a notice about it is pending).
+#[test]
+fn seed_75_success_notice_outlived_by_its_message() {
+    let s = run(75, &Options::default()).unwrap_or_else(|f| panic!("{f}"));
+    assert_eq!(s.stats.notice_read_failures, 0);
+}
