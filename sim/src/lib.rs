@@ -16,6 +16,15 @@
 //!
 //! A failing seed is run again with its trace on, and the report carries the last lines: the
 //! run replays exactly, so the trace is the failing run's.
+//!
+//! Not simulated (the adapters' own logic, which the world stands in for): the SMTP client
+//! and server state machines (a transaction is its per-recipient replies after a delay), TLS,
+//! walking MX hosts and their addresses, the DNS resolver and its cache (the world answers
+//! MX lookups), the event log, reception's mesh errors (busy or gone peers), spread domains
+//! and pool rules, and a graceful stop (`Core::stop`, `Engine::close`): the process only ever
+//! crashes. The adapters' choices that matter to the invariants are mirrored as they are in
+//! `shard::perform`, `spool::Spool` and `delivery::connection` (for instance, a delivery
+//! reads the body at the location its ticket carries).
 
 pub mod disk;
 pub mod ledger;
