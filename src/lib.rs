@@ -32,6 +32,7 @@ pub mod egress;
 pub mod envelope;
 pub mod eventlog;
 pub mod events;
+pub mod ids;
 pub mod logging;
 pub mod notices;
 pub mod outcome;

@@ -138,6 +138,7 @@ impl Core {
                     rcpts: notice_rcpts,
                 };
                 self.actions.push(Action::Notice(request.clone()));
+                self.notice_ids.insert((id, token));
                 self.notices.insert(
                     token,
                     PendingNotice {
@@ -160,6 +161,14 @@ impl Core {
         self.rearm();
     }
 
+    /// Whether a notice about message `id` is being built or waits to be tried again.
+    fn notice_pending_for(&self, id: u64) -> bool {
+        self.notice_ids
+            .range((id, 0)..=(id, u64::MAX))
+            .next()
+            .is_some()
+    }
+
     /// The notice of request `token` is durable (or there was nothing to send): record the
     /// failures it reports, and let the message go if it is final.
     pub fn notice_spooled(
@@ -172,6 +181,7 @@ impl Core {
             return;
         };
         let id = pending.request.id;
+        self.notice_ids.remove(&(id, token));
         if let Some(m) = self.queue.get(id) {
             let rcpts: Vec<&str> = pending
                 .request
@@ -206,11 +216,6 @@ impl Core {
                 self.actions.push(Action::Final { id, loc });
             }
         }
-    }
-
-    /// Whether a notice about message `id` is still to be spooled.
-    fn notice_pending_for(&self, id: u64) -> bool {
-        self.notices.values().any(|n| n.request.id == id)
     }
 
     /// Spooling the notice of request `token` failed (a full disk, shutdown): try again later;
@@ -252,5 +257,117 @@ impl Core {
                 self.actions.push(Action::Notice(p.request.clone()));
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::rc::Rc;
+
+    use crate::config::{Config, Overrides};
+    use crate::core::{Action, Core, CoreConfig};
+    use crate::envelope::{Envelope, Notify, ReceptionId, Recipient};
+    use crate::outcome::RcptResult;
+    use crate::queue::Job;
+    use crate::smtp::reply::Reply;
+    use crate::spool::Location;
+
+    fn core() -> Core {
+        let settings = Config::default()
+            .settle(Overrides {
+                routes: vec!["*.test=127.0.0.1:2600".into()],
+                ..Overrides::default()
+            })
+            .expect("settings");
+        let cfg = CoreConfig {
+            shard: 0,
+            shards: 1,
+            settings: Rc::new(settings),
+            has_resolver: false,
+        };
+        Core::new(cfg, crate::events::Observers::default())
+    }
+
+    fn delivered(c: &mut Core, id: u64, rcpt: u16, now: u64) {
+        let job = Job {
+            id,
+            rcpts: [rcpt].into_iter().collect(),
+        };
+        let ok = RcptResult::Reply(Reply::new(250, Some((2, 0, 0)), "OK"));
+        c.txn_refused(&job, &[(rcpt, ok)], now);
+    }
+
+    fn finals(actions: &[Action]) -> usize {
+        actions
+            .iter()
+            .filter(|a| matches!(a, Action::Final { .. }))
+            .count()
+    }
+
+    #[test]
+    fn a_message_stays_while_a_success_notice_about_it_is_pending() {
+        let mut c = core();
+        let id = c.reserve().expect("room");
+        let mut first = Recipient::new("a@x.test");
+        first.notify = Notify::On {
+            success: true,
+            failure: true,
+            delay: false,
+        };
+        let envelope = Envelope {
+            reception: ReceptionId {
+                ms: 1,
+                shard: 0,
+                n: 1,
+            },
+            sender: "s@y.test".into(),
+            rcpts: vec![first, Recipient::new("b@x.test")],
+            ret: Default::default(),
+            envid: None,
+            tenant: None,
+            smtputf8: false,
+            body: Default::default(),
+            size: 10,
+            peer: "test".into(),
+        };
+        let loc = Location {
+            seq: 1,
+            offset: 32,
+            len: 512,
+        };
+        c.accepted(id, &envelope, loc, None, 1);
+        c.take_actions();
+        // The first recipient is delivered and asked for a notice; spooling it fails.
+        delivered(&mut c, id, 0, 2);
+        let token = c
+            .take_actions()
+            .iter()
+            .find_map(|a| match a {
+                Action::Notice(r) => Some(r.token),
+                _ => None,
+            })
+            .expect("a success notice");
+        c.notice_failed(token, "disk full", 3);
+        // The last recipient is delivered: the message is final, but the notice, to be tried
+        // again, still needs the original.
+        delivered(&mut c, id, 1, 4);
+        let actions = c.take_actions();
+        assert_eq!(finals(&actions), 0, "let go with its notice pending");
+        assert_eq!(c.queue().len(), 1);
+        // (This delivery asks for a notice too: NOTIFY decides when one is built.)
+        let second: Vec<u64> = actions
+            .iter()
+            .filter_map(|a| match a {
+                Action::Notice(r) => Some(r.token),
+                _ => None,
+            })
+            .collect();
+        for t in second {
+            c.notice_spooled(t, None, 5);
+        }
+        assert_eq!(finals(&c.take_actions()), 0, "the first is still pending");
+        c.notice_spooled(token, None, 6);
+        assert_eq!(finals(&c.take_actions()), 1);
+        assert!(c.queue().is_empty());
     }
 }

@@ -134,6 +134,9 @@ pub struct Core {
     pending_leases: HashMap<LeaseKey, VecDeque<PendingLease>>,
     /// By token: iterated in order, so a run replays exactly (the simulation relies on it).
     notices: BTreeMap<u64, finish::PendingNotice>,
+    /// (message, token) of every notice pending: a message is let go only once none about it
+    /// is, since each reads the original.
+    notice_ids: std::collections::BTreeSet<(u64, u64)>,
     next_notice: u64,
     observers: Observers,
     actions: Vec<Action>,
@@ -168,6 +171,7 @@ impl Core {
             resolving: HashMap::new(),
             pending_leases: HashMap::new(),
             notices: BTreeMap::new(),
+            notice_ids: std::collections::BTreeSet::new(),
             next_notice: 1,
             observers,
             actions: Vec::new(),
@@ -464,6 +468,10 @@ impl crate::spool::Replay for Core {
 
     fn for_each_pending(&self, f: &mut dyn FnMut(Location)) {
         self.queue.for_each_location(f);
+    }
+
+    fn superseded(&self) -> usize {
+        self.queue.superseded()
     }
 }
 

@@ -29,9 +29,8 @@ use crate::spool::engine::{LiveMessage, RcptSnapshot};
 use crate::spool::record::OutcomeKind;
 use crate::spool::{Location, RcptState as RecoveredState, RecoveredMessage};
 
-/// Bits of a message id that name its slot.
-pub const SLOT_BITS: u32 = 24;
-const SLOT_MASK: u64 = (1 << SLOT_BITS) - 1;
+use crate::ids::SLOT_MASK;
+pub use crate::ids::{slot_of, SLOT_BITS};
 /// Most messages one shard's queue can hold: the slot space. `queue.messages_max` is checked
 /// against it.
 pub const MESSAGES_CEILING: usize = SLOT_MASK as usize;
@@ -407,6 +406,8 @@ pub struct Queue {
     tenant_ids: HashMap<Box<str>, u16>,
     dests: HashMap<Dest, DestQueue>,
     schedule: pages::MinHeap<Due>,
+    /// Recovered messages another message of their slot superseded (see `replay`).
+    superseded: usize,
 }
 
 impl Queue {
@@ -423,6 +424,7 @@ impl Queue {
             tenant_ids: HashMap::new(),
             dests: HashMap::new(),
             schedule: pages::MinHeap::default(),
+            superseded: 0,
         }
     }
 

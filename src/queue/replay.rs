@@ -65,8 +65,20 @@ impl Queue {
         };
         self.slots.grow_to(slot + 1, || Slot::Vacant { gen: 0 });
         if let Some(entry) = self.slots.get_mut(slot) {
-            *entry = Slot::Occupied(message);
-            self.occupied += 1;
+            match entry {
+                // Of the messages sharing a slot only the newest can be pending (see `ids`):
+                // an older one still here lost its final outcome; the newer takes its place.
+                Slot::Occupied(older) if older.id < id => {
+                    self.superseded += 1;
+                    *entry = Slot::Occupied(message);
+                }
+                // An older record after a newer one: it is final for the same reason.
+                Slot::Occupied(_) => self.superseded += 1,
+                _ => {
+                    *entry = Slot::Occupied(message);
+                    self.occupied += 1;
+                }
+            }
         }
         Ok(())
     }
@@ -107,6 +119,11 @@ impl Queue {
             self.remove(o.message);
         }
         Some(seq)
+    }
+
+    /// Messages recovery found pending whose slot a newer message took (final, see `ids`).
+    pub fn superseded(&self) -> usize {
+        self.superseded
     }
 
     /// Every queued message's location (after replay: the pending ones).

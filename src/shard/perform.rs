@@ -118,7 +118,12 @@ impl Driver {
     async fn notice(&self, request: NoticeRequest) {
         let core = &self.p.core;
         let token = request.token;
-        let stored = match self.p.spool.read_message(request.loc).await {
+        // Compaction may have moved the record since the request was made (and the old
+        // segment be gone): read it where it is now.
+        let loc = core
+            .read(|c| c.live(request.id))
+            .map_or(request.loc, |live| live.loc);
+        let stored = match self.p.spool.read_message(loc).await {
             Ok(stored) => stored,
             Err(e) => {
                 // Without the original there is nothing to report from; the failures are

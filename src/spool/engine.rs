@@ -12,6 +12,9 @@
 //!   after it, and depend on the copy's segment (never only on the segment it left).
 //! - `live` and `live_bytes` of a segment count exactly the messages whose current record is in
 //!   it and that are not final.
+//! - Compaction makes progress: it is done only when it reclaims space (a segment whose copies
+//!   and restatements would fill as much is left alone until its live messages change), and it
+//!   writes a tombstone only while a segment holding a record of that message remains.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
@@ -42,8 +45,14 @@ pub struct SegmentState {
     pub len: u64,
     /// Segments of the messages that outcome records here are about.
     pub deps: BTreeSet<u64>,
+    /// Ids of the message records here, current or left behind by a move: compaction writes a
+    /// tombstone about a final message only while a segment holding its record remains. A
+    /// plain vector (8 bytes an id, not a tree's ~20), sorted when compaction asks.
+    pub ids: Vec<u64>,
     /// A compaction of this segment is under way (its copies ride batch `.0`).
     compacting: Option<u64>,
+    /// Compacting it would reclaim nothing while it holds this many live messages.
+    no_gain_live: Option<u32>,
 }
 
 /// Where a batch goes: appended to the current segment, or a new one must be created first.
@@ -163,6 +172,9 @@ pub struct CompactionReport {
     pub copied_bytes: u64,
     pub snapshots: u32,
     pub tombstones: u32,
+    /// Compacting would have written back as many bytes as the segment holds: nothing was
+    /// done, and the segment is no candidate again until its live messages change.
+    pub no_gain: bool,
 }
 
 /// Counters for metrics and the benchmark report.
@@ -409,9 +421,11 @@ impl Engine {
         self.stats.bytes += commit.len();
         let mut live_new = 0u32;
         let mut live_bytes_new = 0u64;
-        for &(_, _, len) in &commit.messages {
+        let mut ids: Vec<u64> = Vec::with_capacity(commit.messages.len() + commit.copies.len());
+        for &(id, _, len) in &commit.messages {
             live_new += 1;
             live_bytes_new += u64::from(len);
+            ids.push(id);
         }
         for c in &commit.copies {
             let Some(m) = self.moving.remove(&c.id) else {
@@ -420,6 +434,7 @@ impl Engine {
             // The record left its old segment either way.
             self.release(c.from);
             resolved.insert(c.id, seq);
+            ids.push(c.id);
             if !m.finalized {
                 live_new += 1;
                 live_bytes_new += u64::from(c.len);
@@ -466,11 +481,15 @@ impl Engine {
             self.stats.compactions += 1;
         }
         deps.remove(&seq);
+        // A dependency on a segment already deleted is moot; keeping it would only grow the
+        // set, which compaction passes on from segment to segment.
+        deps.retain(|d| self.segments.contains_key(d));
         if let Some(seg) = self.segments.get_mut(&seq) {
             seg.len = base + commit.len();
             seg.live += live_new;
             seg.live_bytes += live_bytes_new;
             seg.deps.extend(deps);
+            seg.ids.extend(ids);
         }
         out
     }
@@ -505,7 +524,11 @@ impl Engine {
     pub fn compaction_candidate(&self) -> Option<u64> {
         let mut best: Option<(f64, u64)> = None;
         for (&seq, seg) in &self.segments {
-            if seq == self.current || seg.compacting.is_some() || seg.len == 0 {
+            if seq == self.current
+                || seg.compacting.is_some()
+                || seg.len == 0
+                || seg.no_gain_live == Some(seg.live)
+            {
                 continue;
             }
             let pinned = seg.live == 0
@@ -540,6 +563,13 @@ impl Engine {
         if seq == self.current || !self.segments.contains_key(&seq) {
             return Ok(report);
         }
+        // Where the batch stood, to take this compaction back out if it gains nothing.
+        let mark = (
+            self.batch.buf.len(),
+            self.batch.records,
+            self.batch.copies.len(),
+            self.batch.deps.len(),
+        );
         let mut restated: BTreeSet<u64> = BTreeSet::new();
         for &(id, offset, len) in &scan.messages {
             let Some(live) = index.live(id) else {
@@ -549,13 +579,18 @@ impl Engine {
                 continue;
             }
             let start = offset as usize;
-            let Some(framed) = bytes.get(start..start + len as usize) else {
+            // A crash can cut the zero padding after the last record of a segment: the record
+            // is whole without it (the checksum covers header and payload), and skipping it
+            // would leave it live here, the segment a candidate for ever.
+            let end = (start + len as usize).min(bytes.len());
+            let Some(framed) = bytes.get(start..end) else {
                 continue;
             };
             // The record's own checksum travels with it; check it before trusting the copy.
             record::decode(framed)?;
             let at = self.batch.buf.len() as u64;
             self.batch.buf.extend_from_slice(framed);
+            self.batch.buf.resize(at as usize + len as usize, 0);
             self.batch.records += 1;
             self.batch.copies.push(Copy {
                 id,
@@ -569,6 +604,33 @@ impl Engine {
             report.snapshots += self.restate(id, &live, now_ms)?;
             restated.insert(id);
         }
+        // A tombstone keeps a final message final after this segment goes, should its record
+        // outlive it; that record is in a segment this one depends on. Only while one of those
+        // holds it is a tombstone needed: written anyway, tombstones would be carried from
+        // compaction to compaction (the next one finds them as outcomes about final messages)
+        // for ever, and a segment of them would stay below the live ratio, compacted again and
+        // again.
+        let holder_seqs: Vec<u64> = self
+            .segments
+            .get(&seq)
+            .map(|seg| seg.deps.iter().copied().filter(|d| *d != seq).collect())
+            .unwrap_or_default();
+        for d in &holder_seqs {
+            if let Some(h) = self.segments.get_mut(d) {
+                h.ids.sort_unstable();
+                h.ids.dedup();
+            }
+        }
+        let holders: Vec<&SegmentState> = holder_seqs
+            .iter()
+            .filter_map(|d| self.segments.get(d))
+            .collect();
+        let tombstoned: BTreeSet<u64> = scan
+            .outcome_ids
+            .iter()
+            .copied()
+            .filter(|id| holders.iter().any(|h| h.ids.binary_search(id).is_ok()))
+            .collect();
         for &id in &scan.outcome_ids {
             if restated.contains(&id) {
                 continue;
@@ -582,6 +644,7 @@ impl Engine {
                         Dep::Seg(live.loc.seq)
                     });
                 }
+                None if !tombstoned.contains(&id) => {}
                 None => {
                     // Final (or never ours): say so, in case its record outlives this segment.
                     let rec = OutcomeRecord {
@@ -597,6 +660,26 @@ impl Engine {
                     report.tombstones += 1;
                 }
             }
+        }
+        let written = (self.batch.buf.len() - mark.0) as u64;
+        let len = self.segments.get(&seq).map_or(0, |st| st.len);
+        if written > 0 && super::segment::SEGMENT_HEADER_LEN as u64 + written >= len {
+            // The copies and restatements fill as much as the segment: the new one would be
+            // just as sparse, compacted again, and so on for ever. Take them back out, and
+            // leave the segment be until its live messages change.
+            for c in self.batch.copies.drain(mark.2..) {
+                self.moving.remove(&c.id);
+            }
+            self.batch.buf.truncate(mark.0);
+            self.batch.records = mark.1;
+            self.batch.deps.truncate(mark.3);
+            if let Some(seg) = self.segments.get_mut(&seq) {
+                seg.no_gain_live = Some(seg.live);
+            }
+            return Ok(CompactionReport {
+                no_gain: true,
+                ..CompactionReport::default()
+            });
         }
         if let Some(seg) = self.segments.get_mut(&seq) {
             seg.compacting = Some(self.batch.no);
@@ -685,3 +768,244 @@ pub fn scan_segment(bytes: &[u8], base: usize) -> SegmentScan {
 
 /// The tombstone convention: an outcome for recipient `u32::MAX` marks the whole message final.
 pub const TOMBSTONE_RCPT: u32 = u32::MAX;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::spool::record::tests::envelope;
+    use crate::spool::record::RECORD_HEADER_LEN;
+    use crate::spool::segment::SEGMENT_HEADER_LEN;
+
+    const HEADER: u64 = SEGMENT_HEADER_LEN as u64;
+
+    struct Index(BTreeMap<u64, LiveMessage>);
+
+    impl LiveIndex for Index {
+        fn live(&self, id: u64) -> Option<LiveMessage> {
+            self.0.get(&id).cloned()
+        }
+    }
+
+    /// Commit the open batch where the engine says, into `disk` (segment → bytes).
+    fn commit(e: &mut Engine, disk: &mut BTreeMap<u64, Vec<u8>>) -> (u64, u64, Committed) {
+        let mut c = e.take_commit().expect("a batch");
+        let buf = std::mem::take(&mut c.buf);
+        let (seq, base) = match e.target(buf.len() as u64) {
+            Target::Append { seq, offset } => (seq, offset),
+            Target::Create { seq } => {
+                disk.insert(seq, vec![0; SEGMENT_HEADER_LEN]);
+                e.segment_created(seq, HEADER);
+                (seq, HEADER)
+            }
+        };
+        disk.entry(seq).or_default().extend_from_slice(&buf);
+        let done = e.committed(c, Ok((seq, base)));
+        (seq, base, done)
+    }
+
+    fn delivered(id: u64) -> OutcomeRecord {
+        OutcomeRecord {
+            message: id,
+            rcpt: 0,
+            kind: OutcomeKind::Delivered,
+            attempts: 1,
+            at_ms: 1,
+            next_attempt_ms: 0,
+        }
+    }
+
+    fn compact(
+        e: &mut Engine,
+        disk: &BTreeMap<u64, Vec<u8>>,
+        seq: u64,
+        index: &Index,
+    ) -> CompactionReport {
+        let bytes = record::aligned_copy(&disk[&seq]);
+        let scan = scan_segment(&bytes[SEGMENT_HEADER_LEN..], SEGMENT_HEADER_LEN);
+        e.compact(seq, &bytes, &scan, index, 2).expect("compact")
+    }
+
+    #[test]
+    fn tombstones_only_while_a_record_they_speak_for_may_outlive_the_segment() {
+        let limits = EngineLimits {
+            segment_size_max: 4096,
+            commit_batch_max: 1 << 20,
+            compact_live_ratio: 0.9,
+        };
+        let mut e = Engine::new(limits, BTreeMap::new(), 1, HEADER);
+        let mut disk: BTreeMap<u64, Vec<u8>> = BTreeMap::from([(1, vec![0; SEGMENT_HEADER_LEN])]);
+        let (a, b, c) = (1 << 24 | 1, 1 << 24 | 2, 1 << 24 | 3);
+        let body = [b'x'; 900];
+        let (_, oa, la) = e
+            .append_message(a, &envelope(a, 1), &[&body])
+            .expect("append");
+        let (_, ob, lb) = e
+            .append_message(b, &envelope(b, 1), &[&body])
+            .expect("append");
+        let (seq, base, _) = commit(&mut e, &mut disk);
+        let at = |offset: u64, len: u32| Location {
+            seq,
+            offset: base + offset,
+            len,
+        };
+        // B is delivered in segment 1, where its record is.
+        e.append_outcome(1, &delivered(b)).expect("outcome");
+        e.message_final(b, at(ob, lb));
+        commit(&mut e, &mut disk);
+        // Segment 2: a big message C, A's delivery (A's record is in segment 1) and C's.
+        let big = [b'y'; 2500];
+        let (_, oc, lc) = e
+            .append_message(c, &envelope(c, 1), &[&big])
+            .expect("append");
+        let (seq_c, base_c, _) = commit(&mut e, &mut disk);
+        assert_eq!(seq_c, 2);
+        e.append_outcome(1, &delivered(a)).expect("outcome");
+        e.message_final(a, at(oa, la));
+        e.append_outcome(2, &delivered(c)).expect("outcome");
+        let loc_c = Location {
+            seq: 2,
+            offset: base_c + oc,
+            len: lc,
+        };
+        e.message_final(c, loc_c);
+        commit(&mut e, &mut disk);
+        // Segment 3 becomes current.
+        e.append_message(c + 1, &envelope(c + 1, 1), &[&big])
+            .expect("append");
+        assert_eq!(commit(&mut e, &mut disk).0, 3);
+        let none = Index(BTreeMap::new());
+        // Segment 1 depends on no other segment: B's tombstone would speak for no record.
+        assert_eq!(compact(&mut e, &disk, 1, &none).tombstones, 0);
+        // Segment 2's outcome about A speaks for A's record in segment 1, still there; the
+        // one about C only for C's record in segment 2 itself, going with it: one tombstone.
+        let mut again = Engine::new(limits, e.segments().clone(), 4, HEADER);
+        assert_eq!(compact(&mut again, &disk, 2, &none).tombstones, 1);
+        // Once segment 1 is gone, none.
+        commit(&mut e, &mut disk);
+        assert_eq!(e.collectable(), vec![1]);
+        e.segment_removed(1);
+        assert_eq!(compact(&mut e, &disk, 2, &none).tombstones, 0);
+    }
+
+    #[test]
+    fn a_compaction_that_would_reclaim_nothing_is_not_done_until_the_segment_changes() {
+        let limits = EngineLimits {
+            segment_size_max: 4096,
+            commit_batch_max: 1 << 20,
+            compact_live_ratio: 0.9,
+        };
+        let mut e = Engine::new(limits, BTreeMap::new(), 1, HEADER);
+        let mut disk: BTreeMap<u64, Vec<u8>> = BTreeMap::from([(1, vec![0; SEGMENT_HEADER_LEN])]);
+        let a = 1 << 24 | 1;
+        let (_, offset, len) = e
+            .append_message(a, &envelope(a, 3), &[&[b'x'; 200]])
+            .expect("append");
+        let (seq, base, _) = commit(&mut e, &mut disk);
+        let loc = Location {
+            seq,
+            offset: base + offset,
+            len,
+        };
+        // Every recipient deferred once: segment 1 is A and what compaction would restate.
+        let deferred = RcptSnapshot::Deferred {
+            attempts: 1,
+            next_attempt_ms: 9,
+        };
+        for rcpt in 0..3 {
+            let rec = OutcomeRecord {
+                kind: OutcomeKind::Deferred,
+                next_attempt_ms: 9,
+                rcpt,
+                ..delivered(a)
+            };
+            e.append_outcome(1, &rec).expect("outcome");
+        }
+        commit(&mut e, &mut disk);
+        e.append_message(a + 1, &envelope(a + 1, 1), &[&[b'y'; 3600]])
+            .expect("append");
+        assert_eq!(commit(&mut e, &mut disk).0, 2);
+        assert_eq!(
+            e.compaction_candidate(),
+            Some(1),
+            "A is below the live ratio"
+        );
+        let index = Index(BTreeMap::from([(
+            a,
+            LiveMessage {
+                loc,
+                rcpts: vec![deferred; 3],
+            },
+        )]));
+        let report = compact(&mut e, &disk, 1, &index);
+        assert!(report.no_gain, "{report:?}");
+        assert!(!e.wants_commit(), "nothing was added to the batch");
+        assert_eq!(e.compaction_candidate(), None, "not again while A is there");
+        e.message_final(a, loc);
+        assert_eq!(e.collectable(), vec![1]);
+    }
+
+    #[test]
+    fn a_record_whose_padding_a_crash_cut_off_is_still_copied() {
+        let limits = EngineLimits {
+            segment_size_max: 1 << 20,
+            commit_batch_max: 1 << 20,
+            compact_live_ratio: 0.5,
+        };
+        let a = 1 << 24 | 1;
+        let mut rec = Vec::new();
+        // A body length that leaves padding after the payload.
+        let (_, framed_len) = (0..16)
+            .find_map(|n| {
+                let mut buf = Vec::new();
+                let body = vec![b'z'; 100 + n];
+                let (_, len) =
+                    record::encode_message(&mut buf, a, &envelope(a, 1), &[&body]).ok()?;
+                let (header, _) = record::decode(&buf).ok()?;
+                (RECORD_HEADER_LEN + header.payload_len < len).then(|| {
+                    rec = buf;
+                    (0, len)
+                })
+            })
+            .expect("some body length leaves padding");
+        // Segment 1 as recovery found it: the header, a message delivered since, then A's
+        // record with its last padding byte gone.
+        let mut bytes = vec![0u8; SEGMENT_HEADER_LEN];
+        let b = 1 << 24 | 2;
+        record::encode_message(&mut bytes, b, &envelope(b, 1), &[&[b'w'; 2000]]).expect("encode");
+        let offset = bytes.len() as u64;
+        bytes.extend_from_slice(&rec[..framed_len - 1]);
+        let seg = SegmentState {
+            live: 1,
+            live_bytes: framed_len as u64,
+            ids: vec![a, b],
+            ..SegmentState::with_len(bytes.len() as u64)
+        };
+        let mut e = Engine::new(limits, BTreeMap::from([(1, seg)]), 2, HEADER);
+        let loc = Location {
+            seq: 1,
+            offset,
+            len: framed_len as u32,
+        };
+        let index = Index(BTreeMap::from([(
+            a,
+            LiveMessage {
+                loc,
+                rcpts: vec![RcptSnapshot::Fresh],
+            },
+        )]));
+        let disk = BTreeMap::from([(1, bytes)]);
+        let report = compact(&mut e, &disk, 1, &index);
+        assert_eq!(report.copied, 1, "{report:?}");
+        let mut out = BTreeMap::from([(2, vec![0u8; SEGMENT_HEADER_LEN])]);
+        let (seq, _, done) = commit(&mut e, &mut out);
+        assert_eq!(seq, 2);
+        assert_eq!(done.moved.len(), 1);
+        let copy = &out[&2][SEGMENT_HEADER_LEN..SEGMENT_HEADER_LEN + framed_len];
+        assert_eq!(
+            copy,
+            &rec[..framed_len],
+            "the copy is the whole record, padding included"
+        );
+        assert_eq!(e.collectable(), vec![1]);
+    }
+}

@@ -471,9 +471,18 @@ impl Spool {
             // everything its last commit made deletable.
             let last = self.committer_done.get();
             let changed = self.changed.notified();
-            let seqs = self.engine.borrow().collectable();
-            for seq in seqs {
-                self.remove_segment(seq).await;
+            // Deleting a segment can free the ones whose outcomes were only about it: go on
+            // until nothing is collectable (or deletions fail, to try again on the next change
+            // rather than spin), or they would wait for the next change, maybe forever.
+            loop {
+                let seqs = self.engine.borrow().collectable();
+                let mut removed = false;
+                for seq in seqs {
+                    removed |= self.remove_segment(seq).await;
+                }
+                if !removed {
+                    break;
+                }
             }
             if last {
                 return;
@@ -482,17 +491,20 @@ impl Spool {
         }
     }
 
-    async fn remove_segment(&self, seq: u64) {
+    /// Delete segment `seq`; false when that failed.
+    async fn remove_segment(&self, seq: u64) -> bool {
         let path = segment::path(&self.cfg.dir, seq);
         match glommio::io::remove(&path).await {
             Ok(()) => {
                 // Readers holding the file keep it open until they finish.
                 self.files.borrow_mut().remove(&seq);
                 self.engine.borrow_mut().segment_removed(seq);
+                true
             }
             Err(e) => {
                 tracing::error!(shard = self.cfg.shard, path = %path.display(), "cannot delete segment: {e}");
                 // Try again on the next change rather than spinning.
+                false
             }
         }
     }

@@ -67,6 +67,9 @@ pub struct RecoveryReport {
     pub corrupt_records: usize,
     pub corrupt_bytes: usize,
     pub torn_tails: usize,
+    /// Messages that looked pending but share their queue slot with a newer message: they
+    /// were final before the slot was reused, and only their last outcome was lost.
+    pub superseded: usize,
     /// Records that could not be read, with their location.
     pub unreadable: Vec<Unreadable>,
     /// Segments with a bad header, renamed for the operator.
@@ -104,12 +107,19 @@ pub trait Replay {
     fn outcome(&mut self, o: &Outcome) -> Option<u64>;
     /// Every message still pending, once replay is over.
     fn for_each_pending(&self, f: &mut dyn FnMut(Location));
+    /// Messages found pending whose slot a newer message took: final (see `ids`).
+    fn superseded(&self) -> usize {
+        0
+    }
 }
 
 /// A [`Replay`] that keeps every message (owned envelopes), for tests and the simulation.
 #[derive(Default)]
 pub struct Collect {
     messages: BTreeMap<u64, RecoveredMessage>,
+    /// The newest id seen in each slot.
+    newest: BTreeMap<u64, u64>,
+    superseded: usize,
 }
 
 impl Replay for Collect {
@@ -118,6 +128,20 @@ impl Replay for Collect {
             known.loc = loc;
             return Ok(());
         }
+        // Of the messages sharing a slot only the newest can be pending (see `ids`): an older
+        // one still looking pending lost its final outcome (a batch that failed after it was
+        // done, or that a crash cut off, while a later one with the newer message committed).
+        let slot = crate::ids::slot_of(id);
+        if let Some(&older) = self.newest.get(&slot) {
+            if older > id {
+                self.superseded += 1;
+                return Ok(());
+            }
+            if self.messages.remove(&older).is_some_and(|m| !m.is_final()) {
+                self.superseded += 1;
+            }
+        }
+        self.newest.insert(slot, id);
         let envelope = view.envelope().map_err(|e| format!("envelope: {e}"))?;
         let states = vec![
             RcptState::Pending {
@@ -162,6 +186,10 @@ impl Replay for Collect {
         for m in self.messages.values().filter(|m| !m.is_final()) {
             f(m.loc);
         }
+    }
+
+    fn superseded(&self) -> usize {
+        self.superseded
     }
 }
 
@@ -222,6 +250,7 @@ pub fn replay_segment(
                             .map_err(|e| format!("message record: {e}"))
                             .and_then(|view| {
                                 *id_max = (*id_max).max(view.id());
+                                info.ids.push(view.id());
                                 sink.message(view.id(), loc, &view)
                             });
                         match result {
@@ -294,6 +323,11 @@ pub fn settle(
         info.deps.retain(|d| d != seq && present.contains(d));
     }
     report.pending_messages = pending;
+    report.superseded = sink.superseded();
+    for info in segments.values_mut() {
+        info.ids.sort_unstable();
+        info.ids.dedup();
+    }
 }
 
 /// Replay `segments` (in any order; sorted here) into a [`Collect`]. Pure: the simulation runs
@@ -485,4 +519,51 @@ fn read_aligned(path: &Path) -> Result<rkyv::util::AlignedVec, SpoolError> {
 /// Messages by id, for tests that look at a recovery result.
 pub fn by_id(recovered: &Recovered) -> HashMap<u64, &RecoveredMessage> {
     recovered.pending.iter().map(|m| (m.id, m)).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::spool::record::{encode_message, encode_outcome, tests::envelope, OutcomeRecord};
+
+    /// One segment holding `records` (already framed), as recovery reads it.
+    fn segment_of(seq: u64, records: &[u8]) -> SegmentBytes {
+        let mut bytes = rkyv::util::AlignedVec::new();
+        bytes.extend_from_slice(&segment::encode_header(0, seq));
+        bytes.extend_from_slice(records);
+        SegmentBytes { seq, bytes }
+    }
+
+    #[test]
+    fn an_older_message_in_a_reused_slot_is_final_not_pending() {
+        // Message `old` (generation 1 of slot 5) was delivered, but the batch with its outcome
+        // failed; the slot went to `new` (generation 2), whose record committed. Then a crash.
+        let old = 1 << 24 | 5;
+        let new = 2 << 24 | 5;
+        let other = 1 << 24 | 6;
+        let mut buf = Vec::new();
+        encode_message(&mut buf, old, &envelope(old, 1), &[b"old body"]).expect("encode");
+        let deferred = OutcomeRecord {
+            message: old,
+            rcpt: 0,
+            kind: OutcomeKind::Deferred,
+            attempts: 1,
+            at_ms: 5,
+            next_attempt_ms: 10,
+        };
+        encode_outcome(&mut buf, &deferred).expect("encode");
+        encode_message(&mut buf, other, &envelope(other, 1), &[b"other"]).expect("encode");
+        encode_message(&mut buf, new, &envelope(new, 2), &[b"new body"]).expect("encode");
+        let (rec, set_aside) = replay(0, vec![segment_of(1, &buf)]);
+        assert!(set_aside.is_empty());
+        let ids: Vec<u64> = rec.pending.iter().map(|m| m.id).collect();
+        assert_eq!(ids, vec![other, new], "the newer message keeps the slot");
+        assert_eq!(rec.report.superseded, 1);
+        assert_eq!(
+            rec.segments.get(&1).map(|s| s.live),
+            Some(2),
+            "only those two are live"
+        );
+        assert_eq!(rec.id_max, new);
+    }
 }
