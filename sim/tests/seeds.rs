@@ -191,31 +191,39 @@ fn seed_39098_record_with_torn_padding() {
     seeds(39_098, 39_099, &Options::default());
 }
 
-/// NOT FIXED: with the queue at `queue.messages_max`, every queued message waiting for its
-/// bounce notice (a failure is recorded only once its notice is spooled), the notices cannot
-/// get a queue slot (452) and are retried for ever: nothing drains (`drain`). One shard here;
-/// with several, shards full of messages waiting for notices to each other deadlock too.
-/// Needs a policy: notices allowed past the limit (they are bounded by the messages they
-/// report on), or a reserve kept for them.
+/// With the queue at `queue.messages_max`, every queued message waiting for its bounce notice
+/// (a failure is recorded only once its notice is spooled), the notices could not get a queue
+/// slot (452) and were retried for ever: nothing drained (`drain`); with several shards, shards
+/// full of messages waiting for notices to each other deadlocked too. Fixed in
+/// `Queue::reserve_notice`: notices go past the limit, up to twice it (they are bounded by the
+/// messages they report on).
 #[test]
-#[ignore = "notices deadlock on a full queue: not fixed"]
 fn seed_12527_notices_deadlock_on_a_full_queue() {
     seeds(12_527, 12_528, &Options::default());
 }
 
-/// NOT FIXED: an fdatasync failed, yet the batch's bytes reached the disk; the adapter
-/// truncated them off, which is not durable either, and no later write to that segment made
-/// it so. The batch held a compaction copy; the retry copied the message elsewhere, it moved
-/// on and was delivered, its outcome committed. After a crash the stale copy came back (its
-/// segment still held other live mail) with the states of its time, and the message was
-/// pending again: delivered twice (`durable-regression`; SMTP allows duplicates after a
-/// crash, but this one undoes a committed outcome). A failed batch's bytes must not come
-/// back: make the truncation durable (and stop using a segment whose truncation cannot be),
-/// or let recovery tell an aborted batch from a committed one.
+/// An fdatasync failed, yet the batch's bytes reached the disk; the adapter truncated them
+/// off, which is not durable either, and later batches went to the same place. The batch held
+/// a compaction copy; the retry copied the message elsewhere, it was delivered, its outcome
+/// committed. After a crash the stale copy came back (its segment still held other live mail)
+/// with the states of its time, and the message was pending again: delivered twice
+/// (`durable-regression`). Fixed in `spool::engine`: after a failed commit the segment takes
+/// no more records (nothing can be read after stale bytes), and the outcomes of a message a
+/// failed batch may hold a copy of depend on that segment (its final outcome cannot go first).
 #[test]
-#[ignore = "a failed batch's bytes can come back after a crash: not fixed"]
 fn seed_101186_failed_batch_comes_back_after_a_crash() {
     seeds(101_186, 101_187, &Options::default());
+}
+
+/// The same failed batch, one step further: the message's outcome depended on the failed
+/// segment, but when the segment holding that outcome was compacted, the tombstone that keeps
+/// it final was not written (the engine knew of no record of the message in the failed
+/// segment), the outcome's segment was deleted and after a crash the stale copy made the
+/// message pending again (`durable-regression`). Fixed in `Engine::committed`: the copies a
+/// failed batch held count as records of their segment.
+#[test]
+fn seed_301307_tombstone_for_a_copy_a_failed_batch_may_hold() {
+    seeds(301_307, 301_308, &Options::default());
 }
 
 /// A message was let go (`Final`) once its last recipient was done while a success notice

@@ -235,6 +235,13 @@ impl Core {
         self.queue.reserve()
     }
 
+    /// An id for a notice about to be spooled here: past the queue limit if need be (see
+    /// `Queue::reserve_notice`), so a full queue waiting for its bounce notices never
+    /// deadlocks.
+    pub fn reserve_notice(&mut self) -> Result<u64, QueueFull> {
+        self.queue.reserve_notice()
+    }
+
     /// The spool did not take message `id`.
     pub fn cancel(&mut self, id: u64) {
         self.queue.cancel(id);
@@ -458,7 +465,7 @@ impl crate::spool::Replay for Core {
         id: u64,
         loc: Location,
         view: &crate::spool::record::MessageView<'_>,
-    ) -> Result<(), String> {
+    ) -> Result<Option<u64>, String> {
         self.queue.replay_message(id, loc, view)
     }
 

@@ -406,8 +406,9 @@ pub struct Queue {
     tenant_ids: HashMap<Box<str>, u16>,
     dests: HashMap<Dest, DestQueue>,
     schedule: pages::MinHeap<Due>,
-    /// Recovered messages another message of their slot superseded (see `replay`).
-    superseded: usize,
+    /// Recovered messages another message of their slot superseded (see `replay`), and the
+    /// segment of each one's latest record: outcomes about them still depend on it.
+    superseded: HashMap<u64, u64>,
 }
 
 impl Queue {
@@ -424,7 +425,7 @@ impl Queue {
             tenant_ids: HashMap::new(),
             dests: HashMap::new(),
             schedule: pages::MinHeap::default(),
-            superseded: 0,
+            superseded: HashMap::new(),
         }
     }
 
@@ -451,6 +452,22 @@ impl Queue {
         if !self.has_room() {
             return Err(QueueFull(self.messages_max));
         }
+        self.take_slot()
+    }
+
+    /// Take an id for a notice (a delivery status notification) about to be spooled. Notices
+    /// may go past `messages_max`, up to twice it: each reports on a message already queued, so
+    /// they are bounded by the queue itself, and refusing them at the limit would deadlock a
+    /// full queue whose messages wait for their bounce notices to be spooled.
+    pub fn reserve_notice(&mut self) -> Result<u64, QueueFull> {
+        let ceiling = self.messages_max.saturating_mul(2).min(MESSAGES_CEILING);
+        if self.occupied + self.reserved >= ceiling {
+            return Err(QueueFull(ceiling));
+        }
+        self.take_slot()
+    }
+
+    fn take_slot(&mut self) -> Result<u64, QueueFull> {
         let slot = match self.free.pop() {
             Some(slot) => slot,
             None => {

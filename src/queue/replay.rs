@@ -11,16 +11,24 @@ use crate::spool::Location;
 
 impl Queue {
     /// A message record seen by recovery at `loc`: a new message (every recipient fresh), or a
-    /// copy compaction made of one already known (it moves; its states stay).
+    /// copy compaction made of one already known (it moves; its states stay, and the segment
+    /// it moved from is returned).
     pub fn replay_message(
         &mut self,
         id: u64,
         loc: Location,
         view: &MessageView<'_>,
-    ) -> Result<(), String> {
-        if self.get(id).is_some() {
+    ) -> Result<Option<u64>, String> {
+        if let Some(m) = self.get(id) {
+            let from = m.loc().seq;
             self.relocate(id, loc);
-            return Ok(());
+            return Ok(Some(from));
+        }
+        if let Some(from) = self.superseded.get_mut(&id) {
+            // A copy of a message already superseded: it is final; only where it is matters.
+            let before = *from;
+            *from = loc.seq;
+            return Ok(Some(before));
         }
         let slot = (id & SLOT_MASK) as usize;
         if id >> SLOT_BITS == 0 {
@@ -69,24 +77,31 @@ impl Queue {
                 // Of the messages sharing a slot only the newest can be pending (see `ids`):
                 // an older one still here lost its final outcome; the newer takes its place.
                 Slot::Occupied(older) if older.id < id => {
-                    self.superseded += 1;
+                    self.superseded.insert(older.id, older.loc().seq);
                     *entry = Slot::Occupied(message);
                 }
                 // An older record after a newer one: it is final for the same reason.
-                Slot::Occupied(_) => self.superseded += 1,
+                Slot::Occupied(_) => {
+                    self.superseded.insert(id, loc.seq);
+                }
                 _ => {
                     *entry = Slot::Occupied(message);
                     self.occupied += 1;
                 }
             }
         }
-        Ok(())
+        Ok(None)
     }
 
     /// An outcome record seen by recovery. Returns the segment of the message it is about
     /// (None: not known, its record is gone because it was final).
     pub fn replay_outcome(&mut self, o: &Outcome) -> Option<u64> {
-        let m = self.get_mut(o.message)?;
+        let Some(m) = self.get_mut(o.message) else {
+            // Superseded, but its record is still on disk: the outcome (a tombstone, most
+            // likely) must not go before that record does, or the message would come back
+            // once the newer one of its slot is gone.
+            return self.superseded.get(&o.message).copied();
+        };
         let seq = m.loc().seq;
         let kind = o.kind?;
         let all_final = if o.rcpt == TOMBSTONE_RCPT {
@@ -123,7 +138,7 @@ impl Queue {
 
     /// Messages recovery found pending whose slot a newer message took (final, see `ids`).
     pub fn superseded(&self) -> usize {
-        self.superseded
+        self.superseded.len()
     }
 
     /// Every queued message's location (after replay: the pending ones).

@@ -56,6 +56,16 @@ impl BodyParts {
     }
 }
 
+/// Where a message comes from, for the queue limit.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Intake {
+    /// A client's message: refused with `452 4.3.1` when the queue is full.
+    Client,
+    /// Our own delivery status notification: taken past the limit (see
+    /// `Queue::reserve_notice`).
+    Notice,
+}
+
 /// One shard's part of a message, handed to it over the mesh.
 #[derive(Debug)]
 pub struct Submission {
@@ -63,6 +73,7 @@ pub struct Submission {
     pub body: Arc<BodyParts>,
     /// TLS version and cipher of the client's session, for the log.
     pub tls: Option<String>,
+    pub intake: Intake,
 }
 
 /// Why a message (or one part of it) was not taken.
@@ -278,6 +289,7 @@ impl Reception {
         envelope: Envelope,
         body: BodyParts,
         tls: Option<String>,
+        intake: Intake,
     ) -> Result<(), AcceptError> {
         let mut parts: BTreeMap<usize, Vec<usize>> = BTreeMap::new();
         for (i, r) in envelope.rcpts.iter().enumerate() {
@@ -285,7 +297,9 @@ impl Reception {
         }
         // The common case, one part owned by this shard: nothing shared, nothing copied.
         if parts.len() == 1 && parts.contains_key(&self.shard) {
-            return self.spool_part(envelope, &body, tls.as_deref()).await;
+            return self
+                .spool_part(envelope, &body, tls.as_deref(), intake)
+                .await;
         }
         let body = Arc::new(body);
         let mut pending = Vec::with_capacity(parts.len());
@@ -295,12 +309,13 @@ impl Reception {
             let tls = tls.clone();
             pending.push(async move {
                 if shard == self.shard {
-                    self.spool_part(part, &body, tls.as_deref()).await
+                    self.spool_part(part, &body, tls.as_deref(), intake).await
                 } else {
                     let sub = Submission {
                         envelope: part,
                         body,
                         tls,
+                        intake,
                     };
                     self.peers.submit(shard, sub).await
                 }
@@ -327,10 +342,14 @@ impl Reception {
         envelope: Envelope,
         body: &BodyParts,
         tls: Option<&str>,
+        intake: Intake,
     ) -> Result<(), AcceptError> {
         let id = self
             .core
-            .with(|c| c.reserve())
+            .with(|c| match intake {
+                Intake::Client => c.reserve(),
+                Intake::Notice => c.reserve_notice(),
+            })
             .map_err(|_| AcceptError::QueueFull(self.shard))?;
         let mut envelope = envelope;
         envelope.size = body.len() as u64;

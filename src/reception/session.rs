@@ -377,7 +377,10 @@ pub(super) async fn session(
                     head,
                     body: tx.body,
                 };
-                match reception.accept(envelope, body, io.tls_info()).await {
+                match reception
+                    .accept(envelope, body, io.tls_info(), super::Intake::Client)
+                    .await
+                {
                     Ok(()) => session.message_done(Ok(&reception_text), &mut out),
                     Err(why) => session.message_done(Err(why.reply()), &mut out),
                 }

@@ -191,8 +191,13 @@ impl shards::Handler<Request, Answer> for Handler {
                         envelope,
                         body,
                         tls,
+                        intake,
                     } = *sub;
-                    Answer::Submitted(reception.spool_part(envelope, &body, tls.as_deref()).await)
+                    Answer::Submitted(
+                        reception
+                            .spool_part(envelope, &body, tls.as_deref(), intake)
+                            .await,
+                    )
                 });
             }
             Request::Lease(msg) => {

@@ -169,7 +169,11 @@ impl Driver {
             head: String::new(),
             body,
         };
-        let result = self.p.reception.accept(envelope, parts, None).await;
+        let result = self
+            .p
+            .reception
+            .accept(envelope, parts, None, crate::reception::Intake::Notice)
+            .await;
         let now = self.p.clock.now_ms();
         match result {
             Ok(()) => core.with(|c| c.notice_spooled(token, Some(id), now)),

@@ -196,6 +196,15 @@ pub struct Engine {
     segments: BTreeMap<u64, SegmentState>,
     current: u64,
     moving: HashMap<u64, Moving>,
+    /// After a failed commit the current segment takes no more records: the failed batch's
+    /// bytes may reach the disk after all (an fdatasync error does not say they did not, and
+    /// cutting them off is no more durable), and records written after them there could then
+    /// be read before them.
+    retire_current: bool,
+    /// Messages a failed batch held a compaction copy of, and the segment it was written to:
+    /// the copy may exist, so their outcomes depend on that segment too (a final outcome must
+    /// not go before a copy that could bring the message back).
+    maybe_copied: HashMap<u64, u64>,
     /// Where the copies of the last committed batch went (or stayed, when it failed): outcomes
     /// already appended to the batch after it, about those messages, depend on that segment.
     resolved_prev: HashMap<u64, u64>,
@@ -240,6 +249,8 @@ impl Engine {
             segments,
             current,
             moving: HashMap::new(),
+            retire_current: false,
+            maybe_copied: HashMap::new(),
             resolved_prev: HashMap::new(),
             closing: false,
             stats: EngineStats::default(),
@@ -310,6 +321,9 @@ impl Engine {
             false => Dep::Seg(message_seq),
         };
         self.batch.deps.push(dep);
+        if let Some(&seq) = self.maybe_copied.get(&rec.message) {
+            self.batch.deps.push(Dep::Seg(seq));
+        }
         Ok(())
     }
 
@@ -365,7 +379,7 @@ impl Engine {
     pub fn target(&self, len: u64) -> Target {
         let cur_len = self.segments.get(&self.current).map_or(0, |s| s.len);
         let has_records = cur_len > super::segment::SEGMENT_HEADER_LEN as u64;
-        if has_records && cur_len + len > self.limits.segment_size_max {
+        if self.retire_current || (has_records && cur_len + len > self.limits.segment_size_max) {
             Target::Create {
                 seq: self.current + 1,
             }
@@ -380,6 +394,7 @@ impl Engine {
     /// The caller created segment `seq` (its header durable): it becomes the current one.
     pub fn segment_created(&mut self, seq: u64, len: u64) {
         debug_assert!(seq > self.current, "segments only grow");
+        self.retire_current = false;
         self.segments.insert(
             seq,
             SegmentState {
@@ -399,8 +414,17 @@ impl Engine {
         let mut resolved: HashMap<u64, u64> = HashMap::new();
         let Ok((seq, base)) = at else {
             // Nothing of the batch counts. Moves did not happen; a message finalized meanwhile
-            // is released from where it still is.
+            // is released from where it still is. But the bytes may be on disk after all: no
+            // more records go after them, and a copy there may exist (see `maybe_copied`).
+            self.retire_current = true;
+            let failed_in = self.current;
+            if let Some(seg) = self.segments.get_mut(&failed_in) {
+                // Compacting a segment whose outcomes are about these messages must then
+                // write their tombstones as if the copies were there.
+                seg.ids.extend(commit.copies.iter().map(|c| c.id));
+            }
             for c in &commit.copies {
+                self.maybe_copied.insert(c.id, failed_in);
                 resolved.insert(c.id, c.from.seq);
                 if let Some(m) = self.moving.remove(&c.id) {
                     if m.finalized {
@@ -478,6 +502,10 @@ impl Engine {
                 None => BTreeSet::new(),
             };
             deps.extend(inherited.into_iter().filter(|d| d != s));
+            // And on the segment itself until it is deleted: its records of the messages
+            // copied here are stale, and should it outlive this one (a crash before the
+            // collector), compacting this one writes the tombstones that keep them final.
+            deps.insert(*s);
             self.stats.compactions += 1;
         }
         deps.remove(&seq);
@@ -513,6 +541,7 @@ impl Engine {
     }
 
     pub fn segment_removed(&mut self, seq: u64) {
+        self.maybe_copied.retain(|_, s| *s != seq);
         if self.segments.remove(&seq).is_some() {
             self.stats.segments_deleted += 1;
         }
@@ -543,6 +572,27 @@ impl Engine {
             }
         }
         best.map(|(_, seq)| seq)
+    }
+
+    /// Append to the open batch a tombstone: message `id` is final.
+    fn tombstone(
+        &mut self,
+        id: u64,
+        now_ms: u64,
+        report: &mut CompactionReport,
+    ) -> Result<(), SpoolError> {
+        let rec = OutcomeRecord {
+            message: id,
+            rcpt: TOMBSTONE_RCPT,
+            kind: OutcomeKind::Delivered,
+            attempts: 0,
+            at_ms: now_ms,
+            next_attempt_ms: 0,
+        };
+        record::encode_outcome(&mut self.batch.buf, &rec)?;
+        self.batch.records += 1;
+        report.tombstones += 1;
+        Ok(())
     }
 
     /// Compact segment `seq`, whose records `scan` lists and whose bytes are `bytes` (the whole
@@ -625,12 +675,18 @@ impl Engine {
             .iter()
             .filter_map(|d| self.segments.get(d))
             .collect();
-        let tombstoned: BTreeSet<u64> = scan
-            .outcome_ids
+        let held = |id: &u64| holders.iter().any(|h| h.ids.binary_search(id).is_ok());
+        let tombstoned: BTreeSet<u64> = scan.outcome_ids.iter().copied().filter(held).collect();
+        // Records here of messages now final, whose older records a holder still has (this
+        // segment holds the copies of a compacted one a crash kept from being deleted): the
+        // outcomes that made them final depend on this segment only, and may go with it.
+        let stale: BTreeSet<u64> = scan
+            .messages
             .iter()
-            .copied()
-            .filter(|id| holders.iter().any(|h| h.ids.binary_search(id).is_ok()))
+            .map(|&(id, _, _)| id)
+            .filter(|id| !scan.outcome_ids.contains(id) && held(id) && index.live(*id).is_none())
             .collect();
+        drop(holders);
         for &id in &scan.outcome_ids {
             if restated.contains(&id) {
                 continue;
@@ -645,21 +701,12 @@ impl Engine {
                     });
                 }
                 None if !tombstoned.contains(&id) => {}
-                None => {
-                    // Final (or never ours): say so, in case its record outlives this segment.
-                    let rec = OutcomeRecord {
-                        message: id,
-                        rcpt: u32::MAX,
-                        kind: OutcomeKind::Delivered,
-                        attempts: 0,
-                        at_ms: now_ms,
-                        next_attempt_ms: 0,
-                    };
-                    record::encode_outcome(&mut self.batch.buf, &rec)?;
-                    self.batch.records += 1;
-                    report.tombstones += 1;
-                }
+                // Final (or never ours): say so, in case its record outlives this segment.
+                None => self.tombstone(id, now_ms, &mut report)?,
             }
+        }
+        for id in stale {
+            self.tombstone(id, now_ms, &mut report)?;
         }
         let written = (self.batch.buf.len() - mark.0) as u64;
         let len = self.segments.get(&seq).map_or(0, |st| st.len);

@@ -99,8 +99,15 @@ pub struct SegmentBytes {
 /// simulation.
 pub trait Replay {
     /// A message record at `loc`. The first one seen with an id is the message; a later one is
-    /// a copy compaction made: the message moved, and its recipients' states stay.
-    fn message(&mut self, id: u64, loc: Location, view: &MessageView<'_>) -> Result<(), String>;
+    /// a copy compaction made: the message moved, and its recipients' states stay. Returns the
+    /// segment of the record a copy supersedes (None for a new message): while that older
+    /// record is on disk, the copy's segment must stay (see `scan_into`).
+    fn message(
+        &mut self,
+        id: u64,
+        loc: Location,
+        view: &MessageView<'_>,
+    ) -> Result<Option<u64>, String>;
     /// An outcome record (a tombstone when its recipient is [`TOMBSTONE_RCPT`]). Returns the
     /// segment the message it is about lives in, or None when that message is not known (its
     /// record is gone: it was final).
@@ -120,13 +127,21 @@ pub struct Collect {
     /// The newest id seen in each slot.
     newest: BTreeMap<u64, u64>,
     superseded: usize,
+    /// Where the latest record of each message a newer one of its slot replaced is.
+    superseded_at: BTreeMap<u64, u64>,
 }
 
 impl Replay for Collect {
-    fn message(&mut self, id: u64, loc: Location, view: &MessageView<'_>) -> Result<(), String> {
+    fn message(
+        &mut self,
+        id: u64,
+        loc: Location,
+        view: &MessageView<'_>,
+    ) -> Result<Option<u64>, String> {
         if let Some(known) = self.messages.get_mut(&id) {
+            let before = known.loc.seq;
             known.loc = loc;
-            return Ok(());
+            return Ok(Some(before));
         }
         // Of the messages sharing a slot only the newest can be pending (see `ids`): an older
         // one still looking pending lost its final outcome (a batch that failed after it was
@@ -134,11 +149,13 @@ impl Replay for Collect {
         let slot = crate::ids::slot_of(id);
         if let Some(&older) = self.newest.get(&slot) {
             if older > id {
-                self.superseded += 1;
-                return Ok(());
+                let before = self.superseded_at.insert(id, loc.seq);
+                self.superseded += usize::from(before.is_none());
+                return Ok(before);
             }
-            if self.messages.remove(&older).is_some_and(|m| !m.is_final()) {
-                self.superseded += 1;
+            if let Some(m) = self.messages.remove(&older) {
+                self.superseded_at.insert(older, m.loc.seq);
+                self.superseded += usize::from(!m.is_final());
             }
         }
         self.newest.insert(slot, id);
@@ -159,11 +176,13 @@ impl Replay for Collect {
                 states,
             },
         );
-        Ok(())
+        Ok(None)
     }
 
     fn outcome(&mut self, o: &Outcome) -> Option<u64> {
-        let msg = self.messages.get_mut(&o.message)?;
+        let Some(msg) = self.messages.get_mut(&o.message) else {
+            return self.superseded_at.get(&o.message).copied();
+        };
         let seq = msg.loc.seq;
         let kind = o.kind?;
         if o.rcpt == TOMBSTONE_RCPT {
@@ -252,6 +271,15 @@ pub fn replay_segment(
                                 *id_max = (*id_max).max(view.id());
                                 info.ids.push(view.id());
                                 sink.message(view.id(), loc, &view)
+                            })
+                            .map(|copied_from| {
+                                // A copy, its original still on disk (a crash before compaction
+                                // deleted it): the copy's segment depends on the original's, so
+                                // compacting it once the message is final writes the tombstone
+                                // that keeps the original from bringing it back.
+                                if let Some(from) = copied_from.filter(|s| *s != seq) {
+                                    info.deps.insert(from);
+                                }
                             });
                         match result {
                             Ok(()) => report.messages += 1,

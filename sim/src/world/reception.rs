@@ -145,7 +145,19 @@ impl World {
         let Some(shard) = self.parts.get(&p).map(|part| part.shard) else {
             return Ok(());
         };
-        let reserved = self.core_step(shard, |c, _| c.reserve())?;
+        // Notices go past the queue limit, as `Reception::spool_part` takes them.
+        let notice = self
+            .parts
+            .get(&p)
+            .and_then(|part| self.inbound.get(&part.inbound))
+            .is_some_and(|inb| inb.notice.is_some());
+        let reserved = self.core_step(shard, |c, _| {
+            if notice {
+                c.reserve_notice()
+            } else {
+                c.reserve()
+            }
+        })?;
         match reserved {
             Some(Ok(id)) => {
                 if let Some(part) = self.parts.get_mut(&p) {
