@@ -23,8 +23,8 @@ SHARDS=${SHARDS:-2}
 EPOXI_ARGS=${EPOXI_ARGS:-}
 MX=${MX:-0}
 
-cargo build --release -q -p epoxi -p epoxi-loadgen
-EPOXI=target/release/epoxi
+[ -n "${NO_BUILD:-}" ] || cargo build --release -q -p epoxi -p epoxi-loadgen
+EPOXI=${EPOXI_BIN:-target/release/epoxi}
 LOADGEN=target/release/epoxi-loadgen
 work=$(mktemp -d "${TMPDIR:-/tmp}/epoxi-e2e.XXXXXX")
 pids=()

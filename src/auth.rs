@@ -262,7 +262,8 @@ impl Users {
 }
 
 /// Failed AUTH attempts per client IP in a sliding window; past the limit AUTH is refused
-/// (`454 4.7.0`) until the window passes. Shard-local, like everything else.
+/// (`454 4.7.0`) until the window passes. Kept by the owner shard of each client address (see
+/// `clients`), so the limit holds per address, whichever shard the client lands on.
 #[derive(Debug)]
 pub struct AuthLimiter {
     failures_max: u32,

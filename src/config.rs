@@ -6,11 +6,8 @@
 
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 
 use serde::Deserialize;
-
-use crate::route::{Route, RouteError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -67,6 +64,24 @@ pub struct Config {
     pub pool_rule: Vec<PoolRuleEntry>,
     /// Connection settings for particular sites, first match wins; else `[delivery]`'s.
     pub site: Vec<SiteEntry>,
+    /// Per recipient domain settings, e.g. spreading a hot domain over several shards.
+    pub domain: Vec<DomainEntry>,
+}
+
+#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct DomainEntry {
+    /// The recipient domain, exactly (case-insensitive).
+    pub name: String,
+    /// Shards that share this domain's messages (by a hash of the recipient), from its owner
+    /// shard on: a domain that carries a big share of the traffic would otherwise pin one
+    /// core. 1 (the default) keeps it on its owner; capped at the shard count.
+    #[serde(default = "one")]
+    pub shards: usize,
+}
+
+fn one() -> usize {
+    1
 }
 
 #[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
@@ -292,6 +307,12 @@ pub struct SpoolSection {
     pub commit_window_us: u64,
     /// Largest batch written by one commit, in bytes; more waits for the next commit.
     pub commit_batch_max: usize,
+    /// A closed segment whose live messages take less than this share of it is compacted:
+    /// they are copied forward and the segment deleted. 0 turns compaction off.
+    pub compact_live_ratio: f64,
+    /// Bytes per second compaction may read from a segment (its copies ride the group
+    /// commit), so it never crowds out the hot path.
+    pub compaction_bytes_per_s: u64,
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -305,6 +326,9 @@ pub struct QueueSection {
     pub retry_cap_ms: u64,
     /// A message still undelivered this long after reception expires, in seconds.
     pub max_age_s: u64,
+    /// Messages one shard may hold (queued or being spooled); beyond it reception answers
+    /// `452 4.3.1` (try again later) instead of growing without bound.
+    pub messages_max: usize,
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -425,6 +449,8 @@ impl Default for SpoolSection {
             segment_size_max: 64 << 20,
             commit_window_us: 0,
             commit_batch_max: 8 << 20,
+            compact_live_ratio: crate::spool::engine::COMPACT_LIVE_RATIO_DEFAULT,
+            compaction_bytes_per_s: 32 << 20,
         }
     }
 }
@@ -436,6 +462,7 @@ impl Default for QueueSection {
             retry_factor: 2.0,
             retry_cap_ms: 4 * 3_600_000,
             max_age_s: 5 * 24 * 3600,
+            messages_max: 1_000_000,
         }
     }
 }
@@ -524,103 +551,32 @@ pub struct Overrides {
     pub delivery_port: Option<u16>,
 }
 
-/// A CIDR network, e.g. 127.0.0.0/8.
+/// A CIDR network, e.g. 127.0.0.0/8: a thin wrapper over [`ipnet::IpNet`] that keeps the
+/// address as written (host bits included, as in `10.1.2.3/8`) and adds the two rules the
+/// relay and proxy checks need: a bare address is a single host (/32 or /128), and an
+/// IPv4-mapped IPv6 client (`::ffff:a.b.c.d`, a dual-stack socket's view of an IPv4 peer) is
+/// compared as the IPv4 address it is.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Network {
-    addr: IpAddr,
-    prefix: u8,
-}
+pub struct Network(ipnet::IpNet);
 
 impl Network {
+    /// `ADDR/PREFIX` or a bare `ADDR`; `None` for anything else, including a prefix longer
+    /// than the address (`10.0.0.0/33`).
     pub fn parse(text: &str) -> Option<Network> {
-        let (addr, prefix) = match text.split_once('/') {
-            Some((a, p)) => (a.parse::<IpAddr>().ok()?, p.parse::<u8>().ok()?),
-            None => {
-                let a = text.parse::<IpAddr>().ok()?;
-                (a, if a.is_ipv4() { 32 } else { 128 })
-            }
+        let net = match text.parse::<ipnet::IpNet>() {
+            Ok(net) => net,
+            Err(_) => ipnet::IpNet::from(text.parse::<IpAddr>().ok()?),
         };
-        let bits = if addr.is_ipv4() { 32 } else { 128 };
-        (prefix <= bits).then_some(Network { addr, prefix })
+        Some(Network(net))
     }
 
     pub fn contains(&self, ip: IpAddr) -> bool {
-        // Compare IPv4-mapped IPv6 clients (::ffff:a.b.c.d) as IPv4.
         let ip = match ip {
             IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
             v4 => v4,
         };
-        match (self.addr, ip) {
-            (IpAddr::V4(net), IpAddr::V4(ip)) => {
-                let mask = u32::MAX
-                    .checked_shl(32 - u32::from(self.prefix))
-                    .unwrap_or(0);
-                u32::from(net) & mask == u32::from(ip) & mask
-            }
-            (IpAddr::V6(net), IpAddr::V6(ip)) => {
-                let mask = u128::MAX
-                    .checked_shl(128 - u32::from(self.prefix))
-                    .unwrap_or(0);
-                u128::from(net) & mask == u128::from(ip) & mask
-            }
-            _ => false,
-        }
-    }
-}
-
-/// The checked, ready-to-use configuration.
-#[derive(Clone, Debug)]
-pub struct Settings {
-    pub config: Config,
-    pub hostname: String,
-    pub helo_name: String,
-    pub relay_networks: Vec<Network>,
-    /// Proxies trusted to send PROXY protocol headers.
-    pub proxy_trusted: Vec<Network>,
-    pub routes: Vec<Route>,
-    pub shard_count: usize,
-    /// The implicit-TLS listen address, when configured.
-    pub implicit_tls_listen: Option<SocketAddr>,
-    /// TLS server configuration (configured or self-signed certificate).
-    pub tls: Arc<rustls::ServerConfig>,
-    /// Outbound TLS: unverified (opportunistic) and verified (required, when a route needs it).
-    pub tls_client_unverified: Arc<rustls::ClientConfig>,
-    pub tls_client_verified: Option<Arc<rustls::ClientConfig>>,
-    /// AUTH users, when `server.auth_users` is set.
-    pub auth_users: Option<Arc<crate::auth::Users>>,
-    /// DNS resolvers, in failover order (empty: no MX lookups; unrouted mail waits).
-    pub resolvers: Vec<SocketAddr>,
-    pub address_order: crate::egress::AddressOrder,
-    pub egress: Arc<crate::egress::Egress>,
-}
-
-impl Settings {
-    /// The connection settings for `hop`.
-    pub fn site_limits(&self, hop: &crate::route::Hop) -> SiteLimits {
-        let d = &self.config.delivery;
-        let mut limits = SiteLimits {
-            connections_max: d.connections_per_destination_max,
-            messages_per_connection_max: d.messages_per_connection_max,
-            idle_timeout_ms: d.idle_timeout_ms,
-        };
-        let matches = |glob: &str, host: &str| {
-            crate::route::glob_match(
-                glob.to_ascii_lowercase().as_bytes(),
-                host.to_ascii_lowercase().as_bytes(),
-            )
-        };
-        let entry = self.config.site.iter().find(|e| match hop {
-            crate::route::Hop::Route(dest) => matches(&e.mx, &dest.host),
-            crate::route::Hop::Mx(site) => site.hosts.iter().any(|(_, h)| matches(&e.mx, h)),
-        });
-        if let Some(e) = entry {
-            limits.connections_max = e.connections_max.unwrap_or(limits.connections_max);
-            limits.messages_per_connection_max = e
-                .messages_per_connection_max
-                .unwrap_or(limits.messages_per_connection_max);
-            limits.idle_timeout_ms = e.idle_timeout_ms.unwrap_or(limits.idle_timeout_ms);
-        }
-        limits
+        // A network of the other family contains nothing: `IpNet::contains` says false.
+        self.0.contains(&ip)
     }
 }
 
@@ -644,199 +600,7 @@ impl Config {
         toml::from_str(text).map_err(|e| e.to_string())
     }
 
-    /// Apply command-line overrides, then check every value.
-    pub fn settle(mut self, overrides: Overrides) -> Result<Settings, ConfigError> {
-        if let Some(listen) = overrides.listen {
-            self.server.listen = listen;
-        }
-        if let Some(spool) = overrides.spool {
-            self.spool.dir = spool;
-        }
-        if let Some(log_dir) = overrides.log_dir {
-            self.log.dir = log_dir;
-        }
-        if let Some(shards) = overrides.shards {
-            self.shards.count = shards;
-        }
-        if !overrides.resolvers.is_empty() {
-            self.dns.resolvers = overrides.resolvers.clone();
-        }
-        if let Some(port) = overrides.delivery_port {
-            self.delivery.port = port;
-        }
-        let starttls = crate::route::parse_tls_policy(&self.delivery.starttls)
-            .map_err(|e| invalid("delivery.starttls", e.to_string()))?;
-        let mut routes = Vec::new();
-        for text in &overrides.routes {
-            let route = Route::parse_flag(text).map_err(|e| route_error("--route", e))?;
-            routes.push(route.with_tls(starttls));
-        }
-        for entry in &self.route {
-            let route =
-                Route::new(&entry.domain, &entry.target).map_err(|e| route_error("route", e))?;
-            let tls = match &entry.tls {
-                Some(text) => {
-                    crate::route::parse_tls_policy(text).map_err(|e| route_error("route.tls", e))?
-                }
-                None => starttls,
-            };
-            routes.push(route.with_tls(tls));
-        }
-        self.validate()?;
-        let relay_networks = parse_networks("server.relay_networks", &self.server.relay_networks)?;
-        let hostname = if self.server.hostname.is_empty() {
-            system_hostname()
-        } else {
-            self.server.hostname.clone()
-        };
-        let helo_name = if self.delivery.helo_name.is_empty() {
-            hostname.clone()
-        } else {
-            self.delivery.helo_name.clone()
-        };
-        let shard_count = match self.shards.count {
-            0 => shards::runtime::online_cpus(),
-            n => n,
-        };
-        let implicit_tls_listen = match self.server.implicit_tls_listen.trim() {
-            "" => None,
-            text => Some(text.parse::<SocketAddr>().map_err(|_| {
-                invalid(
-                    "server.implicit_tls_listen",
-                    format!("`{text}` is not an address:port"),
-                )
-            })?),
-        };
-        let identity = match (
-            self.server.tls_cert.as_os_str().is_empty(),
-            self.server.tls_key.as_os_str().is_empty(),
-        ) {
-            (true, true) => crate::tls::self_signed(&hostname),
-            (false, false) => {
-                crate::tls::load_identity(&self.server.tls_cert, &self.server.tls_key)
-            }
-            (false, true) => {
-                return Err(invalid(
-                    "server.tls_key",
-                    "set it together with server.tls_cert",
-                ))
-            }
-            (true, false) => {
-                return Err(invalid(
-                    "server.tls_cert",
-                    "set it together with server.tls_key",
-                ))
-            }
-        };
-        let tls = identity
-            .and_then(crate::tls::server_config)
-            .map_err(|e| invalid("server.tls_cert", e.to_string()))?;
-        let tls_client_unverified = crate::tls::client_config_unverified()
-            .map_err(|e| invalid("delivery.starttls", e.to_string()))?;
-        // Load the CA bundle only when some route requires verified TLS.
-        let required = crate::smtp::client::TlsPolicy::Required;
-        let tls_client_verified = if routes.iter().any(|r| r.tls() == required) {
-            let ca = &self.delivery.tls_ca_file;
-            Some(
-                crate::tls::client_config_verified(ca)
-                    .map_err(|e| invalid("delivery.tls_ca_file", e.to_string()))?,
-            )
-        } else {
-            None
-        };
-        let auth_users = if self.server.auth_users.as_os_str().is_empty() {
-            None
-        } else {
-            let users = crate::auth::Users::load(&self.server.auth_users)
-                .map_err(|e| invalid("server.auth_users", e.to_string()))?;
-            Some(Arc::new(users))
-        };
-        if self.server.auth_failures_max == 0 {
-            return Err(invalid("server.auth_failures_max", "must be at least 1"));
-        }
-        let proxy_trusted = parse_networks("server.proxy_trusted", &self.server.proxy_trusted)?;
-        for (i, l) in self.listener.iter().enumerate() {
-            if l.auth_required && self.server.auth_users.as_os_str().is_empty() {
-                return Err(invalid("listener.auth_required", "needs server.auth_users"));
-            }
-            if let Some(h) = &l.hostname {
-                if h.trim().is_empty() || h.contains(char::is_whitespace) {
-                    return Err(invalid(
-                        "listener.hostname",
-                        format!("`{h}` is not a host name"),
-                    ));
-                }
-            }
-            if let Some(nets) = &l.relay_networks {
-                parse_networks("listener.relay_networks", nets)?;
-            }
-            if l.connections_max == Some(0) || l.connections_per_ip_max == Some(0) {
-                return Err(invalid(
-                    "listener.connections_max",
-                    format!("listener {}: limits must be at least 1", l.address),
-                ));
-            }
-            if l.size_max.is_some_and(|n| n < 1024) {
-                return Err(invalid("listener.size_max", "must be at least 1024 bytes"));
-            }
-            if l.rcpts_max.is_some_and(|n| n < 100) {
-                return Err(invalid(
-                    "listener.rcpts_max",
-                    "RFC 5321 requires at least 100",
-                ));
-            }
-            let clash = l.address == self.server.listen
-                || Some(l.address) == implicit_tls_listen
-                || self.listener[..i].iter().any(|o| o.address == l.address);
-            if clash {
-                return Err(invalid(
-                    "listener.address",
-                    format!("{} is used twice", l.address),
-                ));
-            }
-        }
-        let resolvers = if self.dns.resolvers.is_empty() {
-            crate::dns::resolv_conf(&self.dns.resolv_conf)
-                .map_err(|e| invalid("dns.resolv_conf", e))?
-        } else {
-            self.dns
-                .resolvers
-                .iter()
-                .map(|text| {
-                    crate::dns::parse_resolver(text).ok_or_else(|| {
-                        invalid("dns.resolvers", format!("`{text}` is not IP or IP:PORT"))
-                    })
-                })
-                .collect::<Result<Vec<_>, _>>()?
-        };
-        let address_order = crate::egress::AddressOrder::parse(&self.delivery.address_order)
-            .ok_or_else(|| {
-                invalid(
-                    "delivery.address_order",
-                    "must be ipv4-first, ipv6-first, ipv4-only or ipv6-only",
-                )
-            })?;
-        let egress = crate::egress::Egress::from_config(&self, &helo_name)?;
-        Ok(Settings {
-            resolvers,
-            address_order,
-            egress: Arc::new(egress),
-            config: self,
-            hostname,
-            helo_name,
-            relay_networks,
-            proxy_trusted,
-            routes,
-            shard_count,
-            implicit_tls_listen,
-            tls,
-            tls_client_unverified,
-            tls_client_verified,
-            auth_users,
-        })
-    }
-
-    fn validate(&self) -> Result<(), ConfigError> {
+    pub(crate) fn validate(&self) -> Result<(), ConfigError> {
         let s = &self.server;
         if s.size_max < 1024 {
             return Err(invalid("server.size_max", "must be at least 1024 bytes"));
@@ -906,6 +670,26 @@ impl Config {
         if sp.commit_window_us > 1_000_000 {
             return Err(invalid("spool.commit_window_us", "must be at most 1 s"));
         }
+        if sp.segment_size_max > 1 << 30 {
+            // Record offsets are 32-bit in the queue: a segment (its size, one batch and one
+            // record past it) must stay below 4 GiB.
+            return Err(invalid("spool.segment_size_max", "must be at most 1 GiB"));
+        }
+        if sp.commit_batch_max > 1 << 30 {
+            return Err(invalid("spool.commit_batch_max", "must be at most 1 GiB"));
+        }
+        if !(0.0..=1.0).contains(&sp.compact_live_ratio) {
+            return Err(invalid(
+                "spool.compact_live_ratio",
+                "must be between 0 (off) and 1",
+            ));
+        }
+        if sp.compaction_bytes_per_s < 64 << 10 {
+            return Err(invalid(
+                "spool.compaction_bytes_per_s",
+                "must be at least 64 KiB/s",
+            ));
+        }
         if sp.commit_batch_max < 64 << 10 {
             return Err(invalid("spool.commit_batch_max", "must be at least 64 KiB"));
         }
@@ -924,6 +708,21 @@ impl Config {
         }
         if q.max_age_s == 0 {
             return Err(invalid("queue.max_age_s", "must be at least 1"));
+        }
+        if q.max_age_s.saturating_mul(1000) > crate::queue::AGE_MAX_MS {
+            return Err(invalid(
+                "queue.max_age_s",
+                format!(
+                    "must be at most {} (49 days)",
+                    crate::queue::AGE_MAX_MS / 1000
+                ),
+            ));
+        }
+        if q.messages_max == 0 || q.messages_max > crate::queue::MESSAGES_CEILING {
+            return Err(invalid(
+                "queue.messages_max",
+                format!("must be between 1 and {}", crate::queue::MESSAGES_CEILING),
+            ));
         }
         let d = &self.delivery;
         if d.connections_per_destination_max == 0 {
@@ -961,6 +760,30 @@ impl Config {
         }
         if d.port == 0 {
             return Err(invalid("delivery.port", "must be a port from 1 to 65535"));
+        }
+        for (i, d) in self.domain.iter().enumerate() {
+            let name = d.name.trim();
+            if name.is_empty() || name.contains(|c: char| c.is_whitespace() || c == '@') {
+                return Err(invalid(
+                    "domain.name",
+                    format!("`{}` is not a domain", d.name),
+                ));
+            }
+            if d.shards == 0 || d.shards > shards::runtime::SHARDS_MAX {
+                return Err(invalid(
+                    "domain.shards",
+                    format!(
+                        "domain {name}: must be between 1 and {}",
+                        shards::runtime::SHARDS_MAX
+                    ),
+                ));
+            }
+            if self.domain[..i]
+                .iter()
+                .any(|o| o.name.trim().eq_ignore_ascii_case(name))
+            {
+                return Err(invalid("domain.name", format!("{name} is listed twice")));
+            }
         }
         let dns = &self.dns;
         if dns.timeout_ms == 0 || dns.attempts == 0 {
@@ -1022,33 +845,6 @@ impl Config {
             return Err(invalid("shards.mesh_capacity", "must be at least 1"));
         }
         Ok(())
-    }
-}
-
-/// A list of CIDR networks from the config; an error names `key` and the bad entry.
-fn parse_networks(key: &'static str, list: &[String]) -> Result<Vec<Network>, ConfigError> {
-    list.iter()
-        .map(|n| {
-            Network::parse(n).ok_or_else(|| invalid(key, format!("`{n}` is not a CIDR network")))
-        })
-        .collect()
-}
-
-fn route_error(key: &'static str, e: RouteError) -> ConfigError {
-    invalid(key, e.to_string())
-}
-
-fn system_hostname() -> String {
-    let mut buf = [0u8; 256];
-    // SAFETY: buf is valid for buf.len() bytes; gethostname NUL-terminates on success.
-    let rc = unsafe { libc::gethostname(buf.as_mut_ptr().cast(), buf.len()) };
-    if rc != 0 {
-        return "localhost".into();
-    }
-    let end = buf.iter().position(|&b| b == 0).unwrap_or(buf.len());
-    match std::str::from_utf8(&buf[..end]) {
-        Ok(name) if !name.is_empty() => name.to_owned(),
-        _ => "localhost".into(),
     }
 }
 
@@ -1171,6 +967,37 @@ mod tests {
             .settle(Overrides::default())
             .expect_err("zero");
         assert!(err.to_string().contains("site.connections_max"), "{err}");
+        let err = Config::parse("[[site]]\nmx = \"mx[1.example\"\n")
+            .expect("parses")
+            .settle(Overrides::default())
+            .expect_err("bad glob");
+        assert!(err.to_string().contains("site.mx"), "{err}");
+        let err = Config::parse("[[route]]\ndomain = \"{a.test\"\ntarget = \"127.0.0.1:25\"\n")
+            .expect("parses")
+            .settle(Overrides::default())
+            .expect_err("bad glob");
+        assert!(err.to_string().contains("`route`"), "{err}");
+    }
+
+    #[test]
+    fn site_globs_match_static_route_hosts() {
+        let text = "[[site]]\nmx = \"relay.*\"\nconnections_max = 3\n";
+        let s = Config::parse(text)
+            .expect("parses")
+            .settle(Overrides::default())
+            .expect("valid");
+        let hop = |host: &str| {
+            crate::route::Hop::Route(crate::route::Destination {
+                addr: SocketAddr::from(([127, 0, 0, 1], 25)),
+                host: host.into(),
+                tls: crate::smtp::client::TlsPolicy::default(),
+            })
+        };
+        assert_eq!(s.site_limits(&hop("Relay.Example")).connections_max, 3);
+        assert_eq!(
+            s.site_limits(&hop("mx.relay.example")).connections_max,
+            s.config.delivery.connections_per_destination_max
+        );
     }
 
     #[test]
@@ -1207,5 +1034,44 @@ mod tests {
         assert!(Network::parse("0.0.0.0/0")
             .expect("any")
             .contains("8.8.8.8".parse().expect("ip")));
+    }
+
+    #[test]
+    fn network_edge_cases() {
+        let ip = |s: &str| s.parse::<IpAddr>().expect("ip");
+        // A bare address is one host.
+        let host = Network::parse("192.0.2.7").expect("bare v4");
+        assert!(host.contains(ip("192.0.2.7")));
+        assert!(host.contains(ip("::ffff:192.0.2.7")));
+        assert!(!host.contains(ip("192.0.2.8")));
+        let host6 = Network::parse("2001:db8::1").expect("bare v6");
+        assert!(host6.contains(ip("2001:db8::1")));
+        assert!(!host6.contains(ip("2001:db8::2")));
+        // Host bits in the written address do not matter.
+        let n = Network::parse("10.1.2.3/8").expect("cidr");
+        assert!(n.contains(ip("10.200.0.1")));
+        assert!(!n.contains(ip("11.0.0.1")));
+        // Prefix bounds per family.
+        assert!(Network::parse("10.0.0.0/32").is_some());
+        assert!(Network::parse("::/128").is_some());
+        assert!(Network::parse("::/129").is_none());
+        assert!(Network::parse("10.0.0.0/").is_none());
+        assert!(Network::parse("10.0.0.0/x").is_none());
+        assert!(Network::parse("example.com").is_none());
+        assert!(Network::parse("").is_none());
+        // Families do not mix: an IPv4 network never holds a (non-mapped) IPv6 client, and an
+        // IPv6 network is not consulted for IPv4-mapped clients.
+        assert!(!Network::parse("0.0.0.0/0")
+            .expect("any4")
+            .contains(ip("2001:db8::1")));
+        assert!(!Network::parse("::/0")
+            .expect("any6")
+            .contains(ip("127.0.0.1")));
+        assert!(!Network::parse("::/0")
+            .expect("any6")
+            .contains(ip("::ffff:127.0.0.1")));
+        let n6 = Network::parse("2001:db8::/32").expect("cidr6");
+        assert!(n6.contains(ip("2001:db8:ffff::1")));
+        assert!(!n6.contains(ip("2001:db9::1")));
     }
 }

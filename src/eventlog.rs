@@ -1,87 +1,37 @@
-//! The event log: one JSON line per message event, one file per shard.
+//! The event log: one JSON line per message event, one file per shard; an [`Observer`] of the
+//! stage events.
 //!
-//! Events: Reception, Delivery, TransientFailure, Bounce, Expiration. Lines are built in a
-//! buffer and written by [`EventLog::flush`], which the shard calls on a timer and at shutdown,
-//! so logging costs no syscall per message. A file that grows past `file_size_max` is renamed
-//! `shard-N.<unix-ms>.jsonl` and a new one started.
+//! Lines: Reception, Delivery, TransientFailure, Bounce, Expiration, and Notice (the notice about
+//! some recipients was spooled, with its `notice_id`, or was not needed: no `notice_id`). They are built in a buffer
+//! on the shard (no syscall per message) and handed, a buffer at a time, to a writer thread over
+//! a bounded crossbeam channel: the shard's executor never blocks on the file. The shard hands
+//! a buffer over once it is past [`BUFFER_FLUSH_BYTES`], or [`FLUSH_DELAY_MS`] after its first
+//! line (the shard's timer asks [`EventLog::flush_due_ms`]), and at shutdown. The writer renames
+//! a file that grew past `file_size_max` to `shard-N.<unix-ms>.jsonl` and starts a new one.
 //!
 //! The log is an account for operators, not the source of truth: the spool is. A crash can lose
-//! the last unflushed lines, never a message.
+//! the last unflushed lines, never a message. If the disk cannot keep up, the shard keeps
+//! buffering up to [`BACKLOG_MAX_BYTES`]; past it lines are dropped and counted (and a warning
+//! says how many), rather than stalling mail.
 
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::fs::{File, OpenOptions};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use serde::Serialize;
 
-/// Buffered bytes that trigger an early flush, so a burst cannot grow the buffer without bound.
-const BUFFER_FLUSH_BYTES: usize = 256 << 10;
+use crate::events::{AttemptOutcome, Event, Observer, Response};
 
-#[derive(Clone, Copy, Debug, Serialize, PartialEq, Eq)]
-pub enum EventKind {
-    Reception,
-    Delivery,
-    TransientFailure,
-    Bounce,
-    Expiration,
-}
-
-#[derive(Clone, Debug, Serialize, PartialEq, Eq, Default)]
-pub struct Response {
-    pub code: u16,
-    pub enhanced: String,
-    pub text: String,
-}
-
-#[derive(Debug, Serialize)]
-pub struct Event<'a> {
-    #[serde(rename = "type")]
-    pub kind: EventKind,
-    /// Unix time of the event, in milliseconds.
-    pub ts_ms: u64,
-    /// The id the client got in the 250 reply (shared by all shards' copies).
-    pub message_id: &'a str,
-    /// This shard's spool id of its copy.
-    pub queue_id: u64,
-    pub shard: usize,
-    pub sender: &'a str,
-    /// One recipient per line for delivery events; all of this shard's for Reception.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub recipient: Option<&'a str>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub recipients: Option<&'a [&'a str]>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub domain: Option<&'a str>,
-    pub attempts: u32,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub response: Option<&'a Response>,
-    /// The client for Reception; the remote host for delivery events.
-    pub peer: &'a str,
-    pub received_ms: u64,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub next_attempt_ms: Option<u64>,
-    pub size: usize,
-    /// Reception over TLS: protocol version and cipher suite.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub tls: Option<&'a str>,
-    /// Delivery events: the egress source the connection came from.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub source: Option<&'a str>,
-}
-
-pub struct EventLog {
-    dir: PathBuf,
-    shard: usize,
-    file_size_max: u64,
-    inner: RefCell<Inner>,
-}
-
-struct Inner {
-    file: Option<File>,
-    written: u64,
-    buf: Vec<u8>,
-}
+/// Buffered bytes that trigger a hand-over, so a burst cannot grow the buffer without bound.
+pub const BUFFER_FLUSH_BYTES: usize = 256 << 10;
+/// The oldest line waits at most this long for the writer (when traffic is light).
+pub const FLUSH_DELAY_MS: u64 = 100;
+/// Buffers in flight to the writer thread: with 256 KiB each, up to 4 MiB waiting for a slow
+/// disk before the shard keeps them itself.
+const CHANNEL_BUFFERS_MAX: usize = 16;
+/// Past this much unwritten log, lines are dropped (and counted) instead of held.
+pub const BACKLOG_MAX_BYTES: usize = 64 << 20;
 
 #[derive(Debug, thiserror::Error)]
 #[error("event log {path}: {source}")]
@@ -90,32 +40,293 @@ pub struct LogError {
     source: std::io::Error,
 }
 
+/// One line, as serialized.
+#[derive(Serialize)]
+struct Line<'a> {
+    #[serde(rename = "type")]
+    kind: &'static str,
+    ts_ms: u64,
+    message_id: String,
+    queue_id: u64,
+    shard: usize,
+    sender: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    recipient: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    recipients: Option<Vec<&'a str>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    domain: Option<&'a str>,
+    attempts: u32,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    response: Option<&'a Response>,
+    peer: &'a str,
+    received_ms: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    next_attempt_ms: Option<u64>,
+    size: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    tls: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    source: Option<&'a str>,
+    /// Notice lines: the notice's own id, when one was sent.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    notice_id: Option<String>,
+}
+
+pub struct EventLog {
+    shard: usize,
+    buf: RefCell<Vec<u8>>,
+    /// When the first line of `buf` was written (None: empty).
+    first_ms: Cell<Option<u64>>,
+    /// Buffers the writer channel had no room for, oldest first.
+    backlog: RefCell<Vec<Vec<u8>>>,
+    backlog_bytes: Cell<usize>,
+    dropped: Cell<u64>,
+    tx: RefCell<Option<crossbeam::channel::Sender<Vec<u8>>>>,
+    writer: RefCell<Option<std::thread::JoinHandle<()>>>,
+    /// Told when the buffer gets its first line (the shard's timer then flushes it in time).
+    wake: RefCell<Option<std::rc::Rc<shards::Notify>>>,
+}
+
 impl EventLog {
+    /// Open (append to) `dir/shard-N.jsonl` and start its writer thread.
     pub fn open(dir: &Path, shard: usize, file_size_max: u64) -> Result<EventLog, LogError> {
         std::fs::create_dir_all(dir).map_err(|source| LogError {
             path: dir.to_owned(),
             source,
         })?;
-        let log = EventLog {
-            dir: dir.to_owned(),
+        let mut file = Writer::open(dir.to_owned(), shard, file_size_max)?;
+        let (tx, rx) = crossbeam::channel::bounded::<Vec<u8>>(CHANNEL_BUFFERS_MAX);
+        let writer = std::thread::Builder::new()
+            .name(format!("eventlog-{shard}"))
+            .spawn(move || {
+                for buf in rx {
+                    file.write(&buf);
+                }
+            })
+            .map_err(|source| LogError {
+                path: dir.to_owned(),
+                source,
+            })?;
+        Ok(EventLog {
+            shard,
+            buf: RefCell::new(Vec::with_capacity(64 << 10)),
+            first_ms: Cell::new(None),
+            backlog: RefCell::new(Vec::new()),
+            backlog_bytes: Cell::new(0),
+            dropped: Cell::new(0),
+            tx: RefCell::new(Some(tx)),
+            writer: RefCell::new(Some(writer)),
+            wake: RefCell::new(None),
+        })
+    }
+
+    /// Who to tell when lines start waiting for a flush.
+    pub fn set_wake(&self, wake: std::rc::Rc<shards::Notify>) {
+        *self.wake.borrow_mut() = Some(wake);
+    }
+
+    pub fn path(dir: &Path, shard: usize) -> PathBuf {
+        dir.join(format!("shard-{shard}.jsonl"))
+    }
+
+    /// When the buffered lines should go to the writer (None: nothing buffered).
+    pub fn flush_due_ms(&self) -> Option<u64> {
+        self.first_ms.get().map(|t| t + FLUSH_DELAY_MS)
+    }
+
+    fn line(&self, line: &Line<'_>) {
+        if self.backlog_bytes.get() >= BACKLOG_MAX_BYTES {
+            self.dropped.set(self.dropped.get() + 1);
+            return;
+        }
+        let full = {
+            let mut buf = self.buf.borrow_mut();
+            // Serializing our own plain structs cannot fail; if it ever did, drop the line
+            // rather than the shard.
+            if serde_json::to_writer(&mut *buf, line).is_ok() {
+                buf.push(b'\n');
+            }
+            buf.len() >= BUFFER_FLUSH_BYTES
+        };
+        if self.first_ms.get().is_none() {
+            self.first_ms.set(Some(line.ts_ms));
+            if let Some(wake) = self.wake.borrow().as_ref() {
+                wake.notify_all();
+            }
+        }
+        if full {
+            self.flush();
+        }
+    }
+
+    /// Hand the buffered lines to the writer. Never blocks: a full channel keeps them here.
+    pub fn flush(&self) {
+        let buf = std::mem::take(&mut *self.buf.borrow_mut());
+        self.first_ms.set(None);
+        let tx = self.tx.borrow();
+        let Some(tx) = tx.as_ref() else { return };
+        let mut backlog = self.backlog.borrow_mut();
+        if !buf.is_empty() {
+            self.backlog_bytes.set(self.backlog_bytes.get() + buf.len());
+            backlog.push(buf);
+        }
+        while !backlog.is_empty() {
+            let next = backlog.remove(0);
+            let len = next.len();
+            match tx.try_send(next) {
+                Ok(()) => self.backlog_bytes.set(self.backlog_bytes.get() - len),
+                Err(crossbeam::channel::TrySendError::Full(b)) => {
+                    backlog.insert(0, b);
+                    break;
+                }
+                Err(crossbeam::channel::TrySendError::Disconnected(_)) => {
+                    self.backlog_bytes.set(self.backlog_bytes.get() - len);
+                }
+            }
+        }
+        let dropped = self.dropped.replace(0);
+        if dropped > 0 {
+            tracing::warn!(
+                shard = self.shard,
+                dropped,
+                "event log cannot keep up: lines dropped"
+            );
+        }
+    }
+
+    /// Write everything and stop the writer thread. Blocking: call it from a blocking thread
+    /// or at the very end of a shard's life.
+    pub fn close(&self) {
+        self.flush();
+        let tx = self.tx.borrow_mut().take();
+        if let Some(tx) = tx {
+            for buf in self.backlog.borrow_mut().drain(..) {
+                // The writer drains the channel; a blocking send is fine at shutdown.
+                let _ = tx.send(buf);
+            }
+        }
+        if let Some(writer) = self.writer.borrow_mut().take() {
+            let _ = writer.join();
+        }
+    }
+}
+
+impl Drop for EventLog {
+    fn drop(&mut self) {
+        self.close();
+    }
+}
+
+impl Observer for EventLog {
+    fn observe(&self, event: &Event<'_>) {
+        match event {
+            Event::Received(e) => {
+                let env = e.envelope;
+                let rcpts: Vec<&str> = env.rcpts.iter().map(|r| r.address.as_str()).collect();
+                self.line(&Line {
+                    kind: "Reception",
+                    ts_ms: e.ts_ms,
+                    message_id: env.reception.to_string(),
+                    queue_id: e.id,
+                    shard: e.shard,
+                    sender: &env.sender,
+                    recipient: None,
+                    recipients: Some(rcpts),
+                    domain: None,
+                    attempts: 0,
+                    response: None,
+                    peer: &env.peer,
+                    received_ms: env.received_ms(),
+                    next_attempt_ms: None,
+                    size: env.size,
+                    tls: e.tls,
+                    source: None,
+                    notice_id: None,
+                });
+            }
+            Event::Attempt(e) => {
+                let (kind, next) = match e.outcome {
+                    AttemptOutcome::Delivered => ("Delivery", None),
+                    AttemptOutcome::Deferred { next_attempt_ms } => {
+                        ("TransientFailure", Some(next_attempt_ms))
+                    }
+                    AttemptOutcome::Bounced => ("Bounce", None),
+                    AttemptOutcome::Expired => ("Expiration", None),
+                };
+                self.line(&Line {
+                    kind,
+                    ts_ms: e.ts_ms,
+                    message_id: e.reception.to_string(),
+                    queue_id: e.id,
+                    shard: e.shard,
+                    sender: e.sender,
+                    recipient: Some(e.rcpt),
+                    recipients: None,
+                    domain: Some(crate::envelope::domain_of(e.rcpt)),
+                    attempts: e.attempts,
+                    response: Some(e.response),
+                    peer: e.peer,
+                    received_ms: e.received_ms,
+                    next_attempt_ms: next,
+                    size: e.size,
+                    tls: None,
+                    source: e.source,
+                    notice_id: None,
+                });
+            }
+            Event::Notice(e) => {
+                self.line(&Line {
+                    kind: "Notice",
+                    ts_ms: e.ts_ms,
+                    message_id: e.reception.to_string(),
+                    queue_id: e.id,
+                    shard: e.shard,
+                    sender: e.sender,
+                    recipient: None,
+                    recipients: Some(e.rcpts.to_vec()),
+                    domain: None,
+                    attempts: 0,
+                    response: None,
+                    peer: "-",
+                    received_ms: e.reception.ms,
+                    next_attempt_ms: None,
+                    size: 0,
+                    tls: None,
+                    source: None,
+                    notice_id: e.notice.map(|n| n.to_string()),
+                });
+            }
+            // Not a message event: it goes to the operational log (tracing).
+            Event::SourceHealth(_) => {}
+        }
+    }
+}
+
+/// The writer thread's file.
+struct Writer {
+    dir: PathBuf,
+    shard: usize,
+    file_size_max: u64,
+    file: Option<File>,
+    written: u64,
+}
+
+impl Writer {
+    fn open(dir: PathBuf, shard: usize, file_size_max: u64) -> Result<Writer, LogError> {
+        let mut w = Writer {
+            dir,
             shard,
             file_size_max,
-            inner: RefCell::new(Inner {
-                file: None,
-                written: 0,
-                buf: Vec::with_capacity(64 << 10),
-            }),
+            file: None,
+            written: 0,
         };
-        log.open_file()?;
-        Ok(log)
+        w.open_file()?;
+        Ok(w)
     }
 
-    pub fn path(&self) -> PathBuf {
-        self.dir.join(format!("shard-{}.jsonl", self.shard))
-    }
-
-    fn open_file(&self) -> Result<(), LogError> {
-        let path = self.path();
+    fn open_file(&mut self) -> Result<(), LogError> {
+        let path = EventLog::path(&self.dir, self.shard);
         let file = OpenOptions::new()
             .create(true)
             .append(true)
@@ -124,62 +335,40 @@ impl EventLog {
                 path: path.clone(),
                 source,
             })?;
-        let written = file.metadata().map(|m| m.len()).unwrap_or(0);
-        let mut inner = self.inner.borrow_mut();
-        inner.file = Some(file);
-        inner.written = written;
+        self.written = file.metadata().map(|m| m.len()).unwrap_or(0);
+        self.file = Some(file);
         Ok(())
     }
 
-    /// Queue one event line. No I/O unless the buffer is past its flush mark.
-    pub fn record(&self, event: &Event<'_>) {
-        let full = {
-            let mut inner = self.inner.borrow_mut();
-            // Serializing our own plain structs cannot fail; if it ever did, drop the line
-            // rather than the shard.
-            if serde_json::to_writer(&mut inner.buf, event).is_ok() {
-                inner.buf.push(b'\n');
+    fn write(&mut self, buf: &[u8]) {
+        if let Some(file) = self.file.as_mut() {
+            if let Err(e) = file.write_all(buf) {
+                tracing::error!(shard = self.shard, "event log write failed: {e}");
             }
-            inner.buf.len() >= BUFFER_FLUSH_BYTES
-        };
-        if full {
-            self.flush();
         }
-    }
-
-    /// Write buffered lines, rotating the file when it is past its size limit.
-    pub fn flush(&self) {
-        let rotate = {
-            let mut inner = self.inner.borrow_mut();
-            if inner.buf.is_empty() {
-                return;
-            }
-            let buf = std::mem::take(&mut inner.buf);
-            let len = buf.len() as u64;
-            if let Some(file) = inner.file.as_mut() {
-                if let Err(e) = file.write_all(&buf) {
-                    eprintln!("shard {}: event log write failed: {e}", self.shard);
-                }
-            }
-            inner.written += len;
-            inner.buf = buf;
-            inner.buf.clear();
-            inner.written >= self.file_size_max
-        };
-        if rotate {
+        self.written += buf.len() as u64;
+        if self.written >= self.file_size_max {
             self.rotate();
         }
     }
 
-    fn rotate(&self) {
+    fn rotate(&mut self) {
         let now = crate::clock::now_ms();
-        let rotated = self.dir.join(format!("shard-{}.{now}.jsonl", self.shard));
-        self.inner.borrow_mut().file = None;
-        if let Err(e) = std::fs::rename(self.path(), &rotated) {
-            eprintln!("shard {}: cannot rotate event log: {e}", self.shard);
+        // Two rotations within a millisecond must not overwrite each other's file.
+        let mut rotated = self.dir.join(format!("shard-{}.{now}.jsonl", self.shard));
+        let mut n = 1;
+        while rotated.exists() {
+            rotated = self
+                .dir
+                .join(format!("shard-{}.{now}-{n}.jsonl", self.shard));
+            n += 1;
+        }
+        self.file = None;
+        if let Err(e) = std::fs::rename(EventLog::path(&self.dir, self.shard), &rotated) {
+            tracing::error!(shard = self.shard, "cannot rotate event log: {e}");
         }
         if let Err(e) = self.open_file() {
-            eprintln!("shard {}: {e}", self.shard);
+            tracing::error!(shard = self.shard, "{e}");
         }
     }
 }
@@ -187,40 +376,43 @@ impl EventLog {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn event(id: &str) -> Event<'_> {
-        Event {
-            kind: EventKind::Delivery,
-            ts_ms: 1,
-            message_id: id,
-            queue_id: 7,
-            shard: 0,
-            sender: "s@x.test",
-            recipient: Some("r@y.test"),
-            recipients: None,
-            domain: Some("y.test"),
-            attempts: 1,
-            response: None,
-            peer: "127.0.0.1:25",
-            received_ms: 0,
-            next_attempt_ms: None,
-            size: 10,
-            tls: None,
-            source: None,
-        }
-    }
+    use crate::envelope::ReceptionId;
+    use crate::events::Attempt;
 
     #[test]
     fn lines_are_json_and_files_rotate_by_size() {
         let dir = tempfile::tempdir().expect("tempdir");
         let log = EventLog::open(dir.path(), 3, 64 << 10).expect("open");
-        for i in 0..2_000 {
-            log.record(&event(&format!("m{i}")));
+        let response = Response {
+            code: 250,
+            enhanced: "2.0.0".into(),
+            text: "ok".into(),
+        };
+        for i in 0..2_000u64 {
+            log.observe(&Event::Attempt(Attempt {
+                ts_ms: 1,
+                shard: 3,
+                id: i,
+                reception: ReceptionId {
+                    ms: 1,
+                    shard: 3,
+                    n: i,
+                },
+                sender: "s@x.test",
+                rcpt: "r@y.test",
+                attempts: 1,
+                outcome: AttemptOutcome::Delivered,
+                response: &response,
+                peer: "127.0.0.1:25",
+                source: None,
+                received_ms: 0,
+                size: 10,
+            }));
             if i % 100 == 0 {
                 log.flush();
             }
         }
-        log.flush();
+        log.close();
         let mut files: Vec<_> = std::fs::read_dir(dir.path())
             .expect("list")
             .map(|e| e.expect("entry").path())
@@ -233,7 +425,8 @@ mod tests {
             for line in text.lines() {
                 let v: serde_json::Value = serde_json::from_str(line).expect("json line");
                 assert_eq!(v["type"], "Delivery");
-                assert_eq!(v["shard"], 0);
+                assert_eq!(v["shard"], 3);
+                assert_eq!(v["domain"], "y.test");
                 lines += 1;
             }
         }

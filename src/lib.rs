@@ -6,7 +6,8 @@
 //! - `spool/`: the durable, append-only, per-shard message store (records, segments, recovery).
 //! - `queue/`: per-destination (site and egress pool) ready queues and the retry schedule.
 //! - `delivery`: the outbound SMTP adapter over glommio sockets: walking MX hosts, binding
-//!   the egress source, one connection's transactions.
+//!   the egress source, one connection's transactions; `delivery_connect`: the TCP connect
+//!   bound to the source's address.
 //! - `inbound`: the inbound SMTP adapter over glommio sockets.
 //! - `route`: destination lookup: static routes, and sites (MX host sets) for the rest.
 //! - `eventlog`: one JSON line per message event, a file per shard.
@@ -19,18 +20,27 @@
 //! - `proxy`: the PROXY protocol header (v1/v2) a load balancer sends first.
 //! - `auth`: SMTP AUTH users (hashed passwords) and the failed-attempt limiter.
 
+pub mod alloc;
 pub mod auth;
-pub mod bounce;
+pub mod clients;
 pub mod clock;
 pub mod config;
+pub mod core;
 pub mod delivery;
 pub mod dns;
 pub mod egress;
+pub mod envelope;
 pub mod eventlog;
-pub mod inbound;
+pub mod events;
+pub mod ids;
+pub mod logging;
+pub mod notices;
+pub mod outcome;
 pub mod proxy;
 pub mod queue;
+pub mod reception;
 pub mod route;
+pub mod settings;
 pub mod shard;
 pub mod smtp;
 pub mod spool;

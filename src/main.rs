@@ -3,13 +3,12 @@
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 use epoxi::config::{Config, Overrides};
-use epoxi::shard::{self, ShardMsg, Shared};
+use epoxi::logging::Format;
+use epoxi::shard::{self, Answer, Request, Shared};
 
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
@@ -17,6 +16,9 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 #[derive(Parser)]
 #[command(name = "epoxi", version, about = "Thread-per-core mail transfer agent")]
 struct Cli {
+    /// Operational log format on stderr.
+    #[arg(long, value_enum, default_value_t = Format::Human, global = true)]
+    log_format: Format,
     #[command(subcommand)]
     command: Command,
 }
@@ -109,7 +111,7 @@ struct ServeArgs {
     delivery_port: Option<u16>,
 }
 
-fn settle(args: ServeArgs) -> Result<epoxi::config::Settings, String> {
+fn settle(args: ServeArgs) -> Result<epoxi::settings::Settings, String> {
     let config = Config::load(args.config.as_deref()).map_err(|e| e.to_string())?;
     let overrides = Overrides {
         listen: args.listen,
@@ -125,6 +127,7 @@ fn settle(args: ServeArgs) -> Result<epoxi::config::Settings, String> {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    epoxi::logging::init(cli.log_format);
     match cli.command {
         Command::CheckConfig(args) => match settle(args) {
             Ok(settings) => {
@@ -149,7 +152,7 @@ fn main() -> ExitCode {
         Command::Serve(args) => match settle(args).and_then(serve) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
-                eprintln!("epoxi: {e}");
+                tracing::error!("{e}");
                 ExitCode::from(2)
             }
         },
@@ -188,7 +191,7 @@ fn check_spool_shards(dir: &std::path::Path, count: usize) -> Result<(), String>
     Ok(())
 }
 
-fn serve(mut settings: epoxi::config::Settings) -> Result<(), String> {
+fn serve(mut settings: epoxi::settings::Settings) -> Result<(), String> {
     // Port 0 means "any free port": pick it once here so every shard binds the same one.
     if settings.config.server.listen.port() == 0 {
         let probe = std::net::TcpListener::bind(settings.config.server.listen)
@@ -196,16 +199,23 @@ fn serve(mut settings: epoxi::config::Settings) -> Result<(), String> {
         settings.config.server.listen = probe.local_addr().map_err(|e| e.to_string())?;
     }
     check_spool_shards(&settings.config.spool.dir, settings.shard_count)?;
-    let shared = Arc::new(Shared::default());
-    for signal in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
-        let shared = shared.clone();
-        // SAFETY: the handler only stores to an atomic, which is async-signal-safe.
-        unsafe {
-            signal_hook::low_level::register(signal, move || {
-                shared.shutdown.store(true, Ordering::SeqCst);
-            })
-        }
-        .map_err(|e| format!("cannot install signal handler: {e}"))?;
+    let stop = shards::Stop::new();
+    // Signals are taken by a thread of their own (not in a handler), which then triggers the
+    // stop broadcast every shard awaits.
+    let mut signals = signal_hook::iterator::Signals::new([
+        signal_hook::consts::SIGTERM,
+        signal_hook::consts::SIGINT,
+    ])
+    .map_err(|e| format!("cannot install signal handlers: {e}"))?;
+    let signal_handle = signals.handle();
+    {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            if signals.forever().next().is_some() {
+                tracing::info!("stopping: finishing in-flight work");
+                stop.trigger();
+            }
+        });
     }
     let sh = &settings.config.shards;
     let runtime = shards::RuntimeConfig {
@@ -218,37 +228,49 @@ fn serve(mut settings: epoxi::config::Settings) -> Result<(), String> {
     };
     let count = settings.shard_count;
     let listen = settings.config.server.listen;
-    let settings = Arc::new(settings);
+    let (listening, listened) = crossbeam::channel::bounded::<usize>(count);
     {
-        let shared = shared.clone();
+        let stop = stop.clone();
         std::thread::spawn(move || {
-            // Announce readiness once every shard listens (tests and scripts wait for this line).
-            while shared.listening.load(Ordering::SeqCst) < count {
-                if shared.shutdown.load(Ordering::SeqCst) {
+            // Announce readiness once every shard listens (tests and scripts wait for this
+            // line); a shard that fails to start stops the others instead.
+            for _ in 0..count {
+                if listened.recv().is_err() {
                     return;
                 }
-                std::thread::sleep(Duration::from_millis(5));
             }
-            eprintln!("epoxi: listening on {listen} with {count} shards");
+            if !stop.is_triggered() {
+                tracing::info!("listening on {listen} with {count} shards");
+            }
         });
     }
-    let results = shards::run::<ShardMsg, _, _, _>(&runtime, move |s| {
-        let settings = settings.clone();
+    let shared = Shared {
+        settings: Arc::new(settings),
+        stop: stop.clone(),
+        listening,
+    };
+    let results = shards::run::<shards::Wire<Request, Answer>, _, _, _>(&runtime, move |s| {
         let shared = shared.clone();
         async move {
-            let result = shard::run(s, settings, shared.clone()).await;
+            let stop = shared.stop.clone();
+            let result = shard::run(s, shared).await;
             if result.is_err() {
                 // One shard failing to start stops the others: a partial MTA would silently
                 // own no spool for some domains.
-                shared.shutdown.store(true, Ordering::SeqCst);
+                stop.trigger();
             }
             result
         }
     })
     .map_err(|e| e.to_string())?;
-    let errors: Vec<String> = results.into_iter().filter_map(Result::err).collect();
+    signal_handle.close();
+    let errors: Vec<String> = results
+        .into_iter()
+        .filter_map(Result::err)
+        .map(|e| e.to_string())
+        .collect();
     if errors.is_empty() {
-        eprintln!("epoxi: stopped cleanly");
+        tracing::info!("stopped cleanly");
         Ok(())
     } else {
         Err(errors.join("; "))

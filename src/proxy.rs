@@ -48,7 +48,7 @@ fn parse_v1(buf: &[u8]) -> Result<Option<Parsed>, ProxyError> {
     if buf[..n] != prefix[..n] {
         return Err(ProxyError::NotProxy);
     }
-    let Some(end) = buf.windows(2).position(|w| w == b"\r\n") else {
+    let Some(end) = memchr::memmem::find(buf, b"\r\n") else {
         return if buf.len() >= V1_LEN_MAX {
             Err(ProxyError::TooLong)
         } else {

@@ -3,11 +3,16 @@
 //! Static routes (`--route GLOB=HOST:PORT`, first match wins) are tried first; a domain no
 //! route matches goes to its MX hosts ([`Site`], resolved by the shard). Either way the result
 //! is a [`Hop`], which the queue and the connection limits key on.
+//!
+//! Domain and host globs ([`DomainGlob`]: routes, `[[pool_rule]]` and `[[site]]`) are compiled
+//! once, when the configuration is read; matching a message does no parsing and no allocation.
 
 use std::fmt;
 use std::hash::{Hash, Hasher};
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::sync::Arc;
+
+use globset::{GlobBuilder, GlobMatcher};
 
 use crate::smtp::client::TlsPolicy;
 
@@ -17,10 +22,71 @@ pub enum RouteError {
     Syntax(String),
     #[error("bad domain glob `{0}`")]
     Glob(String),
+    #[error(transparent)]
+    GlobSyntax(#[from] GlobError),
     #[error("cannot resolve target `{0}` to HOST:PORT")]
     Target(String),
     #[error("unknown TLS policy `{0}` (opportunistic, required or disabled)")]
     Tls(String),
+}
+
+/// A glob that does not compile.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[error("bad domain glob `{glob}`: {reason}")]
+pub struct GlobError {
+    pub glob: String,
+    pub reason: String,
+}
+
+/// A glob on domain or host names, compiled once at configuration time.
+///
+/// The syntax is globset's, matched case-insensitively (ASCII) against the whole name:
+/// - `*` matches any run of characters, dots included (`*.example.com` matches
+///   `a.b.example.com`, but not `example.com`: the dot is literal); `**` is the same as `*`.
+/// - `?` matches exactly one character (one byte: non-ASCII names are compared as UTF-8).
+/// - `{a,b}` matches either alternative (`{gmail,googlemail}.com`), `[ab]` / `[a-z]` / `[!a]`
+///   one character of a class, and `\` escapes the next character.
+///
+/// Alternation and classes are kept rather than escaped because they are useful
+/// (`mx[12].example`) and no domain name contains `{}[]\`. The one name that may is an
+/// address literal (`[192.0.2.1]`), which a glob matches by escaping: `\[192.0.2.1\]`.
+/// `/` is not a separator here (`literal_separator(false)`): names are not paths.
+#[derive(Clone, Debug)]
+pub struct DomainGlob {
+    matcher: GlobMatcher,
+}
+
+impl DomainGlob {
+    pub fn new(glob: &str) -> Result<DomainGlob, GlobError> {
+        let matcher = GlobBuilder::new(glob)
+            .case_insensitive(true)
+            .literal_separator(false)
+            .backslash_escape(true)
+            .build()
+            .map_err(|e| GlobError {
+                glob: glob.to_owned(),
+                reason: e.kind().to_string(),
+            })?
+            .compile_matcher();
+        Ok(DomainGlob { matcher })
+    }
+
+    /// Whether `name` (any case) matches. Hot path: no parsing, no allocation (globset borrows
+    /// `name` as its candidate path).
+    pub fn matches(&self, name: &str) -> bool {
+        self.matcher.is_match(name)
+    }
+
+    /// The glob as configured.
+    pub fn as_str(&self) -> &str {
+        self.matcher.glob().glob()
+    }
+}
+
+impl fmt::Display for DomainGlob {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
 }
 
 /// Where mail for a domain goes, and how. The queue keys on it.
@@ -108,7 +174,7 @@ impl fmt::Display for Hop {
 
 #[derive(Clone, Debug)]
 pub struct Route {
-    glob: String,
+    glob: DomainGlob,
     dest: Destination,
 }
 
@@ -122,10 +188,11 @@ impl Route {
     }
 
     pub fn new(glob: &str, target: &str) -> Result<Route, RouteError> {
-        let glob = glob.trim().to_ascii_lowercase();
+        let glob = glob.trim();
         if glob.is_empty() || glob.contains(char::is_whitespace) {
-            return Err(RouteError::Glob(glob));
+            return Err(RouteError::Glob(glob.to_owned()));
         }
+        let glob = DomainGlob::new(glob)?;
         // Targets resolve once, at start: a route is configuration, not a lookup per message.
         let target = target.trim();
         let addr = target
@@ -157,7 +224,7 @@ impl Route {
     }
 
     pub fn matches(&self, domain: &str) -> bool {
-        glob_match(self.glob.as_bytes(), domain.to_ascii_lowercase().as_bytes())
+        self.glob.matches(domain)
     }
 }
 
@@ -197,41 +264,155 @@ impl Router {
     }
 }
 
-/// `*` matches any run of characters (including dots), `?` one character; case-folded by caller.
-pub(crate) fn glob_match(pattern: &[u8], text: &[u8]) -> bool {
-    let (mut p, mut t) = (0, 0);
-    let mut star: Option<(usize, usize)> = None;
-    while t < text.len() {
-        if p < pattern.len() && (pattern[p] == b'?' || pattern[p] == text[t]) {
-            p += 1;
-            t += 1;
-        } else if p < pattern.len() && pattern[p] == b'*' {
-            star = Some((p, t));
-            p += 1;
-        } else if let Some((sp, st)) = star {
-            p = sp + 1;
-            t = st + 1;
-            star = Some((sp, st + 1));
-        } else {
-            return false;
+/// Sites of recently resolved domains, until their MX answer's TTL runs out: what the
+/// resolver's cache holds, already turned into a site, so a message costs one hash lookup and
+/// no DNS parsing. Bounded: at `entries_max` the expired entries go, then all.
+#[derive(Debug)]
+pub struct SiteMemo {
+    sites: std::collections::HashMap<String, (Site, u64)>,
+    ttl_min_s: u32,
+    ttl_max_s: u32,
+    entries_max: usize,
+}
+
+impl SiteMemo {
+    pub fn new(ttl_min_s: u32, ttl_max_s: u32, entries_max: usize) -> SiteMemo {
+        SiteMemo {
+            sites: std::collections::HashMap::new(),
+            ttl_min_s,
+            ttl_max_s,
+            entries_max,
         }
     }
-    pattern[p..].iter().all(|&c| c == b'*')
+
+    /// `domain`'s site (lower case) if its answer is still fresh at `now_ms`.
+    pub fn get(&self, domain: &str, now_ms: u64) -> Option<Site> {
+        self.sites
+            .get(domain)
+            .filter(|(_, until)| now_ms < *until)
+            .map(|(site, _)| site.clone())
+    }
+
+    /// `domain`'s site from its MX answer (remembered until `cached_until`, or the answer's
+    /// clamped TTL), or the reply its recipients get: bounce when the domain does not exist or
+    /// takes no mail (RFC 7505), retry when DNS failed.
+    pub fn resolved(
+        &mut self,
+        domain: &str,
+        answer: &crate::dns::message::Answer,
+        cached_until: Option<u64>,
+        now_ms: u64,
+    ) -> Result<Site, crate::smtp::reply::Reply> {
+        use crate::dns::message::Answer;
+        use crate::dns::mx::Plan;
+        use crate::smtp::reply::Reply;
+        let site = match crate::dns::mx::plan(domain, answer) {
+            Plan::Hosts(hosts) => Site::new(hosts),
+            Plan::Refuse(_) if matches!(answer, Answer::NxDomain(_)) => {
+                return Err(Reply::new(
+                    550,
+                    Some((5, 1, 2)),
+                    format!("Domain {domain} does not exist (NXDOMAIN)"),
+                ))
+            }
+            Plan::Refuse(_) => {
+                return Err(Reply::new(
+                    556,
+                    Some((5, 1, 10)),
+                    format!("Domain {domain} does not accept mail (null MX)"),
+                ))
+            }
+            Plan::Retry(why) => {
+                return Err(Reply::new(
+                    451,
+                    Some((4, 4, 3)),
+                    format!("MX lookup for {domain} failed: {why}"),
+                ))
+            }
+        };
+        let ttl_s = match answer {
+            Answer::Mx(_, ttl) | Answer::NoData(ttl) => *ttl,
+            _ => return Ok(site),
+        };
+        let until = cached_until.unwrap_or_else(|| {
+            now_ms + u64::from(ttl_s.clamp(self.ttl_min_s, self.ttl_max_s)) * 1000
+        });
+        if self.sites.len() >= self.entries_max {
+            self.sites.retain(|_, (_, expires)| *expires > now_ms);
+            if self.sites.len() >= self.entries_max {
+                self.sites.clear();
+            }
+        }
+        self.sites.insert(domain.to_owned(), (site.clone(), until));
+        Ok(site)
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
+    fn glob_match(glob: &str, name: &str) -> bool {
+        DomainGlob::new(glob).expect("glob compiles").matches(name)
+    }
+
     #[test]
     fn globs() {
-        assert!(glob_match(b"*.test", b"d0.test"));
-        assert!(glob_match(b"*", b"anything.example"));
-        assert!(glob_match(b"example.com", b"example.com"));
-        assert!(!glob_match(b"example.com", b"sub.example.com"));
-        assert!(glob_match(b"*.example.com", b"a.b.example.com"));
-        assert!(!glob_match(b"*.test", b"test"));
-        assert!(glob_match(b"d?.test", b"d7.test"));
+        assert!(glob_match("*.test", "d0.test"));
+        assert!(glob_match("*", "anything.example"));
+        assert!(glob_match("example.com", "example.com"));
+        assert!(!glob_match("example.com", "sub.example.com"));
+        assert!(glob_match("*.example.com", "a.b.example.com"));
+        assert!(!glob_match("*.test", "test"));
+        assert!(glob_match("d?.test", "d7.test"));
+    }
+
+    #[test]
+    fn glob_edge_cases() {
+        // `*` crosses dots, and matches the empty run too.
+        assert!(glob_match("*", "a.b.c"));
+        assert!(glob_match("*", ""));
+        assert!(glob_match("a.*.c", "a.b.x.c"));
+        assert!(glob_match("*example.com", "example.com"));
+        assert!(!glob_match("*.example.com", "example.com"));
+        assert!(!glob_match("*.test", "test"));
+        assert!(
+            !glob_match("*.test", "a.test.example"),
+            "anchored at both ends"
+        );
+        assert!(glob_match("**.test", "a.b.test"), "`**` is `*`");
+        // `?` is exactly one character.
+        assert!(!glob_match("d?.test", "d.test"));
+        assert!(!glob_match("d?.test", "d10.test"));
+        assert!(glob_match("d??.test", "d10.test"));
+        // Case folds on both sides.
+        assert!(glob_match("*.Google.COM", "ASPMX.l.google.com"));
+        assert!(glob_match("example.com", "EXAMPLE.Com"));
+        // globset's classes and alternation; escapes for literal brackets.
+        assert!(glob_match("{gmail,googlemail}.com", "googlemail.com"));
+        assert!(!glob_match("{gmail,googlemail}.com", "mail.com"));
+        assert!(glob_match("mx[12].example", "mx2.example"));
+        assert!(!glob_match("mx[12].example", "mx3.example"));
+        assert!(glob_match("\\[192.0.2.1\\]", "[192.0.2.1]"));
+        // A dot is literal.
+        assert!(!glob_match("a.b", "axb"));
+    }
+
+    #[test]
+    fn bad_globs_are_errors() {
+        for bad in ["mx[12.example", "{a,b.example", "a]b["] {
+            let err = DomainGlob::new(bad).expect_err(bad);
+            assert_eq!(err.glob, bad);
+            assert!(err.to_string().contains(bad), "{err}");
+        }
+        assert!(matches!(
+            Route::parse_flag("mx[1.test=127.0.0.1:25"),
+            Err(RouteError::GlobSyntax(_))
+        ));
+        assert_eq!(
+            DomainGlob::new("*.Example").expect("glob").to_string(),
+            "*.Example"
+        );
     }
 
     #[test]

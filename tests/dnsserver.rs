@@ -15,9 +15,6 @@ use hickory_proto::rr::{Name, RData};
 /// this is for a loaded machine.
 const ANSWER_WAIT: Duration = Duration::from_secs(5);
 
-/// How long a test waits to be sure an answer does not come.
-const SILENCE_WAIT: Duration = Duration::from_millis(300);
-
 fn query(id: u16, name: &str, rtype: RecordType, edns: bool) -> Vec<u8> {
     let mut msg = Message::new();
     msg.set_id(id)
@@ -45,6 +42,33 @@ fn udp_exchange(server: SocketAddr, bytes: &[u8], wait: Duration) -> Option<Mess
     let (n, from) = socket.recv_from(&mut buf).ok()?;
     assert_eq!(from, server, "answer from the server asked");
     Some(Message::from_vec(&buf[..n]).expect("the answer decodes"))
+}
+
+/// Sends `bytes` over UDP, then a query for `name` with `id`, from one socket; the answer to
+/// that query. The server's one UDP thread takes datagrams in order and answers each before
+/// it reads the next, so when the first datagram back answers the second query, `bytes` got
+/// no answer: no wait for silence.
+fn udp_unanswered(server: SocketAddr, bytes: &[u8], id: u16, name: &str) -> Message {
+    let socket = UdpSocket::bind("127.0.0.1:0").expect("bind client socket");
+    socket
+        .set_read_timeout(Some(ANSWER_WAIT))
+        .expect("read timeout");
+    socket
+        .send_to(bytes, server)
+        .expect("send the first datagram");
+    let then = query(id, name, RecordType::A, false);
+    socket
+        .send_to(&then, server)
+        .expect("send the query after it");
+    let mut buf = [0u8; 65_535];
+    let (n, from) = socket
+        .recv_from(&mut buf)
+        .unwrap_or_else(|e| panic!("no UDP answer for {name}: {e}"));
+    assert_eq!(from, server, "answer from the server asked");
+    let answer = Message::from_vec(&buf[..n]).expect("the answer decodes");
+    assert_eq!(answer.id(), id, "{bytes:?} was answered: {answer:?}");
+    check_echo(&answer, id, name, RecordType::A);
+    answer
 }
 
 fn udp(server: SocketAddr, id: u16, name: &str, rtype: RecordType) -> Message {
@@ -307,21 +331,23 @@ fn dropped_queries_get_no_answer() {
     dns.a("slow.test", Ipv4Addr::new(127, 0, 0, 2), 300)
         .drop_queries("slow.test", 1);
     let bytes = query(41, "slow.test.", RecordType::A, false);
-    assert!(udp_exchange(dns.addr(), &bytes, SILENCE_WAIT).is_none());
-    let answer = udp(dns.addr(), 42, "slow.test.", RecordType::A);
+    let answer = udp_unanswered(dns.addr(), &bytes, 42, "slow.test.");
     assert_eq!(answer.answers().len(), 1);
 
-    // Over TCP the connection stays open and silent.
+    // Over TCP the connection stays open and silent: the next query on it is answered first.
+    // The server answers a connection's queries in order, one after another.
     dns.drop_queries("slow.test", 1);
     let mut stream = tcp_connect(dns.addr());
-    stream
-        .set_read_timeout(Some(SILENCE_WAIT))
-        .expect("timeout");
     tcp_send(&mut stream, &bytes);
-    let mut byte = [0u8; 1];
-    let silent = stream.read(&mut byte);
-    assert!(silent.is_err(), "no answer: {silent:?}");
-    assert_eq!(dns.queries("slow.test", RecordType::A), 3);
+    tcp_send(&mut stream, &query(43, "slow.test.", RecordType::A, false));
+    let answer = tcp_read(&mut stream);
+    assert_eq!(
+        answer.id(),
+        43,
+        "the dropped query was answered: {answer:?}"
+    );
+    check_echo(&answer, 43, "slow.test.", RecordType::A);
+    assert_eq!(dns.queries("slow.test", RecordType::A), 4);
 }
 
 #[test]
@@ -345,18 +371,19 @@ fn several_queries_on_one_tcp_connection() {
 fn garbage_is_ignored_and_the_server_goes_on() {
     let dns = DnsServer::start();
     dns.mx("example.test", 10, "mx.example.test", 300);
-    for junk in [&b""[..], b"\x00", b"not a dns message at all", &[0xff; 600]] {
-        assert!(
-            udp_exchange(dns.addr(), junk, SILENCE_WAIT).is_none(),
-            "no answer to {junk:?}"
-        );
+    // Each piece of junk is followed by a query, which must be the first thing answered.
+    let mut probes = 0;
+    for (id, junk) in (70..).zip([&b""[..], b"\x00", b"not a dns message at all", &[0xff; 600]]) {
+        udp_unanswered(dns.addr(), junk, id, "example.test.");
+        probes += 1;
     }
     // A response sent to the server is not a query either.
     let mut response = Message::from_vec(&query(60, "example.test.", RecordType::MX, false))
         .expect("decode our own query");
     response.set_message_type(MessageType::Response);
     let bytes = response.to_vec().expect("encode");
-    assert!(udp_exchange(dns.addr(), &bytes, SILENCE_WAIT).is_none());
+    udp_unanswered(dns.addr(), &bytes, 74, "example.test.");
+    probes += 1;
 
     // TCP garbage closes that connection only.
     let mut stream = tcp_connect(dns.addr());
@@ -369,7 +396,11 @@ fn garbage_is_ignored_and_the_server_goes_on() {
     half.write_all(&[0, 40, 1, 2]).expect("write");
     drop(half);
 
-    assert_eq!(dns.total_queries(), 0, "garbage is not counted");
+    assert_eq!(
+        dns.total_queries(),
+        probes,
+        "garbage is not counted, only the queries after it"
+    );
     let answer = udp(dns.addr(), 61, "example.test.", RecordType::MX);
     assert_eq!(mx_of(&answer).len(), 1);
     let answer = tcp(dns.addr(), 62, "example.test.", RecordType::MX);
@@ -477,8 +508,25 @@ fn drop_stops_the_server_and_frees_its_port() {
     drop(dns);
     UdpSocket::bind(addr).expect("the UDP port is free again");
     TcpListener::bind(addr).expect("the TCP port is free again");
-    let bytes = query(2, "example.test.", RecordType::A, false);
-    assert!(udp_exchange(addr, &bytes, SILENCE_WAIT).is_none());
+    // Nothing answers there now: a connected socket is told so at once (the ICMP port
+    // unreachable), with no wait for silence.
+    let socket = UdpSocket::bind("127.0.0.1:0").expect("bind client socket");
+    socket
+        .set_read_timeout(Some(ANSWER_WAIT))
+        .expect("read timeout");
+    socket.connect(addr).expect("connect the client socket");
+    socket
+        .send(&query(2, "example.test.", RecordType::A, false))
+        .expect("send query");
+    let mut buf = [0u8; 512];
+    let refused = socket
+        .recv(&mut buf)
+        .expect_err("an answer from a dropped server");
+    assert_eq!(
+        refused.kind(),
+        std::io::ErrorKind::ConnectionRefused,
+        "{refused}"
+    );
 }
 
 #[test]

@@ -507,3 +507,45 @@ fn second_instance_on_same_spool_is_refused() {
         "the refusal should name the spool: {refusal}"
     );
 }
+
+/// A record recovery cannot read is reported with its place, its bytes are kept for the
+/// operator in `quarantine/`, and it never becomes a message of its own (say, one without a
+/// sender, which could never bounce).
+#[test]
+fn an_unreadable_record_is_reported_and_set_aside() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let opts = Opts::new(dir.path()).route(dead_port());
+    let mut epoxi = Epoxi::start(&opts);
+    let injected = Inject::new(20).domains(1).run(dir.path(), epoxi.port);
+    assert_eq!(injected.count("accepted"), 20, "inject: {}", injected.json);
+    epoxi.stop();
+
+    let victim = &injected.ids[7];
+    let (path, mut bytes) = segment_with(&epoxi, victim);
+    let at = find(&bytes, victim.as_bytes()).expect("victim id") + victim.len() + 100;
+    bytes[at] ^= 0x01;
+    std::fs::write(&path, &bytes).expect("write damaged segment");
+
+    let mut again = Epoxi::start(&opts.clone().log_dir(dir.path().join("log2")));
+    let stderr = again.stderr();
+    assert_eq!(again.pending_at_start(), 19, "{stderr}");
+    assert!(
+        stderr.contains("unreadable record set aside: segment"),
+        "reported with its place: {stderr}"
+    );
+    let shard_dir = path.parent().expect("shard dir");
+    let kept: Vec<_> = std::fs::read_dir(shard_dir.join("quarantine"))
+        .expect("quarantine dir")
+        .flatten()
+        .map(|e| std::fs::read(e.path()).expect("read quarantined"))
+        .collect();
+    assert_eq!(kept.len(), 1, "one record set aside");
+    assert!(
+        find(&kept[0], victim.as_bytes()).is_some(),
+        "the damaged record's bytes are kept"
+    );
+    again.stop();
+    // No message from the null sender (or any) was made of it: nothing but the 19 deferrals.
+    let receptions = again.events_of("Reception");
+    assert!(receptions.is_empty(), "no new message: {receptions:?}");
+}

@@ -84,7 +84,15 @@ fn bounce_5xx() {
     // Each bounce also sends a notice (DSN) to the sender, which this sink refuses too: the
     // notice comes from the null sender, so it bounces without a notice about the notice.
     let all = epoxi.wait_events("Bounce", 20);
-    std::thread::sleep(std::time::Duration::from_millis(300));
+    // Each real sender's bounce is decided with its notice: a Notice line, with the notice's
+    // id, written once the notice is spooled.
+    epoxi.wait_events("Notice", 10);
+    epoxi.stop();
+    // What proves that no notice about a notice was decided, without waiting to see: such a
+    // decision comes with a notice's bounce, and its Notice line is written before that
+    // bounce's record (a failure is recorded only once its notice is spooled). After a clean
+    // stop the event log holds every line written, so either the line is here, or the record
+    // was never written and the restart below finds the notice still pending; it finds none.
     let all_now = epoxi.events_of("Bounce");
     assert_eq!(all_now.len(), 20, "no notice about a notice: {all:?}");
     let (bounces, notices): (Vec<_>, Vec<_>) = all_now.into_iter().partition(|b| b["sender"] != "");
@@ -102,9 +110,25 @@ fn bounce_5xx() {
         assert_eq!(b["response"]["enhanced"], "5.1.1", "{b}");
         assert_eq!(b["attempts"], 1, "a 5xx is not retried: {b}");
     }
+    let decisions = epoxi.events_of("Notice");
+    assert!(
+        decisions.iter().all(|d| d["sender"] != ""),
+        "a notice about a notice: {decisions:?}"
+    );
+    assert_eq!(
+        field_set(&decisions, "message_id"),
+        field_set(&bounces, "message_id"),
+        "one notice decision per bounced message: {decisions:?}"
+    );
+    assert_eq!(decisions.len(), 10, "{decisions:?}");
+    // And the notices decided are the ones that bounced, each with its own line's id.
+    assert_eq!(
+        field_set(&decisions, "notice_id"),
+        field_set(&notices, "message_id"),
+        "{decisions:?}"
+    );
     assert!(epoxi.events_of("Delivery").is_empty());
     assert!(epoxi.events_of("TransientFailure").is_empty());
-    epoxi.stop();
     let report = sink.stop();
     assert_eq!(
         report.count("rejected"),

@@ -5,36 +5,40 @@ use std::rc::Rc;
 use std::time::{Duration, Instant};
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
-use epoxi::spool::record::{self, MessageRecord, RecordKind};
+use epoxi::envelope::{Body, Envelope, ReceptionId, Recipient, Ret};
+use epoxi::spool::record::{self, MessageView};
 use epoxi::spool::{Spool, SpoolConfig};
 
-fn message(size: usize) -> MessageRecord {
-    MessageRecord {
-        id: 1,
-        reception_id: "1a2b3c4d5e6.0.1f".into(),
-        received_ms: 1_700_000_000_000,
-        mail_from: "sender@example.test".into(),
-        rcpts: vec!["rcpt@d0.test".into()],
+fn envelope(size: usize) -> Envelope {
+    Envelope {
+        reception: ReceptionId {
+            ms: 1_700_000_000_000,
+            shard: 0,
+            n: 31,
+        },
+        sender: "sender@example.test".into(),
+        rcpts: vec![Recipient::new("rcpt@d0.test")],
+        ret: Ret::Unspecified,
+        envid: None,
+        tenant: None,
+        smtputf8: false,
+        body: Body::SevenBit,
+        size: size as u64,
         peer: "127.0.0.1:40000".into(),
-        flags: 0,
-        dsn_ret: 0,
-        dsn_envid: String::new(),
-        dsn_notify: vec![0],
-        dsn_orcpt: vec![String::new()],
-        body: vec![b'x'; size],
     }
 }
 
 fn encode(c: &mut Criterion) {
     let mut group = c.benchmark_group("record_encode");
     for size in [1024usize, 100 * 1024] {
-        let m = message(size);
+        let env = envelope(size);
+        let body = vec![b'x'; size];
         group.throughput(Throughput::Bytes(size as u64));
-        group.bench_with_input(BenchmarkId::from_parameter(size), &m, |b, m| {
+        group.bench_with_input(BenchmarkId::from_parameter(size), &env, |b, env| {
             let mut buf = Vec::with_capacity(size + 4096);
             b.iter(|| {
                 buf.clear();
-                record::encode(&mut buf, RecordKind::Message, m).expect("encode")
+                record::encode_message(&mut buf, 1, env, &[&body]).expect("encode")
             });
         });
     }
@@ -45,13 +49,16 @@ fn access(c: &mut Criterion) {
     let mut group = c.benchmark_group("record_access");
     for size in [1024usize, 100 * 1024] {
         let mut buf = Vec::new();
-        record::encode(&mut buf, RecordKind::Message, &message(size)).expect("encode");
+        record::encode_message(&mut buf, 1, &envelope(size), &[&vec![b'x'; size]]).expect("encode");
         let aligned = record::aligned_copy(&buf);
         group.throughput(Throughput::Bytes(size as u64));
         group.bench_with_input(BenchmarkId::from_parameter(size), &aligned, |b, bytes| {
             b.iter(|| {
-                let (_, payload) = record::decode(bytes).expect("decode");
-                record::access_message(payload).expect("access").body.len()
+                let (header, payload) = record::decode(bytes).expect("decode");
+                MessageView::new(header.version, payload)
+                    .expect("access")
+                    .body()
+                    .len()
             });
         });
     }
@@ -82,16 +89,27 @@ fn append(c: &mut Criterion) {
                         segment_size_max: 256 << 20,
                         commit_window_us: 0,
                         commit_batch_max: 8 << 20,
+                        compact_live_ratio: 0.0,
+                        compaction_bytes_per_s: 1 << 30,
                     };
-                    let (spool, _) = Spool::open(cfg).await.expect("open");
+                    let (spool, _) = Spool::open_collecting(cfg).await.expect("open");
                     let committer = glommio::spawn_local(spool.clone().run_committer());
                     let start = Instant::now();
+                    let env = Rc::new(envelope(1024));
+                    let body: Rc<[u8]> = vec![b'x'; 1024].into();
+                    let mut next_id = 1u64 << 24;
                     for _ in 0..iters {
                         let tasks: Vec<_> = (0..concurrency)
                             .map(|_| {
                                 let spool: Rc<Spool> = spool.clone();
+                                let (env, body) = (env.clone(), body.clone());
+                                next_id += 1;
+                                let id = next_id;
                                 glommio::spawn_local(async move {
-                                    spool.append_message(message(1024)).await.expect("append")
+                                    spool
+                                        .append_message(id, &env, &[&body])
+                                        .await
+                                        .expect("append")
                                 })
                             })
                             .collect();

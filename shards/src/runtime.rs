@@ -84,16 +84,69 @@ impl<M: Send + 'static> Peers<M> {
     /// Send `msg` to shard `to` (not this shard: the caller handles local work directly).
     /// Waits while the channel is full. On failure the message comes back to the caller.
     pub async fn send_to(&self, to: usize, msg: M) -> Result<(), M> {
-        let Some(senders) = &self.senders else {
+        let Some(senders) = self.senders_to(to) else {
             return Err(msg);
         };
         senders.send_to(to, msg).await.map_err(take_back)
+    }
+
+    /// Send `msg` to shard `to` without waiting: a full channel hands the message back at once,
+    /// so the caller can answer "try later" instead of stalling behind a slow shard.
+    pub fn try_send_to(&self, to: usize, msg: M) -> Result<(), SendError<M>> {
+        let Some(senders) = self.senders_to(to) else {
+            return Err(SendError::NoShard(msg));
+        };
+        senders.try_send_to(to, msg).map_err(|err| match err {
+            GlommioError::WouldBlock(glommio::ResourceType::Channel(msg)) => SendError::Full(msg),
+            other => SendError::Closed(take_back(other)),
+        })
+    }
+
+    /// The senders, if `to` is another shard of this mesh. glommio answers a bad index with an
+    /// I/O error that does not carry the message, so it must never see one.
+    fn senders_to(&self, to: usize) -> Option<&Senders<M>> {
+        if to == self.id || to >= self.count {
+            return None;
+        }
+        self.senders.as_ref()
     }
 
     /// Close the channels from this shard, so peers' receive loops end.
     pub fn close(&self) {
         if let Some(senders) = &self.senders {
             senders.close();
+        }
+    }
+}
+
+/// Why a message could not be handed to another shard. Every case gives the message back.
+#[derive(Debug, thiserror::Error)]
+pub enum SendError<M> {
+    /// The channel to that shard is full: it is slow or busy; try later.
+    #[error("the channel to that shard is full")]
+    Full(M),
+    /// That shard has stopped receiving, or this one has closed its side.
+    #[error("the channel to that shard is closed")]
+    Closed(M),
+    /// No such shard on the mesh (or it is this shard, which has no channel to itself).
+    #[error("no such shard on the mesh")]
+    NoShard(M),
+}
+
+impl<M> SendError<M> {
+    /// The message that could not be sent.
+    pub fn into_inner(self) -> M {
+        match self {
+            SendError::Full(msg) | SendError::Closed(msg) | SendError::NoShard(msg) => msg,
+        }
+    }
+
+    /// The same failure, carrying `f(message)`.
+    pub fn map<N>(self, f: impl FnOnce(M) -> N) -> SendError<N> {
+        match self {
+            SendError::Full(msg) => SendError::Full(f(msg)),
+            SendError::Closed(msg) => SendError::Closed(f(msg)),
+            SendError::NoShard(msg) => SendError::NoShard(f(msg)),
         }
     }
 }

@@ -1,20 +1,46 @@
-//! The shard's queues: what is waiting to be delivered, where, and when.
+//! The queue stage: every message of the shard not yet final, and what waits when.
 //!
-//! - `messages`: compact metadata of every message not yet final (spool location, age, each
-//!   recipient's address and state). Bodies stay on disk.
-//! - per-destination ready queues of [`Job`]s: one job is one message's recipients for one
-//!   destination, delivered in one SMTP transaction.
-//! - the retry schedule: jobs waiting for their next attempt, ordered by due time.
+//! - **Messages** live in a slab. A message's id is its slot (low 24 bits) and the slot's
+//!   generation (the bits above), so lookups by id are an index, and an id is never reused
+//!   while a record with it may be on disk (the generation only grows; recovery starts it above
+//!   every id it saw). Per message the queue keeps what delivery and the log need and nothing
+//!   else, packed: one allocation for the sender and recipient addresses, eight bytes of state
+//!   per recipient, the tenant as an index. Bodies stay on disk.
+//! - **Ready queues**, one per destination (site or route, and egress pool): [`Job`]s, each one
+//!   message's recipients for one destination, delivered in one SMTP transaction.
+//! - **The schedule**: recipients waiting for their next attempt, by due time. Nothing scans
+//!   it: the owner asks [`Queue::next_due_ms`] and sleeps until then.
+//! - **The limit**: at most `messages_max` messages (queued or being spooled); beyond it
+//!   [`Queue::reserve`] says no and reception answers `452 4.3.1`.
 //!
-//! No I/O here; the delivery adapter pops jobs and reports outcomes.
+//! No I/O here.
 
+mod pages;
+mod replay;
 pub mod retry;
 
-use std::cmp::Reverse;
-use std::collections::{BinaryHeap, HashMap, VecDeque};
+use std::collections::{HashMap, VecDeque};
 
+use smallvec::SmallVec;
+
+use crate::envelope::{Body, Envelope};
 use crate::route::Hop;
-use crate::spool::Location;
+use crate::spool::engine::{LiveMessage, RcptSnapshot};
+use crate::spool::record::OutcomeKind;
+use crate::spool::{Location, RcptState as RecoveredState, RecoveredMessage};
+
+use crate::ids::SLOT_MASK;
+pub use crate::ids::{slot_of, SLOT_BITS};
+/// Most messages one shard's queue can hold: the slot space. `queue.messages_max` is checked
+/// against it.
+pub const MESSAGES_CEILING: usize = SLOT_MASK as usize;
+/// Recipients of one message: the state of each is indexed by `u16`.
+pub const RCPTS_PER_MESSAGE_MAX: usize = u16::MAX as usize;
+/// Distinct tenant names a shard remembers; more are treated as no tenant (and logged once).
+pub const TENANTS_MAX: usize = u16::MAX as usize - 1;
+/// Retries are stored relative to reception in 32 bits of milliseconds: a message's life
+/// (`queue.max_age_s`) must fit.
+pub const AGE_MAX_MS: u64 = u32::MAX as u64;
 
 /// Where a job goes and through which egress pool. Ready queues key on it.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
@@ -23,199 +49,753 @@ pub struct Dest {
     pub pool: usize,
 }
 
-/// A job's destination, or none yet (scheduled jobs are routed again when due).
-pub type Target = Option<Dest>;
-
-#[derive(Clone, Debug)]
-pub struct Rcpt {
-    pub address: Box<str>,
-    pub attempts: u32,
-    pub done: bool,
-}
-
-impl Rcpt {
-    pub fn domain(&self) -> &str {
-        self.address.rsplit_once('@').map_or("", |(_, d)| d)
-    }
-}
-
-#[derive(Clone, Debug)]
-pub struct MessageMeta {
-    pub id: u64,
-    pub loc: Location,
-    pub received_ms: u64,
-    /// For the log: the id the client was given, the sender and the body size.
-    pub reception_id: Box<str>,
-    pub mail_from: Box<str>,
-    pub size: usize,
-    /// `spool::record::FLAG_*`: what the message needs from the next hop.
-    pub flags: u8,
-    /// Some recipient asked for a notice of successful delivery (DSN NOTIFY=SUCCESS).
-    pub success_notices: bool,
-    /// The tenant header's value, for egress pool rules.
-    pub tenant: Option<Box<str>>,
-    pub rcpts: Vec<Rcpt>,
-    /// Recipients not final yet.
-    pub remaining: u32,
-}
+/// One message's recipients (indices into its envelope) for one transaction.
+pub type JobRcpts = SmallVec<[u16; 4]>;
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Job {
-    pub message: u64,
-    pub rcpts: Vec<u32>,
-    pub target: Target,
+    pub id: u64,
+    pub rcpts: JobRcpts,
+}
+
+/// What the queue keeps of an envelope, borrowed from an owned envelope or read in place from a
+/// spooled one.
+struct Facts<'a> {
+    reception: crate::envelope::ReceptionId,
+    sender: &'a str,
+    rcpts: &'a [&'a str],
+    success_notices: bool,
+    tenant: Option<&'a str>,
+    smtputf8: bool,
+    body: Body,
+    size: u64,
+}
+
+/// What became of a recipient so far.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u8)]
+enum Status {
+    Pending = 0,
+    Delivered = 1,
+    Bounced = 2,
+    Expired = 3,
+    /// Bounced or expired, its notice not spooled yet: no more attempts, but on disk (and to
+    /// compaction) still what it was before.
+    FinishingBounce = 4,
+    FinishingExpiry = 5,
+}
+
+/// One recipient's state, eight bytes.
+#[derive(Clone, Copy, Debug)]
+struct Rcpt {
+    attempts: u16,
+    status: Status,
+    /// Next attempt, in ms after reception (0: none scheduled / at once).
+    due_rel_ms: u32,
+}
+
+impl Rcpt {
+    const FRESH: Rcpt = Rcpt {
+        attempts: 0,
+        status: Status::Pending,
+        due_rel_ms: 0,
+    };
+}
+
+#[derive(Debug)]
+enum Rcpts {
+    One(Rcpt),
+    Many(Box<[Rcpt]>),
+}
+
+impl Rcpts {
+    fn new(n: usize) -> Rcpts {
+        match n {
+            1 => Rcpts::One(Rcpt::FRESH),
+            n => Rcpts::Many(vec![Rcpt::FRESH; n].into_boxed_slice()),
+        }
+    }
+
+    fn as_slice(&self) -> &[Rcpt] {
+        match self {
+            Rcpts::One(r) => std::slice::from_ref(r),
+            Rcpts::Many(rs) => rs,
+        }
+    }
+
+    fn as_mut_slice(&mut self) -> &mut [Rcpt] {
+        match self {
+            Rcpts::One(r) => std::slice::from_mut(r),
+            Rcpts::Many(rs) => rs,
+        }
+    }
+}
+
+/// A queued message: what delivery, routing and the log need of it, packed into 80 bytes plus
+/// one allocation for the addresses.
+#[derive(Debug)]
+pub struct Message {
+    pub id: u64,
+    /// The record's segment; the spool never numbers one past `u32::MAX` (see
+    /// `spool::SEGMENT_SEQ_MAX`).
+    seq: u32,
+    offset: u32,
+    len: u32,
+    /// `received_ms << 16 | reception shard`.
+    received: u64,
+    /// `reception n << 40 | remaining << 24 | tenant << 8 | flags` (see [`Word`]).
+    word: u64,
+    size: u32,
+    /// `sender \n rcpt0 \n rcpt1 ...`: one allocation (addresses cannot hold a line feed).
+    addrs: Box<str>,
+    rcpts: Rcpts,
+}
+
+/// The fields packed into [`Message::word`].
+struct Word;
+
+impl Word {
+    const FLAG_SMTPUTF8: u64 = 1 << 2;
+    const FLAG_SUCCESS_NOTICES: u64 = 1 << 3;
+
+    fn pack(n: u64, remaining: u16, tenant: u16, body: Body, smtputf8: bool, success: bool) -> u64 {
+        let body = match body {
+            Body::SevenBit => 0,
+            Body::EightBitMime => 1,
+            Body::BinaryMime => 2,
+        };
+        (n.min(RECEPTION_N_MAX) << 40)
+            | u64::from(remaining) << 24
+            | u64::from(tenant) << 8
+            | body
+            | if smtputf8 { Word::FLAG_SMTPUTF8 } else { 0 }
+            | if success {
+                Word::FLAG_SUCCESS_NOTICES
+            } else {
+                0
+            }
+    }
+}
+
+/// A reception id's counter (per shard and millisecond) kept in 24 bits.
+pub const RECEPTION_N_MAX: u64 = (1 << 24) - 1;
+
+impl Message {
+    pub fn loc(&self) -> Location {
+        Location {
+            seq: u64::from(self.seq),
+            offset: u64::from(self.offset),
+            len: self.len,
+        }
+    }
+
+    pub fn reception(&self) -> crate::envelope::ReceptionId {
+        crate::envelope::ReceptionId {
+            ms: self.received_ms(),
+            shard: (self.received & 0xffff) as u16,
+            n: self.word >> 40,
+        }
+    }
+
+    /// Unix time of reception, in ms (the message's age counts from here).
+    pub fn received_ms(&self) -> u64 {
+        self.received >> 16
+    }
+
+    pub fn size(&self) -> u64 {
+        u64::from(self.size)
+    }
+
+    pub fn body(&self) -> Body {
+        match self.word & 3 {
+            1 => Body::EightBitMime,
+            2 => Body::BinaryMime,
+            _ => Body::SevenBit,
+        }
+    }
+
+    pub fn smtputf8(&self) -> bool {
+        self.word & Word::FLAG_SMTPUTF8 != 0
+    }
+
+    /// Some recipient asked for a notice of successful delivery (DSN NOTIFY=SUCCESS).
+    pub fn success_notices(&self) -> bool {
+        self.word & Word::FLAG_SUCCESS_NOTICES != 0
+    }
+
+    fn tenant_id(&self) -> u16 {
+        ((self.word >> 8) & 0xffff) as u16
+    }
+
+    fn remaining_count(&self) -> u16 {
+        ((self.word >> 24) & 0xffff) as u16
+    }
+
+    fn set_remaining(&mut self, remaining: u16) {
+        self.word = (self.word & !(0xffff << 24)) | u64::from(remaining) << 24;
+    }
+
+    pub fn sender(&self) -> &str {
+        self.addrs.split('\n').next().unwrap_or("")
+    }
+
+    /// Recipient `i`'s address ("" if out of range).
+    pub fn rcpt(&self, i: u16) -> &str {
+        self.addrs.split('\n').nth(1 + usize::from(i)).unwrap_or("")
+    }
+
+    pub fn rcpt_count(&self) -> usize {
+        self.rcpts.as_slice().len()
+    }
+
+    pub fn remaining(&self) -> usize {
+        usize::from(self.remaining_count())
+    }
+
+    pub fn attempts(&self, i: u16) -> u32 {
+        self.rcpts
+            .as_slice()
+            .get(usize::from(i))
+            .map_or(0, |r| u32::from(r.attempts))
+    }
+
+    /// Whether recipient `i` takes no more attempts (final, or waiting for its notice).
+    pub fn is_done(&self, i: u16) -> bool {
+        self.rcpts
+            .as_slice()
+            .get(usize::from(i))
+            .is_none_or(|r| r.status != Status::Pending)
+    }
+
+    /// Recipient `i` bounced or expired; its record waits for its notice (see
+    /// [`Message::finish`], which follows once the notice is spooled).
+    pub fn finishing(&mut self, i: u16, kind: OutcomeKind) {
+        if let Some(r) = self.rcpts.as_mut_slice().get_mut(usize::from(i)) {
+            if r.status == Status::Pending {
+                r.status = match kind {
+                    OutcomeKind::Bounced => Status::FinishingBounce,
+                    _ => Status::FinishingExpiry,
+                };
+            }
+        }
+    }
+
+    /// Count one more attempt of recipient `i`; returns the new count.
+    pub fn attempted(&mut self, i: u16) -> u32 {
+        match self.rcpts.as_mut_slice().get_mut(usize::from(i)) {
+            Some(r) => {
+                r.attempts = r.attempts.saturating_add(1);
+                u32::from(r.attempts)
+            }
+            None => 0,
+        }
+    }
+
+    /// Recipient `i` reached a final outcome. Returns whether the whole message is now final.
+    pub fn finish(&mut self, i: u16, kind: OutcomeKind) -> bool {
+        if let Some(r) = self.rcpts.as_mut_slice().get_mut(usize::from(i)) {
+            if matches!(
+                r.status,
+                Status::Pending | Status::FinishingBounce | Status::FinishingExpiry
+            ) {
+                r.status = match kind {
+                    OutcomeKind::Delivered => Status::Delivered,
+                    OutcomeKind::Bounced => Status::Bounced,
+                    // A deferral is not final; callers never pass it.
+                    OutcomeKind::Expired | OutcomeKind::Deferred => Status::Expired,
+                };
+                self.set_remaining(self.remaining_count().saturating_sub(1));
+            }
+        }
+        self.remaining_count() == 0
+    }
+
+    /// Recipient `i` is due again at `due_ms` (kept for compaction's restatement).
+    fn set_due(&mut self, i: u16, due_ms: u64) {
+        let rel = due_ms.saturating_sub(self.received_ms()).min(AGE_MAX_MS) as u32;
+        if let Some(r) = self.rcpts.as_mut_slice().get_mut(usize::from(i)) {
+            r.due_rel_ms = rel;
+        }
+    }
+
+    /// What compaction restates about each recipient.
+    fn snapshot(&self) -> Vec<RcptSnapshot> {
+        self.rcpts
+            .as_slice()
+            .iter()
+            .map(|r| match r.status {
+                Status::Pending if r.attempts == 0 => RcptSnapshot::Fresh,
+                Status::Pending => RcptSnapshot::Deferred {
+                    attempts: u32::from(r.attempts),
+                    next_attempt_ms: match r.due_rel_ms {
+                        0 => 0,
+                        rel => self.received_ms() + u64::from(rel),
+                    },
+                },
+                // On disk it is still as it was before the attempt that failed it.
+                Status::FinishingBounce | Status::FinishingExpiry if r.attempts <= 1 => {
+                    RcptSnapshot::Fresh
+                }
+                Status::FinishingBounce | Status::FinishingExpiry => RcptSnapshot::Deferred {
+                    attempts: u32::from(r.attempts) - 1,
+                    next_attempt_ms: 0,
+                },
+                Status::Delivered => RcptSnapshot::Final(OutcomeKind::Delivered),
+                Status::Bounced => RcptSnapshot::Final(OutcomeKind::Bounced),
+                Status::Expired => RcptSnapshot::Final(OutcomeKind::Expired),
+            })
+            .collect()
+    }
+}
+
+#[derive(Debug)]
+enum Slot {
+    /// Free; the next message here gets this generation.
+    Vacant {
+        gen: u64,
+    },
+    /// Taken by a message being spooled.
+    Reserved {
+        gen: u64,
+    },
+    Occupied(Message),
+}
+
+/// The queue is full: reception answers `452 4.3.1`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("queue full ({0} messages)")]
+pub struct QueueFull(pub usize);
+
+/// Why a recovered message could not be queued.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum RestoreError {
+    #[error("message id {0:#x} is not one this queue assigns")]
+    BadId(u64),
+    #[error("message id {0:#x} was recovered twice")]
+    Duplicate(u64),
+    #[error("message {0:#x} has {1} recipients, more than a message may have")]
+    TooManyRcpts(u64, usize),
 }
 
 #[derive(Default)]
 pub struct DestQueue {
     pub ready: VecDeque<Job>,
-    /// Connections open (or opening) to this destination.
-    pub connections: usize,
-    /// Of those, connections waiting for work: new jobs go to them before a new connection opens.
-    pub idle: usize,
 }
 
-#[derive(Default)]
+/// A schedule entry: due time and recipient packed in one word, and the message id.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+struct Due {
+    /// `due_ms << 16 | rcpt`.
+    at: u64,
+    id: u64,
+}
+
+/// Due times are kept in 48 bits of milliseconds (until the year 10889).
+const DUE_MS_MAX: u64 = (1 << 48) - 1;
+
 pub struct Queue {
-    messages: HashMap<u64, MessageMeta>,
-    dests: HashMap<Target, DestQueue>,
-    scheduled: BinaryHeap<Reverse<(u64, u64)>>,
-    scheduled_jobs: HashMap<u64, Job>,
-    schedule_seq: u64,
+    slots: pages::Pages<Slot>,
+    /// Vacant slots, most recently freed last (reused first: warm in cache).
+    free: Vec<u32>,
+    /// Generations start here for slots never used in this run (above every id on disk).
+    gen_floor: u64,
+    occupied: usize,
+    reserved: usize,
+    messages_max: usize,
+    tenants: Vec<Box<str>>,
+    tenant_ids: HashMap<Box<str>, u16>,
+    dests: HashMap<Dest, DestQueue>,
+    schedule: pages::MinHeap<Due>,
+    /// Recovered messages another message of their slot superseded (see `replay`), and the
+    /// segment of each one's latest record: outcomes about them still depend on it.
+    superseded: HashMap<u64, u64>,
 }
 
 impl Queue {
-    pub fn insert(&mut self, meta: MessageMeta) {
-        self.messages.insert(meta.id, meta);
+    /// An empty queue holding at most `messages_max` messages (capped at [`MESSAGES_CEILING`]).
+    pub fn new(messages_max: usize) -> Queue {
+        Queue {
+            slots: pages::Pages::default(),
+            free: Vec::new(),
+            gen_floor: 1,
+            occupied: 0,
+            reserved: 0,
+            messages_max: messages_max.min(MESSAGES_CEILING),
+            tenants: Vec::new(),
+            tenant_ids: HashMap::new(),
+            dests: HashMap::new(),
+            schedule: pages::MinHeap::default(),
+            superseded: HashMap::new(),
+        }
     }
 
-    pub fn message(&self, id: u64) -> Option<&MessageMeta> {
-        self.messages.get(&id)
-    }
-
-    pub fn message_mut(&mut self, id: u64) -> Option<&mut MessageMeta> {
-        self.messages.get_mut(&id)
-    }
-
-    pub fn remove(&mut self, id: u64) -> Option<MessageMeta> {
-        self.messages.remove(&id)
-    }
-
+    /// Messages queued (not counting those being spooled).
     pub fn len(&self) -> usize {
-        self.messages.len()
+        self.occupied
     }
 
     pub fn is_empty(&self) -> bool {
-        self.messages.is_empty()
+        self.occupied == 0
     }
 
-    /// Put a job on its destination's ready queue; returns that queue.
-    pub fn push_ready(&mut self, job: Job) -> &mut DestQueue {
-        let dq = self.dests.entry(job.target.clone()).or_default();
-        dq.ready.push_back(job);
-        dq
+    pub fn messages_max(&self) -> usize {
+        self.messages_max
     }
 
-    pub fn dest(&mut self, target: &Target) -> &mut DestQueue {
-        self.dests.entry(target.clone()).or_default()
+    /// Whether another message fits.
+    pub fn has_room(&self) -> bool {
+        self.occupied + self.reserved < self.messages_max
     }
 
-    pub fn pop_ready(&mut self, target: &Target) -> Option<Job> {
-        self.dests
-            .get_mut(target)
-            .and_then(|dq| dq.ready.pop_front())
+    /// Take an id for a message about to be spooled, or say the queue is full.
+    pub fn reserve(&mut self) -> Result<u64, QueueFull> {
+        if !self.has_room() {
+            return Err(QueueFull(self.messages_max));
+        }
+        self.take_slot()
     }
 
-    /// Take every ready job of a destination (e.g. when it cannot be reached at all).
-    pub fn drain_ready(&mut self, target: &Target) -> Vec<Job> {
-        self.dests
-            .get_mut(target)
-            .map(|dq| dq.ready.drain(..).collect())
-            .unwrap_or_default()
+    /// Take an id for a notice (a delivery status notification) about to be spooled. Notices
+    /// may go past `messages_max`, up to twice it: each reports on a message already queued, so
+    /// they are bounded by the queue itself, and refusing them at the limit would deadlock a
+    /// full queue whose messages wait for their bounce notices to be spooled.
+    pub fn reserve_notice(&mut self) -> Result<u64, QueueFull> {
+        let ceiling = self.messages_max.saturating_mul(2).min(MESSAGES_CEILING);
+        if self.occupied + self.reserved >= ceiling {
+            return Err(QueueFull(ceiling));
+        }
+        self.take_slot()
     }
 
-    /// Schedule a job for `due_ms`.
-    pub fn schedule(&mut self, due_ms: u64, job: Job) {
-        self.schedule_seq += 1;
-        self.scheduled.push(Reverse((due_ms, self.schedule_seq)));
-        self.scheduled_jobs.insert(self.schedule_seq, job);
+    fn take_slot(&mut self) -> Result<u64, QueueFull> {
+        let slot = match self.free.pop() {
+            Some(slot) => slot,
+            None => {
+                self.slots.push(Slot::Vacant {
+                    gen: self.gen_floor,
+                });
+                (self.slots.len() - 1) as u32
+            }
+        };
+        let Some(entry) = self.slots.get_mut(slot as usize) else {
+            return Err(QueueFull(self.messages_max));
+        };
+        let gen = match *entry {
+            Slot::Vacant { gen } => gen,
+            // The free list only holds vacant slots.
+            _ => return Err(QueueFull(self.messages_max)),
+        };
+        *entry = Slot::Reserved { gen };
+        self.reserved += 1;
+        Ok(gen << SLOT_BITS | u64::from(slot))
     }
 
-    /// Jobs due at `now_ms`, in due order.
+    /// The spool did not take the message: give its id back.
+    pub fn cancel(&mut self, id: u64) {
+        let slot = (id & SLOT_MASK) as usize;
+        if let Some(entry @ Slot::Reserved { .. }) = self.slots.get_mut(slot) {
+            if let Slot::Reserved { gen } = *entry {
+                if gen == id >> SLOT_BITS {
+                    *entry = Slot::Vacant {
+                        gen: (gen + 1).max(self.gen_floor),
+                    };
+                    self.reserved -= 1;
+                    self.free.push(slot as u32);
+                }
+            }
+        }
+    }
+
+    /// Queue the message reserved as `id`, now durable at `loc`.
+    pub fn insert(&mut self, id: u64, envelope: &Envelope, loc: Location) -> Option<&Message> {
+        let slot = (id & SLOT_MASK) as usize;
+        match self.slots.get(slot) {
+            Some(Slot::Reserved { gen }) if *gen == id >> SLOT_BITS => {}
+            _ => return None,
+        }
+        let message = self.build(id, envelope, loc);
+        self.reserved -= 1;
+        self.occupied += 1;
+        let entry = self.slots.get_mut(slot)?;
+        *entry = Slot::Occupied(message);
+        match entry {
+            Slot::Occupied(m) => Some(m),
+            _ => None,
+        }
+    }
+
+    fn build(&mut self, id: u64, envelope: &Envelope, loc: Location) -> Message {
+        let rcpts: Vec<&str> = envelope.rcpts.iter().map(|r| r.address.as_str()).collect();
+        self.build_parts(
+            id,
+            loc,
+            &Facts {
+                reception: envelope.reception,
+                sender: &envelope.sender,
+                rcpts: &rcpts,
+                success_notices: envelope.rcpts.iter().any(|r| r.notify.on_success()),
+                tenant: envelope.tenant.as_deref(),
+                smtputf8: envelope.smtputf8,
+                body: envelope.body,
+                size: envelope.size,
+            },
+        )
+    }
+
+    fn build_parts(&mut self, id: u64, loc: Location, f: &Facts<'_>) -> Message {
+        let mut addrs = String::with_capacity(
+            f.sender.len() + f.rcpts.iter().map(|r| r.len() + 1).sum::<usize>(),
+        );
+        addrs.push_str(f.sender);
+        for r in f.rcpts {
+            addrs.push('\n');
+            addrs.push_str(r);
+        }
+        let n = f.rcpts.len().clamp(1, RCPTS_PER_MESSAGE_MAX);
+        let tenant = self.tenant_id(f.tenant);
+        Message {
+            id,
+            seq: loc.seq as u32,
+            offset: loc.offset as u32,
+            len: loc.len,
+            received: f.reception.ms << 16 | u64::from(f.reception.shard),
+            word: Word::pack(
+                f.reception.n,
+                n as u16,
+                tenant,
+                f.body,
+                f.smtputf8,
+                f.success_notices,
+            ),
+            size: f.size.min(u64::from(u32::MAX)) as u32,
+            addrs: addrs.into_boxed_str(),
+            rcpts: Rcpts::new(n),
+        }
+    }
+
+    fn tenant_id(&mut self, tenant: Option<&str>) -> u16 {
+        let Some(name) = tenant else { return 0 };
+        if let Some(&id) = self.tenant_ids.get(name) {
+            return id;
+        }
+        if self.tenants.len() >= TENANTS_MAX {
+            return 0;
+        }
+        self.tenants.push(name.into());
+        let id = self.tenants.len() as u16;
+        self.tenant_ids.insert(name.into(), id);
+        id
+    }
+
+    /// The tenant of `message`, if it has one.
+    pub fn tenant(&self, message: &Message) -> Option<&str> {
+        match message.tenant_id() {
+            0 => None,
+            n => self.tenants.get(usize::from(n) - 1).map(|t| &**t),
+        }
+    }
+
+    /// Queue a message recovery found, under its own id. Recipients already final stay so.
+    pub fn restore(&mut self, msg: &RecoveredMessage) -> Result<&Message, RestoreError> {
+        let slot = (msg.id & SLOT_MASK) as usize;
+        let gen = msg.id >> SLOT_BITS;
+        if gen == 0 {
+            return Err(RestoreError::BadId(msg.id));
+        }
+        if msg.envelope.rcpts.len() > RCPTS_PER_MESSAGE_MAX || msg.envelope.rcpts.is_empty() {
+            return Err(RestoreError::TooManyRcpts(msg.id, msg.envelope.rcpts.len()));
+        }
+        self.slots.grow_to(slot + 1, || Slot::Vacant { gen: 0 });
+        if matches!(
+            self.slots.get(slot),
+            Some(Slot::Occupied(_) | Slot::Reserved { .. })
+        ) {
+            return Err(RestoreError::Duplicate(msg.id));
+        }
+        let mut message = self.build(msg.id, &msg.envelope, msg.loc);
+        for (i, state) in msg.states.iter().enumerate() {
+            let i = i as u16;
+            match *state {
+                RecoveredState::Pending {
+                    attempts,
+                    next_attempt_ms,
+                } => {
+                    if let Some(r) = message.rcpts.as_mut_slice().get_mut(usize::from(i)) {
+                        r.attempts = attempts.min(u32::from(u16::MAX)) as u16;
+                    }
+                    if next_attempt_ms > 0 {
+                        message.set_due(i, next_attempt_ms);
+                    }
+                }
+                RecoveredState::Final(kind) => {
+                    message.finish(i, kind);
+                }
+            }
+        }
+        self.occupied += 1;
+        let Some(entry) = self.slots.get_mut(slot) else {
+            return Err(RestoreError::BadId(msg.id));
+        };
+        *entry = Slot::Occupied(message);
+        match entry {
+            Slot::Occupied(m) => Ok(m),
+            _ => Err(RestoreError::BadId(msg.id)),
+        }
+    }
+
+    /// Recovery is done: every id seen on disk is at most `id_max`. Free slots start above its
+    /// generation, so no new id can equal one still written somewhere.
+    pub fn restored(&mut self, id_max: u64) {
+        self.gen_floor = self.gen_floor.max((id_max >> SLOT_BITS) + 1);
+        self.free.clear();
+        let n = self.slots.len();
+        for (back, entry) in self.slots.iter_mut().rev().enumerate() {
+            let slot = n - 1 - back;
+            if let Slot::Vacant { gen } = entry {
+                *gen = (*gen).max(self.gen_floor);
+                self.free.push(slot as u32);
+            }
+        }
+    }
+
+    pub fn get(&self, id: u64) -> Option<&Message> {
+        match self.slots.get((id & SLOT_MASK) as usize) {
+            Some(Slot::Occupied(m)) if m.id == id => Some(m),
+            _ => None,
+        }
+    }
+
+    pub fn get_mut(&mut self, id: u64) -> Option<&mut Message> {
+        match self.slots.get_mut((id & SLOT_MASK) as usize) {
+            Some(Slot::Occupied(m)) if m.id == id => Some(m),
+            _ => None,
+        }
+    }
+
+    /// Drop a final message; returns its location for the spool.
+    pub fn remove(&mut self, id: u64) -> Option<Location> {
+        let slot = (id & SLOT_MASK) as usize;
+        let entry = self.slots.get_mut(slot)?;
+        let loc = match entry {
+            Slot::Occupied(m) if m.id == id => m.loc(),
+            _ => return None,
+        };
+        *entry = Slot::Vacant {
+            gen: ((id >> SLOT_BITS) + 1).max(self.gen_floor),
+        };
+        self.occupied -= 1;
+        self.free.push(slot as u32);
+        Some(loc)
+    }
+
+    /// Compaction moved the record of `id` to `loc`.
+    pub fn relocate(&mut self, id: u64, loc: Location) {
+        if let Some(m) = self.get_mut(id) {
+            m.seq = loc.seq as u32;
+            m.offset = loc.offset as u32;
+            m.len = loc.len;
+        }
+    }
+
+    /// What compaction needs of a live message.
+    pub fn live(&self, id: u64) -> Option<LiveMessage> {
+        let m = self.get(id)?;
+        Some(LiveMessage {
+            loc: m.loc(),
+            rcpts: m.snapshot(),
+        })
+    }
+
+    /// Schedule recipient `rcpt` of `id` for `due_ms`.
+    pub fn schedule(&mut self, id: u64, rcpt: u16, due_ms: u64) {
+        if let Some(m) = self.get_mut(id) {
+            m.set_due(rcpt, due_ms);
+        }
+        let at = due_ms.min(DUE_MS_MAX) << 16 | u64::from(rcpt);
+        self.schedule.push(Due { at, id });
+    }
+
+    /// When the earliest scheduled recipient is due.
+    pub fn next_due_ms(&self) -> Option<u64> {
+        self.schedule.peek().map(|d| d.at >> 16)
+    }
+
+    /// Recipients due at `now_ms`, grouped per message (those of one message that share a due
+    /// time come together), in due order. Entries of messages gone meanwhile are dropped.
     pub fn take_due(&mut self, now_ms: u64) -> Vec<Job> {
-        let mut due = Vec::new();
-        while let Some(Reverse((at, seq))) = self.scheduled.peek().copied() {
-            if at > now_ms {
+        let mut due: Vec<Job> = Vec::new();
+        while let Some(d) = self.schedule.peek() {
+            if d.at >> 16 > now_ms {
                 break;
             }
-            self.scheduled.pop();
-            if let Some(job) = self.scheduled_jobs.remove(&seq) {
-                due.push(job);
+            self.schedule.pop();
+            let rcpt = (d.at & 0xffff) as u16;
+            let Some(m) = self.get_mut(d.id) else {
+                continue;
+            };
+            if m.is_done(rcpt) {
+                continue;
+            }
+            m.set_due(rcpt, 0);
+            match due.last_mut() {
+                Some(last) if last.id == d.id => last.rcpts.push(rcpt),
+                _ => due.push(Job {
+                    id: d.id,
+                    rcpts: smallvec::smallvec![rcpt],
+                }),
             }
         }
         due
     }
 
-    pub fn next_due_ms(&self) -> Option<u64> {
-        self.scheduled.peek().map(|Reverse((at, _))| *at)
+    pub fn scheduled_len(&self) -> usize {
+        self.schedule.len()
     }
 
-    pub fn scheduled_len(&self) -> usize {
-        self.scheduled_jobs.len()
+    /// Put a job on its destination's ready queue.
+    pub fn push_ready(&mut self, dest: &Dest, job: Job) {
+        match self.dests.get_mut(dest) {
+            Some(dq) => dq.ready.push_back(job),
+            None => {
+                let mut dq = DestQueue::default();
+                dq.ready.push_back(job);
+                self.dests.insert(dest.clone(), dq);
+            }
+        }
+    }
+
+    pub fn pop_ready(&mut self, dest: &Dest) -> Option<Job> {
+        let dq = self.dests.get_mut(dest)?;
+        let job = dq.ready.pop_front();
+        if dq.ready.is_empty() {
+            // Destinations come and go (sites of every domain ever mailed): drop empty queues.
+            self.dests.remove(dest);
+        }
+        job
+    }
+
+    /// Jobs waiting for `dest`.
+    pub fn ready_for(&self, dest: &Dest) -> usize {
+        self.dests.get(dest).map_or(0, |dq| dq.ready.len())
+    }
+
+    /// Take every ready job of a destination (e.g. when it cannot be reached at all).
+    pub fn drain_ready(&mut self, dest: &Dest) -> Vec<Job> {
+        self.dests
+            .remove(dest)
+            .map(|dq| dq.ready.into_iter().collect())
+            .unwrap_or_default()
     }
 
     pub fn ready_len(&self) -> usize {
         self.dests.values().map(|d| d.ready.len()).sum()
     }
+
+    /// Destinations with ready work.
+    pub fn ready_dests(&self) -> impl Iterator<Item = &Dest> {
+        self.dests.keys()
+    }
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn job(message: u64) -> Job {
-        Job {
-            message,
-            rcpts: vec![0],
-            target: None,
-        }
-    }
-
-    #[test]
-    fn schedule_releases_in_due_order() {
-        let mut q = Queue::default();
-        q.schedule(30, job(3));
-        q.schedule(10, job(1));
-        q.schedule(20, job(2));
-        q.schedule(10, job(4));
-        assert_eq!(q.next_due_ms(), Some(10));
-        let due: Vec<u64> = q.take_due(20).iter().map(|j| j.message).collect();
-        assert_eq!(due, vec![1, 4, 2]);
-        assert_eq!(q.scheduled_len(), 1);
-        assert!(q.take_due(29).is_empty());
-        assert_eq!(q.take_due(30)[0].message, 3);
-    }
-
-    #[test]
-    fn ready_queues_are_per_destination() {
-        let mut q = Queue::default();
-        let d: Target = Some(Dest {
-            hop: Hop::Route(crate::route::Destination {
-                addr: "127.0.0.1:25".parse().expect("addr"),
-                host: "127.0.0.1".into(),
-                tls: Default::default(),
-            }),
-            pool: 0,
-        });
-        q.push_ready(Job {
-            message: 1,
-            rcpts: vec![0],
-            target: d.clone(),
-        });
-        q.push_ready(job(2));
-        assert_eq!(q.ready_len(), 2);
-        assert_eq!(q.pop_ready(&d).map(|j| j.message), Some(1));
-        assert_eq!(q.pop_ready(&d), None);
-        assert_eq!(q.drain_ready(&None).len(), 1);
-    }
-}
+mod tests;

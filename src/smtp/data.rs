@@ -31,9 +31,8 @@
 //! - Memory is bounded by `size_max` (the body buffer) and nothing else: the reader keeps only a
 //!   few bytes of state between calls.
 
+use memchr::memchr;
 use thiserror::Error;
-
-use super::find_lf;
 
 /// Why a message read to its end marker is refused.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Error)]
@@ -175,41 +174,62 @@ impl DataReader {
                     self.state = State::InLine;
                 }
                 State::InLine => {
-                    let rest = &input[i..];
-                    match find_lf(rest) {
-                        Some(k) => {
-                            let crlf = if k > 0 {
-                                rest[k - 1] == b'\r'
-                            } else {
-                                self.prev_cr
-                            };
-                            if self.reject_bare_lf {
-                                if !crlf {
-                                    self.fail(DataError::BareLf);
+                    // A run of plain lines is one span: it ends at a line that starts with a
+                    // dot (stuffing, or the end marker) or at the end of the input, and what it
+                    // stores is copied at once. Each line is still checked in order, as if
+                    // emitted alone, so the verdict and the stored prefix are the same.
+                    let span_start = i;
+                    let mut store_end = i;
+                    let mut pos = i;
+                    loop {
+                        let rest = &input[pos..];
+                        match memchr(b'\n', rest) {
+                            Some(k) => {
+                                let crlf = if k > 0 {
+                                    rest[k - 1] == b'\r'
+                                } else {
+                                    self.prev_cr
+                                };
+                                if self.reject_bare_lf {
+                                    if !crlf {
+                                        self.fail(DataError::BareLf);
+                                    }
+                                    self.check_bare_cr(&rest[..k]);
                                 }
-                                self.check_bare_cr(&rest[..k]);
+                                if self.account(&rest[..=k]) {
+                                    store_end = pos + k + 1;
+                                }
+                                self.line_len += k + 1;
+                                self.check_line_len();
+                                self.line_len = 0;
+                                self.prev_cr = false;
+                                pos += k + 1;
+                                if crlf {
+                                    if pos >= input.len() || input[pos] == b'.' {
+                                        self.state = State::LineStart;
+                                        break;
+                                    }
+                                } else if pos >= input.len() {
+                                    break;
+                                }
                             }
-                            self.emit(&rest[..=k], body);
-                            self.line_len += k + 1;
-                            self.check_line_len();
-                            self.line_len = 0;
-                            self.prev_cr = false;
-                            if crlf {
-                                self.state = State::LineStart;
+                            None => {
+                                if self.reject_bare_lf {
+                                    self.check_bare_cr(rest);
+                                }
+                                if self.account(rest) {
+                                    store_end = input.len();
+                                }
+                                self.line_len += rest.len();
+                                self.check_line_len();
+                                self.prev_cr = rest.last() == Some(&b'\r');
+                                pos = input.len();
+                                break;
                             }
-                            i += k + 1;
-                        }
-                        None => {
-                            if self.reject_bare_lf {
-                                self.check_bare_cr(rest);
-                            }
-                            self.emit(rest, body);
-                            self.line_len += rest.len();
-                            self.check_line_len();
-                            self.prev_cr = rest.last() == Some(&b'\r');
-                            i = input.len();
                         }
                     }
+                    body.extend_from_slice(&input[span_start..store_end]);
+                    i = pos;
                 }
             }
         }
@@ -218,21 +238,30 @@ impl DataReader {
 
     #[inline]
     fn emit(&mut self, bytes: &[u8], body: &mut Vec<u8>) {
+        if self.account(bytes) {
+            body.extend_from_slice(bytes);
+        }
+    }
+
+    /// Count `bytes` of body and check them; true if they are to be stored. Once false, false
+    /// for the rest of the message (an error is final), so what a span stores is a prefix.
+    #[inline]
+    fn account(&mut self, bytes: &[u8]) -> bool {
         self.size = self.size.saturating_add(bytes.len());
-        if self.reject_nul && bytes.contains(&0) {
+        if self.reject_nul && memchr(0, bytes).is_some() {
             self.fail(DataError::Nul);
         }
         // Once the message is refused, storing more of it is wasted memory.
         if self.error.is_some() {
-            return;
+            return false;
         }
         if self.size > self.size_max {
             self.error = Some(DataError::TooBig {
                 size_max: self.size_max,
             });
-            return;
+            return false;
         }
-        body.extend_from_slice(bytes);
+        true
     }
 
     /// Flags a CR not followed by LF in `span`, which is the start of the rest of a line with no
@@ -243,7 +272,7 @@ impl DataReader {
     /// Only runs when bare line ends are refused, so the default path scans nothing extra.
     fn check_bare_cr(&mut self, span: &[u8]) {
         let inner = span.strip_suffix(b"\r").unwrap_or(span);
-        if (self.prev_cr && !span.is_empty()) || inner.contains(&b'\r') {
+        if (self.prev_cr && !span.is_empty()) || memchr(b'\r', inner).is_some() {
             self.fail(DataError::BareCr);
         }
     }
@@ -285,23 +314,40 @@ pub fn write_stuffed(body: &[u8], out: &mut Vec<u8>) {
         if line_start && body[i] == b'.' {
             out.push(b'.');
         }
-        match find_lf(&body[i..]) {
-            Some(k) => {
-                let line = &body[i..i + k];
-                out.extend_from_slice(line);
-                if !line.ends_with(b"\r") {
-                    out.push(b'\r');
+        // A run of CRLF lines none of which starts with a dot is copied at once; the run ends
+        // at a bare LF (a CR goes in), a line starting with a dot (stuffed), or the end.
+        let run_start = i;
+        let mut pos = i;
+        let mut bare_lf = false;
+        loop {
+            match memchr(b'\n', &body[pos..]) {
+                Some(k) => {
+                    let lf = pos + k;
+                    pos = lf + 1;
+                    if lf == 0 || body[lf - 1] != b'\r' {
+                        bare_lf = true;
+                        break;
+                    }
+                    if pos >= body.len() || body[pos] == b'.' {
+                        break;
+                    }
                 }
-                out.push(b'\n');
-                i += k + 1;
-                line_start = true;
-            }
-            None => {
-                out.extend_from_slice(&body[i..]);
-                i = body.len();
-                line_start = false;
+                None => {
+                    pos = body.len();
+                    break;
+                }
             }
         }
+        if bare_lf {
+            // Everything up to the bare LF, then CRLF.
+            out.extend_from_slice(&body[run_start..pos - 1]);
+            out.extend_from_slice(b"\r\n");
+            line_start = true;
+        } else {
+            out.extend_from_slice(&body[run_start..pos]);
+            line_start = body[pos - 1] == b'\n';
+        }
+        i = pos;
     }
     if !line_start {
         out.extend_from_slice(b"\r\n");

@@ -42,67 +42,47 @@ pub use server::{
     Transaction,
 };
 
-/// Index of the first LF in `hay`.
+/// The pieces of `hay` between LFs, exactly as `hay.split(|&b| b == b'\n')` yields them (CRs
+/// kept; a last piece after the final LF, empty when `hay` ends in one), but found with
+/// `memchr`'s vectorised search instead of a closure called per byte.
 ///
-/// Hot path (DATA bodies, command lines, replies): no I/O, no allocation. It scans a word at a
-/// time with the classic "has zero byte" bit trick, which is several times faster than a
-/// byte-by-byte `position` because LLVM does not vectorise early-exit loops. The lowest flagged
-/// byte of a word is always exact (borrows only propagate upward), and we take the lowest.
-#[inline]
-pub(crate) fn find_lf(hay: &[u8]) -> Option<usize> {
-    const LO: u64 = 0x0101_0101_0101_0101;
-    const HI: u64 = 0x8080_8080_8080_8080;
-    const PAT: u64 = LO * b'\n' as u64;
-    let mut chunks = hay.chunks_exact(16);
-    let mut base = 0;
-    for chunk in &mut chunks {
-        let (a, b) = chunk.split_at(8);
-        let mut wa = [0u8; 8];
-        let mut wb = [0u8; 8];
-        wa.copy_from_slice(a);
-        wb.copy_from_slice(b);
-        let xa = u64::from_le_bytes(wa) ^ PAT;
-        let xb = u64::from_le_bytes(wb) ^ PAT;
-        let fa = xa.wrapping_sub(LO) & !xa & HI;
-        let fb = xb.wrapping_sub(LO) & !xb & HI;
-        if fa | fb != 0 {
-            return Some(if fa != 0 {
-                base + (fa.trailing_zeros() / 8) as usize
-            } else {
-                base + 8 + (fb.trailing_zeros() / 8) as usize
-            });
+/// Hot path (header scans per message): no I/O, no allocation.
+pub(crate) fn split_lf(hay: &[u8]) -> impl Iterator<Item = &[u8]> + '_ {
+    let mut rest = Some(hay);
+    std::iter::from_fn(move || {
+        let r = rest?;
+        match memchr::memchr(b'\n', r) {
+            Some(k) => {
+                rest = Some(&r[k + 1..]);
+                Some(&r[..k])
+            }
+            None => {
+                rest = None;
+                Some(r)
+            }
         }
-        base += 16;
-    }
-    chunks
-        .remainder()
-        .iter()
-        .position(|&b| b == b'\n')
-        .map(|p| base + p)
+    })
 }
 
 #[cfg(test)]
 mod tests {
-    use super::find_lf;
+    use super::split_lf;
 
     #[test]
-    fn find_lf_matches_naive_search_at_every_position() {
-        for len in 0..70 {
-            for at in 0..=len {
-                let mut hay = vec![b'a'; len];
-                // Bytes around '\n' (0x0a) that could trip the bit trick.
-                for (i, b) in hay.iter_mut().enumerate() {
-                    *b = [b'a', 0x0b, 0x09, 0x8a, 0x00, 0xff][i % 6];
-                }
-                if at < len {
-                    hay[at] = b'\n';
-                    if at + 3 < len {
-                        hay[at + 3] = b'\n';
-                    }
-                }
-                let naive = hay.iter().position(|&b| b == b'\n');
-                assert_eq!(find_lf(&hay), naive, "len {len} at {at}");
-            }
+    fn split_lf_is_slice_split() {
+        let cases: [&[u8]; 8] = [
+            b"",
+            b"\n",
+            b"\n\n",
+            b"a",
+            b"a\n",
+            b"a\r\nb",
+            b"\na\r\n\r\nb\n",
+            b"no line end at all, but longer than one vector register of bytes",
+        ];
+        for hay in cases {
+            let want: Vec<&[u8]> = hay.split(|&b| b == b'\n').collect();
+            assert_eq!(split_lf(hay).collect::<Vec<_>>(), want, "{hay:?}");
         }
     }
 }

@@ -21,6 +21,7 @@
 
 use std::net::{Ipv4Addr, Ipv6Addr};
 
+use memchr::{memchr, memchr2};
 use thiserror::Error;
 
 use super::reply::Rejection;
@@ -229,11 +230,11 @@ pub enum PathError {
 ///
 /// Hot path: no I/O, no allocation.
 pub fn parse_command(line: &[u8]) -> Result<Command<'_>, ParseError> {
-    if line.contains(&0) {
+    if memchr(0, line).is_some() {
         return Err(ParseError::Nul);
     }
     let line = trim_end(line);
-    let (verb, args) = match line.iter().position(|&b| b == b' ') {
+    let (verb, args) = match memchr(b' ', line) {
         Some(i) => (&line[..i], trim_start(&line[i + 1..])),
         None => (line, &line[line.len()..]),
     };
@@ -320,7 +321,7 @@ fn required_text(args: &[u8]) -> Result<&str, ParseError> {
 /// and rejecting them gains nothing, so any printable ASCII word is accepted; extra words are
 /// ignored.
 fn helo_name(args: &[u8]) -> Result<&str, ParseError> {
-    let word = match args.iter().position(|&b| b == b' ') {
+    let word = match memchr(b' ', args) {
         Some(i) => &args[..i],
         None => args,
     };
@@ -390,7 +391,7 @@ fn params(s: &[u8]) -> impl Iterator<Item = Result<(&[u8], Option<&[u8]>), Parse
             if i >= PARAMS_MAX {
                 return Err(ParseError::BadParameter);
             }
-            Ok(match word.iter().position(|&b| b == b'=') {
+            Ok(match memchr(b'=', word) {
                 Some(eq) => (&word[..eq], Some(&word[eq + 1..])),
                 None => (word, None),
             })
@@ -467,10 +468,7 @@ fn rcpt_params(s: &[u8]) -> Result<RcptParams<'_>, ParseError> {
             if out.orcpt.is_some() || value.len() > ORCPT_LEN_MAX {
                 return Err(ParseError::BadDsnParameter);
             }
-            let semi = value
-                .iter()
-                .position(|&b| b == b';')
-                .ok_or(ParseError::BadDsnParameter)?;
+            let semi = memchr(b';', value).ok_or(ParseError::BadDsnParameter)?;
             let (addr_type, rest) = (&value[..semi], &value[semi + 1..]);
             // addr-type is an atom (RFC 3461 4.2); "rfc822" and RFC 6533's "utf-8" in practice.
             if addr_type.is_empty() || !addr_type.iter().all(|&b| is_atext(b)) || rest.is_empty() {
@@ -693,10 +691,7 @@ fn skip_source_route(s: &[u8], mut i: usize) -> Result<usize, PathError> {
             return Err(PathError::BadSourceRoute);
         }
         let start = i + 1;
-        let len = s[start..]
-            .iter()
-            .position(|&b| b == b',' || b == b':')
-            .ok_or(PathError::BadSourceRoute)?;
+        let len = memchr2(b',', b':', &s[start..]).ok_or(PathError::BadSourceRoute)?;
         if !is_domain(&s[start..start + len]) {
             return Err(PathError::BadSourceRoute);
         }
@@ -729,10 +724,7 @@ fn parse_mailbox_at(s: &[u8], start: usize, utf8: bool) -> Result<(Mailbox<'_>, 
     i += 1;
     let domain_start = i;
     if s.get(i) == Some(&b'[') {
-        let len = s[i..]
-            .iter()
-            .position(|&b| b == b']')
-            .ok_or(PathError::BadAddressLiteral)?;
+        let len = memchr(b']', &s[i..]).ok_or(PathError::BadAddressLiteral)?;
         if !is_address_literal(&s[i + 1..i + len]) {
             return Err(PathError::BadAddressLiteral);
         }

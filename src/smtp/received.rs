@@ -14,11 +14,13 @@
 use std::fmt::Write as _;
 use std::net::IpAddr;
 
-const WEEKDAYS: [&str; 7] = ["Thu", "Fri", "Sat", "Sun", "Mon", "Tue", "Wed"];
-const MONTHS: [&str; 12] = [
-    "Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec",
-];
-const SECONDS_PER_DAY: u64 = 86_400;
+use time::format_description::well_known::Rfc2822;
+use time::OffsetDateTime;
+
+/// What [`rfc5322_date`] writes for a time past the end of year 9999, the last instant a
+/// four-digit year can name. Only a broken clock gets there; a date that is late but well-formed
+/// keeps the header parseable everywhere.
+const DATE_MAX: &str = "Fri, 31 Dec 9999 23:59:59 +0000";
 
 /// The `with` protocol keyword (RFC 3848 for the ESMTP family, RFC 6531 3.7.3 for UTF8SMTP):
 /// `esmtp` is EHLO rather than HELO, `smtputf8` the transaction's MAIL parameter, `tls` a
@@ -38,35 +40,14 @@ pub fn received_protocol(esmtp: bool, smtputf8: bool, tls: bool, auth: bool) -> 
 }
 
 /// An RFC 5322 3.3 date-time in UTC for `unix_s` seconds since the epoch, e.g.
-/// `Wed, 25 Nov 2026 05:53:25 +0000`.
+/// `Wed, 25 Nov 2026 05:53:25 +0000`: `time`'s RFC 2822 format, which RFC 5322 keeps (day of
+/// month two digits, `+0000` for UTC). Times after year 9999 come out as [`DATE_MAX`].
 pub fn rfc5322_date(unix_s: u64) -> String {
-    let days = unix_s / SECONDS_PER_DAY;
-    let secs = unix_s % SECONDS_PER_DAY;
-    let (year, month, day) = civil_from_days(days);
-    // Indices are reduced modulo the table lengths, so they are in range.
-    let weekday = WEEKDAYS[(days % 7) as usize];
-    let month = MONTHS[(month - 1) as usize % 12];
-    format!(
-        "{weekday}, {day:02} {month} {year} {:02}:{:02}:{:02} +0000",
-        secs / 3600,
-        secs / 60 % 60,
-        secs % 60
-    )
-}
-
-/// Proleptic Gregorian (year, month 1..=12, day 1..=31) of a day count since 1970-01-01
-/// (Howard Hinnant's `civil_from_days`, for non-negative day counts).
-fn civil_from_days(days: u64) -> (u64, u64, u64) {
-    let z = days + 719_468;
-    let era = z / 146_097;
-    let doe = z % 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = doy - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = yoe + era * 400 + u64::from(month <= 2);
-    (year, month, day)
+    i64::try_from(unix_s)
+        .ok()
+        .and_then(|s| OffsetDateTime::from_unix_timestamp(s).ok())
+        .and_then(|t| t.format(&Rfc2822).ok())
+        .unwrap_or_else(|| DATE_MAX.to_owned())
 }
 
 /// Appends `s` keeping only printable ASCII, so client text cannot break the header.
@@ -128,7 +109,7 @@ pub fn submission_headers(body: &[u8], message_id: &str, host: &str, unix_s: u64
     let header_end = find_header_end(body);
     let headers = &body[..header_end];
     let has = |name: &[u8]| {
-        headers.split(|&b| b == b'\n').any(|line| {
+        super::split_lf(headers).any(|line| {
             line.len() > name.len()
                 && line[..name.len()].eq_ignore_ascii_case(name)
                 && line[name.len()] == b':'
@@ -153,14 +134,12 @@ pub fn submission_headers(body: &[u8], message_id: &str, host: &str, unix_s: u64
 /// Length of the header section: up to and including the first empty line, or all of `body`.
 fn find_header_end(body: &[u8]) -> usize {
     let mut line_start = 0;
-    for (i, &b) in body.iter().enumerate() {
-        if b == b'\n' {
-            let line = &body[line_start..i];
-            if line.is_empty() || line == b"\r" {
-                return line_start;
-            }
-            line_start = i + 1;
+    for i in memchr::memchr_iter(b'\n', body) {
+        let line = &body[line_start..i];
+        if line.is_empty() || line == b"\r" {
+            return line_start;
         }
+        line_start = i + 1;
     }
     body.len()
 }
@@ -202,6 +181,10 @@ mod tests {
             rfc5322_date(1_704_067_199),
             "Sun, 31 Dec 2023 23:59:59 +0000"
         );
+        // The last second of year 9999, and past it (a broken clock) the same.
+        assert_eq!(rfc5322_date(253_402_300_799), DATE_MAX);
+        assert_eq!(rfc5322_date(253_402_300_800), DATE_MAX);
+        assert_eq!(rfc5322_date(u64::MAX), DATE_MAX);
     }
 
     #[test]

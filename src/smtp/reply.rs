@@ -18,7 +18,7 @@ use std::io::Write as _;
 
 use thiserror::Error;
 
-use super::find_lf;
+use super::split_lf;
 
 /// An RFC 3463 enhanced status code: class (2, 4 or 5), subject, detail.
 pub type EnhancedCode = (u8, u16, u16);
@@ -124,7 +124,7 @@ pub fn parse_reply(buf: &[u8], line_len_max: usize) -> Result<Option<(Reply, usi
     let mut code = None;
     let end = loop {
         let rest = &buf[pos..];
-        let Some(k) = find_lf(rest) else {
+        let Some(k) = memchr::memchr(b'\n', rest) else {
             if rest.len() >= line_len_max {
                 return Err(ReplyError::LineTooLong { line_len_max });
             }
@@ -153,7 +153,7 @@ pub fn parse_reply(buf: &[u8], line_len_max: usize) -> Result<Option<(Reply, usi
     // Pass 2 builds the reply from the complete lines.
     let mut enhanced = None;
     let mut text = String::new();
-    for (i, raw) in buf[..end].split(|&b| b == b'\n').take(lines).enumerate() {
+    for (i, raw) in split_lf(&buf[..end]).take(lines).enumerate() {
         let (_, _, line_text) = split_line(strip_cr(raw))?;
         let line_text = String::from_utf8_lossy(line_text);
         let body = if i == 0 {

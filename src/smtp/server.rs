@@ -37,7 +37,6 @@ use base64::Engine as _;
 use thiserror::Error;
 
 use super::data::{DataError, DataReader};
-use super::find_lf;
 use super::parser::{
     parse_command, utf8_addr_ascii, xtext_decode, BodyType, Command, MailParams, Mailbox, Notify,
     RcptParams, Ret,
@@ -587,7 +586,7 @@ impl Session {
                 }
                 State::Command => {
                     let pending = &self.buf[self.start..];
-                    match find_lf(pending) {
+                    match memchr::memchr(b'\n', pending) {
                         Some(k) => {
                             let line = &pending[..=k];
                             self.start += k + 1;

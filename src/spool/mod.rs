@@ -1,28 +1,33 @@
 //! The spool: a shard's durable, append-only message store.
 //!
 //! Each shard owns a directory of segments (see [`segment`]) holding records (see [`record`]).
-//! Appends go into an in-memory batch; one committer task per shard writes the batch at the end of
-//! the current segment and fdatasyncs it, then wakes every appender of that batch (group commit:
-//! one fdatasync for many messages). An append of a message returns only once its batch is
-//! durable, which is what lets the SMTP server answer 250.
+//! Appends go into an in-memory batch; one committer task per shard writes the batch at the end
+//! of the current segment and fdatasyncs it, then wakes every appender of that batch (group
+//! commit: one fdatasync for many messages). An append of a message returns only once its batch
+//! is durable, which is what lets the SMTP server answer 250.
 //!
-//! Outcomes (delivered, deferred, bounced, expired) are appended records too; they ride the next
-//! commit without the caller waiting, because losing one only means a retry, never a lost message.
+//! Outcomes (delivered, deferred, bounced, expired) are appended records too; they ride the
+//! next commit without the caller waiting, because losing one only means a retry, never a lost
+//! message.
+//!
+//! The bookkeeping (batches, what each segment holds, which may go, compaction's moves) is the
+//! I/O-free [`engine::Engine`]; this module is its glommio adapter: files, the committer, the
+//! collector that deletes segments and the compactor that copies a mostly-dead segment's live
+//! records forward (rate-limited, on a low-priority task queue) so one long-deferred message
+//! does not pin a whole segment.
 //!
 //! Invariants:
 //! - Records are only ever appended; a segment is never written again after rotation, and after
 //!   a restart new records go to a new segment (never after a torn tail).
-//! - A segment is deleted only when every message in it is final and no outcome in it refers to a
-//!   message whose segment still exists. Otherwise deleting it could revive a delivered
-//!   recipient (its "delivered" outcome gone) or drop a deferral's attempt count.
-//! - In memory the spool keeps per-segment counters only; per-message state belongs to the queue.
+//! - See `engine` for when a segment may go; per-message state belongs to the queue.
 
+pub mod engine;
 pub mod record;
 pub mod recovery;
 pub mod segment;
 
-use std::cell::RefCell;
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::cell::{Cell, RefCell};
+use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::rc::Rc;
 use std::time::Duration;
@@ -31,24 +36,48 @@ use glommio::io::{BufferedFile, OpenOptions};
 use rkyv::util::AlignedVec;
 use shards::Notify;
 
-use record::{MessageRecord, OutcomeRecord, RecordError, RecordKind, RECORD_HEADER_LEN};
-pub use recovery::{RcptState, Recovered, RecoveredMessage, RecoveryReport};
+pub use engine::{CompactionReport, EngineStats, LiveIndex, LiveMessage, RcptSnapshot};
+use engine::{Engine, EngineLimits, Target};
+use record::{MessageView, OutcomeRecord, RecordError, RecordKind, RECORD_HEADER_LEN};
+pub use recovery::{RcptState, Recovered, RecoveredMessage, RecoveryReport, Replay};
+
+use crate::envelope::Envelope;
 
 #[derive(Clone, Debug, thiserror::Error, PartialEq)]
 pub enum SpoolError {
+    /// The disk or a quota is full: the client should try again later (`452 4.3.1`).
+    #[error("spool out of space: {0}")]
+    NoSpace(String),
+    /// Any other I/O failure (`451 4.3.0`).
     #[error("spool I/O error: {0}")]
     Io(String),
     #[error("spool record error: {0}")]
     Record(#[from] RecordError),
+    /// The spool is shutting down (`421 4.3.2`).
     #[error("spool is shutting down")]
     Closed,
     #[error("segment {0} is not open")]
     UnknownSegment(u64),
 }
 
-fn io_err(context: &str, e: impl std::fmt::Display) -> SpoolError {
-    SpoolError::Io(format!("{context}: {e}"))
+/// An I/O error in `context`, with a full disk told apart: ENOSPC and EDQUOT mean "try later",
+/// not "broken".
+fn io_err(context: &str, e: impl Into<std::io::Error>) -> SpoolError {
+    let e: std::io::Error = e.into();
+    match e.raw_os_error() {
+        Some(libc::ENOSPC) | Some(libc::EDQUOT) => SpoolError::NoSpace(format!("{context}: {e}")),
+        _ => SpoolError::Io(format!("{context}: {e}")),
+    }
 }
+
+/// The highest segment number the spool uses: the queue keeps record locations in 32 bits.
+/// 4 billion segments of at least 1 MiB (the smallest `segment_size_max`) is 4 PiB written
+/// per shard; past it the spool refuses to take more rather than misplace a record.
+pub const SEGMENT_SEQ_MAX: u64 = u32::MAX as u64;
+
+/// Compaction reads a segment this many bytes at a time, pausing between reads to keep to its
+/// rate: small enough that a read never holds the disk long, big enough to be sequential.
+const COMPACTION_READ_CHUNK: usize = 1 << 20;
 
 #[derive(Clone, Debug)]
 pub struct SpoolConfig {
@@ -58,10 +87,14 @@ pub struct SpoolConfig {
     pub segment_size_max: u64,
     pub commit_window_us: u64,
     pub commit_batch_max: usize,
+    /// Compact a closed segment whose live bytes fall below this share of it.
+    pub compact_live_ratio: f64,
+    /// Bytes per second compaction may read (its writes ride the group commit).
+    pub compaction_bytes_per_s: u64,
 }
 
 /// Where a record lives: segment, byte offset and framed length.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct Location {
     pub seq: u64,
     pub offset: u64,
@@ -71,6 +104,7 @@ pub struct Location {
 /// A message record read back from disk, 16-byte aligned so rkyv reads it in place.
 pub struct StoredMessage {
     bytes: StoredBytes,
+    version: u8,
     payload_len: usize,
 }
 
@@ -82,118 +116,164 @@ enum StoredBytes {
 }
 
 impl StoredMessage {
-    pub fn message(&self) -> Result<&record::ArchivedMessageRecord, RecordError> {
+    pub fn view(&self) -> Result<MessageView<'_>, RecordError> {
         let bytes: &[u8] = match &self.bytes {
             StoredBytes::Read(read) => read,
             StoredBytes::Copied(copy) => copy,
         };
-        record::access_message(&bytes[RECORD_HEADER_LEN..RECORD_HEADER_LEN + self.payload_len])
+        MessageView::new(
+            self.version,
+            &bytes[RECORD_HEADER_LEN..RECORD_HEADER_LEN + self.payload_len],
+        )
     }
 }
 
 /// Counters for the metrics and the benchmark report.
-#[derive(Clone, Copy, Debug, Default)]
-pub struct SpoolStats {
-    pub commits: u64,
-    pub records: u64,
-    pub bytes: u64,
-    pub segments_deleted: u64,
+pub type SpoolStats = EngineStats;
+
+/// What opening a spool found.
+#[derive(Debug)]
+pub struct Opened {
+    pub report: RecoveryReport,
+    /// Every message id seen on disk is at most this one.
+    pub id_max: u64,
 }
 
 /// Where a committed batch landed: (segment, file offset of the batch), or why it failed.
 type CommitResult = Result<(u64, u64), SpoolError>;
 
-struct Batch {
-    no: u64,
-    buf: Vec<u8>,
-    /// Records in the batch, to turn batch-relative offsets into locations.
-    records: u32,
-    messages: u32,
-    /// Segments of the messages that outcome records in this batch refer to.
-    deps: Vec<u64>,
-    /// Appenders waiting for this batch to be durable.
-    waiters: u32,
-}
-
-struct Segment {
-    file: Rc<BufferedFile>,
-    /// Messages with their record here that are not final yet.
-    live: u32,
-    /// Segments of messages that outcome records here refer to.
-    deps: BTreeSet<u64>,
-}
-
-struct State {
-    next_id: u64,
-    batch: Batch,
-    /// Results of committed batches that still have waiters, with the count still to read it.
-    results: HashMap<u64, (CommitResult, u32)>,
-    segments: BTreeMap<u64, Segment>,
-    current: u64,
-    current_len: u64,
-    closing: bool,
-    committer_done: bool,
-    stats: SpoolStats,
-}
+/// Called with the moves of each committed batch, synchronously (before anything else can
+/// append): the owner of per-message state updates their locations.
+pub type MoveHandler = Box<dyn Fn(&[(u64, Location)])>;
 
 pub struct Spool {
     /// Held for the life of the spool: a second process on the same directory would delete
     /// segments this one is still writing (see [`lock_dir`]).
     _lock: std::fs::File,
     cfg: SpoolConfig,
-    state: RefCell<State>,
+    engine: RefCell<Engine>,
+    files: RefCell<BTreeMap<u64, Rc<BufferedFile>>>,
+    /// Results of committed batches that still have waiters, with the count still to read it.
+    results: RefCell<HashMap<u64, (CommitResult, u32)>>,
+    committer_done: Cell<bool>,
     /// Wakes the committer: records were appended or the spool is closing.
     appended: Notify,
     /// Wakes appenders: a batch was committed.
     committed: Notify,
+    /// Wakes the collector and the compactor: something may have become deletable.
+    changed: Notify,
+    on_moved: RefCell<Option<MoveHandler>>,
 }
 
 impl Spool {
-    /// Open a shard's spool: recover every segment, then start a fresh segment for new records.
-    /// The caller must spawn [`Spool::run_committer`].
-    pub async fn open(cfg: SpoolConfig) -> Result<(Rc<Spool>, Recovered), SpoolError> {
+    /// Open a shard's spool: replay every segment into `sink`, one segment in memory at a
+    /// time, then start a fresh segment for new records. Unreadable records are reported (and
+    /// copied to `quarantine/`). The caller must spawn [`Spool::run_committer`] (and the
+    /// collector and compactor).
+    pub async fn open(
+        mut cfg: SpoolConfig,
+        sink: &mut dyn recovery::Replay,
+    ) -> Result<(Rc<Spool>, Opened), SpoolError> {
         std::fs::create_dir_all(&cfg.dir)
             .map_err(|e| io_err(&format!("create spool dir {}", cfg.dir.display()), e))?;
+        // glommio opens directories relative to no descriptor: give it an absolute path.
+        cfg.dir = std::fs::canonicalize(&cfg.dir)
+            .map_err(|e| io_err(&format!("resolve spool dir {}", cfg.dir.display()), e))?;
         let lock = lock_dir(&cfg.dir)?;
-        let recovered = recovery::recover(&cfg.dir, cfg.shard)?;
+        let shard = cfg.shard;
+        // Directory and file reads are blocking: they run on the executor's blocking pool,
+        // a segment at a time, so memory holds one segment, not the spool.
+        let dir = cfg.dir.clone();
+        let (seqs, corrupt) = glommio::executor()
+            .spawn_blocking(move || recovery::list_segments(&dir, shard))
+            .await?;
+        let mut report = RecoveryReport {
+            corrupt_segments: corrupt,
+            ..RecoveryReport::default()
+        };
         let mut segments = BTreeMap::new();
-        for (seq, info) in &recovered.segments {
+        let mut set_aside = Vec::new();
+        let mut id_max = 0u64;
+        for seq in seqs {
+            let bytes = read_segment(&cfg.dir, seq).await?;
+            let info = recovery::replay_segment(
+                seq,
+                &bytes,
+                sink,
+                &mut report,
+                &mut set_aside,
+                &mut id_max,
+            );
+            segments.insert(seq, info);
+        }
+        recovery::settle(&mut segments, sink, &mut report);
+        if !set_aside.is_empty() {
+            let dir = cfg.dir.clone();
+            report.quarantined = glommio::executor()
+                .spawn_blocking(move || recovery::quarantine(&dir, &set_aside))
+                .await?;
+        }
+        recovery::log_unreadable(shard, &report);
+        let mut files = BTreeMap::new();
+        for seq in segments.keys() {
             let file = OpenOptions::new()
                 .read(true)
                 .buffered_open(segment::path(&cfg.dir, *seq))
                 .await
                 .map_err(|e| io_err("open segment", e))?;
-            segments.insert(
-                *seq,
-                Segment {
-                    file: Rc::new(file),
-                    live: info.live,
-                    deps: info.deps.clone(),
-                },
-            );
+            files.insert(*seq, Rc::new(file));
         }
-        let current = recovered.segments.keys().next_back().map_or(1, |s| s + 1);
-        let state = State {
-            next_id: recovered.next_id,
-            batch: Batch::new(1),
-            results: HashMap::new(),
+        let current = segments.keys().next_back().map_or(1, |s| s + 1);
+        let limits = EngineLimits {
+            segment_size_max: cfg.segment_size_max,
+            commit_batch_max: cfg.commit_batch_max,
+            compact_live_ratio: cfg.compact_live_ratio,
+        };
+        let file = create_segment_file(&cfg, current).await?;
+        files.insert(current, Rc::new(file));
+        let engine = Engine::new(
+            limits,
             segments,
             current,
-            current_len: 0,
-            closing: false,
-            committer_done: false,
-            stats: SpoolStats::default(),
-        };
+            segment::SEGMENT_HEADER_LEN as u64,
+        );
         let spool = Rc::new(Spool {
             _lock: lock,
             cfg,
-            state: RefCell::new(state),
+            engine: RefCell::new(engine),
+            files: RefCell::new(files),
+            results: RefCell::new(HashMap::new()),
+            committer_done: Cell::new(false),
             appended: Notify::new(),
             committed: Notify::new(),
+            changed: Notify::new(),
+            on_moved: RefCell::new(None),
         });
-        spool.create_segment(current).await?;
-        spool.collect();
-        Ok((spool, recovered))
+        Ok((spool, Opened { report, id_max }))
+    }
+
+    /// [`Spool::open`] into a [`recovery::Collect`]: the pending messages as a list, for
+    /// tests and tools.
+    pub async fn open_collecting(cfg: SpoolConfig) -> Result<(Rc<Spool>, Recovered), SpoolError> {
+        let mut sink = recovery::Collect::default();
+        let (spool, opened) = Spool::open(cfg, &mut sink).await?;
+        let segments = spool
+            .engine
+            .borrow()
+            .segments()
+            .iter()
+            .filter(|(s, _)| **s != spool.engine.borrow().current())
+            .map(|(s, st)| (*s, st.clone()))
+            .collect();
+        Ok((
+            spool,
+            Recovered {
+                pending: sink.into_pending(),
+                segments,
+                id_max: opened.id_max,
+                report: opened.report,
+            },
+        ))
     }
 
     pub fn shard(&self) -> u32 {
@@ -201,57 +281,48 @@ impl Spool {
     }
 
     pub fn stats(&self) -> SpoolStats {
-        self.state.borrow().stats
+        self.engine.borrow().stats()
     }
 
     /// Segments on disk, current one included.
     pub fn segment_count(&self) -> usize {
-        self.state.borrow().segments.len()
+        self.files.borrow().len()
     }
 
-    /// Append a message and wait until it is durable. Assigns and returns the message id.
+    /// Set who hears of compaction's moves (see [`MoveHandler`]).
+    pub fn on_moved(&self, handler: MoveHandler) {
+        *self.on_moved.borrow_mut() = Some(handler);
+    }
+
+    /// Append message `id` and wait until it is durable. The body (in pieces: our headers,
+    /// then the message) is copied once, into the batch.
     pub async fn append_message(
         &self,
-        mut rec: MessageRecord,
-    ) -> Result<(u64, Location), SpoolError> {
+        id: u64,
+        envelope: &Envelope,
+        body: &[&[u8]],
+    ) -> Result<Location, SpoolError> {
         self.wait_for_batch_room().await?;
-        let (no, offset, len, id) = {
-            let mut st = self.state.borrow_mut();
-            if st.closing {
-                return Err(SpoolError::Closed);
-            }
-            rec.id = st.next_id;
-            st.next_id += 1;
-            let (offset, len) = record::encode(&mut st.batch.buf, RecordKind::Message, &rec)?;
-            st.batch.records += 1;
-            st.batch.messages += 1;
-            st.batch.waiters += 1;
-            (st.batch.no, offset, len, rec.id)
-        };
+        let (no, offset, len) = self
+            .engine
+            .borrow_mut()
+            .append_message(id, envelope, body)?;
         self.appended.notify_all();
         let (seq, base) = self.wait_for_commit(no).await?;
-        Ok((
-            id,
-            Location {
-                seq,
-                offset: base + offset as u64,
-                len: len as u32,
-            },
-        ))
+        Ok(Location {
+            seq,
+            offset: base + offset,
+            len,
+        })
     }
 
-    /// Append an outcome for a message stored in segment `message_seq`. Does not wait: the record
-    /// rides the next commit. Returns an error only when the record cannot be queued at all.
+    /// Append an outcome for a message stored in segment `message_seq`. Does not wait: the
+    /// record rides the next commit. Returns an error only when it cannot be queued at all.
     pub fn append_outcome(&self, message_seq: u64, rec: &OutcomeRecord) -> Result<(), SpoolError> {
-        {
-            let mut st = self.state.borrow_mut();
-            if st.committer_done {
-                return Err(SpoolError::Closed);
-            }
-            record::encode(&mut st.batch.buf, RecordKind::Outcome, rec)?;
-            st.batch.records += 1;
-            st.batch.deps.push(message_seq);
+        if self.committer_done.get() {
+            return Err(SpoolError::Closed);
         }
+        self.engine.borrow_mut().append_outcome(message_seq, rec)?;
         self.appended.notify_all();
         Ok(())
     }
@@ -259,11 +330,10 @@ impl Spool {
     /// Read a message record back, checked (checksum and archive) on the way in from disk.
     pub async fn read_message(&self, loc: Location) -> Result<StoredMessage, SpoolError> {
         let file = self
-            .state
+            .files
             .borrow()
-            .segments
             .get(&loc.seq)
-            .map(|s| s.file.clone())
+            .cloned()
             .ok_or(SpoolError::UnknownSegment(loc.seq))?;
         let read = file
             .read_at(loc.offset, loc.len as usize)
@@ -283,208 +353,256 @@ impl Spool {
         };
         let stored = StoredMessage {
             bytes,
+            version: header.version,
             payload_len: header.payload_len,
         };
-        stored.message()?;
+        // Assert on the way in from disk: what we read is a valid record.
+        stored.view()?;
         Ok(stored)
     }
 
-    /// A message whose record is in segment `seq` reached a final outcome for every recipient.
-    pub fn message_final(&self, seq: u64) {
-        {
-            let mut st = self.state.borrow_mut();
-            if let Some(seg) = st.segments.get_mut(&seq) {
-                debug_assert!(seg.live > 0, "segment {seq} live count underflow");
-                seg.live = seg.live.saturating_sub(1);
-            }
-        }
-        self.collect();
+    /// Message `id`, whose record is at `loc`, reached a final outcome for every recipient.
+    pub fn message_final(&self, id: u64, loc: Location) {
+        self.engine.borrow_mut().message_final(id, loc);
+        self.changed.notify_all();
     }
 
-    /// Delete every segment that no longer holds anything needed (see the module invariants).
-    fn collect(&self) {
-        let mut st = self.state.borrow_mut();
-        let current = st.current;
-        let candidates: Vec<u64> = st
-            .segments
-            .keys()
-            .copied()
-            .filter(|&s| s != current)
-            .collect();
-        for seq in candidates {
-            let deletable = match st.segments.get(&seq) {
-                Some(seg) => {
-                    seg.live == 0
-                        && seg
-                            .deps
-                            .iter()
-                            .all(|d| *d == seq || !st.segments.contains_key(d))
-                }
-                None => false,
-            };
-            if !deletable {
-                continue;
-            }
-            let path = segment::path(&self.cfg.dir, seq);
-            match std::fs::remove_file(&path) {
-                Ok(()) => {
-                    st.segments.remove(&seq);
-                    st.stats.segments_deleted += 1;
-                }
-                Err(e) => eprintln!(
-                    "shard {}: cannot delete {}: {e}",
-                    self.cfg.shard,
-                    path.display()
-                ),
-            }
-        }
-    }
-
-    /// Stop taking appends; the committer writes what is pending and returns.
+    /// Stop taking messages; the committer writes what is pending and returns.
     pub fn close(&self) {
-        self.state.borrow_mut().closing = true;
+        self.engine.borrow_mut().close();
         self.appended.notify_all();
+        self.changed.notify_all();
     }
 
     /// The group-commit loop. Runs until [`Spool::close`] and the last batch is durable.
     pub async fn run_committer(self: Rc<Self>) {
         loop {
             loop {
-                let ready = {
-                    let st = self.state.borrow();
-                    st.batch.records > 0 || st.closing
+                let (ready, closing) = {
+                    let e = self.engine.borrow();
+                    (e.wants_commit(), e.is_closing())
                 };
-                if ready {
+                if ready || closing {
                     break;
                 }
                 self.appended.notified().await;
             }
-            if self.cfg.commit_window_us > 0 && !self.state.borrow().closing {
+            if self.cfg.commit_window_us > 0 && !self.engine.borrow().is_closing() {
                 glommio::timer::sleep(Duration::from_micros(self.cfg.commit_window_us)).await;
             }
-            let batch = {
-                let mut st = self.state.borrow_mut();
-                if st.batch.records == 0 {
-                    // Closing with nothing pending.
-                    st.committer_done = true;
+            let Some(commit) = self.engine.borrow_mut().take_commit() else {
+                if self.engine.borrow().is_closing() {
                     break;
                 }
-                let next = Batch::new(st.batch.no + 1);
-                std::mem::replace(&mut st.batch, next)
+                continue;
             };
-            let (no, waiters) = (batch.no, batch.waiters);
-            let result = self.write_batch(batch).await;
+            let (no, waiters) = (commit.no, commit.waiters);
+            let mut commit = commit;
+            let buf = std::mem::take(&mut commit.buf);
+            let result = self.write_batch(buf).await;
             if let Err(e) = &result {
-                eprintln!("shard {}: spool commit failed: {e}", self.cfg.shard);
+                tracing::error!(shard = self.cfg.shard, "spool commit failed: {e}");
+            }
+            let done = self
+                .engine
+                .borrow_mut()
+                .committed(commit, result.as_ref().map(|r| *r).map_err(|_| ()));
+            if !done.moved.is_empty() {
+                if let Some(handler) = self.on_moved.borrow().as_ref() {
+                    handler(&done.moved);
+                }
             }
             if waiters > 0 {
-                self.state
-                    .borrow_mut()
-                    .results
-                    .insert(no, (result, waiters));
+                self.results.borrow_mut().insert(no, (result, waiters));
             }
             self.committed.notify_all();
+            self.changed.notify_all();
         }
+        self.committer_done.set(true);
         self.committed.notify_all();
+        self.changed.notify_all();
     }
 
-    async fn write_batch(&self, batch: Batch) -> Result<(u64, u64), SpoolError> {
-        let len = batch.buf.len() as u64;
-        let (full, has_records) = {
-            let st = self.state.borrow();
-            (
-                st.current_len + len > self.cfg.segment_size_max,
-                st.current_len > segment::SEGMENT_HEADER_LEN as u64,
-            )
+    async fn write_batch(&self, buf: Vec<u8>) -> CommitResult {
+        let len = buf.len() as u64;
+        let target = self.engine.borrow().target(len);
+        let (seq, base) = match target {
+            Target::Append { seq, offset } => (seq, offset),
+            Target::Create { seq } => {
+                if seq > SEGMENT_SEQ_MAX {
+                    return Err(SpoolError::Io(format!(
+                        "segment numbers exhausted at {seq}: start over with an empty spool"
+                    )));
+                }
+                let file = create_segment_file(&self.cfg, seq).await?;
+                self.files.borrow_mut().insert(seq, Rc::new(file));
+                let header = segment::SEGMENT_HEADER_LEN as u64;
+                self.engine.borrow_mut().segment_created(seq, header);
+                (seq, header)
+            }
         };
-        if full && has_records {
-            let next = self.state.borrow().current + 1;
-            self.create_segment(next).await?;
-        }
-        let (seq, base, file) = {
-            let st = self.state.borrow();
-            let file = st.segments.get(&st.current).map(|s| s.file.clone());
-            (
-                st.current,
-                st.current_len,
-                file.ok_or(SpoolError::UnknownSegment(st.current))?,
-            )
-        };
-        let written = write_all(&file, batch.buf, base).await.and(
-            file.fdatasync()
+        let file = self
+            .files
+            .borrow()
+            .get(&seq)
+            .cloned()
+            .ok_or(SpoolError::UnknownSegment(seq))?;
+        let written = write_all(&file, buf, base).await;
+        let written = match written {
+            Ok(()) => file
+                .fdatasync()
                 .await
                 .map_err(|e| io_err("fdatasync segment", e)),
-        );
+            Err(e) => Err(e),
+        };
         if let Err(e) = written {
             // Cut the failed batch off so the segment ends on a whole record; if even that fails,
             // recovery's checksum scan skips the partial batch.
             let _ = file.truncate(base).await;
             return Err(e);
         }
-        let mut st = self.state.borrow_mut();
-        st.current_len = base + len;
-        st.stats.commits += 1;
-        st.stats.records += u64::from(batch.records);
-        st.stats.bytes += len;
-        if let Some(seg) = st.segments.get_mut(&seq) {
-            seg.live += batch.messages;
-            seg.deps.extend(batch.deps);
-        }
         Ok((seq, base))
     }
 
-    async fn create_segment(&self, seq: u64) -> Result<(), SpoolError> {
-        debug_assert!(
-            !self.state.borrow().segments.contains_key(&seq),
-            "segment {seq} exists"
-        );
-        let path = segment::path(&self.cfg.dir, seq);
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .buffered_open(&path)
-            .await
-            .map_err(|e| io_err("create segment", e))?;
-        // A failure here (a full disk, typically) leaves no half-made segment behind, so the
-        // next commit can try the same sequence number again. `seq` is always past every
-        // segment we hold, so truncating can only hit such a leftover.
-        let made = async {
-            let header = segment::encode_header(self.cfg.shard, seq).to_vec();
-            write_all(&file, header, 0).await?;
-            file.fdatasync()
-                .await
-                .map_err(|e| io_err("fdatasync new segment", e))?;
-            // The new file's directory entry must be durable too, or a crash could lose it.
-            sync_dir(&self.cfg.dir)
-        };
-        if let Err(e) = made.await {
-            let _ = std::fs::remove_file(&path);
-            return Err(e);
+    /// Delete segments that hold nothing needed, as they become so, until the spool closes.
+    pub async fn run_collector(self: Rc<Self>) {
+        loop {
+            // Looked at before the pass: once the committer is done, one more pass sees
+            // everything its last commit made deletable.
+            let last = self.committer_done.get();
+            let changed = self.changed.notified();
+            // Deleting a segment can free the ones whose outcomes were only about it: go on
+            // until nothing is collectable (or deletions fail, to try again on the next change
+            // rather than spin), or they would wait for the next change, maybe forever.
+            loop {
+                let seqs = self.engine.borrow().collectable();
+                let mut removed = false;
+                for seq in seqs {
+                    removed |= self.remove_segment(seq).await;
+                }
+                if !removed {
+                    break;
+                }
+            }
+            if last {
+                return;
+            }
+            changed.await;
         }
-        let mut st = self.state.borrow_mut();
-        st.segments.insert(
-            seq,
-            Segment {
-                file: Rc::new(file),
-                live: 0,
-                deps: BTreeSet::new(),
-            },
+    }
+
+    /// Delete segment `seq`; false when that failed.
+    async fn remove_segment(&self, seq: u64) -> bool {
+        let path = segment::path(&self.cfg.dir, seq);
+        match glommio::io::remove(&path).await {
+            Ok(()) => {
+                // Readers holding the file keep it open until they finish.
+                self.files.borrow_mut().remove(&seq);
+                self.engine.borrow_mut().segment_removed(seq);
+                true
+            }
+            Err(e) => {
+                tracing::error!(shard = self.cfg.shard, path = %path.display(), "cannot delete segment: {e}");
+                // Try again on the next change rather than spinning.
+                false
+            }
+        }
+    }
+
+    /// Compact segments whose live share fell below the threshold, one at a time, reading at
+    /// most `compaction_bytes_per_s`, until the spool closes. Run it on a low-priority task
+    /// queue: it only ever trades its own latency.
+    pub async fn run_compactor(
+        self: Rc<Self>,
+        index: Rc<dyn LiveIndex>,
+        clock: Rc<dyn crate::clock::Clock>,
+    ) {
+        loop {
+            if self.committer_done.get() || self.engine.borrow().is_closing() {
+                return;
+            }
+            let candidate = self.engine.borrow().compaction_candidate();
+            let Some(seq) = candidate else {
+                self.changed.notified().await;
+                continue;
+            };
+            match self.compact_one(seq, &*index, &*clock).await {
+                Ok(report) => {
+                    tracing::debug!(shard = self.cfg.shard, segment = seq, ?report, "compacted");
+                    self.appended.notify_all();
+                }
+                Err(e) => {
+                    tracing::warn!(
+                        shard = self.cfg.shard,
+                        segment = seq,
+                        "compaction failed: {e}"
+                    );
+                    // Wait for the next change before trying again.
+                    self.changed.notified().await;
+                }
+            }
+        }
+    }
+
+    async fn compact_one(
+        &self,
+        seq: u64,
+        index: &dyn LiveIndex,
+        clock: &dyn crate::clock::Clock,
+    ) -> Result<CompactionReport, SpoolError> {
+        let file = self
+            .files
+            .borrow()
+            .get(&seq)
+            .cloned()
+            .ok_or(SpoolError::UnknownSegment(seq))?;
+        let len = self
+            .engine
+            .borrow()
+            .segments()
+            .get(&seq)
+            .map_or(0, |s| s.len) as usize;
+        let mut bytes: AlignedVec = AlignedVec::with_capacity(len);
+        let rate = self.cfg.compaction_bytes_per_s.max(1);
+        while bytes.len() < len {
+            let want = COMPACTION_READ_CHUNK.min(len - bytes.len());
+            let read = file
+                .read_at(bytes.len() as u64, want)
+                .await
+                .map_err(|e| io_err("compaction read", e))?;
+            if read.is_empty() {
+                break;
+            }
+            bytes.extend_from_slice(&read);
+            // Keep to the rate: this chunk's share of a second.
+            let pause_us = (read.len() as u64).saturating_mul(1_000_000) / rate;
+            glommio::timer::sleep(Duration::from_micros(pause_us)).await;
+        }
+        if bytes.len() < segment::SEGMENT_HEADER_LEN {
+            return Ok(CompactionReport::default());
+        }
+        let scan = engine::scan_segment(
+            &bytes[segment::SEGMENT_HEADER_LEN..],
+            segment::SEGMENT_HEADER_LEN,
         );
-        st.current = seq;
-        st.current_len = segment::SEGMENT_HEADER_LEN as u64;
-        Ok(())
+        // The states restated are those of this instant: no await between reading them and
+        // appending the copies.
+        let report = self
+            .engine
+            .borrow_mut()
+            .compact(seq, &bytes, &scan, index, clock.now_ms())?;
+        self.appended.notify_all();
+        Ok(report)
     }
 
     async fn wait_for_batch_room(&self) -> Result<(), SpoolError> {
         loop {
             {
-                let st = self.state.borrow();
-                if st.closing {
+                let e = self.engine.borrow();
+                if e.is_closing() {
                     return Err(SpoolError::Closed);
                 }
-                if st.batch.buf.len() < self.cfg.commit_batch_max {
+                if e.has_room() {
                     return Ok(());
                 }
             }
@@ -495,16 +613,16 @@ impl Spool {
     async fn wait_for_commit(&self, no: u64) -> Result<(u64, u64), SpoolError> {
         loop {
             {
-                let mut st = self.state.borrow_mut();
-                if let Some((result, waiters)) = st.results.get_mut(&no) {
+                let mut results = self.results.borrow_mut();
+                if let Some((result, waiters)) = results.get_mut(&no) {
                     let result = result.clone();
                     *waiters -= 1;
                     if *waiters == 0 {
-                        st.results.remove(&no);
+                        results.remove(&no);
                     }
                     return result;
                 }
-                if st.committer_done {
+                if self.committer_done.get() {
                     return Err(SpoolError::Closed);
                 }
             }
@@ -513,17 +631,71 @@ impl Spool {
     }
 }
 
-impl Batch {
-    fn new(no: u64) -> Batch {
-        Batch {
-            no,
-            buf: Vec::new(),
-            records: 0,
-            messages: 0,
-            deps: Vec::new(),
-            waiters: 0,
+/// Read segment `seq` whole, aligned for rkyv, with glommio's I/O on the shard's own thread:
+/// the buffer is this thread's (a buffer filled and handed back by a blocking thread would be
+/// freed here but owned by that thread's heap, which never takes it back while it idles).
+async fn read_segment(dir: &Path, seq: u64) -> Result<AlignedVec, SpoolError> {
+    let file = OpenOptions::new()
+        .read(true)
+        .buffered_open(segment::path(dir, seq))
+        .await
+        .map_err(|e| io_err("open segment", e))?;
+    let len = file
+        .file_size()
+        .await
+        .map_err(|e| io_err("stat segment", e))? as usize;
+    let mut bytes: AlignedVec = AlignedVec::with_capacity(len);
+    while bytes.len() < len {
+        let want = RECOVERY_READ_CHUNK.min(len - bytes.len());
+        let read = file
+            .read_at(bytes.len() as u64, want)
+            .await
+            .map_err(|e| io_err("read segment", e))?;
+        if read.is_empty() {
+            break;
         }
+        bytes.extend_from_slice(&read);
     }
+    let _ = file.close().await;
+    Ok(bytes)
+}
+
+/// Recovery reads a segment this many bytes at a time.
+const RECOVERY_READ_CHUNK: usize = 8 << 20;
+
+/// Create segment `seq` with its header, durably (file and directory entry).
+async fn create_segment_file(cfg: &SpoolConfig, seq: u64) -> Result<BufferedFile, SpoolError> {
+    let path = segment::path(&cfg.dir, seq);
+    let file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .buffered_open(&path)
+        .await
+        .map_err(|e| io_err("create segment", e))?;
+    // A failure here (a full disk, typically) leaves no half-made segment behind, so the next
+    // commit can try the same sequence number again. `seq` is always past every segment we
+    // hold, so truncating can only hit such a leftover.
+    let made = async {
+        let header = segment::encode_header(cfg.shard, seq).to_vec();
+        write_all(&file, header, 0).await?;
+        file.fdatasync()
+            .await
+            .map_err(|e| io_err("fdatasync new segment", e))?;
+        // The new file's directory entry must be durable too, or a crash could lose it.
+        let dir = glommio::io::Directory::open(&cfg.dir)
+            .await
+            .map_err(|e| io_err("open spool dir", e))?;
+        dir.sync().await.map_err(|e| io_err("fsync spool dir", e))?;
+        let _ = dir.close().await;
+        Ok::<(), SpoolError>(())
+    };
+    if let Err(e) = made.await {
+        let _ = glommio::io::remove(&path).await;
+        return Err(e);
+    }
+    Ok(file)
 }
 
 async fn write_all(file: &BufferedFile, buf: Vec<u8>, pos: u64) -> Result<(), SpoolError> {
@@ -533,12 +705,11 @@ async fn write_all(file: &BufferedFile, buf: Vec<u8>, pos: u64) -> Result<(), Sp
         .await
         .map_err(|e| io_err("write segment", e))?;
     // A short write to a regular file means the disk or a quota is full. The batch fails as a
-    // whole (its clients get 451) and the caller cuts the partial bytes off.
+    // whole (its clients get 452) and the caller cuts the partial bytes off.
     if done < total {
-        return Err(io_err(
-            "write segment",
-            format!("short write: {done} of {total} bytes"),
-        ));
+        return Err(SpoolError::NoSpace(format!(
+            "write segment: short write, {done} of {total} bytes"
+        )));
     }
     Ok(())
 }
@@ -566,212 +737,5 @@ fn lock_dir(dir: &Path) -> Result<std::fs::File, SpoolError> {
     Ok(file)
 }
 
-fn sync_dir(dir: &Path) -> Result<(), SpoolError> {
-    std::fs::File::open(dir)
-        .and_then(|d| d.sync_all())
-        .map_err(|e| io_err("fsync spool dir", e))
-}
-
 #[cfg(test)]
-mod tests {
-    use super::record::OutcomeKind;
-    use super::*;
-
-    fn run<F: std::future::Future<Output = ()> + 'static>(f: F) {
-        let ex = glommio::LocalExecutorBuilder::new(glommio::Placement::Unbound)
-            .io_memory(256 << 10)
-            .ring_depth(64)
-            .make()
-            .expect("executor");
-        ex.run(f);
-    }
-
-    fn cfg(dir: &Path, segment_size_max: u64) -> SpoolConfig {
-        SpoolConfig {
-            dir: dir.to_owned(),
-            shard: 0,
-            segment_size_max,
-            commit_window_us: 0,
-            commit_batch_max: 1 << 20,
-        }
-    }
-
-    fn message(i: usize, rcpts: usize) -> MessageRecord {
-        MessageRecord {
-            id: 0,
-            reception_id: format!("r{i}"),
-            received_ms: 1000 + i as u64,
-            mail_from: "s@x.test".into(),
-            rcpts: (0..rcpts).map(|r| format!("u{r}@d{r}.test")).collect(),
-            peer: "127.0.0.1:1".into(),
-            flags: 0,
-            dsn_ret: 0,
-            dsn_envid: String::new(),
-            dsn_notify: vec![0; rcpts],
-            dsn_orcpt: vec![String::new(); rcpts],
-            body: vec![b'a' + (i % 26) as u8; 700],
-        }
-    }
-
-    fn outcome(id: u64, rcpt: u32, kind: OutcomeKind) -> OutcomeRecord {
-        OutcomeRecord {
-            message: id,
-            rcpt,
-            kind: kind as u8,
-            attempts: 1,
-            at_ms: 5,
-            next_attempt_ms: 77,
-        }
-    }
-
-    #[test]
-    fn append_read_recover_and_collect() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let path = dir.path().to_owned();
-        run(async move {
-            // Session 1: 40 messages over several 1 MiB segments, concurrent appenders so
-            // batches hold several messages.
-            let (spool, rec) = Spool::open(cfg(&path, 1 << 20)).await.expect("open");
-            assert!(rec.pending.is_empty());
-            let committer = glommio::spawn_local(spool.clone().run_committer());
-            let mut tasks = Vec::new();
-            for i in 0..40 {
-                let spool = spool.clone();
-                tasks.push(glommio::spawn_local(async move {
-                    let mut m = message(i, 2);
-                    m.body = vec![b'a' + (i % 26) as u8; 60_000];
-                    spool.append_message(m).await.expect("append")
-                }));
-            }
-            let mut locs = Vec::new();
-            for t in tasks {
-                locs.push(t.await);
-            }
-            assert!(spool.stats().commits < 40, "group commit batches appends");
-            assert!(spool.segment_count() > 1, "rotated");
-            let stored = spool.read_message(locs[7].1).await.expect("read");
-            assert_eq!(stored.message().expect("valid").reception_id.as_str(), "r7");
-            // First 30 messages: both recipients delivered. Message 30: one deferred.
-            for (id, loc) in &locs[..30] {
-                spool
-                    .append_outcome(loc.seq, &outcome(*id, 0, OutcomeKind::Delivered))
-                    .expect("o");
-                spool
-                    .append_outcome(loc.seq, &outcome(*id, 1, OutcomeKind::Bounced))
-                    .expect("o");
-                spool.message_final(loc.seq);
-            }
-            let (id30, loc30) = locs[30];
-            spool
-                .append_outcome(loc30.seq, &outcome(id30, 0, OutcomeKind::Delivered))
-                .expect("o");
-            spool
-                .append_outcome(loc30.seq, &outcome(id30, 1, OutcomeKind::Deferred))
-                .expect("o");
-            spool.close();
-            committer.await;
-            drop(spool);
-
-            // Session 2: recovery sees 10 pending messages, message 30 with one pending rcpt.
-            let (spool, rec) = Spool::open(cfg(&path, 1 << 20)).await.expect("reopen");
-            assert_eq!(rec.pending.len(), 10, "{:?}", rec.report);
-            let m30 = rec
-                .pending
-                .iter()
-                .find(|m| m.id == id30)
-                .expect("message 30 pending");
-            assert_eq!(m30.states[0], RcptState::Final(OutcomeKind::Delivered));
-            assert_eq!(
-                m30.states[1],
-                RcptState::Pending {
-                    attempts: 1,
-                    next_attempt_ms: 77
-                }
-            );
-            assert_eq!(
-                rec.next_id,
-                locs.iter().map(|l| l.0).max().expect("ids") + 1
-            );
-            let before = spool.segment_count();
-            let committer = glommio::spawn_local(spool.clone().run_committer());
-            for m in &rec.pending {
-                for r in 0..2 {
-                    spool
-                        .append_outcome(m.loc.seq, &outcome(m.id, r, OutcomeKind::Delivered))
-                        .expect("o");
-                }
-                spool.message_final(m.loc.seq);
-            }
-            spool.close();
-            committer.await;
-            drop(spool);
-
-            // Session 3: nothing pending; old segments were deleted once they held nothing live.
-            let (spool, rec) = Spool::open(cfg(&path, 1 << 20)).await.expect("reopen");
-            assert!(rec.pending.is_empty(), "{:?}", rec.report);
-            assert!(
-                spool.segment_count() < before,
-                "{} < {before}",
-                spool.segment_count()
-            );
-        });
-    }
-
-    #[test]
-    fn recovery_survives_torn_and_flipped_records() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let path = dir.path().to_owned();
-        run(async move {
-            let (spool, _) = Spool::open(cfg(&path, 64 << 20)).await.expect("open");
-            let committer = glommio::spawn_local(spool.clone().run_committer());
-            let mut locs = Vec::new();
-            for i in 0..10 {
-                locs.push(spool.append_message(message(i, 1)).await.expect("append"));
-            }
-            spool.close();
-            committer.await;
-            drop(spool);
-
-            let seg = segment::path(&path, locs[0].1.seq);
-            let mut bytes = std::fs::read(&seg).expect("read");
-            // Flip a byte inside message 4's body, and tear the last record in half.
-            let l4 = locs[4].1;
-            bytes[(l4.offset + u64::from(l4.len) / 2) as usize] ^= 0xff;
-            let l9 = locs[9].1;
-            bytes.truncate((l9.offset + u64::from(l9.len) / 2) as usize);
-            std::fs::write(&seg, &bytes).expect("write");
-
-            let (_spool, rec) = Spool::open(cfg(&path, 64 << 20)).await.expect("reopen");
-            let ids: Vec<u64> = rec.pending.iter().map(|m| m.id).collect();
-            let expect: Vec<u64> = locs
-                .iter()
-                .enumerate()
-                .filter(|(i, _)| *i != 4 && *i != 9)
-                .map(|(_, l)| l.0)
-                .collect();
-            assert_eq!(ids, expect);
-            assert_eq!(rec.report.corrupt_records, 1, "{:?}", rec.report);
-            assert_eq!(rec.report.torn_tails, 1, "{:?}", rec.report);
-            // New ids never reuse a recovered one.
-            assert!(rec.next_id > *ids.last().expect("ids"));
-        });
-    }
-
-    #[test]
-    fn bad_segment_header_is_set_aside() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        std::fs::write(
-            segment::path(dir.path(), 3),
-            b"garbage that is not a segment header",
-        )
-        .expect("write");
-        let path = dir.path().to_owned();
-        run(async move {
-            let (spool, rec) = Spool::open(cfg(&path, 64 << 20)).await.expect("open");
-            assert_eq!(rec.report.corrupt_segments.len(), 1);
-            assert_eq!(spool.segment_count(), 1);
-        });
-        assert!(dir.path().join("00000000000000000003.corrupt").exists());
-        assert!(!segment::path(dir.path(), 4).exists());
-    }
-}
+mod tests;

@@ -1,30 +1,50 @@
-//! Spool records: the framing on disk and the rkyv payloads inside it.
+//! Spool records: the framing on disk and the payloads inside it.
 //!
 //! Every record is 16-byte aligned in its segment and framed as (little-endian):
 //!
 //! ```text
 //!  0  magic    u32  "EPXR"
-//!  4  version  u8   RECORD_VERSION
+//!  4  version  u8   RECORD_VERSION (3 is still read)
 //!  5  kind     u8   1 = message, 2 = outcome
 //!  6  reserved u16  zero
 //!  8  len      u32  payload length in bytes
 //! 12  crc      u32  CRC-32C of bytes 0..12 followed by the payload
-//! 16  payload  rkyv archive of MessageRecord or OutcomeRecord, zero-padded to 16 bytes
+//! 16  payload  zero-padded to 16 bytes
 //! ```
 //!
-//! The header is 16 bytes, so a payload starts 16-byte aligned in the file; read into a 16-byte
-//! aligned buffer it can be accessed in place with rkyv, no copy into owned structs.
-//! Invariant: a record that passes [`decode`] has a valid header, checksum and archive.
+//! A version 4 message payload is the message id, then the envelope as an rkyv archive, then the
+//! body as raw bytes (so encoding copies the body once, into the batch, and an envelope can be
+//! read without deserialising anything):
+//!
+//! ```text
+//!  0  id       u64
+//!  8  env_len  u32  length of the envelope archive
+//! 12  reserved u32  zero
+//! 16  envelope rkyv archive of `envelope::Envelope` (16-byte aligned)
+//! 16+env_len  body
+//! ```
+//!
+//! An outcome payload is the rkyv archive of [`OutcomeRecord`]. Version 3 records (envelope and
+//! body in one archive, DSN values as bits) are read and converted; they are never written.
+//! Invariant: a record that passes [`decode`] has a valid header and checksum; a message or
+//! outcome view that passes [`MessageView::new`] / [`access_outcome`] has a valid archive.
 
 use rkyv::rancor;
 use rkyv::util::AlignedVec;
 use rkyv::{Archive, Serialize};
 
+use crate::envelope::{ArchivedEnvelope, Body, Envelope, Notify, ReceptionId, Recipient, Ret};
+
 pub const RECORD_MAGIC: [u8; 4] = *b"EPXR";
-/// 2: message records carry `flags`. Version 1 segments are from before the first release and
-/// are not read.
+/// 2: message records carry `flags`. Version 1 and 2 records are from before the first
+/// release and are not read.
 /// 3: message records carry the DSN envelope (RFC 3461).
-pub const RECORD_VERSION: u8 = 3;
+/// 4: message records are id + typed envelope archive + raw body; outcomes carry a typed kind.
+pub const RECORD_VERSION: u8 = 4;
+/// The oldest version still read (and converted).
+pub const RECORD_VERSION_MIN: u8 = 3;
+/// Bytes before the envelope archive in a version 4 message payload.
+pub const MESSAGE_PREFIX_LEN: usize = 16;
 pub const RECORD_HEADER_LEN: usize = 16;
 /// Records start on this boundary; it is rkyv's alignment for the archived types.
 pub const RECORD_ALIGN: usize = 16;
@@ -51,73 +71,20 @@ impl RecordKind {
     }
 }
 
-/// A message copy as this shard spooled it: the envelope for its own recipients and the body.
-#[derive(Archive, Serialize, Debug, Clone, PartialEq)]
-pub struct MessageRecord {
-    /// Shard-local id, unique for the life of the spool (recovered as max + 1).
-    pub id: u64,
-    /// The id given to the client in the 250 reply; shared by all shards' copies.
-    pub reception_id: String,
-    pub received_ms: u64,
-    pub mail_from: String,
-    /// Only the recipients whose domains this shard owns.
-    pub rcpts: Vec<String>,
-    /// Client address, for the log.
-    pub peer: String,
-    /// What the message needs from the next hop: [`FLAG_SMTPUTF8`], [`FLAG_8BITMIME`],
-    /// [`FLAG_BINARYMIME`].
-    pub flags: u8,
-    /// DSN RET: 0 not given, 1 FULL, 2 HDRS.
-    pub dsn_ret: u8,
-    /// DSN ENVID, or empty.
-    pub dsn_envid: String,
-    /// DSN NOTIFY per recipient (same order as `rcpts`): see [`NOTIFY_GIVEN`] and friends.
-    pub dsn_notify: Vec<u8>,
-    /// DSN ORCPT per recipient, `type;address`, or empty.
-    pub dsn_orcpt: Vec<String>,
-    /// The message as received: CRLF lines, dot-unstuffed, no final dot.
-    pub body: Vec<u8>,
-}
-
-/// The message was received with SMTPUTF8: it must go out with SMTPUTF8 too.
-pub const FLAG_SMTPUTF8: u8 = 1;
-/// The message was declared BODY=8BITMIME.
-pub const FLAG_8BITMIME: u8 = 2;
-/// The message was declared BODY=BINARYMIME (RFC 3030): it may only go out with BDAT and
-/// BODY=BINARYMIME. A new bit in the same field, so records keep their format version; a build
-/// from before it would read such a message as plain text.
-pub const FLAG_BINARYMIME: u8 = 4;
-
-/// NOTIFY bits. Without [`NOTIFY_GIVEN`] the default applies: notices of failure only.
-pub const NOTIFY_SUCCESS: u8 = 1;
-pub const NOTIFY_FAILURE: u8 = 2;
-pub const NOTIFY_DELAY: u8 = 4;
-/// NOTIFY was given (alone: NOTIFY=NEVER).
-pub const NOTIFY_GIVEN: u8 = 8;
-
-/// Whether a recipient with these NOTIFY bits wants a notice of failure.
-pub fn notify_failure(bits: u8) -> bool {
-    bits & NOTIFY_GIVEN == 0 || bits & NOTIFY_FAILURE != 0
-}
-
-/// Whether a recipient with these NOTIFY bits wants a notice of successful delivery.
-pub fn notify_success(bits: u8) -> bool {
-    bits & NOTIFY_GIVEN != 0 && bits & NOTIFY_SUCCESS != 0
-}
-
 /// What became of one recipient of a message. The last outcome for a recipient wins.
 #[derive(Archive, Serialize, Debug, Clone, Copy, PartialEq)]
 pub struct OutcomeRecord {
     pub message: u64,
     pub rcpt: u32,
-    pub kind: u8,
+    pub kind: OutcomeKind,
     pub attempts: u32,
     pub at_ms: u64,
-    /// For `Deferred`: when the next attempt is due.
+    /// For `Deferred`: when the next attempt is due (0: at once).
     pub next_attempt_ms: u64,
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Archive, Serialize, Clone, Copy, Debug, PartialEq, Eq)]
+#[rkyv(derive(Debug))]
 #[repr(u8)]
 pub enum OutcomeKind {
     Delivered = 1,
@@ -139,6 +106,65 @@ impl OutcomeKind {
 
     pub fn is_final(self) -> bool {
         !matches!(self, OutcomeKind::Deferred)
+    }
+}
+
+impl ArchivedOutcomeKind {
+    pub fn to_native(&self) -> OutcomeKind {
+        match self {
+            ArchivedOutcomeKind::Delivered => OutcomeKind::Delivered,
+            ArchivedOutcomeKind::Deferred => OutcomeKind::Deferred,
+            ArchivedOutcomeKind::Bounced => OutcomeKind::Bounced,
+            ArchivedOutcomeKind::Expired => OutcomeKind::Expired,
+        }
+    }
+}
+
+/// An outcome as read back, whatever its version.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Outcome {
+    pub message: u64,
+    pub rcpt: u32,
+    /// None: a kind this build does not know (counted as corrupt by recovery).
+    pub kind: Option<OutcomeKind>,
+    pub attempts: u32,
+    pub at_ms: u64,
+    pub next_attempt_ms: u64,
+}
+
+/// Version 3 records, kept to read spools written before version 4.
+pub mod v3 {
+    use rkyv::{Archive, Serialize};
+
+    #[derive(Archive, Serialize, Debug, Clone, PartialEq)]
+    #[rkyv(derive(Debug))]
+    pub struct MessageRecord {
+        pub id: u64,
+        pub reception_id: String,
+        pub received_ms: u64,
+        pub mail_from: String,
+        pub rcpts: Vec<String>,
+        pub peer: String,
+        /// SMTPUTF8 1, 8BITMIME 2, BINARYMIME 4.
+        pub flags: u8,
+        /// 0 not given, 1 FULL, 2 HDRS.
+        pub dsn_ret: u8,
+        pub dsn_envid: String,
+        /// Given 8, delay 4, failure 2, success 1.
+        pub dsn_notify: Vec<u8>,
+        pub dsn_orcpt: Vec<String>,
+        pub body: Vec<u8>,
+    }
+
+    #[derive(Archive, Serialize, Debug, Clone, Copy, PartialEq)]
+    #[rkyv(derive(Debug))]
+    pub struct OutcomeRecord {
+        pub message: u64,
+        pub rcpt: u32,
+        pub kind: u8,
+        pub attempts: u32,
+        pub at_ms: u64,
+        pub next_attempt_ms: u64,
     }
 }
 
@@ -167,28 +193,9 @@ pub const fn align_up(n: usize) -> usize {
     (n + RECORD_ALIGN - 1) & !(RECORD_ALIGN - 1)
 }
 
-/// Append a framed record to `buf`, whose length must be a multiple of the record alignment so
-/// the payload lands aligned. Returns the record's offset in `buf` and its framed length.
-pub fn encode<T>(
-    buf: &mut Vec<u8>,
-    kind: RecordKind,
-    value: &T,
-) -> Result<(usize, usize), RecordError>
-where
-    T: for<'a> Serialize<
-        rkyv::api::high::HighSerializer<
-            Vec<u8>,
-            rkyv::ser::allocator::ArenaHandle<'a>,
-            rancor::Error,
-        >,
-    >,
-{
-    debug_assert_eq!(buf.len() % RECORD_ALIGN, 0, "records start aligned");
-    let start = buf.len();
-    buf.extend_from_slice(&[0u8; RECORD_HEADER_LEN]);
-    let taken = std::mem::take(buf);
-    *buf = rkyv::api::high::to_bytes_in::<_, rancor::Error>(value, taken)
-        .map_err(|e| RecordError::Serialize(e.to_string()))?;
+/// Frame the payload that occupies `buf[start + RECORD_HEADER_LEN..]`: fill in the header
+/// before it and pad to the alignment. Returns the framed length.
+fn frame(buf: &mut Vec<u8>, start: usize, kind: RecordKind) -> Result<usize, RecordError> {
     let payload_len = buf.len() - start - RECORD_HEADER_LEN;
     if payload_len > RECORD_PAYLOAD_MAX {
         buf.truncate(start);
@@ -198,21 +205,83 @@ where
     header[0..4].copy_from_slice(&RECORD_MAGIC);
     header[4] = RECORD_VERSION;
     header[5] = kind as u8;
+    header[6..8].copy_from_slice(&[0, 0]);
     header[8..12].copy_from_slice(&(payload_len as u32).to_le_bytes());
     let crc = crc32c::crc32c(&buf[start..start + 12]);
     let crc = crc32c::crc32c_append(crc, &buf[start + RECORD_HEADER_LEN..]);
     buf[start + 12..start + 16].copy_from_slice(&crc.to_le_bytes());
     let end = align_up(buf.len());
     buf.resize(end, 0);
-    let framed = end - start;
     // Assert the invariant on the way to disk: what we framed decodes.
-    debug_assert!(decode_header(&buf[start..]).is_ok());
-    Ok((start, framed))
+    debug_assert!(decode(&buf[start..]).is_ok());
+    Ok(end - start)
 }
 
-/// A checked record header: kind and payload length.
+/// Append `value` as an rkyv archive at the end of `buf` (whose length must be aligned).
+fn archive_into<T>(buf: &mut Vec<u8>, value: &T) -> Result<(), RecordError>
+where
+    T: for<'a> Serialize<
+        rkyv::api::high::HighSerializer<
+            Vec<u8>,
+            rkyv::ser::allocator::ArenaHandle<'a>,
+            rancor::Error,
+        >,
+    >,
+{
+    let taken = std::mem::take(buf);
+    *buf = rkyv::api::high::to_bytes_in::<_, rancor::Error>(value, taken)
+        .map_err(|e| RecordError::Serialize(e.to_string()))?;
+    Ok(())
+}
+
+/// Append a framed outcome record to `buf`, whose length must be a multiple of the record
+/// alignment. Returns the record's offset in `buf` and its framed length. No I/O.
+pub fn encode_outcome(
+    buf: &mut Vec<u8>,
+    rec: &OutcomeRecord,
+) -> Result<(usize, usize), RecordError> {
+    debug_assert_eq!(buf.len() % RECORD_ALIGN, 0, "records start aligned");
+    let start = buf.len();
+    buf.extend_from_slice(&[0u8; RECORD_HEADER_LEN]);
+    if let Err(e) = archive_into(buf, rec) {
+        buf.truncate(start);
+        return Err(e);
+    }
+    Ok((start, frame(buf, start, RecordKind::Outcome)?))
+}
+
+/// Append a framed message record (id, envelope, body) to `buf`, whose length must be a
+/// multiple of the record alignment. The body comes in pieces (our headers, then the message as
+/// received) and is copied once, into `buf`. Returns the record's offset in `buf` and its
+/// framed length. No I/O.
+pub fn encode_message(
+    buf: &mut Vec<u8>,
+    id: u64,
+    envelope: &Envelope,
+    body: &[&[u8]],
+) -> Result<(usize, usize), RecordError> {
+    debug_assert_eq!(buf.len() % RECORD_ALIGN, 0, "records start aligned");
+    let start = buf.len();
+    buf.extend_from_slice(&[0u8; RECORD_HEADER_LEN + MESSAGE_PREFIX_LEN]);
+    let env_start = buf.len();
+    if let Err(e) = archive_into(buf, envelope) {
+        buf.truncate(start);
+        return Err(e);
+    }
+    let env_len = buf.len() - env_start;
+    let prefix = start + RECORD_HEADER_LEN;
+    buf[prefix..prefix + 8].copy_from_slice(&id.to_le_bytes());
+    buf[prefix + 8..prefix + 12].copy_from_slice(&(env_len as u32).to_le_bytes());
+    for part in body {
+        buf.extend_from_slice(part);
+    }
+    Ok((start, frame(buf, start, RecordKind::Message)?))
+}
+
+/// A checked record header: version, kind and payload length.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct Header {
+    pub version: u8,
     pub kind: RecordKind,
     pub payload_len: usize,
 }
@@ -232,15 +301,20 @@ pub fn decode_header(bytes: &[u8]) -> Result<Header, RecordError> {
     if bytes[0..4] != RECORD_MAGIC {
         return Err(RecordError::Magic);
     }
-    if bytes[4] != RECORD_VERSION {
-        return Err(RecordError::Version(bytes[4]));
+    let version = bytes[4];
+    if !(RECORD_VERSION_MIN..=RECORD_VERSION).contains(&version) {
+        return Err(RecordError::Version(version));
     }
     let kind = RecordKind::from_u8(bytes[5]).ok_or(RecordError::Kind(bytes[5]))?;
     let payload_len = u32::from_le_bytes([bytes[8], bytes[9], bytes[10], bytes[11]]) as usize;
     if payload_len > RECORD_PAYLOAD_MAX {
         return Err(RecordError::Length(payload_len));
     }
-    Ok(Header { kind, payload_len })
+    Ok(Header {
+        version,
+        kind,
+        payload_len,
+    })
 }
 
 /// Check header and checksum of the record at the start of `bytes`; returns the header and the
@@ -260,16 +334,158 @@ pub fn decode(bytes: &[u8]) -> Result<(Header, &[u8]), RecordError> {
     Ok((header, &bytes[RECORD_HEADER_LEN..end]))
 }
 
-/// View a message payload in place. `payload` must be 16-byte aligned (it is when the record
-/// was read into an [`AlignedVec`] at an aligned offset).
-pub fn access_message(payload: &[u8]) -> Result<&ArchivedMessageRecord, RecordError> {
-    rkyv::access::<ArchivedMessageRecord, rancor::Error>(payload)
-        .map_err(|e| RecordError::Archive(e.to_string()))
+/// A message record viewed in place: its id, envelope and body, whatever its version.
+#[derive(Clone, Copy, Debug)]
+pub enum MessageView<'a> {
+    V4 {
+        id: u64,
+        envelope: &'a ArchivedEnvelope,
+        body: &'a [u8],
+    },
+    V3(&'a v3::ArchivedMessageRecord),
 }
 
-pub fn access_outcome(payload: &[u8]) -> Result<&ArchivedOutcomeRecord, RecordError> {
-    rkyv::access::<ArchivedOutcomeRecord, rancor::Error>(payload)
-        .map_err(|e| RecordError::Archive(e.to_string()))
+impl<'a> MessageView<'a> {
+    /// Check and view a message payload of `version`. `payload` must be 16-byte aligned (it is
+    /// when the record was read into an [`AlignedVec`] at an aligned offset). No allocation.
+    pub fn new(version: u8, payload: &'a [u8]) -> Result<MessageView<'a>, RecordError> {
+        if version == 3 {
+            return rkyv::access::<v3::ArchivedMessageRecord, rancor::Error>(payload)
+                .map(MessageView::V3)
+                .map_err(|e| RecordError::Archive(e.to_string()));
+        }
+        if payload.len() < MESSAGE_PREFIX_LEN {
+            return Err(RecordError::Archive("message payload too short".into()));
+        }
+        let mut id = [0u8; 8];
+        id.copy_from_slice(&payload[0..8]);
+        let env_len = u32::from_le_bytes([payload[8], payload[9], payload[10], payload[11]]);
+        let env_end = MESSAGE_PREFIX_LEN
+            .checked_add(env_len as usize)
+            .filter(|&end| end <= payload.len())
+            .ok_or_else(|| RecordError::Archive(format!("envelope length {env_len}")))?;
+        let envelope =
+            rkyv::access::<ArchivedEnvelope, rancor::Error>(&payload[MESSAGE_PREFIX_LEN..env_end])
+                .map_err(|e| RecordError::Archive(e.to_string()))?;
+        Ok(MessageView::V4 {
+            id: u64::from_le_bytes(id),
+            envelope,
+            body: &payload[env_end..],
+        })
+    }
+
+    pub fn id(&self) -> u64 {
+        match self {
+            MessageView::V4 { id, .. } => *id,
+            MessageView::V3(m) => m.id.to_native(),
+        }
+    }
+
+    pub fn body(&self) -> &'a [u8] {
+        match self {
+            MessageView::V4 { body, .. } => body,
+            MessageView::V3(m) => m.body.as_slice(),
+        }
+    }
+
+    pub fn rcpt_count(&self) -> usize {
+        match self {
+            MessageView::V4 { envelope, .. } => envelope.rcpts.len(),
+            MessageView::V3(m) => m.rcpts.len(),
+        }
+    }
+
+    /// The owned envelope (allocates: for recovery and notices, not per delivery).
+    pub fn envelope(&self) -> Result<Envelope, RecordError> {
+        match self {
+            MessageView::V4 { envelope, .. } => envelope
+                .to_owned_envelope()
+                .map_err(|e| RecordError::Archive(e.to_string())),
+            MessageView::V3(m) => Ok(envelope_of_v3(m)),
+        }
+    }
+}
+
+/// A version 3 record's envelope in today's types.
+fn envelope_of_v3(m: &v3::ArchivedMessageRecord) -> Envelope {
+    let flags = m.flags;
+    let received_ms = m.received_ms.to_native();
+    let reception = ReceptionId::parse(m.reception_id.as_str()).unwrap_or(ReceptionId {
+        ms: received_ms,
+        shard: 0,
+        n: m.id.to_native(),
+    });
+    let rcpts = m
+        .rcpts
+        .iter()
+        .enumerate()
+        .map(|(i, address)| Recipient {
+            address: address.as_str().to_owned(),
+            notify: Notify::from_bits(m.dsn_notify.get(i).copied().unwrap_or(0)),
+            orcpt: m
+                .dsn_orcpt
+                .get(i)
+                .map(|o| o.as_str())
+                .filter(|o| !o.is_empty())
+                .map(str::to_owned),
+        })
+        .collect();
+    Envelope {
+        // The v3 id was printed from the same clock reading as received_ms.
+        reception: ReceptionId {
+            ms: received_ms,
+            ..reception
+        },
+        sender: m.mail_from.as_str().to_owned(),
+        rcpts,
+        ret: match m.dsn_ret {
+            1 => Ret::Full,
+            2 => Ret::Headers,
+            _ => Ret::Unspecified,
+        },
+        envid: Some(m.dsn_envid.as_str())
+            .filter(|e| !e.is_empty())
+            .map(str::to_owned),
+        // The tenant header was read from the body at run time then; pool rules by tenant do not
+        // apply to mail queued by a version 3 build.
+        tenant: None,
+        smtputf8: flags & 1 != 0,
+        body: if flags & 4 != 0 {
+            Body::BinaryMime
+        } else if flags & 2 != 0 {
+            Body::EightBitMime
+        } else {
+            Body::SevenBit
+        },
+        size: m.body.len() as u64,
+        peer: m.peer.as_str().to_owned(),
+    }
+}
+
+/// Check and read an outcome payload of `version`. No allocation.
+pub fn access_outcome(version: u8, payload: &[u8]) -> Result<Outcome, RecordError> {
+    if version == 3 {
+        let o = rkyv::access::<v3::ArchivedOutcomeRecord, rancor::Error>(payload)
+            .map_err(|e| RecordError::Archive(e.to_string()))?;
+        return Ok(Outcome {
+            message: o.message.to_native(),
+            rcpt: o.rcpt.to_native(),
+            kind: OutcomeKind::from_u8(o.kind),
+            attempts: o.attempts.to_native(),
+            at_ms: o.at_ms.to_native(),
+            next_attempt_ms: o.next_attempt_ms.to_native(),
+        });
+    }
+    let o = rkyv::access::<ArchivedOutcomeRecord, rancor::Error>(payload)
+        .map_err(|e| RecordError::Archive(e.to_string()))?;
+    Ok(Outcome {
+        message: o.message.to_native(),
+        rcpt: o.rcpt.to_native(),
+        kind: Some(o.kind.to_native()),
+        attempts: o.attempts.to_native(),
+        at_ms: o.at_ms.to_native(),
+        next_attempt_ms: o.next_attempt_ms.to_native(),
+    })
 }
 
 /// A record found by [`scan`].
@@ -346,23 +562,39 @@ pub fn aligned_copy(bytes: &[u8]) -> AlignedVec {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
-    fn message(id: u64, body: &[u8]) -> MessageRecord {
-        MessageRecord {
-            id,
-            reception_id: format!("r{id}"),
-            received_ms: 1_700_000_000_000 + id,
-            mail_from: "a@b.test".into(),
-            rcpts: vec!["x@d0.test".into(), "y@d1.test".into()],
+    pub(crate) fn envelope(id: u64, rcpts: usize) -> Envelope {
+        Envelope {
+            reception: ReceptionId {
+                ms: 1_700_000_000_000 + id,
+                shard: 0,
+                n: id,
+            },
+            sender: "a@b.test".into(),
+            rcpts: (0..rcpts)
+                .map(|r| Recipient {
+                    address: format!("u{r}@d{r}.test"),
+                    notify: if r == 1 {
+                        Notify::On {
+                            success: true,
+                            failure: false,
+                            delay: false,
+                        }
+                    } else {
+                        Notify::Default
+                    },
+                    orcpt: (r == 1).then(|| format!("rfc822;u{r}@d{r}.test")),
+                })
+                .collect(),
+            ret: Ret::Full,
+            envid: Some("env".into()),
+            tenant: None,
+            smtputf8: false,
+            body: Body::EightBitMime,
+            size: 0,
             peer: "127.0.0.1:5000".into(),
-            flags: FLAG_8BITMIME,
-            dsn_ret: 1,
-            dsn_envid: "env".into(),
-            dsn_notify: vec![0, NOTIFY_GIVEN | NOTIFY_SUCCESS],
-            dsn_orcpt: vec![String::new(), "rfc822;y@d1.test".into()],
-            body: body.to_vec(),
         }
     }
 
@@ -370,7 +602,7 @@ mod tests {
         OutcomeRecord {
             message: id,
             rcpt: 1,
-            kind: OutcomeKind::Deferred as u8,
+            kind: OutcomeKind::Deferred,
             attempts: 3,
             at_ms: 5,
             next_attempt_ms: 9,
@@ -379,9 +611,9 @@ mod tests {
 
     fn encode_all() -> Vec<u8> {
         let mut buf = Vec::new();
-        encode(&mut buf, RecordKind::Message, &message(1, b"hello\r\n")).expect("encode");
-        encode(&mut buf, RecordKind::Outcome, &outcome(1)).expect("encode");
-        encode(&mut buf, RecordKind::Message, &message(2, &[7u8; 3000])).expect("encode");
+        encode_message(&mut buf, 1, &envelope(1, 2), &[b"hel", b"lo\r\n"]).expect("encode");
+        encode_outcome(&mut buf, &outcome(1)).expect("encode");
+        encode_message(&mut buf, 2, &envelope(2, 2), &[&[7u8; 3000]]).expect("encode");
         buf
     }
 
@@ -397,26 +629,139 @@ mod tests {
             panic!("{found:?}")
         };
         assert_eq!(header.kind, RecordKind::Message);
-        let m = access_message(payload).expect("valid");
-        assert_eq!(m.id, 1);
-        assert_eq!(m.body.as_slice(), b"hello\r\n");
-        assert_eq!(m.rcpts[1].as_str(), "y@d1.test");
-        let Scanned::Record { payload, .. } = &found[1] else {
+        let m = MessageView::new(header.version, payload).expect("valid");
+        assert_eq!(m.id(), 1);
+        assert_eq!(m.body(), b"hello\r\n");
+        assert_eq!(m.envelope().expect("envelope"), envelope(1, 2));
+        assert_eq!(m.rcpt_count(), 2);
+        let Scanned::Record {
+            header, payload, ..
+        } = &found[1]
+        else {
             panic!("{found:?}")
         };
-        let o = access_outcome(payload).expect("valid");
+        let o = access_outcome(header.version, payload).expect("valid");
         assert_eq!(
-            (
-                o.message.to_native(),
-                o.rcpt.to_native(),
-                o.attempts.to_native()
-            ),
-            (1, 1, 3)
+            (o.message, o.rcpt, o.attempts, o.kind),
+            (1, 1, 3, Some(OutcomeKind::Deferred))
         );
-        let Scanned::Record { payload, .. } = &found[2] else {
+        let Scanned::Record {
+            header, payload, ..
+        } = &found[2]
+        else {
             panic!("{found:?}")
         };
-        assert_eq!(access_message(payload).expect("valid").body.len(), 3000);
+        let m = MessageView::new(header.version, payload).expect("valid");
+        assert_eq!(m.body().len(), 3000);
+    }
+
+    /// Frame `value` as a version 3 record, as a build before version 4 wrote it.
+    fn encode_v3<T>(buf: &mut Vec<u8>, kind: RecordKind, value: &T)
+    where
+        T: for<'a> Serialize<
+            rkyv::api::high::HighSerializer<
+                Vec<u8>,
+                rkyv::ser::allocator::ArenaHandle<'a>,
+                rancor::Error,
+            >,
+        >,
+    {
+        let start = buf.len();
+        buf.extend_from_slice(&[0u8; RECORD_HEADER_LEN]);
+        archive_into(buf, value).expect("archive");
+        frame(buf, start, kind).expect("frame");
+        buf[start + 4] = 3;
+        let crc = crc32c::crc32c(&buf[start..start + 12]);
+        let len = u32::from_le_bytes([
+            buf[start + 8],
+            buf[start + 9],
+            buf[start + 10],
+            buf[start + 11],
+        ]) as usize;
+        let crc = crc32c::crc32c_append(
+            crc,
+            &buf[start + RECORD_HEADER_LEN..start + RECORD_HEADER_LEN + len],
+        );
+        buf[start + 12..start + 16].copy_from_slice(&crc.to_le_bytes());
+    }
+
+    #[test]
+    fn version_3_records_are_read_and_converted() {
+        let mut buf = Vec::new();
+        let old = v3::MessageRecord {
+            id: 7,
+            reception_id: "18c00000001.1.2a".into(),
+            received_ms: 0x18c_0000_0001,
+            mail_from: "s@x.test".into(),
+            rcpts: vec!["a@a.test".into(), "b@b.test".into()],
+            peer: "127.0.0.1:9".into(),
+            flags: 1 | 2,
+            dsn_ret: 2,
+            dsn_envid: String::new(),
+            dsn_notify: vec![0, 8 | 1 | 2],
+            dsn_orcpt: vec![String::new(), "rfc822;b@b.test".into()],
+            body: b"Subject: old\r\n\r\nbody\r\n".to_vec(),
+        };
+        encode_v3(&mut buf, RecordKind::Message, &old);
+        let out = v3::OutcomeRecord {
+            message: 7,
+            rcpt: 1,
+            kind: 3,
+            attempts: 2,
+            at_ms: 10,
+            next_attempt_ms: 0,
+        };
+        encode_v3(&mut buf, RecordKind::Outcome, &out);
+        let buf = aligned_copy(&buf);
+        let found: Vec<_> = scan(&buf).collect();
+        let Scanned::Record {
+            header, payload, ..
+        } = &found[0]
+        else {
+            panic!("{found:?}")
+        };
+        assert_eq!(header.version, 3);
+        let m = MessageView::new(header.version, payload).expect("v3 message");
+        assert_eq!((m.id(), m.body()), (7, old.body.as_slice()));
+        let env = m.envelope().expect("envelope");
+        assert_eq!(env.reception.to_string(), "18c00000001.1.2a");
+        assert_eq!(env.sender, "s@x.test");
+        assert_eq!(
+            (env.smtputf8, env.body, env.ret),
+            (true, Body::EightBitMime, Ret::Headers)
+        );
+        assert_eq!(env.envid, None);
+        assert_eq!(env.rcpts[0].notify, Notify::Default);
+        assert_eq!(
+            env.rcpts[1].notify,
+            Notify::On {
+                success: true,
+                failure: true,
+                delay: false
+            }
+        );
+        assert_eq!(env.rcpts[1].orcpt.as_deref(), Some("rfc822;b@b.test"));
+        let Scanned::Record {
+            header, payload, ..
+        } = &found[1]
+        else {
+            panic!("{found:?}")
+        };
+        let o = access_outcome(header.version, payload).expect("v3 outcome");
+        assert_eq!((o.message, o.kind), (7, Some(OutcomeKind::Bounced)));
+    }
+
+    #[test]
+    fn a_lying_envelope_length_is_an_error_not_a_panic() {
+        let mut buf = Vec::new();
+        encode_message(&mut buf, 1, &envelope(1, 1), &[b"x"]).expect("encode");
+        let buf = aligned_copy(&buf);
+        let (header, payload) = decode(&buf).expect("frame");
+        let mut bad = aligned_copy(payload);
+        bad[8..12].copy_from_slice(&u32::MAX.to_le_bytes());
+        assert!(MessageView::new(header.version, &bad).is_err());
+        bad[8..12].copy_from_slice(&3u32.to_le_bytes());
+        assert!(MessageView::new(header.version, &bad).is_err());
     }
 
     #[test]

@@ -226,6 +226,8 @@ pub struct Opts {
     pub delivery_port: Option<u16>,
     pub spool: PathBuf,
     pub log_dir: PathBuf,
+    /// `--log-format FORMAT` (a global flag, before `serve`) when set; `human` otherwise.
+    pub log_format: Option<String>,
 }
 
 impl Opts {
@@ -239,6 +241,7 @@ impl Opts {
             delivery_port: None,
             spool: dir.join("spool"),
             log_dir: dir.join("log"),
+            log_format: None,
         }
     }
 
@@ -275,9 +278,19 @@ impl Opts {
         self
     }
 
-    /// The `epoxi serve ...` arguments for a config file at `config_path`.
+    /// The operational log format on stderr: `"json"` or `"human"`.
+    pub fn log_format(mut self, format: &str) -> Opts {
+        self.log_format = Some(format.to_owned());
+        self
+    }
+
+    /// The `epoxi [global flags] serve ...` arguments for a config file at `config_path`.
     pub fn serve_args(&self, config_path: &Path) -> Vec<OsString> {
-        let mut args: Vec<OsString> = vec!["serve".into(), "--config".into()];
+        let mut args: Vec<OsString> = Vec::new();
+        if let Some(format) = &self.log_format {
+            args.extend(["--log-format".into(), format.into()]);
+        }
+        args.extend(["serve".into(), "--config".into()]);
         args.push(config_path.into());
         args.extend(["--listen", "127.0.0.1:0", "--spool"].map(OsString::from));
         args.push(self.spool.clone().into());
@@ -358,7 +371,7 @@ impl Epoxi {
         };
         let deadline = Instant::now() + DEADLINE;
         loop {
-            if let Some(port) = listening_port(&epoxi.stderr.text(), "epoxi: listening on ") {
+            if let Some(port) = listening_port(&epoxi.stderr.text(), "listening on ") {
                 epoxi.port = port;
                 return Ok(epoxi);
             }
@@ -435,7 +448,7 @@ impl Epoxi {
             "epoxi exited with {status} after SIGTERM:\n{stderr}"
         );
         assert!(
-            stderr.contains("epoxi: stopped cleanly"),
+            stderr.contains("stopped cleanly"),
             "no clean stop:\n{stderr}"
         );
     }
@@ -487,16 +500,20 @@ fn listening_port(text: &str, prefix: &str) -> Option<u16> {
     listening_addr(text, prefix).map(|a| a.port())
 }
 
-/// The address in a `<prefix>IP:PORT` line (`[IPv6]:PORT` too).
+/// The address after `<prefix>` in a line like `... <prefix>IP:PORT ...` (`[IPv6]:PORT` too).
 fn listening_addr(text: &str, prefix: &str) -> Option<SocketAddr> {
-    let line = text.lines().find_map(|l| l.strip_prefix(prefix))?;
+    let line = text
+        .lines()
+        .find_map(|l| l.find(prefix).map(|at| &l[at + prefix.len()..]))?;
     let addr = line.split_whitespace().next()?;
     addr.parse::<SocketAddr>().ok()
 }
 
-/// `epoxi: shard 0 recovered 1 segments, 5 messages pending, 1 corrupt records, 1 torn tails`
+/// `... shard 0 recovered 1 segments, 5 messages pending, 1 corrupt records, 1 torn tails`
 fn parse_recovery(line: &str) -> Option<Recovery> {
-    let rest = line.strip_prefix("epoxi: shard ")?;
+    let at = line.find(" recovered ")?;
+    let start = line[..at].rfind("shard ")?;
+    let rest = &line[start + "shard ".len()..];
     let words: Vec<&str> = rest.split([' ', ',']).filter(|w| !w.is_empty()).collect();
     if words.get(1) != Some(&"recovered") {
         return None;

@@ -1,0 +1,530 @@
+//! The core's delivery side: when to open a connection and from which source, the permits
+//! that bound connections per (site, source) across shards, and what each connection does next.
+
+use std::collections::VecDeque;
+
+use super::{Action, Core, DestState, PendingLease};
+use crate::egress::lease::{owner_of, LeaseKey, LeaseMsg};
+use crate::envelope::Body;
+use crate::events::{Event, SourceHealth};
+use crate::outcome::RcptResult;
+use crate::queue::{Dest, Job};
+use crate::smtp::reply::Reply;
+use crate::spool::Location;
+
+/// A connection carries at least this many messages before it hands its permit to a waiting
+/// shard (so turns are not a connection per message).
+pub const YIELD_AFTER_MESSAGES: u32 = 32;
+
+/// A delivery connection of this shard.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ConnId(pub u64);
+
+/// Where an attempt went, for the log: the remote host and the egress source.
+#[derive(Clone, Debug)]
+pub struct Via {
+    pub peer: String,
+    pub source: Option<usize>,
+}
+
+impl Via {
+    /// No connection was made (e.g. DNS said the domain takes no mail).
+    pub const NONE: Via = Via {
+        peer: String::new(),
+        source: None,
+    };
+}
+
+/// Why a connection did not open.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ConnFailure {
+    /// No host of the destination could be reached: every job waiting for it fails the same
+    /// way. `source_suspect`: the failures may be the source's fault (timeouts, unreachable
+    /// networks, not refusals), and no connection was made at all.
+    Unreachable { why: String, source_suspect: bool },
+    /// The egress source's address cannot be bound: nothing was tried; the jobs stay queued
+    /// for another source.
+    Bind { why: String },
+}
+
+/// A job handed to a connection, with what its transaction needs from the queue.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Ticket {
+    pub job: Job,
+    pub loc: Location,
+    pub sender: String,
+    pub rcpts: Vec<String>,
+    pub size: u64,
+    pub body: Body,
+    pub smtputf8: bool,
+}
+
+/// What a connection should do now.
+#[derive(Clone, Debug, PartialEq)]
+pub enum NextJob {
+    Job(Box<Ticket>),
+    /// No work: wait until this time (or a [`Action::WakeIdle`]) and ask again.
+    Wait {
+        until_ms: u64,
+    },
+    /// Quit: idle too long, carried enough, another shard's turn, or shutting down.
+    Close,
+}
+
+#[derive(Debug)]
+pub(super) struct Conn {
+    dest: Dest,
+    key: LeaseKey,
+    source: usize,
+    started: u32,
+    messages_max: u32,
+    idle_timeout_ms: u64,
+    idle_since_ms: Option<u64>,
+    idle: bool,
+    peer: String,
+}
+
+impl Core {
+    fn dest_state(&mut self, dest: &Dest) -> &mut DestState {
+        self.dests.entry(dest.clone()).or_default()
+    }
+
+    fn tidy_dest(&mut self, dest: &Dest) {
+        if let Some(d) = self.dests.get(dest) {
+            if d.conns == 0 && d.requested == 0 {
+                self.dests.remove(dest);
+            }
+        }
+    }
+
+    /// Ask for one more connection to `dest` when work waits that no idle or coming
+    /// connection will take, from the next source of its pool.
+    pub(super) fn connect_more(&mut self, dest: &Dest, now_ms: u64) {
+        if self.stopping {
+            return;
+        }
+        let ready = self.queue.ready_for(dest) as u32;
+        let limits = self.settings.site_limits(&dest.hop);
+        let members = self.settings.egress.pools[dest.pool].members.len() as u32;
+        let slots_max = (limits.connections_max as u32).saturating_mul(members);
+        let ds = *self.dest_state(dest);
+        if ready <= ds.idle + ds.requested || ds.conns + ds.requested >= slots_max {
+            self.tidy_dest(dest);
+            return;
+        }
+        let sources = self
+            .health
+            .candidates(&self.settings.egress, dest.pool, now_ms);
+        let Some((&first, rest)) = sources.split_first() else {
+            // Every source of the pool has an address that cannot be bound.
+            let pool = &self.settings.egress.pools[dest.pool].name;
+            let reply = Reply::new(
+                451,
+                Some((4, 4, 0)),
+                format!("No usable source in egress pool `{pool}`"),
+            );
+            let jobs = self.queue.drain_ready(dest);
+            for job in jobs {
+                self.fail(
+                    job.id,
+                    &job.rcpts,
+                    &RcptResult::Reply(reply.clone()),
+                    now_ms,
+                );
+            }
+            self.tidy_dest(dest);
+            return;
+        };
+        let pending = PendingLease {
+            dest: dest.clone(),
+            fallbacks: rest.iter().rev().copied().collect(),
+            queued: false,
+        };
+        self.request_permit(first, pending, limits.connections_max as u32);
+    }
+
+    fn request_permit(&mut self, source: usize, pending: PendingLease, limit: u32) {
+        let key = LeaseKey {
+            site: pending.dest.hop.site_key(),
+            source: source as u16,
+        };
+        self.dest_state(&pending.dest).requested += 1;
+        self.pending_leases
+            .entry(key.clone())
+            .or_default()
+            .push_back(pending);
+        let msg = self.permits.want(&key, limit);
+        self.send_lease(owner_of(&key, self.shards), msg);
+    }
+
+    /// Send a lease message; this shard's own are handled at once.
+    fn send_lease(&mut self, to: usize, msg: LeaseMsg) {
+        if to != self.shard {
+            self.actions.push(Action::Lease { to, msg });
+            return;
+        }
+        // Handle locally, iteratively (an answer can cause more messages), first in first out
+        // as the mesh would carry them.
+        let mut work = VecDeque::from([(self.shard, to, msg)]);
+        while let Some((from, at, msg)) = work.pop_front() {
+            debug_assert_eq!(at, self.shard);
+            if is_request(&msg) {
+                for (dest, reply) in self.budgets.handle(from, msg) {
+                    if dest == self.shard {
+                        work.push_back((self.shard, self.shard, reply));
+                    } else {
+                        self.actions.push(Action::Lease {
+                            to: dest,
+                            msg: reply,
+                        });
+                    }
+                }
+            } else {
+                self.lease_answer(msg);
+            }
+        }
+    }
+
+    /// A lease message from shard `from` (a request for a budget this shard owns, or an answer
+    /// about a permit it asked for).
+    pub fn lease_in(&mut self, from: usize, msg: LeaseMsg, now_ms: u64) {
+        if is_request(&msg) {
+            for (to, reply) in self.budgets.handle(from, msg) {
+                self.send_lease(to, reply);
+            }
+        } else {
+            self.lease_answer(msg);
+        }
+        let _ = now_ms;
+    }
+
+    fn lease_answer(&mut self, msg: LeaseMsg) {
+        match msg {
+            LeaseMsg::Granted { key } => self.granted(key),
+            LeaseMsg::Queued { key } => self.queued(key),
+            LeaseMsg::Yield { key } => {
+                self.permits.yield_asked(&key);
+                self.actions.push(Action::WakeIdle);
+            }
+            _ => {}
+        }
+    }
+
+    fn granted(&mut self, key: LeaseKey) {
+        self.permits.granted(&key);
+        let pending = self
+            .pending_leases
+            .get_mut(&key)
+            .and_then(|q| q.pop_front());
+        if self.pending_leases.get(&key).is_some_and(|q| q.is_empty()) {
+            self.pending_leases.remove(&key);
+        }
+        let Some(pending) = pending else {
+            // Not asked for (cannot happen): give it back.
+            let msg = self.permits.release(&key);
+            return self.send_lease(owner_of(&key, self.shards), msg);
+        };
+        let dest = pending.dest;
+        let ds = self.dest_state(&dest);
+        ds.requested = ds.requested.saturating_sub(1);
+        let idle = ds.idle;
+        let wanted = !self.stopping && self.queue.ready_for(&dest) as u32 > idle;
+        if !wanted {
+            let msg = self.permits.release(&key);
+            self.tidy_dest(&dest);
+            return self.send_lease(owner_of(&key, self.shards), msg);
+        }
+        let limits = self.settings.site_limits(&dest.hop);
+        let conn = ConnId(self.next_conn);
+        self.next_conn += 1;
+        self.dest_state(&dest).conns += 1;
+        let source = usize::from(key.source);
+        self.conns.insert(
+            conn,
+            Conn {
+                dest: dest.clone(),
+                key,
+                source,
+                started: 0,
+                messages_max: limits.messages_per_connection_max.min(u32::MAX as usize) as u32,
+                idle_timeout_ms: limits.idle_timeout_ms,
+                idle_since_ms: None,
+                idle: false,
+                peer: String::new(),
+            },
+        );
+        self.actions.push(Action::Connect { conn, dest, source });
+    }
+
+    fn queued(&mut self, key: LeaseKey) {
+        // The oldest request not answered yet is the one queued (answers come in order).
+        let Some(q) = self.pending_leases.get_mut(&key) else {
+            return;
+        };
+        let Some(p) = q.iter_mut().find(|p| !p.queued) else {
+            return;
+        };
+        p.queued = true;
+        let Some(next) = p.fallbacks.pop() else {
+            return;
+        };
+        // Ask the pool's next source too; whichever grants first serves, the other's permit
+        // goes back if it is not needed by then.
+        let retry = PendingLease {
+            dest: p.dest.clone(),
+            fallbacks: std::mem::take(&mut p.fallbacks),
+            queued: false,
+        };
+        let limit = self.settings.site_limits(&retry.dest.hop).connections_max as u32;
+        self.request_permit(next, retry, limit);
+    }
+
+    /// Connection `conn` greeted and took EHLO, with `peer` (`host[address]:port`).
+    pub fn conn_opened(&mut self, conn: ConnId, peer: &str, now_ms: u64) {
+        let Some(c) = self.conns.get_mut(&conn) else {
+            return;
+        };
+        c.peer = peer.to_owned();
+        let source = c.source;
+        if let Some(change) = self.health.success(source) {
+            self.source_health(source, change, "", now_ms);
+        }
+    }
+
+    /// Connection `conn` did not open. The adapter calls [`Core::conn_closed`] after.
+    pub fn conn_failed(&mut self, conn: ConnId, failure: ConnFailure, now_ms: u64) {
+        let Some(c) = self.conns.get(&conn) else {
+            return;
+        };
+        let (dest, source) = (c.dest.clone(), c.source);
+        match failure {
+            ConnFailure::Bind { why } => {
+                let change = self.health.failure(
+                    &self.settings.egress,
+                    source,
+                    crate::egress::Down::Bind,
+                    now_ms,
+                );
+                if let Some(change) = change {
+                    self.source_health(source, change, &why, now_ms);
+                }
+            }
+            ConnFailure::Unreachable {
+                why,
+                source_suspect,
+            } => {
+                if source_suspect {
+                    let change = self.health.failure(
+                        &self.settings.egress,
+                        source,
+                        crate::egress::Down::Connect,
+                        now_ms,
+                    );
+                    if let Some(change) = change {
+                        self.source_health(source, change, &why, now_ms);
+                    }
+                }
+                let via = Via {
+                    peer: dest.hop.to_string(),
+                    source: Some(source),
+                };
+                let jobs = self.queue.drain_ready(&dest);
+                let result = RcptResult::Failure(why);
+                for job in jobs {
+                    let results: Vec<(u16, RcptResult)> =
+                        job.rcpts.iter().map(|&r| (r, result.clone())).collect();
+                    self.record_results(job.id, &results, &via, now_ms);
+                }
+            }
+        }
+    }
+
+    /// What connection `conn` should do next (it has no transaction in flight).
+    pub fn next_job(&mut self, conn: ConnId, now_ms: u64) -> NextJob {
+        let Some(c) = self.conns.get(&conn) else {
+            return NextJob::Close;
+        };
+        let (dest, key, started, messages_max) =
+            (c.dest.clone(), c.key.clone(), c.started, c.messages_max);
+        let close = self.stopping
+            || started >= messages_max
+            || (started >= YIELD_AFTER_MESSAGES && self.permits.take_yield(&key));
+        let next = if close { None } else { self.take_ticket(&dest) };
+        match next {
+            Some(ticket) => {
+                self.set_idle(conn, false, now_ms);
+                if let Some(c) = self.conns.get_mut(&conn) {
+                    c.started += 1;
+                }
+                NextJob::Job(Box::new(ticket))
+            }
+            None if close => {
+                self.set_idle(conn, false, now_ms);
+                NextJob::Close
+            }
+            None => {
+                // No work: an idle connection hands its permit to a waiting shard at once.
+                if self.permits.take_yield(&key) {
+                    self.set_idle(conn, false, now_ms);
+                    return NextJob::Close;
+                }
+                self.set_idle(conn, true, now_ms);
+                let Some(c) = self.conns.get(&conn) else {
+                    return NextJob::Close;
+                };
+                let until_ms = c.idle_since_ms.unwrap_or(now_ms) + c.idle_timeout_ms;
+                if now_ms >= until_ms {
+                    self.set_idle(conn, false, now_ms);
+                    return NextJob::Close;
+                }
+                NextJob::Wait { until_ms }
+            }
+        }
+    }
+
+    /// Another job for `conn` right away, to pipeline behind the one in flight; None when
+    /// there is none or the connection should take no more.
+    pub fn early_job(&mut self, conn: ConnId) -> Option<Box<Ticket>> {
+        let c = self.conns.get(&conn)?;
+        // `started` already counts the job in flight: this one would be number `started + 1`.
+        if self.stopping || c.started >= c.messages_max {
+            return None;
+        }
+        let (dest, key) = (c.dest.clone(), c.key.clone());
+        if c.started >= YIELD_AFTER_MESSAGES && self.permits.yields_pending(&key) {
+            return None;
+        }
+        let ticket = self.take_ticket(&dest)?;
+        if let Some(c) = self.conns.get_mut(&conn) {
+            c.started += 1;
+        }
+        Some(Box::new(ticket))
+    }
+
+    fn set_idle(&mut self, conn: ConnId, idle: bool, now_ms: u64) {
+        let Some(c) = self.conns.get_mut(&conn) else {
+            return;
+        };
+        if c.idle == idle {
+            return;
+        }
+        c.idle = idle;
+        c.idle_since_ms = idle.then_some(now_ms);
+        let dest = c.dest.clone();
+        let ds = self.dest_state(&dest);
+        if idle {
+            ds.idle += 1;
+        } else {
+            ds.idle = ds.idle.saturating_sub(1);
+        }
+    }
+
+    /// The next ready job of `dest` with what its transaction needs; jobs of messages gone
+    /// meanwhile are skipped.
+    fn take_ticket(&mut self, dest: &Dest) -> Option<Ticket> {
+        loop {
+            let job = self.queue.pop_ready(dest)?;
+            let Some(m) = self.queue.get(job.id) else {
+                continue;
+            };
+            let rcpts = job.rcpts.iter().map(|&r| m.rcpt(r).to_owned()).collect();
+            return Some(Ticket {
+                loc: m.loc(),
+                sender: m.sender().to_owned(),
+                rcpts,
+                size: m.size(),
+                body: m.body(),
+                smtputf8: m.smtputf8(),
+                job,
+            });
+        }
+    }
+
+    /// The transaction of `job` on `conn` ended: each recipient's result.
+    pub fn txn_done(
+        &mut self,
+        conn: ConnId,
+        job: &Job,
+        results: &[(u16, RcptResult)],
+        now_ms: u64,
+    ) {
+        let via = match self.conns.get(&conn) {
+            Some(c) => Via {
+                peer: c.peer.clone(),
+                source: Some(c.source),
+            },
+            None => Via::NONE,
+        };
+        self.record_results(job.id, results, &via, now_ms);
+    }
+
+    /// The transaction of `job` did not happen (e.g. the message's SIZE is over the next hop's
+    /// limit, checked before sending): each recipient's result, logged without a peer.
+    pub fn txn_refused(&mut self, job: &Job, results: &[(u16, RcptResult)], now_ms: u64) {
+        self.record_results(job.id, results, &Via::NONE, now_ms);
+    }
+
+    /// Connection `conn` is closed (after QUIT, a failure, or never opened): its permit goes
+    /// back, and work it left gets a fresh connection.
+    pub fn conn_closed(&mut self, conn: ConnId, now_ms: u64) {
+        let Some(c) = self.conns.remove(&conn) else {
+            return;
+        };
+        let ds = self.dest_state(&c.dest);
+        ds.conns = ds.conns.saturating_sub(1);
+        if c.idle {
+            ds.idle = ds.idle.saturating_sub(1);
+        }
+        let msg = self.permits.release(&c.key);
+        self.send_lease(owner_of(&c.key, self.shards), msg);
+        self.connect_more(&c.dest, now_ms);
+        self.tidy_dest(&c.dest);
+    }
+
+    fn source_health(
+        &mut self,
+        source: usize,
+        change: crate::egress::HealthChange,
+        why: &str,
+        now_ms: u64,
+    ) {
+        let src = &self.settings.egress.sources[source];
+        let addr = src.address.map_or("any".to_owned(), |a| a.to_string());
+        let down_until_ms = match change {
+            crate::egress::HealthChange::Down {
+                why: kind,
+                until_ms,
+            } => {
+                tracing::warn!(
+                    "shard {}: egress source `{}` ({addr}) out of rotation for {} s ({kind:?} failure): {why}",
+                    self.shard,
+                    src.name,
+                    until_ms.saturating_sub(now_ms).div_ceil(1000)
+                );
+                Some(until_ms)
+            }
+            crate::egress::HealthChange::Up => {
+                tracing::info!(
+                    "shard {}: egress source `{}` ({addr}) back in rotation",
+                    self.shard,
+                    src.name
+                );
+                None
+            }
+        };
+        self.observers.emit(&Event::SourceHealth(SourceHealth {
+            ts_ms: now_ms,
+            shard: self.shard,
+            source: &src.name,
+            down_until_ms,
+            why,
+        }));
+    }
+}
+
+fn is_request(msg: &LeaseMsg) -> bool {
+    matches!(
+        msg,
+        LeaseMsg::Acquire { .. } | LeaseMsg::Release { .. } | LeaseMsg::Cancel { .. }
+    )
+}

@@ -1,0 +1,486 @@
+//! The core: one shard's orchestration as an I/O-free state machine.
+//!
+//! It owns the stages' decision state: the queue (messages, ready jobs, the retry schedule),
+//! routing (static routes and the site memo), egress (source health and rotation, the
+//! connection permits it holds and the budgets it owns), the delivery connections it runs, and
+//! the outcomes and notices in progress. It is fed events — a message spooled, an MX answer, a
+//! connection opened or broken, a transaction's replies, a lease message from another shard, the
+//! clock reaching a due time — each with the current time, and answers with [`Action`]s for the
+//! adapters to perform: spool an outcome, release a record, resolve a domain, open a
+//! connection, send a lease message, build a notice, wake idle connections. Events at stage
+//! boundaries go to the [`Observers`] as they happen.
+//!
+//! Nothing here reads a clock, touches a socket or a file, or awaits: the glommio driver
+//! (`shard`) and the deterministic simulation (`epoxi-sim`) run the same code.
+
+mod deliver;
+mod finish;
+mod handle;
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::rc::Rc;
+
+use crate::egress::lease::{Budgets, LeaseKey, LeaseMsg, Permits};
+use crate::egress::EgressState;
+use crate::envelope::{Envelope, ReceptionId};
+use crate::events::{Event, Observers, Received, Response};
+use crate::outcome::RcptResult;
+use crate::queue::retry::Backoff;
+use crate::queue::{Dest, Job, JobRcpts, Queue, QueueFull};
+use crate::route::{Hop, LookupError, Router, SiteMemo};
+use crate::settings::Settings;
+use crate::smtp::reply::Reply;
+use crate::spool::engine::LiveMessage;
+use crate::spool::record::{OutcomeKind, OutcomeRecord};
+use crate::spool::{Location, RecoveredMessage};
+
+pub use deliver::{ConnFailure, ConnId, NextJob, Ticket, Via};
+pub use handle::CoreCell;
+
+/// What the core asks its adapters to do.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Action {
+    /// Append an outcome record for a message whose record is in segment `seq`.
+    Outcome { seq: u64, record: OutcomeRecord },
+    /// Every recipient of message `id` (record at `loc`) is final: the spool may let it go.
+    Final { id: u64, loc: Location },
+    /// Look up the MX records of `domain` and report with [`Core::resolved`].
+    Resolve { domain: String },
+    /// Open delivery connection `conn` to `dest` from egress source `source`; report with
+    /// [`Core::conn_opened`] / [`Core::conn_failed`], then drive it with [`Core::next_job`].
+    Connect {
+        conn: ConnId,
+        dest: Dest,
+        source: usize,
+    },
+    /// Idle connections should ask [`Core::next_job`] again (work, a yield, or shutdown).
+    WakeIdle,
+    /// Send a lease message to shard `to` (never this shard: the core handles its own).
+    Lease { to: usize, msg: LeaseMsg },
+    /// Build a delivery status notification and spool it for the sender; report with
+    /// [`Core::notice_spooled`] or [`Core::notice_failed`].
+    Notice(NoticeRequest),
+    /// The earliest due time moved earlier: the timer should look at [`Core::next_wakeup`].
+    Rearm,
+}
+
+/// A recipient's final outcome that a notice may report (NOTIFY decides when it is built).
+#[derive(Debug, Clone, PartialEq)]
+pub struct NoticeRcpt {
+    pub rcpt: u16,
+    pub kind: OutcomeKind,
+    pub response: Response,
+}
+
+/// What the notice stage needs to build and spool a notice.
+#[derive(Debug, Clone, PartialEq)]
+pub struct NoticeRequest {
+    pub token: u64,
+    pub id: u64,
+    pub loc: Location,
+    pub sender: String,
+    pub reception: ReceptionId,
+    pub rcpts: Vec<NoticeRcpt>,
+}
+
+/// How the core is set up: the settings every shard shares, and this shard's place.
+pub struct CoreConfig {
+    pub shard: usize,
+    pub shards: usize,
+    pub settings: Rc<Settings>,
+    /// Whether a DNS resolver is configured (without one, unrouted mail is deferred).
+    pub has_resolver: bool,
+}
+
+/// Per destination: the connections this shard has to it.
+#[derive(Debug, Default, Clone, Copy)]
+struct DestState {
+    /// Connections open or opening.
+    conns: u32,
+    /// Of those, waiting for work.
+    idle: u32,
+    /// Permit requests out (sent, not granted yet).
+    requested: u32,
+}
+
+/// A permit request out: which destination it is for, and the pool's other sources to ask if
+/// this one queues it.
+#[derive(Debug, Clone)]
+struct PendingLease {
+    dest: Dest,
+    fallbacks: Vec<usize>,
+    /// The owner answered `Queued`.
+    queued: bool,
+}
+
+pub struct Core {
+    shard: usize,
+    shards: usize,
+    settings: Rc<Settings>,
+    has_resolver: bool,
+    backoff: Backoff,
+    rcpts_per_transaction_max: usize,
+    queue: Queue,
+    router: Router,
+    sites: SiteMemo,
+    health: EgressState,
+    permits: Permits,
+    budgets: Budgets,
+    dests: HashMap<Dest, DestState>,
+    conns: HashMap<ConnId, deliver::Conn>,
+    next_conn: u64,
+    /// Domains being resolved, and the recipients waiting for their site.
+    resolving: HashMap<String, Vec<(u64, JobRcpts, usize)>>,
+    pending_leases: HashMap<LeaseKey, VecDeque<PendingLease>>,
+    /// By token: iterated in order, so a run replays exactly (the simulation relies on it).
+    notices: BTreeMap<u64, finish::PendingNotice>,
+    /// (message, token) of every notice pending: a message is let go only once none about it
+    /// is, since each reads the original.
+    notice_ids: std::collections::BTreeSet<(u64, u64)>,
+    next_notice: u64,
+    observers: Observers,
+    actions: Vec<Action>,
+    /// The earliest due time the timer was last told about.
+    armed_ms: Option<u64>,
+    stopping: bool,
+}
+
+impl Core {
+    pub fn new(cfg: CoreConfig, observers: Observers) -> Core {
+        let c = &cfg.settings.config;
+        Core {
+            shard: cfg.shard,
+            shards: cfg.shards.max(1),
+            has_resolver: cfg.has_resolver,
+            backoff: Backoff {
+                base_ms: c.queue.retry_base_ms,
+                factor: c.queue.retry_factor,
+                cap_ms: c.queue.retry_cap_ms,
+                max_age_ms: c.queue.max_age_s.saturating_mul(1000),
+            },
+            rcpts_per_transaction_max: c.delivery.rcpts_per_transaction_max.max(1),
+            queue: Queue::new(c.queue.messages_max),
+            router: Router::new(cfg.settings.routes.clone()),
+            sites: SiteMemo::new(c.dns.ttl_min_s, c.dns.ttl_max_s, c.dns.cache_entries_max),
+            health: EgressState::new(&cfg.settings.egress),
+            permits: Permits::default(),
+            budgets: Budgets::default(),
+            dests: HashMap::new(),
+            conns: HashMap::new(),
+            next_conn: 1,
+            resolving: HashMap::new(),
+            pending_leases: HashMap::new(),
+            notices: BTreeMap::new(),
+            notice_ids: std::collections::BTreeSet::new(),
+            next_notice: 1,
+            observers,
+            actions: Vec::new(),
+            armed_ms: None,
+            stopping: false,
+            settings: cfg.settings,
+        }
+    }
+
+    pub fn shard(&self) -> usize {
+        self.shard
+    }
+
+    pub fn settings(&self) -> &Rc<Settings> {
+        &self.settings
+    }
+
+    /// The actions decided so far, for the adapters (in order).
+    pub fn take_actions(&mut self) -> Vec<Action> {
+        std::mem::take(&mut self.actions)
+    }
+
+    pub fn queue(&self) -> &Queue {
+        &self.queue
+    }
+
+    /// The lease budgets this shard owns (for invariant checks).
+    pub fn budgets(&self) -> &Budgets {
+        &self.budgets
+    }
+
+    /// Delivery connections open or opening on this shard.
+    pub fn connections(&self) -> usize {
+        self.conns.len()
+    }
+
+    /// Notices not spooled yet.
+    pub fn notices_pending(&self) -> usize {
+        self.notices.len()
+    }
+
+    pub fn is_stopping(&self) -> bool {
+        self.stopping
+    }
+
+    /// What compaction needs of a live message (see `spool::LiveIndex`).
+    pub fn live(&self, id: u64) -> Option<LiveMessage> {
+        self.queue.live(id)
+    }
+
+    /// Compaction moved message records.
+    pub fn relocated(&mut self, moves: &[(u64, Location)]) {
+        for (id, loc) in moves {
+            self.queue.relocate(*id, *loc);
+        }
+    }
+
+    /// An id for a message about to be spooled here, or `QueueFull` (reception answers
+    /// `452 4.3.1`).
+    pub fn reserve(&mut self) -> Result<u64, QueueFull> {
+        self.queue.reserve()
+    }
+
+    /// An id for a notice about to be spooled here: past the queue limit if need be (see
+    /// `Queue::reserve_notice`), so a full queue waiting for its bounce notices never
+    /// deadlocks.
+    pub fn reserve_notice(&mut self) -> Result<u64, QueueFull> {
+        self.queue.reserve_notice()
+    }
+
+    /// The spool did not take message `id`.
+    pub fn cancel(&mut self, id: u64) {
+        self.queue.cancel(id);
+    }
+
+    /// Message `id` is durable at `loc`: queue it and route its recipients.
+    pub fn accepted(
+        &mut self,
+        id: u64,
+        envelope: &Envelope,
+        loc: Location,
+        tls: Option<&str>,
+        now_ms: u64,
+    ) {
+        if self.queue.insert(id, envelope, loc).is_none() {
+            debug_assert!(false, "message {id:#x} accepted without a reservation");
+            return;
+        }
+        self.observers.emit(&Event::Received(Received {
+            ts_ms: now_ms,
+            shard: self.shard,
+            id,
+            envelope,
+            tls,
+        }));
+        let rcpts: JobRcpts = (0..envelope.rcpts.len().min(u16::MAX as usize) as u16).collect();
+        self.dispatch(id, &rcpts, now_ms);
+    }
+
+    /// Queue a message recovery found: its pending recipients now or when due.
+    pub fn restore(
+        &mut self,
+        msg: &RecoveredMessage,
+        now_ms: u64,
+    ) -> Result<(), crate::queue::RestoreError> {
+        self.queue.restore(msg)?;
+        let mut now: JobRcpts = JobRcpts::new();
+        for (i, state) in msg.states.iter().enumerate() {
+            if let crate::spool::RcptState::Pending {
+                next_attempt_ms, ..
+            } = *state
+            {
+                if next_attempt_ms > now_ms {
+                    self.queue.schedule(msg.id, i as u16, next_attempt_ms);
+                } else {
+                    now.push(i as u16);
+                }
+            }
+        }
+        if !now.is_empty() {
+            self.dispatch(msg.id, &now, now_ms);
+        }
+        self.rearm();
+        Ok(())
+    }
+
+    /// Recovery is over; `id_max` is the largest message id it saw.
+    pub fn restored(&mut self, id_max: u64) {
+        self.queue.restored(id_max);
+    }
+
+    /// The spool replayed its records into this core (see the `Replay` impl): set the ids
+    /// above every one on disk, then route the pending recipients that are due and schedule
+    /// the others.
+    pub fn replayed(&mut self, id_max: u64, now_ms: u64) {
+        self.queue.restored(id_max);
+        let mut due_now: Vec<(u64, JobRcpts)> = Vec::new();
+        for (id, rcpt, due) in self.queue.pending_rcpts() {
+            if due > now_ms {
+                self.queue.schedule(id, rcpt, due);
+                continue;
+            }
+            match due_now.last_mut() {
+                Some((last, rcpts)) if *last == id => rcpts.push(rcpt),
+                _ => due_now.push((id, smallvec::smallvec![rcpt])),
+            }
+        }
+        for (id, rcpts) in due_now {
+            self.dispatch(id, &rcpts, now_ms);
+        }
+        self.rearm();
+    }
+
+    /// When [`Core::tick`] is next due (retries, notices to try again).
+    pub fn next_wakeup(&self) -> Option<u64> {
+        // A stopping core tries no notice again (see `retry_notices`): reporting their times
+        // would have the timer tick at a time that never passes.
+        let notices = match self.stopping {
+            true => None,
+            false => self.notices.values().filter_map(|n| n.retry_at_ms).min(),
+        };
+        match (self.queue.next_due_ms(), notices) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+
+    fn rearm(&mut self) {
+        let next = self.next_wakeup();
+        if next.is_some() && (self.armed_ms.is_none() || next < self.armed_ms) {
+            self.actions.push(Action::Rearm);
+        }
+        self.armed_ms = next;
+    }
+
+    /// The clock reached `now_ms`: release due retries, retry notices that failed.
+    pub fn tick(&mut self, now_ms: u64) {
+        let due = self.queue.take_due(now_ms);
+        for job in due {
+            // Routed again: routes, MX records and pools may have changed meanwhile.
+            self.dispatch(job.id, &job.rcpts, now_ms);
+        }
+        self.retry_notices(now_ms);
+        self.armed_ms = self.next_wakeup();
+    }
+
+    /// Stop starting work: no new connections, idle ones close, busy ones finish their
+    /// transactions.
+    pub fn stop(&mut self) {
+        self.stopping = true;
+        self.actions.push(Action::WakeIdle);
+    }
+
+    /// Route recipients `rcpts` of message `id`, grouped by domain: each domain goes where a
+    /// static route says, else to its MX site (resolving it first when its answer is not fresh).
+    fn dispatch(&mut self, id: u64, rcpts: &[u16], now_ms: u64) {
+        let groups = {
+            let Some(m) = self.queue.get(id) else { return };
+            let tenant = self.queue.tenant(m);
+            let mut groups: Vec<(String, usize, JobRcpts)> = Vec::new();
+            for &r in rcpts {
+                if m.is_done(r) {
+                    continue;
+                }
+                let domain = crate::envelope::domain_of(m.rcpt(r)).to_ascii_lowercase();
+                match groups.iter_mut().find(|(d, _, _)| *d == domain) {
+                    Some((_, _, v)) => v.push(r),
+                    None => {
+                        let pool = self.settings.egress.pool_for(m.sender(), &domain, tenant);
+                        groups.push((domain, pool, smallvec::smallvec![r]));
+                    }
+                }
+            }
+            groups
+        };
+        for (domain, pool, rcpts) in groups {
+            match self.router.lookup(&domain) {
+                Ok(route) => self.ready(id, rcpts, Hop::Route(route), pool, now_ms),
+                Err(LookupError::NoRoute) => self.dispatch_mx(id, rcpts, domain, pool, now_ms),
+            }
+        }
+    }
+
+    fn dispatch_mx(&mut self, id: u64, rcpts: JobRcpts, domain: String, pool: usize, now_ms: u64) {
+        if !self.has_resolver {
+            let reply = Reply::new(
+                451,
+                Some((4, 4, 3)),
+                format!("No route to {domain} and no DNS resolver configured"),
+            );
+            return self.fail(id, &rcpts, &RcptResult::Reply(reply), now_ms);
+        }
+        if let Some(site) = self.sites.get(&domain, now_ms) {
+            return self.ready(id, rcpts, Hop::Mx(site), pool, now_ms);
+        }
+        let waiting = self.resolving.entry(domain.clone()).or_default();
+        let first = waiting.is_empty();
+        waiting.push((id, rcpts, pool));
+        if first {
+            self.actions.push(Action::Resolve { domain });
+        }
+    }
+
+    /// The MX answer for `domain` (from the resolver's cache until `cached_until`, or fresh).
+    pub fn resolved(
+        &mut self,
+        domain: &str,
+        answer: &crate::dns::message::Answer,
+        cached_until: Option<u64>,
+        now_ms: u64,
+    ) {
+        let site = self.sites.resolved(domain, answer, cached_until, now_ms);
+        let waiting = self.resolving.remove(domain).unwrap_or_default();
+        for (id, rcpts, pool) in waiting {
+            match &site {
+                Ok(site) => self.ready(id, rcpts, Hop::Mx(site.clone()), pool, now_ms),
+                Err(reply) => self.fail(id, &rcpts, &RcptResult::Reply(reply.clone()), now_ms),
+            }
+        }
+    }
+
+    /// Ready jobs for `hop`, at most `rcpts_per_transaction_max` recipients each.
+    fn ready(&mut self, id: u64, rcpts: JobRcpts, hop: Hop, pool: usize, now_ms: u64) {
+        let dest = Dest { hop, pool };
+        for chunk in rcpts.chunks(self.rcpts_per_transaction_max) {
+            self.queue.push_ready(
+                &dest,
+                Job {
+                    id,
+                    rcpts: chunk.iter().copied().collect(),
+                },
+            );
+        }
+        if self.dests.get(&dest).is_some_and(|d| d.idle > 0) {
+            self.actions.push(Action::WakeIdle);
+        }
+        self.connect_more(&dest, now_ms);
+    }
+
+    /// Every recipient of `rcpts` gets `result` without a connection being made.
+    fn fail(&mut self, id: u64, rcpts: &[u16], result: &RcptResult, now_ms: u64) {
+        let results: Vec<(u16, RcptResult)> = rcpts.iter().map(|&r| (r, result.clone())).collect();
+        self.record_results(id, &results, &deliver::Via::NONE, now_ms);
+    }
+}
+
+/// Recovery replays the spool straight into the queue.
+impl crate::spool::Replay for Core {
+    fn message(
+        &mut self,
+        id: u64,
+        loc: Location,
+        view: &crate::spool::record::MessageView<'_>,
+    ) -> Result<Option<u64>, String> {
+        self.queue.replay_message(id, loc, view)
+    }
+
+    fn outcome(&mut self, o: &crate::spool::record::Outcome) -> Option<u64> {
+        self.queue.replay_outcome(o)
+    }
+
+    fn for_each_pending(&self, f: &mut dyn FnMut(Location)) {
+        self.queue.for_each_location(f);
+    }
+
+    fn superseded(&self) -> usize {
+        self.queue.superseded()
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,405 @@
+//! The delivery stage's adapter: one task per outbound SMTP connection, driving the I/O-free
+//! client state machine over a glommio socket, asking the core what to do next.
+//!
+//! The core decides when a connection opens (with a permit for its site and source in hand),
+//! which job it carries next, and when it closes (idle too long, carried
+//! `messages_per_connection_max` messages, another shard's turn, shutdown). This task opens it
+//! — walking the hosts: MX hosts in preference order, each host's addresses (A/AAAA, in
+//! `delivery.address_order`), moving on when a host refuses the connection or greets with
+//! anything but 220, all within the same attempt — then runs transactions, PIPELINING the next
+//! one behind the previous final dot when the server allows it, and reports every result.
+//!
+//! A job is out of the queue while its transaction runs; if the process dies then, the spool
+//! still has the message and recovery queues it again.
+
+mod connect;
+mod session;
+
+use std::collections::VecDeque;
+use std::net::{IpAddr, SocketAddr};
+use std::rc::Rc;
+use std::time::Duration;
+
+use futures_lite::AsyncWriteExt;
+use hickory_proto::rr::RecordType;
+
+use crate::clock::Clock;
+use crate::core::{ConnFailure, ConnId, CoreCell, NextJob, Ticket};
+use crate::dns::message::Answer;
+use crate::dns::resolver::Resolver;
+use crate::envelope::Body;
+use crate::outcome::RcptResult;
+use crate::queue::{Dest, Job};
+use crate::route::Hop;
+use crate::settings::Settings;
+use crate::smtp::client::{ClientStep, MailOptions, TlsPolicy, TransactionOutcome};
+use crate::smtp::reply::Reply;
+use crate::spool::Spool;
+
+pub use connect::{connect_bound, BoundConnectError};
+use connect::{connect_from, Refusal};
+use session::{greet, Conn};
+
+/// Addresses tried per connection attempt, over all MX hosts: enough for every host of a
+/// large provider, few enough that a broken site cannot hold a connection task for long.
+const ADDRESSES_PER_ATTEMPT_MAX: usize = 10;
+/// Transactions in flight on one connection, at most. Two is enough to overlap one message's
+/// final reply with the next one's envelope; more would only add messages to retry when a
+/// connection breaks.
+const INFLIGHT_MAX: usize = 2;
+
+/// What a delivery connection needs of its shard.
+pub struct DeliveryCtx {
+    pub settings: Rc<Settings>,
+    pub core: Rc<CoreCell>,
+    pub spool: Rc<Spool>,
+    pub resolver: Option<Rc<Resolver>>,
+    pub clock: Rc<dyn Clock>,
+    /// Notified on the core's `WakeIdle`: idle connections ask for work again.
+    pub work: Rc<shards::Notify>,
+}
+
+impl DeliveryCtx {
+    fn now(&self) -> u64 {
+        self.clock.now_ms()
+    }
+}
+
+/// Run connection `conn` to `dest` from egress source `source`, from open to close.
+pub async fn connection(ctx: Rc<DeliveryCtx>, conn: ConnId, dest: Dest, source: usize) {
+    match open(&ctx, &dest, source).await {
+        Err(failure) => {
+            let now = ctx.now();
+            ctx.core.with(|c| {
+                c.conn_failed(conn, failure, now);
+                c.conn_closed(conn, now);
+            });
+        }
+        Ok(Opened {
+            conn: session,
+            peer,
+        }) => {
+            let now = ctx.now();
+            ctx.core.with(|c| c.conn_opened(conn, &peer, now));
+            serve(&ctx, conn, session).await;
+            let now = ctx.now();
+            ctx.core.with(|c| c.conn_closed(conn, now));
+        }
+    }
+}
+
+/// A random seed per connection, for the order of equal-preference MX hosts.
+fn connection_seed() -> u64 {
+    use std::hash::BuildHasher;
+    std::collections::hash_map::RandomState::new().hash_one(crate::clock::now_ms())
+}
+
+/// The addresses of an MX host, in the configured order; Err says why there are none.
+async fn host_addrs(ctx: &DeliveryCtx, host: &str) -> Result<Vec<IpAddr>, String> {
+    // An MX host given as an address literal ([192.0.2.1] or 192.0.2.1) needs no lookup.
+    if let Ok(ip) = host.trim_start_matches('[').trim_end_matches(']').parse() {
+        return Ok(vec![ip]);
+    }
+    let Some(resolver) = &ctx.resolver else {
+        return Err("no DNS resolver configured".into());
+    };
+    let order = ctx.settings.address_order;
+    let mut addrs = Vec::new();
+    let mut failures = Vec::new();
+    use crate::egress::AddressOrder::*;
+    let wanted: &[RecordType] = match order {
+        Ipv4Only => &[RecordType::A],
+        Ipv6Only => &[RecordType::AAAA],
+        Ipv4First | Ipv6First => &[RecordType::A, RecordType::AAAA],
+    };
+    for &rtype in wanted {
+        match resolver.lookup(host, rtype).await {
+            Answer::Addrs(found, _) => addrs.extend(found),
+            Answer::NxDomain(_) => return Err(format!("{host} does not exist (NXDOMAIN)")),
+            Answer::NoData(_) => {}
+            Answer::Transient(why) => failures.push(format!("{rtype} lookup failed: {why}")),
+            other => failures.push(format!("{rtype} lookup: unexpected {other:?}")),
+        }
+    }
+    order.arrange(&mut addrs);
+    if addrs.is_empty() {
+        return Err(match failures.is_empty() {
+            true => format!("{host} has no addresses"),
+            false => format!("{host}: {}", failures.join(", ")),
+        });
+    }
+    Ok(addrs)
+}
+
+/// A session ready for transactions, and who it is with.
+struct Opened {
+    conn: Conn,
+    /// `host[address]:port`, for the log.
+    peer: String,
+}
+
+/// Open a session for `dest` from `source`: walk the hosts and their addresses until one
+/// greets, takes EHLO (and STARTTLS when required).
+async fn open(ctx: &DeliveryCtx, dest: &Dest, source: usize) -> Result<Opened, ConnFailure> {
+    let cfg = &ctx.settings.config.delivery;
+    let src = &ctx.settings.egress.sources[source];
+    let (hosts, tls): (Vec<String>, TlsPolicy) = match &dest.hop {
+        Hop::Route(route) => (vec![route.host.clone()], route.tls),
+        Hop::Mx(site) => (
+            // Equal preferences in a fresh order per connection, to spread the load.
+            crate::dns::mx::order(&site.hosts, connection_seed())
+                .into_iter()
+                .map(str::to_owned)
+                .collect(),
+            crate::route::parse_tls_policy(&cfg.starttls).unwrap_or_default(),
+        ),
+    };
+    let mut refusals: Vec<String> = Vec::new();
+    let mut connected = false;
+    // A connection attempt failed in a way that may be the source's fault.
+    let mut source_suspect = false;
+    let mut tried = 0usize;
+    'hosts: for host in &hosts {
+        let addrs: Vec<SocketAddr> = match &dest.hop {
+            Hop::Route(route) => vec![route.addr],
+            Hop::Mx(_) => match host_addrs(ctx, host).await {
+                Ok(ips) => ips
+                    .into_iter()
+                    .map(|ip| SocketAddr::new(ip, cfg.port))
+                    .collect(),
+                Err(why) => {
+                    refusals.push(why);
+                    continue;
+                }
+            },
+        };
+        for addr in addrs {
+            if !src.reaches(&addr) {
+                continue;
+            }
+            if tried == ADDRESSES_PER_ATTEMPT_MAX {
+                refusals.push(format!("stopped after {tried} addresses"));
+                break 'hosts;
+            }
+            tried += 1;
+            let peer = match &dest.hop {
+                Hop::Route(_) => addr.to_string(),
+                Hop::Mx(_) => format!("{host}[{}]:{}", addr.ip(), addr.port()),
+            };
+            let timeout = Duration::from_millis(cfg.connect_timeout_ms);
+            let refusal = match connect_from(addr, src, timeout).await {
+                Ok(stream) => {
+                    connected = true;
+                    match greet(&ctx.settings, stream, src, host, tls).await {
+                        Ok(conn) => return Ok(Opened { conn, peer }),
+                        Err(why) => Refusal::Session(why.to_string()),
+                    }
+                }
+                Err(refusal) => refusal,
+            };
+            match refusal {
+                Refusal::Bind(why) => return Err(ConnFailure::Bind { why }),
+                Refusal::Connect(e) => {
+                    source_suspect |= !e.remote_answered;
+                    refusals.push(format!("connect to {peer} failed: {}", e.why));
+                }
+                Refusal::Session(why) => refusals.push(format!("{peer}: {why}")),
+            }
+        }
+    }
+    if refusals.is_empty() {
+        refusals.push(format!(
+            "source `{}` ({}) cannot reach any address of {}",
+            src.name,
+            src.address.map_or("any".into(), |a| a.to_string()),
+            dest.hop
+        ));
+    }
+    Err(ConnFailure::Unreachable {
+        why: refusals.join("; "),
+        source_suspect: source_suspect && !connected,
+    })
+}
+
+/// A transaction on the wire.
+struct Inflight {
+    ticket: Box<Ticket>,
+    body_sent: bool,
+}
+
+/// Transactions until the core says close, or the connection breaks.
+async fn serve(ctx: &DeliveryCtx, id: ConnId, mut conn: Conn) {
+    // Oldest first: at most two, the second started behind the first's final dot (see
+    // `Client::can_start_early`).
+    let mut inflight: VecDeque<Inflight> = VecDeque::with_capacity(INFLIGHT_MAX);
+    loop {
+        if inflight.is_empty() {
+            // Created before asking, so a wake-up between the answer and the wait is kept.
+            let woken = ctx.work.notified();
+            let now = ctx.now();
+            match ctx.core.with(|c| c.next_job(id, now)) {
+                NextJob::Job(ticket) => {
+                    if let Some(item) = begin(ctx, &mut conn, ticket) {
+                        inflight.push_back(item);
+                    }
+                }
+                NextJob::Wait { until_ms } => {
+                    let wait = Duration::from_millis(until_ms.saturating_sub(now).max(1));
+                    futures_lite::future::or(woken, glommio::timer::sleep(wait)).await;
+                }
+                NextJob::Close => {
+                    conn.quit().await;
+                    return;
+                }
+            }
+            continue;
+        }
+        match conn.client.poll(&mut conn.out) {
+            ClientStep::NeedInput => {
+                if inflight.len() < INFLIGHT_MAX && conn.client.can_start_early() {
+                    let next = ctx.core.with(|c| c.early_job(id));
+                    if let Some(item) = next.and_then(|t| begin(ctx, &mut conn, t)) {
+                        inflight.push_back(item);
+                    }
+                }
+                if let Err(why) = conn.exchange().await {
+                    return broken(ctx, id, conn, inflight, &why.to_string()).await;
+                }
+            }
+            ClientStep::SendBody => {
+                // The body goes to the oldest transaction that has not sent one yet; the client
+                // frames it for DATA or BDAT.
+                let Some(item) = inflight.iter_mut().find(|i| !i.body_sent) else {
+                    let why = "server ready for a body with none to send";
+                    return broken(ctx, id, conn, inflight, why).await;
+                };
+                item.body_sent = true;
+                let loc = item.ticket.loc;
+                let stored = match ctx.spool.read_message(loc).await {
+                    Ok(stored) => stored,
+                    Err(e) => {
+                        // DATA may be open and there is nothing to send: only closing the
+                        // connection ends it without delivering a wrong message.
+                        let why = format!("cannot read the spooled message: {e}");
+                        return broken(ctx, id, conn, inflight, &why).await;
+                    }
+                };
+                match stored.view() {
+                    Ok(view) => conn.client.write_body(view.body(), &mut conn.out),
+                    Err(e) => {
+                        let why = format!("spooled message does not validate: {e}");
+                        return broken(ctx, id, conn, inflight, &why).await;
+                    }
+                }
+            }
+            ClientStep::Done(outcome) => {
+                if let Some(item) = inflight.pop_front() {
+                    let results = per_rcpt(&item.ticket.job, &outcome);
+                    let now = ctx.now();
+                    ctx.core
+                        .with(|c| c.txn_done(id, &item.ticket.job, &results, now));
+                }
+            }
+            ClientStep::Failed(reply) => {
+                let why = format!("session failed: {}", reply.to_string().trim_end());
+                return broken(ctx, id, conn, inflight, &why).await;
+            }
+            ClientStep::Ready | ClientStep::Closed | ClientStep::StartTls => {
+                let why = "server ended the transaction unexpectedly";
+                return broken(ctx, id, conn, inflight, why).await;
+            }
+        }
+    }
+}
+
+/// Start a ticket's transaction: the envelope comes from the queue, the body is read from the
+/// spool only when the server asks for it. None: refused before sending (reported).
+fn begin(ctx: &DeliveryCtx, conn: &mut Conn, ticket: Box<Ticket>) -> Option<Inflight> {
+    // RFC 1870: the server told us its limit; sending more would only be refused after the
+    // whole body crossed the wire. Bounce now, saying why.
+    if let Some(limit) = conn
+        .client
+        .capabilities()
+        .size
+        .filter(|&n| n > 0 && ticket.size > n as u64)
+    {
+        let text = format!(
+            "Message of {} bytes exceeds the destination's SIZE limit of {limit}",
+            ticket.size
+        );
+        let reply = Reply::new(552, Some((5, 3, 4)), text);
+        let results: Vec<(u16, RcptResult)> = ticket
+            .job
+            .rcpts
+            .iter()
+            .map(|&r| (r, RcptResult::Reply(reply.clone())))
+            .collect();
+        let now = ctx.now();
+        ctx.core.with(|c| c.txn_refused(&ticket.job, &results, now));
+        return None;
+    }
+    let rcpt_refs: Vec<&str> = ticket.rcpts.iter().map(String::as_str).collect();
+    let opts = MailOptions {
+        size: Some(ticket.size as usize),
+        eight_bit: ticket.body == Body::EightBitMime,
+        binary: ticket.body == Body::BinaryMime,
+        smtputf8: ticket.smtputf8,
+    };
+    conn.client
+        .start_with(&ticket.sender, &rcpt_refs, opts, &mut conn.out);
+    Some(Inflight {
+        ticket,
+        body_sent: false,
+    })
+}
+
+/// The connection broke: every transaction on it failed transiently.
+async fn broken(
+    ctx: &DeliveryCtx,
+    id: ConnId,
+    mut conn: Conn,
+    inflight: VecDeque<Inflight>,
+    why: &str,
+) {
+    let now = ctx.now();
+    ctx.core.with(|c| {
+        for item in &inflight {
+            let results: Vec<(u16, RcptResult)> = item
+                .ticket
+                .job
+                .rcpts
+                .iter()
+                .map(|&r| (r, RcptResult::Failure(why.to_owned())))
+                .collect();
+            c.txn_done(id, &item.ticket.job, &results, now);
+        }
+    });
+    let _ = conn.stream.close().await;
+}
+
+/// Each recipient's fate: the first refusal among MAIL, its RCPT and the final dot, else the
+/// reply to the final dot.
+fn per_rcpt(job: &Job, outcome: &TransactionOutcome) -> Vec<(u16, RcptResult)> {
+    job.rcpts
+        .iter()
+        .enumerate()
+        .map(|(i, &r)| {
+            let reply = if !outcome.mail.is_positive() {
+                outcome.mail.clone()
+            } else {
+                match outcome.rcpts.get(i) {
+                    Some(rr) if !rr.is_positive() => rr.clone(),
+                    _ => match &outcome.data {
+                        Some(d) => d.clone(),
+                        // DATA itself was refused: its reply decides (5xx bounces, 4xx retries).
+                        None => match &outcome.data_command {
+                            Some(d) if !d.is_positive() => d.clone(),
+                            _ => return (r, RcptResult::Failure("DATA was not accepted".into())),
+                        },
+                    },
+                }
+            };
+            (r, RcptResult::Reply(reply))
+        })
+        .collect()
+}

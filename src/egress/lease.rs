@@ -1,0 +1,508 @@
+//! Connection leases: how many delivery connections each (site, egress source) may have open,
+//! counted by one owner shard instead of under a process-wide lock.
+//!
+//! A site (an MX host set, or a static route) can span shards, since recipient domains are
+//! spread by hash; its messages stay with the shard that spooled them (bodies never move
+//! between shards). What is shared is the connection budget of each [`LeaseKey`]: it lives in
+//! the key's owner shard ([`owner_of`], a stable hash), which grants permits to shards that ask
+//! over the mesh and takes them back when their connections close. A shard opens a connection
+//! only with a permit in hand and gives it back only once the connection is closed, so the
+//! configured limit holds exactly, however many shards share the site.
+//!
+//! Fairness, as before the leases: permits go to waiting shards first come, first served; and
+//! while a shard waits, a shard holding more than its share (limit / shards wanting the key,
+//! rounded down) is asked to [`LeaseMsg::Yield`] one permit: its connection finishes after a
+//! fair run of messages (or at once when idle) and the permit goes to the waiter. With a limit
+//! of one, two shards take turns; no shard starves because another keeps its connection busy.
+//!
+//! Both sides are I/O-free: [`Budgets`] (the owner's tables) and [`Permits`] (a requester's
+//! view) take messages and return the messages to send. The shard's core carries them over the
+//! mesh, or straight back to itself when it owns the key.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
+
+/// What a budget counts: connections to one site from one egress source.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct LeaseKey {
+    /// `Hop::site_key()`: the site's host set, or `[addr:port]` for a route.
+    pub site: Arc<str>,
+    pub source: u16,
+}
+
+/// The shard that owns `key`'s budget, among `shards`. Stable: FNV-1a of the site and the
+/// source, then jump hash, like the domain map.
+pub fn owner_of(key: &LeaseKey, shards: usize) -> usize {
+    let h = shards::hash::domain_hash(&key.site)
+        ^ u64::from(key.source).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    shards::hash::jump_hash(h, shards.max(1))
+}
+
+/// The lease protocol. Requester → owner: `Acquire`, `Release`, `Cancel`. Owner → requester:
+/// `Granted`, `Queued`, `Yield`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum LeaseMsg {
+    /// One more permit for `key`, whose limit (from the requester's configuration, the same on
+    /// every shard) is `limit`.
+    Acquire { key: LeaseKey, limit: u32 },
+    /// A permit's connection closed.
+    Release { key: LeaseKey },
+    /// Forget one queued `Acquire` (the requester no longer needs it).
+    Cancel { key: LeaseKey },
+    /// A permit, now (answer to `Acquire`) or later (the request waited).
+    Granted { key: LeaseKey },
+    /// The request waits for a permit; `Granted` follows when one frees up.
+    Queued { key: LeaseKey },
+    /// Another shard waits and this one holds more than its share: finish one connection.
+    Yield { key: LeaseKey },
+}
+
+/// A message to send: (destination shard, message).
+pub type Outgoing = (usize, LeaseMsg);
+
+/// One key's budget at its owner.
+#[derive(Debug)]
+struct Budget {
+    limit: u32,
+    open: u32,
+    /// Permits held, per shard (indexed by shard id, grown as shards show up).
+    held: Vec<u32>,
+    /// Yields asked of each shard and not answered by a release yet.
+    yields: Vec<u32>,
+    /// Waiting requests, oldest first: one entry per permit wanted.
+    waiting: VecDeque<usize>,
+}
+
+impl Budget {
+    fn new(limit: u32) -> Budget {
+        Budget {
+            limit,
+            open: 0,
+            held: Vec::new(),
+            yields: Vec::new(),
+            waiting: VecDeque::new(),
+        }
+    }
+
+    fn held(&self, shard: usize) -> u32 {
+        self.held.get(shard).copied().unwrap_or(0)
+    }
+
+    fn bump(v: &mut Vec<u32>, shard: usize, delta: i64) {
+        if v.len() <= shard {
+            v.resize(shard + 1, 0);
+        }
+        v[shard] = (i64::from(v[shard]) + delta).max(0) as u32;
+    }
+
+    /// The share of the limit each shard wanting the key may hold (rounded down: with a limit
+    /// of one and two shards it is zero, so the holder yields and they take turns).
+    fn share(&self) -> u32 {
+        let mut wanting: Vec<usize> = self.waiting.iter().copied().collect();
+        wanting.extend(
+            self.held
+                .iter()
+                .enumerate()
+                .filter(|(_, &h)| h > 0)
+                .map(|(s, _)| s),
+        );
+        wanting.sort_unstable();
+        wanting.dedup();
+        self.limit / (wanting.len().max(1) as u32)
+    }
+
+    fn grant(&mut self, shard: usize) {
+        self.open += 1;
+        Budget::bump(&mut self.held, shard, 1);
+    }
+
+    /// Ask holders above their share to yield, one permit per waiting request at most.
+    fn ask_yields(&mut self, key: &LeaseKey, out: &mut Vec<Outgoing>) {
+        if self.waiting.is_empty() {
+            return;
+        }
+        let share = self.share();
+        let mut asked: u32 = self.yields.iter().sum();
+        let wanted = self.waiting.len() as u32;
+        for shard in 0..self.held.len() {
+            if asked >= wanted {
+                break;
+            }
+            let held = self.held(shard);
+            let yields = self.yields.get(shard).copied().unwrap_or(0);
+            // Only shards that do not wait themselves give up permits to others.
+            let waits = self.waiting.contains(&shard);
+            if !waits && held > share + yields {
+                Budget::bump(&mut self.yields, shard, 1);
+                asked += 1;
+                out.push((shard, LeaseMsg::Yield { key: key.clone() }));
+            }
+        }
+    }
+}
+
+/// The budgets a shard owns.
+#[derive(Debug, Default)]
+pub struct Budgets {
+    keys: HashMap<LeaseKey, Budget>,
+}
+
+impl Budgets {
+    /// Handle a requester's message; returns what to send. No I/O.
+    pub fn handle(&mut self, from: usize, msg: LeaseMsg) -> Vec<Outgoing> {
+        let mut out = Vec::new();
+        match msg {
+            LeaseMsg::Acquire { key, limit } => self.acquire(from, key, limit, &mut out),
+            LeaseMsg::Release { key } => self.release(from, key, &mut out),
+            LeaseMsg::Cancel { key } => self.cancel(from, key),
+            // Owner-to-requester messages are not for us.
+            LeaseMsg::Granted { .. } | LeaseMsg::Queued { .. } | LeaseMsg::Yield { .. } => {}
+        }
+        out
+    }
+
+    fn acquire(&mut self, from: usize, key: LeaseKey, limit: u32, out: &mut Vec<Outgoing>) {
+        let b = self
+            .keys
+            .entry(key.clone())
+            .or_insert_with(|| Budget::new(limit));
+        b.limit = limit;
+        // Free, and either nobody waits or this shard is under its share: take it now.
+        let fair = b.waiting.is_empty() || b.held(from) < b.share();
+        if b.open < b.limit && fair {
+            b.grant(from);
+            out.push((from, LeaseMsg::Granted { key }));
+            return;
+        }
+        b.waiting.push_back(from);
+        out.push((from, LeaseMsg::Queued { key: key.clone() }));
+        b.ask_yields(&key, out);
+    }
+
+    fn release(&mut self, from: usize, key: LeaseKey, out: &mut Vec<Outgoing>) {
+        let Some(b) = self.keys.get_mut(&key) else {
+            return;
+        };
+        debug_assert!(
+            b.held(from) > 0,
+            "shard {from} released a permit it does not hold"
+        );
+        if b.held(from) == 0 {
+            return;
+        }
+        b.open -= 1;
+        Budget::bump(&mut b.held, from, -1);
+        if b.yields.get(from).copied().unwrap_or(0) > 0 {
+            Budget::bump(&mut b.yields, from, -1);
+        }
+        // The longest-waiting request gets the permit.
+        while b.open < b.limit {
+            let Some(next) = b.waiting.pop_front() else {
+                break;
+            };
+            b.grant(next);
+            out.push((next, LeaseMsg::Granted { key: key.clone() }));
+        }
+        b.ask_yields(&key, out);
+        if b.open == 0 && b.waiting.is_empty() {
+            self.keys.remove(&key);
+        }
+    }
+
+    fn cancel(&mut self, from: usize, key: LeaseKey) {
+        let Some(b) = self.keys.get_mut(&key) else {
+            return;
+        };
+        if let Some(at) = b.waiting.iter().position(|&s| s == from) {
+            b.waiting.remove(at);
+        }
+        if b.open == 0 && b.waiting.is_empty() {
+            self.keys.remove(&key);
+        }
+    }
+
+    /// Permits out for `key` (for tests and the simulation's invariant checks).
+    pub fn open(&self, key: &LeaseKey) -> u32 {
+        self.keys.get(key).map_or(0, |b| b.open)
+    }
+
+    /// Keys with permits out or requests waiting.
+    pub fn len(&self) -> usize {
+        self.keys.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.keys.is_empty()
+    }
+}
+
+/// A requester's view of one key.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Holding {
+    /// Permits held (connections open or opening).
+    pub held: u32,
+    /// Requests sent and not answered with `Granted` yet.
+    pub requested: u32,
+    /// Yields the owner asked for and no release has answered yet. The owner counts any
+    /// release of this key from this shard as the answer to a yield; so does this side.
+    pub yields: u32,
+    /// Of those, yields a connection has taken on (it is finishing to answer it).
+    pub claimed: u32,
+}
+
+/// The permits a shard holds and wants, per key.
+#[derive(Debug, Default)]
+pub struct Permits {
+    keys: HashMap<LeaseKey, Holding>,
+}
+
+impl Permits {
+    pub fn holding(&self, key: &LeaseKey) -> Holding {
+        self.keys.get(key).copied().unwrap_or_default()
+    }
+
+    /// Ask for one more permit: the message for the owner.
+    pub fn want(&mut self, key: &LeaseKey, limit: u32) -> LeaseMsg {
+        self.keys.entry(key.clone()).or_default().requested += 1;
+        LeaseMsg::Acquire {
+            key: key.clone(),
+            limit,
+        }
+    }
+
+    /// The owner granted a permit: it is held now.
+    pub fn granted(&mut self, key: &LeaseKey) {
+        let h = self.keys.entry(key.clone()).or_default();
+        h.requested = h.requested.saturating_sub(1);
+        h.held += 1;
+    }
+
+    /// A request waits at the owner (still counted as requested).
+    pub fn queued(&mut self, _key: &LeaseKey) {}
+
+    /// Withdraw one waiting request: the message for the owner.
+    pub fn cancel(&mut self, key: &LeaseKey) -> Option<LeaseMsg> {
+        let h = self.keys.get_mut(key)?;
+        if h.requested == 0 {
+            return None;
+        }
+        h.requested -= 1;
+        self.tidy(key);
+        Some(LeaseMsg::Cancel { key: key.clone() })
+    }
+
+    /// A permit's connection closed, for whatever reason: the message for the owner. A
+    /// pending yield counts as answered (as the owner counts it).
+    pub fn release(&mut self, key: &LeaseKey) -> LeaseMsg {
+        if let Some(h) = self.keys.get_mut(key) {
+            h.held = h.held.saturating_sub(1);
+            h.yields = h.yields.saturating_sub(1);
+            h.claimed = h.claimed.saturating_sub(1).min(h.yields);
+            h.yields = h.yields.min(h.held);
+        }
+        self.tidy(key);
+        LeaseMsg::Release { key: key.clone() }
+    }
+
+    /// The owner asks for a permit back.
+    pub fn yield_asked(&mut self, key: &LeaseKey) {
+        if let Some(h) = self.keys.get_mut(key) {
+            h.yields = (h.yields + 1).min(h.held);
+        }
+    }
+
+    /// Whether a connection of `key` should finish to answer a yield; if so, the yield is
+    /// taken on (one connection answers one yield; its release will answer it).
+    pub fn take_yield(&mut self, key: &LeaseKey) -> bool {
+        match self.keys.get_mut(key) {
+            Some(h) if h.yields > h.claimed => {
+                h.claimed += 1;
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// Whether a yield waits for a connection to take it on.
+    pub fn yields_pending(&self, key: &LeaseKey) -> bool {
+        self.keys.get(key).is_some_and(|h| h.yields > h.claimed)
+    }
+
+    fn tidy(&mut self, key: &LeaseKey) {
+        if self.keys.get(key).is_some_and(|h| *h == Holding::default()) {
+            self.keys.remove(key);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key(site: &str) -> LeaseKey {
+        LeaseKey {
+            site: site.into(),
+            source: 0,
+        }
+    }
+
+    fn acquire(b: &mut Budgets, from: usize, k: &LeaseKey, limit: u32) -> Vec<Outgoing> {
+        b.handle(
+            from,
+            LeaseMsg::Acquire {
+                key: k.clone(),
+                limit,
+            },
+        )
+    }
+
+    fn granted(out: &[Outgoing], to: usize) -> bool {
+        out.iter()
+            .any(|(s, m)| *s == to && matches!(m, LeaseMsg::Granted { .. }))
+    }
+
+    #[test]
+    fn the_limit_holds_and_permits_come_back() {
+        let mut b = Budgets::default();
+        let k = key("mx1.example,mx2.example");
+        assert!(granted(&acquire(&mut b, 0, &k, 2), 0));
+        assert!(granted(&acquire(&mut b, 0, &k, 2), 0));
+        let out = acquire(&mut b, 0, &k, 2);
+        assert!(!granted(&out, 0));
+        assert_eq!(out, vec![(0, LeaseMsg::Queued { key: k.clone() })]);
+        assert_eq!(b.open(&k), 2);
+        // Another source is another budget.
+        let other = LeaseKey {
+            site: k.site.clone(),
+            source: 1,
+        };
+        assert!(granted(&acquire(&mut b, 0, &other, 2), 0));
+        // A release hands the permit to the waiting request.
+        let out = b.handle(0, LeaseMsg::Release { key: k.clone() });
+        assert!(granted(&out, 0));
+        assert_eq!(b.open(&k), 2);
+        b.handle(0, LeaseMsg::Release { key: k.clone() });
+        b.handle(0, LeaseMsg::Release { key: k.clone() });
+        assert_eq!(b.open(&k), 0);
+    }
+
+    #[test]
+    fn shards_take_turns_at_a_limit_of_one() {
+        let mut b = Budgets::default();
+        let k = key("mx.example");
+        assert!(granted(&acquire(&mut b, 0, &k, 1), 0));
+        // Shard 1 waits: shard 0, over its share, is asked to yield.
+        let out = acquire(&mut b, 1, &k, 1);
+        assert!(out.contains(&(1, LeaseMsg::Queued { key: k.clone() })));
+        assert!(out.contains(&(0, LeaseMsg::Yield { key: k.clone() })));
+        // Shard 0 wants it back at once, but shard 1 waited longer.
+        let out = acquire(&mut b, 0, &k, 1);
+        assert!(!granted(&out, 0));
+        let out = b.handle(0, LeaseMsg::Release { key: k.clone() });
+        assert!(granted(&out, 1), "{out:?}");
+        // Now shard 0 waits and shard 1 is asked to yield: turns.
+        assert!(
+            out.contains(&(1, LeaseMsg::Yield { key: k.clone() })),
+            "{out:?}"
+        );
+        let out = b.handle(1, LeaseMsg::Release { key: k.clone() });
+        assert!(granted(&out, 0));
+        assert_eq!(b.open(&k), 1);
+    }
+
+    #[test]
+    fn a_shard_keeps_its_share_of_a_larger_limit() {
+        let mut b = Budgets::default();
+        let k = key("mx.example");
+        for _ in 0..4 {
+            assert!(granted(&acquire(&mut b, 0, &k, 4), 0));
+        }
+        // Shard 1 asks twice: shard 0 (share 2 of 4) is asked to yield twice, not more.
+        let mut yields = 0;
+        for _ in 0..2 {
+            let out = acquire(&mut b, 1, &k, 4);
+            yields += out
+                .iter()
+                .filter(|(s, m)| *s == 0 && matches!(m, LeaseMsg::Yield { .. }))
+                .count();
+        }
+        assert_eq!(yields, 2);
+        let out = acquire(&mut b, 1, &k, 4);
+        assert!(
+            !out.iter().any(|(_, m)| matches!(m, LeaseMsg::Yield { .. })),
+            "shard 0 is down to its share once it yields two: {out:?}"
+        );
+        for _ in 0..2 {
+            let out = b.handle(0, LeaseMsg::Release { key: k.clone() });
+            assert!(granted(&out, 1));
+        }
+        assert_eq!(b.open(&k), 4, "the limit holds");
+    }
+
+    #[test]
+    fn cancelled_requests_are_not_granted_and_empty_budgets_go() {
+        let mut b = Budgets::default();
+        let k = key("mx.example");
+        acquire(&mut b, 0, &k, 1);
+        acquire(&mut b, 1, &k, 1);
+        b.handle(1, LeaseMsg::Cancel { key: k.clone() });
+        let out = b.handle(0, LeaseMsg::Release { key: k.clone() });
+        assert!(!granted(&out, 1), "{out:?}");
+        assert!(b.is_empty());
+    }
+
+    #[test]
+    fn permits_track_held_requested_and_yields() {
+        let mut p = Permits::default();
+        let k = key("mx.example");
+        assert_eq!(
+            p.want(&k, 3),
+            LeaseMsg::Acquire {
+                key: k.clone(),
+                limit: 3
+            }
+        );
+        p.granted(&k);
+        assert_eq!(
+            p.holding(&k),
+            Holding {
+                held: 1,
+                requested: 0,
+                yields: 0,
+                claimed: 0,
+            }
+        );
+        p.yield_asked(&k);
+        p.yield_asked(&k);
+        assert_eq!(p.holding(&k).yields, 1, "no more yields than permits held");
+        assert!(p.take_yield(&k));
+        assert!(!p.take_yield(&k), "one connection answers one yield");
+        assert_eq!(p.release(&k), LeaseMsg::Release { key: k.clone() });
+        assert_eq!(p.holding(&k), Holding::default());
+        // A release for another reason answers a pending yield too, as the owner counts it.
+        p.want(&k, 3);
+        p.granted(&k);
+        p.want(&k, 3);
+        p.granted(&k);
+        p.yield_asked(&k);
+        p.release(&k);
+        assert!(!p.yields_pending(&k), "answered by the release");
+        assert!(!p.take_yield(&k));
+        assert_eq!(p.cancel(&k), None);
+    }
+
+    #[test]
+    fn owners_spread_over_shards_and_are_stable() {
+        let mut seen = [0usize; 4];
+        for i in 0..400 {
+            let k = LeaseKey {
+                site: format!("mx{i}.example").into(),
+                source: (i % 3) as u16,
+            };
+            let o = owner_of(&k, 4);
+            assert_eq!(o, owner_of(&k, 4));
+            seen[o] += 1;
+        }
+        assert!(seen.iter().all(|&n| n > 50), "{seen:?}");
+    }
+}

@@ -1,0 +1,280 @@
+//! The envelope: one type for a message's routing facts from reception to the queue.
+//!
+//! Reception builds it from the SMTP transaction (or a notice from its inputs), the spool writes
+//! it as it is next to the body (see `spool::record`), and recovery rebuilds the queue from the
+//! spooled envelopes alone, without reading a body. Every DSN parameter is a typed value here;
+//! the on-disk form is the rkyv archive of these same types.
+
+use std::fmt;
+
+use rkyv::{Archive, Deserialize, Serialize};
+
+/// The id a client is given in the `250` reply, carried by the Received header and every log
+/// line: the receiving shard's clock and counter, `{ms:x}.{shard}.{n:x}` when printed. The
+/// copies of a message split over shards share it.
+#[derive(Archive, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[rkyv(derive(Debug))]
+pub struct ReceptionId {
+    /// Unix time of reception, in milliseconds (the message's age counts from here).
+    pub ms: u64,
+    /// The shard that accepted the transaction.
+    pub shard: u16,
+    /// That shard's counter since it started.
+    pub n: u64,
+}
+
+impl fmt::Display for ReceptionId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:x}.{}.{:x}", self.ms, self.shard, self.n)
+    }
+}
+
+impl ReceptionId {
+    /// Parse the printed form back (records written before the typed id carried the text).
+    pub fn parse(text: &str) -> Option<ReceptionId> {
+        let mut parts = text.split('.');
+        let ms = u64::from_str_radix(parts.next()?, 16).ok()?;
+        let shard = parts.next()?.parse().ok()?;
+        let n = u64::from_str_radix(parts.next()?, 16).ok()?;
+        parts
+            .next()
+            .is_none()
+            .then_some(ReceptionId { ms, shard, n })
+    }
+}
+
+/// DSN RET (RFC 3461 §4.3): how much of the original a failure notice returns.
+#[derive(Archive, Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[rkyv(derive(Debug))]
+#[repr(u8)]
+pub enum Ret {
+    /// Not given: the headers (our default, RFC 3461 leaves it to the MTA).
+    #[default]
+    Unspecified,
+    Full,
+    Headers,
+}
+
+/// DSN NOTIFY of one recipient (RFC 3461 §4.1).
+#[derive(Archive, Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[rkyv(derive(Debug))]
+#[repr(u8)]
+pub enum Notify {
+    /// Not given: notices of failure only (delay notices are the MTA's choice).
+    #[default]
+    Default,
+    /// NOTIFY=NEVER.
+    Never,
+    /// NOTIFY= with these conditions.
+    On {
+        success: bool,
+        failure: bool,
+        delay: bool,
+    },
+}
+
+impl Notify {
+    /// Whether a failure (bounce or expiry) of this recipient calls for a notice.
+    pub fn on_failure(self) -> bool {
+        match self {
+            Notify::Default => true,
+            Notify::Never => false,
+            Notify::On { failure, .. } => failure,
+        }
+    }
+
+    /// Whether a successful delivery calls for a notice.
+    pub fn on_success(self) -> bool {
+        matches!(self, Notify::On { success: true, .. })
+    }
+
+    /// Whether the sender asked to hear of delays.
+    pub fn on_delay(self) -> bool {
+        matches!(self, Notify::On { delay: true, .. })
+    }
+
+    /// The v3 record's NOTIFY bits (given 8, delay 4, failure 2, success 1).
+    pub fn from_bits(bits: u8) -> Notify {
+        if bits & 8 == 0 {
+            return Notify::Default;
+        }
+        let (success, failure, delay) = (bits & 1 != 0, bits & 2 != 0, bits & 4 != 0);
+        if !(success || failure || delay) {
+            return Notify::Never;
+        }
+        Notify::On {
+            success,
+            failure,
+            delay,
+        }
+    }
+}
+
+/// What the body needs from the next hop (RFC 6152, RFC 3030).
+#[derive(Archive, Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[rkyv(derive(Debug))]
+#[repr(u8)]
+pub enum Body {
+    #[default]
+    SevenBit,
+    /// BODY=8BITMIME.
+    EightBitMime,
+    /// BODY=BINARYMIME: only with BDAT to a next hop offering CHUNKING and BINARYMIME.
+    BinaryMime,
+}
+
+/// One recipient with its DSN parameters.
+#[derive(Archive, Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[rkyv(derive(Debug))]
+pub struct Recipient {
+    /// `local@domain` as received.
+    pub address: String,
+    pub notify: Notify,
+    /// ORCPT as `type;address` (xtext decoded; RFC 6533 `utf-8` in its `\x{..}` form).
+    pub orcpt: Option<String>,
+}
+
+impl Recipient {
+    pub fn new(address: impl Into<String>) -> Recipient {
+        Recipient {
+            address: address.into(),
+            notify: Notify::Default,
+            orcpt: None,
+        }
+    }
+
+    /// The domain part (after the last `@`), as given.
+    pub fn domain(&self) -> &str {
+        domain_of(&self.address)
+    }
+}
+
+/// The domain part of `local@domain` (after the last `@`), or "" for an address without one.
+/// No I/O, no allocation.
+pub fn domain_of(address: &str) -> &str {
+    address.rsplit_once('@').map_or("", |(_, d)| d)
+}
+
+/// A message's envelope. A message split over shards has one envelope per part, each with that
+/// shard's recipients and everything else the same.
+#[derive(Archive, Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[rkyv(derive(Debug))]
+pub struct Envelope {
+    pub reception: ReceptionId,
+    /// Reverse-path; "" for the null sender (a notice, which never causes another).
+    pub sender: String,
+    pub rcpts: Vec<Recipient>,
+    pub ret: Ret,
+    /// DSN ENVID, when given.
+    pub envid: Option<String>,
+    /// The value of the tenant header, for pool rules (and shaping later).
+    pub tenant: Option<String>,
+    /// SMTPUTF8 was given: the message goes out only with SMTPUTF8.
+    pub smtputf8: bool,
+    pub body: Body,
+    /// Body length in bytes, headers we added included.
+    pub size: u64,
+    /// The client's address, for the log (`local` for our own notices).
+    pub peer: String,
+}
+
+impl Envelope {
+    /// Unix time of reception, in milliseconds.
+    pub fn received_ms(&self) -> u64 {
+        self.reception.ms
+    }
+
+    /// This envelope with only the recipients at `indices` (in that order): one shard's part.
+    pub fn part(&self, indices: &[usize]) -> Envelope {
+        Envelope {
+            rcpts: indices
+                .iter()
+                .filter_map(|&i| self.rcpts.get(i).cloned())
+                .collect(),
+            ..self.without_rcpts()
+        }
+    }
+
+    fn without_rcpts(&self) -> Envelope {
+        Envelope {
+            reception: self.reception,
+            sender: self.sender.clone(),
+            rcpts: Vec::new(),
+            ret: self.ret,
+            envid: self.envid.clone(),
+            tenant: self.tenant.clone(),
+            smtputf8: self.smtputf8,
+            body: self.body,
+            size: self.size,
+            peer: self.peer.clone(),
+        }
+    }
+}
+
+impl ArchivedEnvelope {
+    /// The owned envelope (allocates; for recovery and notices, not the hot path).
+    pub fn to_owned_envelope(&self) -> Result<Envelope, rkyv::rancor::Error> {
+        rkyv::deserialize::<Envelope, rkyv::rancor::Error>(self)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reception_ids_print_and_parse() {
+        let id = ReceptionId {
+            ms: 0x18c_0000_0001,
+            shard: 3,
+            n: 0x2a,
+        };
+        assert_eq!(id.to_string(), "18c00000001.3.2a");
+        assert_eq!(ReceptionId::parse(&id.to_string()), Some(id));
+        assert_eq!(ReceptionId::parse("x.1.2"), None);
+        assert_eq!(ReceptionId::parse("1.2"), None);
+        assert_eq!(ReceptionId::parse("1.2.3.4"), None);
+    }
+
+    #[test]
+    fn notify_follows_rfc3461_defaults() {
+        assert!(Notify::Default.on_failure() && !Notify::Default.on_success());
+        assert!(!Notify::Never.on_failure());
+        let s = Notify::On {
+            success: true,
+            failure: false,
+            delay: false,
+        };
+        assert!(s.on_success() && !s.on_failure() && !s.on_delay());
+        assert_eq!(Notify::from_bits(0), Notify::Default);
+        assert_eq!(Notify::from_bits(8), Notify::Never);
+        assert_eq!(Notify::from_bits(8 | 1), s);
+    }
+
+    #[test]
+    fn parts_keep_everything_but_the_other_recipients() {
+        let env = Envelope {
+            reception: ReceptionId {
+                ms: 1,
+                shard: 0,
+                n: 2,
+            },
+            sender: "s@x.test".into(),
+            rcpts: vec![Recipient::new("a@a.test"), Recipient::new("b@b.test")],
+            ret: Ret::Full,
+            envid: Some("e1".into()),
+            tenant: None,
+            smtputf8: false,
+            body: Body::EightBitMime,
+            size: 10,
+            peer: "127.0.0.1:1".into(),
+        };
+        let part = env.part(&[1]);
+        assert_eq!(part.rcpts, vec![Recipient::new("b@b.test")]);
+        assert_eq!(
+            (part.ret, part.body, part.size),
+            (Ret::Full, Body::EightBitMime, 10)
+        );
+        assert_eq!(part.rcpts[0].domain(), "b.test");
+    }
+}

@@ -1,0 +1,139 @@
+//! The outcome stage's decisions: what a recipient's attempt result means (delivered, bounced,
+//! retried when, expired) and which results call for a notice. Pure functions; the core applies
+//! them to its queue, the spool and the events.
+
+use crate::events::{AttemptOutcome, Response};
+use crate::queue::retry::{Backoff, Retry};
+use crate::smtp::reply::Reply;
+use crate::spool::record::OutcomeKind;
+
+/// The outcome of one recipient in one attempt.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum RcptResult {
+    Reply(Reply),
+    /// No SMTP reply: connection refused, reset, timed out, protocol garbage.
+    Failure(String),
+}
+
+/// A reply as logged: code, enhanced code as text, lines joined.
+pub fn response_of(reply: &Reply) -> Response {
+    Response {
+        code: reply.code,
+        enhanced: reply
+            .enhanced
+            .map(|(a, b, c)| format!("{a}.{b}.{c}"))
+            .unwrap_or_default(),
+        text: reply.lines().collect::<Vec<_>>().join(" "),
+    }
+}
+
+/// The response a result is logged with; a failure without a reply counts as `451 4.4.1`.
+pub fn response_of_result(result: &RcptResult) -> Response {
+    match result {
+        RcptResult::Reply(reply) => response_of(reply),
+        RcptResult::Failure(why) => Response {
+            code: 451,
+            enhanced: "4.4.1".into(),
+            text: why.clone(),
+        },
+    }
+}
+
+/// What a recipient's result leads to after `attempts` attempts of a message received at
+/// `received_ms`: 2xx delivered, 5xx bounced, anything else retried by `backoff` until the
+/// message's maximum age, then expired. No I/O.
+pub fn decide(
+    code: u16,
+    backoff: &Backoff,
+    attempts: u32,
+    received_ms: u64,
+    now_ms: u64,
+) -> AttemptOutcome {
+    if (200..300).contains(&code) {
+        AttemptOutcome::Delivered
+    } else if (500..600).contains(&code) {
+        AttemptOutcome::Bounced
+    } else {
+        match backoff.after_failure(attempts, received_ms, now_ms) {
+            Retry::At(at) => AttemptOutcome::Deferred {
+                next_attempt_ms: at,
+            },
+            Retry::Expire => AttemptOutcome::Expired,
+        }
+    }
+}
+
+/// The spool's record kind for an outcome.
+pub fn record_kind(outcome: AttemptOutcome) -> OutcomeKind {
+    match outcome {
+        AttemptOutcome::Delivered => OutcomeKind::Delivered,
+        AttemptOutcome::Deferred { .. } => OutcomeKind::Deferred,
+        AttemptOutcome::Bounced => OutcomeKind::Bounced,
+        AttemptOutcome::Expired => OutcomeKind::Expired,
+    }
+}
+
+/// Whether an outcome may call for a notice to the sender (NOTIFY decides per recipient when
+/// the notice is built): failures always, deliveries when a recipient asked for success
+/// notices; never for the null sender (a notice never causes another).
+pub fn wants_notice(outcome: AttemptOutcome, success_notices: bool, sender: &str) -> bool {
+    !sender.is_empty()
+        && match outcome {
+            AttemptOutcome::Bounced | AttemptOutcome::Expired => true,
+            AttemptOutcome::Delivered => success_notices,
+            AttemptOutcome::Deferred { .. } => false,
+        }
+}
+
+/// Whether an outcome is a failure whose record must wait until its notice is spooled (so a
+/// crash in between bounces, and notifies, again: at least once).
+pub fn notice_first(outcome: AttemptOutcome) -> bool {
+    matches!(outcome, AttemptOutcome::Bounced | AttemptOutcome::Expired)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const B: Backoff = Backoff {
+        base_ms: 1_000,
+        factor: 2.0,
+        cap_ms: 10_000,
+        max_age_ms: 60_000,
+    };
+
+    #[test]
+    fn classes_decide_and_age_expires() {
+        assert_eq!(decide(250, &B, 1, 0, 10), AttemptOutcome::Delivered);
+        assert_eq!(decide(550, &B, 1, 0, 10), AttemptOutcome::Bounced);
+        assert_eq!(
+            decide(451, &B, 1, 0, 10),
+            AttemptOutcome::Deferred {
+                next_attempt_ms: 1_010
+            }
+        );
+        assert_eq!(decide(421, &B, 9, 0, 60_000), AttemptOutcome::Expired);
+    }
+
+    #[test]
+    fn notices_for_failures_and_asked_successes_never_for_notices() {
+        assert!(wants_notice(AttemptOutcome::Bounced, false, "s@x"));
+        assert!(!wants_notice(AttemptOutcome::Bounced, false, ""));
+        assert!(!wants_notice(AttemptOutcome::Delivered, false, "s@x"));
+        assert!(wants_notice(AttemptOutcome::Delivered, true, "s@x"));
+        assert!(!wants_notice(
+            AttemptOutcome::Deferred { next_attempt_ms: 1 },
+            true,
+            "s@x"
+        ));
+        assert!(notice_first(AttemptOutcome::Expired) && !notice_first(AttemptOutcome::Delivered));
+    }
+
+    #[test]
+    fn failures_without_a_reply_are_451_4_4_1() {
+        let r = response_of_result(&RcptResult::Failure("connection refused".into()));
+        assert_eq!((r.code, r.enhanced.as_str()), (451, "4.4.1"));
+        let r = response_of(&Reply::new(550, Some((5, 1, 1)), "no such user"));
+        assert_eq!(r.enhanced, "5.1.1");
+    }
+}

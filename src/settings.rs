@@ -1,0 +1,292 @@
+//! Settings: the configuration checked and turned into ready-to-use values (networks, routes,
+//! TLS configurations, egress pools, compiled globs). Built once at start by
+//! [`Config::settle`]; every shard gets a copy.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use crate::config::{invalid, Config, ConfigError, Network, Overrides, SiteLimits};
+use crate::route::{DomainGlob, Route, RouteError};
+
+/// The checked, ready-to-use configuration.
+#[derive(Clone, Debug)]
+pub struct Settings {
+    pub config: Config,
+    pub hostname: String,
+    pub helo_name: String,
+    pub relay_networks: Vec<Network>,
+    /// Proxies trusted to send PROXY protocol headers.
+    pub proxy_trusted: Vec<Network>,
+    pub routes: Vec<Route>,
+    pub shard_count: usize,
+    /// The implicit-TLS listen address, when configured.
+    pub implicit_tls_listen: Option<SocketAddr>,
+    /// TLS server configuration (configured or self-signed certificate).
+    pub tls: Arc<rustls::ServerConfig>,
+    /// Outbound TLS: unverified (opportunistic) and verified (required, when a route needs it).
+    pub tls_client_unverified: Arc<rustls::ClientConfig>,
+    pub tls_client_verified: Option<Arc<rustls::ClientConfig>>,
+    /// AUTH users, when `server.auth_users` is set.
+    pub auth_users: Option<Arc<crate::auth::Users>>,
+    /// DNS resolvers, in failover order (empty: no MX lookups; unrouted mail waits).
+    pub resolvers: Vec<SocketAddr>,
+    pub address_order: crate::egress::AddressOrder,
+    pub egress: Arc<crate::egress::Egress>,
+    /// `config.site[i].mx`, compiled: `site_globs[i]` belongs to `config.site[i]`.
+    site_globs: Vec<DomainGlob>,
+}
+
+impl Settings {
+    /// The connection settings for `hop`.
+    pub fn site_limits(&self, hop: &crate::route::Hop) -> SiteLimits {
+        let d = &self.config.delivery;
+        let mut limits = SiteLimits {
+            connections_max: d.connections_per_destination_max,
+            messages_per_connection_max: d.messages_per_connection_max,
+            idle_timeout_ms: d.idle_timeout_ms,
+        };
+        let entry = self
+            .site_globs
+            .iter()
+            .zip(&self.config.site)
+            .find(|(glob, _)| match hop {
+                crate::route::Hop::Route(dest) => glob.matches(&dest.host),
+                crate::route::Hop::Mx(site) => site.hosts.iter().any(|(_, h)| glob.matches(h)),
+            });
+        if let Some((_, e)) = entry {
+            limits.connections_max = e.connections_max.unwrap_or(limits.connections_max);
+            limits.messages_per_connection_max = e
+                .messages_per_connection_max
+                .unwrap_or(limits.messages_per_connection_max);
+            limits.idle_timeout_ms = e.idle_timeout_ms.unwrap_or(limits.idle_timeout_ms);
+        }
+        limits
+    }
+}
+
+impl Config {
+    /// Apply command-line overrides, then check every value.
+    pub fn settle(mut self, overrides: Overrides) -> Result<Settings, ConfigError> {
+        if let Some(listen) = overrides.listen {
+            self.server.listen = listen;
+        }
+        if let Some(spool) = overrides.spool {
+            self.spool.dir = spool;
+        }
+        if let Some(log_dir) = overrides.log_dir {
+            self.log.dir = log_dir;
+        }
+        if let Some(shards) = overrides.shards {
+            self.shards.count = shards;
+        }
+        if !overrides.resolvers.is_empty() {
+            self.dns.resolvers = overrides.resolvers.clone();
+        }
+        if let Some(port) = overrides.delivery_port {
+            self.delivery.port = port;
+        }
+        let starttls = crate::route::parse_tls_policy(&self.delivery.starttls)
+            .map_err(|e| invalid("delivery.starttls", e.to_string()))?;
+        let mut routes = Vec::new();
+        for text in &overrides.routes {
+            let route = Route::parse_flag(text).map_err(|e| route_error("--route", e))?;
+            routes.push(route.with_tls(starttls));
+        }
+        for entry in &self.route {
+            let route =
+                Route::new(&entry.domain, &entry.target).map_err(|e| route_error("route", e))?;
+            let tls = match &entry.tls {
+                Some(text) => {
+                    crate::route::parse_tls_policy(text).map_err(|e| route_error("route.tls", e))?
+                }
+                None => starttls,
+            };
+            routes.push(route.with_tls(tls));
+        }
+        self.validate()?;
+        let site_globs = self
+            .site
+            .iter()
+            .map(|e| DomainGlob::new(&e.mx).map_err(|e| invalid("site.mx", e.to_string())))
+            .collect::<Result<Vec<_>, _>>()?;
+        let relay_networks = parse_networks("server.relay_networks", &self.server.relay_networks)?;
+        let hostname = if self.server.hostname.is_empty() {
+            system_hostname()
+        } else {
+            self.server.hostname.clone()
+        };
+        let helo_name = if self.delivery.helo_name.is_empty() {
+            hostname.clone()
+        } else {
+            self.delivery.helo_name.clone()
+        };
+        let shard_count = match self.shards.count {
+            0 => shards::runtime::online_cpus(),
+            n => n,
+        };
+        let implicit_tls_listen = match self.server.implicit_tls_listen.trim() {
+            "" => None,
+            text => Some(text.parse::<SocketAddr>().map_err(|_| {
+                invalid(
+                    "server.implicit_tls_listen",
+                    format!("`{text}` is not an address:port"),
+                )
+            })?),
+        };
+        let identity = match (
+            self.server.tls_cert.as_os_str().is_empty(),
+            self.server.tls_key.as_os_str().is_empty(),
+        ) {
+            (true, true) => crate::tls::self_signed(&hostname),
+            (false, false) => {
+                crate::tls::load_identity(&self.server.tls_cert, &self.server.tls_key)
+            }
+            (false, true) => {
+                return Err(invalid(
+                    "server.tls_key",
+                    "set it together with server.tls_cert",
+                ))
+            }
+            (true, false) => {
+                return Err(invalid(
+                    "server.tls_cert",
+                    "set it together with server.tls_key",
+                ))
+            }
+        };
+        let tls = identity
+            .and_then(crate::tls::server_config)
+            .map_err(|e| invalid("server.tls_cert", e.to_string()))?;
+        let tls_client_unverified = crate::tls::client_config_unverified()
+            .map_err(|e| invalid("delivery.starttls", e.to_string()))?;
+        // Load the CA bundle only when some route requires verified TLS.
+        let required = crate::smtp::client::TlsPolicy::Required;
+        let tls_client_verified = if routes.iter().any(|r| r.tls() == required) {
+            let ca = &self.delivery.tls_ca_file;
+            Some(
+                crate::tls::client_config_verified(ca)
+                    .map_err(|e| invalid("delivery.tls_ca_file", e.to_string()))?,
+            )
+        } else {
+            None
+        };
+        let auth_users = if self.server.auth_users.as_os_str().is_empty() {
+            None
+        } else {
+            let users = crate::auth::Users::load(&self.server.auth_users)
+                .map_err(|e| invalid("server.auth_users", e.to_string()))?;
+            Some(Arc::new(users))
+        };
+        if self.server.auth_failures_max == 0 {
+            return Err(invalid("server.auth_failures_max", "must be at least 1"));
+        }
+        let proxy_trusted = parse_networks("server.proxy_trusted", &self.server.proxy_trusted)?;
+        for (i, l) in self.listener.iter().enumerate() {
+            if l.auth_required && self.server.auth_users.as_os_str().is_empty() {
+                return Err(invalid("listener.auth_required", "needs server.auth_users"));
+            }
+            if let Some(h) = &l.hostname {
+                if h.trim().is_empty() || h.contains(char::is_whitespace) {
+                    return Err(invalid(
+                        "listener.hostname",
+                        format!("`{h}` is not a host name"),
+                    ));
+                }
+            }
+            if let Some(nets) = &l.relay_networks {
+                parse_networks("listener.relay_networks", nets)?;
+            }
+            if l.connections_max == Some(0) || l.connections_per_ip_max == Some(0) {
+                return Err(invalid(
+                    "listener.connections_max",
+                    format!("listener {}: limits must be at least 1", l.address),
+                ));
+            }
+            if l.size_max.is_some_and(|n| n < 1024) {
+                return Err(invalid("listener.size_max", "must be at least 1024 bytes"));
+            }
+            if l.rcpts_max.is_some_and(|n| n < 100) {
+                return Err(invalid(
+                    "listener.rcpts_max",
+                    "RFC 5321 requires at least 100",
+                ));
+            }
+            let clash = l.address == self.server.listen
+                || Some(l.address) == implicit_tls_listen
+                || self.listener[..i].iter().any(|o| o.address == l.address);
+            if clash {
+                return Err(invalid(
+                    "listener.address",
+                    format!("{} is used twice", l.address),
+                ));
+            }
+        }
+        let resolvers = if self.dns.resolvers.is_empty() {
+            crate::dns::resolv_conf(&self.dns.resolv_conf)
+                .map_err(|e| invalid("dns.resolv_conf", e))?
+        } else {
+            self.dns
+                .resolvers
+                .iter()
+                .map(|text| {
+                    crate::dns::parse_resolver(text).ok_or_else(|| {
+                        invalid("dns.resolvers", format!("`{text}` is not IP or IP:PORT"))
+                    })
+                })
+                .collect::<Result<Vec<_>, _>>()?
+        };
+        let address_order = crate::egress::AddressOrder::parse(&self.delivery.address_order)
+            .ok_or_else(|| {
+                invalid(
+                    "delivery.address_order",
+                    "must be ipv4-first, ipv6-first, ipv4-only or ipv6-only",
+                )
+            })?;
+        let egress = crate::egress::Egress::from_config(&self, &helo_name)?;
+        Ok(Settings {
+            resolvers,
+            address_order,
+            egress: Arc::new(egress),
+            config: self,
+            hostname,
+            helo_name,
+            relay_networks,
+            proxy_trusted,
+            routes,
+            shard_count,
+            implicit_tls_listen,
+            tls,
+            tls_client_unverified,
+            tls_client_verified,
+            auth_users,
+            site_globs,
+        })
+    }
+}
+
+/// A list of CIDR networks from the config; an error names `key` and the bad entry.
+fn parse_networks(key: &'static str, list: &[String]) -> Result<Vec<Network>, ConfigError> {
+    list.iter()
+        .map(|n| {
+            Network::parse(n).ok_or_else(|| invalid(key, format!("`{n}` is not a CIDR network")))
+        })
+        .collect()
+}
+
+fn route_error(key: &'static str, e: RouteError) -> ConfigError {
+    invalid(key, e.to_string())
+}
+
+fn system_hostname() -> String {
+    let mut buf = [0u8; 256];
+    // SAFETY: buf is valid for buf.len() bytes; gethostname NUL-terminates on success.
+    let rc = unsafe { libc::gethostname(buf.as_mut_ptr().cast(), buf.len()) };
+    if rc != 0 {
+        return "localhost".into();
+    }
+    let end = memchr::memchr(0, &buf).unwrap_or(buf.len());
+    match std::str::from_utf8(&buf[..end]) {
+        Ok(name) if !name.is_empty() => name.to_owned(),
+        _ => "localhost".into(),
+    }
+}

@@ -1,0 +1,224 @@
+//! What shards say to each other: a message part to spool, lease messages, per-client
+//! counts. Carried by the `shards` crate's mesh (request/reply and one-way casts).
+
+use std::cell::RefCell;
+use std::collections::VecDeque;
+use std::net::IpAddr;
+use std::rc::Rc;
+
+use shards::{CallError, Mesh, Notify};
+
+use crate::clients::{Clients, IpLimits};
+use crate::clock::Clock;
+use crate::core::CoreCell;
+use crate::egress::lease::LeaseMsg;
+use crate::reception::{AcceptError, LocalFuture, Peers, Reception, Submission};
+
+pub enum Request {
+    /// Spool this part; answered with `Submitted` once durable.
+    Submit(Box<Submission>),
+    /// A lease message (cast).
+    Lease(LeaseMsg),
+    /// Count a connection from `ip`; answered with `Allowed`.
+    ClientConnect { ip: IpAddr, limits: IpLimits },
+    /// A counted connection closed (cast).
+    ClientDisconnect { ip: IpAddr, listener: u16 },
+    /// May `ip` try AUTH? Answered with `Allowed`.
+    AuthAllowed { ip: IpAddr },
+    /// An AUTH attempt's result (cast).
+    AuthResult { ip: IpAddr, ok: bool },
+}
+
+pub enum Answer {
+    Submitted(Result<(), AcceptError>),
+    Allowed(bool),
+    Done,
+}
+
+pub type ShardMesh = Mesh<Request, Answer>;
+
+/// Lease messages to each peer, in order: one sender task per peer drains its queue, so a
+/// full channel delays them but never reorders or drops them.
+pub struct LeaseOutbox {
+    queues: RefCell<Vec<VecDeque<LeaseMsg>>>,
+    queued: Notify,
+}
+
+impl LeaseOutbox {
+    pub fn new(shards: usize) -> Rc<LeaseOutbox> {
+        Rc::new(LeaseOutbox {
+            queues: RefCell::new(vec![VecDeque::new(); shards]),
+            queued: Notify::new(),
+        })
+    }
+
+    pub fn push(&self, to: usize, msg: LeaseMsg) {
+        if let Some(q) = self.queues.borrow_mut().get_mut(to) {
+            q.push_back(msg);
+        }
+        self.queued.notify_all();
+    }
+
+    /// Send the queue of shard `to` until the mesh closes.
+    pub async fn run(self: Rc<Self>, mesh: Rc<ShardMesh>, to: usize) {
+        loop {
+            let next = self
+                .queues
+                .borrow_mut()
+                .get_mut(to)
+                .and_then(|q| q.pop_front());
+            match next {
+                Some(msg) => {
+                    if mesh.cast(to, Request::Lease(msg)).await.is_err() {
+                        // The peer is gone (shutting down): nothing waits for its answers.
+                        return;
+                    }
+                }
+                None => self.queued.notified().await,
+            }
+        }
+    }
+}
+
+/// Reception's view of the other shards, over the mesh.
+pub struct MeshPeers {
+    pub mesh: Rc<ShardMesh>,
+    pub clients: Rc<RefCell<Clients>>,
+    pub clock: Rc<dyn Clock>,
+}
+
+impl MeshPeers {
+    fn owner(&self, ip: IpAddr) -> usize {
+        crate::clients::owner_of(ip, self.mesh.count())
+    }
+
+    fn cast_later(&self, to: usize, q: Request) {
+        let mesh = self.mesh.clone();
+        glommio::spawn_local(async move {
+            // Waits for room; fails only when the mesh is closing, when nobody counts any more.
+            let _ = mesh.cast(to, q).await;
+        })
+        .detach();
+    }
+}
+
+impl Peers for MeshPeers {
+    fn submit(&self, to: usize, sub: Submission) -> LocalFuture<'_, Result<(), AcceptError>> {
+        Box::pin(async move {
+            match self.mesh.call(to, Request::Submit(Box::new(sub))).await {
+                Ok(Answer::Submitted(result)) => result,
+                Ok(_) => Err(AcceptError::PeerGone(to)),
+                // The part came back to us: the client is told to try again.
+                Err(CallError::Full(_)) => Err(AcceptError::PeerBusy(to)),
+                Err(CallError::Closed(_)) | Err(CallError::NoShard(_)) => {
+                    Err(AcceptError::ShuttingDown)
+                }
+                Err(CallError::Dropped) => Err(AcceptError::PeerGone(to)),
+            }
+        })
+    }
+
+    fn client_connect(&self, ip: IpAddr, limits: IpLimits) -> LocalFuture<'_, bool> {
+        Box::pin(async move {
+            let owner = self.owner(ip);
+            if owner == self.mesh.id() {
+                return self.clients.borrow_mut().connect(ip, limits);
+            }
+            matches!(
+                self.mesh
+                    .call_wait(owner, Request::ClientConnect { ip, limits })
+                    .await,
+                Ok(Answer::Allowed(true))
+            )
+        })
+    }
+
+    fn client_disconnect(&self, ip: IpAddr, listener: u16) {
+        let owner = self.owner(ip);
+        if owner == self.mesh.id() {
+            self.clients.borrow_mut().disconnect(ip, listener);
+        } else {
+            self.cast_later(owner, Request::ClientDisconnect { ip, listener });
+        }
+    }
+
+    fn auth_allowed(&self, ip: IpAddr) -> LocalFuture<'_, bool> {
+        Box::pin(async move {
+            let owner = self.owner(ip);
+            if owner == self.mesh.id() {
+                let now = self.clock.now_ms();
+                return self.clients.borrow().auth_allowed(ip, now);
+            }
+            // A shard that cannot be asked does not get to lock the client out.
+            !matches!(
+                self.mesh
+                    .call_wait(owner, Request::AuthAllowed { ip })
+                    .await,
+                Ok(Answer::Allowed(false))
+            )
+        })
+    }
+
+    fn auth_result(&self, ip: IpAddr, ok: bool) {
+        let owner = self.owner(ip);
+        if owner == self.mesh.id() {
+            let now = self.clock.now_ms();
+            self.clients.borrow_mut().auth_result(ip, ok, now);
+        } else {
+            self.cast_later(owner, Request::AuthResult { ip, ok });
+        }
+    }
+}
+
+/// Serves what other shards ask of this one.
+pub struct Handler {
+    pub reception: Rc<Reception>,
+    pub core: Rc<CoreCell>,
+    pub clients: Rc<RefCell<Clients>>,
+    pub clock: Rc<dyn Clock>,
+}
+
+impl shards::Handler<Request, Answer> for Handler {
+    fn handle(&self, from: usize, q: Request) -> shards::Reply<Answer> {
+        let now = self.clock.now_ms();
+        // Everything but a submission is answered here, synchronously, in arrival order (the
+        // lease protocol relies on it).
+        let answer = match q {
+            Request::Submit(sub) => {
+                let reception = self.reception.clone();
+                return Box::pin(async move {
+                    let Submission {
+                        envelope,
+                        body,
+                        tls,
+                        intake,
+                    } = *sub;
+                    Answer::Submitted(
+                        reception
+                            .spool_part(envelope, &body, tls.as_deref(), intake)
+                            .await,
+                    )
+                });
+            }
+            Request::Lease(msg) => {
+                self.core.with(|c| c.lease_in(from, msg, now));
+                Answer::Done
+            }
+            Request::ClientConnect { ip, limits } => {
+                Answer::Allowed(self.clients.borrow_mut().connect(ip, limits))
+            }
+            Request::ClientDisconnect { ip, listener } => {
+                self.clients.borrow_mut().disconnect(ip, listener);
+                Answer::Done
+            }
+            Request::AuthAllowed { ip } => {
+                Answer::Allowed(self.clients.borrow().auth_allowed(ip, now))
+            }
+            Request::AuthResult { ip, ok } => {
+                self.clients.borrow_mut().auth_result(ip, ok, now);
+                Answer::Done
+            }
+        };
+        Box::pin(std::future::ready(answer))
+    }
+}

@@ -1,0 +1,310 @@
+//! What one core runs: the stages of one shard wired together on the `shards` runtime.
+//!
+//! Start: recover the spool (envelopes from the records alone), rebuild the queue, start the
+//! spool's committer, collector and compactor, the core's timer, the mesh, the listeners.
+//! Run: everything is event-driven — sockets, the spool's notifications, the mesh, and one
+//! timer that sleeps until the core's next due time (or the event log's next flush); with
+//! nothing to do a shard sleeps. Stop (the process-wide stop signal): stop accepting, let
+//! sessions and deliveries finish within `server.shutdown_grace_s`, end the mesh with every
+//! other shard (parts they hand us are still spooled until they are done), commit the spool,
+//! flush the log.
+//!
+//! Invariant: a shard only ever touches its own spool and queues. Other shards reach them over
+//! the mesh ([`mesh`]).
+
+pub mod mesh;
+mod perform;
+
+use std::cell::RefCell;
+use std::rc::Rc;
+use std::sync::Arc;
+use std::time::Duration;
+
+use glommio::{Latency, Shares};
+
+use crate::clients::Clients;
+use crate::clock::{Clock, SystemClock};
+use crate::config::ListenerEntry;
+use crate::core::{Core, CoreCell, CoreConfig};
+use crate::delivery::DeliveryCtx;
+use crate::dns::resolver::{Resolver, ResolverConfig};
+use crate::eventlog::EventLog;
+use crate::events::Observers;
+use crate::reception::{Listener, Reception};
+use crate::settings::Settings;
+use crate::spool::{Spool, SpoolConfig};
+
+pub use mesh::{Answer, Request};
+
+/// Requests a shard may have in flight over the mesh at once (see `shards::MeshConfig`): a
+/// part per inbound session in DATA, plus lease and client messages; past it a submission
+/// gets `451 4.3.0` and the client retries.
+const MESH_PENDING_MAX: usize = 8192;
+/// Compaction's share of the CPU against the default queue's 1000: it only ever trades its
+/// own latency.
+const COMPACTION_SHARES: usize = 50;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ShardError {
+    #[error("shard {shard}: cannot open spool: {source}")]
+    Spool {
+        shard: usize,
+        source: crate::spool::SpoolError,
+    },
+    #[error("shard {shard}: {source}")]
+    Log {
+        shard: usize,
+        source: crate::eventlog::LogError,
+    },
+    #[error("shard {shard}: {why}")]
+    Listen { shard: usize, why: String },
+    #[error("shard {shard}: {why}")]
+    Mesh { shard: usize, why: String },
+}
+
+/// What the process gives each shard.
+#[derive(Clone)]
+pub struct Shared {
+    pub settings: Arc<Settings>,
+    pub stop: shards::Stop,
+    /// Told once this shard listens (the process announces readiness when all have).
+    pub listening: crossbeam::channel::Sender<usize>,
+}
+
+/// Run shard `shard`: recover, listen, deliver, until the stop signal.
+pub async fn run(
+    shard: shards::Shard<shards::Wire<Request, Answer>>,
+    shared: Shared,
+) -> Result<(), ShardError> {
+    let (id, count) = (shard.id, shard.count);
+    let settings = Rc::new((*shared.settings).clone());
+    let cfg = &settings.config;
+    let clock: Rc<dyn Clock> = Rc::new(SystemClock);
+    let stop = shards::LocalStop::new(shared.stop.clone());
+
+    let spool_cfg = SpoolConfig {
+        dir: cfg.spool.dir.join(format!("shard-{id}")),
+        shard: id as u32,
+        segment_size_max: cfg.spool.segment_size_max,
+        commit_window_us: cfg.spool.commit_window_us,
+        commit_batch_max: cfg.spool.commit_batch_max,
+        compact_live_ratio: cfg.spool.compact_live_ratio,
+        compaction_bytes_per_s: cfg.spool.compaction_bytes_per_s,
+    };
+    let log = Rc::new(
+        EventLog::open(&cfg.log.dir, id, cfg.log.file_size_max)
+            .map_err(|source| ShardError::Log { shard: id, source })?,
+    );
+    let observers = Observers::new(vec![log.clone()]);
+    let mut core = Core::new(
+        CoreConfig {
+            shard: id,
+            shards: count,
+            settings: settings.clone(),
+            has_resolver: !settings.resolvers.is_empty(),
+        },
+        observers,
+    );
+    // Recovery replays the spool straight into the core's queue, one segment in memory at a
+    // time; the envelopes come from the records, no body is read back.
+    let started = std::time::Instant::now();
+    let (spool, opened) = Spool::open(spool_cfg, &mut core)
+        .await
+        .map_err(|source| ShardError::Spool { shard: id, source })?;
+    let report = &opened.report;
+    tracing::info!(
+        "shard {id} recovered {} segments, {} messages pending, {} corrupt records, {} torn tails in {} ms",
+        report.segments,
+        report.pending_messages,
+        report.corrupt_records,
+        report.torn_tails,
+        started.elapsed().as_millis()
+    );
+    if !report.unreadable.is_empty() {
+        tracing::error!(
+            "shard {id}: {} unreadable records set aside in {}/quarantine: {}",
+            report.unreadable.len(),
+            cfg.spool.dir.join(format!("shard-{id}")).display(),
+            report
+                .unreadable
+                .iter()
+                .map(|u| format!("segment {} offset {} ({})", u.seq, u.offset, u.why))
+                .collect::<Vec<_>>()
+                .join("; ")
+        );
+    }
+    let resolver = (!settings.resolvers.is_empty()).then(|| {
+        Rc::new(Resolver::new(
+            ResolverConfig {
+                servers: settings.resolvers.clone(),
+                timeout: Duration::from_millis(cfg.dns.timeout_ms),
+                attempts: cfg.dns.attempts,
+            },
+            crate::dns::cache::Cache::new(
+                cfg.dns.ttl_min_s,
+                cfg.dns.ttl_max_s,
+                cfg.dns.cache_entries_max,
+            ),
+        ))
+    });
+    let core = Rc::new(CoreCell::new(core));
+    let mesh = shards::Mesh::new(
+        shard,
+        &shards::MeshConfig {
+            pending_max: MESH_PENDING_MAX,
+        },
+    )
+    .map_err(|e| ShardError::Mesh {
+        shard: id,
+        why: e.to_string(),
+    })?;
+    let clients = Rc::new(RefCell::new(Clients::new(
+        cfg.server.auth_failures_max,
+        cfg.server.auth_failure_window_s.saturating_mul(1000),
+    )));
+    let peers = Rc::new(mesh::MeshPeers {
+        mesh: mesh.clone(),
+        clients: clients.clone(),
+        clock: clock.clone(),
+    });
+    let reception = Rc::new(Reception::new(
+        id,
+        count,
+        settings.clone(),
+        spool.clone(),
+        core.clone(),
+        peers,
+        clock.clone(),
+        stop.clone(),
+    ));
+    let work = Rc::new(shards::Notify::new());
+    let delivery = Rc::new(DeliveryCtx {
+        settings: settings.clone(),
+        core: core.clone(),
+        spool: spool.clone(),
+        resolver: resolver.clone(),
+        clock: clock.clone(),
+        work: work.clone(),
+    });
+    let outbox = mesh::LeaseOutbox::new(count);
+    let driver = Rc::new(perform::Driver::new(perform::Parts {
+        shard: id,
+        settings: settings.clone(),
+        core: core.clone(),
+        spool: spool.clone(),
+        reception: reception.clone(),
+        delivery,
+        resolver,
+        clock: clock.clone(),
+        work,
+        outbox: outbox.clone(),
+        log: log.clone(),
+    }));
+    {
+        let driver = driver.clone();
+        core.set_performer(Box::new(move |actions| driver.perform(actions)));
+    }
+    {
+        let core = core.clone();
+        spool.on_moved(Box::new(move |moves| core.with(|c| c.relocated(moves))));
+    }
+    mesh.serve(Rc::new(mesh::Handler {
+        reception: reception.clone(),
+        core: core.clone(),
+        clients,
+        clock: clock.clone(),
+    }));
+    let mut outboxes = Vec::new();
+    for to in (0..count).filter(|&to| to != id) {
+        outboxes.push(glommio::spawn_local(outbox.clone().run(mesh.clone(), to)));
+    }
+
+    let committer = glommio::spawn_local(spool.clone().run_committer());
+    let collector = glommio::spawn_local(spool.clone().run_collector());
+    let compaction_queue = glommio::executor().create_task_queue(
+        Shares::Static(COMPACTION_SHARES),
+        Latency::NotImportant,
+        "compaction",
+    );
+    let compactor = if cfg.spool.compact_live_ratio > 0.0 {
+        let index: Rc<dyn crate::spool::LiveIndex> = core.clone();
+        glommio::spawn_local_into(
+            spool.clone().run_compactor(index, clock.clone()),
+            compaction_queue,
+        )
+        .ok()
+    } else {
+        None
+    };
+
+    // Recovery's segment buffers are freed; hand the memory back to the system now rather than
+    // whenever this thread next allocates a lot (mimalloc is the process's allocator).
+    crate::alloc::collect();
+    // Route what recovery found (the performer is in place: connections can open).
+    let now = clock.now_ms();
+    core.with(|c| c.replayed(opened.id_max, now));
+    let timer = glommio::spawn_local(driver.clone().run_timer(stop.clone()));
+
+    let mut acceptors = Vec::new();
+    let mut listeners = vec![ListenerEntry::plain(cfg.server.listen, false)];
+    listeners.extend(
+        settings
+            .implicit_tls_listen
+            .map(|address| ListenerEntry::plain(address, true)),
+    );
+    listeners.extend(cfg.listener.iter().cloned());
+    for (index, spec) in listeners.iter().enumerate() {
+        let policy =
+            Listener::new(&reception, index as u16, spec).map_err(|why| ShardError::Listen {
+                shard: id,
+                why: format!("invalid settings for listener {}: {why}", spec.address),
+            })?;
+        let socket = crate::reception::listen(spec.address).map_err(|e| ShardError::Listen {
+            shard: id,
+            why: e.to_string(),
+        })?;
+        acceptors.push(glommio::spawn_local(crate::reception::accept_loop(
+            reception.clone(),
+            socket,
+            Rc::new(policy),
+        )));
+    }
+    let _ = shared.listening.send(id);
+
+    // Until the stop signal (SIGTERM/SIGINT, or another shard failing to start), then in order.
+    stop.wait().await;
+    for acceptor in acceptors {
+        acceptor.await;
+    }
+    core.with(|c| c.stop());
+    let grace = Duration::from_secs(cfg.server.shutdown_grace_s);
+    let drained = glommio::timer::timeout(grace, async {
+        reception.sessions.drained().await;
+        driver.deliveries_drained().await;
+        Ok(())
+    })
+    .await;
+    if drained.is_err() {
+        tracing::warn!("shard {id}: grace period over with sessions or deliveries still open");
+    }
+    // Other shards' sessions may still hand parts to this shard: the mesh ends for all shards
+    // together, and until then this shard still spools what they send.
+    let ended = glommio::timer::timeout(grace, async {
+        mesh.shutdown().await;
+        Ok(())
+    })
+    .await;
+    if ended.is_err() {
+        mesh.abort();
+    }
+    timer.await;
+    drop(outboxes);
+    spool.close();
+    committer.await;
+    collector.await;
+    if let Some(compactor) = compactor {
+        compactor.await;
+    }
+    log.close();
+    Ok(())
+}
