@@ -616,7 +616,10 @@ impl Config {
 
     pub(crate) fn validate(&self) -> Result<(), ConfigError> {
         if self.delivery.mta_sts_https_port == 0 {
-            return Err(invalid("delivery.mta_sts_https_port", "must be a port, 1 to 65535"));
+            return Err(invalid(
+                "delivery.mta_sts_https_port",
+                "must be a port, 1 to 65535",
+            ));
         }
         let s = &self.server;
         if s.size_max < 1024 {

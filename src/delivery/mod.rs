@@ -154,13 +154,17 @@ struct Opened {
     tls: TlsOutcome,
 }
 
+/// STARTTLS policy, client configuration (None: the settings' default for the policy) and the
+/// verdict slot of one host.
+type HostTlsSetup = (TlsPolicy, Option<Arc<rustls::ClientConfig>>, Option<Slot>);
+
 /// The STARTTLS policy and client configuration for a host under `plan`; the slot receives
 /// the verifier's verdict. Err: the configuration could not be built (the host is skipped).
 fn tls_for(
     ctx: &DeliveryCtx,
     plan: &HostTls,
     base: TlsPolicy,
-) -> Result<(TlsPolicy, Option<Arc<rustls::ClientConfig>>, Option<Slot>), String> {
+) -> Result<HostTlsSetup, String> {
     use crate::tlspolicy::{dane::DaneVerifier, verify};
     let settings = &ctx.settings;
     Ok(match plan {
@@ -236,9 +240,7 @@ async fn open(
         // domain's policy: DANE for the host first, then MTA-STS.
         let (plan, tlsa) = match (&dest.hop, &ctx.tlspolicy) {
             (Hop::Mx(_), Some(agent)) => {
-                let tlsa = agent
-                    .tlsa(host, sec.is_some_and(|s| s.mx_secure))
-                    .await;
+                let tlsa = agent.tlsa(host, sec.is_some_and(|s| s.mx_secure)).await;
                 (host_tls(sec, host, &tlsa), tlsa)
             }
             _ => (HostTls::Plain, TlsaFinding::NotApplicable),
@@ -246,7 +248,9 @@ async fn open(
         if let HostTls::Skip { why, .. } = &plan {
             refusals.push(why.clone());
             let session = Session::default();
-            last_tls = Some(crate::tlspolicy::plan::outcome(sec, host, &plan, &tlsa, &session));
+            last_tls = Some(crate::tlspolicy::plan::outcome(
+                sec, host, &plan, &tlsa, &session,
+            ));
             continue;
         }
         let (host_policy, tls_config, slot) = match tls_for(ctx, &plan, tls) {
@@ -286,9 +290,15 @@ async fn open(
             let refusal = match connect_from(addr, src, timeout).await {
                 Ok(stream) => {
                     connected = true;
-                    let greeted =
-                        greet(&ctx.settings, stream, src, host, host_policy, tls_config.clone())
-                            .await;
+                    let greeted = greet(
+                        &ctx.settings,
+                        stream,
+                        src,
+                        host,
+                        host_policy,
+                        tls_config.clone(),
+                    )
+                    .await;
                     let verdict = slot.as_ref().and_then(crate::tlspolicy::verify::take);
                     match greeted {
                         Ok(conn) => {
@@ -297,9 +307,8 @@ async fn open(
                                 verdict,
                                 ..Session::default()
                             };
-                            let tls = crate::tlspolicy::plan::outcome(
-                                sec, host, &plan, &tlsa, &session,
-                            );
+                            let tls =
+                                crate::tlspolicy::plan::outcome(sec, host, &plan, &tlsa, &session);
                             return Ok(Opened { conn, peer, tls });
                         }
                         Err(why) => {
