@@ -19,6 +19,8 @@
 //! - `bounce`: delivery status notifications (RFC 3464) for the sender.
 //! - `proxy`: the PROXY protocol header (v1/v2) a load balancer sends first.
 //! - `auth`: SMTP AUTH users (hashed passwords) and the failed-attempt limiter.
+//! - `dkim/`: DKIM signing (RFC 6376, RFC 8463) as I/O-free pieces: canonicalisation, the
+//!   streaming body hash, the signature header, keys.
 
 pub mod alloc;
 pub mod auth;
@@ -27,6 +29,7 @@ pub mod clock;
 pub mod config;
 pub mod core;
 pub mod delivery;
+pub mod dkim;
 pub mod dns;
 pub mod egress;
 pub mod envelope;
