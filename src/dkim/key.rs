@@ -219,15 +219,16 @@ mod tests {
 
     #[test]
     fn not_pkcs8() {
-        let e = SigningKey::from_pem("-----BEGIN RSA PRIVATE KEY-----\nAAAA\n").unwrap_err();
+        let e =
+            SigningKey::from_pem("-----BEGIN RSA PRIVATE KEY-----\nAAAA\n").expect_err("refused");
         assert!(e.to_string().contains("PKCS#1"), "{e}");
         assert_eq!(
-            SigningKey::from_pem("hello").unwrap_err(),
+            SigningKey::from_pem("hello").expect_err("refused"),
             KeyError::NotPkcs8 { hint: "" }
         );
         let junk = pkcs8_pem(b"\x30\x03\x02\x01\x00");
         assert_eq!(
-            SigningKey::from_pem(&junk).unwrap_err(),
+            SigningKey::from_pem(&junk).expect_err("refused"),
             KeyError::UnknownAlgorithm
         );
     }
@@ -235,15 +236,15 @@ mod tests {
     #[test]
     fn ed25519_round_trip() {
         let rng = ring::rand::SystemRandom::new();
-        let der = Ed25519KeyPair::generate_pkcs8(&rng).unwrap();
-        let key = SigningKey::from_pem(&pkcs8_pem(der.as_ref())).unwrap();
+        let der = Ed25519KeyPair::generate_pkcs8(&rng).expect("test value");
+        let key = SigningKey::from_pem(&pkcs8_pem(der.as_ref())).expect("test value");
         assert_eq!(key.algorithm(), Algorithm::Ed25519Sha256);
         assert_eq!(key.public_key_der().len(), 32);
-        let sig = key.sign(b"data").unwrap();
+        let sig = key.sign(b"data").expect("test value");
         let digest = ring::digest::digest(&ring::digest::SHA256, b"data");
         ring::signature::UnparsedPublicKey::new(&ring::signature::ED25519, key.public_key_der())
             .verify(digest.as_ref(), &sig)
-            .unwrap();
+            .expect("test value");
     }
 
     #[test]

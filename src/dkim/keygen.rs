@@ -88,9 +88,9 @@ mod tests {
 
     #[test]
     fn ed25519_keys_load_back() {
-        let (pem, key) = generate(KeyKind::Ed25519).unwrap();
+        let (pem, key) = generate(KeyKind::Ed25519).expect("test value");
         assert!(pem.starts_with("-----BEGIN PRIVATE KEY-----\n"));
-        let again = SigningKey::from_pem(&pem).unwrap();
+        let again = SigningKey::from_pem(&pem).expect("test value");
         assert_eq!(again.public_key_der(), key.public_key_der());
         let rec = dkim_record("example.com", "s1", &key);
         assert!(rec.starts_with("s1._domainkey.example.com. IN TXT \"v=DKIM1; k=ed25519; p="));
@@ -98,10 +98,10 @@ mod tests {
 
     #[test]
     fn rsa_2048_signs_and_verifies() {
-        let (pem, key) = generate(KeyKind::Rsa { bits: 2048 }).unwrap();
-        let key2 = SigningKey::from_pem(&pem).unwrap();
+        let (pem, key) = generate(KeyKind::Rsa { bits: 2048 }).expect("test value");
+        let key2 = SigningKey::from_pem(&pem).expect("test value");
         assert_eq!(key2.bits(), 2048);
-        let sig = key.sign(b"data").unwrap();
+        let sig = key.sign(b"data").expect("test value");
         // p= is a SubjectPublicKeyInfo; ring verifies with the PKCS#1 key inside it, which
         // is its last bytes after the BIT STRING's leading zero.
         let spki = key.public_key_der();
@@ -115,7 +115,7 @@ mod tests {
             pkcs1,
         )
         .verify(b"data", &sig)
-        .unwrap();
+        .expect("test value");
     }
 
     #[test]

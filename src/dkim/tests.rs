@@ -41,8 +41,8 @@ fn ed25519_pkcs8(seed: &[u8]) -> Vec<u8> {
 }
 
 fn rfc8463_key() -> SigningKey {
-    let seed = B64.decode(RFC8463_SEED).unwrap();
-    SigningKey::from_pkcs8(&ed25519_pkcs8(&seed)).unwrap()
+    let seed = B64.decode(RFC8463_SEED).expect("test value");
+    SigningKey::from_pkcs8(&ed25519_pkcs8(&seed)).expect("test value")
 }
 
 #[test]
@@ -54,7 +54,7 @@ fn rfc8463_public_key() {
 
 #[test]
 fn rfc8463_body_hash_streams() {
-    let body_at = RFC8463_MESSAGE.find("\r\n\r\n").unwrap() + 4;
+    let body_at = RFC8463_MESSAGE.find("\r\n\r\n").expect("test value") + 4;
     let body = &RFC8463_MESSAGE.as_bytes()[body_at..];
     for chunk in [1, 3, 7, body.len()] {
         let mut c = canon::BodyCanon::new(Canon::Relaxed);
@@ -81,20 +81,20 @@ fn rfc8463_signature_byte_for_byte() {
         .map(str::to_owned)
         .collect();
     let fields = canon::fields(RFC8463_MESSAGE.as_bytes());
-    let b_at = RFC8463_SIG.find(" b=").unwrap() + 3;
+    let b_at = RFC8463_SIG.find(" b=").expect("test value") + 3;
     let unsigned = &RFC8463_SIG[..b_at];
     let data = sign::header_data(Canon::Relaxed, &h, &fields, unsigned);
-    let sig = key.sign(&data).unwrap();
+    let sig = key.sign(&data).expect("test value");
     let published: String = RFC8463_SIG[b_at..]
         .chars()
         .filter(|c| !c.is_whitespace())
         .collect();
     assert_eq!(B64.encode(&sig), published);
-    let public = B64.decode(RFC8463_PUBLIC).unwrap();
+    let public = B64.decode(RFC8463_PUBLIC).expect("test value");
     let digest = ring::digest::digest(&ring::digest::SHA256, &data);
     ring::signature::UnparsedPublicKey::new(&ring::signature::ED25519, public)
         .verify(digest.as_ref(), &sig)
-        .unwrap();
+        .expect("test value");
 }
 
 fn signer(domain: &str, canon: &str) -> Signer {
@@ -106,7 +106,7 @@ fn signer(domain: &str, canon: &str) -> Signer {
             .iter()
             .map(|s| s.to_string())
             .collect(),
-        canonicalization: Canonicalization::parse(canon).unwrap(),
+        canonicalization: Canonicalization::parse(canon).expect("test value"),
         tenant: None,
         always: false,
     }
@@ -126,7 +126,7 @@ fn sign_streaming(signers: &Signers, head: &str, message: &[u8], chunk: usize) -
     }
     s.finish(signers, head.as_bytes(), message, 1_528_637_909, &no_tenant)
         .into_iter()
-        .map(|p| p.assemble(&p.key.sign(&p.data).unwrap()))
+        .map(|p| p.assemble(&p.key.sign(&p.data).expect("test value")))
         .collect()
 }
 
