@@ -20,6 +20,14 @@ pub enum ConfigError {
     Parse { path: PathBuf, message: String },
     #[error("invalid value for `{key}`: {reason}")]
     Invalid { key: &'static str, reason: String },
+    /// A `[[dkim]]` table (numbered from 0, in file order) that cannot be used.
+    #[error("dkim[{index}] ({domain}/{selector}): {reason}")]
+    Dkim {
+        index: usize,
+        domain: String,
+        selector: String,
+        reason: String,
+    },
 }
 
 /// Bounds of `delivery.bdat_chunk_size_max`. Below 64 KiB a big message becomes hundreds of
@@ -66,6 +74,37 @@ pub struct Config {
     pub site: Vec<SiteEntry>,
     /// Per recipient domain settings, e.g. spreading a hot domain over several shards.
     pub domain: Vec<DomainEntry>,
+    /// DKIM signatures; every table that matches a message adds one (see `dkim`).
+    pub dkim: Vec<DkimEntry>,
+}
+
+#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct DkimEntry {
+    /// `d=`: signs mail whose From domain is this one, exactly (case-insensitive).
+    pub domain: String,
+    /// `s=`: the key is published at `selector._domainkey.domain`.
+    pub selector: String,
+    /// PKCS#8 PEM private key, RSA (2048 to 4096 bits) or Ed25519; loaded at start.
+    pub key_file: PathBuf,
+    /// Header fields to sign when present; default `dkim::sign::HEADERS_DEFAULT`. Must
+    /// include From, which is always oversigned.
+    #[serde(default)]
+    pub headers: Option<Vec<String>>,
+    /// `header/body`: "relaxed/relaxed" (default), "simple/simple", "relaxed/simple" or
+    /// "simple/relaxed".
+    #[serde(default = "relaxed_relaxed")]
+    pub canonicalization: String,
+    /// Sign only messages of this tenant (the `egress.tenant_header` header's value).
+    #[serde(default)]
+    pub tenant: Option<String>,
+    /// Sign every message whatever its From (an ESP's own signature), with `domain` as `d=`.
+    #[serde(default)]
+    pub always: bool,
+}
+
+fn relaxed_relaxed() -> String {
+    "relaxed/relaxed".into()
 }
 
 #[derive(Clone, Debug, Deserialize, PartialEq, Eq)]

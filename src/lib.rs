@@ -19,6 +19,9 @@
 //! - `bounce`: delivery status notifications (RFC 3464) for the sender.
 //! - `proxy`: the PROXY protocol header (v1/v2) a load balancer sends first.
 //! - `auth`: SMTP AUTH users (hashed passwords) and the failed-attempt limiter.
+//! - `dkim/`: DKIM signing (RFC 6376, RFC 8463) as I/O-free pieces: canonicalisation, the
+//!   streaming body hash, the signature header, keys; `records`: the DNS records a config
+//!   needs (`epoxi dns-records`).
 
 pub mod alloc;
 pub mod auth;
@@ -27,6 +30,7 @@ pub mod clock;
 pub mod config;
 pub mod core;
 pub mod delivery;
+pub mod dkim;
 pub mod dns;
 pub mod egress;
 pub mod envelope;
@@ -39,6 +43,7 @@ pub mod outcome;
 pub mod proxy;
 pub mod queue;
 pub mod reception;
+pub mod records;
 pub mod route;
 pub mod settings;
 pub mod shard;

@@ -32,6 +32,94 @@ enum Command {
     /// Add or replace an AUTH user in a users file; the password is read from standard input
     /// (first line), e.g. `printf '%s\n' "$PW" | epoxi passwd --file users alice`.
     Passwd(PasswdArgs),
+    /// DKIM keys.
+    #[command(subcommand)]
+    Dkim(DkimCommand),
+    /// Print the SPF, DKIM, DMARC, MTA-STS and TLSRPT records the configuration needs, for
+    /// each signing domain.
+    DnsRecords(DnsRecordsArgs),
+}
+
+#[derive(Subcommand)]
+enum DkimCommand {
+    /// Make a key: writes the PKCS#8 PEM private key (mode 0600) and prints the DNS TXT
+    /// record to publish.
+    Keygen(KeygenArgs),
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum KeyAlgorithm {
+    Rsa,
+    Ed25519,
+}
+
+#[derive(clap::Args)]
+struct KeygenArgs {
+    #[arg(long)]
+    domain: String,
+    #[arg(long)]
+    selector: String,
+    #[arg(long, value_enum, default_value_t = KeyAlgorithm::Rsa)]
+    algorithm: KeyAlgorithm,
+    /// RSA key size (2048 to 4096: what ring signs with).
+    #[arg(long, default_value_t = epoxi::dkim::keygen::RSA_BITS_DEFAULT)]
+    bits: usize,
+    /// Where to write the key [default: SELECTOR.DOMAIN.key]; an existing file is kept.
+    #[arg(long)]
+    out: Option<PathBuf>,
+}
+
+#[derive(clap::Args)]
+struct DnsRecordsArgs {
+    /// TOML configuration file (its `[[dkim]]` tables and keys).
+    #[arg(long)]
+    config: Option<PathBuf>,
+}
+
+fn keygen(args: KeygenArgs) -> Result<String, String> {
+    use epoxi::dkim::keygen::{dkim_record, generate, KeyKind};
+    use std::io::Write as _;
+    use std::os::unix::fs::OpenOptionsExt as _;
+    let kind = match args.algorithm {
+        KeyAlgorithm::Rsa => KeyKind::Rsa { bits: args.bits },
+        KeyAlgorithm::Ed25519 => KeyKind::Ed25519,
+    };
+    let (pem, key) = generate(kind).map_err(|e| e.to_string())?;
+    let path = args
+        .out
+        .unwrap_or_else(|| PathBuf::from(format!("{}.{}.key", args.selector, args.domain)));
+    // create_new: never overwrite a key that may be published already.
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&path)
+        .map_err(|e| format!("{}: {e}", path.display()))?;
+    file.write_all(pem.as_bytes())
+        .and_then(|()| file.sync_all())
+        .map_err(|e| format!("{}: {e}", path.display()))?;
+    eprintln!(
+        "wrote {} ({}, {} bits); publish:",
+        path.display(),
+        key.algorithm().tag(),
+        key.bits()
+    );
+    Ok(dkim_record(
+        &args.domain.to_ascii_lowercase(),
+        &args.selector,
+        &key,
+    ))
+}
+
+fn dns_records(args: DnsRecordsArgs) -> Result<String, String> {
+    let config = Config::load(args.config.as_deref()).map_err(|e| e.to_string())?;
+    let settings = config
+        .settle(Overrides::default())
+        .map_err(|e| e.to_string())?;
+    let now_s = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    Ok(epoxi::records::dns_records(&settings, now_s))
 }
 
 #[derive(clap::Args)]
@@ -137,6 +225,26 @@ fn main() -> ExitCode {
             Err(e) => {
                 eprintln!("epoxi: {e}");
                 ExitCode::from(2)
+            }
+        },
+        Command::Dkim(DkimCommand::Keygen(args)) => match keygen(args) {
+            Ok(record) => {
+                println!("{record}");
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("epoxi dkim keygen: {e}");
+                ExitCode::FAILURE
+            }
+        },
+        Command::DnsRecords(args) => match dns_records(args) {
+            Ok(text) => {
+                print!("{text}");
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("epoxi dns-records: {e}");
+                ExitCode::FAILURE
             }
         },
         Command::Passwd(args) => match passwd(args) {

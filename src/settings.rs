@@ -34,6 +34,8 @@ pub struct Settings {
     pub resolvers: Vec<SocketAddr>,
     pub address_order: crate::egress::AddressOrder,
     pub egress: Arc<crate::egress::Egress>,
+    /// DKIM signers, keys loaded, in `[[dkim]]` order.
+    pub dkim: Arc<crate::dkim::Signers>,
     /// `config.site[i].mx`, compiled: `site_globs[i]` belongs to `config.site[i]`.
     site_globs: Vec<DomainGlob>,
 }
@@ -257,7 +259,9 @@ impl Config {
                 )
             })?;
         let egress = crate::egress::Egress::from_config(&self, &helo_name)?;
+        let dkim = dkim_signers(&self.dkim)?;
         Ok(Settings {
+            dkim: Arc::new(dkim),
             resolvers,
             address_order,
             egress: Arc::new(egress),
@@ -304,4 +308,83 @@ fn system_hostname() -> String {
         Ok(name) if !name.is_empty() => name.to_owned(),
         _ => "localhost".into(),
     }
+}
+
+/// Longest DKIM selector or domain label list we take: a DNS name is at most 253 octets.
+const DKIM_NAME_LEN_MAX: usize = 253;
+
+/// Is `name` a plain DNS name (letters, digits, hyphens, dots, underscores)? Anything else
+/// could end a tag early in the DKIM-Signature header (a `;`) or be no name at all.
+fn dkim_name_ok(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= DKIM_NAME_LEN_MAX
+        && !name.starts_with('.')
+        && !name.ends_with('.')
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.' || b == b'_')
+}
+
+/// The `[[dkim]]` tables, checked and their keys loaded. Errors name the table.
+pub fn dkim_signers(
+    entries: &[crate::config::DkimEntry],
+) -> Result<crate::dkim::Signers, ConfigError> {
+    use crate::dkim::{sign::HEADERS_DEFAULT, Canonicalization, Signer, SigningKey};
+    let mut list = Vec::with_capacity(entries.len());
+    for (index, e) in entries.iter().enumerate() {
+        let fail = |reason: String| ConfigError::Dkim {
+            index,
+            domain: e.domain.clone(),
+            selector: e.selector.clone(),
+            reason,
+        };
+        if !dkim_name_ok(&e.domain) {
+            return Err(fail(format!("domain `{}` is not a domain name", e.domain)));
+        }
+        if !dkim_name_ok(&e.selector) {
+            return Err(fail(format!(
+                "selector `{}` is not a DNS label",
+                e.selector
+            )));
+        }
+        let canonicalization = Canonicalization::parse(&e.canonicalization)
+            .filter(|_| e.canonicalization.contains('/'))
+            .ok_or_else(|| {
+                fail(format!(
+                    "canonicalization `{}`: want relaxed/relaxed, simple/simple, \
+                     relaxed/simple or simple/relaxed",
+                    e.canonicalization
+                ))
+            })?;
+        let headers: Vec<String> = match &e.headers {
+            Some(list) => list.iter().map(|h| h.trim().to_owned()).collect(),
+            None => HEADERS_DEFAULT.iter().map(|h| h.to_string()).collect(),
+        };
+        if let Some(bad) = headers
+            .iter()
+            .find(|h| h.is_empty() || !h.bytes().all(|b| b.is_ascii_graphic() && b != b':'))
+        {
+            return Err(fail(format!("headers: `{bad}` is not a header name")));
+        }
+        if !headers.iter().any(|h| h.eq_ignore_ascii_case("from")) {
+            return Err(fail("headers must include From (RFC 6376 5.4)".to_owned()));
+        }
+        if e.tenant.as_deref().is_some_and(|t| t.trim().is_empty()) {
+            return Err(fail("tenant is empty".to_owned()));
+        }
+        let text = std::fs::read_to_string(&e.key_file)
+            .map_err(|err| fail(format!("key_file {}: {err}", e.key_file.display())))?;
+        let key = SigningKey::from_pem(&text)
+            .map_err(|err| fail(format!("key_file {}: {err}", e.key_file.display())))?;
+        list.push(Signer {
+            domain: e.domain.to_ascii_lowercase(),
+            selector: e.selector.clone(),
+            key: Arc::new(key),
+            headers,
+            canonicalization,
+            tenant: e.tenant.clone(),
+            always: e.always,
+        });
+    }
+    Ok(crate::dkim::Signers { list })
 }

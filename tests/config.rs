@@ -174,3 +174,70 @@ fn listen_address_in_use_fails_fast() {
     assert_refused(&ran, "in use");
     assert!(!ran.stderr.contains("listening on"), "{ran:?}");
 }
+
+/// A `[[dkim]]` table that cannot be used stops epoxi with an error naming the table.
+#[test]
+fn bad_dkim_tables_name_the_table() {
+    use rsa::pkcs8::EncodePrivateKey as _;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let table = |domain: &str, key: &Path, extra: &str| {
+        format!(
+            "[[dkim]]\ndomain = \"{domain}\"\nselector = \"s1\"\nkey_file = \"{}\"\n{extra}\n",
+            key.display()
+        )
+    };
+    let pkcs1 = dir.path().join("pkcs1.pem");
+    std::fs::write(
+        &pkcs1,
+        "-----BEGIN RSA PRIVATE KEY-----\nMIIB\n-----END RSA PRIVATE KEY-----\n",
+    )
+    .expect("write");
+    // A 1024-bit key: RFC 6376 allows it, ring does not sign with it.
+    let small = rsa::RsaPrivateKey::new(&mut rsa::rand_core::OsRng, 1024).expect("rsa 1024");
+    let small_pem = small.to_pkcs8_pem(rsa::pkcs8::LineEnding::LF).expect("pem");
+    let small_path = dir.path().join("small.pem");
+    std::fs::write(&small_path, small_pem.as_bytes()).expect("write");
+    let good = dir.path().join("good.pem");
+    let ran = run_epoxi(&[
+        "dkim".as_ref(),
+        "keygen".as_ref(),
+        "--domain".as_ref(),
+        "example.com".as_ref(),
+        "--selector".as_ref(),
+        "s1".as_ref(),
+        "--algorithm".as_ref(),
+        "ed25519".as_ref(),
+        "--out".as_ref(),
+        good.as_os_str(),
+    ]);
+    assert!(ran.status.success(), "{ran:?}");
+    let missing = dir.path().join("missing.pem");
+    let two = format!(
+        "{}{}",
+        table("ok.example", &good, ""),
+        table("example.com", &missing, "")
+    );
+    for (text, mention) in [
+        (two, "dkim[1] (example.com/s1): key_file"),
+        (
+            table("example.com", &pkcs1, ""),
+            "dkim[0] (example.com/s1): key_file",
+        ),
+        (table("example.com", &pkcs1, ""), "not a PKCS#8 private key"),
+        (table("example.com", &small_path, ""), "2048 to 4096 bits"),
+        (
+            table("example.com", &good, "canonicalization = \"loose/relaxed\""),
+            "canonicalization",
+        ),
+        (
+            table("example.com", &good, "headers = [\"To\", \"Subject\"]"),
+            "must include From",
+        ),
+        (table("exa mple.com", &good, ""), "not a domain name"),
+    ] {
+        let (ran, _) = check(dir.path(), &text);
+        assert_refused(&ran, mention);
+    }
+    let (ran, _) = check(dir.path(), &table("example.com", &good, "always = true"));
+    assert!(ran.status.success(), "{ran:?}");
+}

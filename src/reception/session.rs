@@ -19,6 +19,7 @@ use super::listener::{refuse, Listener, TOO_MANY_FROM_IP};
 use super::{BodyParts, Reception};
 use crate::envelope::{Body, Envelope, Notify, Recipient, Ret};
 use crate::smtp::received::{received_header, received_protocol, submission_headers};
+use crate::smtp::reply::Reply;
 use crate::smtp::server::{AuthVerdict, Credentials, Session, Step, Transaction};
 use crate::tls::TlsLayer;
 
@@ -260,6 +261,7 @@ pub(super) async fn session(
         plain: Vec::new(),
     };
     let mut session = Session::new(listener.cfg.clone(), relay_allowed);
+    let mut dkim = super::signing::Follower::new(settings.dkim.clone(), settings.egress.clone());
     if implicit_tls {
         session.tls_started();
     }
@@ -275,6 +277,7 @@ pub(super) async fn session(
     loop {
         match session.poll(&mut out) {
             Step::NeedInput => {
+                dkim.follow(&session);
                 if !out.is_empty() {
                     io.write(&out).await?;
                     out.clear();
@@ -370,6 +373,20 @@ pub(super) async fn session(
                         &hostname,
                         received_ms / 1000,
                     ));
+                }
+                // DKIM signs last, over the headers above, and goes on top (RFC 6376 5.6).
+                match dkim
+                    .sign(&session, &head, &tx.body, received_ms / 1000)
+                    .await
+                {
+                    Ok(signatures) => head.insert_str(0, &signatures),
+                    Err(why) => {
+                        tracing::error!(error = %why, "DKIM signing failed");
+                        let reply =
+                            Reply::new(451, Some((4, 3, 0)), format!("DKIM signing failed: {why}"));
+                        session.message_done(Err(reply), &mut out);
+                        continue;
+                    }
                 }
                 let mut envelope = envelope_of(&tx, id, &peer_text);
                 envelope.tenant = settings.egress.tenant_of(&tx.body);

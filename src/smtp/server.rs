@@ -455,6 +455,9 @@ struct Proto {
     esmtp: bool,
     txn: Option<Envelope>,
     body: Vec<u8>,
+    /// Changes whenever `body` starts over (a new DATA or BDAT body, or a reset), so an
+    /// observer following the body as it grows knows when it is another one.
+    body_seq: u64,
     reader: DataReader,
     /// Octets of the current BDAT chunk still to read.
     chunk_left: usize,
@@ -496,6 +499,7 @@ impl Session {
                 esmtp: false,
                 txn: None,
                 body: Vec::new(),
+                body_seq: 0,
                 reader,
                 chunk_left: 0,
                 chunk_len: 0,
@@ -740,6 +744,14 @@ impl Session {
     pub fn helo(&self) -> Option<&str> {
         self.proto.helo.as_deref()
     }
+
+    /// The body of the current transaction as received so far (unstuffed), with the number
+    /// of that body: the adapter feeds the DKIM signer from here while the body streams in.
+    /// After `Step::Message` the number stays that of the message handed out until the next
+    /// body starts.
+    pub fn body_so_far(&self) -> (u64, &[u8]) {
+        (self.proto.body_seq, &self.proto.body)
+    }
 }
 
 impl Proto {
@@ -764,6 +776,7 @@ impl Proto {
     fn reset_txn(&mut self) {
         self.txn = None;
         self.body = Vec::new();
+        self.body_seq += 1;
     }
 
     /// One complete line, LF included.
@@ -1071,6 +1084,7 @@ impl Proto {
             .reject_bare_lf(self.cfg.bare_lf == BareLf::Reject)
             .reject_nul(self.cfg.nul == NulByte::Reject);
         self.body = body_buffer(declared, self.cfg.size_max);
+        self.body_seq += 1;
         self.state = State::Data;
     }
 
@@ -1086,6 +1100,7 @@ impl Proto {
                 if !env.bdat {
                     env.bdat = true;
                     self.body = body_buffer(env.size_declared, self.cfg.size_max);
+                    self.body_seq += 1;
                 }
             }
         }
