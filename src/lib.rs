@@ -45,3 +45,4 @@ pub mod shard;
 pub mod smtp;
 pub mod spool;
 pub mod tls;
+pub mod tlsrpt;

@@ -1,0 +1,370 @@
+//! SMTP TLS reporting (RFC 8460): what each outbound TLS session came to, counted per policy
+//! domain and day, and the daily aggregate report sent to the domain's `rua`.
+//!
+//! Counting is on the delivery path, so it is a per-shard [`Tally`] (no lock, no mesh message
+//! per session); once a day the reporting shard gathers every shard's tally of the day that
+//! ended, merges them ([`Tally::merge`]) and builds one [`report::Report`] per policy domain
+//! that publishes a `_smtp._tls` record ([`rua::parse`]). Everything here is pure: the adapter
+//! in `shard/` does the gathering, the DNS lookups and the sending.
+
+pub mod report;
+pub mod rua;
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::IpAddr;
+
+/// Days are counted since the Unix epoch, in UTC (RFC 8460 §4.4: reports cover whole UTC days).
+pub const DAY_MS: u64 = 86_400_000;
+
+/// Policy domains counted per shard and day. Bounded so a run of mail to millions of distinct
+/// domains cannot grow the tally without limit; sessions past it are counted in
+/// [`Tally::dropped`] (and logged by the adapter), not reported.
+pub const POLICY_DOMAINS_MAX: usize = 100_000;
+
+/// Distinct failure details kept per policy (RFC 8460 lets a report list each failing
+/// MX/IP/result combination; past this many, further failures only add to the summary count).
+pub const FAILURE_DETAILS_MAX: usize = 100;
+
+/// The policy that applied to a session (RFC 8460 §4.4 `policy-type`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum PolicyType {
+    /// MTA-STS (RFC 8461).
+    Sts,
+    /// DANE TLSA records (RFC 7672).
+    Tlsa,
+    /// Neither: the session was opportunistic.
+    NoPolicyFound,
+}
+
+impl PolicyType {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PolicyType::Sts => "sts",
+            PolicyType::Tlsa => "tlsa",
+            PolicyType::NoPolicyFound => "no-policy-found",
+        }
+    }
+}
+
+/// Why a TLS session failed (RFC 8460 §4.3 result types).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum ResultType {
+    // Negotiation failures (§4.3.1).
+    StarttlsNotSupported,
+    CertificateHostMismatch,
+    CertificateNotTrusted,
+    CertificateExpired,
+    ValidationFailure,
+    // Policy failures, DANE (§4.3.2.1).
+    TlsaInvalid,
+    DnssecInvalid,
+    DaneRequired,
+    // Policy failures, MTA-STS (§4.3.2.2).
+    StsPolicyFetchError,
+    StsPolicyInvalid,
+    StsWebpkiInvalid,
+}
+
+impl ResultType {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ResultType::StarttlsNotSupported => "starttls-not-supported",
+            ResultType::CertificateHostMismatch => "certificate-host-mismatch",
+            ResultType::CertificateNotTrusted => "certificate-not-trusted",
+            ResultType::CertificateExpired => "certificate-expired",
+            ResultType::ValidationFailure => "validation-failure",
+            ResultType::TlsaInvalid => "tlsa-invalid",
+            ResultType::DnssecInvalid => "dnssec-invalid",
+            ResultType::DaneRequired => "dane-required",
+            ResultType::StsPolicyFetchError => "sts-policy-fetch-error",
+            ResultType::StsPolicyInvalid => "sts-policy-invalid",
+            ResultType::StsWebpkiInvalid => "sts-webpki-invalid",
+        }
+    }
+
+    pub const ALL: [ResultType; 11] = [
+        ResultType::StarttlsNotSupported,
+        ResultType::CertificateHostMismatch,
+        ResultType::CertificateNotTrusted,
+        ResultType::CertificateExpired,
+        ResultType::ValidationFailure,
+        ResultType::TlsaInvalid,
+        ResultType::DnssecInvalid,
+        ResultType::DaneRequired,
+        ResultType::StsPolicyFetchError,
+        ResultType::StsPolicyInvalid,
+        ResultType::StsWebpkiInvalid,
+    ];
+
+    pub fn parse(s: &str) -> Option<ResultType> {
+        ResultType::ALL.into_iter().find(|r| r.as_str() == s)
+    }
+}
+
+/// The policy a session was held to: what a report groups by (RFC 8460 §4.4 `policy`).
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Policy {
+    pub kind: PolicyType,
+    /// The recipient domain the policy is for (never an MX host's or a site's).
+    pub domain: String,
+    /// The policy as published: the MTA-STS policy's lines, or each TLSA record in
+    /// presentation form; empty for `no-policy-found`.
+    pub strings: Vec<String>,
+    /// The MX host patterns of an MTA-STS policy; empty otherwise.
+    pub mx_hosts: Vec<String>,
+}
+
+/// One failing session's detail (RFC 8460 §4.4 `failure-details`).
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Failure {
+    pub result: ResultType,
+    pub sending_mta_ip: Option<IpAddr>,
+    pub receiving_ip: Option<IpAddr>,
+    pub receiving_mx_hostname: String,
+    /// Free text for the domain's operator: the TLS alert, the verifier's error.
+    pub additional: String,
+}
+
+/// What one outbound TLS session (or attempt at one) came to.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Session {
+    pub policy: Policy,
+    pub outcome: Result<(), Failure>,
+}
+
+/// The counts of one policy on one day.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct PolicyTally {
+    pub successful: u64,
+    pub failed: u64,
+    /// Failed sessions by detail, at most [`FAILURE_DETAILS_MAX`] distinct ones.
+    pub failures: BTreeMap<Failure, u64>,
+}
+
+impl PolicyTally {
+    fn add_failure(&mut self, f: Failure, n: u64) {
+        self.failed += n;
+        if let Some(c) = self.failures.get_mut(&f) {
+            *c += n;
+        } else if self.failures.len() < FAILURE_DETAILS_MAX {
+            self.failures.insert(f, n);
+        }
+    }
+
+    fn merge(&mut self, other: PolicyTally) {
+        self.successful += other.successful;
+        // The summary counts every failure, the details as many as fit.
+        let detailed: u64 = other.failures.values().sum();
+        self.failed += other.failed - detailed;
+        for (f, n) in other.failures {
+            self.add_failure(f, n);
+        }
+    }
+}
+
+/// One shard's counts: per day, per policy domain, per policy. The days kept are the current
+/// one and those not yet reported (a report is taken once the day has ended).
+#[derive(Clone, Debug, Default)]
+pub struct Tally {
+    days: BTreeMap<u64, HashMap<String, BTreeMap<Policy, PolicyTally>>>,
+    /// Sessions not counted because a day already had [`POLICY_DOMAINS_MAX`] domains.
+    pub dropped: u64,
+}
+
+impl Tally {
+    /// Count a session that happened at `now_ms`.
+    pub fn record(&mut self, now_ms: u64, s: Session) {
+        let day = self.days.entry(now_ms / DAY_MS).or_default();
+        if !day.contains_key(&s.policy.domain) && day.len() >= POLICY_DOMAINS_MAX {
+            self.dropped += 1;
+            return;
+        }
+        let tally = day
+            .entry(s.policy.domain.clone())
+            .or_default()
+            .entry(s.policy)
+            .or_default();
+        match s.outcome {
+            Ok(()) => tally.successful += 1,
+            Err(f) => tally.add_failure(f, 1),
+        }
+    }
+
+    /// Take out every day before `day` (the days that have ended), oldest first.
+    pub fn take_before(&mut self, day: u64) -> Vec<DayTally> {
+        let keep = self.days.split_off(&day);
+        let done = std::mem::replace(&mut self.days, keep);
+        done.into_iter()
+            .map(|(day, domains)| DayTally { day, domains })
+            .collect()
+    }
+
+    /// Policy domains counted today (for metrics and tests).
+    pub fn domains_on(&self, day: u64) -> usize {
+        self.days.get(&day).map_or(0, HashMap::len)
+    }
+}
+
+/// One ended day of counts, from one shard or merged from all.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct DayTally {
+    pub day: u64,
+    pub domains: HashMap<String, BTreeMap<Policy, PolicyTally>>,
+}
+
+impl DayTally {
+    /// Add another shard's counts of the same day.
+    pub fn merge(&mut self, other: DayTally) {
+        debug_assert_eq!(self.day, other.day);
+        for (domain, policies) in other.domains {
+            let mine = self.domains.entry(domain).or_default();
+            for (p, t) in policies {
+                mine.entry(p).or_default().merge(t);
+            }
+        }
+    }
+}
+
+/// Merge every shard's ended days into one tally per day, oldest first.
+pub fn merge_days(parts: impl IntoIterator<Item = Vec<DayTally>>) -> Vec<DayTally> {
+    let mut by_day: BTreeMap<u64, DayTally> = BTreeMap::new();
+    for part in parts {
+        for d in part {
+            match by_day.get_mut(&d.day) {
+                Some(m) => m.merge(d),
+                None => {
+                    by_day.insert(d.day, d);
+                }
+            }
+        }
+    }
+    by_day.into_values().collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sts(domain: &str) -> Policy {
+        Policy {
+            kind: PolicyType::Sts,
+            domain: domain.to_string(),
+            strings: vec!["version: STSv1".into(), "mode: enforce".into()],
+            mx_hosts: vec!["mx.example.com".into()],
+        }
+    }
+
+    fn fail(result: ResultType, mx: &str) -> Failure {
+        Failure {
+            result,
+            sending_mta_ip: None,
+            receiving_ip: "192.0.2.1".parse().ok(),
+            receiving_mx_hostname: mx.into(),
+            additional: String::new(),
+        }
+    }
+
+    #[test]
+    fn counts_by_day_domain_and_policy() {
+        let mut t = Tally::default();
+        let day0 = 20_000 * DAY_MS;
+        for _ in 0..3 {
+            t.record(
+                day0 + 5,
+                Session {
+                    policy: sts("a.test"),
+                    outcome: Ok(()),
+                },
+            );
+        }
+        t.record(
+            day0 + 6,
+            Session {
+                policy: sts("a.test"),
+                outcome: Err(fail(ResultType::CertificateHostMismatch, "mx.a.test")),
+            },
+        );
+        t.record(
+            day0 + DAY_MS,
+            Session {
+                policy: sts("a.test"),
+                outcome: Ok(()),
+            },
+        );
+        let ended = t.take_before(20_001);
+        assert_eq!(ended.len(), 1);
+        let p = &ended[0].domains["a.test"][&sts("a.test")];
+        assert_eq!((p.successful, p.failed), (3, 1));
+        assert_eq!(p.failures.len(), 1);
+        // The next day stays until it ends.
+        assert_eq!(t.domains_on(20_001), 1);
+        assert!(t.take_before(20_001).is_empty());
+    }
+
+    #[test]
+    fn merging_shards_adds_counts_and_keeps_details_bounded() {
+        let mut a = Tally::default();
+        let mut b = Tally::default();
+        for i in 0..FAILURE_DETAILS_MAX {
+            a.record(
+                0,
+                Session {
+                    policy: sts("x.test"),
+                    outcome: Err(fail(ResultType::ValidationFailure, &format!("mx{i}"))),
+                },
+            );
+        }
+        b.record(
+            1,
+            Session {
+                policy: sts("x.test"),
+                outcome: Err(fail(ResultType::ValidationFailure, "other")),
+            },
+        );
+        b.record(
+            2,
+            Session {
+                policy: sts("x.test"),
+                outcome: Err(fail(ResultType::ValidationFailure, "mx0")),
+            },
+        );
+        b.record(
+            3,
+            Session {
+                policy: sts("x.test"),
+                outcome: Ok(()),
+            },
+        );
+        let merged = merge_days([a.take_before(1), b.take_before(1)]);
+        assert_eq!(merged.len(), 1);
+        let p = &merged[0].domains["x.test"][&sts("x.test")];
+        assert_eq!(p.successful, 1);
+        assert_eq!(p.failed, FAILURE_DETAILS_MAX as u64 + 2);
+        assert_eq!(p.failures.len(), FAILURE_DETAILS_MAX);
+        assert_eq!(p.failures[&fail(ResultType::ValidationFailure, "mx0")], 2);
+    }
+
+    #[test]
+    fn the_domain_bound_drops_and_counts() {
+        let mut t = Tally::default();
+        for i in 0..POLICY_DOMAINS_MAX + 5 {
+            t.record(
+                0,
+                Session {
+                    policy: sts(&format!("d{i}.test")),
+                    outcome: Ok(()),
+                },
+            );
+        }
+        assert_eq!(t.domains_on(0), POLICY_DOMAINS_MAX);
+        assert_eq!(t.dropped, 5);
+    }
+
+    #[test]
+    fn result_types_round_trip() {
+        for r in ResultType::ALL {
+            assert_eq!(ResultType::parse(r.as_str()), Some(r));
+        }
+        assert_eq!(ResultType::parse("nonsense"), None);
+    }
+}
