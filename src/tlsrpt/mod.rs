@@ -13,7 +13,10 @@ pub mod rua;
 use std::collections::{BTreeMap, HashMap};
 use std::net::IpAddr;
 
-/// Days are counted since the Unix epoch, in UTC (RFC 8460 §4.4: reports cover whole UTC days).
+use serde::{Deserialize, Serialize};
+
+/// The reporting period: one UTC day (RFC 8460 §4.4: reports cover whole UTC days). Periods
+/// are counted from the Unix epoch; a shorter one (`tls_report.period_s`) is for tests.
 pub const DAY_MS: u64 = 86_400_000;
 
 /// Policy domains counted per shard and day. Bounded so a run of mail to millions of distinct
@@ -26,7 +29,8 @@ pub const POLICY_DOMAINS_MAX: usize = 100_000;
 pub const FAILURE_DETAILS_MAX: usize = 100;
 
 /// The policy that applied to a session (RFC 8460 §4.4 `policy-type`).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
 pub enum PolicyType {
     /// MTA-STS (RFC 8461).
     Sts,
@@ -47,7 +51,8 @@ impl PolicyType {
 }
 
 /// Why a TLS session failed (RFC 8460 §4.3 result types).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
 pub enum ResultType {
     // Negotiation failures (§4.3.1).
     StarttlsNotSupported,
@@ -102,7 +107,7 @@ impl ResultType {
 }
 
 /// The policy a session was held to: what a report groups by (RFC 8460 §4.4 `policy`).
-#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 pub struct Policy {
     pub kind: PolicyType,
     /// The recipient domain the policy is for (never an MX host's or a site's).
@@ -115,7 +120,7 @@ pub struct Policy {
 }
 
 /// One failing session's detail (RFC 8460 §4.4 `failure-details`).
-#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 pub struct Failure {
     pub result: ResultType,
     pub sending_mta_ip: Option<IpAddr>,
@@ -164,17 +169,42 @@ impl PolicyTally {
 
 /// One shard's counts: per day, per policy domain, per policy. The days kept are the current
 /// one and those not yet reported (a report is taken once the day has ended).
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug)]
 pub struct Tally {
+    period_ms: u64,
     days: BTreeMap<u64, HashMap<String, BTreeMap<Policy, PolicyTally>>>,
     /// Sessions not counted because a day already had [`POLICY_DOMAINS_MAX`] domains.
     pub dropped: u64,
 }
 
+impl Default for Tally {
+    fn default() -> Tally {
+        Tally::new(DAY_MS)
+    }
+}
+
 impl Tally {
+    /// A tally over periods of `period_ms` (a day, but for tests).
+    pub fn new(period_ms: u64) -> Tally {
+        Tally {
+            period_ms: period_ms.max(1),
+            days: BTreeMap::new(),
+            dropped: 0,
+        }
+    }
+
+    pub fn period_ms(&self) -> u64 {
+        self.period_ms
+    }
+
+    /// The period `now_ms` falls in.
+    pub fn period_of(&self, now_ms: u64) -> u64 {
+        now_ms / self.period_ms
+    }
+
     /// Count a session that happened at `now_ms`.
     pub fn record(&mut self, now_ms: u64, s: Session) {
-        let day = self.days.entry(now_ms / DAY_MS).or_default();
+        let day = self.days.entry(now_ms / self.period_ms).or_default();
         if !day.contains_key(&s.policy.domain) && day.len() >= POLICY_DOMAINS_MAX {
             self.dropped += 1;
             return;
@@ -190,7 +220,7 @@ impl Tally {
         }
     }
 
-    /// Take out every day before `day` (the days that have ended), oldest first.
+    /// Take out every period before `day` (those that have ended), oldest first.
     pub fn take_before(&mut self, day: u64) -> Vec<DayTally> {
         let keep = self.days.split_off(&day);
         let done = std::mem::replace(&mut self.days, keep);
@@ -199,10 +229,77 @@ impl Tally {
             .collect()
     }
 
+    /// The counts as JSON, to keep them across a restart (`Tally::load`).
+    pub fn save(&self) -> Result<Vec<u8>, serde_json::Error> {
+        let mut entries = Vec::new();
+        for (&period, domains) in &self.days {
+            for policies in domains.values() {
+                for (policy, t) in policies {
+                    entries.push(SavedEntry {
+                        period,
+                        policy: policy.clone(),
+                        successful: t.successful,
+                        failed: t.failed,
+                        failures: t.failures.iter().map(|(f, n)| (f.clone(), *n)).collect(),
+                    });
+                }
+            }
+        }
+        serde_json::to_vec(&Saved {
+            period_ms: self.period_ms,
+            dropped: self.dropped,
+            entries,
+        })
+    }
+
+    /// Counts saved by [`Tally::save`], onto a tally over periods of `period_ms` (a saved
+    /// count whose period length differs is placed in the period its start falls in).
+    pub fn load(bytes: &[u8], period_ms: u64) -> Result<Tally, serde_json::Error> {
+        let saved: Saved = serde_json::from_slice(bytes)?;
+        let mut t = Tally::new(period_ms);
+        t.dropped = saved.dropped;
+        for e in saved.entries {
+            let period = e.period.saturating_mul(saved.period_ms.max(1)) / t.period_ms;
+            let day = t.days.entry(period).or_default();
+            let tally = day
+                .entry(e.policy.domain.clone())
+                .or_default()
+                .entry(e.policy)
+                .or_default();
+            tally.merge(PolicyTally {
+                successful: e.successful,
+                failed: e.failed,
+                failures: e.failures.into_iter().collect(),
+            });
+        }
+        Ok(t)
+    }
+
+    /// Nothing counted.
+    pub fn is_empty(&self) -> bool {
+        self.days.is_empty()
+    }
+
     /// Policy domains counted today (for metrics and tests).
     pub fn domains_on(&self, day: u64) -> usize {
         self.days.get(&day).map_or(0, HashMap::len)
     }
+}
+
+#[derive(Serialize, Deserialize)]
+struct Saved {
+    period_ms: u64,
+    dropped: u64,
+    entries: Vec<SavedEntry>,
+}
+
+#[derive(Serialize, Deserialize)]
+struct SavedEntry {
+    period: u64,
+    policy: Policy,
+    successful: u64,
+    failed: u64,
+    failures: Vec<(Failure, u64)>,
 }
 
 /// One ended day of counts, from one shard or merged from all.
@@ -358,6 +455,34 @@ mod tests {
         }
         assert_eq!(t.domains_on(0), POLICY_DOMAINS_MAX);
         assert_eq!(t.dropped, 5);
+    }
+
+    #[test]
+    fn a_saved_tally_loads_the_same() {
+        let mut t = Tally::new(1000);
+        t.record(
+            1500,
+            Session {
+                policy: sts("a.test"),
+                outcome: Err(fail(ResultType::StsPolicyFetchError, "")),
+            },
+        );
+        t.record(
+            2500,
+            Session {
+                policy: sts("b.test"),
+                outcome: Ok(()),
+            },
+        );
+        let bytes = t.save().expect("save");
+        let mut back = Tally::load(&bytes, 1000).expect("load");
+        assert_eq!(back.take_before(10), t.clone().take_before(10));
+        assert!(Tally::load(b"{not json", 1000).is_err());
+        // A different period length: counts land where their period started.
+        let mut day = Tally::load(&bytes, DAY_MS).expect("load");
+        let ended = day.take_before(1);
+        assert_eq!(ended.len(), 1);
+        assert_eq!(ended[0].domains.len(), 2);
     }
 
     #[test]

@@ -31,8 +31,8 @@ pub enum ReportError {
     Json(#[from] serde_json::Error),
     #[error("cannot compress or build the report: {0}")]
     Io(#[from] std::io::Error),
-    #[error("day {0} is out of the representable range")]
-    Day(u64),
+    #[error("time {0} ms is out of the representable range")]
+    Time(u64),
 }
 
 /// RFC 8460 §4.4, field for field.
@@ -47,6 +47,9 @@ pub struct Report {
     #[serde(rename = "report-id")]
     pub report_id: String,
     pub policies: Vec<PolicyReport>,
+    /// The period covered, Unix seconds, first and last (for the file name).
+    #[serde(skip)]
+    pub span_s: (u64, u64),
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
@@ -103,23 +106,27 @@ pub struct FailureDetail {
 
 /// RFC 3339 in UTC, seconds precision (`2016-04-01T00:00:00Z`).
 fn rfc3339(ms: u64) -> Result<String, ReportError> {
-    let secs = i64::try_from(ms / 1000).map_err(|_| ReportError::Day(ms / DAY_MS))?;
-    let t = time::OffsetDateTime::from_unix_timestamp(secs)
-        .map_err(|_| ReportError::Day(ms / DAY_MS))?;
+    let secs = i64::try_from(ms / 1000).map_err(|_| ReportError::Time(ms))?;
+    let t = time::OffsetDateTime::from_unix_timestamp(secs).map_err(|_| ReportError::Time(ms))?;
     t.format(&time::format_description::well_known::Rfc3339)
-        .map_err(|_| ReportError::Day(ms / DAY_MS))
+        .map_err(|_| ReportError::Time(ms))
 }
 
 impl Report {
-    /// The report of policy domain `domain` for `day` (days since the epoch).
+    /// The report of policy domain `domain` for period `period` of `period_ms` (a day:
+    /// [`DAY_MS`]) since the epoch.
     pub fn build<'a>(
         submitter: &Submitter,
-        day: u64,
+        period: u64,
+        period_ms: u64,
         domain: &str,
         policies: impl IntoIterator<Item = (&'a Policy, &'a PolicyTally)>,
     ) -> Result<Report, ReportError> {
-        let start_ms = day.checked_mul(DAY_MS).ok_or(ReportError::Day(day))?;
-        let end_ms = start_ms + DAY_MS - 1000;
+        let start_ms = period
+            .checked_mul(period_ms)
+            .ok_or(ReportError::Time(u64::MAX))?;
+        // The last second of the period (RFC 8460's example ends at 23:59:59Z).
+        let end_ms = start_ms + period_ms.max(1000) - 1000;
         let date = rfc3339(start_ms)?;
         let mut out = Vec::new();
         for (p, t) in policies {
@@ -155,9 +162,10 @@ impl Report {
                 end: rfc3339(end_ms)?,
             },
             contact_info: submitter.contact.clone(),
-            // Unique per domain and day, and stable: a report sent again is the same report.
-            report_id: format!("{}_{}@{}", &date[..10], domain, submitter.host),
+            // Unique per domain and period, and stable: a report sent again is the same one.
+            report_id: format!("{}_{}@{}", date, domain, submitter.host),
             policies: out,
+            span_s: (start_ms / 1000, end_ms / 1000),
         })
     }
 
@@ -173,19 +181,11 @@ impl Report {
         Ok(gz.finish()?)
     }
 
-    fn start_s(&self, day: u64) -> u64 {
-        day * DAY_MS / 1000
-    }
-
     /// RFC 8460 §5.3: `submitter!policy-domain!begin-timestamp!end-timestamp.json.gz`.
-    pub fn filename(&self, submitter: &Submitter, day: u64, domain: &str) -> String {
-        let begin = self.start_s(day);
+    pub fn filename(&self, submitter: &Submitter, domain: &str) -> String {
         format!(
             "{}!{}!{}!{}.json.gz",
-            submitter.host,
-            domain,
-            begin,
-            begin + DAY_MS / 1000 - 1
+            submitter.host, domain, self.span_s.0, self.span_s.1
         )
     }
 
@@ -193,7 +193,6 @@ impl Report {
     pub fn message(
         &self,
         submitter: &Submitter,
-        day: u64,
         domain: &str,
         from: &str,
         to: &str,
@@ -204,14 +203,14 @@ impl Report {
             "This is an aggregate TLS report (RFC 8460) from {} for {} on {}.\r\n",
             submitter.organization,
             domain,
-            &self.date_range.start[..10]
+            self.date_range.start.get(..10).unwrap_or_default()
         );
         let body = MimePart::new(
             ContentType::new("multipart/report").attribute("report-type", "tlsrpt"),
             vec![
                 MimePart::new("text/plain", text),
                 MimePart::new("application/tlsrpt+gzip", gz)
-                    .attachment(self.filename(submitter, day, domain)),
+                    .attachment(self.filename(submitter, domain)),
             ],
         );
         let msg = MessageBuilder::new()
@@ -274,7 +273,7 @@ mod tests {
     fn report_json_has_the_rfc_fields() {
         let (sub, policy, tally) = sample();
         // 2016-04-01 is day 16892.
-        let r = Report::build(&sub, 16_892, "company-y.example", [(&policy, &tally)])
+        let r = Report::build(&sub, 16_892, DAY_MS, "company-y.example", [(&policy, &tally)])
             .expect("build");
         let v: serde_json::Value = serde_json::from_slice(&r.json().expect("json")).expect("parse");
         assert_eq!(v["date-range"]["start-datetime"], "2016-04-01T00:00:00Z");
@@ -296,7 +295,7 @@ mod tests {
     #[test]
     fn gzip_round_trips() {
         let (sub, policy, tally) = sample();
-        let r = Report::build(&sub, 16_892, "company-y.example", [(&policy, &tally)])
+        let r = Report::build(&sub, 16_892, DAY_MS, "company-y.example", [(&policy, &tally)])
             .expect("build");
         let gz = r.gzip().expect("gzip");
         let mut json = Vec::new();
@@ -304,18 +303,17 @@ mod tests {
             .read_to_end(&mut json)
             .expect("gunzip");
         let back: Report = serde_json::from_slice(&json).expect("parse");
-        assert_eq!(back, r);
+        assert_eq!(back.json().expect("json"), r.json().expect("json"));
     }
 
     #[test]
     fn message_is_a_tlsrpt_multipart_report() {
         let (sub, policy, tally) = sample();
-        let r = Report::build(&sub, 16_892, "company-y.example", [(&policy, &tally)])
+        let r = Report::build(&sub, 16_892, DAY_MS, "company-y.example", [(&policy, &tally)])
             .expect("build");
         let m = r
             .message(
                 &sub,
-                16_892,
                 "company-y.example",
                 "tlsrpt@mta.test",
                 "reports@company-y.example",
