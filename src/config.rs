@@ -395,8 +395,16 @@ pub struct DeliverySection {
     pub idle_timeout_ms: u64,
     /// STARTTLS policy for routes that do not set their own: opportunistic, required, disabled.
     pub starttls: String,
-    /// CA bundle (PEM) that certificates must chain to when TLS is required.
+    /// CA bundle (PEM) that certificates must chain to when TLS is required: routes with
+    /// `tls = "required"`, MX hosts under an MTA-STS policy, and MTA-STS policy servers. The
+    /// system bundle by default; when that file is missing, the bundled Mozilla roots.
     pub tls_ca_file: PathBuf,
+    /// MTA-STS (RFC 8461): honour recipient domains' policies.
+    pub mta_sts: bool,
+    /// DANE (RFC 7672): honour MX hosts' TLSA records when the resolver validates (AD bit).
+    pub dane: bool,
+    /// Port of the MTA-STS policy fetch (HTTPS): 443; other values for tests.
+    pub mta_sts_https_port: u16,
     /// Largest BDAT chunk sent to a server offering CHUNKING, in bytes; bigger messages go in
     /// several chunks.
     pub bdat_chunk_size_max: usize,
@@ -502,6 +510,9 @@ impl Default for QueueSection {
     }
 }
 
+/// The system CA bundle (Debian's path).
+pub const TLS_CA_FILE_DEFAULT: &str = "/etc/ssl/certs/ca-certificates.crt";
+
 impl Default for DeliverySection {
     fn default() -> Self {
         DeliverySection {
@@ -518,7 +529,10 @@ impl Default for DeliverySection {
             port: 25,
             address_order: "ipv4-first".into(),
             starttls: "opportunistic".into(),
-            tls_ca_file: PathBuf::from("/etc/ssl/certs/ca-certificates.crt"),
+            tls_ca_file: PathBuf::from(TLS_CA_FILE_DEFAULT),
+            mta_sts: true,
+            dane: true,
+            mta_sts_https_port: 443,
             bdat_chunk_size_max: crate::smtp::client::BDAT_CHUNK_SIZE_MAX_DEFAULT,
         }
     }
@@ -636,6 +650,7 @@ impl Config {
     }
 
     pub(crate) fn validate(&self) -> Result<(), ConfigError> {
+<<<<<<< HEAD
         let r = &self.tls_report;
         if r.period_s == 0 || r.period_s > 86_400 {
             return Err(invalid(
@@ -651,6 +666,10 @@ impl Config {
         }
         if !r.from.is_empty() && !r.from.contains('@') {
             return Err(invalid("tls_report.from", "must be an address (local@domain)"));
+=======
+        if self.delivery.mta_sts_https_port == 0 {
+            return Err(invalid("delivery.mta_sts_https_port", "must be a port, 1 to 65535"));
+>>>>>>> sts
         }
         let s = &self.server;
         if s.size_max < 1024 {

@@ -66,11 +66,49 @@ struct Line<'a> {
     size: u64,
     #[serde(skip_serializing_if = "Option::is_none")]
     tls: Option<&'a str>,
+    /// Delivery lines: the outbound TLS outcome, flattened to `tls_*` fields.
+    #[serde(flatten, skip_serializing_if = "Option::is_none")]
+    outbound: Option<OutboundTls<'a>>,
     #[serde(skip_serializing_if = "Option::is_none")]
     source: Option<&'a str>,
     /// Notice lines: the notice's own id, when one was sent.
     #[serde(skip_serializing_if = "Option::is_none")]
     notice_id: Option<String>,
+}
+
+/// The TLS outcome of a delivery attempt, as its event line says it.
+#[derive(Serialize)]
+struct OutboundTls<'a> {
+    /// none (plaintext), opportunistic (unverified), mta-sts or dane.
+    tls_policy: crate::tlspolicy::VerifiedBy,
+    tls_verified: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    tls_version: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    tls_cipher: Option<&'a str>,
+    /// RFC 8460 terms, for TLS reporting.
+    tls_policy_domain: &'a str,
+    tls_policy_type: crate::tlspolicy::PolicyType,
+    tls_mx_host: &'a str,
+    tls_result: crate::tlspolicy::ResultType,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    tls_failure: Option<&'a str>,
+}
+
+impl<'a> OutboundTls<'a> {
+    fn of(o: &'a crate::tlspolicy::TlsOutcome, rcpt_domain: &'a str) -> OutboundTls<'a> {
+        OutboundTls {
+            tls_policy: o.verified_by,
+            tls_verified: o.verified,
+            tls_version: o.version.as_deref(),
+            tls_cipher: o.cipher.as_deref(),
+            tls_policy_domain: o.policy_domain.as_deref().unwrap_or(rcpt_domain),
+            tls_policy_type: o.policy_type,
+            tls_mx_host: &o.mx_host,
+            tls_result: o.result,
+            tls_failure: o.failure.as_deref(),
+        }
+    }
 }
 
 pub struct EventLog {
@@ -241,6 +279,7 @@ impl Observer for EventLog {
                     next_attempt_ms: None,
                     size: env.size,
                     tls: e.tls,
+                    outbound: None,
                     source: None,
                     notice_id: None,
                 });
@@ -271,6 +310,9 @@ impl Observer for EventLog {
                     next_attempt_ms: next,
                     size: e.size,
                     tls: None,
+                    outbound: e
+                        .tls
+                        .map(|o| OutboundTls::of(o, crate::envelope::domain_of(e.rcpt))),
                     source: e.source,
                     notice_id: None,
                 });
@@ -293,6 +335,7 @@ impl Observer for EventLog {
                     next_attempt_ms: None,
                     size: 0,
                     tls: None,
+                    outbound: None,
                     source: None,
                     notice_id: e.notice.map(|n| n.to_string()),
                 });
@@ -409,6 +452,7 @@ mod tests {
                 source: None,
                 received_ms: 0,
                 size: 10,
+                tls: None,
             }));
             if i % 100 == 0 {
                 log.flush();

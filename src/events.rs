@@ -72,6 +72,8 @@ pub struct Attempt<'a> {
     pub source: Option<&'a str>,
     pub received_ms: u64,
     pub size: u64,
+    /// The TLS outcome of the connection, when one was attempted.
+    pub tls: Option<&'a crate::tlspolicy::TlsOutcome>,
 }
 
 /// The notice about some recipients of a message was spooled for its sender (or none was

@@ -45,4 +45,5 @@ pub mod shard;
 pub mod smtp;
 pub mod spool;
 pub mod tls;
+pub mod tlspolicy;
 pub mod tlsrpt;

@@ -107,6 +107,12 @@ impl fmt::Display for Destination {
 /// A set of MX hosts. Domains whose MX records name the same hosts (gmail.com and
 /// googlemail.com, or every domain hosted by one provider) are one site: they share a queue,
 /// connections and connection limits. Equal by the set of host names, whatever their order.
+///
+/// A domain with a transport-security policy of its own (MTA-STS, or a DNSSEC-signed MX for
+/// DANE) gets a site of its own: `security` is its policy, and the site is equal only to the
+/// same domain's under the same policy. One domain's policy so never applies to another
+/// domain's mail on a shared connection (KumoMTA's rollup bug). Connection limits still count
+/// by the host set (`key`).
 #[derive(Clone, Debug)]
 pub struct Site {
     /// The host names, sorted, lower case, comma-separated.
@@ -114,6 +120,10 @@ pub struct Site {
     /// The hosts (A-labels) and their MX preferences; `dns::mx::order` orders them per
     /// connection.
     pub hosts: Arc<[(u16, String)]>,
+    /// The recipient domain's transport security, when it has one.
+    pub security: Option<Arc<crate::tlspolicy::plan::DomainSecurity>>,
+    /// Identity of `security` (domain, policy id and fetch time, DNSSEC): empty without one.
+    policy_key: Arc<str>,
 }
 
 impl Site {
@@ -128,13 +138,31 @@ impl Site {
         Site {
             key: sorted.join(",").into(),
             hosts: hosts.into(),
+            security: None,
+            policy_key: "".into(),
         }
+    }
+
+    /// The site of one domain with its own transport security.
+    pub fn with_security(mut self, security: Option<crate::tlspolicy::plan::DomainSecurity>) -> Site {
+        use crate::tlspolicy::plan::Sts;
+        let Some(sec) = security else {
+            return self;
+        };
+        let sts = match &sec.sts {
+            Sts::None => String::new(),
+            Sts::Policy(c) => format!("sts={}@{}", c.id, c.fetched_ms),
+            Sts::Failed { result, .. } => format!("sts-failed={}", result.as_str()),
+        };
+        self.policy_key = format!("{};{sts};dnssec={}", sec.domain, sec.mx_secure).into();
+        self.security = Some(Arc::new(sec));
+        self
     }
 }
 
 impl PartialEq for Site {
     fn eq(&self, other: &Site) -> bool {
-        self.key == other.key
+        self.key == other.key && self.policy_key == other.policy_key
     }
 }
 
@@ -143,6 +171,7 @@ impl Eq for Site {}
 impl Hash for Site {
     fn hash<H: Hasher>(&self, state: &mut H) {
         self.key.hash(state);
+        self.policy_key.hash(state);
     }
 }
 
@@ -300,6 +329,7 @@ impl SiteMemo {
         &mut self,
         domain: &str,
         answer: &crate::dns::message::Answer,
+        security: Option<crate::tlspolicy::plan::DomainSecurity>,
         cached_until: Option<u64>,
         now_ms: u64,
     ) -> Result<Site, crate::smtp::reply::Reply> {
@@ -307,7 +337,7 @@ impl SiteMemo {
         use crate::dns::mx::Plan;
         use crate::smtp::reply::Reply;
         let site = match crate::dns::mx::plan(domain, answer) {
-            Plan::Hosts(hosts) => Site::new(hosts),
+            Plan::Hosts(hosts) => Site::new(hosts).with_security(security),
             Plan::Refuse(_) if matches!(answer, Answer::NxDomain(_)) => {
                 return Err(Reply::new(
                     550,

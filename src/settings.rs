@@ -26,6 +26,8 @@ pub struct Settings {
     /// Outbound TLS: unverified (opportunistic) and verified (required, when a route needs it).
     pub tls_client_unverified: Arc<rustls::ClientConfig>,
     pub tls_client_verified: Option<Arc<rustls::ClientConfig>>,
+    /// Roots for MTA-STS (MX hosts and policy servers), when MTA-STS or DANE is on.
+    pub tls_trust: Option<crate::tlspolicy::verify::Trust>,
     /// AUTH users, when `server.auth_users` is set.
     pub auth_users: Option<Arc<crate::auth::Users>>,
     /// DNS resolvers, in failover order (empty: no MX lookups; unrouted mail waits).
@@ -170,6 +172,18 @@ impl Config {
         } else {
             None
         };
+        let tls_trust = if self.delivery.mta_sts || self.delivery.dane {
+            let ca = &self.delivery.tls_ca_file;
+            // The default bundle may be missing (a minimal container): the web roots then.
+            let default = ca.as_os_str() == crate::config::TLS_CA_FILE_DEFAULT && !ca.exists();
+            let file = (!default).then_some(ca.as_path());
+            Some(
+                crate::tlspolicy::verify::trust(file)
+                    .map_err(|e| invalid("delivery.tls_ca_file", e.to_string()))?,
+            )
+        } else {
+            None
+        };
         let auth_users = if self.server.auth_users.as_os_str().is_empty() {
             None
         } else {
@@ -258,6 +272,7 @@ impl Config {
             tls,
             tls_client_unverified,
             tls_client_verified,
+            tls_trust,
             auth_users,
             site_globs,
         })

@@ -2,6 +2,7 @@
 //! that bound connections per (site, source) across shards, and what each connection does next.
 
 use std::collections::VecDeque;
+use std::rc::Rc;
 
 use super::{Action, Core, DestState, PendingLease};
 use crate::egress::lease::{owner_of, LeaseKey, LeaseMsg};
@@ -25,6 +26,8 @@ pub struct ConnId(pub u64);
 pub struct Via {
     pub peer: String,
     pub source: Option<usize>,
+    /// The TLS outcome of the connection (or of its last failed host).
+    pub tls: Option<Rc<crate::tlspolicy::TlsOutcome>>,
 }
 
 impl Via {
@@ -32,6 +35,7 @@ impl Via {
     pub const NONE: Via = Via {
         peer: String::new(),
         source: None,
+        tls: None,
     };
 }
 
@@ -82,6 +86,7 @@ pub(super) struct Conn {
     idle_since_ms: Option<u64>,
     idle: bool,
     peer: String,
+    tls: Option<Rc<crate::tlspolicy::TlsOutcome>>,
 }
 
 impl Core {
@@ -251,6 +256,7 @@ impl Core {
                 idle_since_ms: None,
                 idle: false,
                 peer: String::new(),
+                tls: None,
             },
         );
         self.actions.push(Action::Connect { conn, dest, source });
@@ -280,6 +286,14 @@ impl Core {
     }
 
     /// Connection `conn` greeted and took EHLO, with `peer` (`host[address]:port`).
+    /// The TLS outcome of connection `conn` (its session, or the last host it gave up on):
+    /// every attempt it reports from now on carries it.
+    pub fn conn_tls(&mut self, conn: ConnId, tls: crate::tlspolicy::TlsOutcome) {
+        if let Some(c) = self.conns.get_mut(&conn) {
+            c.tls = Some(Rc::new(tls));
+        }
+    }
+
     pub fn conn_opened(&mut self, conn: ConnId, peer: &str, now_ms: u64) {
         let Some(c) = self.conns.get_mut(&conn) else {
             return;
@@ -296,7 +310,7 @@ impl Core {
         let Some(c) = self.conns.get(&conn) else {
             return;
         };
-        let (dest, source) = (c.dest.clone(), c.source);
+        let (dest, source, tls) = (c.dest.clone(), c.source, c.tls.clone());
         match failure {
             ConnFailure::Bind { why } => {
                 let change = self.health.failure(
@@ -327,6 +341,7 @@ impl Core {
                 let via = Via {
                     peer: dest.hop.to_string(),
                     source: Some(source),
+                    tls,
                 };
                 let jobs = self.queue.drain_ready(&dest);
                 let result = RcptResult::Failure(why);
@@ -452,6 +467,7 @@ impl Core {
             Some(c) => Via {
                 peer: c.peer.clone(),
                 source: Some(c.source),
+                tls: c.tls.clone(),
             },
             None => Via::NONE,
         };

@@ -94,6 +94,7 @@ impl Core {
                     source: source.as_deref(),
                     received_ms: m.received_ms(),
                     size: m.size(),
+                    tls: via.tls.as_deref(),
                 }));
                 if notice {
                     notice_rcpts.push(NoticeRcpt {

@@ -423,7 +423,22 @@ impl Core {
         cached_until: Option<u64>,
         now_ms: u64,
     ) {
-        let site = self.sites.resolved(domain, answer, cached_until, now_ms);
+        self.resolved_with(domain, answer, None, cached_until, now_ms)
+    }
+
+    /// [`Core::resolved`], with the domain's transport security (MTA-STS, DANE), which makes
+    /// the domain a site of its own (see `route::Site`).
+    pub fn resolved_with(
+        &mut self,
+        domain: &str,
+        answer: &crate::dns::message::Answer,
+        security: Option<crate::tlspolicy::plan::DomainSecurity>,
+        cached_until: Option<u64>,
+        now_ms: u64,
+    ) {
+        let site = self
+            .sites
+            .resolved(domain, answer, security, cached_until, now_ms);
         let waiting = self.resolving.remove(domain).unwrap_or_default();
         for (id, rcpts, pool) in waiting {
             match &site {

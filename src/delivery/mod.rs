@@ -38,7 +38,13 @@ use crate::spool::Spool;
 
 pub use connect::{connect_bound, BoundConnectError};
 use connect::{connect_from, Refusal};
-use session::{greet, Conn};
+use session::{greet, Conn, SessionError};
+
+use std::sync::Arc;
+
+use crate::tlspolicy::plan::{host_tls, HostTls, Session, TlsaFinding};
+use crate::tlspolicy::verify::Slot;
+use crate::tlspolicy::TlsOutcome;
 
 /// Addresses tried per connection attempt, over all MX hosts: enough for every host of a
 /// large provider, few enough that a broken site cannot hold a connection task for long.
@@ -54,6 +60,8 @@ pub struct DeliveryCtx {
     pub core: Rc<CoreCell>,
     pub spool: Rc<Spool>,
     pub resolver: Option<Rc<Resolver>>,
+    /// MTA-STS and DANE, when either is on and there is a resolver.
+    pub tlspolicy: Option<Rc<crate::tlspolicy::lookup::Agent>>,
     pub clock: Rc<dyn Clock>,
     /// Notified on the core's `WakeIdle`: idle connections ask for work again.
     pub work: Rc<shards::Notify>,
@@ -68,9 +76,12 @@ impl DeliveryCtx {
 /// Run connection `conn` to `dest` from egress source `source`, from open to close.
 pub async fn connection(ctx: Rc<DeliveryCtx>, conn: ConnId, dest: Dest, source: usize) {
     match open(&ctx, &dest, source).await {
-        Err(failure) => {
+        Err((failure, tls)) => {
             let now = ctx.now();
             ctx.core.with(|c| {
+                if let Some(tls) = tls {
+                    c.conn_tls(conn, tls);
+                }
                 c.conn_failed(conn, failure, now);
                 c.conn_closed(conn, now);
             });
@@ -78,9 +89,13 @@ pub async fn connection(ctx: Rc<DeliveryCtx>, conn: ConnId, dest: Dest, source: 
         Ok(Opened {
             conn: session,
             peer,
+            tls,
         }) => {
             let now = ctx.now();
-            ctx.core.with(|c| c.conn_opened(conn, &peer, now));
+            ctx.core.with(|c| {
+                c.conn_tls(conn, tls);
+                c.conn_opened(conn, &peer, now)
+            });
             serve(&ctx, conn, session).await;
             let now = ctx.now();
             ctx.core.with(|c| c.conn_closed(conn, now));
@@ -136,11 +151,61 @@ struct Opened {
     conn: Conn,
     /// `host[address]:port`, for the log.
     peer: String,
+    tls: TlsOutcome,
+}
+
+/// The STARTTLS policy and client configuration for a host under `plan`; the slot receives
+/// the verifier's verdict. Err: the configuration could not be built (the host is skipped).
+fn tls_for(
+    ctx: &DeliveryCtx,
+    plan: &HostTls,
+    base: TlsPolicy,
+) -> Result<(TlsPolicy, Option<Arc<rustls::ClientConfig>>, Option<Slot>), String> {
+    use crate::tlspolicy::{dane::DaneVerifier, verify};
+    let settings = &ctx.settings;
+    Ok(match plan {
+        HostTls::Plain | HostTls::Skip { .. } => (base, None, None),
+        HostTls::DaneUnusable => (
+            TlsPolicy::Required,
+            Some(settings.tls_client_unverified.clone()),
+            None,
+        ),
+        HostTls::Dane { records } => {
+            let slot = verify::new_slot();
+            let verifier = Arc::new(DaneVerifier::new(records.clone(), slot.clone()));
+            let config = verify::client_config(verifier).map_err(|e| e.to_string())?;
+            (TlsPolicy::Required, Some(config), Some(slot))
+        }
+        HostTls::Sts { enforce, .. } => {
+            let trust = settings
+                .tls_trust
+                .as_ref()
+                .ok_or("MTA-STS without trust roots")?;
+            let slot = verify::new_slot();
+            let verifier = Arc::new(verify::StsVerifier {
+                inner: verify::webpki(trust.store.clone()).map_err(|e| e.to_string())?,
+                enforce: *enforce,
+                slot: slot.clone(),
+            });
+            let config = verify::client_config(verifier).map_err(|e| e.to_string())?;
+            let policy = match (enforce, base) {
+                (true, _) => TlsPolicy::Required,
+                // Testing mode: as without a policy, but with STARTTLS tried where offered.
+                (false, TlsPolicy::Disabled) => TlsPolicy::Opportunistic,
+                (false, other) => other,
+            };
+            (policy, Some(config), Some(slot))
+        }
+    })
 }
 
 /// Open a session for `dest` from `source`: walk the hosts and their addresses until one
 /// greets, takes EHLO (and STARTTLS when required).
-async fn open(ctx: &DeliveryCtx, dest: &Dest, source: usize) -> Result<Opened, ConnFailure> {
+async fn open(
+    ctx: &DeliveryCtx,
+    dest: &Dest,
+    source: usize,
+) -> Result<Opened, (ConnFailure, Option<TlsOutcome>)> {
     let cfg = &ctx.settings.config.delivery;
     let src = &ctx.settings.egress.sources[source];
     let (hosts, tls): (Vec<String>, TlsPolicy) = match &dest.hop {
@@ -159,7 +224,38 @@ async fn open(ctx: &DeliveryCtx, dest: &Dest, source: usize) -> Result<Opened, C
     // A connection attempt failed in a way that may be the source's fault.
     let mut source_suspect = false;
     let mut tried = 0usize;
+    let security = match &dest.hop {
+        Hop::Mx(site) => site.security.clone(),
+        Hop::Route(_) => None,
+    };
+    let sec = security.as_deref();
+    // The TLS outcome of the last host given up on, for the deferral's events.
+    let mut last_tls: Option<TlsOutcome> = None;
     'hosts: for host in &hosts {
+        // Routes are configuration: their TLS is the route's. MX hosts follow the recipient
+        // domain's policy: DANE for the host first, then MTA-STS.
+        let (plan, tlsa) = match (&dest.hop, &ctx.tlspolicy) {
+            (Hop::Mx(_), Some(agent)) => {
+                let tlsa = agent
+                    .tlsa(host, sec.is_some_and(|s| s.mx_secure))
+                    .await;
+                (host_tls(sec, host, &tlsa), tlsa)
+            }
+            _ => (HostTls::Plain, TlsaFinding::NotApplicable),
+        };
+        if let HostTls::Skip { why, .. } = &plan {
+            refusals.push(why.clone());
+            let session = Session::default();
+            last_tls = Some(crate::tlspolicy::plan::outcome(sec, host, &plan, &tlsa, &session));
+            continue;
+        }
+        let (host_policy, tls_config, slot) = match tls_for(ctx, &plan, tls) {
+            Ok(chosen) => chosen,
+            Err(why) => {
+                refusals.push(format!("{host}: {why}"));
+                continue;
+            }
+        };
         let addrs: Vec<SocketAddr> = match &dest.hop {
             Hop::Route(route) => vec![route.addr],
             Hop::Mx(_) => match host_addrs(ctx, host).await {
@@ -190,15 +286,40 @@ async fn open(ctx: &DeliveryCtx, dest: &Dest, source: usize) -> Result<Opened, C
             let refusal = match connect_from(addr, src, timeout).await {
                 Ok(stream) => {
                     connected = true;
-                    match greet(&ctx.settings, stream, src, host, tls).await {
-                        Ok(conn) => return Ok(Opened { conn, peer }),
-                        Err(why) => Refusal::Session(why.to_string()),
+                    let greeted =
+                        greet(&ctx.settings, stream, src, host, host_policy, tls_config.clone())
+                            .await;
+                    let verdict = slot.as_ref().and_then(crate::tlspolicy::verify::take);
+                    match greeted {
+                        Ok(conn) => {
+                            let session = Session {
+                                tls: conn.tls_info(),
+                                verdict,
+                                ..Session::default()
+                            };
+                            let tls = crate::tlspolicy::plan::outcome(
+                                sec, host, &plan, &tlsa, &session,
+                            );
+                            return Ok(Opened { conn, peer, tls });
+                        }
+                        Err(why) => {
+                            let session = Session {
+                                verdict,
+                                no_starttls: matches!(why, SessionError::NoStartTls(_)),
+                                failure: Some(why.to_string()),
+                                ..Session::default()
+                            };
+                            last_tls = Some(crate::tlspolicy::plan::outcome(
+                                sec, host, &plan, &tlsa, &session,
+                            ));
+                            Refusal::Session(why.to_string())
+                        }
                     }
                 }
                 Err(refusal) => refusal,
             };
             match refusal {
-                Refusal::Bind(why) => return Err(ConnFailure::Bind { why }),
+                Refusal::Bind(why) => return Err((ConnFailure::Bind { why }, None)),
                 Refusal::Connect(e) => {
                     source_suspect |= !e.remote_answered;
                     refusals.push(format!("connect to {peer} failed: {}", e.why));
@@ -215,10 +336,13 @@ async fn open(ctx: &DeliveryCtx, dest: &Dest, source: usize) -> Result<Opened, C
             dest.hop
         ));
     }
-    Err(ConnFailure::Unreachable {
-        why: refusals.join("; "),
-        source_suspect: source_suspect && !connected,
-    })
+    Err((
+        ConnFailure::Unreachable {
+            why: refusals.join("; "),
+            source_suspect: source_suspect && !connected,
+        },
+        last_tls,
+    ))
 }
 
 /// A transaction on the wire.

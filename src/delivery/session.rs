@@ -41,6 +41,8 @@ pub(super) enum SessionError {
     NoCaBundle,
     #[error("refused the session: {0}")]
     Refused(String),
+    #[error("TLS required but STARTTLS not offered or refused: {0}")]
+    NoStartTls(String),
     #[error("unexpected client step {0}")]
     Unexpected(String),
 }
@@ -187,6 +189,14 @@ impl Conn {
         Ok(())
     }
 
+    /// TLS version and cipher suite, once STARTTLS succeeded.
+    pub(super) fn tls_info(&self) -> Option<(String, String)> {
+        let tls = self.tls.as_ref()?;
+        let version = tls.protocol_version()?;
+        let cipher = tls.negotiated_cipher_suite()?;
+        Some((format!("{version:?}"), format!("{:?}", cipher.suite())))
+    }
+
     /// QUIT, then wait (briefly) for the server's reply before closing: RFC 5321 §3.3 asks
     /// for it, and a connection counted against a site's limit ends when the server knows it.
     pub(super) async fn quit(mut self) {
@@ -207,13 +217,15 @@ impl Conn {
     }
 }
 
-/// Greeting, EHLO and STARTTLS on a fresh connection to `host`.
+/// Greeting, EHLO and STARTTLS on a fresh connection to `host`. `tls_config` replaces the
+/// configuration `tls` would pick (a policy's verifier: MTA-STS or DANE).
 pub(super) async fn greet(
     settings: &Settings,
     stream: TcpStream,
     src: &Source,
     host: &str,
     tls: TlsPolicy,
+    tls_config: Option<Arc<rustls::ClientConfig>>,
 ) -> Result<Conn, SessionError> {
     let cfg = &settings.config.delivery;
     let _ = stream.set_nodelay(true);
@@ -249,9 +261,10 @@ pub(super) async fn greet(
                 }
             }
             ClientStep::StartTls => {
-                let config = match tls {
-                    TlsPolicy::Required => settings.tls_client_verified.clone(),
-                    _ => Some(settings.tls_client_unverified.clone()),
+                let config = match (&tls_config, tls) {
+                    (Some(config), _) => Some(config.clone()),
+                    (None, TlsPolicy::Required) => settings.tls_client_verified.clone(),
+                    (None, _) => Some(settings.tls_client_unverified.clone()),
                 };
                 let Some(config) = config else {
                     conn.quit().await;
@@ -264,10 +277,18 @@ pub(super) async fn greet(
                 conn.client.tls_started(&mut conn.out);
             }
             ClientStep::Failed(reply) => {
+                // EHLO went through (or STARTTLS was refused) and TLS never started: the
+                // server will not do the TLS this destination requires.
+                let no_tls = tls == TlsPolicy::Required
+                    && conn.tls.is_none()
+                    && (reply.code == 421 && reply.text.contains("STARTTLS")
+                        || conn.client.capabilities().has("STARTTLS"));
                 conn.quit().await;
-                return Err(SessionError::Refused(
-                    reply.to_string().trim_end().to_owned(),
-                ));
+                let text = reply.to_string().trim_end().to_owned();
+                return Err(match no_tls {
+                    true => SessionError::NoStartTls(text),
+                    false => SessionError::Refused(text),
+                });
             }
             other => {
                 let _ = conn.stream.close().await;

@@ -12,7 +12,8 @@ pub struct Cache {
     ttl_min_s: u32,
     ttl_max_s: u32,
     entries_max: usize,
-    entries: HashMap<(String, RecordType), (Answer, u64)>,
+    /// (answer, DNSSEC-secure per the resolver's AD bit, expiry).
+    entries: HashMap<(String, RecordType), (Answer, bool, u64)>,
 }
 
 impl Cache {
@@ -32,26 +33,51 @@ impl Cache {
 
     /// The cached answer and when it expires (Unix ms).
     pub fn get_until(&self, name: &str, rtype: RecordType, now_ms: u64) -> Option<(&Answer, u64)> {
-        let (answer, expires_ms) = self.entries.get(&(name.to_ascii_lowercase(), rtype))?;
+        let (answer, _, expires_ms) = self.entries.get(&(name.to_ascii_lowercase(), rtype))?;
         (now_ms < *expires_ms).then_some((answer, *expires_ms))
     }
 
+    /// The answer and whether it was DNSSEC-secure (AD) when it was cached.
+    pub fn get_secure(
+        &self,
+        name: &str,
+        rtype: RecordType,
+        now_ms: u64,
+    ) -> Option<(&Answer, bool)> {
+        let (answer, ad, expires_ms) = self.entries.get(&(name.to_ascii_lowercase(), rtype))?;
+        (now_ms < *expires_ms).then_some((answer, *ad))
+    }
+
     pub fn put(&mut self, name: &str, rtype: RecordType, answer: Answer, now_ms: u64) {
+        self.put_secure(name, rtype, answer, false, now_ms)
+    }
+
+    /// Cache `answer`, remembering whether it was DNSSEC-secure.
+    pub fn put_secure(
+        &mut self,
+        name: &str,
+        rtype: RecordType,
+        answer: Answer,
+        ad: bool,
+        now_ms: u64,
+    ) {
         let ttl = match &answer {
             Answer::Mx(_, ttl)
             | Answer::Addrs(_, ttl)
+            | Answer::Txt(_, ttl)
+            | Answer::Tlsa(_, ttl)
             | Answer::NxDomain(ttl)
             | Answer::NoData(ttl) => *ttl,
             Answer::Transient(_) | Answer::Truncated => return,
         };
         let ttl = ttl.clamp(self.ttl_min_s, self.ttl_max_s);
         if self.entries.len() >= self.entries_max {
-            self.entries.retain(|_, (_, expires)| *expires > now_ms);
+            self.entries.retain(|_, (_, _, expires)| *expires > now_ms);
             while self.entries.len() >= self.entries_max {
                 let Some(oldest) = self
                     .entries
                     .iter()
-                    .min_by_key(|(_, (_, e))| *e)
+                    .min_by_key(|(_, (_, _, e))| *e)
                     .map(|(k, _)| k.clone())
                 else {
                     break;
@@ -61,7 +87,7 @@ impl Cache {
         }
         let expires = now_ms.saturating_add(u64::from(ttl) * 1000);
         self.entries
-            .insert((name.to_ascii_lowercase(), rtype), (answer, expires));
+            .insert((name.to_ascii_lowercase(), rtype), (answer, ad, expires));
     }
 
     pub fn len(&self) -> usize {

@@ -22,6 +22,9 @@ pub fn build_query(id: u16, name: &str, rtype: RecordType) -> Result<Vec<u8>, Dn
         .set_message_type(MessageType::Query)
         .set_op_code(OpCode::Query)
         .set_recursion_desired(true)
+        // RFC 6840 §5.7: AD in a query asks a validating resolver to say whether the answer
+        // is DNSSEC-secure, without the DO bit's signatures. Non-validating servers ignore it.
+        .set_authentic_data(true)
         .add_query(Query::query(fqdn, rtype));
     msg.to_vec().map_err(|e| DnsError::Encode(e.to_string()))
 }
@@ -42,6 +45,10 @@ pub enum Answer {
     Mx(Vec<(u16, String)>, u32),
     /// A/AAAA addresses and the smallest TTL.
     Addrs(Vec<IpAddr>, u32),
+    /// TXT records, each one's strings joined (RFC 7208 §3.3), and the smallest TTL.
+    Txt(Vec<String>, u32),
+    /// TLSA records (RFC 6698) and the smallest TTL.
+    Tlsa(Vec<Tlsa>, u32),
     /// The name does not exist (permanent). TTL from the SOA minimum for negative caching.
     NxDomain(u32),
     /// The name exists but has no records of this type (RFC 2308 NODATA).
@@ -52,6 +59,16 @@ pub enum Answer {
     Truncated,
 }
 
+/// One TLSA record: certificate usage, selector, matching type and the association data, as
+/// numbers (the DANE code gives them meaning).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Tlsa {
+    pub usage: u8,
+    pub selector: u8,
+    pub matching: u8,
+    pub data: Vec<u8>,
+}
+
 /// Negative answers without an SOA are cached this long (RFC 2308 §5 suggests 1–3 hours;
 /// short, so a fixed zone is seen soon).
 pub const NEGATIVE_TTL_DEFAULT_S: u32 = 300;
@@ -59,12 +76,20 @@ pub const NEGATIVE_TTL_DEFAULT_S: u32 = 300;
 /// Read a response to query `id`. A response to another query, or garbage, is an error
 /// (the resolver waits on; a spoofed or stale datagram must not be taken as the answer).
 pub fn parse_answer(id: u16, bytes: &[u8], rtype: RecordType) -> Result<Answer, String> {
+    parse_response(id, bytes, rtype).map(|(answer, _)| answer)
+}
+
+/// [`parse_answer`], and whether the resolver set the AD bit (RFC 4035 §3.2.3: it validated
+/// the answer with DNSSEC). Only meaningful from a validating resolver one trusts, over a path
+/// one trusts (a local unbound): nothing here checks signatures.
+pub fn parse_response(id: u16, bytes: &[u8], rtype: RecordType) -> Result<(Answer, bool), String> {
     let msg = Message::from_vec(bytes).map_err(|e| format!("malformed DNS response: {e}"))?;
     if msg.id() != id || msg.message_type() != MessageType::Response {
         return Err("not the response to our query".into());
     }
+    let ad = msg.authentic_data();
     if msg.truncated() {
-        return Ok(Answer::Truncated);
+        return Ok((Answer::Truncated, ad));
     }
     let negative_ttl = msg
         .name_servers()
@@ -76,12 +101,14 @@ pub fn parse_answer(id: u16, bytes: &[u8], rtype: RecordType) -> Result<Answer, 
         .unwrap_or(NEGATIVE_TTL_DEFAULT_S);
     match msg.response_code() {
         ResponseCode::NoError => {}
-        ResponseCode::NXDomain => return Ok(Answer::NxDomain(negative_ttl)),
-        other => return Ok(Answer::Transient(format!("DNS {other}"))),
+        ResponseCode::NXDomain => return Ok((Answer::NxDomain(negative_ttl), ad)),
+        other => return Ok((Answer::Transient(format!("DNS {other}")), ad)),
     }
     let mut ttl = u32::MAX;
     let mut mx = Vec::new();
     let mut addrs = Vec::new();
+    let mut txt = Vec::new();
+    let mut tlsa = Vec::new();
     for record in msg.answers() {
         match record.data() {
             RData::MX(m) if rtype == RecordType::MX => {
@@ -98,15 +125,32 @@ pub fn parse_answer(id: u16, bytes: &[u8], rtype: RecordType) -> Result<Answer, 
                 addrs.push(IpAddr::V6(a.0));
                 ttl = ttl.min(record.ttl());
             }
+            RData::TXT(t) if rtype == RecordType::TXT => {
+                let joined: Vec<u8> = t.iter().flat_map(|part| part.iter().copied()).collect();
+                txt.push(String::from_utf8_lossy(&joined).into_owned());
+                ttl = ttl.min(record.ttl());
+            }
+            RData::TLSA(t) if rtype == RecordType::TLSA => {
+                tlsa.push(Tlsa {
+                    usage: t.cert_usage().into(),
+                    selector: t.selector().into(),
+                    matching: t.matching().into(),
+                    data: t.cert_data().to_vec(),
+                });
+                ttl = ttl.min(record.ttl());
+            }
             // CNAMEs and other records on the way are followed by the recursive resolver.
             _ => {}
         }
     }
-    Ok(match rtype {
+    let answer = match rtype {
         RecordType::MX if !mx.is_empty() => Answer::Mx(mx, ttl),
         RecordType::A | RecordType::AAAA if !addrs.is_empty() => Answer::Addrs(addrs, ttl),
+        RecordType::TXT if !txt.is_empty() => Answer::Txt(txt, ttl),
+        RecordType::TLSA if !tlsa.is_empty() => Answer::Tlsa(tlsa, ttl),
         _ => Answer::NoData(negative_ttl),
-    })
+    };
+    Ok((answer, ad))
 }
 
 #[cfg(test)]

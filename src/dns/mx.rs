@@ -41,7 +41,9 @@ pub fn plan(domain: &str, answer: &Answer) -> Plan {
         Answer::NxDomain(_) => Plan::Refuse("the domain does not exist (NXDOMAIN)"),
         Answer::Transient(why) => Plan::Retry(why.clone()),
         Answer::Truncated => Plan::Retry("truncated answer".into()),
-        Answer::Addrs(..) => Plan::Retry("unexpected address answer to an MX query".into()),
+        Answer::Addrs(..) | Answer::Txt(..) | Answer::Tlsa(..) => {
+            Plan::Retry("unexpected answer to an MX query".into())
+        }
     }
 }
 

@@ -14,7 +14,7 @@ use hickory_proto::rr::RecordType;
 use shards::Notify;
 
 use super::cache::Cache;
-use super::message::{build_query, parse_answer, Answer};
+use super::message::{build_query, parse_response, Answer};
 
 /// Largest DNS message read over UDP (EDNS-less servers send at most 512; some send more).
 const UDP_RESPONSE_MAX: usize = 4096;
@@ -29,7 +29,7 @@ pub struct ResolverConfig {
     pub attempts: u32,
 }
 
-type Pending = Rc<(Notify, RefCell<Option<Answer>>)>;
+type Pending = Rc<(Notify, RefCell<Option<(Answer, bool)>>)>;
 
 pub struct Resolver {
     cfg: ResolverConfig,
@@ -60,13 +60,19 @@ impl Resolver {
 
     /// Look `name` up: from the cache, by joining a query already under way, or by asking.
     pub async fn lookup(&self, name: &str, rtype: RecordType) -> Answer {
+        self.lookup_secure(name, rtype).await.0
+    }
+
+    /// [`Resolver::lookup`], and whether the answer was DNSSEC-secure: the resolver set the AD
+    /// bit. DANE (RFC 7672) acts only on secure answers.
+    pub async fn lookup_secure(&self, name: &str, rtype: RecordType) -> (Answer, bool) {
         let key = (name.to_ascii_lowercase(), rtype);
-        if let Some(answer) = self
-            .cache
-            .borrow()
-            .get(&key.0, rtype, crate::clock::now_ms())
+        if let Some((answer, ad)) =
+            self.cache
+                .borrow()
+                .get_secure(&key.0, rtype, crate::clock::now_ms())
         {
-            return answer.clone();
+            return (answer.clone(), ad);
         }
         let joined = self.inflight.borrow().get(&key).cloned();
         if let Some(pending) = joined {
@@ -81,17 +87,21 @@ impl Resolver {
         self.inflight
             .borrow_mut()
             .insert(key.clone(), pending.clone());
-        let answer = self.ask(&key.0, rtype).await;
-        self.cache
-            .borrow_mut()
-            .put(&key.0, rtype, answer.clone(), crate::clock::now_ms());
-        *pending.1.borrow_mut() = Some(answer.clone());
+        let (answer, ad) = self.ask(&key.0, rtype).await;
+        self.cache.borrow_mut().put_secure(
+            &key.0,
+            rtype,
+            answer.clone(),
+            ad,
+            crate::clock::now_ms(),
+        );
+        *pending.1.borrow_mut() = Some((answer.clone(), ad));
         self.inflight.borrow_mut().remove(&key);
         pending.0.notify_all();
-        answer
+        (answer, ad)
     }
 
-    async fn ask(&self, name: &str, rtype: RecordType) -> Answer {
+    async fn ask(&self, name: &str, rtype: RecordType) -> (Answer, bool) {
         let mut last = String::from("no resolver configured");
         for _ in 0..self.cfg.attempts.max(1) {
             for &server in &self.cfg.servers {
@@ -100,19 +110,26 @@ impl Resolver {
                 let query = match build_query(id, name, rtype) {
                     Ok(q) => q,
                     // A name that cannot be a DNS name does not exist.
-                    Err(_) => return Answer::NxDomain(super::message::NEGATIVE_TTL_DEFAULT_S),
+                    Err(_) => {
+                        return (
+                            Answer::NxDomain(super::message::NEGATIVE_TTL_DEFAULT_S),
+                            false,
+                        )
+                    }
                 };
                 match self.udp(server, id, &query, rtype).await {
-                    Ok(Answer::Truncated) => match self.tcp(server, id, &query, rtype).await {
-                        Ok(Answer::Transient(why)) | Err(why) => last = format!("{server}: {why}"),
+                    Ok((Answer::Truncated, _)) => match self.tcp(server, id, &query, rtype).await {
+                        Ok((Answer::Transient(why), _)) | Err(why) => {
+                            last = format!("{server}: {why}")
+                        }
                         Ok(answer) => return answer,
                     },
-                    Ok(Answer::Transient(why)) | Err(why) => last = format!("{server}: {why}"),
+                    Ok((Answer::Transient(why), _)) | Err(why) => last = format!("{server}: {why}"),
                     Ok(answer) => return answer,
                 }
             }
         }
-        Answer::Transient(last)
+        (Answer::Transient(last), false)
     }
 
     async fn udp(
@@ -121,7 +138,7 @@ impl Resolver {
         id: u16,
         query: &[u8],
         rtype: RecordType,
-    ) -> Result<Answer, String> {
+    ) -> Result<(Answer, bool), String> {
         let bind = if server.is_ipv4() {
             "0.0.0.0:0"
         } else {
@@ -150,7 +167,7 @@ impl Resolver {
             if from != server {
                 continue;
             }
-            if let Ok(answer) = parse_answer(id, &buf[..n], rtype) {
+            if let Ok(answer) = parse_response(id, &buf[..n], rtype) {
                 return Ok(answer);
             }
         }
@@ -162,7 +179,7 @@ impl Resolver {
         id: u16,
         query: &[u8],
         rtype: RecordType,
-    ) -> Result<Answer, String> {
+    ) -> Result<(Answer, bool), String> {
         let mut stream = TcpStream::connect_timeout(server, self.cfg.timeout)
             .await
             .map_err(|e| e.to_string())?;
@@ -183,7 +200,7 @@ impl Resolver {
             .read_exact(&mut buf)
             .await
             .map_err(|e| e.to_string())?;
-        parse_answer(id, &buf, rtype)
+        parse_response(id, &buf, rtype)
     }
 }
 

@@ -178,11 +178,28 @@ pub async fn run(
         stop.clone(),
     ));
     let work = Rc::new(shards::Notify::new());
+    // MTA-STS and DANE need a resolver; their trust roots are loaded once, in the settings.
+    let tlspolicy = match (&resolver, &settings.tls_trust) {
+        (Some(resolver), Some(trust)) => Some(Rc::new(crate::tlspolicy::lookup::Agent::new(
+            crate::tlspolicy::lookup::AgentConfig {
+                mta_sts: cfg.delivery.mta_sts,
+                dane: cfg.delivery.dane,
+                dir: cfg.spool.dir.join("mta-sts"),
+                https_port: cfg.delivery.mta_sts_https_port,
+                trust: trust.clone(),
+                smtp_port: cfg.delivery.port,
+            },
+            resolver.clone(),
+            clock.clone(),
+        ))),
+        _ => None,
+    };
     let delivery = Rc::new(DeliveryCtx {
         settings: settings.clone(),
         core: core.clone(),
         spool: spool.clone(),
         resolver: resolver.clone(),
+        tlspolicy,
         clock: clock.clone(),
         work: work.clone(),
     });

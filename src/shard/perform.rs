@@ -97,19 +97,31 @@ impl Driver {
         let Some(resolver) = self.p.resolver.clone() else {
             return;
         };
-        if let Some((answer, until)) = resolver.cached(&domain, RecordType::MX) {
-            let now = self.p.clock.now_ms();
-            return self
-                .p
-                .core
-                .with(|c| c.resolved(&domain, &answer, Some(until), now));
+        let agent = self.p.delivery.tlspolicy.clone();
+        if agent.is_none() {
+            if let Some((answer, until)) = resolver.cached(&domain, RecordType::MX) {
+                let now = self.p.clock.now_ms();
+                return self
+                    .p
+                    .core
+                    .with(|c| c.resolved(&domain, &answer, Some(until), now));
+            }
         }
         let core = self.p.core.clone();
         let clock = self.p.clock.clone();
         glommio::spawn_local(async move {
-            let answer = resolver.lookup(&domain, RecordType::MX).await;
+            let (answer, mx_secure) = resolver.lookup_secure(&domain, RecordType::MX).await;
+            // The recipient domain's own policy, looked up by the shard that owns the domain:
+            // only when there are MX hosts to deliver to.
+            let security = match (&agent, &answer) {
+                (Some(agent), crate::dns::message::Answer::Mx(..))
+                | (Some(agent), crate::dns::message::Answer::NoData(_)) => {
+                    agent.security(&domain, mx_secure).await
+                }
+                _ => None,
+            };
             let now = clock.now_ms();
-            core.with(|c| c.resolved(&domain, &answer, None, now));
+            core.with(|c| c.resolved_with(&domain, &answer, security, None, now));
         })
         .detach();
     }

@@ -25,7 +25,7 @@ use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
 use hickory_proto::op::{Edns, Message, MessageType, OpCode, ResponseCode};
-use hickory_proto::rr::rdata::{A, AAAA, MX, SOA};
+use hickory_proto::rr::rdata::{A, AAAA, MX, SOA, TLSA, TXT};
 use hickory_proto::rr::{Name, RData, Record};
 
 pub use hickory_proto::rr::RecordType;
@@ -80,6 +80,8 @@ struct Zone {
     nxdomain: HashSet<String>,
     faults: HashMap<String, Faults>,
     negative_ttl: u32,
+    /// Set AD on every answer, as a validating resolver does for a signed zone.
+    secure: bool,
     /// Queries by (name, type, over TCP).
     queries: HashMap<(String, RecordType, bool), usize>,
 }
@@ -116,6 +118,7 @@ impl DnsServer {
             nxdomain: HashSet::new(),
             faults: HashMap::new(),
             negative_ttl: NEGATIVE_TTL_DEFAULT_S,
+            secure: false,
             queries: HashMap::new(),
         }));
         let stop = Arc::new(AtomicBool::new(false));
@@ -171,6 +174,32 @@ impl DnsServer {
     /// Adds the null MX of RFC 7505, `domain MX 0 .`: the domain accepts no mail.
     pub fn null_mx(&self, domain: &str) -> &Self {
         self.add(domain, NULL_MX_TTL_S, RData::MX(MX::new(0, Name::root())))
+    }
+
+    /// Adds a TXT record with one string.
+    pub fn txt(&self, name: &str, text: &str, ttl: u32) -> &Self {
+        self.add(name, ttl, RData::TXT(TXT::new(vec![text.to_owned()])))
+    }
+
+    /// Adds a TLSA record (RFC 6698) at `name` (`_25._tcp.mx.example`).
+    pub fn tlsa(
+        &self,
+        name: &str,
+        usage: u8,
+        selector: u8,
+        matching: u8,
+        data: Vec<u8>,
+        ttl: u32,
+    ) -> &Self {
+        let rdata = TLSA::new(usage.into(), selector.into(), matching.into(), data);
+        self.add(name, ttl, RData::TLSA(rdata))
+    }
+
+    /// Answer as a validating resolver would for a DNSSEC-signed zone: AD set on every answer
+    /// (`false`: on none, as for an unsigned zone).
+    pub fn secure(&self, on: bool) -> &Self {
+        self.zone().secure = on;
+        self
     }
 
     pub fn a(&self, name: &str, ip: Ipv4Addr, ttl: u32) -> &Self {
@@ -447,6 +476,7 @@ fn respond(zone: &Mutex<Zone>, bytes: &[u8], tcp: bool) -> Option<Outcome> {
     let rtype = question.query_type();
 
     let mut zone = lock(zone);
+    response.set_authentic_data(zone.secure);
     *zone
         .queries
         .entry((name.to_owned(), rtype, tcp))

@@ -9,6 +9,7 @@
 #![allow(dead_code)]
 
 pub mod dns;
+pub mod tlspeers;
 
 use std::collections::BTreeMap;
 use std::ffi::OsString;
