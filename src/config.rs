@@ -650,7 +650,6 @@ impl Config {
     }
 
     pub(crate) fn validate(&self) -> Result<(), ConfigError> {
-<<<<<<< HEAD
         let r = &self.tls_report;
         if r.period_s == 0 || r.period_s > 86_400 {
             return Err(invalid(
@@ -665,11 +664,16 @@ impl Config {
             ));
         }
         if !r.from.is_empty() && !r.from.contains('@') {
-            return Err(invalid("tls_report.from", "must be an address (local@domain)"));
-=======
+            return Err(invalid(
+                "tls_report.from",
+                "must be an address (local@domain)",
+            ));
+        }
         if self.delivery.mta_sts_https_port == 0 {
-            return Err(invalid("delivery.mta_sts_https_port", "must be a port, 1 to 65535"));
->>>>>>> sts
+            return Err(invalid(
+                "delivery.mta_sts_https_port",
+                "must be a port, 1 to 65535",
+            ));
         }
         let s = &self.server;
         if s.size_max < 1024 {

@@ -144,7 +144,10 @@ impl Site {
     }
 
     /// The site of one domain with its own transport security.
-    pub fn with_security(mut self, security: Option<crate::tlspolicy::plan::DomainSecurity>) -> Site {
+    pub fn with_security(
+        mut self,
+        security: Option<crate::tlspolicy::plan::DomainSecurity>,
+    ) -> Site {
         use crate::tlspolicy::plan::Sts;
         let Some(sec) = security else {
             return self;

@@ -30,8 +30,16 @@ fn world(dir: &Path, secure: bool) -> World {
         &Opts::new(&dir.join("b"))
             .route(sink.port)
             .log_dir(dir.join("b-log"))
-            .set("server", "tls_cert", &format!("\"{}\"", mx.cert_pem.display()))
-            .set("server", "tls_key", &format!("\"{}\"", mx.key_pem.display())),
+            .set(
+                "server",
+                "tls_cert",
+                &format!("\"{}\"", mx.cert_pem.display()),
+            )
+            .set(
+                "server",
+                "tls_key",
+                &format!("\"{}\"", mx.key_pem.display()),
+            ),
     );
     let dns = DnsServer::start();
     dns.secure(secure);
@@ -96,7 +104,9 @@ fn matching_tlsa_delivers_and_a_mismatch_defers() {
     assert_eq!(deferred[0]["domain"], "h.test", "{}", deferred[0]);
     assert_eq!(deferred[0]["tls_result"], "tlsa-invalid", "{}", deferred[0]);
     assert!(
-        a.events_of("Delivery").iter().all(|e| e["domain"] != "h.test"),
+        a.events_of("Delivery")
+            .iter()
+            .all(|e| e["domain"] != "h.test"),
         "a TLSA mismatch must never deliver"
     );
     a.stop();
@@ -114,8 +124,16 @@ fn without_the_ad_bit_or_with_dane_off_tlsa_is_ignored() {
         let mut a = sender(dir.path(), &w, &extra);
         send(&a, "r@h.test", "plain-h");
         let delivered = a.wait_events("Delivery", 1);
-        assert_eq!(delivered[0]["tls_policy"], "opportunistic", "{}", delivered[0]);
-        assert_eq!(delivered[0]["tls_policy_type"], "no-policy-found", "{}", delivered[0]);
+        assert_eq!(
+            delivered[0]["tls_policy"], "opportunistic",
+            "{}",
+            delivered[0]
+        );
+        assert_eq!(
+            delivered[0]["tls_policy_type"], "no-policy-found",
+            "{}",
+            delivered[0]
+        );
         a.stop();
         let World { mut b, sink, .. } = w;
         b.stop();

@@ -43,8 +43,16 @@ fn world(dir: &Path) -> World {
         &Opts::new(&dir.join("b"))
             .route(sink.port)
             .log_dir(dir.join("b-log"))
-            .set("server", "tls_cert", &format!("\"{}\"", mx.cert_pem.display()))
-            .set("server", "tls_key", &format!("\"{}\"", mx.key_pem.display())),
+            .set(
+                "server",
+                "tls_cert",
+                &format!("\"{}\"", mx.cert_pem.display()),
+            )
+            .set(
+                "server",
+                "tls_key",
+                &format!("\"{}\"", mx.key_pem.display()),
+            ),
     );
     let https = PolicyServer::start(&web);
     let dns = DnsServer::start();
@@ -141,12 +149,19 @@ fn enforce_testing_mismatch_bad_certificate_and_no_leak_across_shared_mx() {
     assert_eq!(ev[0]["tls_verified"], true, "{}", ev[0]);
     assert_eq!(ev[0]["tls_policy_type"], "sts", "{}", ev[0]);
     assert_eq!(ev[0]["tls_result"], "success", "{}", ev[0]);
-    assert!(ev[0]["tls_version"].as_str().unwrap_or("").starts_with("TLSv1_"));
+    assert!(ev[0]["tls_version"]
+        .as_str()
+        .unwrap_or("")
+        .starts_with("TLSv1_"));
 
     let ev = for_domain(&delivered, "d.test");
     assert_eq!(ev.len(), 1, "testing mode delivers: {delivered:?}");
     assert_eq!(ev[0]["tls_verified"], false, "{}", ev[0]);
-    assert_eq!(ev[0]["tls_result"], "certificate-host-mismatch", "{}", ev[0]);
+    assert_eq!(
+        ev[0]["tls_result"], "certificate-host-mismatch",
+        "{}",
+        ev[0]
+    );
     assert_eq!(ev[0]["tls_policy_type"], "sts", "{}", ev[0]);
 
     let ev = for_domain(&delivered, "e.test");
@@ -161,7 +176,11 @@ fn enforce_testing_mismatch_bad_certificate_and_no_leak_across_shared_mx() {
     assert!(text.contains("MTA-STS"), "{}", ev[0]);
     let ev = for_domain(&deferred, "c.test");
     assert!(!ev.is_empty(), "{deferred:?}");
-    assert_eq!(ev[0]["tls_result"], "certificate-host-mismatch", "{}", ev[0]);
+    assert_eq!(
+        ev[0]["tls_result"], "certificate-host-mismatch",
+        "{}",
+        ev[0]
+    );
     assert_eq!(ev[0]["tls_policy_domain"], "c.test", "{}", ev[0]);
     for d in ["b.test", "c.test"] {
         assert!(
@@ -239,5 +258,9 @@ fn a_bad_https_port_is_a_config_error_naming_the_key() {
     let dir = tempfile::tempdir().expect("tempdir");
     let opts = Opts::new(dir.path()).set("delivery", "mta_sts_https_port", "0");
     let ran = Epoxi::try_start(&opts).err().expect("refused");
-    assert!(ran.stderr.contains("delivery.mta_sts_https_port"), "{}", ran.stderr);
+    assert!(
+        ran.stderr.contains("delivery.mta_sts_https_port"),
+        "{}",
+        ran.stderr
+    );
 }

@@ -236,9 +236,7 @@ async fn open(
         // domain's policy: DANE for the host first, then MTA-STS.
         let (plan, tlsa) = match (&dest.hop, &ctx.tlspolicy) {
             (Hop::Mx(_), Some(agent)) => {
-                let tlsa = agent
-                    .tlsa(host, sec.is_some_and(|s| s.mx_secure))
-                    .await;
+                let tlsa = agent.tlsa(host, sec.is_some_and(|s| s.mx_secure)).await;
                 (host_tls(sec, host, &tlsa), tlsa)
             }
             _ => (HostTls::Plain, TlsaFinding::NotApplicable),
@@ -246,7 +244,9 @@ async fn open(
         if let HostTls::Skip { why, .. } = &plan {
             refusals.push(why.clone());
             let session = Session::default();
-            last_tls = Some(crate::tlspolicy::plan::outcome(sec, host, &plan, &tlsa, &session));
+            last_tls = Some(crate::tlspolicy::plan::outcome(
+                sec, host, &plan, &tlsa, &session,
+            ));
             continue;
         }
         let (host_policy, tls_config, slot) = match tls_for(ctx, &plan, tls) {
@@ -286,9 +286,15 @@ async fn open(
             let refusal = match connect_from(addr, src, timeout).await {
                 Ok(stream) => {
                     connected = true;
-                    let greeted =
-                        greet(&ctx.settings, stream, src, host, host_policy, tls_config.clone())
-                            .await;
+                    let greeted = greet(
+                        &ctx.settings,
+                        stream,
+                        src,
+                        host,
+                        host_policy,
+                        tls_config.clone(),
+                    )
+                    .await;
                     let verdict = slot.as_ref().and_then(crate::tlspolicy::verify::take);
                     match greeted {
                         Ok(conn) => {
@@ -297,9 +303,8 @@ async fn open(
                                 verdict,
                                 ..Session::default()
                             };
-                            let tls = crate::tlspolicy::plan::outcome(
-                                sec, host, &plan, &tlsa, &session,
-                            );
+                            let tls =
+                                crate::tlspolicy::plan::outcome(sec, host, &plan, &tlsa, &session);
                             return Ok(Opened { conn, peer, tls });
                         }
                         Err(why) => {

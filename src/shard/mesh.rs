@@ -89,8 +89,6 @@ pub struct MeshPeers {
     pub mesh: Rc<ShardMesh>,
     pub clients: Rc<RefCell<Clients>>,
     pub clock: Rc<dyn Clock>,
-    /// This shard's TLS report counts, when reporting is on.
-    pub tlsrpt: Option<Rc<super::tlsrpt::Counter>>,
 }
 
 impl MeshPeers {

@@ -40,7 +40,10 @@ impl Counter {
         };
         let tally = match read {
             Ok(bytes) => Tally::load(&bytes, period_ms).unwrap_or_else(|e| {
-                tracing::warn!("{}: unreadable TLS report counts, starting over: {e}", path.display());
+                tracing::warn!(
+                    "{}: unreadable TLS report counts, starting over: {e}",
+                    path.display()
+                );
                 Tally::new(period_ms)
             }),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Tally::new(period_ms),
@@ -86,7 +89,10 @@ impl Counter {
             Err(e) => Err(std::io::Error::other(e)),
         };
         if let Err(e) = result {
-            tracing::warn!("{}: cannot keep TLS report counts: {e}", self.path.display());
+            tracing::warn!(
+                "{}: cannot keep TLS report counts: {e}",
+                self.path.display()
+            );
         }
     }
 }
@@ -100,10 +106,12 @@ impl Observer for Counter {
 }
 
 /// Where a policy domain wants its reports: its `_smtp._tls` TXT record, parsed.
-pub type RuaLookup = Rc<dyn Fn(String) -> crate::reception::LocalFuture<Result<Vec<Rua>, String>>>;
+pub type RuaLookup =
+    Rc<dyn Fn(String) -> crate::reception::LocalFuture<'static, Result<Vec<Rua>, String>>>;
 
 /// Sends a gzip'd report to an `https:` address.
-pub type Poster = Rc<dyn Fn(String, Vec<u8>) -> crate::reception::LocalFuture<Result<(), String>>>;
+pub type Poster =
+    Rc<dyn Fn(String, Vec<u8>) -> crate::reception::LocalFuture<'static, Result<(), String>>>;
 
 /// The reporting side, on shard 0.
 pub struct Reporter {
@@ -177,16 +185,15 @@ impl Reporter {
 
     /// Gather every shard's counts of periods before `before` and send their reports.
     pub async fn report_before(&self, before: u64) {
-        let answers = self
-            .mesh
-            .gather(|_| Request::TlsRptTake { before })
-            .await;
+        let answers = self.mesh.gather(|_| Request::TlsRptTake { before }).await;
         let mut parts = Vec::new();
         for (shard, answer) in answers {
             match answer {
                 Ok(Answer::TlsRpt(days)) => parts.push(days),
                 Ok(_) => {}
-                Err(_) => tracing::warn!("TLS report: shard {shard} did not answer; its counts are left out"),
+                Err(_) => tracing::warn!(
+                    "TLS report: shard {shard} did not answer; its counts are left out"
+                ),
             }
         }
         let period_ms = self.section().period_s * 1000;
@@ -267,4 +274,73 @@ impl Reporter {
             .await
             .map_err(|e| e.to_string())
     }
+}
+
+/// `_smtp._tls.<domain>` through the shard's resolver (RFC 8460 §3: exactly one record that
+/// starts with `v=TLSRPTv1`, or the domain does not take reports).
+pub fn rua_lookup(resolver: Option<Rc<crate::dns::resolver::Resolver>>) -> RuaLookup {
+    use crate::dns::message::Answer as Dns;
+    use hickory_proto::rr::RecordType;
+    Rc::new(move |domain: String| {
+        let resolver = resolver.clone();
+        Box::pin(async move {
+            let Some(resolver) = resolver else {
+                return Err("no resolver configured".to_string());
+            };
+            let name = format!("_smtp._tls.{domain}");
+            match resolver.lookup(&name, RecordType::TXT).await {
+                Dns::Txt(texts, _) => {
+                    let ours: Vec<&String> = texts
+                        .iter()
+                        .filter(|t| t.trim_start().starts_with("v=TLSRPTv1"))
+                        .collect();
+                    match ours.as_slice() {
+                        [one] => crate::tlsrpt::rua::parse(one).map_err(|e| format!("{name}: {e}")),
+                        [] => Err(format!("{name}: no TLSRPT record")),
+                        _ => Err(format!(
+                            "{name}: several TLSRPT records (RFC 8460 §3: none)"
+                        )),
+                    }
+                }
+                Dns::NxDomain(_) | Dns::NoData(_) => Err(format!("{name}: no TLSRPT record")),
+                other => Err(format!("{name}: {other:?}")),
+            }
+        })
+    })
+}
+
+/// POST to `https:` report addresses, the host's addresses from the shard's resolver.
+pub fn https_poster(
+    resolver: Option<Rc<crate::dns::resolver::Resolver>>,
+    trust: Option<crate::tlspolicy::verify::Trust>,
+) -> Poster {
+    use crate::dns::message::Answer as Dns;
+    use hickory_proto::rr::RecordType;
+    use std::net::{IpAddr, SocketAddr};
+    Rc::new(move |url: String, gz: Vec<u8>| {
+        let resolver = resolver.clone();
+        let trust = trust.clone();
+        Box::pin(async move {
+            let Some((host, port)) = crate::tlsrpt::post::host_port(&url) else {
+                return Err(format!("{url}: not an https URL"));
+            };
+            let mut addrs: Vec<SocketAddr> = Vec::new();
+            if let Ok(ip) = host.parse::<IpAddr>() {
+                addrs.push(SocketAddr::new(ip, port));
+            } else if let Some(resolver) = &resolver {
+                for rtype in [RecordType::A, RecordType::AAAA] {
+                    if let Dns::Addrs(ips, _) = resolver.lookup(&host, rtype).await {
+                        addrs.extend(ips.into_iter().map(|ip| SocketAddr::new(ip, port)));
+                    }
+                }
+            }
+            let trust = match trust {
+                Some(t) => t,
+                None => crate::tlspolicy::verify::trust(None).map_err(|e| e.to_string())?,
+            };
+            glommio::executor()
+                .spawn_blocking(move || crate::tlsrpt::post::post(&url, addrs, &trust, &gz))
+                .await
+        })
+    })
 }

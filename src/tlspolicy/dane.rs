@@ -133,13 +133,8 @@ impl DaneVerifier {
                 )
                 .build()
                 .map_err(|e| (ResultType::ValidationFailure, e.to_string()))?;
-                match verifier.verify_server_cert(
-                    end_entity,
-                    intermediates,
-                    server_name,
-                    ocsp,
-                    now,
-                ) {
+                match verifier.verify_server_cert(end_entity, intermediates, server_name, ocsp, now)
+                {
                     Ok(_) => return Ok(()),
                     Err(e) => last = Some((ResultType::of_cert_error(&e), e.to_string())),
                 }
@@ -268,7 +263,12 @@ mod tests {
         )
     }
 
-    fn verify(records: Vec<Tlsa>, ee: &CertificateDer<'_>, chain: &[CertificateDer<'_>], host: &str) -> Option<Verdict> {
+    fn verify(
+        records: Vec<Tlsa>,
+        ee: &CertificateDer<'_>,
+        chain: &[CertificateDer<'_>],
+        host: &str,
+    ) -> Option<Verdict> {
         let slot = new_slot();
         let v = DaneVerifier::new(records, slot.clone());
         let name = ServerName::try_from(host.to_owned()).expect("name");

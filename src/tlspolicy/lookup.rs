@@ -100,7 +100,9 @@ impl Agent {
         };
         if txt == Txt::Absent && !self.store.borrow().get(domain).is_some() {
             // The common case: no MTA-STS at all. No file to read unless one was written.
-            if !self.loaded.borrow().contains(domain) && !self.file(domain).is_some_and(|p| p.exists()) {
+            if !self.loaded.borrow().contains(domain)
+                && !self.file(domain).is_some_and(|p| p.exists())
+            {
                 return Sts::None;
             }
         }
@@ -138,7 +140,10 @@ impl Agent {
         let mut addrs: Vec<SocketAddr> = Vec::new();
         for rtype in [RecordType::A, RecordType::AAAA] {
             if let Answer::Addrs(ips, _) = self.resolver.lookup(&host, rtype).await {
-                addrs.extend(ips.into_iter().map(|ip| SocketAddr::new(ip, self.cfg.https_port)));
+                addrs.extend(
+                    ips.into_iter()
+                        .map(|ip| SocketAddr::new(ip, self.cfg.https_port)),
+                );
             }
         }
         addrs.truncate(FETCH_ADDRS_MAX);

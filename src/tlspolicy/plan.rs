@@ -29,7 +29,10 @@ pub enum Sts {
     Policy(Arc<Cached>),
     /// A record was published but no policy could be had, and none was cached: delivery goes
     /// on as without a policy (RFC 8461 §5.1), and the failure is reported.
-    Failed { result: ResultType, why: String },
+    Failed {
+        result: ResultType,
+        why: String,
+    },
 }
 
 /// What the TLSA lookup of one MX host found.
@@ -76,7 +79,11 @@ impl HostTls {
 pub fn host_tls(sec: Option<&DomainSecurity>, host: &str, tlsa: &TlsaFinding) -> HostTls {
     match tlsa {
         TlsaFinding::Records(records) => {
-            let usable: Vec<Tlsa> = records.iter().filter(|r| dane::usable(r)).cloned().collect();
+            let usable: Vec<Tlsa> = records
+                .iter()
+                .filter(|r| dane::usable(r))
+                .cloned()
+                .collect();
             return match usable.is_empty() {
                 true => HostTls::DaneUnusable,
                 false => HostTls::Dane { records: usable },
@@ -182,7 +189,10 @@ pub fn outcome(
             o.verified = true;
             o.verified_by = VerifiedBy::Dane;
         }
-        HostTls::Sts { enforce, mx_mismatch } => {
+        HostTls::Sts {
+            enforce,
+            mx_mismatch,
+        } => {
             if session.tls.is_some() && verdict_ok && !mx_mismatch {
                 o.verified = true;
                 o.verified_by = VerifiedBy::MtaSts;
@@ -210,7 +220,9 @@ pub fn outcome(
     }
     if session.no_starttls && plan.tls_required() {
         o.result = ResultType::StarttlsNotSupported;
-        o.failure = Some(format!("{host} did not offer STARTTLS, which its policy requires"));
+        o.failure = Some(format!(
+            "{host} did not offer STARTTLS, which its policy requires"
+        ));
     } else if o.result == ResultType::Success {
         if let Some(why) = &session.failure {
             if plan.tls_required() && session.tls.is_none() {

@@ -109,7 +109,11 @@ impl Store {
     /// use it; a new id fetches, falling back to the fresh policy; no record and no policy
     /// means no policy.
     pub fn decide(&self, domain: &str, txt: &Txt, now_ms: u64) -> Step {
-        let fresh = self.entries.get(domain).filter(|c| c.fresh(now_ms)).cloned();
+        let fresh = self
+            .entries
+            .get(domain)
+            .filter(|c| c.fresh(now_ms))
+            .cloned();
         match (txt, fresh) {
             (Txt::Id(id), Some(c)) if *id == c.id => Step::Use(c),
             (Txt::Id(id), fallback) => Step::Fetch {

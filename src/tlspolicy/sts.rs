@@ -68,9 +68,8 @@ pub fn parse_txt(records: &[String]) -> Result<String, StsError> {
         }
     }
     let id = id.ok_or_else(bad)?;
-    let ok = !id.is_empty()
-        && id.len() <= ID_LEN_MAX
-        && id.bytes().all(|b| b.is_ascii_alphanumeric());
+    let ok =
+        !id.is_empty() && id.len() <= ID_LEN_MAX && id.bytes().all(|b| b.is_ascii_alphanumeric());
     if !ok {
         return Err(bad());
     }
@@ -166,13 +165,15 @@ impl Policy {
     /// Hot path: no allocation for ASCII-lower-case hosts.
     pub fn mx_matches(&self, host: &str) -> bool {
         let host = host.trim_end_matches('.');
-        self.mx.iter().any(|pattern| match pattern.strip_prefix("*.") {
-            Some(suffix) => match host.split_once('.') {
-                Some((label, rest)) => !label.is_empty() && rest.eq_ignore_ascii_case(suffix),
-                None => false,
-            },
-            None => host.eq_ignore_ascii_case(pattern),
-        })
+        self.mx
+            .iter()
+            .any(|pattern| match pattern.strip_prefix("*.") {
+                Some(suffix) => match host.split_once('.') {
+                    Some((label, rest)) => !label.is_empty() && rest.eq_ignore_ascii_case(suffix),
+                    None => false,
+                },
+                None => host.eq_ignore_ascii_case(pattern),
+            })
     }
 
     /// The policy as RFC 8460's `policy-string` lines.

@@ -7,6 +7,7 @@
 //! that publishes a `_smtp._tls` record ([`rua::parse`]). Everything here is pure: the adapter
 //! in `shard/` does the gathering, the DNS lookups and the sending.
 
+pub mod post;
 pub mod report;
 pub mod rua;
 

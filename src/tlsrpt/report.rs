@@ -12,7 +12,9 @@ use mail_builder::MessageBuilder;
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
-use super::{Policy, PolicyTally, DAY_MS};
+#[cfg(test)]
+use super::DAY_MS;
+use super::{Policy, PolicyTally};
 
 /// Who sends the reports: this MTA's operator.
 #[derive(Clone, Debug)]
@@ -64,7 +66,11 @@ pub struct DateRange {
 pub struct PolicyReport {
     pub policy: PolicyDesc,
     pub summary: Summary,
-    #[serde(rename = "failure-details", default, skip_serializing_if = "Vec::is_empty")]
+    #[serde(
+        rename = "failure-details",
+        default,
+        skip_serializing_if = "Vec::is_empty"
+    )]
     pub failure_details: Vec<FailureDetail>,
 }
 
@@ -72,7 +78,11 @@ pub struct PolicyReport {
 pub struct PolicyDesc {
     #[serde(rename = "policy-type")]
     pub policy_type: String,
-    #[serde(rename = "policy-string", default, skip_serializing_if = "Vec::is_empty")]
+    #[serde(
+        rename = "policy-string",
+        default,
+        skip_serializing_if = "Vec::is_empty"
+    )]
     pub policy_string: Vec<String>,
     #[serde(rename = "policy-domain")]
     pub policy_domain: String,
@@ -92,15 +102,31 @@ pub struct Summary {
 pub struct FailureDetail {
     #[serde(rename = "result-type")]
     pub result_type: String,
-    #[serde(rename = "sending-mta-ip", default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        rename = "sending-mta-ip",
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
     pub sending_mta_ip: Option<String>,
-    #[serde(rename = "receiving-mx-hostname", default, skip_serializing_if = "String::is_empty")]
+    #[serde(
+        rename = "receiving-mx-hostname",
+        default,
+        skip_serializing_if = "String::is_empty"
+    )]
     pub receiving_mx_hostname: String,
-    #[serde(rename = "receiving-ip", default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        rename = "receiving-ip",
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
     pub receiving_ip: Option<String>,
     #[serde(rename = "failed-session-count")]
     pub failed_session_count: u64,
-    #[serde(rename = "additional-information", default, skip_serializing_if = "String::is_empty")]
+    #[serde(
+        rename = "additional-information",
+        default,
+        skip_serializing_if = "String::is_empty"
+    )]
     pub additional_information: String,
 }
 
@@ -176,7 +202,10 @@ impl Report {
     /// The JSON, gzip'd: the body of the POST and the attachment of the message.
     pub fn gzip(&self) -> Result<Vec<u8>, ReportError> {
         let json = self.json()?;
-        let mut gz = GzEncoder::new(Vec::with_capacity(json.len() / 4 + 64), Compression::default());
+        let mut gz = GzEncoder::new(
+            Vec::with_capacity(json.len() / 4 + 64),
+            Compression::default(),
+        );
         gz.write_all(&json)?;
         Ok(gz.finish()?)
     }
@@ -273,8 +302,14 @@ mod tests {
     fn report_json_has_the_rfc_fields() {
         let (sub, policy, tally) = sample();
         // 2016-04-01 is day 16892.
-        let r = Report::build(&sub, 16_892, DAY_MS, "company-y.example", [(&policy, &tally)])
-            .expect("build");
+        let r = Report::build(
+            &sub,
+            16_892,
+            DAY_MS,
+            "company-y.example",
+            [(&policy, &tally)],
+        )
+        .expect("build");
         let v: serde_json::Value = serde_json::from_slice(&r.json().expect("json")).expect("parse");
         assert_eq!(v["date-range"]["start-datetime"], "2016-04-01T00:00:00Z");
         assert_eq!(v["date-range"]["end-datetime"], "2016-04-01T23:59:59Z");
@@ -295,8 +330,14 @@ mod tests {
     #[test]
     fn gzip_round_trips() {
         let (sub, policy, tally) = sample();
-        let r = Report::build(&sub, 16_892, DAY_MS, "company-y.example", [(&policy, &tally)])
-            .expect("build");
+        let r = Report::build(
+            &sub,
+            16_892,
+            DAY_MS,
+            "company-y.example",
+            [(&policy, &tally)],
+        )
+        .expect("build");
         let gz = r.gzip().expect("gzip");
         let mut json = Vec::new();
         flate2::read::GzDecoder::new(&gz[..])
@@ -309,8 +350,14 @@ mod tests {
     #[test]
     fn message_is_a_tlsrpt_multipart_report() {
         let (sub, policy, tally) = sample();
-        let r = Report::build(&sub, 16_892, DAY_MS, "company-y.example", [(&policy, &tally)])
-            .expect("build");
+        let r = Report::build(
+            &sub,
+            16_892,
+            DAY_MS,
+            "company-y.example",
+            [(&policy, &tally)],
+        )
+        .expect("build");
         let m = r
             .message(
                 &sub,
@@ -321,7 +368,10 @@ mod tests {
             )
             .expect("message");
         let m = String::from_utf8(m).expect("ascii");
-        assert!(m.contains("TLS-Report-Domain: company-y.example\r\n"), "{m}");
+        assert!(
+            m.contains("TLS-Report-Domain: company-y.example\r\n"),
+            "{m}"
+        );
         assert!(m.contains("TLS-Report-Submitter: mta.test\r\n"), "{m}");
         assert!(m.contains("multipart/report"), "{m}");
         assert!(m.contains("report-type=\"tlsrpt\""), "{m}");

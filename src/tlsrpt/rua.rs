@@ -113,13 +113,19 @@ mod tests {
     #[test]
     fn bad_records() {
         assert_eq!(parse("v=spf1 -all"), Err(RuaError::NotTlsRpt));
-        assert_eq!(parse("rua=mailto:a@b; v=TLSRPTv1"), Err(RuaError::NotTlsRpt));
+        assert_eq!(
+            parse("rua=mailto:a@b; v=TLSRPTv1"),
+            Err(RuaError::NotTlsRpt)
+        );
         assert_eq!(parse("v=TLSRPTv1;"), Err(RuaError::NoRua));
         assert_eq!(
             parse("v=TLSRPTv1; rua=ftp://x, mailto:nodomain"),
             Err(RuaError::NoUsableUri)
         );
         assert_eq!(parse("v=TLSRPTv1; rua=%"), Err(RuaError::NoUsableUri));
-        assert_eq!(parse("v=TLSRPTv1; rua=mailto:%4"), Err(RuaError::NoUsableUri));
+        assert_eq!(
+            parse("v=TLSRPTv1; rua=mailto:%4"),
+            Err(RuaError::NoUsableUri)
+        );
     }
 }
