@@ -154,13 +154,13 @@ struct Opened {
     tls: TlsOutcome,
 }
 
+/// STARTTLS policy, client configuration (None: the settings' default for the policy) and the
+/// verdict slot of one host.
+type HostTlsSetup = (TlsPolicy, Option<Arc<rustls::ClientConfig>>, Option<Slot>);
+
 /// The STARTTLS policy and client configuration for a host under `plan`; the slot receives
 /// the verifier's verdict. Err: the configuration could not be built (the host is skipped).
-fn tls_for(
-    ctx: &DeliveryCtx,
-    plan: &HostTls,
-    base: TlsPolicy,
-) -> Result<(TlsPolicy, Option<Arc<rustls::ClientConfig>>, Option<Slot>), String> {
+fn tls_for(ctx: &DeliveryCtx, plan: &HostTls, base: TlsPolicy) -> Result<HostTlsSetup, String> {
     use crate::tlspolicy::{dane::DaneVerifier, verify};
     let settings = &ctx.settings;
     Ok(match plan {

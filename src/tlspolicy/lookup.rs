@@ -98,7 +98,7 @@ impl Agent {
             Answer::NxDomain(_) | Answer::NoData(_) => Txt::Absent,
             other => Txt::Failed(format!("{other:?}")),
         };
-        if txt == Txt::Absent && !self.store.borrow().get(domain).is_some() {
+        if txt == Txt::Absent && self.store.borrow().get(domain).is_none() {
             // The common case: no MTA-STS at all. No file to read unless one was written.
             if !self.loaded.borrow().contains(domain)
                 && !self.file(domain).is_some_and(|p| p.exists())
