@@ -29,83 +29,8 @@ pub const POLICY_DOMAINS_MAX: usize = 100_000;
 /// MX/IP/result combination; past this many, further failures only add to the summary count).
 pub const FAILURE_DETAILS_MAX: usize = 100;
 
-/// The policy that applied to a session (RFC 8460 §4.4 `policy-type`).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum PolicyType {
-    /// MTA-STS (RFC 8461).
-    Sts,
-    /// DANE TLSA records (RFC 7672).
-    Tlsa,
-    /// Neither: the session was opportunistic.
-    NoPolicyFound,
-}
-
-impl PolicyType {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            PolicyType::Sts => "sts",
-            PolicyType::Tlsa => "tlsa",
-            PolicyType::NoPolicyFound => "no-policy-found",
-        }
-    }
-}
-
-/// Why a TLS session failed (RFC 8460 §4.3 result types).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum ResultType {
-    // Negotiation failures (§4.3.1).
-    StarttlsNotSupported,
-    CertificateHostMismatch,
-    CertificateNotTrusted,
-    CertificateExpired,
-    ValidationFailure,
-    // Policy failures, DANE (§4.3.2.1).
-    TlsaInvalid,
-    DnssecInvalid,
-    DaneRequired,
-    // Policy failures, MTA-STS (§4.3.2.2).
-    StsPolicyFetchError,
-    StsPolicyInvalid,
-    StsWebpkiInvalid,
-}
-
-impl ResultType {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            ResultType::StarttlsNotSupported => "starttls-not-supported",
-            ResultType::CertificateHostMismatch => "certificate-host-mismatch",
-            ResultType::CertificateNotTrusted => "certificate-not-trusted",
-            ResultType::CertificateExpired => "certificate-expired",
-            ResultType::ValidationFailure => "validation-failure",
-            ResultType::TlsaInvalid => "tlsa-invalid",
-            ResultType::DnssecInvalid => "dnssec-invalid",
-            ResultType::DaneRequired => "dane-required",
-            ResultType::StsPolicyFetchError => "sts-policy-fetch-error",
-            ResultType::StsPolicyInvalid => "sts-policy-invalid",
-            ResultType::StsWebpkiInvalid => "sts-webpki-invalid",
-        }
-    }
-
-    pub const ALL: [ResultType; 11] = [
-        ResultType::StarttlsNotSupported,
-        ResultType::CertificateHostMismatch,
-        ResultType::CertificateNotTrusted,
-        ResultType::CertificateExpired,
-        ResultType::ValidationFailure,
-        ResultType::TlsaInvalid,
-        ResultType::DnssecInvalid,
-        ResultType::DaneRequired,
-        ResultType::StsPolicyFetchError,
-        ResultType::StsPolicyInvalid,
-        ResultType::StsWebpkiInvalid,
-    ];
-
-    pub fn parse(s: &str) -> Option<ResultType> {
-        ResultType::ALL.into_iter().find(|r| r.as_str() == s)
-    }
-}
+// The policy and result types are the delivery's own (`tlspolicy`): one type per concept.
+pub use crate::tlspolicy::{PolicyType, ResultType};
 
 /// The policy a session was held to: what a report groups by (RFC 8460 §4.4 `policy`).
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
@@ -136,6 +61,41 @@ pub struct Failure {
 pub struct Session {
     pub policy: Policy,
     pub outcome: Result<(), Failure>,
+}
+
+impl Session {
+    /// The session a delivery's TLS outcome describes, when a domain's policy applied to it.
+    pub fn of(tls: &crate::tlspolicy::TlsOutcome, receiving_ip: Option<IpAddr>) -> Option<Session> {
+        let domain = tls.policy_domain.clone()?;
+        // An MTA-STS policy's `mx` lines are its host patterns (RFC 8460 §4.4 `mx-host`).
+        let mx_hosts = match tls.policy_type {
+            PolicyType::Sts => tls
+                .policy_strings
+                .iter()
+                .filter_map(|l| l.strip_prefix("mx:").map(|m| m.trim().to_string()))
+                .collect(),
+            _ => Vec::new(),
+        };
+        let outcome = match tls.result {
+            ResultType::Success => Ok(()),
+            result => Err(Failure {
+                result,
+                sending_mta_ip: None,
+                receiving_ip,
+                receiving_mx_hostname: tls.mx_host.clone(),
+                additional: tls.failure.clone().unwrap_or_default(),
+            }),
+        };
+        Some(Session {
+            policy: Policy {
+                kind: tls.policy_type,
+                domain,
+                strings: tls.policy_strings.clone(),
+                mx_hosts,
+            },
+            outcome,
+        })
+    }
 }
 
 /// The counts of one policy on one day.
@@ -486,11 +446,4 @@ mod tests {
         assert_eq!(ended[0].domains.len(), 2);
     }
 
-    #[test]
-    fn result_types_round_trip() {
-        for r in ResultType::ALL {
-            assert_eq!(ResultType::parse(r.as_str()), Some(r));
-        }
-        assert_eq!(ResultType::parse("nonsense"), None);
-    }
 }
