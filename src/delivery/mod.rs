@@ -318,9 +318,8 @@ async fn open(
                                 failure: Some(why.to_string()),
                                 ..Session::default()
                             };
-                            let outcome = crate::tlspolicy::plan::outcome(
-                                sec, host, &plan, &tlsa, &session,
-                            );
+                            let outcome =
+                                crate::tlspolicy::plan::outcome(sec, host, &plan, &tlsa, &session);
                             // A session that failed before TLS was at stake (a 421
                             // greeting, a timeout) is no TLS session to report.
                             if outcome.result != crate::tlspolicy::ResultType::Success {

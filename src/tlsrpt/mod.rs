@@ -445,5 +445,4 @@ mod tests {
         assert_eq!(ended.len(), 1);
         assert_eq!(ended[0].domains.len(), 2);
     }
-
 }
