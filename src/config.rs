@@ -76,6 +76,41 @@ pub struct Config {
     pub domain: Vec<DomainEntry>,
     /// DKIM signatures; every table that matches a message adds one (see `dkim`).
     pub dkim: Vec<DkimEntry>,
+    pub tls_report: TlsReportSection,
+}
+
+/// SMTP TLS reporting (RFC 8460): the daily report of our outbound TLS sessions, sent to each
+/// recipient domain that asks for one in its `_smtp._tls` record.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TlsReportSection {
+    /// Count sessions and send reports.
+    pub enabled: bool,
+    /// The reporting period, in seconds: a UTC day (RFC 8460 §4.4); shorter only for tests.
+    pub period_s: u64,
+    /// Wait this long after a period ends before sending its reports (so the sessions in
+    /// flight at midnight are counted), in seconds.
+    pub send_delay_s: u64,
+    /// `organization-name` in the reports. Empty means `server.hostname`.
+    pub organization: String,
+    /// `contact-info` in the reports. Empty means `postmaster@` `server.hostname`.
+    pub contact: String,
+    /// Sender of the report messages (`mailto:` report addresses). Empty means
+    /// `noreply-smtp-tls-reporting@` `server.hostname`.
+    pub from: String,
+}
+
+impl Default for TlsReportSection {
+    fn default() -> Self {
+        TlsReportSection {
+            enabled: true,
+            period_s: 86_400,
+            send_delay_s: 300,
+            organization: String::new(),
+            contact: String::new(),
+            from: String::new(),
+        }
+    }
 }
 
 #[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
@@ -654,6 +689,25 @@ impl Config {
     }
 
     pub(crate) fn validate(&self) -> Result<(), ConfigError> {
+        let r = &self.tls_report;
+        if r.period_s == 0 || r.period_s > 86_400 {
+            return Err(invalid(
+                "tls_report.period_s",
+                "must be between 1 and 86400 (a day, as RFC 8460 reports)",
+            ));
+        }
+        if r.send_delay_s >= r.period_s.max(3_600) {
+            return Err(invalid(
+                "tls_report.send_delay_s",
+                "must be shorter than the period (or an hour, for short periods)",
+            ));
+        }
+        if !r.from.is_empty() && !r.from.contains('@') {
+            return Err(invalid(
+                "tls_report.from",
+                "must be an address (local@domain)",
+            ));
+        }
         if self.delivery.mta_sts_https_port == 0 {
             return Err(invalid(
                 "delivery.mta_sts_https_port",

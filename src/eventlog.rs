@@ -342,6 +342,8 @@ impl Observer for EventLog {
             }
             // Not a message event: it goes to the operational log (tracing).
             Event::SourceHealth(_) => {}
+            // Counted for TLS reports; the attempt's own event says how its connection went.
+            Event::TlsSession(_) => {}
         }
     }
 }

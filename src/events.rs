@@ -10,6 +10,8 @@
 //!   spooled for the sender, or was not needed (NOTIFY asked for none); either way the
 //!   failures it reports are recorded after this.
 //! - [`Event::SourceHealth`]: an egress source left or rejoined rotation.
+//! - [`Event::TlsSession`]: an outbound connection's TLS came to success or a failure under
+//!   the recipient domain's policy (MTA-STS, DANE, or none): what TLS reporting counts.
 
 use std::rc::Rc;
 
@@ -100,12 +102,21 @@ pub struct SourceHealth<'a> {
     pub why: &'a str,
 }
 
+/// One outbound TLS session (or the attempt at one) ended, for TLS reporting (RFC 8460).
+#[derive(Clone, Copy, Debug)]
+pub struct TlsSession<'a> {
+    pub ts_ms: u64,
+    pub shard: usize,
+    pub session: &'a crate::tlsrpt::Session,
+}
+
 #[derive(Clone, Copy, Debug)]
 pub enum Event<'a> {
     Received(Received<'a>),
     Attempt(Attempt<'a>),
     Notice(Notice<'a>),
     SourceHealth(SourceHealth<'a>),
+    TlsSession(TlsSession<'a>),
 }
 
 pub trait Observer {
@@ -160,6 +171,10 @@ pub enum Recorded {
         source: String,
         down: bool,
     },
+    TlsSession {
+        domain: String,
+        ok: bool,
+    },
 }
 
 impl Observer for Recorder {
@@ -183,6 +198,10 @@ impl Observer for Recorder {
             Event::SourceHealth(e) => Recorded::SourceHealth {
                 source: e.source.to_owned(),
                 down: e.down_until_ms.is_some(),
+            },
+            Event::TlsSession(e) => Recorded::TlsSession {
+                domain: e.session.policy.domain.clone(),
+                ok: e.session.outcome.is_ok(),
             },
         };
         self.seen.borrow_mut().push(r);

@@ -51,3 +51,4 @@ pub mod smtp;
 pub mod spool;
 pub mod tls;
 pub mod tlspolicy;
+pub mod tlsrpt;

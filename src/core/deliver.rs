@@ -294,6 +294,26 @@ impl Core {
         }
     }
 
+    /// One TLS session to an MX host (or the attempt at one) ended with `tls`: for TLS
+    /// reporting. Only sessions under a domain's own policy are counted: a connection to MX
+    /// hosts shared by domains without one serves all of them, and none in particular.
+    pub fn tls_session(
+        &mut self,
+        tls: &crate::tlspolicy::TlsOutcome,
+        receiving_ip: Option<std::net::IpAddr>,
+        now_ms: u64,
+    ) {
+        let Some(session) = crate::tlsrpt::Session::of(tls, receiving_ip) else {
+            return;
+        };
+        self.observers
+            .emit(&Event::TlsSession(crate::events::TlsSession {
+                ts_ms: now_ms,
+                shard: self.shard,
+                session: &session,
+            }));
+    }
+
     pub fn conn_opened(&mut self, conn: ConnId, peer: &str, now_ms: u64) {
         let Some(c) = self.conns.get_mut(&conn) else {
             return;

@@ -244,9 +244,11 @@ async fn open(
         if let HostTls::Skip { why, .. } = &plan {
             refusals.push(why.clone());
             let session = Session::default();
-            last_tls = Some(crate::tlspolicy::plan::outcome(
-                sec, host, &plan, &tlsa, &session,
-            ));
+            let outcome = crate::tlspolicy::plan::outcome(sec, host, &plan, &tlsa, &session);
+            // Skipped by the policy: a failed session for TLS reporting.
+            let now = ctx.now();
+            ctx.core.with(|c| c.tls_session(&outcome, None, now));
+            last_tls = Some(outcome);
             continue;
         }
         let (host_policy, tls_config, slot) = match tls_for(ctx, &plan, tls) {
@@ -305,6 +307,8 @@ async fn open(
                             };
                             let tls =
                                 crate::tlspolicy::plan::outcome(sec, host, &plan, &tlsa, &session);
+                            let now = ctx.now();
+                            ctx.core.with(|c| c.tls_session(&tls, Some(addr.ip()), now));
                             return Ok(Opened { conn, peer, tls });
                         }
                         Err(why) => {
@@ -314,9 +318,16 @@ async fn open(
                                 failure: Some(why.to_string()),
                                 ..Session::default()
                             };
-                            last_tls = Some(crate::tlspolicy::plan::outcome(
-                                sec, host, &plan, &tlsa, &session,
-                            ));
+                            let outcome =
+                                crate::tlspolicy::plan::outcome(sec, host, &plan, &tlsa, &session);
+                            // A session that failed before TLS was at stake (a 421
+                            // greeting, a timeout) is no TLS session to report.
+                            if outcome.result != crate::tlspolicy::ResultType::Success {
+                                let now = ctx.now();
+                                ctx.core
+                                    .with(|c| c.tls_session(&outcome, Some(addr.ip()), now));
+                            }
+                            last_tls = Some(outcome);
                             Refusal::Session(why.to_string())
                         }
                     }

@@ -27,11 +27,15 @@ pub enum Request {
     AuthAllowed { ip: IpAddr },
     /// An AUTH attempt's result (cast).
     AuthResult { ip: IpAddr, ok: bool },
+    /// Hand over the TLS report counts of every period before `before`; answered with
+    /// `TlsRpt`.
+    TlsRptTake { before: u64 },
 }
 
 pub enum Answer {
     Submitted(Result<(), AcceptError>),
     Allowed(bool),
+    TlsRpt(Vec<crate::tlsrpt::DayTally>),
     Done,
 }
 
@@ -176,6 +180,8 @@ pub struct Handler {
     pub core: Rc<CoreCell>,
     pub clients: Rc<RefCell<Clients>>,
     pub clock: Rc<dyn Clock>,
+    /// This shard's TLS report counts, when reporting is on.
+    pub tlsrpt: Option<Rc<super::tlsrpt::Counter>>,
 }
 
 impl shards::Handler<Request, Answer> for Handler {
@@ -218,6 +224,12 @@ impl shards::Handler<Request, Answer> for Handler {
                 self.clients.borrow_mut().auth_result(ip, ok, now);
                 Answer::Done
             }
+            Request::TlsRptTake { before } => Answer::TlsRpt(
+                self.tlsrpt
+                    .as_ref()
+                    .map(|c| c.take_before(before))
+                    .unwrap_or_default(),
+            ),
         };
         Box::pin(std::future::ready(answer))
     }

@@ -14,6 +14,7 @@
 
 pub mod mesh;
 mod perform;
+mod tlsrpt;
 
 use std::cell::RefCell;
 use std::rc::Rc;
@@ -95,7 +96,18 @@ pub async fn run(
         EventLog::open(&cfg.log.dir, id, cfg.log.file_size_max)
             .map_err(|source| ShardError::Log { shard: id, source })?,
     );
-    let observers = Observers::new(vec![log.clone()]);
+    let mut observers = Observers::new(vec![log.clone()]);
+    let tlsrpt = if cfg.tls_report.enabled {
+        let counter = tlsrpt::Counter::open(
+            cfg.spool.dir.join(format!("shard-{id}")),
+            cfg.tls_report.period_s * 1000,
+        )
+        .await;
+        observers.push(counter.clone());
+        Some(counter)
+    } else {
+        None
+    };
     let mut core = Core::new(
         CoreConfig {
             shard: id,
@@ -211,7 +223,7 @@ pub async fn run(
         spool: spool.clone(),
         reception: reception.clone(),
         delivery,
-        resolver,
+        resolver: resolver.clone(),
         clock: clock.clone(),
         work,
         outbox: outbox.clone(),
@@ -230,6 +242,7 @@ pub async fn run(
         core: core.clone(),
         clients,
         clock: clock.clone(),
+        tlsrpt: tlsrpt.clone(),
     }));
     let mut outboxes = Vec::new();
     for to in (0..count).filter(|&to| to != id) {
@@ -261,6 +274,23 @@ pub async fn run(
     let now = clock.now_ms();
     core.with(|c| c.replayed(opened.id_max, now));
     let timer = glommio::spawn_local(driver.clone().run_timer(stop.clone()));
+    // Shard 0 sends the TLS reports, with every shard's counts.
+    let reporter = (id == 0 && tlsrpt.is_some()).then(|| {
+        let trust = settings.tls_trust.clone().or_else(|| {
+            let ca = &cfg.delivery.tls_ca_file;
+            let file = ca.exists().then_some(ca.as_path());
+            crate::tlspolicy::verify::trust(file).ok()
+        });
+        let reporter = Rc::new(tlsrpt::Reporter {
+            settings: settings.clone(),
+            mesh: mesh.clone(),
+            reception: reception.clone(),
+            clock: clock.clone(),
+            lookup: tlsrpt::rua_lookup(resolver.clone()),
+            post: tlsrpt::https_poster(resolver.clone(), trust),
+        });
+        glommio::spawn_local(reporter.run(stop.clone()))
+    });
 
     let mut acceptors = Vec::new();
     let mut listeners = vec![ListenerEntry::plain(cfg.server.listen, false)];
@@ -315,6 +345,12 @@ pub async fn run(
         mesh.abort();
     }
     timer.await;
+    if let Some(reporter) = reporter {
+        reporter.await;
+    }
+    if let Some(counter) = &tlsrpt {
+        counter.save().await;
+    }
     drop(outboxes);
     spool.close();
     committer.await;

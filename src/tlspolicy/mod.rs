@@ -24,10 +24,10 @@ pub mod store;
 pub mod sts;
 pub mod verify;
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 /// RFC 8460 §4.4 policy types.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum PolicyType {
     Sts,
@@ -35,8 +35,19 @@ pub enum PolicyType {
     NoPolicyFound,
 }
 
+impl PolicyType {
+    /// The RFC 8460 name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PolicyType::Sts => "sts",
+            PolicyType::Tlsa => "tlsa",
+            PolicyType::NoPolicyFound => "no-policy-found",
+        }
+    }
+}
+
 /// RFC 8460 §4.3 result types, and success.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum ResultType {
     Success,

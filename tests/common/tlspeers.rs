@@ -75,10 +75,21 @@ pub fn sha256(bytes: &[u8]) -> Vec<u8> {
         .to_vec()
 }
 
-/// An HTTPS server on 127.0.0.1 serving `/.well-known/mta-sts.txt` by Host.
+/// A POST the server took.
+#[derive(Clone, Debug)]
+pub struct Post {
+    pub path: String,
+    pub content_type: String,
+    pub body: Vec<u8>,
+}
+
+/// An HTTPS server on 127.0.0.1 serving `/.well-known/mta-sts.txt` by Host, and taking POSTs
+/// (answered 201) for TLS reports.
 pub struct PolicyServer {
     pub addr: SocketAddr,
     pub fetches: Arc<AtomicUsize>,
+    /// POSTs received (TLS reports, RFC 8460 §5.4): path, content type, body.
+    pub posts: Arc<Mutex<Vec<Post>>>,
     policies: Arc<Mutex<HashMap<String, String>>>,
     stop: Arc<AtomicBool>,
     thread: Option<JoinHandle<()>>,
@@ -101,11 +112,17 @@ impl PolicyServer {
         let stop = Arc::new(AtomicBool::new(false));
         let fetches = Arc::new(AtomicUsize::new(0));
         let policies: Arc<Mutex<HashMap<String, String>>> = Arc::default();
-        let (s, f, p) = (stop.clone(), fetches.clone(), policies.clone());
+        let posts: Arc<Mutex<Vec<Post>>> = Arc::default();
+        let (s, f, p, q) = (
+            stop.clone(),
+            fetches.clone(),
+            policies.clone(),
+            posts.clone(),
+        );
         let thread = std::thread::spawn(move || {
             while !s.load(Ordering::SeqCst) {
                 match listener.accept() {
-                    Ok((stream, _)) => serve_one(stream, &config, &p, &f),
+                    Ok((stream, _)) => serve_one(stream, &config, &p, &f, &q),
                     Err(_) => std::thread::sleep(Duration::from_millis(20)),
                 }
             }
@@ -113,6 +130,7 @@ impl PolicyServer {
         PolicyServer {
             addr,
             fetches,
+            posts,
             policies,
             stop,
             thread: Some(thread),
@@ -150,6 +168,7 @@ fn serve_one(
     config: &Arc<rustls::ServerConfig>,
     policies: &Mutex<HashMap<String, String>>,
     fetches: &AtomicUsize,
+    posts: &Mutex<Vec<Post>>,
 ) {
     let _ = stream.set_nonblocking(false);
     let _ = stream.set_read_timeout(Some(Duration::from_secs(5)));
@@ -174,6 +193,40 @@ fn serve_one(
         })
         .unwrap_or_default();
     let host = host.split(':').next().unwrap_or_default().to_owned();
+    let header = |name: &str| {
+        text.lines()
+            .find_map(|l| {
+                let (k, v) = l.split_once(':')?;
+                k.eq_ignore_ascii_case(name).then(|| v.trim().to_owned())
+            })
+            .unwrap_or_default()
+    };
+    if let Some(rest) = text.strip_prefix("POST ") {
+        let path = rest.split(' ').next().unwrap_or_default().to_owned();
+        let len: usize = header("content-length").parse().unwrap_or(0);
+        let start = req
+            .windows(4)
+            .position(|w| w == b"\r\n\r\n")
+            .map_or(req.len(), |p| p + 4);
+        let mut body = req[start..].to_vec();
+        while body.len() < len.min(1 << 20) {
+            match tls.read(&mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => body.extend_from_slice(&buf[..n]),
+            }
+        }
+        posts.lock().expect("posts").push(Post {
+            path,
+            content_type: header("content-type"),
+            body,
+        });
+        let _ = tls
+            .write_all(b"HTTP/1.1 201 Created\r\nContent-Length: 0\r\nConnection: close\r\n\r\n");
+        let _ = tls.flush();
+        tls.conn.send_close_notify();
+        let _ = tls.flush();
+        return;
+    }
     let ok_path = text.starts_with("GET /.well-known/mta-sts.txt ");
     let body = policies.lock().expect("policies").get(&host).cloned();
     let response = match (ok_path, body) {
