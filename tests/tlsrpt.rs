@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use common::dns::DnsServer;
 use common::tlspeers::{PolicyServer, TestCa};
-use common::{dead_port, message_body, wait_until, Epoxi, Opts, Smtp, DEADLINE};
+use common::{dead_port, message_body, run_epoxi, wait_until, Epoxi, Opts, Smtp, DEADLINE};
 use serde_json::Value;
 
 const TTL: u32 = 300;
@@ -98,8 +98,9 @@ fn report_mails(store: &Path) -> Vec<Value> {
     for entry in std::fs::read_dir(store).into_iter().flatten().flatten() {
         let path: PathBuf = entry.path();
         if path.extension().is_some_and(|e| e == "eml") {
-            if let Some(v) = parse_mail(&path) {
+            if let Some(mut v) = parse_mail(&path) {
                 if v["domain"].is_string() {
+                    v["path"] = Value::String(path.display().to_string());
                     out.push(v);
                 }
             }
@@ -192,7 +193,23 @@ fn reports_by_mail_and_https_count_the_sessions_and_survive_a_restart() {
     );
     dns.txt("_smtp._tls.c.test", &rua, TTL);
 
-    let opts = Opts::new(&d.join("a"))
+    // The reports' From domain has a DKIM key: the report messages are signed.
+    let key = d.join("sender.key");
+    let ran = run_epoxi(&[
+        "dkim",
+        "keygen",
+        "--domain",
+        "sender.test",
+        "--selector",
+        "e1",
+        "--algorithm",
+        "ed25519",
+        "--out",
+        key.to_str().expect("utf-8 path"),
+    ]);
+    assert!(ran.status.success(), "{ran:?}");
+    let txt: String = ran.stdout.trim().split('"').skip(1).step_by(2).collect();
+    let mut opts = Opts::new(&d.join("a"))
         .resolver(dns.addr())
         .delivery_port(b.port)
         .log_dir(d.join("a-log"))
@@ -212,6 +229,10 @@ fn reports_by_mail_and_https_count_the_sessions_and_survive_a_restart() {
         .set("tls_report", "send_delay_s", "0")
         .set("tls_report", "organization", "\"Epoxi Test\"")
         .set("tls_report", "from", "\"tlsrpt@sender.test\"");
+    opts.conf.raw = format!(
+        "[[dkim]]\ndomain = \"sender.test\"\nselector = \"e1\"\nkey_file = \"{}\"\n",
+        key.display()
+    );
     let mut a = Epoxi::start(&opts);
     send(&a, "r@a.test", "rpt-a1");
     send(&a, "r@c.test", "rpt-c1");
@@ -243,6 +264,32 @@ fn reports_by_mail_and_https_count_the_sessions_and_survive_a_restart() {
     });
     a.stop();
 
+    // Every report message verifies with dkimpy (an independent verifier).
+    let keys = d.join("keys.txt");
+    std::fs::write(&keys, format!("e1._domainkey.sender.test {txt}\n")).expect("keys");
+    let emls: Vec<PathBuf> = mails
+        .iter()
+        .filter_map(|m| m["path"].as_str().map(PathBuf::from))
+        .collect();
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/dkim_verify.py");
+    let out = Command::new("python3")
+        .arg(script)
+        .arg(&keys)
+        .args(&emls)
+        .output()
+        .expect("run dkimpy (pip install dkimpy pynacl)");
+    let verdicts = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(
+        verdicts.lines().count(),
+        emls.len(),
+        "{verdicts} {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for line in verdicts.lines() {
+        let v: Value = serde_json::from_str(line).expect("verifier JSON");
+        assert_eq!(v["signatures"], 1, "{v}");
+        assert_eq!(v["results"][0], true, "{v}");
+    }
     let m = &mails[0];
     assert_eq!(m["domain"], "a.test", "{m}");
     assert_eq!(m["content_type"], "multipart/report", "{m}");

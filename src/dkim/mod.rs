@@ -136,7 +136,43 @@ fn body_start(message: &[u8], from: usize) -> Option<usize> {
 struct BodyHash {
     canon: Canon,
     canonicaliser: canon::BodyCanon,
+    sha: Buffered,
+}
+
+/// SHA-256 fed through a small buffer: the canonicaliser hands over short slices (a line, or
+/// less), and each `update` of the digest has a fixed cost.
+struct Buffered {
     sha: ring::digest::Context,
+    buf: Vec<u8>,
+}
+
+/// Bytes gathered before they go to the digest: a multiple of SHA-256's 64-byte block.
+const HASH_BUFFER_BYTES: usize = 8 << 10;
+
+impl Buffered {
+    fn new() -> Buffered {
+        Buffered {
+            sha: ring::digest::Context::new(&ring::digest::SHA256),
+            buf: Vec::with_capacity(HASH_BUFFER_BYTES),
+        }
+    }
+
+    fn update(&mut self, s: &[u8]) {
+        if self.buf.len() + s.len() > HASH_BUFFER_BYTES {
+            self.sha.update(&self.buf);
+            self.buf.clear();
+            if s.len() >= HASH_BUFFER_BYTES {
+                self.sha.update(s);
+                return;
+            }
+        }
+        self.buf.extend_from_slice(s);
+    }
+
+    fn finish(mut self) -> ring::digest::Digest {
+        self.sha.update(&self.buf);
+        self.sha.finish()
+    }
 }
 
 enum State {
@@ -251,7 +287,7 @@ impl MessageSigner {
                 hashes.push(BodyHash {
                     canon,
                     canonicaliser: canon::BodyCanon::new(canon),
-                    sha: ring::digest::Context::new(&ring::digest::SHA256),
+                    sha: Buffered::new(),
                 });
             }
         }

@@ -20,7 +20,7 @@
 
 pub mod listener;
 mod session;
-mod signing;
+pub mod signing;
 
 use std::cell::Cell;
 use std::collections::{BTreeMap, HashMap};

@@ -85,6 +85,26 @@ impl Follower {
     }
 }
 
+/// The DKIM-Signature headers for a message Epoxi writes itself (a TLS report), whole in
+/// `message`: one pass, the same tables and choice by From domain as for received mail.
+pub async fn sign_message(
+    signers: &Signers,
+    egress: &Egress,
+    message: &[u8],
+    timestamp: u64,
+) -> Result<String, KeyError> {
+    if signers.is_empty() {
+        return Ok(String::new());
+    }
+    let pending =
+        MessageSigner::new().finish(signers, b"", message, timestamp, &|s| egress.tenant_of(s));
+    let mut out = String::new();
+    for p in pending {
+        out.push_str(&sign_one(p).await?);
+    }
+    Ok(out)
+}
+
 async fn sign_one(p: Pending) -> Result<String, KeyError> {
     let Pending {
         key,

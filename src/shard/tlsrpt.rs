@@ -253,6 +253,15 @@ impl Reporter {
         let body = report
             .message(submitter, domain, &from, to, now / 1000)
             .map_err(|e| e.to_string())?;
+        // Signed like any mail from its From domain, when a `[[dkim]]` table matches it.
+        let head = crate::reception::signing::sign_message(
+            &self.settings.dkim,
+            &self.settings.egress,
+            &body,
+            now / 1000,
+        )
+        .await
+        .map_err(|e| format!("cannot sign the report: {e}"))?;
         let envelope = Envelope {
             reception: self.reception.next_id(now),
             sender: from,
@@ -265,10 +274,11 @@ impl Reporter {
             size: body.len() as u64,
             peer: "local".into(),
         };
-        let parts = BodyParts {
-            head: String::new(),
-            body,
+        let envelope = Envelope {
+            size: (head.len() + body.len()) as u64,
+            ..envelope
         };
+        let parts = BodyParts { head, body };
         self.reception
             .accept(envelope, parts, None, Intake::Notice)
             .await
