@@ -120,7 +120,8 @@ pub struct DkimEntry {
     pub domain: String,
     /// `s=`: the key is published at `selector._domainkey.domain`.
     pub selector: String,
-    /// PKCS#8 PEM private key, RSA (2048 to 4096 bits) or Ed25519; loaded at start.
+    /// PKCS#8 PEM private key, RSA (1024 to 4096 bits; 2048 and up recommended) or Ed25519;
+    /// loaded at start.
     pub key_file: PathBuf,
     /// Header fields to sign when present; default `dkim::sign::HEADERS_DEFAULT`. Must
     /// include From, which is always oversigned.

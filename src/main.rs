@@ -61,7 +61,7 @@ struct KeygenArgs {
     selector: String,
     #[arg(long, value_enum, default_value_t = KeyAlgorithm::Rsa)]
     algorithm: KeyAlgorithm,
-    /// RSA key size (2048 to 4096: what ring signs with).
+    /// RSA key size: 1024 to 4096 (2048 and up recommended, RFC 8301).
     #[arg(long, default_value_t = epoxi::dkim::keygen::RSA_BITS_DEFAULT)]
     bits: usize,
     /// Where to write the key [default: SELECTOR.DOMAIN.key]; an existing file is kept.

@@ -376,6 +376,14 @@ pub fn dkim_signers(
             .map_err(|err| fail(format!("key_file {}: {err}", e.key_file.display())))?;
         let key = SigningKey::from_pem(&text)
             .map_err(|err| fail(format!("key_file {}: {err}", e.key_file.display())))?;
+        if key.algorithm() == crate::dkim::Algorithm::RsaSha256 && key.bits() < 2048 {
+            tracing::warn!(
+                "dkim[{index}] ({}/{}): a {}-bit RSA key is weak; RFC 8301 recommends 2048 bits",
+                e.domain,
+                e.selector,
+                key.bits()
+            );
+        }
         list.push(Signer {
             domain: e.domain.to_ascii_lowercase(),
             selector: e.selector.clone(),

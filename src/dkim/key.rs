@@ -1,8 +1,9 @@
 //! Signing keys: PKCS#8 PEM in, ring key pairs out; the algorithm follows the key.
 //!
 //! ring loads RSA private keys of 2048 to 4096 bits only (`RsaKeyPair::from_pkcs8` refuses
-//! smaller moduli), so a 1024-bit key, which RFC 6376 still allows, is refused here with an
-//! error that says so; RFC 8301 asks signers for at least 1024 and recommends 2048 anyway.
+//! smaller moduli). A key of 1024 to 2047 bits, which RFC 6376 and RFC 8301 still allow (8301
+//! recommends 2048), is loaded with the `rsa` crate instead and signs through it (PKCS#1 v1.5
+//! over ring's SHA-256, blinded); it is logged as weak at start. Below 1024 is refused.
 //! Ed25519 keys load with `from_pkcs8_maybe_unchecked`, which takes both PKCS#8 v1 (what
 //! OpenSSL writes) and v2 (what ring writes, with the public key inside).
 
@@ -41,7 +42,7 @@ pub enum KeyError {
     Base64,
     #[error("neither an RSA nor an Ed25519 key")]
     UnknownAlgorithm,
-    #[error("RSA key refused: {0} (ring signs with RSA keys of 2048 to 4096 bits only)")]
+    #[error("RSA key refused: {0} (RSA keys of 1024 to 4096 bits are signed with)")]
     Rsa(String),
     #[error("Ed25519 key refused: {0}")]
     Ed25519(String),
@@ -62,8 +63,19 @@ const ALGORITHM_ID_WITHIN: usize = 32;
 #[derive(Debug)]
 pub enum SigningKey {
     Rsa(RsaKeyPair),
+    /// 1024 to 2047 bits: weak, allowed by RFC 8301, refused by ring.
+    RsaShort(Box<rsa::RsaPrivateKey>),
     Ed25519(Ed25519KeyPair),
 }
+
+/// Smallest RSA modulus signed with (RFC 8301 §3.2: signers MUST use at least 1024 bits).
+pub const RSA_BITS_MIN: usize = 1024;
+
+/// The DER DigestInfo prefix of a SHA-256 digest (RFC 8017 §9.2 note 1).
+const SHA256_DIGEST_INFO: &[u8] = &[
+    0x30, 0x31, 0x30, 0x0d, 0x06, 0x09, 0x60, 0x86, 0x48, 0x01, 0x65, 0x03, 0x04, 0x02, 0x01, 0x05,
+    0x00, 0x04, 0x20,
+];
 
 /// The DER bytes inside the first `PRIVATE KEY` PEM block of `text`.
 pub fn pem_pkcs8(text: &str) -> Result<Vec<u8>, KeyError> {
@@ -121,16 +133,20 @@ impl SigningKey {
                 .map_err(|e| KeyError::Ed25519(e.to_string()));
         }
         if has(der, OID_RSA) {
-            return RsaKeyPair::from_pkcs8(der)
-                .map(SigningKey::Rsa)
-                .map_err(|e| KeyError::Rsa(e.to_string()));
+            return match RsaKeyPair::from_pkcs8(der) {
+                Ok(k) => Ok(SigningKey::Rsa(k)),
+                Err(ring_err) => short_rsa(der).map_err(|why| match why {
+                    Some(why) => KeyError::Rsa(why),
+                    None => KeyError::Rsa(ring_err.to_string()),
+                }),
+            };
         }
         Err(KeyError::UnknownAlgorithm)
     }
 
     pub fn algorithm(&self) -> Algorithm {
         match self {
-            SigningKey::Rsa(_) => Algorithm::RsaSha256,
+            SigningKey::Rsa(_) | SigningKey::RsaShort(_) => Algorithm::RsaSha256,
             SigningKey::Ed25519(_) => Algorithm::Ed25519Sha256,
         }
     }
@@ -139,6 +155,7 @@ impl SigningKey {
     pub fn bits(&self) -> usize {
         match self {
             SigningKey::Rsa(k) => k.public().modulus_len() * 8,
+            SigningKey::RsaShort(k) => rsa::traits::PublicKeyParts::size(k.as_ref()) * 8,
             SigningKey::Ed25519(_) => 256,
         }
     }
@@ -146,7 +163,7 @@ impl SigningKey {
     /// True when signing is slow enough to stall a shard (an RSA private-key operation takes
     /// about a millisecond at 2048 bits and eight at 4096; Ed25519 takes tens of microseconds).
     pub fn is_slow(&self) -> bool {
-        matches!(self, SigningKey::Rsa(_))
+        matches!(self, SigningKey::Rsa(_) | SigningKey::RsaShort(_))
     }
 
     /// Signs the canonicalised header data (RFC 6376 3.7). RSA: PKCS#1 v1.5 over its SHA-256
@@ -162,6 +179,15 @@ impl SigningKey {
                     .map_err(|_| KeyError::Sign)?;
                 Ok(sig)
             }
+            SigningKey::RsaShort(k) => {
+                let digest = ring::digest::digest(&ring::digest::SHA256, data);
+                let padding = rsa::Pkcs1v15Sign {
+                    hash_len: Some(digest.as_ref().len()),
+                    prefix: SHA256_DIGEST_INFO.into(),
+                };
+                k.sign_with_rng(&mut rsa::rand_core::OsRng, padding, digest.as_ref())
+                    .map_err(|_| KeyError::Sign)
+            }
             SigningKey::Ed25519(k) => {
                 let digest = ring::digest::digest(&ring::digest::SHA256, data);
                 Ok(k.sign(digest.as_ref()).as_ref().to_vec())
@@ -175,6 +201,13 @@ impl SigningKey {
     pub fn public_key_der(&self) -> Vec<u8> {
         match self {
             SigningKey::Rsa(k) => rsa_spki(k.public().as_ref()),
+            SigningKey::RsaShort(k) => {
+                use rsa::pkcs1::EncodeRsaPublicKey as _;
+                k.to_public_key()
+                    .to_pkcs1_der()
+                    .map(|d| rsa_spki(d.as_bytes()))
+                    .unwrap_or_default()
+            }
             SigningKey::Ed25519(k) => k.public_key().as_ref().to_vec(),
         }
     }
@@ -183,6 +216,26 @@ impl SigningKey {
     pub fn public_key_b64(&self) -> String {
         base64::engine::general_purpose::STANDARD.encode(self.public_key_der())
     }
+}
+
+/// A key ring refused: one of 1024 to 2047 bits through the `rsa` crate. `Err(None)`: not
+/// that either (ring's reason stands); `Err(Some(why))`: a reason of our own.
+fn short_rsa(der: &[u8]) -> Result<SigningKey, Option<String>> {
+    use rsa::pkcs8::DecodePrivateKey as _;
+    use rsa::traits::PublicKeyParts as _;
+    let key = rsa::RsaPrivateKey::from_pkcs8_der(der).map_err(|_| None)?;
+    let bits = key.size() * 8;
+    if bits < RSA_BITS_MIN {
+        return Err(Some(format!(
+            "{bits} bits is below RFC 8301's minimum of {RSA_BITS_MIN}"
+        )));
+    }
+    if bits >= 2048 {
+        // ring refused it for another reason: keep ring's.
+        return Err(None);
+    }
+    key.validate().map_err(|e| Some(e.to_string()))?;
+    Ok(SigningKey::RsaShort(Box::new(key)))
 }
 
 /// DER length octets.

@@ -9,15 +9,15 @@ use super::key::{pkcs8_pem, SigningKey};
 
 /// Bits of a new RSA key unless asked otherwise (RFC 8301 recommends at least 2048).
 pub const RSA_BITS_DEFAULT: usize = 2048;
-/// The RSA sizes ring signs with.
-pub const RSA_BITS_MIN: usize = 2048;
+/// The RSA sizes signed with: 1024 (RFC 8301's floor; weak, for old DNS setups) to 4096.
+pub const RSA_BITS_MIN: usize = super::key::RSA_BITS_MIN;
 pub const RSA_BITS_MAX: usize = 4096;
 /// Longest character-string in a TXT record (RFC 1035 3.3).
 pub const TXT_STRING_LEN_MAX: usize = 255;
 
 #[derive(Debug, thiserror::Error)]
 pub enum KeygenError {
-    #[error("RSA keys of {0} bits are not supported: ring signs with {RSA_BITS_MIN} to {RSA_BITS_MAX} bits")]
+    #[error("RSA keys of {0} bits are not supported: Epoxi signs with {RSA_BITS_MIN} to {RSA_BITS_MAX} bits")]
     Bits(usize),
     #[error("key generation failed: {0}")]
     Generate(String),
@@ -119,10 +119,38 @@ mod tests {
     }
 
     #[test]
-    fn rsa_sizes_outside_rings_range_are_refused() {
+    fn rsa_1024_signs_through_the_rsa_crate_and_verifies() {
+        let (pem, _) = generate(KeyKind::Rsa { bits: 1024 }).expect("test value");
+        let key = SigningKey::from_pem(&pem).expect("test value");
+        assert!(matches!(key, SigningKey::RsaShort(_)));
+        assert_eq!(key.bits(), 1024);
+        let sig = key.sign(b"data to sign").expect("test value");
+        let public = key.public_key_der();
+        // ring verifies 1024-bit signatures with the legacy parameters.
+        let spki = ring::signature::UnparsedPublicKey::new(
+            &ring::signature::RSA_PKCS1_1024_8192_SHA256_FOR_LEGACY_USE_ONLY,
+            rsa_public_of_spki(&public),
+        );
+        spki.verify(b"data to sign", &sig).expect("verifies");
+    }
+
+    /// The PKCS#1 RSAPublicKey inside a SubjectPublicKeyInfo (ring verifies with that).
+    fn rsa_public_of_spki(spki: &[u8]) -> Vec<u8> {
+        use rsa::pkcs1::EncodeRsaPublicKey as _;
+        use rsa::pkcs8::DecodePublicKey as _;
+        rsa::RsaPublicKey::from_public_key_der(spki)
+            .expect("test value")
+            .to_pkcs1_der()
+            .expect("test value")
+            .as_bytes()
+            .to_vec()
+    }
+
+    #[test]
+    fn rsa_sizes_outside_the_range_are_refused() {
         assert!(matches!(
-            generate(KeyKind::Rsa { bits: 1024 }),
-            Err(KeygenError::Bits(1024))
+            generate(KeyKind::Rsa { bits: 512 }),
+            Err(KeygenError::Bits(512))
         ));
         assert!(matches!(
             generate(KeyKind::Rsa { bits: 8192 }),
