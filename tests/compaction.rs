@@ -97,7 +97,12 @@ fn deferred_messages_do_not_pin_segments_and_a_kill_during_compaction_loses_noth
     // The destination comes up: each deferred message arrives, exactly once.
     let late = Sink::start_on(dir.path(), &format!("127.0.0.1:{dead}"), &[]);
     let deliveries_before: usize = epoxi.events_of("Delivery").len();
-    epoxi.wait_events("Delivery", deliveries_before + DEFERRED as usize);
+    // Retries after the restarts (cap 1 s); generous for a loaded CI machine.
+    epoxi.wait_events_within(
+        "Delivery",
+        deliveries_before + DEFERRED as usize,
+        Duration::from_secs(120),
+    );
     epoxi.stop();
     let report = late.stop();
     assert_eq!(report.count("unique"), DEFERRED, "{}", report.json);

@@ -469,10 +469,16 @@ impl Epoxi {
 
     /// Waits until at least `n` events of `kind` are logged; returns them.
     pub fn wait_events(&self, kind: &str, n: usize) -> Vec<Value> {
+        self.wait_events_within(kind, n, DEADLINE)
+    }
+
+    /// As `wait_events`, with a deadline of its own (for waits that depend on retry timers
+    /// on a loaded machine).
+    pub fn wait_events_within(&self, kind: &str, n: usize, within: Duration) -> Vec<Value> {
         let mut found = Vec::new();
         wait_until(
             &format!("{n} {kind} events in {}", self.log_dir.display()),
-            DEADLINE,
+            within,
             || {
                 found = self.events_of(kind);
                 found.len() >= n
