@@ -608,4 +608,26 @@ mod tests {
             "{line}"
         );
     }
+
+    #[test]
+    fn report_counts_smart_refusals_by_kind_only_with_smart() {
+        let mut ledger = Ledger {
+            refused_by_kind: Some([0; Kind::ALL.len()]),
+            ..Ledger::default()
+        };
+        ledger.count_refused(Kind::Spam);
+        ledger.count_refused(Kind::Permfail);
+        ledger.count_refused(Kind::Permfail);
+        let line = serde_json::to_string(&ledger.report(0, 0, BTreeMap::new())).unwrap();
+        assert!(
+            line.ends_with(
+                r#""refused_by_kind":{"blocked":0,"greylist":0,"permfail":2,"quota":0,"ratelimit":0,"spam":1,"tempfail":0}}"#
+            ),
+            "{line}"
+        );
+        let mut plain = Ledger::default();
+        plain.count_refused(Kind::Spam);
+        let line = serde_json::to_string(&plain.report(0, 0, BTreeMap::new())).unwrap();
+        assert!(!line.contains("refused_by_kind"), "{line}");
+    }
 }
