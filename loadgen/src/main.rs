@@ -17,6 +17,7 @@ mod message;
 mod reply_mix;
 mod server;
 mod sink;
+mod smart;
 mod smtp_line;
 mod stats;
 mod zone;

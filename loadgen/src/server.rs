@@ -16,6 +16,7 @@ use crate::message::ID_HEADER;
 use crate::smtp_line::{split_line, DataScanner, Scan};
 
 use crate::reply_mix::FinalReply;
+use crate::smart::{Kind, Providers};
 
 /// RFC 5321 4.5.3.1.4 allows 512 octets per command line, more with extensions' parameters.
 /// Four times that is generous; anything longer is not SMTP.
@@ -67,6 +68,8 @@ pub enum Event {
     Message(Message),
     /// Flush the output and close the connection.
     Close,
+    /// A `--smart` refusal of this kind was appended to the output at RCPT; count it.
+    Refused(Kind),
 }
 
 /// A message whose DATA completed.
@@ -77,6 +80,9 @@ pub struct Message {
     pub rcpts: Vec<String>,
     /// The name the client gave in EHLO/HELO (lossy UTF-8).
     pub helo: Option<Arc<str>>,
+    /// With `--smart`, the refusal a recipient asked for after the final dot (`spam@`),
+    /// rendered; the caller answers with it instead of its own choice.
+    pub refusal: Option<(Kind, FinalReply)>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -95,6 +101,12 @@ pub struct Session {
     rcpts: Vec<String>,
     helo: Option<Arc<str>>,
     data: DataScanner,
+    /// `--smart` replies, and the client's address they may name.
+    smart: Option<(Arc<Providers>, Box<str>)>,
+    /// A refusal written at RCPT and not yet reported as `Event::Refused`.
+    refused: Option<Kind>,
+    /// The first accepted recipient whose refusal comes after the final dot.
+    refuse_at_data: Option<(Kind, String)>,
 }
 
 impl Default for Session {
@@ -112,6 +124,17 @@ impl Session {
             rcpts: Vec::new(),
             helo: None,
             data: DataScanner::new(ID_HEADER),
+            smart: None,
+            refused: None,
+            refuse_at_data: None,
+        }
+    }
+
+    /// A session that refuses recipients as `--smart` says; `client_ip` fills `{ip}`.
+    pub fn with_smart(providers: Arc<Providers>, client_ip: &str) -> Self {
+        Self {
+            smart: Some((providers, client_ip.into())),
+            ..Self::new()
         }
     }
 
@@ -138,10 +161,12 @@ impl Session {
                             continue;
                         }
                         self.mode = Mode::AwaitingAnswer;
+                        let refusal = self.refusal_at_data();
                         let message = Message {
                             id: self.data.take_header_value(),
                             rcpts: std::mem::take(&mut self.rcpts),
                             helo: self.helo.clone(),
+                            refusal,
                         };
                         return (pos, Event::Message(message));
                     }
@@ -162,6 +187,9 @@ impl Session {
                         continue;
                     }
                     self.command(line, out);
+                    if let Some(kind) = self.refused.take() {
+                        return (pos, Event::Refused(kind));
+                    }
                 }
             }
         }
@@ -179,8 +207,25 @@ impl Session {
         };
     }
 
+    /// The rendered refusal for the message whose DATA just ended, if a recipient asked for
+    /// one after the final dot.
+    fn refusal_at_data(&mut self) -> Option<(Kind, FinalReply)> {
+        let (kind, rcpt) = self.refuse_at_data.take()?;
+        let (providers, ip) = self.smart.as_ref()?;
+        let domain = rcpt.rsplit_once('@').map_or("", |(_, d)| d);
+        let reply = providers.reply(domain, kind);
+        Some((
+            kind,
+            FinalReply {
+                code: reply.code,
+                line: reply.render(ip, &rcpt).into_boxed_slice(),
+            },
+        ))
+    }
+
     fn reset_transaction(&mut self) {
         self.in_transaction = false;
+        self.refuse_at_data = None;
         self.rcpts.clear();
         self.data.reset();
     }
@@ -280,7 +325,22 @@ impl Session {
             out.extend_from_slice(TOO_MANY_RCPTS);
             return;
         }
-        self.rcpts.push(String::from_utf8_lossy(path).into_owned());
+        let rcpt = String::from_utf8_lossy(path).into_owned();
+        if let Some((providers, ip)) = &self.smart {
+            if let Some((kind, reply)) = providers.for_rcpt(&rcpt) {
+                if kind.at_data() {
+                    self.refuse_at_data.get_or_insert((kind, rcpt.clone()));
+                } else {
+                    out.extend_from_slice(&reply.render(ip, &rcpt));
+                    self.refused = Some(kind);
+                    if reply.closes_connection() {
+                        self.mode = Mode::Closed;
+                    }
+                    return;
+                }
+            }
+        }
+        self.rcpts.push(rcpt);
         out.extend_from_slice(RCPT_OK);
     }
 }
@@ -319,12 +379,24 @@ mod tests {
     /// Feeds `input` in pieces of `piece` bytes the way the sink's connection loop does,
     /// answering every message with `reply`. Returns the output and the messages.
     fn run(input: &[u8], piece: usize, reply: u16) -> (String, Vec<Message>, bool) {
+        let (out, messages, _, closed) = run_session(Session::new(), input, piece, reply);
+        (out, messages, closed)
+    }
+
+    /// `run` with a given session; a message's own refusal is its answer, as in the sink.
+    /// Also returns the refusals reported at RCPT.
+    fn run_session(
+        mut session: Session,
+        input: &[u8],
+        piece: usize,
+        reply: u16,
+    ) -> (String, Vec<Message>, Vec<Kind>, bool) {
         let reply = FinalReply::new(reply);
-        let mut session = Session::new();
         let mut out = Vec::new();
         session.greet(&mut out);
         let mut buf = Vec::new();
         let mut messages = Vec::new();
+        let mut refused = Vec::new();
         for chunk in input.chunks(piece) {
             buf.extend_from_slice(chunk);
             loop {
@@ -333,14 +405,18 @@ mod tests {
                 match event {
                     Event::NeedInput => break,
                     Event::Message(m) => {
+                        let answer = m.refusal.as_ref().map_or(&reply, |(_, r)| r).clone();
                         messages.push(m);
-                        session.answer_data(&reply, &mut out);
+                        session.answer_data(&answer, &mut out);
                     }
-                    Event::Close => return (String::from_utf8(out).unwrap(), messages, true),
+                    Event::Refused(kind) => refused.push(kind),
+                    Event::Close => {
+                        return (String::from_utf8(out).unwrap(), messages, refused, true)
+                    }
                 }
             }
         }
-        (String::from_utf8(out).unwrap(), messages, false)
+        (String::from_utf8(out).unwrap(), messages, refused, false)
     }
 
     fn codes(out: &str) -> Vec<&str> {
@@ -378,11 +454,13 @@ NOOP\r\nRSET\r\nQUIT\r\nNOOP\r\n";
                         id: Some("id-1".into()),
                         rcpts: vec!["u1@d0.test".into(), "u2@d1.test".into()],
                         helo: Some("client.test".into()),
+                        refusal: None,
                     },
                     Message {
                         id: None,
                         rcpts: vec!["u3@d2.test".into()],
                         helo: Some("client.test".into()),
+                        refusal: None,
                     }
                 ]
             );
@@ -434,5 +512,64 @@ RSET\r\nMAIL FROM:<a@b> SIZE=999999999999\r\n",
         let (out, _, closed) = run(&input, 512, 250);
         assert!(closed);
         assert!(out.ends_with("500 5.5.2 Line too long\r\n"));
+    }
+
+    fn smart_session() -> Session {
+        Session::with_smart(Arc::new(Providers::builtin().unwrap()), "192.0.2.9")
+    }
+
+    #[test]
+    fn smart_refuses_at_rcpt_by_local_part_and_keeps_the_rest() {
+        let input = b"EHLO c\r\nMAIL FROM:<a@b.test>\r\nRCPT TO:<permfail@gmail.com>\r\n\
+RCPT TO:<quota+3@outlook.com>\r\nRCPT TO:<blocked@yahoo.com>\r\nRCPT TO:<ok@gmail.com>\r\n\
+DATA\r\n\r\nhi\r\n.\r\nQUIT\r\n";
+        for piece in [1, 5, input.len()] {
+            let (out, messages, refused, closed) = run_session(smart_session(), input, piece, 250);
+            assert!(closed);
+            assert_eq!(refused, [Kind::Permfail, Kind::Quota, Kind::Blocked]);
+            assert_eq!(
+                codes(&out),
+                ["220", "250", "250", "550", "452", "553", "250", "354", "250", "221"],
+                "{out}"
+            );
+            assert!(out.contains(
+                "550-5.1.1 The email account that you tried to reach does not exist. Please try\r\n\
+550-5.1.1 double-checking"
+            ));
+            assert!(out.contains("452 4.3.1 Insufficient system resources\r\n"));
+            assert!(out.contains("from 192.0.2.9, because"), "{out}");
+            assert_eq!(messages.len(), 1);
+            assert_eq!(messages[0].rcpts, ["ok@gmail.com"]);
+            assert_eq!(messages[0].refusal, None);
+        }
+    }
+
+    #[test]
+    fn smart_spam_is_refused_after_the_dot_and_421_closes_at_rcpt() {
+        let input = b"EHLO c\r\nMAIL FROM:<a@b.test>\r\nRCPT TO:<spam@gmail.com>\r\n\
+DATA\r\n\r\nbuy\r\n.\r\nMAIL FROM:<a@b.test>\r\nRCPT TO:<x@gmail.com>\r\nDATA\r\n.\r\n\
+MAIL FROM:<a@b.test>\r\nRCPT TO:<tempfail@gmail.com>\r\nNOOP\r\n";
+        let (out, messages, refused, closed) = run_session(smart_session(), input, 4, 250);
+        assert!(closed, "Gmail's 421 closes");
+        assert_eq!(refused, [Kind::Tempfail]);
+        assert_eq!(
+            codes(&out),
+            ["220", "250", "250", "250", "354", "550", "250", "250", "354", "250", "250", "421"],
+            "{out}"
+        );
+        assert!(out.contains("550-5.7.1 [192.0.2.9] Gmail has detected that this message is\r\n"));
+        assert!(out.contains("likely unsolicited mail"));
+        assert!(out.ends_with("421 4.7.0  https://support.google.com/a/answer/3221692 - gsmtp\r\n"));
+        assert_eq!(messages.len(), 2);
+        assert_eq!(messages[0].refusal.as_ref().map(|r| r.0), Some(Kind::Spam));
+        assert_eq!(messages[1].refusal, None, "the next transaction is clean");
+    }
+
+    #[test]
+    fn without_smart_the_names_mean_nothing() {
+        let input = b"HELO c\r\nMAIL FROM:<a@b>\r\nRCPT TO:<permfail@gmail.com>\r\n";
+        let (out, _, refused, _) = run_session(Session::new(), input, 64, 250);
+        assert!(refused.is_empty());
+        assert!(out.ends_with("250 2.1.5 Recipient ok\r\n"));
     }
 }

@@ -25,6 +25,7 @@ use anyhow::Context;
 
 use crate::reply_mix::{FinalReply, ReplyMix};
 use crate::server::{Event, Message, Session, COMMAND_LINE_LEN_MAX};
+use crate::smart::{Kind, Providers};
 use crate::stats::{self, SinkReport};
 
 /// Each connection costs a thread and a read buffer; a loopback test never needs more, and
@@ -96,6 +97,14 @@ pub struct SinkArgs {
     /// On exit, write one line per accepted message: its X-Loadgen-Id (or -) and recipients.
     #[arg(long, value_name = "PATH")]
     rcpts_file: Option<PathBuf>,
+    /// Refuse recipients by local part the way big providers do: tempfail@, permfail@,
+    /// quota@, blocked@, ratelimit@, greylist@ at RCPT, spam@ after the final dot.
+    #[arg(long)]
+    smart: bool,
+    /// With --smart: a TOML table of domain globs and provider replies laid over the
+    /// built-in one (its format is in loadgen/src/providers.toml).
+    #[arg(long, value_name = "FILE", requires = "smart")]
+    providers: Option<PathBuf>,
 }
 
 fn parse_idle_exit(s: &str) -> Result<Duration, String> {
@@ -112,6 +121,8 @@ struct Sink {
     tempfail_first: u64,
     delay: Duration,
     keep_rcpts: bool,
+    /// The --smart table, if on.
+    providers: Option<Arc<Providers>>,
     connections: AtomicU64,
     active: AtomicUsize,
     /// The highest `active` has been.
@@ -146,6 +157,8 @@ struct Ledger {
     rcpt_lines: Vec<String>,
     /// Accepted messages by the EHLO name of their session, at most `PEERS_MAX` names.
     helos: BTreeMap<String, u64>,
+    /// With --smart, the refusals given by `Kind::index`, at RCPT and after DATA.
+    refused_by_kind: Option<[u64; Kind::ALL.len()]>,
 }
 
 /// Connections counted by client address, at most `PEERS_MAX` of them by name.
@@ -169,9 +182,18 @@ impl Sink {
         self.ledger.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// Counts a message whose DATA completed and picks its reply. After the ledger is
-    /// closed, messages are refused with 421 and not counted.
-    fn on_message(&self, message: &Message) -> &FinalReply {
+    /// Counts a --smart refusal given at RCPT.
+    fn on_refused(&self, kind: Kind) {
+        let mut ledger = self.ledger();
+        if !ledger.closed {
+            ledger.count_refused(kind);
+        }
+    }
+
+    /// Counts a message whose DATA completed and picks its reply: the --smart refusal the
+    /// message carries, else the mix. After the ledger is closed, messages are refused with
+    /// 421 and not counted.
+    fn on_message<'a>(&'a self, message: &'a Message) -> &'a FinalReply {
         self.replies_unwritten.fetch_add(1, Ordering::Relaxed);
         let now = Instant::now();
         let since_start_ns = u64::try_from((now - self.start).as_nanos()).unwrap_or(u64::MAX);
@@ -184,7 +206,10 @@ impl Sink {
         }
         let arrival = ledger.received;
         ledger.received += 1;
-        let reply = if arrival < self.tempfail_first {
+        let reply = if let Some((kind, reply)) = &message.refusal {
+            ledger.count_refused(*kind);
+            reply
+        } else if arrival < self.tempfail_first {
             &self.tempfail_reply
         } else {
             self.mix.pick(arrival)
@@ -224,6 +249,12 @@ impl Sink {
 }
 
 impl Ledger {
+    fn count_refused(&mut self, kind: Kind) {
+        if let Some(counts) = &mut self.refused_by_kind {
+            counts[kind.index()] += 1;
+        }
+    }
+
     fn report(
         &self,
         connections: u64,
@@ -247,6 +278,12 @@ impl Ledger {
             connections_max_concurrent: connections_max_concurrent as u64,
             peers,
             helos: self.helos.clone(),
+            refused_by_kind: self.refused_by_kind.map(|counts| {
+                Kind::ALL
+                    .iter()
+                    .map(|kind| (kind.name(), counts[kind.index()]))
+                    .collect()
+            }),
         }
     }
 }
@@ -263,6 +300,22 @@ pub fn run(args: SinkArgs) -> anyhow::Result<()> {
             .context("installing a signal handler")?;
     }
     // Tests that listen on port 0 read the port from this line; stderr is unbuffered.
+    let providers = if args.smart {
+        let overlay = match &args.providers {
+            Some(path) => Some(
+                std::fs::read_to_string(path)
+                    .with_context(|| format!("reading --providers {}", path.display()))?,
+            ),
+            None => None,
+        };
+        let providers = Providers::parse(overlay.as_deref())
+            .map_err(anyhow::Error::msg)
+            .context("loading the --smart providers")?;
+        eprintln!("smart replies: {}", providers.describe());
+        Some(Arc::new(providers))
+    } else {
+        None
+    };
     eprintln!("listening on {addr}");
 
     let sink = Arc::new(Sink {
@@ -273,6 +326,11 @@ pub fn run(args: SinkArgs) -> anyhow::Result<()> {
         tempfail_first: args.tempfail_first,
         delay: Duration::from_millis(args.delay_ms),
         keep_rcpts: args.rcpts_file.is_some(),
+        ledger: Mutex::new(Ledger {
+            refused_by_kind: providers.as_ref().map(|_| [0; Kind::ALL.len()]),
+            ..Ledger::default()
+        }),
+        providers,
         connections: AtomicU64::new(0),
         active: AtomicUsize::new(0),
         active_max: AtomicUsize::new(0),
@@ -280,7 +338,6 @@ pub fn run(args: SinkArgs) -> anyhow::Result<()> {
         unique: AtomicU64::new(0),
         last_message_ns: AtomicU64::new(0),
         replies_unwritten: AtomicU64::new(0),
-        ledger: Mutex::new(Ledger::default()),
     });
     {
         let sink = Arc::clone(&sink);
@@ -434,7 +491,17 @@ fn serve_session(conn: &mut Conn, sink: &Sink) -> std::io::Result<()> {
     conn.stream.set_nodelay(true)?;
     conn.stream
         .set_read_timeout(Some(Duration::from_secs(IDLE_TIMEOUT_S)))?;
-    let mut session = Session::new();
+    let mut session = match &sink.providers {
+        Some(providers) => {
+            let ip = conn
+                .stream
+                .peer_addr()
+                .map(|a| a.ip().to_canonical().to_string())
+                .unwrap_or_default();
+            Session::with_smart(Arc::clone(providers), &ip)
+        }
+        None => Session::new(),
+    };
     let mut buf = vec![0u8; READ_BUF_LEN];
     let (mut start, mut end) = (0usize, 0usize);
     session.greet(&mut conn.out);
@@ -455,6 +522,7 @@ fn serve_session(conn: &mut Conn, sink: &Sink) -> std::io::Result<()> {
                     }
                     session.answer_data(reply, &mut conn.out);
                 }
+                Event::Refused(kind) => sink.on_refused(kind),
                 Event::Close => {
                     conn.flush(sink)?;
                     return Ok(());
@@ -539,5 +607,27 @@ mod tests {
             ),
             "{line}"
         );
+    }
+
+    #[test]
+    fn report_counts_smart_refusals_by_kind_only_with_smart() {
+        let mut ledger = Ledger {
+            refused_by_kind: Some([0; Kind::ALL.len()]),
+            ..Ledger::default()
+        };
+        ledger.count_refused(Kind::Spam);
+        ledger.count_refused(Kind::Permfail);
+        ledger.count_refused(Kind::Permfail);
+        let line = serde_json::to_string(&ledger.report(0, 0, BTreeMap::new())).unwrap();
+        assert!(
+            line.ends_with(
+                r#""refused_by_kind":{"blocked":0,"greylist":0,"permfail":2,"quota":0,"ratelimit":0,"spam":1,"tempfail":0}}"#
+            ),
+            "{line}"
+        );
+        let mut plain = Ledger::default();
+        plain.count_refused(Kind::Spam);
+        let line = serde_json::to_string(&plain.report(0, 0, BTreeMap::new())).unwrap();
+        assert!(!line.contains("refused_by_kind"), "{line}");
     }
 }

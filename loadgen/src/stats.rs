@@ -91,6 +91,10 @@ pub struct SinkReport {
     /// Accepted messages by the EHLO/HELO name their client gave, at most `sink::PEERS_MAX`
     /// names by name and the rest under "other".
     pub helos: BTreeMap<String, u64>,
+    /// With `--smart`, the refusals given by kind (at RCPT, or after DATA for spam); absent
+    /// without it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub refused_by_kind: Option<BTreeMap<&'static str, u64>>,
 }
 
 /// The DNS server's report. `queries` counts every message that decoded as a query, and is
