@@ -31,6 +31,10 @@ fn bounces_and_deferrals_carry_their_category() {
     assert_eq!(injected.count("accepted"), 1, "inject: {}", injected.json);
     let deferred = epoxi.wait_events("TransientFailure", 1);
     epoxi.stop();
-    assert_eq!(deferred[0]["bounce_category"], "QuotaIssues", "{}", deferred[0]);
+    assert_eq!(
+        deferred[0]["bounce_category"], "QuotaIssues",
+        "{}",
+        deferred[0]
+    );
     drop(sink);
 }
