@@ -77,6 +77,28 @@ pub struct Config {
     /// DKIM signatures; every table that matches a message adds one (see `dkim`).
     pub dkim: Vec<DkimEntry>,
     pub tls_report: TlsReportSection,
+    pub bounce: BounceSection,
+}
+
+/// Bounce classification (`src/bounce/`): the category of every failed attempt, in its
+/// event line as `bounce_category`.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct BounceSection {
+    /// Classify failures at all.
+    pub enabled: bool,
+    /// A rules file (TOML, `[[rule]]` tables) tried before the built-in rules. Empty: the
+    /// built-in rules only.
+    pub rules_file: PathBuf,
+}
+
+impl Default for BounceSection {
+    fn default() -> Self {
+        BounceSection {
+            enabled: true,
+            rules_file: PathBuf::new(),
+        }
+    }
 }
 
 /// SMTP TLS reporting (RFC 8460): the daily report of our outbound TLS sessions, sent to each

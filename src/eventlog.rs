@@ -74,6 +74,9 @@ struct Line<'a> {
     /// Notice lines: the notice's own id, when one was sent.
     #[serde(skip_serializing_if = "Option::is_none")]
     notice_id: Option<String>,
+    /// TransientFailure, Bounce and Expiration lines: what the failure means.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    bounce_category: Option<crate::bounce::Category>,
 }
 
 /// The TLS outcome of a delivery attempt, as its event line says it.
@@ -282,6 +285,7 @@ impl Observer for EventLog {
                     outbound: None,
                     source: None,
                     notice_id: None,
+                    bounce_category: None,
                 });
             }
             Event::Attempt(e) => {
@@ -315,6 +319,7 @@ impl Observer for EventLog {
                         .map(|o| OutboundTls::of(o, crate::envelope::domain_of(e.rcpt))),
                     source: e.source,
                     notice_id: None,
+                    bounce_category: e.bounce_category,
                 });
             }
             Event::Notice(e) => {
@@ -338,6 +343,7 @@ impl Observer for EventLog {
                     outbound: None,
                     source: None,
                     notice_id: e.notice.map(|n| n.to_string()),
+                    bounce_category: None,
                 });
             }
             // Not a message event: it goes to the operational log (tracing).
@@ -453,6 +459,7 @@ mod tests {
                 received_ms: 0,
                 size: 10,
                 tls: None,
+                bounce_category: None,
             }));
             if i % 100 == 0 {
                 log.flush();

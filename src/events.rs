@@ -74,6 +74,8 @@ pub struct Attempt<'a> {
     pub size: u64,
     /// The TLS outcome of the connection, when one was attempted.
     pub tls: Option<&'a crate::tlspolicy::TlsOutcome>,
+    /// What the failure means (None: delivered, or classification is off).
+    pub bounce_category: Option<crate::bounce::Category>,
 }
 
 /// The notice about some recipients of a message was spooled for its sender (or none was

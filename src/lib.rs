@@ -16,7 +16,8 @@
 //! - `tls`: rustls configuration and an I/O-free TLS layer for the adapters.
 //! - `dns/`: DNS messages (hickory-proto), MX plans, the cache and the resolver adapter.
 //! - `egress`: sources, pools and the rules that pick them, source health, connection slots.
-//! - `bounce`: delivery status notifications (RFC 3464) for the sender.
+//! - `notices`: delivery status notifications (RFC 3464) for the sender.
+//! - `bounce/`: bounce classification: a failed reply's category, by rules (TOML) and RFC 3463.
 //! - `proxy`: the PROXY protocol header (v1/v2) a load balancer sends first.
 //! - `auth`: SMTP AUTH users (hashed passwords) and the failed-attempt limiter.
 //! - `dkim/`: DKIM signing (RFC 6376, RFC 8463) as I/O-free pieces: canonicalisation, the
@@ -25,6 +26,7 @@
 
 pub mod alloc;
 pub mod auth;
+pub mod bounce;
 pub mod clients;
 pub mod clock;
 pub mod config;

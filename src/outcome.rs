@@ -39,6 +39,22 @@ pub fn response_of_result(result: &RcptResult) -> Response {
     }
 }
 
+/// The category of a failed attempt: an expiry is MessageExpired whatever the last reply,
+/// a deferral or bounce is what its reply says; a delivery has none. No I/O.
+pub fn bounce_category(
+    classifier: &crate::bounce::Classifier,
+    decision: AttemptOutcome,
+    response: &Response,
+) -> Option<crate::bounce::Category> {
+    match decision {
+        AttemptOutcome::Delivered => None,
+        AttemptOutcome::Expired => Some(crate::bounce::Category::MessageExpired),
+        AttemptOutcome::Deferred { .. } | AttemptOutcome::Bounced => {
+            Some(classifier.classify(response.code, &response.enhanced, &response.text))
+        }
+    }
+}
+
 /// What a recipient's result leads to after `attempts` attempts of a message received at
 /// `received_ms`: 2xx delivered, 5xx bounced, anything else retried by `backoff` until the
 /// message's maximum age, then expired. No I/O.

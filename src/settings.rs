@@ -36,6 +36,8 @@ pub struct Settings {
     pub egress: Arc<crate::egress::Egress>,
     /// DKIM signers, keys loaded, in `[[dkim]]` order.
     pub dkim: Arc<crate::dkim::Signers>,
+    /// Bounce classification rules, compiled (None: `bounce.enabled = false`).
+    pub bounce: Option<Arc<crate::bounce::Classifier>>,
     /// `config.site[i].mx`, compiled: `site_globs[i]` belongs to `config.site[i]`.
     site_globs: Vec<DomainGlob>,
 }
@@ -260,7 +262,9 @@ impl Config {
             })?;
         let egress = crate::egress::Egress::from_config(&self, &helo_name)?;
         let dkim = dkim_signers(&self.dkim)?;
+        let bounce = bounce_classifier(&self.bounce)?;
         Ok(Settings {
+            bounce,
             dkim: Arc::new(dkim),
             resolvers,
             address_order,
@@ -281,6 +285,26 @@ impl Config {
             site_globs,
         })
     }
+}
+
+/// The compiled classification rules: the operator's file first, then the built-in ones. An
+/// unreadable file, bad TOML or a bad rule (its index named) is an error on `bounce.rules_file`.
+fn bounce_classifier(
+    section: &crate::config::BounceSection,
+) -> Result<Option<Arc<crate::bounce::Classifier>>, ConfigError> {
+    if !section.enabled {
+        return Ok(None);
+    }
+    let mut files = Vec::new();
+    if !section.rules_file.as_os_str().is_empty() {
+        let path = &section.rules_file;
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| invalid("bounce.rules_file", format!("{}: {e}", path.display())))?;
+        files.push((path.display().to_string(), text));
+    }
+    let classifier = crate::bounce::Classifier::new(&files)
+        .map_err(|e| invalid("bounce.rules_file", e.to_string()))?;
+    Ok(Some(Arc::new(classifier)))
 }
 
 /// A list of CIDR networks from the config; an error names `key` and the bad entry.

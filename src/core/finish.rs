@@ -80,6 +80,11 @@ impl Core {
                 } else {
                     records.push(record);
                 }
+                let bounce_category = self
+                    .settings
+                    .bounce
+                    .as_deref()
+                    .and_then(|c| outcome::bounce_category(c, decision, &response));
                 self.observers.emit(&Event::Attempt(Attempt {
                     ts_ms: now_ms,
                     shard: self.shard,
@@ -95,6 +100,7 @@ impl Core {
                     received_ms: m.received_ms(),
                     size: m.size(),
                     tls: via.tls.as_deref(),
+                    bounce_category,
                 }));
                 if notice {
                     notice_rcpts.push(NoticeRcpt {
