@@ -7,40 +7,11 @@
 mod common;
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::*;
 use serde_json::Value;
-
-/// aiosmtpd on `port`, storing into `dir` (tests/data/aiosmtpd_store.py); killed when dropped.
-struct Downstream(Child);
-
-impl Downstream {
-    fn start(port: u16, dir: &Path) -> Downstream {
-        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/aiosmtpd_store.py");
-        let child = Command::new("python3")
-            .arg(script)
-            .arg(port.to_string())
-            .arg(dir)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("run aiosmtpd (pip install aiosmtpd)");
-        let server = Downstream(child);
-        wait_until("aiosmtpd listening", DEADLINE, || {
-            std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
-        });
-        server
-    }
-}
-
-impl Drop for Downstream {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
 
 /// `epoxi dkim keygen`: writes the key to `out`, returns the TXT value it printed (the
 /// record's strings joined) and the record's name.
@@ -228,7 +199,7 @@ fn signatures_verify_with_dkimpy() {
     }
     let store = dir.path().join("store");
     let port = dead_port();
-    let _downstream = Downstream::start(port, &store);
+    let _downstream = Aiosmtpd::start(port, &store);
     let mut opts = Opts::new(dir.path()).route(port);
     opts.conf.raw = [
         dkim_table("rsa.test", "r1", &rsa_key, ""),
@@ -445,7 +416,7 @@ fn signature_survives_a_retry_after_restart() {
     }
     let spooled = spooled.expect("the signature is in the spool");
 
-    let _downstream = Downstream::start(port, &store);
+    let _downstream = Aiosmtpd::start(port, &store);
     let mut opts2 = Opts::new(dir.path()).route(port);
     opts2.conf.raw.clear();
     let mut epoxi2 = Epoxi::start(&opts2);

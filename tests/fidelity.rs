@@ -8,40 +8,10 @@ mod common;
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::*;
 use serde_json::Value;
-
-/// aiosmtpd on `port`, storing into `dir`; killed when dropped.
-struct Aiosmtpd(Child);
-
-impl Aiosmtpd {
-    fn start(port: u16, dir: &Path) -> Aiosmtpd {
-        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/aiosmtpd_store.py");
-        let child = Command::new("python3")
-            .arg(script)
-            .arg(port.to_string())
-            .arg(dir)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("run aiosmtpd (pip install aiosmtpd)");
-        let server = Aiosmtpd(child);
-        wait_until("aiosmtpd listening", DEADLINE, || {
-            std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
-        });
-        server
-    }
-}
-
-impl Drop for Aiosmtpd {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
 
 /// Stored messages by their X-Fidelity-Id, with Epoxi's Received header taken off the top.
 fn stored(dir: &Path) -> Vec<(String, Vec<u8>, String)> {

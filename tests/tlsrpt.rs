@@ -9,46 +9,16 @@ mod common;
 
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::Duration;
 
 use common::dns::DnsServer;
 use common::tlspeers::{PolicyServer, TestCa};
-use common::{dead_port, message_body, run_epoxi, wait_until, Epoxi, Opts, Smtp, DEADLINE};
+use common::{dead_port, message_body, run_epoxi, wait_until, Aiosmtpd, Epoxi, Opts, Smtp};
 use serde_json::Value;
 
 const TTL: u32 = 300;
 const LOOPBACK: Ipv4Addr = Ipv4Addr::new(127, 0, 0, 1);
-
-/// aiosmtpd on `port`, storing into `dir`; killed when dropped.
-struct Aiosmtpd(Child);
-
-impl Aiosmtpd {
-    fn start(port: u16, dir: &Path) -> Aiosmtpd {
-        std::fs::create_dir_all(dir).expect("store dir");
-        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/aiosmtpd_store.py");
-        let child = Command::new("python3")
-            .arg(script)
-            .arg(port.to_string())
-            .arg(dir)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("run aiosmtpd (pip install aiosmtpd)");
-        let server = Aiosmtpd(child);
-        wait_until("aiosmtpd listening", DEADLINE, || {
-            std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
-        });
-        server
-    }
-}
-
-impl Drop for Aiosmtpd {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
 
 /// The report in a stored message, as Python's email module finds it: the headers that
 /// matter and the gunzip'd JSON of the `application/tlsrpt+gzip` part.

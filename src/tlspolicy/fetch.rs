@@ -73,12 +73,16 @@ impl Resolver for Fixed {
     }
 }
 
-/// Fetch the policy body. Blocking: run it off the executor.
-pub fn fetch(req: &Request) -> Result<Vec<u8>, FetchError> {
-    if req.addrs.is_empty() {
-        return Err(FetchError::NoAddress(req.domain.clone()));
-    }
-    let roots = match &req.trust.certs {
+/// An HTTPS-only ureq agent that connects to `addrs` (looked up by Epoxi's resolver, so ureq
+/// never asks the system's), trusts `trust`, follows no redirect, hands back every status and
+/// gives the whole exchange `timeout`. Shared by the policy fetch and the TLS report POST.
+pub fn https_agent(
+    trust: &Trust,
+    addrs: Vec<SocketAddr>,
+    timeout: Duration,
+    user_agent: &str,
+) -> ureq::Agent {
+    let roots = match &trust.certs {
         Some(certs) => ureq::tls::RootCerts::Specific(Arc::new(
             certs
                 .iter()
@@ -96,15 +100,23 @@ pub fn fetch(req: &Request) -> Result<Vec<u8>, FetchError> {
         .https_only(true)
         .max_redirects(0)
         .http_status_as_error(false)
-        .timeout_global(Some(req.timeout))
-        .user_agent("epoxi-mta-sts")
+        .timeout_global(Some(timeout))
+        .user_agent(user_agent)
         .build();
+    ureq::Agent::with_parts(config, DefaultConnector::default(), Fixed(addrs))
+}
+
+/// Fetch the policy body. Blocking: run it off the executor.
+pub fn fetch(req: &Request) -> Result<Vec<u8>, FetchError> {
+    if req.addrs.is_empty() {
+        return Err(FetchError::NoAddress(req.domain.clone()));
+    }
     let addrs: Vec<SocketAddr> = req
         .addrs
         .iter()
         .map(|a| SocketAddr::new(a.ip(), req.port))
         .collect();
-    let agent = ureq::Agent::with_parts(config, DefaultConnector::default(), Fixed(addrs));
+    let agent = https_agent(&req.trust, addrs, req.timeout, "epoxi-mta-sts");
     let url = match req.port {
         443 => format!("https://mta-sts.{}/.well-known/mta-sts.txt", req.domain),
         port => format!(

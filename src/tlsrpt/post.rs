@@ -4,11 +4,7 @@
 //! certificate is checked against `delivery.tls_ca_file` (or the bundled web roots).
 
 use std::net::SocketAddr;
-use std::sync::Arc;
 use std::time::Duration;
-
-use ureq::unversioned::resolver::{ResolvedSocketAddrs, Resolver};
-use ureq::unversioned::transport::{DefaultConnector, NextTimeout};
 
 use crate::tlspolicy::verify::Trust;
 
@@ -36,51 +32,12 @@ pub fn host_port(url: &str) -> Option<(String, u16)> {
     }
 }
 
-#[derive(Debug)]
-struct Fixed(Vec<SocketAddr>);
-
-impl Resolver for Fixed {
-    fn resolve(
-        &self,
-        _uri: &ureq::http::Uri,
-        _config: &ureq::config::Config,
-        _timeout: NextTimeout,
-    ) -> Result<ResolvedSocketAddrs, ureq::Error> {
-        let mut out = self.empty();
-        for addr in self.0.iter().take(4) {
-            out.push(*addr);
-        }
-        Ok(out)
-    }
-}
-
 /// POST `gz` to `url`, connecting to `addrs`. Any 2xx is success.
 pub fn post(url: &str, addrs: Vec<SocketAddr>, trust: &Trust, gz: &[u8]) -> Result<(), String> {
     if addrs.is_empty() {
         return Err(format!("{url}: the host has no address"));
     }
-    let roots = match &trust.certs {
-        Some(certs) => ureq::tls::RootCerts::Specific(Arc::new(
-            certs
-                .iter()
-                .map(|c| ureq::tls::Certificate::from_der(c.as_ref()).to_owned())
-                .collect(),
-        )),
-        None => ureq::tls::RootCerts::WebPki,
-    };
-    let tls = ureq::tls::TlsConfig::builder()
-        .root_certs(roots)
-        .unversioned_rustls_crypto_provider(Arc::new(rustls::crypto::ring::default_provider()))
-        .build();
-    let config = ureq::config::Config::builder()
-        .tls_config(tls)
-        .https_only(true)
-        .max_redirects(0)
-        .http_status_as_error(false)
-        .timeout_global(Some(POST_TIMEOUT))
-        .user_agent("epoxi-tlsrpt")
-        .build();
-    let agent = ureq::Agent::with_parts(config, DefaultConnector::default(), Fixed(addrs));
+    let agent = crate::tlspolicy::fetch::https_agent(trust, addrs, POST_TIMEOUT, "epoxi-tlsrpt");
     let response = agent
         .post(url)
         .header("Content-Type", "application/tlsrpt+gzip")

@@ -1048,3 +1048,34 @@ pub fn run_epoxi<S: AsRef<std::ffi::OsStr>>(args: &[S]) -> Ran {
         stderr: stderr.text(),
     }
 }
+
+/// aiosmtpd on `port`, storing every message into `dir` (tests/data/aiosmtpd_store.py: `<n>.eml`
+/// and its envelope `<n>.env`); killed when dropped.
+pub struct Aiosmtpd(std::process::Child);
+
+impl Aiosmtpd {
+    pub fn start(port: u16, dir: &Path) -> Aiosmtpd {
+        std::fs::create_dir_all(dir).expect("store dir");
+        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/aiosmtpd_store.py");
+        let child = std::process::Command::new("python3")
+            .arg(script)
+            .arg(port.to_string())
+            .arg(dir)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("run aiosmtpd (pip install aiosmtpd)");
+        let server = Aiosmtpd(child);
+        wait_until("aiosmtpd listening", DEADLINE, || {
+            std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
+        });
+        server
+    }
+}
+
+impl Drop for Aiosmtpd {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
