@@ -24,6 +24,7 @@
 //!   streaming body hash, the signature header, keys; `records`: the DNS records a config
 //!   needs (`epoxi dns-records`).
 
+pub mod admin;
 pub mod alloc;
 pub mod auth;
 pub mod bounce;

@@ -16,6 +16,7 @@
 mod deliver;
 mod finish;
 mod handle;
+mod ops;
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::rc::Rc;
