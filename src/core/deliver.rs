@@ -368,7 +368,7 @@ impl Core {
                 for job in jobs {
                     let results: Vec<(u16, RcptResult)> =
                         job.rcpts.iter().map(|&r| (r, result.clone())).collect();
-                    self.record_results(job.id, &results, &via, now_ms);
+                    self.record_results(job.id, &results, &via, Some(&dest.hop), now_ms);
                 }
             }
         }
@@ -483,21 +483,29 @@ impl Core {
         results: &[(u16, RcptResult)],
         now_ms: u64,
     ) {
-        let via = match self.conns.get(&conn) {
-            Some(c) => Via {
-                peer: c.peer.clone(),
-                source: Some(c.source),
-                tls: c.tls.clone(),
-            },
-            None => Via::NONE,
+        // The hop matters to the retry policy of failures only: no clone for a delivery.
+        let failed = results.iter().any(|(_, r)| match r {
+            RcptResult::Reply(reply) => !(200..300).contains(&reply.code),
+            RcptResult::Failure(_) => true,
+        });
+        let (via, hop) = match self.conns.get(&conn) {
+            Some(c) => (
+                Via {
+                    peer: c.peer.clone(),
+                    source: Some(c.source),
+                    tls: c.tls.clone(),
+                },
+                failed.then(|| c.dest.hop.clone()),
+            ),
+            None => (Via::NONE, None),
         };
-        self.record_results(job.id, results, &via, now_ms);
+        self.record_results(job.id, results, &via, hop.as_ref(), now_ms);
     }
 
     /// The transaction of `job` did not happen (e.g. the message's SIZE is over the next hop's
     /// limit, checked before sending): each recipient's result, logged without a peer.
     pub fn txn_refused(&mut self, job: &Job, results: &[(u16, RcptResult)], now_ms: u64) {
-        self.record_results(job.id, results, &Via::NONE, now_ms);
+        self.record_results(job.id, results, &Via::NONE, None, now_ms);
     }
 
     /// Connection `conn` is closed (after QUIT, a failure, or never opened): its permit goes

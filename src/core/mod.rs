@@ -26,7 +26,6 @@ use crate::egress::EgressState;
 use crate::envelope::{Envelope, ReceptionId};
 use crate::events::{Event, Observers, Received, Response};
 use crate::outcome::RcptResult;
-use crate::queue::retry::Backoff;
 use crate::queue::{Dest, Job, JobRcpts, Queue, QueueFull};
 use crate::route::{Hop, LookupError, Router, SiteMemo};
 use crate::settings::Settings;
@@ -119,7 +118,6 @@ pub struct Core {
     shards: usize,
     settings: Rc<Settings>,
     has_resolver: bool,
-    backoff: Backoff,
     rcpts_per_transaction_max: usize,
     queue: Queue,
     router: Router,
@@ -153,12 +151,6 @@ impl Core {
             shard: cfg.shard,
             shards: cfg.shards.max(1),
             has_resolver: cfg.has_resolver,
-            backoff: Backoff {
-                base_ms: c.queue.retry_base_ms,
-                factor: c.queue.retry_factor,
-                cap_ms: c.queue.retry_cap_ms,
-                max_age_ms: c.queue.max_age_s.saturating_mul(1000),
-            },
             rcpts_per_transaction_max: c.delivery.rcpts_per_transaction_max.max(1),
             queue: Queue::new(c.queue.messages_max),
             router: Router::new(cfg.settings.routes.clone()),
@@ -470,7 +462,7 @@ impl Core {
     /// Every recipient of `rcpts` gets `result` without a connection being made.
     fn fail(&mut self, id: u64, rcpts: &[u16], result: &RcptResult, now_ms: u64) {
         let results: Vec<(u16, RcptResult)> = rcpts.iter().map(|&r| (r, result.clone())).collect();
-        self.record_results(id, &results, &deliver::Via::NONE, now_ms);
+        self.record_results(id, &results, &deliver::Via::NONE, None, now_ms);
     }
 }
 

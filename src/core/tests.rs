@@ -25,7 +25,11 @@ const ROUTE: &str = "127.0.0.1:2600";
 /// Settings from `toml`, with `*.test` routed to [`ROUTE`] and a resolver named (so nothing
 /// reads `/etc/resolv.conf`).
 fn settings(toml: &str) -> Rc<Settings> {
-    let config = Config::parse(toml).expect("test config parses");
+    let mut config = Config::parse(toml).expect("test config parses");
+    // Exact retry times in these tests: no jitter unless a test asks for it.
+    if !toml.contains("retry_jitter") {
+        config.queue.retry_jitter = 0.0;
+    }
     let settings = config
         .settle(Overrides {
             routes: vec![format!("*.test={ROUTE}")],
