@@ -490,6 +490,14 @@ pub struct DeliverySection {
     pub address_order: String,
     /// Messages sent over one connection before it is closed and a fresh one opened.
     pub messages_per_connection_max: usize,
+    /// Failed connections in a row (refused, timed out, 421 at the greeting) that put a
+    /// (site, source) into a backoff of its own: its messages wait without a connection
+    /// attempt each until a probe connection succeeds. 0 turns site backoff off.
+    pub site_failures_max: u32,
+    /// First site backoff, in milliseconds; each failed probe doubles it.
+    pub site_backoff_ms: u64,
+    /// Longest site backoff, in milliseconds.
+    pub site_backoff_cap_ms: u64,
     /// Recipients of one message sent in one transaction.
     pub rcpts_per_transaction_max: usize,
     pub connect_timeout_ms: u64,
@@ -631,6 +639,9 @@ impl Default for DeliverySection {
             helo_name: String::new(),
             connections_per_destination_max: 16,
             messages_per_connection_max: 1_000,
+            site_failures_max: 5,
+            site_backoff_ms: 30_000,
+            site_backoff_cap_ms: 600_000,
             rcpts_per_transaction_max: 100,
             connect_timeout_ms: 30_000,
             reply_timeout_ms: 300_000,
@@ -914,6 +925,12 @@ impl Config {
             ));
         }
         let d = &self.delivery;
+        if d.site_backoff_ms == 0 || d.site_backoff_cap_ms < d.site_backoff_ms {
+            return Err(invalid(
+                "delivery.site_backoff_cap_ms",
+                "site_backoff_ms must be at least 1 and site_backoff_cap_ms at least that",
+            ));
+        }
         if d.connections_per_destination_max == 0 {
             return Err(invalid(
                 "delivery.connections_per_destination_max",

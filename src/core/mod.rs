@@ -125,6 +125,9 @@ pub struct Core {
     health: EgressState,
     permits: Permits,
     budgets: Budgets,
+    /// (site, source) keys their owners said are down, and until when: their messages wait
+    /// in the schedule instead of asking for connections.
+    holds: HashMap<LeaseKey, u64>,
     dests: HashMap<Dest, DestState>,
     conns: HashMap<ConnId, deliver::Conn>,
     next_conn: u64,
@@ -157,7 +160,12 @@ impl Core {
             sites: SiteMemo::new(c.dns.ttl_min_s, c.dns.ttl_max_s, c.dns.cache_entries_max),
             health: EgressState::new(&cfg.settings.egress),
             permits: Permits::default(),
-            budgets: Budgets::default(),
+            budgets: Budgets::new(crate::egress::lease::SiteBackoff {
+                failures_max: c.delivery.site_failures_max,
+                backoff_ms: c.delivery.site_backoff_ms,
+                cap_ms: c.delivery.site_backoff_cap_ms,
+            }),
+            holds: HashMap::new(),
             dests: HashMap::new(),
             conns: HashMap::new(),
             next_conn: 1,
