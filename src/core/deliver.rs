@@ -143,7 +143,7 @@ impl Core {
                 // Every source's way to this site is in backoff: its work waits, untried.
                 if ds.conns == 0 && ds.requested == 0 {
                     let jobs = self.queue.drain_ready(dest);
-                    self.hold_jobs(jobs, &dest.hop, until, HOLD_SITE_DOWN, now_ms);
+                    self.hold_jobs(jobs, Some(&dest.hop), until, HOLD_SITE_DOWN, now_ms);
                 }
                 self.tidy_dest(dest);
                 return;
@@ -221,7 +221,7 @@ impl Core {
     }
 
     /// Log the health changes of keys this shard owns.
-    fn site_changes(&mut self, now_ms: u64) {
+    pub(super) fn site_changes(&mut self, now_ms: u64) {
         for change in self.budgets.take_changes() {
             let source = self
                 .settings
@@ -264,7 +264,7 @@ impl Core {
     pub(super) fn hold_jobs(
         &mut self,
         jobs: Vec<Job>,
-        hop: &crate::route::Hop,
+        hop: Option<&crate::route::Hop>,
         until_ms: u64,
         why: &str,
         now_ms: u64,
@@ -283,7 +283,7 @@ impl Core {
                         continue;
                     }
                     let domain = crate::envelope::domain_of(m.rcpt(r));
-                    let deadline = received.saturating_add(policy.max_age_ms(domain, Some(hop)));
+                    let deadline = received.saturating_add(policy.max_age_ms(domain, hop));
                     if now_ms >= deadline {
                         expired.push((
                             r,
@@ -298,7 +298,7 @@ impl Core {
                 }
             }
             if !expired.is_empty() {
-                self.record_results(job.id, &expired, &Via::NONE, Some(hop), now_ms);
+                self.record_results(job.id, &expired, &Via::NONE, hop, now_ms);
             }
         }
         self.rearm();

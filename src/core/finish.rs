@@ -85,7 +85,8 @@ impl Core {
                         _ => 0,
                     },
                 };
-                let notice = outcome::wants_notice(decision, m.success_notices(), m.sender());
+                let notice = !self.notices_off
+                    && outcome::wants_notice(decision, m.success_notices(), m.sender());
                 // A bounce or expiry is recorded only once its notice is spooled: a crash in
                 // between leaves the recipient pending, so it bounces (and notifies) again
                 // after restart: at least once. A delivery is recorded at once: its success

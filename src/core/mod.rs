@@ -36,6 +36,7 @@ use crate::spool::{Location, RecoveredMessage};
 
 pub use deliver::{ConnFailure, ConnId, NextJob, Ticket, Via};
 pub use handle::CoreCell;
+pub use ops::Step;
 
 /// What the core asks its adapters to do.
 #[derive(Debug, Clone, PartialEq)]
@@ -128,6 +129,12 @@ pub struct Core {
     /// (site, source) keys their owners said are down, and until when: their messages wait
     /// in the schedule instead of asking for connections.
     holds: HashMap<LeaseKey, u64>,
+    /// Operators' suspensions and bounces in force (see `ops`).
+    directives: Vec<ops::Directive>,
+    /// Recipient domains an operator sent through another egress pool.
+    rebinds: HashMap<String, usize>,
+    /// While an operator's bounce without notices is recorded.
+    notices_off: bool,
     dests: HashMap<Dest, DestState>,
     conns: HashMap<ConnId, deliver::Conn>,
     next_conn: u64,
@@ -166,6 +173,9 @@ impl Core {
                 cap_ms: c.delivery.site_backoff_cap_ms,
             }),
             holds: HashMap::new(),
+            directives: Vec::new(),
+            rebinds: HashMap::new(),
+            notices_off: false,
             dests: HashMap::new(),
             conns: HashMap::new(),
             next_conn: 1,
@@ -381,7 +391,10 @@ impl Core {
                 match groups.iter_mut().find(|(d, _, _)| *d == domain) {
                     Some((_, _, v)) => v.push(r),
                     None => {
-                        let pool = self.settings.egress.pool_for(m.sender(), &domain, tenant);
+                        let pool = match self.rebinds.get(&domain) {
+                            Some(&pool) => pool,
+                            None => self.settings.egress.pool_for(m.sender(), &domain, tenant),
+                        };
                         groups.push((domain, pool, smallvec::smallvec![r]));
                     }
                 }
@@ -451,6 +464,10 @@ impl Core {
 
     /// Ready jobs for `hop`, at most `rcpts_per_transaction_max` recipients each.
     fn ready(&mut self, id: u64, rcpts: JobRcpts, hop: Hop, pool: usize, now_ms: u64) {
+        let rcpts = self.apply_directives(id, rcpts, Some(&hop), now_ms);
+        if rcpts.is_empty() {
+            return;
+        }
         let dest = Dest { hop, pool };
         for chunk in rcpts.chunks(self.rcpts_per_transaction_max) {
             self.queue.push_ready(
