@@ -117,6 +117,11 @@ impl Core {
         let slots_max = (limits.connections_max as u32).saturating_mul(members);
         let ds = *self.dest_state(dest);
         if ready <= ds.idle + ds.requested || ds.conns + ds.requested >= slots_max {
+            if ready > ds.idle {
+                // Saturated: work waits in the ready queue; the timer must know when the
+                // oldest may reach its deadline there.
+                self.rearm();
+            }
             self.tidy_dest(dest);
             return;
         }

@@ -38,6 +38,9 @@ pub use deliver::{ConnFailure, ConnId, NextJob, Ticket, Via};
 pub use handle::CoreCell;
 pub use ops::Step;
 
+/// Least time between two checks of the ready queues for jobs past their deadline.
+pub const READY_CHECK_GAP_MS: u64 = 1_000;
+
 /// What the core asks its adapters to do.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Action {
@@ -135,6 +138,9 @@ pub struct Core {
     rebinds: HashMap<String, usize>,
     /// While an operator's bounce without notices is recorded.
     notices_off: bool,
+    /// When a job waiting in a ready queue (a throttled or slow site) may reach its deadline:
+    /// the ready queues are checked then, so none outlives its max age there either.
+    ready_check_ms: Option<u64>,
     dests: HashMap<Dest, DestState>,
     conns: HashMap<ConnId, deliver::Conn>,
     next_conn: u64,
@@ -176,6 +182,7 @@ impl Core {
             directives: Vec::new(),
             rebinds: HashMap::new(),
             notices_off: false,
+            ready_check_ms: None,
             dests: HashMap::new(),
             conns: HashMap::new(),
             next_conn: 1,
@@ -344,10 +351,12 @@ impl Core {
             true => None,
             false => self.notices.values().filter_map(|n| n.retry_at_ms).min(),
         };
-        match (self.queue.next_due_ms(), notices) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
-        }
+        // The ready queues' check only while something waits in them.
+        let ready_check = self.ready_check_ms.filter(|_| self.queue.has_ready());
+        [self.queue.next_due_ms(), notices, ready_check]
+            .into_iter()
+            .flatten()
+            .min()
     }
 
     fn rearm(&mut self) {
@@ -366,6 +375,9 @@ impl Core {
             self.dispatch(job.id, &job.rcpts, now_ms);
         }
         self.retry_notices(now_ms);
+        if self.ready_check_ms.is_some_and(|at| at <= now_ms) {
+            self.expire_ready(now_ms);
+        }
         self.armed_ms = self.next_wakeup();
     }
 
@@ -469,6 +481,18 @@ impl Core {
             return;
         }
         let dest = Dest { hop, pool };
+        if let Some(m) = self.queue.get(id) {
+            // A lower bound of its deadline (exact at the check): one min per job.
+            // The timer learns of it when the destination is saturated (`connect_more`): an
+            // unsaturated one takes the job at once.
+            let floor = m
+                .received_ms()
+                .saturating_add(self.settings.retry.max_age_floor_ms())
+                .saturating_add(READY_CHECK_GAP_MS);
+            if self.ready_check_ms.is_none_or(|at| floor < at) {
+                self.ready_check_ms = Some(floor);
+            }
+        }
         for chunk in rcpts.chunks(self.rcpts_per_transaction_max) {
             self.queue.push_ready(
                 &dest,
@@ -482,6 +506,55 @@ impl Core {
             self.actions.push(Action::WakeIdle);
         }
         self.connect_more(&dest, now_ms);
+    }
+
+    /// Expire what waits in ready queues past its deadline (a destination too slow or too
+    /// throttled to reach it in time), and set the next check. Checks are at least
+    /// [`READY_CHECK_GAP_MS`] apart, so a backlog whose deadlines follow each other closely
+    /// costs one pass over the ready queues per gap, not one per message.
+    fn expire_ready(&mut self, now_ms: u64) {
+        let policy = self.settings.retry.clone();
+        let dests: Vec<Dest> = self.queue.ready_dests().cloned().collect();
+        let mut next: Option<u64> = None;
+        let mut expired: Vec<(u64, JobRcpts, Hop)> = Vec::new();
+        for dest in dests {
+            for job in self.queue.drain_ready(&dest) {
+                let Some(m) = self.queue.get(job.id) else {
+                    continue;
+                };
+                let deadline = job
+                    .rcpts
+                    .iter()
+                    .map(|&r| {
+                        let domain = crate::envelope::domain_of(m.rcpt(r));
+                        m.received_ms()
+                            .saturating_add(policy.max_age_ms(domain, Some(&dest.hop)))
+                    })
+                    .min()
+                    .unwrap_or(u64::MAX);
+                // A grace of one gap: a retry moved up to its deadline gets its attempt.
+                if deadline.saturating_add(READY_CHECK_GAP_MS) <= now_ms {
+                    expired.push((job.id, job.rcpts, dest.hop.clone()));
+                } else {
+                    next = Some(next.map_or(deadline, |n: u64| n.min(deadline)));
+                    self.queue.push_ready(&dest, job);
+                }
+            }
+        }
+        self.ready_check_ms =
+            next.map(|n| (n + READY_CHECK_GAP_MS).max(now_ms + READY_CHECK_GAP_MS));
+        let reply = Reply::new(
+            451,
+            Some((4, 4, 7)),
+            "Message expired waiting for a connection to a busy destination".to_owned(),
+        );
+        for (id, rcpts, hop) in expired {
+            let results: Vec<(u16, RcptResult)> = rcpts
+                .iter()
+                .map(|&r| (r, RcptResult::Reply(reply.clone())))
+                .collect();
+            self.record_results(id, &results, &deliver::Via::NONE, Some(&hop), now_ms);
+        }
     }
 
     /// Every recipient of `rcpts` gets `result` without a connection being made.

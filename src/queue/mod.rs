@@ -861,6 +861,11 @@ impl Queue {
             .unwrap_or_default()
     }
 
+    /// Whether any job waits in a ready queue (empty queues are dropped: no scan).
+    pub fn has_ready(&self) -> bool {
+        !self.dests.is_empty()
+    }
+
     pub fn ready_len(&self) -> usize {
         self.dests.values().map(|d| d.ready.len()).sum()
     }

@@ -181,6 +181,15 @@ impl RetryPolicy {
         }
     }
 
+    /// The shortest maximum age any rule gives: a lower bound for every message's deadline,
+    /// cheap enough for the hot path (the exact one is looked up only past it).
+    pub fn max_age_floor_ms(&self) -> u64 {
+        self.rules
+            .iter()
+            .map(|r| r.backoff.max_age_ms)
+            .fold(self.default.max_age_ms, u64::min)
+    }
+
     /// The maximum age of a message to `domain` over `hop`, whatever its failures: what a
     /// held message (suspended, its site down) expires by.
     pub fn max_age_ms(&self, domain: &str, hop: Option<&Hop>) -> u64 {

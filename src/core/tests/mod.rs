@@ -377,7 +377,11 @@ fn a_deferral_is_recorded_scheduled_and_routed_again_when_due() {
     // Due: routed again; the idle connection is woken rather than another one opened.
     core.tick(due);
     assert_eq!(core.take_actions(), vec![Action::WakeIdle]);
-    assert_eq!(core.next_wakeup(), None);
+    // No retry due; the job waiting in the ready queue is checked at its deadline.
+    assert_eq!(
+        core.next_wakeup(),
+        Some(T0 + 5 * 86_400_000 + crate::core::READY_CHECK_GAP_MS)
+    );
     let ticket = job_for(&mut core, conn, due);
     assert_eq!(ticket.job.id, id);
     core.txn_done(conn, &ticket.job, &all(&ticket.job, ok()), due + 10);
@@ -414,11 +418,18 @@ fn rearm_only_when_the_earliest_due_time_moves_earlier() {
     // B is nearly 10 s old: its retry is moved up to its deadline, before A's.
     let b = accept(&mut core, &envelope("s@x.test", &["b@d.test"], t - 9000), t);
     let actions = core.take_actions();
+    // One connection for three jobs: saturated, so the timer learns when the oldest waiting
+    // job may pass its deadline in the ready queue (B's, plus the check's gap).
+    assert!(has(&actions, &Action::Rearm), "ready queue check");
+    assert_eq!(core.next_wakeup(), Some(t + 2000));
     let (conn, ta) = open_and_take(&mut core, &actions, t);
     assert_eq!(ta.job.id, a);
     core.txn_done(conn, &ta.job, &all(&ta.job, tempfail()), t);
-    assert!(has(&core.take_actions(), &Action::Rearm), "first due time");
-    assert_eq!(core.next_wakeup(), Some(t + 4000));
+    assert!(
+        !has(&core.take_actions(), &Action::Rearm),
+        "a later due time needs no re-arm"
+    );
+    assert_eq!(core.next_wakeup(), Some(t + 2000));
 
     let tc = job_for(&mut core, conn, t + 500);
     assert_eq!(tc.job.id, c);
@@ -427,7 +438,6 @@ fn rearm_only_when_the_earliest_due_time_moves_earlier() {
         !has(&core.take_actions(), &Action::Rearm),
         "a later due time needs no re-arm"
     );
-    assert_eq!(core.next_wakeup(), Some(t + 4000));
 
     let tb = job_for(&mut core, conn, t + 500);
     assert_eq!(tb.job.id, b);
@@ -435,6 +445,7 @@ fn rearm_only_when_the_earliest_due_time_moves_earlier() {
     let actions = core.take_actions();
     assert_eq!(outcomes(&actions)[0].next_attempt_ms, t + 1000);
     assert!(has(&actions, &Action::Rearm), "an earlier due time");
+    // Nothing waits in a ready queue any more: the retry is the next wake-up.
     assert_eq!(core.next_wakeup(), Some(t + 1000));
 }
 

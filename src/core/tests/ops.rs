@@ -205,3 +205,33 @@ fn flush_retries_scheduled_recipients_now_once() {
     core.tick(T0 + 60_001);
     assert!(core.queue().get(id).is_none());
 }
+
+#[test]
+fn jobs_waiting_for_a_saturated_destination_expire_on_time() {
+    let (mut core, rec) = one_core(
+        "[queue]\nretry_base_ms = 1000\nmax_age_s = 10\n\
+         [delivery]\nconnections_per_destination_max = 1\n",
+    );
+    let ids: Vec<u64> = (0..3)
+        .map(|_| accept(&mut core, &envelope("s@x.test", &["a@d.test"], T0), T0))
+        .collect();
+    let actions = core.take_actions();
+    // The one connection takes the first job and never finishes it (a stalled peer).
+    let (_conn, first) = open_and_take(&mut core, &actions, T0);
+    assert_eq!(first.job.id, ids[0]);
+    let check = core
+        .next_wakeup()
+        .expect("the ready queue's check is armed");
+    assert!(check <= T0 + 10_000 + crate::core::READY_CHECK_GAP_MS);
+    core.tick(check);
+    let expired: Vec<u64> = attempts_seen(&rec)
+        .into_iter()
+        .filter(|(_, _, o, _)| *o == AttemptOutcome::Expired)
+        .map(|(id, _, _, _)| id)
+        .collect();
+    assert_eq!(
+        expired,
+        vec![ids[1], ids[2]],
+        "the two waiting ones, on time"
+    );
+}
