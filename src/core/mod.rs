@@ -182,6 +182,50 @@ impl Core {
         &self.settings
     }
 
+    /// Swap in reloaded settings (see `admin::reload` for what a reload may change): routes,
+    /// retry backoff and max age, transaction size, bounce rules, site limits and pool rules
+    /// apply from now on. Ready jobs are routed again when routes or pool rules changed, so
+    /// queued mail follows the new routes too; jobs a connection holds finish where they are
+    /// going, and connections keep the limits they opened with. The egress sources and pools
+    /// must be the running ones (their indices key permits and ready queues).
+    pub fn reload(&mut self, settings: Rc<Settings>, now_ms: u64) {
+        let (old, new) = (&self.settings.config, &settings.config);
+        let reroute = old.route != new.route
+            || old.pool_rule != new.pool_rule
+            || old.egress != new.egress
+            || settings.routes.len() != self.settings.routes.len();
+        if settings.egress.sources != self.settings.egress.sources {
+            // Not what `admin::reload::plan` hands over; a health table of the wrong size would
+            // index out of bounds, so start it over rather than trust it.
+            debug_assert!(false, "reload changed the egress sources");
+            self.health = EgressState::new(&settings.egress);
+        }
+        let c = &settings.config;
+        self.backoff = Backoff {
+            base_ms: c.queue.retry_base_ms,
+            factor: c.queue.retry_factor,
+            cap_ms: c.queue.retry_cap_ms,
+            max_age_ms: c.queue.max_age_s.saturating_mul(1000),
+        };
+        self.rcpts_per_transaction_max = c.delivery.rcpts_per_transaction_max.max(1);
+        self.router = Router::new(settings.routes.clone());
+        self.settings = settings;
+        let dests: Vec<Dest> = self.queue.ready_dests().cloned().collect();
+        if reroute {
+            for dest in &dests {
+                for job in self.queue.drain_ready(dest) {
+                    self.dispatch(job.id, &job.rcpts, now_ms);
+                }
+            }
+        }
+        // Site limits may have grown: waiting work may get more connections now.
+        let dests: Vec<Dest> = self.queue.ready_dests().cloned().collect();
+        for dest in &dests {
+            self.connect_more(dest, now_ms);
+        }
+        self.rearm();
+    }
+
     /// The actions decided so far, for the adapters (in order).
     pub fn take_actions(&mut self) -> Vec<Action> {
         std::mem::take(&mut self.actions)
