@@ -260,7 +260,7 @@ enum SuppressionCommand {
 /// The operation a command asks for, where to send it, and whether to print it as tables;
 /// `Err`: not an operation on a running server. `Ok(None)`: no selector (clap's argument
 /// groups require one, so only a bug gets there).
-fn admin_op(command: Command) -> Result<Option<(Op, AdminArgs, bool)>, Command> {
+fn admin_op(command: Command) -> Result<Option<(Op, AdminArgs, bool)>, Box<Command>> {
     let operation = matches!(
         command,
         Command::Queue(_)
@@ -274,7 +274,7 @@ fn admin_op(command: Command) -> Result<Option<(Op, AdminArgs, bool)>, Command> 
             | Command::Reload(_)
     );
     if !operation {
-        return Err(command);
+        return Err(Box::new(command));
     }
     Ok(admin_request(command))
 }
@@ -627,7 +627,7 @@ fn main() -> ExitCode {
             eprintln!("epoxi: say which messages: --domain, --site, --tenant, --campaign or --id");
             return ExitCode::from(2);
         }
-        Err(command) => command,
+        Err(command) => *command,
     };
     match command {
         Command::CheckConfig(args) => match settle(args) {

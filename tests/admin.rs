@@ -73,7 +73,9 @@ fn socket_is_private_and_answers_from_every_shard() {
     // Bad input gets an error line, and the connection goes on.
     let bad = admin.send(b"{not json");
     assert!(
-        bad["error"].as_str().is_some_and(|e| e.contains("bad request")),
+        bad["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("bad request")),
         "{bad}"
     );
     let unknown = admin.send(br#"{"op":"explode"}"#);
@@ -165,10 +167,7 @@ fn no_server_and_a_second_server_are_clear_errors() {
         dir.path().as_os_str(),
     ]);
     assert!(!none.status.success());
-    assert!(
-        none.stderr.contains("no epoxi server answers"),
-        "{none:?}"
-    );
+    assert!(none.stderr.contains("no epoxi server answers"), "{none:?}");
 
     let opts = Opts::new(dir.path()).log_dir(dir.path().join("log1"));
     let mut first = Epoxi::start(&opts);
@@ -179,7 +178,8 @@ fn no_server_and_a_second_server_are_clear_errors() {
     };
     assert!(!ran.status.success());
     assert!(
-        ran.stderr.contains("another epoxi is running on this spool"),
+        ran.stderr
+            .contains("another epoxi is running on this spool"),
         "{}",
         ran.stderr
     );
@@ -197,8 +197,9 @@ fn no_server_and_a_second_server_are_clear_errors() {
 fn routed(routes: &[(&str, u16)], port: u16) -> Conf {
     let mut conf = Conf::default();
     for (glob, to) in routes {
-        conf.raw
-            .push_str(&format!("[[route]]\ndomain = \"{glob}\"\ntarget = \"127.0.0.1:{to}\"\n"));
+        conf.raw.push_str(&format!(
+            "[[route]]\ndomain = \"{glob}\"\ntarget = \"127.0.0.1:{to}\"\n"
+        ));
     }
     conf.raw.push_str(&format!(
         "[[route]]\ndomain = \"*.test\"\ntarget = \"127.0.0.1:{port}\"\n"
@@ -229,10 +230,14 @@ fn a_broken_reload_is_refused_and_the_old_config_keeps_working() {
     assert!(!ok, "a broken config was accepted: {answer}");
     let error = answer["error"].as_str().unwrap_or_default();
     assert!(error.contains("reload refused"), "{answer} {stderr}");
-    assert!(error.contains("log.toml"), "the error names the file: {answer}");
+    assert!(
+        error.contains("log.toml"),
+        "the error names the file: {answer}"
+    );
     // A config that parses but does not validate (a route glob that does not parse).
     let mut bad = routed(&[], sink.port);
-    bad.raw.push_str("[[route]]\ndomain = \"[\"\ntarget = \"127.0.0.1:1\"\n");
+    bad.raw
+        .push_str("[[route]]\ndomain = \"[\"\ntarget = \"127.0.0.1:1\"\n");
     bad.write(&epoxi.config_path());
     let (ok, answer, _) = reload(&epoxi);
     assert!(!ok, "{answer}");
@@ -281,8 +286,11 @@ fn reload_under_load_loses_nothing_and_takes_effect() {
         epoxi.events_of("Delivery").len() >= 200
     });
     // A real change, by SIGHUP: d0.test and d1.test go to the new sink from now on.
-    routed(&[("d0.test", new_sink.port), ("d1.test", new_sink.port)], old_sink.port)
-        .write(&epoxi.config_path());
+    routed(
+        &[("d0.test", new_sink.port), ("d1.test", new_sink.port)],
+        old_sink.port,
+    )
+    .write(&epoxi.config_path());
     epoxi.sighup();
     wait_until("the SIGHUP reload", DEADLINE, || {
         epoxi.stderr().contains("configuration reloaded")
@@ -314,9 +322,11 @@ fn reload_under_load_loses_nothing_and_takes_effect() {
     let injected = injecting.finish();
     let accepted = injected.count("accepted");
     assert!(accepted > MESSAGES / 2, "{}", injected.json);
-    wait_until("every accepted message delivered", Duration::from_secs(120), || {
-        epoxi.events_of("Delivery").len() as u64 >= accepted
-    });
+    wait_until(
+        "every accepted message delivered",
+        Duration::from_secs(120),
+        || epoxi.events_of("Delivery").len() as u64 >= accepted,
+    );
     // Give a duplicate, if there were one, time to show.
     std::thread::sleep(Duration::from_millis(500));
     let deliveries = epoxi.events_of("Delivery");
@@ -335,13 +345,14 @@ fn reload_under_load_loses_nothing_and_takes_effect() {
     let got: BTreeSet<&String> = old_ids.union(&new_ids).copied().collect();
     let sent: BTreeSet<&String> = injected.ids.iter().collect();
     assert_eq!(got, sent, "the sinks got other messages than were accepted");
-    assert_eq!(deliveries.len() as u64, accepted, "one delivery per message");
+    assert_eq!(
+        deliveries.len() as u64,
+        accepted,
+        "one delivery per message"
+    );
     // The new routes took effect: the new sink got mail, for those domains only.
     assert!(!new_ids.is_empty(), "nothing went the new route");
-    for d in deliveries
-        .iter()
-        .filter(|d| d["peer"] == new_peer.as_str())
-    {
+    for d in deliveries.iter().filter(|d| d["peer"] == new_peer.as_str()) {
         let domain = d["domain"].as_str().unwrap_or_default();
         assert!(["d0.test", "d1.test", "d2.test"].contains(&domain), "{d}");
     }
@@ -351,5 +362,8 @@ fn reload_under_load_loses_nothing_and_takes_effect() {
         .filter(|e| e["op"] == "reload")
         .collect();
     assert_eq!(reloads.len(), 2, "{reloads:?}");
-    assert!(reloads.iter().all(|e| e["result"].get("error").is_none()), "{reloads:?}");
+    assert!(
+        reloads.iter().all(|e| e["result"].get("error").is_none()),
+        "{reloads:?}"
+    );
 }

@@ -32,6 +32,9 @@ pub struct Server {
     pub clock: Rc<dyn Clock>,
     pub reloader: Option<Reloader>,
     pub stop: Rc<shards::LocalStop>,
+    /// One reload at a time: two planned against the same old settings, or reaching the
+    /// shards in different orders, would leave shards with different settings.
+    pub reloading: glommio::sync::Semaphore,
 }
 
 impl Server {
@@ -129,6 +132,9 @@ impl Server {
     async fn reload(&self) -> Value {
         let Some(reloader) = self.reloader.clone() else {
             return admin::error("reload: this server was not started from a configuration");
+        };
+        let Ok(_turn) = self.reloading.acquire_permit(1).await else {
+            return admin::error("reload: the server is stopping");
         };
         let loaded = glommio::executor().spawn_blocking(move || reloader()).await;
         let refused = |why: String| {

@@ -356,6 +356,7 @@ pub async fn run(
             clock: clock.clone(),
             reloader: shared.reloader.clone(),
             stop: stop.clone(),
+            reloading: glommio::sync::Semaphore::new(1),
         });
         glommio::spawn_local(server.run(end))
     });
