@@ -70,7 +70,10 @@ pub fn decide(
     } else if (500..600).contains(&code) || choice.bounce {
         AttemptOutcome::Bounced
     } else {
-        match choice.backoff.after_failure(attempts, key, received_ms, now_ms) {
+        match choice
+            .backoff
+            .after_failure(attempts, key, received_ms, now_ms)
+        {
             Retry::At(at) => AttemptOutcome::Deferred {
                 next_attempt_ms: at,
             },

@@ -343,7 +343,9 @@ fn retry_policy(config: &Config) -> Result<crate::queue::retry::RetryPolicy, Con
             })?;
             categories.push(c);
         }
-        let glob = |field: &'static str, text: &Option<String>| -> Result<Option<DomainGlob>, ConfigError> {
+        let glob = |field: &'static str,
+                    text: &Option<String>|
+         -> Result<Option<DomainGlob>, ConfigError> {
             text.as_deref()
                 .map(|g| DomainGlob::new(g).map_err(|err| invalid(key(field), err.to_string())))
                 .transpose()
@@ -368,7 +370,10 @@ fn retry_policy(config: &Config) -> Result<crate::queue::retry::RetryPolicy, Con
             return Err(invalid(key("factor"), "must be a number >= 1.0".into()));
         }
         if backoff.cap_ms < backoff.base_ms {
-            return Err(invalid(key("cap_ms"), "must be >= the rule's base_ms".into()));
+            return Err(invalid(
+                key("cap_ms"),
+                "must be >= the rule's base_ms".into(),
+            ));
         }
         if !(0.0..=0.5).contains(&backoff.jitter) {
             return Err(invalid(key("jitter"), "must be between 0 and 0.5".into()));

@@ -2,7 +2,8 @@
 //! for a restart.
 //!
 //! The new settings were checked exactly as at start ([`crate::config::Config::settle`]). What
-//! every shard swaps in place: static routes, retry backoff and max age, the bounce rules, site
+//! every shard swaps in place: static routes, the retry policy (`[queue]` backoff and max age,
+//! `[[retry]]` rules), the bounce rules, site
 //! limits, delivery timeouts and TLS, DKIM signers, AUTH users, the TLS certificate, pool rules
 //! (`[[pool_rule]]`, `egress.default_pool`, `egress.tenant_header`, source health knobs), and
 //! the session settings of new inbound connections (`[server]` limits and timeouts, relay
@@ -134,6 +135,7 @@ fn changed(o: &crate::config::Config, n: &crate::config::Config) -> Vec<&'static
     };
     check("route", n.route != o.route);
     check("queue", n.queue != o.queue);
+    check("retry", n.retry != o.retry);
     check("delivery", n.delivery != o.delivery);
     check("server", n.server != o.server);
     check("listener", n.listener != o.listener);

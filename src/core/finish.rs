@@ -62,11 +62,10 @@ impl Core {
                     }
                     _ => None,
                 };
-                let choice = settings.retry.choose(
-                    crate::envelope::domain_of(m.rcpt(r)),
-                    hop,
-                    category,
-                );
+                let choice =
+                    settings
+                        .retry
+                        .choose(crate::envelope::domain_of(m.rcpt(r)), hop, category);
                 let decision = outcome::decide(
                     response.code,
                     choice,

@@ -183,8 +183,8 @@ impl Core {
     }
 
     /// Swap in reloaded settings (see `admin::reload` for what a reload may change): routes,
-    /// retry backoff and max age, transaction size, bounce rules, site limits and pool rules
-    /// apply from now on. Ready jobs are routed again when routes or pool rules changed, so
+    /// the retry policy (backoff, `[[retry]]` rules, max age), transaction size, bounce rules,
+    /// site limits and pool rules apply from now on. Ready jobs are routed again when routes or pool rules changed, so
     /// queued mail follows the new routes too; jobs a connection holds finish where they are
     /// going, and connections keep the limits they opened with. The egress sources and pools
     /// must be the running ones (their indices key permits and ready queues).
@@ -201,12 +201,6 @@ impl Core {
             self.health = EgressState::new(&settings.egress);
         }
         let c = &settings.config;
-        self.backoff = Backoff {
-            base_ms: c.queue.retry_base_ms,
-            factor: c.queue.retry_factor,
-            cap_ms: c.queue.retry_cap_ms,
-            max_age_ms: c.queue.max_age_s.saturating_mul(1000),
-        };
         self.rcpts_per_transaction_max = c.delivery.rcpts_per_transaction_max.max(1);
         self.router = Router::new(settings.routes.clone());
         self.settings = settings;

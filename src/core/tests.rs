@@ -1650,7 +1650,10 @@ fn reload_routes_waiting_mail_the_new_way_and_in_flight_mail_stays() {
     };
     assert_eq!(in_flight.job.id, a);
 
-    let new = routed_to("127.0.0.1:2601", "[queue]\nretry_base_ms = 5\n");
+    let new = routed_to(
+        "127.0.0.1:2601",
+        "[queue]\nretry_first_ms = 5\nretry_jitter = 0.0\n",
+    );
     core.reload(new, T0 + 1);
     let reconnects = connects(&core.take_actions());
     let (new_conn, new_dest, _) = reconnects

@@ -118,8 +118,7 @@ pub struct Rule {
 
 impl Rule {
     fn matches(&self, domain: &str, hop: Option<&Hop>, category: Option<Category>) -> bool {
-        if !self.categories.is_empty() && !category.is_some_and(|c| self.categories.contains(&c))
-        {
+        if !self.categories.is_empty() && !category.is_some_and(|c| self.categories.contains(&c)) {
             return false;
         }
         if let Some(glob) = &self.domain {
@@ -164,7 +163,12 @@ impl RetryPolicy {
     }
 
     /// The backoff for a failure of a recipient at `domain`, over `hop`, in `category`.
-    pub fn choose(&self, domain: &str, hop: Option<&Hop>, category: Option<Category>) -> Choice<'_> {
+    pub fn choose(
+        &self,
+        domain: &str,
+        hop: Option<&Hop>,
+        category: Option<Category>,
+    ) -> Choice<'_> {
         match self.rules.iter().find(|r| r.matches(domain, hop, category)) {
             Some(r) => Choice {
                 backoff: &r.backoff,
@@ -211,10 +215,7 @@ mod tests {
 
     #[test]
     fn first_retry_is_its_own() {
-        let b = Backoff {
-            first_ms: 300,
-            ..B
-        };
+        let b = Backoff { first_ms: 300, ..B };
         assert_eq!(b.delay_ms(1), 300);
         assert_eq!(b.delay_ms(2), 2_000);
     }
@@ -253,10 +254,7 @@ mod tests {
 
     #[test]
     fn rules_pick_by_category_and_domain_first_match_wins() {
-        let fast = Backoff {
-            first_ms: 10,
-            ..B
-        };
+        let fast = Backoff { first_ms: 10, ..B };
         let mut p = RetryPolicy::new(B);
         p.rules.push(Rule {
             categories: vec![Category::InvalidRecipient],
@@ -275,7 +273,10 @@ mod tests {
             },
             bounce: false,
         });
-        assert!(p.choose("a.example", None, Some(Category::InvalidRecipient)).bounce);
+        assert!(
+            p.choose("a.example", None, Some(Category::InvalidRecipient))
+                .bounce
+        );
         let c = p.choose("a.example", None, Some(Category::RateLimited));
         assert!(!c.bounce);
         assert_eq!(c.backoff.first_ms, 10);
