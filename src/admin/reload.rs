@@ -17,7 +17,8 @@
 //! - `[spool]`, `[log]`, `[shards]`, `queue.messages_max`, `[dns]` and the resolvers, MTA-STS
 //!   and DANE switches, the CA bundle and `delivery.port`, `[tls_report]`, `[[domain]]`
 //!   spreads: each is built into a running part (spool files, writer threads, executors, the
-//!   resolver, the policy agent, the reporter, the recipient → shard map).
+//!   resolver, the policy agent, the reporter, the recipient → shard map). The TLS reporter
+//!   also keeps the host name and DKIM signers it started with.
 //!
 //! No I/O.
 

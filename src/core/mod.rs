@@ -184,10 +184,11 @@ impl Core {
 
     /// Swap in reloaded settings (see `admin::reload` for what a reload may change): routes,
     /// the retry policy (backoff, `[[retry]]` rules, max age), transaction size, bounce rules,
-    /// site limits and pool rules apply from now on. Ready jobs are routed again when routes or pool rules changed, so
-    /// queued mail follows the new routes too; jobs a connection holds finish where they are
-    /// going, and connections keep the limits they opened with. The egress sources and pools
-    /// must be the running ones (their indices key permits and ready queues).
+    /// site limits and pool rules apply from now on. Ready jobs are routed again when routes
+    /// or pool rules changed, so queued mail follows the new routes too; jobs a connection
+    /// holds finish where they are going, and connections keep the limits they opened with.
+    /// The egress sources and pools must be the running ones (their indices key permits and
+    /// ready queues). Walks the ready queues once: no I/O, but not free on a deep queue.
     pub fn reload(&mut self, settings: Rc<Settings>, now_ms: u64) {
         let (old, new) = (&self.settings.config, &settings.config);
         let reroute = old.route != new.route

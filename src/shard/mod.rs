@@ -9,6 +9,9 @@
 //! other shard (parts they hand us are still spooled until they are done), commit the spool,
 //! flush the log.
 //!
+//! Shard 0 also serves the admin socket ([`admin`]): operators' operations go from there to
+//! every shard over the mesh, and a reload hands every shard the new settings the same way.
+//!
 //! Invariant: a shard only ever touches its own spool and queues. Other shards reach them over
 //! the mesh ([`mesh`]).
 
