@@ -56,7 +56,7 @@ pub(crate) fn invalid(key: &'static str, reason: impl Into<String>) -> ConfigErr
     }
 }
 
-#[derive(Clone, Debug, Default, Deserialize)]
+#[derive(Clone, Debug, Default, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct Config {
     pub server: ServerSection,
@@ -125,7 +125,7 @@ pub struct RetryEntry {
 
 /// Bounce classification (`src/bounce/`): the category of every failed attempt, in its
 /// event line as `bounce_category`.
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct BounceSection {
     /// Classify failures at all.
@@ -146,7 +146,7 @@ impl Default for BounceSection {
 
 /// SMTP TLS reporting (RFC 8460): the daily report of our outbound TLS sessions, sent to each
 /// recipient domain that asks for one in its `_smtp._tls` record.
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct TlsReportSection {
     /// Count sessions and send reports.
@@ -247,7 +247,7 @@ pub struct SiteLimits {
     pub idle_timeout_ms: u64,
 }
 
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct DnsSection {
     /// Resolvers, `IP` or `IP:PORT` (`[IPv6]:PORT`); empty means the nameservers of
@@ -266,7 +266,7 @@ pub struct DnsSection {
     pub cache_entries_max: usize,
 }
 
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct EgressSection {
     /// Pool for messages no `[[pool_rule]]` matches. Empty: every source, weight 1.
@@ -368,7 +368,7 @@ impl ListenerEntry {
     }
 }
 
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct ServerSection {
     /// Address every shard listens on (SO_REUSEPORT spreads connections over the shards).
@@ -435,7 +435,7 @@ pub struct ServerSection {
     pub auth_failure_window_s: u64,
 }
 
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct SpoolSection {
     /// Spool root; shard i keeps its segments in `DIR/shard-i/`.
@@ -455,7 +455,7 @@ pub struct SpoolSection {
     pub compaction_bytes_per_s: u64,
 }
 
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct QueueSection {
     /// Delay after the first transient failure, in milliseconds; absent: `retry_base_ms`.
@@ -476,7 +476,7 @@ pub struct QueueSection {
     pub messages_max: usize,
 }
 
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct DeliverySection {
     /// Name sent in EHLO. Empty means `server.hostname`.
@@ -528,7 +528,7 @@ pub struct DeliverySection {
     pub bdat_chunk_size_max: usize,
 }
 
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct LogSection {
     /// Event logs go to `DIR/shard-i.jsonl`.
@@ -537,7 +537,7 @@ pub struct LogSection {
     pub file_size_max: u64,
 }
 
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct ShardsSection {
     /// Number of shards; 0 means one per online CPU.
@@ -554,7 +554,7 @@ pub struct ShardsSection {
     pub mesh_capacity: usize,
 }
 
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct RouteEntry {
     /// Glob on the recipient domain, e.g. `*.test` or `example.com`.

@@ -2,7 +2,8 @@
 //! stage events.
 //!
 //! Lines: Reception, Delivery, TransientFailure, Bounce, Expiration, and Notice (the notice about
-//! some recipients was spooled, with its `notice_id`, or was not needed: no `notice_id`). They are built in a buffer
+//! some recipients was spooled, with its `notice_id`, or was not needed: no `notice_id`), and
+//! Admin (an operator's operation that changed something: `op`, `args`, `result`, `peer_uid`). They are built in a buffer
 //! on the shard (no syscall per message) and handed, a buffer at a time, to a writer thread over
 //! a bounded crossbeam channel: the shard's executor never blocks on the file. The shard hands
 //! a buffer over once it is past [`BUFFER_FLUSH_BYTES`], or [`FLUSH_DELAY_MS`] after its first
@@ -77,6 +78,19 @@ struct Line<'a> {
     /// TransientFailure, Bounce and Expiration lines: what the failure means.
     #[serde(skip_serializing_if = "Option::is_none")]
     bounce_category: Option<crate::bounce::Category>,
+}
+
+/// An Admin line: not about a message, so a shape of its own.
+#[derive(Serialize)]
+struct AdminLine<'a> {
+    #[serde(rename = "type")]
+    kind: &'static str,
+    ts_ms: u64,
+    shard: usize,
+    op: &'a str,
+    args: &'a serde_json::Value,
+    result: &'a serde_json::Value,
+    peer_uid: Option<u32>,
 }
 
 /// The TLS outcome of a delivery attempt, as its event line says it.
@@ -371,6 +385,18 @@ impl Observer for EventLog {
             ),
             // Counted for TLS reports; the attempt's own event says how its connection went.
             Event::TlsSession(_) => {}
+            Event::Admin(e) => self.write(
+                e.ts_ms,
+                &AdminLine {
+                    kind: "Admin",
+                    ts_ms: e.ts_ms,
+                    shard: e.shard,
+                    op: e.op,
+                    args: e.args,
+                    result: e.result,
+                    peer_uid: e.peer_uid,
+                },
+            ),
         }
     }
 }

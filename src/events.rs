@@ -14,6 +14,9 @@
 //!   connections, or came back (reported once, by the key's owner shard).
 //! - [`Event::TlsSession`]: an outbound connection's TLS came to success or a failure under
 //!   the recipient domain's policy (MTA-STS, DANE, or none): what TLS reporting counts.
+//! - [`Event::Admin`]: an operator's operation that changes something (suspend, bounce, flush,
+//!   rebind, reload...) was carried out, with its arguments and the merged result; emitted
+//!   once, by the shard that serves the admin socket (shard 0).
 
 use std::rc::Rc;
 
@@ -127,6 +130,22 @@ pub struct TlsSession<'a> {
     pub session: &'a crate::tlsrpt::Session,
 }
 
+/// An operator's operation that changes something, and what came of it.
+#[derive(Clone, Copy, Debug)]
+pub struct Admin<'a> {
+    pub ts_ms: u64,
+    pub shard: usize,
+    /// The operation's name (`suspend`, `reload`...).
+    pub op: &'a str,
+    /// The operation as it was asked for (its JSON request).
+    pub args: &'a serde_json::Value,
+    /// A summary of the answer: its counts and `error`, without its lists.
+    pub result: &'a serde_json::Value,
+    /// The uid of the process on the other end of the admin socket (SO_PEERCRED); None for a
+    /// reload on SIGHUP or when the kernel did not say.
+    pub peer_uid: Option<u32>,
+}
+
 #[derive(Clone, Copy, Debug)]
 pub enum Event<'a> {
     Received(Received<'a>),
@@ -135,6 +154,7 @@ pub enum Event<'a> {
     SourceHealth(SourceHealth<'a>),
     SiteHealth(SiteHealth<'a>),
     TlsSession(TlsSession<'a>),
+    Admin(Admin<'a>),
 }
 
 pub trait Observer {
@@ -197,6 +217,9 @@ pub enum Recorded {
         domain: String,
         ok: bool,
     },
+    Admin {
+        op: String,
+    },
 }
 
 impl Observer for Recorder {
@@ -228,6 +251,9 @@ impl Observer for Recorder {
             Event::TlsSession(e) => Recorded::TlsSession {
                 domain: e.session.policy.domain.clone(),
                 ok: e.session.outcome.is_ok(),
+            },
+            Event::Admin(e) => Recorded::Admin {
+                op: e.op.to_owned(),
             },
         };
         self.seen.borrow_mut().push(r);

@@ -23,6 +23,8 @@
 //! - `dkim/`: DKIM signing (RFC 6376, RFC 8463) as I/O-free pieces: canonicalisation, the
 //!   streaming body hash, the signature header, keys; `records`: the DNS records a config
 //!   needs (`epoxi dns-records`).
+//! - `admin/`: operations on a running server: the protocol, the merge of the shards' answers,
+//!   the reload plan, the admin socket and the CLI's client.
 
 pub mod admin;
 pub mod alloc;

@@ -6,6 +6,7 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use clap::{Parser, Subcommand};
+use epoxi::admin::{Op, Selector, SuppressionOp};
 use epoxi::config::{Config, Overrides};
 use epoxi::logging::Format;
 use epoxi::shard::{self, Answer, Request, Shared};
@@ -38,6 +39,388 @@ enum Command {
     /// Print the SPF, DKIM, DMARC, MTA-STS and TLSRPT records the configuration needs, for
     /// each signing domain.
     DnsRecords(DnsRecordsArgs),
+    /// The queue of a running server.
+    #[command(subcommand)]
+    Queue(QueueCommand),
+    /// Hold matching mail (no delivery attempts) until resumed or the duration passes.
+    Suspend(SuspendArgs),
+    /// End a suspension.
+    Resume(ResumeArgs),
+    /// Bounce matching queued mail, and new matching mail while the directive lasts.
+    Bounce(BounceArgs),
+    /// Retry now: scheduled mail (all, or matching) becomes due, site backoffs end.
+    Flush(FlushArgs),
+    /// Send a domain's mail through another egress pool (until reload or restart).
+    Rebind(RebindArgs),
+    /// Re-inject dead letters (all, or one by id).
+    Reinject(ReinjectArgs),
+    /// Suppression lists.
+    #[command(subcommand)]
+    Suppression(SuppressionCommand),
+    /// Re-read the configuration of the running server (as SIGHUP does).
+    Reload(AdminArgs),
+}
+
+/// Where the running server's admin socket is.
+#[derive(clap::Args, Clone)]
+struct AdminArgs {
+    /// The server's spool directory (its admin socket is DIR/admin.sock) [default: ./spool].
+    #[arg(long)]
+    spool: Option<PathBuf>,
+    /// The admin socket itself, instead of --spool.
+    #[arg(long, conflicts_with = "spool")]
+    admin: Option<PathBuf>,
+    /// Print the answer as JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+impl AdminArgs {
+    fn socket(&self) -> PathBuf {
+        if let Some(path) = &self.admin {
+            return path.clone();
+        }
+        let spool = self
+            .spool
+            .clone()
+            .unwrap_or_else(|| Config::default().spool.dir);
+        epoxi::admin::socket::path(&spool)
+    }
+}
+
+/// Which messages an operation is about: exactly one of these.
+#[derive(clap::Args)]
+#[group(required = true, multiple = false)]
+struct SelectorArgs {
+    #[arg(long)]
+    domain: Option<String>,
+    #[arg(long)]
+    site: Option<String>,
+    #[arg(long)]
+    tenant: Option<String>,
+    #[arg(long)]
+    campaign: Option<String>,
+    /// A reception id or queue id.
+    #[arg(long)]
+    id: Option<String>,
+}
+
+impl SelectorArgs {
+    fn selector(self) -> Option<Selector> {
+        let SelectorArgs {
+            domain,
+            site,
+            tenant,
+            campaign,
+            id,
+        } = self;
+        domain
+            .map(|d| Selector::Domain(d.to_ascii_lowercase()))
+            .or(site.map(Selector::Site))
+            .or(tenant.map(Selector::Tenant))
+            .or(campaign.map(Selector::Campaign))
+            .or(id.map(Selector::Id))
+    }
+}
+
+/// The same, all optional (flush everything when none is given).
+#[derive(clap::Args)]
+#[group(required = false, multiple = false)]
+struct OptionalSelectorArgs {
+    #[arg(long)]
+    domain: Option<String>,
+    #[arg(long)]
+    site: Option<String>,
+    #[arg(long)]
+    tenant: Option<String>,
+    #[arg(long)]
+    campaign: Option<String>,
+}
+
+#[derive(Subcommand)]
+enum QueueCommand {
+    /// Per site and per tenant: ready, scheduled, in flight, oldest age, suspensions.
+    Summary(AdminArgs),
+    /// The messages matching a selector.
+    Inspect {
+        #[command(flatten)]
+        selector: SelectorArgs,
+        /// At most this many messages.
+        #[arg(long)]
+        limit: Option<usize>,
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
+}
+
+#[derive(clap::Args)]
+struct SuspendArgs {
+    #[command(flatten)]
+    selector: SelectorArgs,
+    /// How long: 30s, 10m, 1h, 2d [default: until resumed].
+    #[arg(long, value_parser = epoxi::admin::render::parse_duration)]
+    duration: Option<u64>,
+    #[arg(long)]
+    reason: Option<String>,
+    #[command(flatten)]
+    admin: AdminArgs,
+}
+
+#[derive(clap::Args)]
+struct ResumeArgs {
+    #[command(flatten)]
+    selector: SelectorArgs,
+    #[command(flatten)]
+    admin: AdminArgs,
+}
+
+/// `bounce` takes a domain, tenant or campaign (not a site or one message).
+#[derive(clap::Args)]
+#[group(id = "bounce_selector", required = true, multiple = false)]
+struct BounceSelector {
+    #[arg(long)]
+    domain: Option<String>,
+    #[arg(long)]
+    tenant: Option<String>,
+    #[arg(long)]
+    campaign: Option<String>,
+}
+
+#[derive(clap::Args)]
+struct BounceArgs {
+    #[command(flatten)]
+    selector: BounceSelector,
+    #[arg(long)]
+    reason: Option<String>,
+    /// How long new matching mail is bounced too: 30s, 10m, 1h, 2d [default: 5m].
+    #[arg(long, value_parser = epoxi::admin::render::parse_duration)]
+    duration: Option<u64>,
+    /// Send delivery status notifications to the senders, as for any bounce.
+    #[arg(long)]
+    notify: bool,
+    #[command(flatten)]
+    admin: AdminArgs,
+}
+
+#[derive(clap::Args)]
+struct FlushArgs {
+    #[command(flatten)]
+    selector: OptionalSelectorArgs,
+    #[command(flatten)]
+    admin: AdminArgs,
+}
+
+#[derive(clap::Args)]
+struct RebindArgs {
+    #[arg(long)]
+    domain: String,
+    /// An egress pool name (`[[pool]]`).
+    #[arg(long)]
+    pool: String,
+    #[command(flatten)]
+    admin: AdminArgs,
+}
+
+#[derive(clap::Args)]
+struct ReinjectArgs {
+    #[arg(long)]
+    id: Option<String>,
+    #[command(flatten)]
+    admin: AdminArgs,
+}
+
+#[derive(Subcommand)]
+enum SuppressionCommand {
+    List {
+        #[arg(long)]
+        tenant: Option<String>,
+        #[arg(long)]
+        limit: Option<usize>,
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
+    Add {
+        #[arg(long)]
+        tenant: Option<String>,
+        #[arg(long)]
+        reason: Option<String>,
+        address: String,
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
+    Remove {
+        #[arg(long)]
+        tenant: Option<String>,
+        address: String,
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
+}
+
+/// The operation a command asks for, where to send it, and whether to print it as tables;
+/// `Err`: not an operation on a running server. `Ok(None)`: no selector (clap's argument
+/// groups require one, so only a bug gets there).
+fn admin_op(command: Command) -> Result<Option<(Op, AdminArgs, bool)>, Box<Command>> {
+    let operation = matches!(
+        command,
+        Command::Queue(_)
+            | Command::Suspend(_)
+            | Command::Resume(_)
+            | Command::Bounce(_)
+            | Command::Flush(_)
+            | Command::Rebind(_)
+            | Command::Reinject(_)
+            | Command::Suppression(_)
+            | Command::Reload(_)
+    );
+    if !operation {
+        return Err(Box::new(command));
+    }
+    Ok(admin_request(command))
+}
+
+fn admin_request(command: Command) -> Option<(Op, AdminArgs, bool)> {
+    Some(match command {
+        Command::Queue(QueueCommand::Summary(admin)) => (Op::Summary, admin, true),
+        Command::Queue(QueueCommand::Inspect {
+            selector,
+            limit,
+            admin,
+        }) => (
+            Op::Inspect {
+                selector: selector.selector()?,
+                limit,
+            },
+            admin,
+            false,
+        ),
+        Command::Suspend(a) => (
+            Op::Suspend {
+                selector: a.selector.selector()?,
+                duration_s: a.duration,
+                reason: a.reason,
+            },
+            a.admin,
+            false,
+        ),
+        Command::Resume(a) => (
+            Op::Resume {
+                selector: a.selector.selector()?,
+            },
+            a.admin,
+            false,
+        ),
+        Command::Bounce(a) => {
+            let BounceSelector {
+                domain,
+                tenant,
+                campaign,
+            } = a.selector;
+            let selector = domain
+                .map(|d| Selector::Domain(d.to_ascii_lowercase()))
+                .or(tenant.map(Selector::Tenant))
+                .or(campaign.map(Selector::Campaign))?;
+            (
+                Op::Bounce {
+                    selector,
+                    duration_s: a.duration,
+                    reason: a.reason,
+                    notify: a.notify,
+                },
+                a.admin,
+                false,
+            )
+        }
+        Command::Flush(a) => {
+            let OptionalSelectorArgs {
+                domain,
+                site,
+                tenant,
+                campaign,
+            } = a.selector;
+            let selector = domain
+                .map(|d| Selector::Domain(d.to_ascii_lowercase()))
+                .or(site.map(Selector::Site))
+                .or(tenant.map(Selector::Tenant))
+                .or(campaign.map(Selector::Campaign));
+            (Op::Flush { selector }, a.admin, false)
+        }
+        Command::Rebind(a) => (
+            Op::Rebind {
+                domain: a.domain.to_ascii_lowercase(),
+                pool: a.pool,
+            },
+            a.admin,
+            false,
+        ),
+        Command::Reinject(a) => (Op::Reinject { id: a.id }, a.admin, false),
+        Command::Suppression(SuppressionCommand::List {
+            tenant,
+            limit,
+            admin,
+        }) => (
+            Op::Suppression(SuppressionOp::List { tenant, limit }),
+            admin,
+            false,
+        ),
+        Command::Suppression(SuppressionCommand::Add {
+            tenant,
+            reason,
+            address,
+            admin,
+        }) => (
+            Op::Suppression(SuppressionOp::Add {
+                tenant,
+                rcpt: address,
+                reason,
+            }),
+            admin,
+            false,
+        ),
+        Command::Suppression(SuppressionCommand::Remove {
+            tenant,
+            address,
+            admin,
+        }) => (
+            Op::Suppression(SuppressionOp::Remove {
+                tenant,
+                rcpt: address,
+            }),
+            admin,
+            false,
+        ),
+        Command::Reload(admin) => (Op::Reload, admin, false),
+        _ => return None,
+    })
+}
+
+/// Send `op` to the server and print its answer: as JSON, or (a summary) as tables. Fails
+/// when the server cannot be reached or the answer has an `error`.
+fn operate(op: &Op, admin: &AdminArgs, table: bool) -> ExitCode {
+    let path = admin.socket();
+    let answer = match epoxi::admin::client::request(&path, op) {
+        Ok(answer) => answer,
+        Err(e) => {
+            eprintln!("epoxi {}: {e}", op.name());
+            return ExitCode::from(2);
+        }
+    };
+    if table && !admin.json {
+        print!("{}", epoxi::admin::render::summary(&answer));
+    } else {
+        let text = serde_json::to_string_pretty(&answer).unwrap_or_else(|_| answer.to_string());
+        println!("{text}");
+    }
+    match answer.get("error") {
+        Some(error) => {
+            let text = error
+                .as_str()
+                .map_or_else(|| error.to_string(), str::to_owned);
+            eprintln!("epoxi {}: {text}", op.name());
+            ExitCode::FAILURE
+        }
+        None => ExitCode::SUCCESS,
+    }
 }
 
 #[derive(Subcommand)]
@@ -199,24 +582,54 @@ struct ServeArgs {
     delivery_port: Option<u16>,
 }
 
+/// Where the settings come from: the file and the flags, kept so a reload reads them again.
+#[derive(Clone)]
+struct Source {
+    config: Option<PathBuf>,
+    overrides: Overrides,
+}
+
+impl Source {
+    fn of(args: ServeArgs) -> Source {
+        Source {
+            config: args.config,
+            overrides: Overrides {
+                listen: args.listen,
+                spool: args.spool,
+                log_dir: args.log_dir,
+                shards: args.shards,
+                routes: args.routes,
+                resolvers: args.resolvers,
+                delivery_port: args.delivery_port,
+            },
+        }
+    }
+
+    /// Load and check the settings, as at start and on every reload.
+    fn settle(&self) -> Result<epoxi::settings::Settings, String> {
+        let config = Config::load(self.config.as_deref()).map_err(|e| e.to_string())?;
+        config
+            .settle(self.overrides.clone())
+            .map_err(|e| e.to_string())
+    }
+}
+
 fn settle(args: ServeArgs) -> Result<epoxi::settings::Settings, String> {
-    let config = Config::load(args.config.as_deref()).map_err(|e| e.to_string())?;
-    let overrides = Overrides {
-        listen: args.listen,
-        spool: args.spool,
-        log_dir: args.log_dir,
-        shards: args.shards,
-        routes: args.routes,
-        resolvers: args.resolvers,
-        delivery_port: args.delivery_port,
-    };
-    config.settle(overrides).map_err(|e| e.to_string())
+    Source::of(args).settle()
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     epoxi::logging::init(cli.log_format);
-    match cli.command {
+    let command = match admin_op(cli.command) {
+        Ok(Some((op, admin, table))) => return operate(&op, &admin, table),
+        Ok(None) => {
+            eprintln!("epoxi: say which messages: --domain, --site, --tenant, --campaign or --id");
+            return ExitCode::from(2);
+        }
+        Err(command) => *command,
+    };
+    match command {
         Command::CheckConfig(args) => match settle(args) {
             Ok(settings) => {
                 println!("{settings:#?}");
@@ -257,13 +670,28 @@ fn main() -> ExitCode {
                 ExitCode::from(2)
             }
         },
-        Command::Serve(args) => match settle(args).and_then(serve) {
-            Ok(()) => ExitCode::SUCCESS,
-            Err(e) => {
-                tracing::error!("{e}");
-                ExitCode::from(2)
+        Command::Serve(args) => {
+            let source = Source::of(args);
+            match source.settle().and_then(|settings| serve(settings, source)) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    tracing::error!("{e}");
+                    ExitCode::from(2)
+                }
             }
-        },
+        }
+        // Operations on a running server were sent above.
+        _ => ExitCode::from(2),
+    }
+}
+
+/// SIGHUP: reload, as `epoxi reload` does, and say how it went on stderr.
+fn sighup_reload(path: &std::path::Path) {
+    tracing::info!("SIGHUP: reloading the configuration");
+    match epoxi::admin::client::request(path, &Op::Reload) {
+        // The server logs the outcome itself (applied, restart needed, or refused).
+        Ok(_) => {}
+        Err(e) => tracing::error!("SIGHUP: reload failed: {e}"),
     }
 }
 
@@ -299,7 +727,7 @@ fn check_spool_shards(dir: &std::path::Path, count: usize) -> Result<(), String>
     Ok(())
 }
 
-fn serve(mut settings: epoxi::settings::Settings) -> Result<(), String> {
+fn serve(mut settings: epoxi::settings::Settings, source: Source) -> Result<(), String> {
     // Port 0 means "any free port": pick it once here so every shard binds the same one.
     if settings.config.server.listen.port() == 0 {
         let probe = std::net::TcpListener::bind(settings.config.server.listen)
@@ -307,21 +735,41 @@ fn serve(mut settings: epoxi::settings::Settings) -> Result<(), String> {
         settings.config.server.listen = probe.local_addr().map_err(|e| e.to_string())?;
     }
     check_spool_shards(&settings.config.spool.dir, settings.shard_count)?;
+    // The admin socket first: a second server on this spool is refused here, before it
+    // touches the spool. Bound before any shard starts (see `admin::socket`).
+    let admin_path = epoxi::admin::socket::path(&settings.config.spool.dir);
+    let admin_listener = epoxi::admin::socket::bind(&admin_path).map_err(|e| e.to_string())?;
+    let (accept_end, shard_end) = std::os::unix::net::UnixStream::pair()
+        .map_err(|e| format!("admin socket: cannot make the hand-over pair: {e}"))?;
+    std::thread::Builder::new()
+        .name("admin-accept".into())
+        .spawn(move || epoxi::admin::socket::accept_loop(admin_listener, accept_end))
+        .map_err(|e| format!("admin socket: cannot start its thread: {e}"))?;
     let stop = shards::Stop::new();
-    // Signals are taken by a thread of their own (not in a handler), which then triggers the
-    // stop broadcast every shard awaits.
+    // Signals are taken by a thread of their own (not in a handler): SIGTERM and SIGINT
+    // trigger the stop broadcast every shard awaits; SIGHUP asks the server for a reload over
+    // its own admin socket, so a reload takes one path whoever asks.
     let mut signals = signal_hook::iterator::Signals::new([
         signal_hook::consts::SIGTERM,
         signal_hook::consts::SIGINT,
+        signal_hook::consts::SIGHUP,
     ])
     .map_err(|e| format!("cannot install signal handlers: {e}"))?;
     let signal_handle = signals.handle();
     {
         let stop = stop.clone();
+        let admin_path = admin_path.clone();
         std::thread::spawn(move || {
-            if signals.forever().next().is_some() {
+            for signal in signals.forever() {
+                if signal == signal_hook::consts::SIGHUP {
+                    let path = admin_path.clone();
+                    // Its own thread: a slow reload must not hold up a SIGTERM.
+                    std::thread::spawn(move || sighup_reload(&path));
+                    continue;
+                }
                 tracing::info!("stopping: finishing in-flight work");
                 stop.trigger();
+                return;
             }
         });
     }
@@ -352,10 +800,13 @@ fn serve(mut settings: epoxi::settings::Settings) -> Result<(), String> {
             }
         });
     }
+    let reloader: shard::admin::Reloader = Arc::new(move || source.settle());
     let shared = Shared {
         settings: Arc::new(settings),
         stop: stop.clone(),
         listening,
+        admin: Some(Arc::new(std::sync::Mutex::new(Some(shard_end)))),
+        reloader: Some(reloader),
     };
     let results = shards::run::<shards::Wire<Request, Answer>, _, _, _>(&runtime, move |s| {
         let shared = shared.clone();
@@ -372,6 +823,10 @@ fn serve(mut settings: epoxi::settings::Settings) -> Result<(), String> {
     })
     .map_err(|e| e.to_string())?;
     signal_handle.close();
+    // Ours (bound above): a clean stop leaves no socket behind.
+    if let Err(e) = std::fs::remove_file(&admin_path) {
+        tracing::warn!("cannot remove {}: {e}", admin_path.display());
+    }
     let errors: Vec<String> = results
         .into_iter()
         .filter_map(Result::err)

@@ -44,6 +44,27 @@ pub struct Settings {
     site_globs: Vec<DomainGlob>,
 }
 
+/// The settings in force on one shard: every session, connection and notice reads them when it
+/// starts, and a reload swaps them (see `admin::reload`). What started with the old settings
+/// finishes with them: a session keeps the `Rc` it took.
+#[derive(Debug)]
+pub struct Live(std::cell::RefCell<std::rc::Rc<Settings>>);
+
+impl Live {
+    pub fn new(settings: std::rc::Rc<Settings>) -> Live {
+        Live(std::cell::RefCell::new(settings))
+    }
+
+    /// The settings in force now.
+    pub fn get(&self) -> std::rc::Rc<Settings> {
+        self.0.borrow().clone()
+    }
+
+    pub fn set(&self, settings: std::rc::Rc<Settings>) {
+        *self.0.borrow_mut() = settings;
+    }
+}
+
 impl Settings {
     /// The connection settings for `hop`.
     pub fn site_limits(&self, hop: &crate::route::Hop) -> SiteLimits {

@@ -36,7 +36,7 @@ use crate::spool::{Location, RecoveredMessage};
 
 pub use deliver::{ConnFailure, ConnId, NextJob, Ticket, Via};
 pub use handle::CoreCell;
-pub use ops::Step;
+pub use ops::{merge_counts, Step};
 
 /// Least time between two checks of the ready queues for jobs past their deadline.
 pub const READY_CHECK_GAP_MS: u64 = 1_000;
@@ -205,6 +205,50 @@ impl Core {
 
     pub fn settings(&self) -> &Rc<Settings> {
         &self.settings
+    }
+
+    /// Swap in reloaded settings (see `admin::reload` for what a reload may change): routes,
+    /// the retry policy (backoff, `[[retry]]` rules, max age), transaction size, bounce rules,
+    /// site limits and pool rules apply from now on. Ready jobs are routed again when routes
+    /// or pool rules changed, so queued mail follows the new routes too; jobs a connection
+    /// holds finish where they are going, and connections keep the limits they opened with.
+    /// The egress sources and pools must be the running ones (their indices key permits and
+    /// ready queues). Walks the ready queues once: no I/O, but not free on a deep queue.
+    pub fn reload(&mut self, settings: Rc<Settings>, now_ms: u64) {
+        let (old, new) = (&self.settings.config, &settings.config);
+        let reroute = old.route != new.route
+            || old.pool_rule != new.pool_rule
+            || old.egress != new.egress
+            || settings.routes.len() != self.settings.routes.len();
+        if settings.egress.sources != self.settings.egress.sources {
+            // Not what `admin::reload::plan` hands over; a health table of the wrong size would
+            // index out of bounds, so start it over rather than trust it.
+            debug_assert!(false, "reload changed the egress sources");
+            self.health = EgressState::new(&settings.egress);
+        }
+        let c = &settings.config;
+        self.rcpts_per_transaction_max = c.delivery.rcpts_per_transaction_max.max(1);
+        self.budgets.set_backoff(crate::egress::lease::SiteBackoff {
+            failures_max: c.delivery.site_failures_max,
+            backoff_ms: c.delivery.site_backoff_ms,
+            cap_ms: c.delivery.site_backoff_cap_ms,
+        });
+        self.router = Router::new(settings.routes.clone());
+        self.settings = settings;
+        let dests: Vec<Dest> = self.queue.ready_dests().cloned().collect();
+        if reroute {
+            for dest in &dests {
+                for job in self.queue.drain_ready(dest) {
+                    self.dispatch(job.id, &job.rcpts, now_ms);
+                }
+            }
+        }
+        // Site limits may have grown: waiting work may get more connections now.
+        let dests: Vec<Dest> = self.queue.ready_dests().cloned().collect();
+        for dest in &dests {
+            self.connect_more(dest, now_ms);
+        }
+        self.rearm();
     }
 
     /// The actions decided so far, for the adapters (in order).

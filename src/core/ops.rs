@@ -650,7 +650,7 @@ impl Core {
 const HOLD_SUSPENDED: &str = "Suspended by the operator until past the maximum age";
 
 /// Sum the numbers of two step answers (objects of counts); the first non-object wins.
-fn merge_counts(a: Value, b: Value) -> Value {
+pub fn merge_counts(a: Value, b: Value) -> Value {
     match (a, b) {
         (Value::Null, b) => b,
         (Value::Object(mut a), Value::Object(b)) => {

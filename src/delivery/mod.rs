@@ -31,7 +31,6 @@ use crate::envelope::Body;
 use crate::outcome::RcptResult;
 use crate::queue::{Dest, Job};
 use crate::route::Hop;
-use crate::settings::Settings;
 use crate::smtp::client::{ClientStep, MailOptions, TlsPolicy, TransactionOutcome};
 use crate::smtp::reply::Reply;
 use crate::spool::Spool;
@@ -56,7 +55,8 @@ const INFLIGHT_MAX: usize = 2;
 
 /// What a delivery connection needs of its shard.
 pub struct DeliveryCtx {
-    pub settings: Rc<Settings>,
+    /// Read when a connection starts: it keeps those settings to its end.
+    pub settings: Rc<crate::settings::Live>,
     pub core: Rc<CoreCell>,
     pub spool: Rc<Spool>,
     pub resolver: Option<Rc<Resolver>>,
@@ -118,7 +118,7 @@ async fn host_addrs(ctx: &DeliveryCtx, host: &str) -> Result<Vec<IpAddr>, String
     let Some(resolver) = &ctx.resolver else {
         return Err("no DNS resolver configured".into());
     };
-    let order = ctx.settings.address_order;
+    let order = ctx.settings.get().address_order;
     let mut addrs = Vec::new();
     let mut failures = Vec::new();
     use crate::egress::AddressOrder::*;
@@ -162,7 +162,7 @@ type HostTlsSetup = (TlsPolicy, Option<Arc<rustls::ClientConfig>>, Option<Slot>)
 /// the verifier's verdict. Err: the configuration could not be built (the host is skipped).
 fn tls_for(ctx: &DeliveryCtx, plan: &HostTls, base: TlsPolicy) -> Result<HostTlsSetup, String> {
     use crate::tlspolicy::{dane::DaneVerifier, verify};
-    let settings = &ctx.settings;
+    let settings = ctx.settings.get();
     Ok(match plan {
         HostTls::Plain | HostTls::Skip { .. } => (base, None, None),
         HostTls::DaneUnusable => (
@@ -206,8 +206,10 @@ async fn open(
     dest: &Dest,
     source: usize,
 ) -> Result<Opened, (ConnFailure, Option<TlsOutcome>)> {
-    let cfg = &ctx.settings.config.delivery;
-    let src = &ctx.settings.egress.sources[source];
+    // One connection, one set of settings, even if a reload comes while it walks the hosts.
+    let settings = ctx.settings.get();
+    let cfg = &settings.config.delivery;
+    let src = &settings.egress.sources[source];
     let (hosts, tls): (Vec<String>, TlsPolicy) = match &dest.hop {
         Hop::Route(route) => (vec![route.host.clone()], route.tls),
         Hop::Mx(site) => (
@@ -289,7 +291,7 @@ async fn open(
                 Ok(stream) => {
                     connected = true;
                     let greeted = greet(
-                        &ctx.settings,
+                        &settings,
                         stream,
                         src,
                         host,

@@ -269,6 +269,11 @@ impl Budgets {
         out
     }
 
+    /// A reload's new backoff settings (keys already down keep their current backoff).
+    pub fn set_backoff(&mut self, backoff: SiteBackoff) {
+        self.backoff = backoff;
+    }
+
     /// Health changes since the last call, for the event log.
     pub fn take_changes(&mut self) -> Vec<HealthChange> {
         std::mem::take(&mut self.changes)

@@ -7,7 +7,7 @@
 //! (see `clients`), so they hold per client, as an operator reads them. The loop ends when the
 //! stop signal comes (the pending accept is cancelled).
 
-use std::cell::Cell;
+use std::cell::{Cell, RefCell};
 use std::net::SocketAddr;
 use std::rc::Rc;
 use std::time::Duration;
@@ -33,25 +33,29 @@ pub fn listen(addr: SocketAddr) -> std::io::Result<TcpListener> {
         .map_err(|e| std::io::Error::other(format!("cannot listen on {addr}: {e}")))
 }
 
-/// One listener's policy on this shard, and its connection count.
+/// One listener on this shard: its socket's fixed traits, its policy (swapped by a reload),
+/// and its connection count.
 pub struct Listener {
     /// Index among the shard's listeners (the same on every shard).
     pub index: u16,
-    pub cfg: Rc<ServerConfig>,
+    /// How the socket starts (TLS first): fixed while it is bound.
     pub implicit_tls: bool,
-    pub relay_networks: Vec<Network>,
-    connections_max: usize,
-    connections_per_ip_max: usize,
+    policy: RefCell<Rc<Policy>>,
     sessions: Cell<usize>,
 }
 
-impl Listener {
-    pub fn new(
-        reception: &Reception,
-        index: u16,
-        spec: &ListenerEntry,
-    ) -> Result<Listener, String> {
-        let settings = &reception.settings;
+/// What a listener's new sessions get: their SMTP settings, relay networks and limits.
+pub struct Policy {
+    pub cfg: Rc<ServerConfig>,
+    pub relay_networks: Vec<Network>,
+    connections_max: usize,
+    connections_per_ip_max: usize,
+    /// `server.connections_per_ip_max`, counted over every listener.
+    ip_max: usize,
+}
+
+impl Policy {
+    fn of(settings: &crate::settings::Settings, spec: &ListenerEntry) -> Result<Policy, String> {
         let server = &settings.config.server;
         let cfg = server_config(settings, spec).map_err(|e| e.to_string())?;
         let relay_networks = match &spec.relay_networks {
@@ -61,25 +65,56 @@ impl Listener {
                 .collect::<Result<Vec<_>, _>>()?,
             None => settings.relay_networks.clone(),
         };
-        Ok(Listener {
-            index,
+        Ok(Policy {
             cfg: Rc::new(cfg),
-            implicit_tls: spec.implicit_tls,
             relay_networks,
             connections_max: spec.connections_max.unwrap_or(server.connections_max),
             connections_per_ip_max: spec
                 .connections_per_ip_max
                 .unwrap_or(server.connections_per_ip_max),
+            ip_max: server.connections_per_ip_max,
+        })
+    }
+
+    pub(super) fn ip_limits(&self, listener: u16) -> IpLimits {
+        IpLimits {
+            listener,
+            ip_max: self.ip_max as u32,
+            listener_ip_max: self.connections_per_ip_max as u32,
+        }
+    }
+}
+
+impl Listener {
+    pub fn new(
+        reception: &Reception,
+        index: u16,
+        spec: &ListenerEntry,
+    ) -> Result<Listener, String> {
+        let policy = Policy::of(&reception.settings(), spec)?;
+        Ok(Listener {
+            index,
+            implicit_tls: spec.implicit_tls,
+            policy: RefCell::new(Rc::new(policy)),
             sessions: Cell::new(0),
         })
     }
 
-    pub(super) fn ip_limits(&self, reception: &Reception) -> IpLimits {
-        IpLimits {
-            listener: self.index,
-            ip_max: reception.settings.config.server.connections_per_ip_max as u32,
-            listener_ip_max: self.connections_per_ip_max as u32,
-        }
+    /// The policy new sessions get now.
+    pub fn policy(&self) -> Rc<Policy> {
+        self.policy.borrow().clone()
+    }
+
+    /// Swap in the policy of `spec` under `settings` (a reload); sessions open now keep
+    /// theirs. On an error the old policy stays.
+    pub fn update(
+        &self,
+        settings: &crate::settings::Settings,
+        spec: &ListenerEntry,
+    ) -> Result<(), String> {
+        let policy = Policy::of(settings, spec)?;
+        *self.policy.borrow_mut() = Rc::new(policy);
+        Ok(())
     }
 }
 
@@ -151,8 +186,8 @@ pub async fn accept_loop(reception: Rc<Reception>, socket: TcpListener, listener
                 continue;
             }
         };
-        if reception.sessions.open() >= reception.settings.config.server.connections_max
-            || listener.sessions.get() >= listener.connections_max
+        if reception.sessions.open() >= reception.settings().config.server.connections_max
+            || listener.sessions.get() >= listener.policy().connections_max
         {
             glommio::spawn_local(refuse(stream, TOO_MANY_CONNECTIONS)).detach();
             continue;

@@ -199,7 +199,7 @@ impl Sessions {
 pub struct Reception {
     shard: usize,
     shards: usize,
-    pub settings: Rc<Settings>,
+    settings: Rc<crate::settings::Live>,
     spool: Rc<Spool>,
     core: Rc<CoreCell>,
     peers: Rc<dyn Peers>,
@@ -218,7 +218,7 @@ impl Reception {
     pub fn new(
         shard: usize,
         shards: usize,
-        settings: Rc<Settings>,
+        settings: Rc<crate::settings::Live>,
         spool: Rc<Spool>,
         core: Rc<CoreCell>,
         peers: Rc<dyn Peers>,
@@ -226,6 +226,7 @@ impl Reception {
         stop: Rc<shards::LocalStop>,
     ) -> Reception {
         let spread = settings
+            .get()
             .config
             .domain
             .iter()
@@ -250,6 +251,11 @@ impl Reception {
 
     pub fn shard(&self) -> usize {
         self.shard
+    }
+
+    /// The settings in force now (a reload swaps them; a session keeps what it started with).
+    pub fn settings(&self) -> Rc<Settings> {
+        self.settings.get()
     }
 
     pub fn peers(&self) -> &Rc<dyn Peers> {

@@ -85,7 +85,7 @@ async fn read_proxy_header(
     stream: &mut TcpStream,
     socket_peer: SocketAddr,
 ) -> Result<(SocketAddr, Vec<u8>), &'static [u8]> {
-    let settings = &reception.settings;
+    let settings = reception.settings();
     if !settings
         .proxy_trusted
         .iter()
@@ -171,7 +171,7 @@ async fn check_credentials(
     ip: std::net::IpAddr,
     c: &Credentials,
 ) -> AuthVerdict {
-    let Some(users) = reception.settings.auth_users.clone() else {
+    let Some(users) = reception.settings().auth_users.clone() else {
         return AuthVerdict::Rejected;
     };
     if !reception.peers().auth_allowed(ip).await {
@@ -216,8 +216,10 @@ pub(super) async fn session(
     mut stream: TcpStream,
 ) -> std::io::Result<()> {
     let implicit_tls = listener.implicit_tls;
-    let hostname = listener.cfg.hostname.clone();
-    let settings = reception.settings.clone();
+    // The listener's policy as it is now: a reload meanwhile applies to later sessions.
+    let policy = listener.policy();
+    let hostname = policy.cfg.hostname.clone();
+    let settings = reception.settings();
     let server = &settings.config.server;
     let _ = stream.set_nodelay(true);
     let socket_peer = stream.peer_addr()?;
@@ -234,7 +236,7 @@ pub(super) async fn session(
     } else {
         (socket_peer, Vec::new())
     };
-    let limits = listener.ip_limits(reception);
+    let limits = policy.ip_limits(listener.index);
     if !reception.peers().client_connect(peer.ip(), limits).await {
         refuse(stream, TOO_MANY_FROM_IP).await;
         return Ok(());
@@ -244,10 +246,7 @@ pub(super) async fn session(
         ip: peer.ip(),
         listener: listener.index,
     };
-    let relay_allowed = listener
-        .relay_networks
-        .iter()
-        .any(|n| n.contains(peer.ip()));
+    let relay_allowed = policy.relay_networks.iter().any(|n| n.contains(peer.ip()));
     let peer_text = peer.to_string();
     let tls = if implicit_tls {
         Some(TlsLayer::new(settings.tls.clone()).map_err(std::io::Error::other)?)
@@ -260,7 +259,7 @@ pub(super) async fn session(
         wire: Vec::new(),
         plain: Vec::new(),
     };
-    let mut session = Session::new(listener.cfg.clone(), relay_allowed);
+    let mut session = Session::new(policy.cfg.clone(), relay_allowed);
     let mut dkim = super::signing::Follower::new(settings.dkim.clone(), settings.egress.clone());
     if implicit_tls {
         session.tls_started();

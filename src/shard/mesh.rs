@@ -30,12 +30,19 @@ pub enum Request {
     /// Hand over the TLS report counts of every period before `before`; answered with
     /// `TlsRpt`.
     TlsRptTake { before: u64 },
+    /// An operator's operation on this shard's queue; answered with `Admin`.
+    Admin(crate::admin::Op),
+    /// Swap in reloaded settings (already checked and planned by shard 0); answered with
+    /// `Admin`.
+    Reload(std::sync::Arc<crate::settings::Settings>),
 }
 
 pub enum Answer {
     Submitted(Result<(), AcceptError>),
     Allowed(bool),
     TlsRpt(Vec<crate::tlsrpt::DayTally>),
+    /// This shard's answer to an operation (a JSON object, merged by shard 0).
+    Admin(serde_json::Value),
     Done,
 }
 
@@ -182,10 +189,55 @@ pub struct Handler {
     pub clock: Rc<dyn Clock>,
     /// This shard's TLS report counts, when reporting is on.
     pub tlsrpt: Option<Rc<super::tlsrpt::Counter>>,
+    /// The settings sessions and connections start with (a reload swaps them).
+    pub settings: Rc<crate::settings::Live>,
+    /// This shard's listeners, with their specs in the settings' order (see
+    /// `super::listener_specs`), filled once they are bound.
+    pub listeners: Rc<RefCell<Vec<Rc<crate::reception::Listener>>>>,
+    /// Operations the core does not carry out.
+    pub hooks: Rc<dyn crate::admin::Hooks>,
+}
+
+impl Handler {
+    /// Operation `op` on this shard.
+    fn admin(&self, op: &crate::admin::Op, now: u64) -> serde_json::Value {
+        use crate::admin::Op;
+        match op {
+            Op::Suppression(s) => self.hooks.suppression(s, now),
+            Op::Reinject { id } => self.hooks.reinject(id.as_deref(), now),
+            // Shard 0 reads the files and sends `Request::Reload`.
+            Op::Reload => crate::admin::error("`reload` goes to the admin socket, not a shard"),
+            _ => self.core.with(|c| c.admin(op, now)),
+        }
+    }
+
+    /// Swap in `settings`: new sessions, connections and notices use them, and the core its
+    /// routes, backoff, rules and limits. What is running keeps what it started with.
+    fn reload(&self, settings: &crate::settings::Settings, now: u64) -> serde_json::Value {
+        let settings = Rc::new(settings.clone());
+        let specs = super::listener_specs(&settings);
+        let mut failed = Vec::new();
+        for (listener, spec) in self.listeners.borrow().iter().zip(&specs) {
+            // Checked by shard 0 before sending; a failure keeps that listener's old policy.
+            if let Err(why) = listener.update(&settings, spec) {
+                failed.push(format!("listener {}: {why}", spec.address));
+            }
+        }
+        self.settings.set(settings.clone());
+        let shard = self.core.with(|c| {
+            c.reload(settings, now);
+            c.shard()
+        });
+        match failed.is_empty() {
+            true => serde_json::json!({ "shard": shard, "reloaded": 1 }),
+            false => serde_json::json!({ "shard": shard, "error": failed.join("; ") }),
+        }
+    }
 }
 
 impl shards::Handler<Request, Answer> for Handler {
     fn handle(&self, from: usize, q: Request) -> shards::Reply<Answer> {
+        use crate::admin::Op;
         let now = self.clock.now_ms();
         // Everything but a submission is answered here, synchronously, in arrival order (the
         // lease protocol relies on it).
@@ -224,6 +276,31 @@ impl shards::Handler<Request, Answer> for Handler {
                 self.clients.borrow_mut().auth_result(ip, ok, now);
                 Answer::Done
             }
+            // Mass operations (bounce, flush, resume) walk the queue a bounded step at a time,
+            // their actions performed between steps, so memory stays flat; other shard work
+            // runs in between.
+            Request::Admin(op @ (Op::Bounce { .. } | Op::Flush { .. } | Op::Resume { .. })) => {
+                let core = self.core.clone();
+                let clock = self.clock.clone();
+                return Box::pin(async move {
+                    let mut total = serde_json::Value::Null;
+                    let mut cursor = 0;
+                    loop {
+                        let now = clock.now_ms();
+                        let step = core.with(|c| c.admin_step(&op, cursor, now));
+                        total = crate::core::merge_counts(total, step.answer);
+                        match step.next {
+                            Some(next) => cursor = next,
+                            None => break,
+                        }
+                        // Let the committer write what the step appended.
+                        glommio::timer::sleep(std::time::Duration::from_millis(1)).await;
+                    }
+                    Answer::Admin(total)
+                });
+            }
+            Request::Admin(op) => Answer::Admin(self.admin(&op, now)),
+            Request::Reload(settings) => Answer::Admin(self.reload(&settings, now)),
             Request::TlsRptTake { before } => Answer::TlsRpt(
                 self.tlsrpt
                     .as_ref()

@@ -9,9 +9,13 @@
 //! other shard (parts they hand us are still spooled until they are done), commit the spool,
 //! flush the log.
 //!
+//! Shard 0 also serves the admin socket ([`admin`]): operators' operations go from there to
+//! every shard over the mesh, and a reload hands every shard the new settings the same way.
+//!
 //! Invariant: a shard only ever touches its own spool and queues. Other shards reach them over
 //! the mesh ([`mesh`]).
 
+pub mod admin;
 pub mod mesh;
 mod perform;
 mod tlsrpt;
@@ -70,6 +74,26 @@ pub struct Shared {
     pub stop: shards::Stop,
     /// Told once this shard listens (the process announces readiness when all have).
     pub listening: crossbeam::channel::Sender<usize>,
+    /// Shard 0's end of the admin socket's hand-over pair (see `admin::socket`), taken by
+    /// shard 0; None: no admin socket.
+    pub admin: Option<Arc<std::sync::Mutex<Option<std::os::unix::net::UnixStream>>>>,
+    /// Reads the configuration again for a reload.
+    pub reloader: Option<admin::Reloader>,
+}
+
+/// Every listener a shard binds, in order: `server.listen`, `server.implicit_tls_listen`, then
+/// `[[listener]]`. A reload keeps the addresses (see `admin::reload`), so the order matches
+/// the listeners bound at start.
+pub fn listener_specs(settings: &Settings) -> Vec<ListenerEntry> {
+    let cfg = &settings.config;
+    let mut listeners = vec![ListenerEntry::plain(cfg.server.listen, false)];
+    listeners.extend(
+        settings
+            .implicit_tls_listen
+            .map(|address| ListenerEntry::plain(address, true)),
+    );
+    listeners.extend(cfg.listener.iter().cloned());
+    listeners
 }
 
 /// Run shard `shard`: recover, listen, deliver, until the stop signal.
@@ -79,6 +103,7 @@ pub async fn run(
 ) -> Result<(), ShardError> {
     let (id, count) = (shard.id, shard.count);
     let settings = Rc::new((*shared.settings).clone());
+    let live = Rc::new(crate::settings::Live::new(settings.clone()));
     let cfg = &settings.config;
     let clock: Rc<dyn Clock> = Rc::new(SystemClock);
     let stop = shards::LocalStop::new(shared.stop.clone());
@@ -108,6 +133,8 @@ pub async fn run(
     } else {
         None
     };
+    // Shard 0 logs the operators' operations through the same observers.
+    let admin_observers = observers.clone();
     let mut core = Core::new(
         CoreConfig {
             shard: id,
@@ -182,7 +209,7 @@ pub async fn run(
     let reception = Rc::new(Reception::new(
         id,
         count,
-        settings.clone(),
+        live.clone(),
         spool.clone(),
         core.clone(),
         peers,
@@ -207,7 +234,7 @@ pub async fn run(
         _ => None,
     };
     let delivery = Rc::new(DeliveryCtx {
-        settings: settings.clone(),
+        settings: live.clone(),
         core: core.clone(),
         spool: spool.clone(),
         resolver: resolver.clone(),
@@ -218,7 +245,7 @@ pub async fn run(
     let outbox = mesh::LeaseOutbox::new(count);
     let driver = Rc::new(perform::Driver::new(perform::Parts {
         shard: id,
-        settings: settings.clone(),
+        settings: live.clone(),
         core: core.clone(),
         spool: spool.clone(),
         reception: reception.clone(),
@@ -237,12 +264,16 @@ pub async fn run(
         let core = core.clone();
         spool.on_moved(Box::new(move |moves| core.with(|c| c.relocated(moves))));
     }
+    let bound: Rc<RefCell<Vec<Rc<Listener>>>> = Rc::default();
     mesh.serve(Rc::new(mesh::Handler {
         reception: reception.clone(),
         core: core.clone(),
         clients,
         clock: clock.clone(),
         tlsrpt: tlsrpt.clone(),
+        settings: live.clone(),
+        listeners: bound.clone(),
+        hooks: Rc::new(crate::admin::Unwired),
     }));
     let mut outboxes = Vec::new();
     for to in (0..count).filter(|&to| to != id) {
@@ -293,13 +324,7 @@ pub async fn run(
     });
 
     let mut acceptors = Vec::new();
-    let mut listeners = vec![ListenerEntry::plain(cfg.server.listen, false)];
-    listeners.extend(
-        settings
-            .implicit_tls_listen
-            .map(|address| ListenerEntry::plain(address, true)),
-    );
-    listeners.extend(cfg.listener.iter().cloned());
+    let listeners = listener_specs(&settings);
     for (index, spec) in listeners.iter().enumerate() {
         let policy =
             Listener::new(&reception, index as u16, spec).map_err(|why| ShardError::Listen {
@@ -310,18 +335,43 @@ pub async fn run(
             shard: id,
             why: e.to_string(),
         })?;
+        let policy = Rc::new(policy);
+        bound.borrow_mut().push(policy.clone());
         acceptors.push(glommio::spawn_local(crate::reception::accept_loop(
             reception.clone(),
             socket,
-            Rc::new(policy),
+            policy,
         )));
     }
+    // Shard 0 serves the admin socket.
+    let handover = (id == 0)
+        .then(|| shared.admin.as_ref()?.lock().ok()?.take())
+        .flatten();
+    let admin_server = handover.map(|end| {
+        use std::os::fd::{FromRawFd as _, IntoRawFd as _};
+        // SAFETY: the descriptor comes out of a std stream we own (`into_raw_fd`), and only
+        // this glommio stream owns it from here on.
+        let end = unsafe { glommio::net::UnixStream::from_raw_fd(end.into_raw_fd()) };
+        let server = Rc::new(admin::Server {
+            mesh: mesh.clone(),
+            settings: live.clone(),
+            observers: admin_observers.clone(),
+            clock: clock.clone(),
+            reloader: shared.reloader.clone(),
+            stop: stop.clone(),
+            reloading: glommio::sync::Semaphore::new(1),
+        });
+        glommio::spawn_local(server.run(end))
+    });
     let _ = shared.listening.send(id);
 
     // Until the stop signal (SIGTERM/SIGINT, or another shard failing to start), then in order.
     stop.wait().await;
     for acceptor in acceptors {
         acceptor.await;
+    }
+    if let Some(admin_server) = admin_server {
+        admin_server.await;
     }
     core.with(|c| c.stop());
     let grace = Duration::from_secs(cfg.server.shutdown_grace_s);

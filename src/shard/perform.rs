@@ -15,13 +15,13 @@ use crate::delivery::DeliveryCtx;
 use crate::dns::resolver::Resolver;
 use crate::eventlog::EventLog;
 use crate::reception::{BodyParts, Reception};
-use crate::settings::Settings;
 use crate::spool::Spool;
 
 /// What the driver is made of.
 pub(super) struct Parts {
     pub shard: usize,
-    pub settings: Rc<Settings>,
+    /// For notices: the host name they are written as (a reload may change it).
+    pub settings: Rc<crate::settings::Live>,
     pub core: Rc<CoreCell>,
     pub spool: Rc<Spool>,
     pub reception: Rc<Reception>,
@@ -163,7 +163,7 @@ impl Driver {
                 .collect();
             let id = self.p.reception.next_id(now);
             crate::notices::compose(
-                &self.p.settings.hostname,
+                &self.p.settings.get().hostname,
                 &original,
                 view.body(),
                 &outcomes,

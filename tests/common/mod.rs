@@ -421,6 +421,21 @@ impl Epoxi {
         signal(self.child.id(), libc::SIGINT);
     }
 
+    /// SIGHUP: reload the configuration file it was started with (see `config_path`).
+    pub fn sighup(&self) {
+        signal(self.child.id(), libc::SIGHUP);
+    }
+
+    /// The configuration file it was started with; rewrite it before a reload.
+    pub fn config_path(&self) -> PathBuf {
+        self.log_dir.with_extension("toml")
+    }
+
+    /// Its admin socket.
+    pub fn admin_socket(&self) -> PathBuf {
+        self.spool.join("admin.sock")
+    }
+
     /// SIGKILL, and reap: the spool is left as a crash leaves it.
     pub fn kill9(&mut self) {
         signal(self.child.id(), libc::SIGKILL);

@@ -242,7 +242,9 @@ impl Observer for Tap {
                 source: h.source.to_owned(),
                 down: h.down_until_ms.is_some(),
             },
-            Event::Received(_) | Event::TlsSession(_) | Event::SiteHealth(_) => return,
+            Event::Received(_) | Event::TlsSession(_) | Event::SiteHealth(_) | Event::Admin(_) => {
+                return
+            }
         };
         self.out.borrow_mut().push(seen);
     }

@@ -1629,5 +1629,5 @@ fn without_a_resolver_unrouted_mail_is_deferred() {
     );
     assert_eq!(attempts_seen(&rec)[0].3, 451);
 }
-
 mod ops;
+mod reload;
