@@ -411,7 +411,10 @@ impl Core {
         self.armed_ms = next;
     }
 
-    /// The clock reached `now_ms`: release due retries, retry notices that failed.
+    /// The timer woke at `now_ms` (due or not): release due retries, retry notices that
+    /// failed, check the ready queues when their check is due, and note what the timer should
+    /// wait for next. Drivers call it on every wake-up, so [`Core::rearm`]'s idea of the armed
+    /// time is never one that already passed.
     pub fn tick(&mut self, now_ms: u64) {
         let due = self.queue.take_due(now_ms);
         for job in due {

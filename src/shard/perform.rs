@@ -221,14 +221,9 @@ impl Driver {
             if self.p.log.flush_due_ms().is_some_and(|t| t <= now) {
                 self.p.log.flush();
             }
-            if self
-                .p
-                .core
-                .read(|c| c.next_wakeup())
-                .is_some_and(|t| t <= now)
-            {
-                self.p.core.with(|c| c.tick(now));
-            }
+            // Every wake-up goes to the core, due or not: it learns its timer fired, so a
+            // later due time re-arms it (see `Core::rearm`).
+            self.p.core.with(|c| c.tick(now));
         }
     }
 }
