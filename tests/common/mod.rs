@@ -431,6 +431,11 @@ impl Epoxi {
         self.log_dir.with_extension("toml")
     }
 
+    /// Its process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// Its admin socket.
     pub fn admin_socket(&self) -> PathBuf {
         self.spool.join("admin.sock")
