@@ -118,7 +118,7 @@ fn a_suspended_message_still_expires_at_its_max_age() {
 }
 
 #[test]
-fn bounce_by_domain_and_by_tenant_and_flush_retries_now() {
+fn bounce_by_domain_and_flush_retries_now() {
     let dir = tempfile::tempdir().expect("tempdir");
     // Every message is deferred once (retried in a minute unless flushed).
     let sink = Sink::start(dir.path(), &["--tempfail-first", "30"]);
@@ -220,4 +220,84 @@ fn a_mass_bounce_streams_through_a_large_queue_with_flat_memory() {
     assert_eq!(summary["messages"], 0, "{summary}");
     epoxi.stop();
     assert_eq!(sink.stop().count("unique"), 0);
+}
+
+#[test]
+fn rebind_sends_a_domain_through_another_pool_and_site_selectors_work() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let sink = Sink::start(dir.path(), &[]);
+    let mut o = opts(dir.path(), sink.port);
+    o.conf.raw.push_str(
+        "[egress]\ndefault_pool = \"main\"\n\
+         [[source]]\nname = \"a\"\naddress = \"127.0.0.1\"\nehlo = \"a.epoxi.test\"\n\
+         [[source]]\nname = \"b\"\naddress = \"127.0.0.9\"\nehlo = \"b.epoxi.test\"\n\
+         [[pool]]\nname = \"main\"\nsources = [\"a\"]\n\
+         [[pool]]\nname = \"other\"\nsources = [\"b\"]\n",
+    );
+    let mut epoxi = Epoxi::start(&o);
+    let missing = cli(&epoxi, &["rebind", "--domain", "d0.test", "--pool", "nope"]);
+    assert!(missing.to_string().contains("no egress pool"), "{missing}");
+    let rebound = cli(
+        &epoxi,
+        &["rebind", "--domain", "d0.test", "--pool", "other"],
+    );
+    assert!(rebound.get("error").is_none(), "{rebound}");
+    // The site of the static route, by its key: suspend, then flush by site.
+    let site = format!("[127.0.0.1:{}]", sink.port);
+    cli(&epoxi, &["suspend", "--site", &site, "--duration", "1h"]);
+    let injected = Inject::new(10).domains(2).run(dir.path(), epoxi.port);
+    assert_eq!(injected.count("accepted"), 10);
+    wait_until("held by the site suspension", DEADLINE, || {
+        let s = cli(&epoxi, &["queue", "inspect", "--site", &site]);
+        s["messages"].as_array().map_or(0, Vec::len) == 10
+    });
+    assert!(epoxi.events_of("Delivery").is_empty());
+    cli(&epoxi, &["resume", "--site", &site]);
+    epoxi.wait_events_within("Delivery", 10, Duration::from_secs(30));
+    epoxi.stop();
+    let report = sink.stop();
+    assert_eq!(report.count("unique"), 10);
+    // d0's five went out through pool `other` (EHLO b), d1's through `main` (EHLO a).
+    assert_eq!(report.json["helos"]["b.epoxi.test"], 5, "{}", report.json);
+    assert_eq!(report.json["helos"]["a.epoxi.test"], 5, "{}", report.json);
+}
+
+#[test]
+fn suspend_and_bounce_by_tenant() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let sink = Sink::start(dir.path(), &[]);
+    let mut epoxi = Epoxi::start(&opts(dir.path(), sink.port));
+    cli(&epoxi, &["suspend", "--tenant", "acme", "--duration", "1h"]);
+    let send = |tenant: &str, n: usize| {
+        let mut c = common::Smtp::connect(epoxi.port);
+        c.reply();
+        c.expect("EHLO client.test", 250);
+        for i in 0..n {
+            let id = format!("{tenant}-{i}");
+            let body = format!("X-Tenant: {tenant}\r\n{}", common::message_body(&id, &[]));
+            let reply = c.send_message("s@client.test", &[format!("u{i}@d0.test")], &body);
+            assert_eq!(reply.code, 250, "{}", reply.text);
+        }
+        c.expect("QUIT", 221);
+    };
+    send("acme", 3);
+    send("other", 3);
+    epoxi.wait_events_within("Delivery", 3, Duration::from_secs(30));
+    let summary = cli(&epoxi, &["queue", "summary", "--json"]);
+    let acme = summary["tenants"]
+        .as_array()
+        .and_then(|rows| rows.iter().find(|r| r["tenant"] == "acme"))
+        .cloned()
+        .unwrap_or_else(|| panic!("acme row: {summary}"));
+    assert_eq!(acme["scheduled"], 3, "{summary}");
+    let bounced = cli(&epoxi, &["bounce", "--tenant", "acme"]);
+    assert_eq!(bounced["bounced"], 3, "{bounced}");
+    epoxi.stop();
+    let report = sink.stop();
+    assert_eq!(report.count("unique"), 3);
+    assert!(
+        report.ids.iter().all(|id| id.starts_with("other-")),
+        "{:?}",
+        report.ids
+    );
 }
