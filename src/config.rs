@@ -89,6 +89,8 @@ pub struct Config {
     /// Retry policy overrides by bounce category, recipient domain and site, first match
     /// wins; else `[queue]`'s backoff.
     pub retry: Vec<RetryEntry>,
+    pub oob: OobSection,
+    pub suppression: SuppressionSection,
 }
 
 /// One `[[retry]]` rule: which failures it matches, and the backoff (or early bounce) for
@@ -121,6 +123,37 @@ pub struct RetryEntry {
     /// providers give unknown users (`category = ["InvalidRecipient"]`).
     #[serde(default)]
     pub bounce: bool,
+}
+
+/// Out-of-band bounces and feedback reports (`src/oob/`): a domain whose every address takes
+/// DSNs (RFC 3464) and ARF reports (RFC 5965) instead of relaying them.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct OobSection {
+    /// The inbound report domain, e.g. `bounces.example.com`. Empty: no OOB processing.
+    pub domain: String,
+    /// Send with the return path `b+<reception id>@<domain>` (VERP), so a DSN's envelope
+    /// recipient names the message it is about. The null sender stays null.
+    pub verp: bool,
+}
+
+/// The suppression list (`src/suppression/`): recipients that hard-bounced or complained are
+/// refused at RCPT.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SuppressionSection {
+    pub enabled: bool,
+    /// The reply to a suppressed recipient: `CODE X.Y.Z text`, a 5xx.
+    pub reply: String,
+}
+
+impl Default for SuppressionSection {
+    fn default() -> Self {
+        SuppressionSection {
+            enabled: false,
+            reply: "550 5.7.1 Recipient suppressed".into(),
+        }
+    }
 }
 
 /// Bounce classification (`src/bounce/`): the category of every failed attempt, in its
