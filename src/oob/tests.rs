@@ -42,7 +42,7 @@ Action: failed\r\n\
 Status: 5.1.1\r\n\
 Remote-MTA: dns; mailstore.remote.test\r\n\
 Diagnostic-Code: smtp; 550 5.1.1 <bob@remote.test>: Recipient address\r\n\
-  rejected: User unknown in local recipient table\r\n\
+\t  rejected: User unknown in local recipient table\r\n\
 \r\n\
 Final-Recipient: rfc822; carol@remote.test\r\n\
 Action: delayed\r\n\
@@ -156,7 +156,7 @@ To: <abuse@oob.test>\r\n\
 Subject: FW: Earn money\r\n\
 MIME-Version: 1.0\r\n\
 Content-Type: multipart/report; report-type=feedback-report;\r\n\
-     boundary=\"part1_13d.2e68ed54_boundary\"\r\n\
+\tboundary=\"part1_13d.2e68ed54_boundary\"\r\n\
 \r\n\
 --part1_13d.2e68ed54_boundary\r\n\
 Content-Type: text/plain; charset=\"US-ASCII\"\r\n\
@@ -314,3 +314,4 @@ fn garbage_never_panics() {
         }
     }
 }
+

@@ -1589,6 +1589,7 @@ mod tests {
                 esmtp: true,
                 dsn: None,
                 rcpt_dsn: vec![RcptDsn::default()],
+                oob: false,
             }
         );
         assert_eq!(
@@ -2697,5 +2698,83 @@ mod tests {
             message(talk(&mut s, txn).1);
             done_ok(&mut s, "x");
         }
+    }
+
+    #[test]
+    fn reports_to_the_oob_domain_come_from_anyone_in_transactions_of_their_own() {
+        let cfg = cfg_with(|c| c.oob_domain = Some("bounces.test".to_owned()));
+        // Not a relay client: only the report domain is taken.
+        let mut s = session_with(cfg.clone(), false);
+        let r = replies(
+            &mut s,
+            b"EHLO mx.remote\r\nMAIL FROM:<>\r\nRCPT TO:<b+1.0.2@Bounces.test>\r\n\
+              RCPT TO:<x@y.test>\r\nDATA\r\n",
+        );
+        assert!(r.contains("250 2.1.5 Ok\r\n550 5.7.1 Relaying denied\r\n354"), "{r}");
+        let (_, step) = talk(&mut s, b"report\r\n.\r\n");
+        let t = message(step);
+        assert!(t.oob);
+        assert_eq!(t.rcpts, ["b+1.0.2@Bounces.test"]);
+        let mut out = Vec::new();
+        s.report_done(&mut out);
+        assert_eq!(out, b"250 2.0.0 Ok: report received\r\n");
+        // A relay client mixing the two kinds is asked for another transaction.
+        let mut s = session_with(cfg, true);
+        let r = replies(
+            &mut s,
+            b"EHLO c\r\nMAIL FROM:<a@c.test>\r\nRCPT TO:<x@y.test>\r\n\
+              RCPT TO:<abuse@bounces.test>\r\nDATA\r\n",
+        );
+        assert!(
+            r.contains("250 2.1.5 Ok\r\n452 4.5.3 Reports to the bounce domain"),
+            "{r}"
+        );
+        let (_, step) = talk(&mut s, b"hi\r\n.\r\n");
+        let t = message(step);
+        assert!(!t.oob);
+        assert_eq!(t.rcpts, ["x@y.test"]);
+        assert_eq!(s.stats().rejected(Rejection::OobMixed), 1);
+    }
+
+    #[test]
+    fn rcpt_checks_wait_for_their_verdict_in_order() {
+        let cfg = cfg_with(|c| {
+            c.rcpt_check = true;
+            c.oob_domain = Some("bounces.test".to_owned());
+        });
+        let mut s = session_with(cfg, true);
+        let mut out = Vec::new();
+        s.input(
+            b"EHLO c\r\nMAIL FROM:<a@c.test>\r\nRCPT TO:<x@y.test>\r\nRCPT TO:<z@y.test>\r\n\
+              DATA\r\n",
+        );
+        assert_eq!(s.poll(&mut out), Step::Rcpt("x@y.test".to_owned()));
+        // Nothing pipelined behind it is read meanwhile.
+        assert_eq!(s.poll(&mut out), Step::NeedInput);
+        assert!(!s.wants_input());
+        let refusal = Reply::new(550, Some((5, 7, 1)), "Recipient suppressed");
+        s.rcpt_done(Some(&refusal), &mut out);
+        // A second verdict is ignored.
+        s.rcpt_done(None, &mut out);
+        assert_eq!(s.poll(&mut out), Step::Rcpt("z@y.test".to_owned()));
+        s.rcpt_done(None, &mut out);
+        assert_eq!(s.poll(&mut out), Step::NeedInput);
+        let text = String::from_utf8_lossy(&out).into_owned();
+        assert!(
+            text.ends_with(
+                "250 2.1.0 Ok\r\n550 5.7.1 Recipient suppressed\r\n250 2.1.5 Ok\r\n354 End data \
+                 with <CR><LF>.<CR><LF>\r\n"
+            ),
+            "{text}"
+        );
+        let (_, step) = talk(&mut s, b"hi\r\n.\r\n");
+        assert_eq!(message(step).rcpts, ["z@y.test"]);
+        assert_eq!(s.stats().rejected(Rejection::Suppressed), 1);
+        // Reports are never checked.
+        let mut out = Vec::new();
+        s.message_done(Ok("q1"), &mut out);
+        s.input(b"MAIL FROM:<>\r\nRCPT TO:<b@bounces.test>\r\n");
+        assert_eq!(s.poll(&mut out), Step::NeedInput);
+        assert!(String::from_utf8_lossy(&out).ends_with("250 2.1.5 Ok\r\n"));
     }
 }
