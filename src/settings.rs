@@ -478,7 +478,11 @@ pub fn suppression_reply(text: &str) -> Result<crate::smtp::reply::Reply, Config
         .ok_or_else(|| bad("must start with a 5xx reply code"))?;
     let enhanced: Vec<u16> = words
         .next()
-        .map(|e| e.split('.').map(|n| n.parse::<u16>()).collect::<Result<_, _>>())
+        .map(|e| {
+            e.split('.')
+                .map(|n| n.parse::<u16>())
+                .collect::<Result<_, _>>()
+        })
         .and_then(Result::ok)
         .filter(|e: &Vec<u16>| e.len() == 3 && e[0] == 5 && e[1] < 1000 && e[2] < 1000)
         .ok_or_else(|| bad("the second word must be an enhanced code 5.X.Y"))?;

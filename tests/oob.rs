@@ -53,7 +53,11 @@ fn send(port: u16, rcpt: &str) -> String {
     smtp.reply();
     smtp.expect("EHLO client.test", 250);
     let body = common::message_body("oob-1", &[]);
-    let body = body.replacen("\r\n\r\n", "\r\nMessage-ID: <orig-1@client.test>\r\n\r\n", 1);
+    let body = body.replacen(
+        "\r\n\r\n",
+        "\r\nMessage-ID: <orig-1@client.test>\r\n\r\n",
+        1,
+    );
     let reply = smtp.send_message("sender@client.test", &[rcpt.to_owned()], &body);
     assert_eq!(reply.code, 250, "{}", reply.text);
     reply
@@ -116,7 +120,12 @@ fn a_dsn_to_the_verp_return_path_is_matched_and_classified() {
     assert_eq!(e["original_message_id"], "orig-1@client.test", "{e}");
     assert_eq!(e["sender"], "", "from the null sender: {e}");
     assert_eq!(e["recipient"], mail_from.as_str(), "{e}");
-    assert!(e["peer"].as_str().is_some_and(|p| p.starts_with("127.0.0.2:")), "{e}");
+    assert!(
+        e["peer"]
+            .as_str()
+            .is_some_and(|p| p.starts_with("127.0.0.2:")),
+        "{e}"
+    );
     // The report was read, not relayed: aiosmtpd got nothing more.
     assert!(!store.join("2.eml").exists(), "a report was relayed");
 }
@@ -127,7 +136,10 @@ fn without_verp_reports_are_matched_by_our_received_header_and_garbage_is_logged
     let (mut epoxi, _downstream, store) = start(dir.path(), false);
     let id = send(epoxi.port, "carol@remote.test");
     let (mail_from, eml) = stored(&store, 1);
-    assert_eq!(mail_from, "sender@client.test", "no VERP: the sender as given");
+    assert_eq!(
+        mail_from, "sender@client.test",
+        "no VERP: the sender as given"
+    );
 
     // A DSN to any address of the domain, matched by the Received header it returns.
     let replies = report(
@@ -149,7 +161,11 @@ fn without_verp_reports_are_matched_by_our_received_header_and_garbage_is_logged
         "arf",
         &format!("abuse@{OOB_DOMAIN}"),
         Some(&eml),
-        &["rcpt_to=carol@remote.test", "agent=TestFBL/2.0", "source=127.0.0.2"],
+        &[
+            "rcpt_to=carol@remote.test",
+            "agent=TestFBL/2.0",
+            "source=127.0.0.2",
+        ],
     );
     assert_eq!(replies[0]["code"], 250, "{replies:?}");
     // Garbage: accepted (never bounced back) and logged, one line each.

@@ -41,7 +41,8 @@ fn message(port: u16, rcpts: &[&str], headers: &str) -> (Vec<u16>, common::Reply
         return (codes, smtp.cmd("RSET"));
     }
     smtp.expect("DATA", 354);
-    let body = common::message_body("s", &[]).replacen("\r\n\r\n", &format!("\r\n{headers}\r\n"), 1);
+    let body =
+        common::message_body("s", &[]).replacen("\r\n\r\n", &format!("\r\n{headers}\r\n"), 1);
     smtp.send(body.as_bytes());
     smtp.send(b".\r\n");
     (codes, smtp.reply())
@@ -62,7 +63,9 @@ fn with(events: &[Value], key: &str, value: &str) -> Vec<Value> {
 fn wait_for(epoxi: &Epoxi, kind: &str, rcpt: &str) -> Value {
     let mut found = None;
     common::wait_until(&format!("{kind} for {rcpt}"), common::DEADLINE, || {
-        found = with(&epoxi.events_of(kind), "recipient", rcpt).into_iter().next();
+        found = with(&epoxi.events_of(kind), "recipient", rcpt)
+            .into_iter()
+            .next();
         found.is_some()
     });
     found.expect("found")
@@ -79,7 +82,11 @@ fn hard_bounces_and_complaints_are_suppressed_across_a_restart() {
     let (codes, reply) = message(epoxi.port, &["permfail@remote.test"], "");
     assert_eq!((codes[0], reply.code), (250, 250), "{}", reply.text);
     let added = epoxi.wait_events("Suppression", 1);
-    assert_eq!(added[0]["recipient"], "permfail@remote.test", "{}", added[0]);
+    assert_eq!(
+        added[0]["recipient"], "permfail@remote.test",
+        "{}",
+        added[0]
+    );
     assert_eq!(added[0]["reason"], "bounce", "{}", added[0]);
     assert_eq!(added[0]["action"], "add", "{}", added[0]);
 
@@ -99,7 +106,11 @@ fn hard_bounces_and_complaints_are_suppressed_across_a_restart() {
         .arg("rcpt_to=complainer@other.test")
         .output()
         .expect("run oob_report.py");
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(String::from_utf8_lossy(&out.stdout).contains("\"code\": 250"));
     let added = epoxi.wait_events("Suppression", 2);
     assert!(
@@ -120,14 +131,21 @@ fn hard_bounces_and_complaints_are_suppressed_across_a_restart() {
     }
     let (codes, reply) = message(
         epoxi.port,
-        &["permfail@remote.test", "ok@remote.test", "complainer@other.test"],
+        &[
+            "permfail@remote.test",
+            "ok@remote.test",
+            "complainer@other.test",
+        ],
         "",
     );
     assert_eq!(codes, vec![550, 250, 550]);
     assert_eq!(reply.code, 250, "{}", reply.text);
     wait_for(&epoxi, "Delivery", "ok@remote.test");
     let suppressed = epoxi.wait_events("Suppressed", 10);
-    assert!(suppressed.iter().all(|e| e["stage"] == "rcpt"), "{suppressed:?}");
+    assert!(
+        suppressed.iter().all(|e| e["stage"] == "rcpt"),
+        "{suppressed:?}"
+    );
     assert_eq!(suppressed[0]["response"]["code"], 550);
     epoxi.stop();
 
@@ -149,7 +167,11 @@ fn hard_bounces_and_complaints_are_suppressed_across_a_restart() {
         .filter(|l| l.contains("permfail@"))
         .count();
     assert_eq!(permfail, 0, "never accepted: {:?}", report.rcpt_lines);
-    assert_eq!(report.json["refused_by_kind"]["permfail"], 1, "{}", report.json);
+    assert_eq!(
+        report.json["refused_by_kind"]["permfail"], 1,
+        "{}",
+        report.json
+    );
 }
 
 #[test]

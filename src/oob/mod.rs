@@ -255,7 +255,8 @@ pub fn decide(report: &Report, at: &Arrival<'_>, classifier: Option<&Classifier>
                     .clone()
                     .or_else(|| r.original_recipient.clone());
                 let failed = r.action.as_deref() == Some("failed")
-                    || (r.action.is_none() && r.status.as_deref().is_some_and(|s| s.starts_with('5')));
+                    || (r.action.is_none()
+                        && r.status.as_deref().is_some_and(|s| s.starts_with('5')));
                 let hard = failed && category.is_some_and(Category::is_hard_bounce);
                 let suppressed = match (&rcpt, hard) {
                     (Some(rcpt), true) if rcpt.contains('@') => {
@@ -294,10 +295,7 @@ pub fn decide(report: &Report, at: &Arrival<'_>, classifier: Option<&Classifier>
             }
         }
         Report::Feedback(f) => {
-            let rcpt = f
-                .original_rcpt_to
-                .clone()
-                .or_else(|| original.to.clone());
+            let rcpt = f.original_rcpt_to.clone().or_else(|| original.to.clone());
             let complaint = matches!(f.feedback_type.as_str(), "abuse" | "fraud");
             let suppressed = match (&rcpt, complaint) {
                 (Some(rcpt), true) if rcpt.contains('@') => {
@@ -530,7 +528,10 @@ fn original_from_headers(m: &mail_parser::Message<'_>, ours: &Ours<'_>) -> Origi
             .map(|(_, v)| clean(v))
             .filter(|v| !v.is_empty())
     });
-    let to = m.to().and_then(|a| a.first()).and_then(|a| a.address.as_deref().map(str::to_owned));
+    let to = m
+        .to()
+        .and_then(|a| a.first())
+        .and_then(|a| a.address.as_deref().map(str::to_owned));
     let return_path = m
         .headers_raw()
         .find(|(n, _)| n.eq_ignore_ascii_case("return-path"))

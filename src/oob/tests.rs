@@ -103,7 +103,10 @@ fn a_dsn_decides_category_suppression_and_match() {
     };
     let d = decide(&report, &arrival, Some(&classifier));
     assert_eq!(d.bounces.len(), 2);
-    assert_eq!(d.bounces[0].bounce_category, Some(Category::InvalidRecipient));
+    assert_eq!(
+        d.bounces[0].bounce_category,
+        Some(Category::InvalidRecipient)
+    );
     assert!(d.bounces[0].suppressed);
     assert_eq!(d.bounces[0].matched_by, Some(MatchedBy::Received));
     assert_eq!(d.bounces[0].message_id.as_deref(), Some("18c2f3a4b5.0.1f"));
@@ -198,7 +201,10 @@ fn an_arf_report_is_a_complaint() {
     assert_eq!(f.feedback_type, "abuse");
     assert_eq!(f.user_agent.as_deref(), Some("SomeGenerator/1.0"));
     assert_eq!(f.original_rcpt_to.as_deref(), Some("user@example.com"));
-    assert_eq!(f.original_mail_from.as_deref(), Some("somespammer@sender.test"));
+    assert_eq!(
+        f.original_mail_from.as_deref(),
+        Some("somespammer@sender.test")
+    );
     assert_eq!(f.source_ip.as_deref(), Some("192.0.2.2"));
     assert_eq!(f.original.reception, ReceptionId::parse("18c2f3a4b5.0.20"));
     assert_eq!(
@@ -289,7 +295,7 @@ fn garbage_never_panics() {
         let mut body = Vec::new();
         for _ in 0..(xorshift(&mut seed) % 24) {
             let r = xorshift(&mut seed);
-            if r % 3 == 0 {
+            if r.is_multiple_of(3) {
                 body.push((r >> 8) as u8);
             } else {
                 body.extend_from_slice(pieces[(r % pieces.len() as u64) as usize]);
@@ -314,4 +320,3 @@ fn garbage_never_panics() {
         }
     }
 }
-

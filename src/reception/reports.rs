@@ -24,10 +24,7 @@ impl Reception {
         };
         let now = self.clock.now_ms();
         let recipient = tx.rcpts.first().map(String::as_str).unwrap_or_default();
-        let verp = tx
-            .rcpts
-            .iter()
-            .find_map(|r| crate::oob::verp_id(r, domain));
+        let verp = tx.rcpts.iter().find_map(|r| crate::oob::verp_id(r, domain));
         let mut hostnames = vec![self.settings.hostname.clone()];
         hostnames.extend(
             self.settings
@@ -81,7 +78,10 @@ impl Reception {
             return;
         };
         for (tenant, rcpt, reason) in &decision.suppress {
-            if let Err(e) = suppression.add(tenant.as_deref(), rcpt, *reason, None).await {
+            if let Err(e) = suppression
+                .add(tenant.as_deref(), rcpt, *reason, None)
+                .await
+            {
                 tracing::warn!("cannot suppress {rcpt} after an out-of-band report: {e}");
             }
         }

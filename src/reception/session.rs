@@ -340,9 +340,7 @@ pub(super) async fn session(
             }
             Step::Rcpt(address) => {
                 let sender = session.mail_from().unwrap_or_default().to_owned();
-                let refusal = reception
-                    .rcpt_refusal(&sender, &address, &peer_text)
-                    .await;
+                let refusal = reception.rcpt_refusal(&sender, &address, &peer_text).await;
                 session.rcpt_done(refusal.as_ref(), &mut out);
             }
             Step::Message(tx) if tx.oob => {

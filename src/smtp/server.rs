@@ -2710,7 +2710,10 @@ mod tests {
             b"EHLO mx.remote\r\nMAIL FROM:<>\r\nRCPT TO:<b+1.0.2@Bounces.test>\r\n\
               RCPT TO:<x@y.test>\r\nDATA\r\n",
         );
-        assert!(r.contains("250 2.1.5 Ok\r\n550 5.7.1 Relaying denied\r\n354"), "{r}");
+        assert!(
+            r.contains("250 2.1.5 Ok\r\n550 5.7.1 Relaying denied\r\n354"),
+            "{r}"
+        );
         let (_, step) = talk(&mut s, b"report\r\n.\r\n");
         let t = message(step);
         assert!(t.oob);

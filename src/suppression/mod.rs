@@ -116,7 +116,9 @@ pub fn normalize(rcpt: &str) -> Result<String, SuppressionError> {
             .is_some_and(|(l, d)| !l.is_empty() && !d.is_empty())
         && !r.contains(['\n', '\r', ' ']);
     if !ok {
-        return Err(SuppressionError::BadAddress(rcpt.chars().take(80).collect()));
+        return Err(SuppressionError::BadAddress(
+            rcpt.chars().take(80).collect(),
+        ));
     }
     Ok(r.to_lowercase())
 }
@@ -299,7 +301,9 @@ impl Store {
     /// shard's other work goes on meanwhile.
     async fn write<F>(&self, change: F) -> Result<(), SuppressionError>
     where
-        F: FnOnce(&mut redb::Table<'_, &'static str, &'static str>) -> Result<(), redb::StorageError>
+        F: FnOnce(
+                &mut redb::Table<'_, &'static str, &'static str>,
+            ) -> Result<(), redb::StorageError>
             + Send
             + 'static,
     {
@@ -604,7 +608,8 @@ impl crate::events::Observer for BounceFeed {
     fn observe(&self, event: &Event<'_>) {
         let Event::Attempt(a) = event else { return };
         let hard = a.outcome == crate::events::AttemptOutcome::Bounced
-            && a.bounce_category.is_some_and(crate::bounce::Category::is_hard_bounce);
+            && a.bounce_category
+                .is_some_and(crate::bounce::Category::is_hard_bounce);
         if !hard {
             return;
         }

@@ -26,7 +26,10 @@ fn entry(tenant: Option<&str>, rcpt: &str, reason: Reason) -> Entry {
 
 #[test]
 fn addresses_are_normalized_and_checked() {
-    assert_eq!(normalize(" <Bob@Example.COM> ").as_deref(), Ok("bob@example.com"));
+    assert_eq!(
+        normalize(" <Bob@Example.COM> ").as_deref(),
+        Ok("bob@example.com")
+    );
     assert!(normalize("no-at-sign").is_err());
     assert!(normalize("@example.com").is_err());
     assert!(normalize("a b@example.com").is_err());
@@ -51,11 +54,17 @@ fn entries_survive_a_reopen_per_tenant() {
             .add(&entry(Some("acme"), "b@x.test", Reason::Complaint))
             .await
             .expect("add tenant"));
-        assert!(store.add(&entry(None, "c@x.test", Reason::Admin)).await.expect("c"));
+        assert!(store
+            .add(&entry(None, "c@x.test", Reason::Admin))
+            .await
+            .expect("c"));
         assert!(store.remove(None, "c@x.test").await.expect("remove"));
         assert!(!store.remove(None, "c@x.test").await.expect("remove again"));
         assert!(store.contains(None, "a@x.test"));
-        assert!(!store.contains(Some("acme"), "a@x.test"), "lists are per tenant");
+        assert!(
+            !store.contains(Some("acme"), "a@x.test"),
+            "lists are per tenant"
+        );
         assert!(store.contains(Some("acme"), "b@x.test"));
         assert!(!store.contains(None, "b@x.test"));
         drop(store);
@@ -64,7 +73,10 @@ fn entries_survive_a_reopen_per_tenant() {
         assert_eq!(store.len(), 2);
         assert!(store.contains(None, "a@x.test"));
         assert!(store.contains(Some("acme"), "b@x.test"));
-        assert!(!store.contains(None, "c@x.test"), "the removal is durable too");
+        assert!(
+            !store.contains(None, "c@x.test"),
+            "the removal is durable too"
+        );
         let default = store.list(None, 10);
         assert_eq!(default.len(), 1);
         assert_eq!(default[0].reason, Reason::Bounce, "the first reason stays");
@@ -127,7 +139,10 @@ fn entries_live_with_the_owner_of_their_domain() {
             .expect("a domain of shard 1");
         let (a, b) = (format!("a@{on0}"), format!("B@{on1}"));
         // Added through shard 0: each lands at its owner.
-        assert!(shards[0].add(None, &a, Reason::Bounce, None).await.expect("a"));
+        assert!(shards[0]
+            .add(None, &a, Reason::Bounce, None)
+            .await
+            .expect("a"));
         assert!(shards[0]
             .add(None, &b, Reason::Complaint, Some("from a test"))
             .await
@@ -153,7 +168,11 @@ fn entries_live_with_the_owner_of_their_domain() {
             })
             .await
             .expect("list");
-        assert_eq!(listed["entries"].as_array().map(Vec::len), Some(2), "{listed}");
+        assert_eq!(
+            listed["entries"].as_array().map(Vec::len),
+            Some(2),
+            "{listed}"
+        );
         let removed = shards[1]
             .admin(&crate::admin::SuppressionOp::Remove {
                 tenant: None,
