@@ -1112,6 +1112,47 @@ mod tests {
     }
 
     #[test]
+    fn oob_and_suppression_keys_are_checked() {
+        let settle = |text: &str| {
+            Config::parse(text)
+                .expect("parses")
+                .settle(Overrides::default())
+        };
+        let s = settle("[oob]\ndomain = \"Bounces.Example.COM\"\nverp = true\n").expect("ok");
+        assert_eq!(s.oob_domain.as_deref(), Some("bounces.example.com"));
+        assert!(s.suppression_reply.is_none(), "off by default");
+        for (text, key) in [
+            ("[oob]\nverp = true\n", "oob.verp"),
+            ("[oob]\ndomain = \"not a domain\"\n", "oob.domain"),
+            ("[oob]\ndomain = \"user@example.com\"\n", "oob.domain"),
+            (
+                "[suppression]\nenabled = true\nreply = \"450 4.7.1 later\"\n",
+                "suppression.reply",
+            ),
+            (
+                "[suppression]\nenabled = true\nreply = \"550 4.7.1 mixed\"\n",
+                "suppression.reply",
+            ),
+            (
+                "[suppression]\nenabled = true\nreply = \"550 5.7.1\"\n",
+                "suppression.reply",
+            ),
+        ] {
+            let err = settle(text).expect_err(text);
+            assert!(err.to_string().contains(key), "{text}: {err}");
+        }
+        let s = settle("[suppression]\nenabled = true\n").expect("default reply");
+        let reply = s.suppression_reply.expect("a reply");
+        assert_eq!(reply.to_string(), "550 5.7.1 Recipient suppressed\r\n");
+        let s = settle("[suppression]\nenabled = true\nreply = \"554 5.7.9 Not wanted here\"\n")
+            .expect("own reply");
+        assert_eq!(
+            s.suppression_reply.map(|r| r.to_string()).as_deref(),
+            Some("554 5.7.9 Not wanted here\r\n")
+        );
+    }
+
+    #[test]
     fn binarymime_and_bdat_chunk_limits_name_their_key() {
         let cfg = Config::parse("[server]\nchunking = false\n").expect("parses");
         let err = cfg
