@@ -120,11 +120,11 @@ impl Reception {
             .collect();
         let spooled = refused.len() < rcpts.len();
         let id = spooled.then(|| envelope.reception.to_string());
-        for &i in &refused {
+        for rcpt in refused.iter().filter_map(|&i| rcpts.get(i)) {
             self.log_suppressed(
                 SuppressedAt::Data,
                 &envelope.sender,
-                rcpts[i],
+                rcpt,
                 Some(tenant),
                 id.clone(),
                 &envelope.peer,
