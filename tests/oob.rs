@@ -34,7 +34,7 @@ fn report(port: u16, kind: &str, rcpt: &str, original: Option<&Path>, opts: &[&s
 
 /// Epoxi relaying *.test to aiosmtpd, with the report domain; only 127.0.0.1 may relay, so a
 /// report from 127.0.0.2 shows that any client may send one.
-fn start(dir: &Path, verp: bool) -> (Epoxi, Aiosmtpd, PathBuf) {
+fn start(dir: &Path, verp: bool, suppression: bool) -> (Epoxi, Aiosmtpd, PathBuf) {
     let port = common::dead_port();
     let store = dir.join("store");
     let downstream = Aiosmtpd::start(port, &store);
@@ -43,7 +43,12 @@ fn start(dir: &Path, verp: bool) -> (Epoxi, Aiosmtpd, PathBuf) {
         .route(port)
         .set("server", "relay_networks", "[\"127.0.0.1/32\"]")
         .set("oob", "domain", &format!("\"{OOB_DOMAIN}\""))
-        .set("oob", "verp", if verp { "true" } else { "false" });
+        .set("oob", "verp", if verp { "true" } else { "false" })
+        .set(
+            "suppression",
+            "enabled",
+            if suppression { "true" } else { "false" },
+        );
     (Epoxi::start(&opts), downstream, store)
 }
 
@@ -86,7 +91,7 @@ fn one(events: Vec<Value>, key: &str, value: &str) -> Value {
 #[test]
 fn a_dsn_to_the_verp_return_path_is_matched_and_classified() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let (mut epoxi, _downstream, store) = start(dir.path(), true);
+    let (mut epoxi, _downstream, store) = start(dir.path(), true, true);
     let id = send(epoxi.port, "bob@remote.test");
     let (mail_from, eml) = stored(&store, 1);
     assert_eq!(
@@ -109,6 +114,17 @@ fn a_dsn_to_the_verp_return_path_is_matched_and_classified() {
     );
     assert_eq!(replies[0]["code"], 250, "{replies:?}");
     let oob = epoxi.wait_events("OOB", 1);
+    // A hard bounce out of band: the recipient is suppressed (durably, before the 250).
+    let added = epoxi.wait_events("Suppression", 1);
+    assert_eq!(added[0]["recipient"], "bob@remote.test", "{}", added[0]);
+    assert_eq!(added[0]["reason"], "bounce", "{}", added[0]);
+    let mut smtp = Smtp::connect(epoxi.port);
+    smtp.reply();
+    smtp.expect("EHLO client.test", 250);
+    smtp.expect("MAIL FROM:<sender@client.test>", 250);
+    let refused = smtp.cmd("RCPT TO:<bob@remote.test>");
+    assert_eq!(refused.code, 550, "{}", refused.text);
+    smtp.expect("QUIT", 221);
     epoxi.stop();
     let e = &oob[0];
     assert_eq!(e["message_id"], id.as_str(), "{e}");
@@ -117,6 +133,7 @@ fn a_dsn_to_the_verp_return_path_is_matched_and_classified() {
     assert_eq!(e["action"], "failed", "{e}");
     assert_eq!(e["status"], "5.1.1", "{e}");
     assert_eq!(e["bounce_category"], "InvalidRecipient", "{e}");
+    assert_eq!(e["suppressed"], true, "{e}");
     assert_eq!(e["original_message_id"], "orig-1@client.test", "{e}");
     assert_eq!(e["sender"], "", "from the null sender: {e}");
     assert_eq!(e["recipient"], mail_from.as_str(), "{e}");
@@ -133,7 +150,7 @@ fn a_dsn_to_the_verp_return_path_is_matched_and_classified() {
 #[test]
 fn without_verp_reports_are_matched_by_our_received_header_and_garbage_is_logged() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let (mut epoxi, _downstream, store) = start(dir.path(), false);
+    let (mut epoxi, _downstream, store) = start(dir.path(), false, false);
     let id = send(epoxi.port, "carol@remote.test");
     let (mail_from, eml) = stored(&store, 1);
     assert_eq!(
