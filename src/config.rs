@@ -127,7 +127,7 @@ pub struct RetryEntry {
 
 /// Out-of-band bounces and feedback reports (`src/oob/`): a domain whose every address takes
 /// DSNs (RFC 3464) and ARF reports (RFC 5965) instead of relaying them.
-#[derive(Clone, Debug, Default, Deserialize)]
+#[derive(Clone, Debug, Default, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct OobSection {
     /// The inbound report domain, e.g. `bounces.example.com`. Empty: no OOB processing.
@@ -139,7 +139,7 @@ pub struct OobSection {
 
 /// The suppression list (`src/suppression/`): recipients that hard-bounced or complained are
 /// refused at RCPT.
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct SuppressionSection {
     pub enabled: bool,

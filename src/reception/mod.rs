@@ -401,7 +401,8 @@ impl Reception {
         match self.spool.append_message(id, &envelope, &parts).await {
             Ok(loc) => {
                 let now = self.clock.now_ms();
-                let reply = self.settings.suppression_reply.as_ref();
+                let settings = self.settings();
+                let reply = settings.suppression_reply.as_ref();
                 self.core
                     .with(|c| c.accepted_refusing(id, &envelope, loc, tls, refused, reply, now));
                 Ok(())

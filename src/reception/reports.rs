@@ -19,21 +19,22 @@ use super::Reception;
 impl Reception {
     /// Read, log and act on the report in `tx` (every recipient at the out-of-band domain).
     pub async fn take_report(&self, tx: &Transaction, peer: &str) {
-        let Some(domain) = self.settings.oob_domain.as_deref() else {
+        let settings = self.settings();
+        let Some(domain) = settings.oob_domain.as_deref() else {
             return;
         };
         let now = self.clock.now_ms();
         let recipient = tx.rcpts.first().map(String::as_str).unwrap_or_default();
         let verp = tx.rcpts.iter().find_map(|r| crate::oob::verp_id(r, domain));
-        let mut hostnames = vec![self.settings.hostname.clone()];
+        let mut hostnames = vec![settings.hostname.clone()];
         hostnames.extend(
-            self.settings
+            settings
                 .config
                 .listener
                 .iter()
                 .filter_map(|l| l.hostname.clone()),
         );
-        let tenant_header = self.settings.egress.tenant_header();
+        let tenant_header = settings.egress.tenant_header();
         let ours = crate::oob::Ours {
             hostnames: &hostnames,
             tenant_header,
@@ -67,7 +68,7 @@ impl Reception {
             recipient,
             verp,
         };
-        let decision = crate::oob::decide(&report, &arrival, self.settings.bounce.as_deref());
+        let decision = crate::oob::decide(&report, &arrival, settings.bounce.as_deref());
         for line in &decision.bounces {
             self.observers.emit(&Event::Oob(line));
         }
@@ -92,7 +93,8 @@ impl Reception {
     /// `ServerConfig::rcpt_check`).
     pub async fn rcpt_refusal(&self, sender: &str, rcpt: &str, peer: &str) -> Option<Reply> {
         let suppression = self.suppression.as_ref()?;
-        let reply = self.settings.suppression_reply.as_ref()?;
+        let settings = self.settings();
+        let reply = settings.suppression_reply.as_ref()?;
         if !suppression.check(None, rcpt).await {
             return None;
         }
@@ -103,10 +105,11 @@ impl Reception {
     /// After DATA: which recipients (indices) the list of the message's tenant names. Each
     /// is logged as `Suppressed` (with `message_id` when some recipient is left to spool).
     pub async fn tenant_refusals(&self, envelope: &Envelope) -> Vec<usize> {
+        let settings = self.settings();
         let (Some(suppression), Some(tenant), Some(reply)) = (
             &self.suppression,
             envelope.tenant.as_deref(),
-            self.settings.suppression_reply.as_ref(),
+            settings.suppression_reply.as_ref(),
         ) else {
             return Vec::new();
         };

@@ -305,7 +305,9 @@ pub async fn run(
         tlsrpt: tlsrpt.clone(),
         settings: live.clone(),
         listeners: bound.clone(),
-        hooks: Rc::new(crate::admin::Unwired),
+        hooks: Rc::new(crate::suppression::AdminHooks {
+            suppression: suppression.clone(),
+        }),
         suppression: suppression.clone(),
     }));
     let mut outboxes = Vec::new();

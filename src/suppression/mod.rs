@@ -252,14 +252,7 @@ impl Store {
         let key = key_of(tenant, rcpt);
         self.write(move |table| table.remove(key.as_str()).map(|_| ()))
             .await?;
-        let mut lists = self.lists.borrow_mut();
-        let name = tenant.unwrap_or("");
-        if let Some(list) = lists.get_mut(name) {
-            list.remove(rcpt);
-            if list.is_empty() {
-                lists.remove(name);
-            }
-        }
+        self.forget(tenant, rcpt);
         Ok(true)
     }
 
@@ -290,6 +283,61 @@ impl Store {
         out
     }
 
+    /// [`Store::add`] in place: the commit blocks the shard (an fsync, milliseconds). For the
+    /// admin socket's operations, which are rare, answered synchronously, and whose answer
+    /// must mean the change is durable.
+    pub fn add_blocking(&self, entry: &Entry) -> Result<bool, SuppressionError> {
+        check_tenant(entry.tenant.as_deref())?;
+        if self.contains(entry.tenant.as_deref(), &entry.rcpt) {
+            return Ok(false);
+        }
+        let stored = Stored {
+            reason: entry.reason,
+            note: entry.note.clone(),
+            added_ms: entry.added_ms,
+        };
+        let value = serde_json::to_string(&stored).map_err(|e| self.fail(e.to_string()))?;
+        let key = key_of(entry.tenant.as_deref(), &entry.rcpt);
+        commit(&self.db, |table| {
+            table.insert(key.as_str(), value.as_str()).map(|_| ())
+        })
+        .map_err(|why| self.fail(why))?;
+        self.lists
+            .borrow_mut()
+            .entry(entry.tenant.clone().unwrap_or_default())
+            .or_default()
+            .insert(entry.rcpt.clone(), stored);
+        Ok(true)
+    }
+
+    /// [`Store::remove`] in place, blocking for the commit (see [`Store::add_blocking`]).
+    pub fn remove_blocking(
+        &self,
+        tenant: Option<&str>,
+        rcpt: &str,
+    ) -> Result<bool, SuppressionError> {
+        check_tenant(tenant)?;
+        if !self.contains(tenant, rcpt) {
+            return Ok(false);
+        }
+        let key = key_of(tenant, rcpt);
+        commit(&self.db, |table| table.remove(key.as_str()).map(|_| ()))
+            .map_err(|why| self.fail(why))?;
+        self.forget(tenant, rcpt);
+        Ok(true)
+    }
+
+    fn forget(&self, tenant: Option<&str>, rcpt: &str) {
+        let mut lists = self.lists.borrow_mut();
+        let name = tenant.unwrap_or("");
+        if let Some(list) = lists.get_mut(name) {
+            list.remove(rcpt);
+            if list.is_empty() {
+                lists.remove(name);
+            }
+        }
+    }
+
     fn fail(&self, why: String) -> SuppressionError {
         SuppressionError::Store {
             path: self.path.clone(),
@@ -309,17 +357,23 @@ impl Store {
     {
         let db = self.db.clone();
         let done = glommio::executor()
-            .spawn_blocking(move || -> Result<(), String> {
-                let tx = db.begin_write().map_err(|e| e.to_string())?;
-                {
-                    let mut table = tx.open_table(TABLE).map_err(|e| e.to_string())?;
-                    change(&mut table).map_err(|e| e.to_string())?;
-                }
-                tx.commit().map_err(|e| e.to_string())
-            })
+            .spawn_blocking(move || commit(&db, change))
             .await;
         done.map_err(|why| self.fail(why))
     }
+}
+
+/// One write transaction on `db`, committed (durable when it returns). Blocking.
+fn commit<F>(db: &redb::Database, change: F) -> Result<(), String>
+where
+    F: FnOnce(&mut redb::Table<'_, &'static str, &'static str>) -> Result<(), redb::StorageError>,
+{
+    let tx = db.begin_write().map_err(|e| e.to_string())?;
+    {
+        let mut table = tx.open_table(TABLE).map_err(|e| e.to_string())?;
+        change(&mut table).map_err(|e| e.to_string())?;
+    }
+    tx.commit().map_err(|e| e.to_string())
 }
 
 /// What shards ask the owner of an entry.
@@ -593,6 +647,79 @@ impl Suppression {
                 Ok(serde_json::json!({ "removed": removed }))
             }
         }
+    }
+}
+
+impl Suppression {
+    /// This shard's part of an admin operation, for the admin socket's `admin::Hooks`
+    /// (called on every shard, the answers merged: lists concatenated, counts summed). `list`
+    /// answers this shard's entries; `add` and `remove` act on the shard that owns the
+    /// address's domain, durably before the answer, and count 0 elsewhere.
+    pub fn admin_here(&self, op: &crate::admin::SuppressionOp) -> serde_json::Value {
+        use crate::admin::SuppressionOp;
+        let mine = |rcpt: &str| -> Result<Option<String>, SuppressionError> {
+            let rcpt = normalize(rcpt)?;
+            Ok((owner_of(&rcpt, self.shards) == self.shard).then_some(rcpt))
+        };
+        let answer = match op {
+            SuppressionOp::List { tenant, limit } => {
+                let limit = limit.unwrap_or(LIST_DEFAULT_MAX).min(LIST_MAX);
+                Ok(serde_json::json!({ "entries": self.store.list(tenant.as_deref(), limit) }))
+            }
+            SuppressionOp::Add {
+                tenant,
+                rcpt,
+                reason,
+            } => mine(rcpt).and_then(|owned| {
+                let Some(rcpt) = owned else {
+                    return Ok(serde_json::json!({ "added": 0 }));
+                };
+                let entry = Entry {
+                    tenant: tenant.clone(),
+                    rcpt,
+                    reason: Reason::Admin,
+                    note: reason
+                        .as_deref()
+                        .map(|n| n.chars().take(NOTE_LEN_MAX).collect()),
+                    added_ms: self.clock.now_ms(),
+                };
+                let added = self.store.add_blocking(&entry)?;
+                if added {
+                    self.changed(Change::Add, &entry.tenant, &entry.rcpt, Some(entry.reason));
+                }
+                Ok(serde_json::json!({ "added": u64::from(added) }))
+            }),
+            SuppressionOp::Remove { tenant, rcpt } => mine(rcpt).and_then(|owned| {
+                let Some(rcpt) = owned else {
+                    return Ok(serde_json::json!({ "removed": 0 }));
+                };
+                let removed = self.store.remove_blocking(tenant.as_deref(), &rcpt)?;
+                if removed {
+                    self.changed(Change::Remove, tenant, &rcpt, None);
+                }
+                Ok(serde_json::json!({ "removed": u64::from(removed) }))
+            }),
+        };
+        answer.unwrap_or_else(crate::admin::error)
+    }
+}
+
+/// The admin socket's way to the suppression list (`admin::Hooks`); `reinject` is not this
+/// stage's and stays unwired.
+pub struct AdminHooks {
+    pub suppression: Option<Rc<Suppression>>,
+}
+
+impl crate::admin::Hooks for AdminHooks {
+    fn suppression(&self, op: &crate::admin::SuppressionOp, _now_ms: u64) -> serde_json::Value {
+        match &self.suppression {
+            Some(s) => s.admin_here(op),
+            None => crate::admin::error(SuppressionError::Disabled),
+        }
+    }
+
+    fn reinject(&self, id: Option<&str>, now_ms: u64) -> serde_json::Value {
+        crate::admin::Unwired.reinject(id, now_ms)
     }
 }
 
