@@ -8,7 +8,7 @@ mod common;
 use std::path::Path;
 use std::process::Command;
 
-use common::{Epoxi, Opts, Sink, Smtp};
+use common::{run_epoxi, Epoxi, Opts, Sink, Smtp};
 use serde_json::Value;
 
 const OOB_DOMAIN: &str = "bounces.test";
@@ -230,4 +230,52 @@ fn a_recipient_on_its_tenants_list_is_bounced_at_acceptance_and_never_delivered(
         "permfail@ was tried once only: {}",
         report.json
     );
+}
+
+/// `epoxi suppression add|list|remove` over the admin socket.
+fn cli(epoxi: &Epoxi, args: &[&str]) -> Value {
+    let spool = epoxi.spool.clone();
+    let mut all: Vec<&std::ffi::OsStr> = vec!["suppression".as_ref()];
+    all.extend(args.iter().map(|a| std::ffi::OsStr::new(*a)));
+    all.extend(["--json".as_ref(), "--spool".as_ref(), spool.as_os_str()]);
+    let ran = run_epoxi(&all);
+    serde_json::from_str(&ran.stdout).unwrap_or_else(|e| panic!("{args:?} ({e}): {ran:?}"))
+}
+
+#[test]
+fn operators_add_list_and_remove_entries_over_the_admin_socket() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let sink = Sink::start(dir.path(), &[]);
+    let mut epoxi = Epoxi::start(&opts(dir.path(), sink.port));
+    let added = cli(
+        &epoxi,
+        &["add", "--reason", "asked to", "Manual@Remote.test"],
+    );
+    assert_eq!(added["added"], 1, "{added}");
+    let again = cli(&epoxi, &["add", "manual@remote.test"]);
+    assert_eq!(again["added"], 0, "already there: {again}");
+    let tenant = cli(&epoxi, &["add", "--tenant", "acme", "t@other.test"]);
+    assert_eq!(tenant["added"], 1, "{tenant}");
+    let r = rcpt_code(epoxi.port, "manual@remote.test");
+    assert_eq!(r.code, 550, "{}", r.text);
+    let listed = cli(&epoxi, &["list"]);
+    let entries = listed["entries"].as_array().cloned().unwrap_or_default();
+    assert_eq!(entries.len(), 1, "the default list: {listed}");
+    assert_eq!(entries[0]["rcpt"], "manual@remote.test");
+    assert_eq!(entries[0]["reason"], "admin");
+    assert_eq!(entries[0]["note"], "asked to");
+    let everything = cli(&epoxi, &["list", "--tenant", "*"]);
+    assert_eq!(
+        everything["entries"].as_array().map(Vec::len),
+        Some(2),
+        "{everything}"
+    );
+    let removed = cli(&epoxi, &["remove", "manual@remote.test"]);
+    assert_eq!(removed["removed"], 1, "{removed}");
+    assert_eq!(rcpt_code(epoxi.port, "manual@remote.test").code, 250);
+    let bad = cli(&epoxi, &["add", "not-an-address"]);
+    assert!(bad["error"].is_string(), "{bad}");
+    let changes = epoxi.events_of("Suppression");
+    assert_eq!(changes.len(), 3, "two adds and a remove: {changes:?}");
+    epoxi.stop();
 }

@@ -99,7 +99,7 @@ pub enum SuppressionError {
     BadTenant,
     #[error("shard {0} did not answer")]
     Peer(usize),
-    #[error("suppression is not enabled (suppression.enabled)")]
+    #[error("suppression lists are not available: suppression.enabled is off")]
     Disabled,
 }
 
