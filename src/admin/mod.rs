@@ -156,15 +156,14 @@ pub enum Selector {
     Id(String),
 }
 
-/// Suppression list operations. Not a queue operation: they are not answered by
-/// `Core::admin` but by `suppression::Suppression::admin`, which any shard can run (the
-/// shard's instance is `Reception::suppression`, `None` when `suppression.enabled` is off:
-/// answer `SuppressionError::Disabled` then). It routes `Add`/`Remove` to the shard that owns
-/// the address's domain over the mesh (done and durable there when it returns) and gathers
-/// `List` from every shard; the admin socket calls it once, on the shard that took the
-/// connection, and sends its JSON answer as it is (`{"entries": [...]}`, `{"added": bool}`,
-/// `{"removed": bool}`). `tenant: null` is the default list; `List` takes `"*"` for every
-/// list; `limit` defaults to `suppression::LIST_DEFAULT_MAX`.
+/// Suppression list operations. Not a queue operation: every shard answers through
+/// [`Hooks::suppression`], wired to `suppression::AdminHooks` (`Suppression::admin_here`):
+/// `List` gives that shard's entries (merged: concatenated), `Add`/`Remove` act on the shard
+/// that owns the address's domain, durably before it answers, and count 0 on the others
+/// (merged: summed), so the answer is `{"entries": [...]}`, `{"added": 0|1}` or
+/// `{"removed": 0|1}`. `tenant: null` is the default list; `List` takes `"*"` for every list;
+/// `limit` defaults to `suppression::LIST_DEFAULT_MAX`. Code on one shard that wants the
+/// routed operation without the socket calls `Suppression::admin` (over the mesh).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "action", rename_all = "snake_case")]
 pub enum SuppressionOp {
