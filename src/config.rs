@@ -89,6 +89,8 @@ pub struct Config {
     /// Retry policy overrides by bounce category, recipient domain and site, first match
     /// wins; else `[queue]`'s backoff.
     pub retry: Vec<RetryEntry>,
+    pub oob: OobSection,
+    pub suppression: SuppressionSection,
 }
 
 /// One `[[retry]]` rule: which failures it matches, and the backoff (or early bounce) for
@@ -121,6 +123,37 @@ pub struct RetryEntry {
     /// providers give unknown users (`category = ["InvalidRecipient"]`).
     #[serde(default)]
     pub bounce: bool,
+}
+
+/// Out-of-band bounces and feedback reports (`src/oob/`): a domain whose every address takes
+/// DSNs (RFC 3464) and ARF reports (RFC 5965) instead of relaying them.
+#[derive(Clone, Debug, Default, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct OobSection {
+    /// The inbound report domain, e.g. `bounces.example.com`. Empty: no OOB processing.
+    pub domain: String,
+    /// Send with the return path `b+<reception id>@<domain>` (VERP), so a DSN's envelope
+    /// recipient names the message it is about. The null sender stays null.
+    pub verp: bool,
+}
+
+/// The suppression list (`src/suppression/`): recipients that hard-bounced or complained are
+/// refused at RCPT.
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct SuppressionSection {
+    pub enabled: bool,
+    /// The reply to a suppressed recipient: `CODE X.Y.Z text`, a 5xx.
+    pub reply: String,
+}
+
+impl Default for SuppressionSection {
+    fn default() -> Self {
+        SuppressionSection {
+            enabled: false,
+            reply: "550 5.7.1 Recipient suppressed".into(),
+        }
+    }
 }
 
 /// Bounce classification (`src/bounce/`): the category of every failed attempt, in its
@@ -1076,6 +1109,47 @@ mod tests {
         let cfg = Config::parse("[queue]\nretry_factor = 0.5\n").expect("parses");
         let err = cfg.settle(Overrides::default()).expect_err("factor < 1");
         assert!(err.to_string().contains("queue.retry_factor"), "{err}");
+    }
+
+    #[test]
+    fn oob_and_suppression_keys_are_checked() {
+        let settle = |text: &str| {
+            Config::parse(text)
+                .expect("parses")
+                .settle(Overrides::default())
+        };
+        let s = settle("[oob]\ndomain = \"Bounces.Example.COM\"\nverp = true\n").expect("ok");
+        assert_eq!(s.oob_domain.as_deref(), Some("bounces.example.com"));
+        assert!(s.suppression_reply.is_none(), "off by default");
+        for (text, key) in [
+            ("[oob]\nverp = true\n", "oob.verp"),
+            ("[oob]\ndomain = \"not a domain\"\n", "oob.domain"),
+            ("[oob]\ndomain = \"user@example.com\"\n", "oob.domain"),
+            (
+                "[suppression]\nenabled = true\nreply = \"450 4.7.1 later\"\n",
+                "suppression.reply",
+            ),
+            (
+                "[suppression]\nenabled = true\nreply = \"550 4.7.1 mixed\"\n",
+                "suppression.reply",
+            ),
+            (
+                "[suppression]\nenabled = true\nreply = \"550 5.7.1\"\n",
+                "suppression.reply",
+            ),
+        ] {
+            let err = settle(text).expect_err(text);
+            assert!(err.to_string().contains(key), "{text}: {err}");
+        }
+        let s = settle("[suppression]\nenabled = true\n").expect("default reply");
+        let reply = s.suppression_reply.expect("a reply");
+        assert_eq!(reply.to_string(), "550 5.7.1 Recipient suppressed\r\n");
+        let s = settle("[suppression]\nenabled = true\nreply = \"554 5.7.9 Not wanted here\"\n")
+            .expect("own reply");
+        assert_eq!(
+            s.suppression_reply.map(|r| r.to_string()).as_deref(),
+            Some("554 5.7.9 Not wanted here\r\n")
+        );
     }
 
     #[test]

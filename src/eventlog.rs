@@ -2,8 +2,11 @@
 //! stage events.
 //!
 //! Lines: Reception, Delivery, TransientFailure, Bounce, Expiration, and Notice (the notice about
-//! some recipients was spooled, with its `notice_id`, or was not needed: no `notice_id`), and
-//! Admin (an operator's operation that changed something: `op`, `args`, `result`, `peer_uid`). They are built in a buffer
+//! some recipients was spooled, with its `notice_id`, or was not needed: no `notice_id`),
+//! Admin (an operator's operation that changed something: `op`, `args`, `result`, `peer_uid`);
+//! OOB, Feedback and OobUnparsed (reports to the out-of-band domain), Suppressed (a recipient
+//! refused for the suppression list) and Suppression (a list entry added or removed), each
+//! with the fields of its event type in `events`. They are built in a buffer
 //! on the shard (no syscall per message) and handed, a buffer at a time, to a writer thread over
 //! a bounded crossbeam channel: the shard's executor never blocks on the file. The shard hands
 //! a buffer over once it is past [`BUFFER_FLUSH_BYTES`], or [`FLUSH_DELAY_MS`] after its first
@@ -192,6 +195,18 @@ impl EventLog {
 
     fn line(&self, line: &Line<'_>) {
         self.write(line.ts_ms, line)
+    }
+
+    /// A line of its own shape (reports, suppression), with `type` first.
+    fn tagged<T: Serialize>(&self, kind: &'static str, ts_ms: u64, body: &T) {
+        #[derive(Serialize)]
+        struct Tagged<'a, T> {
+            #[serde(rename = "type")]
+            kind: &'static str,
+            #[serde(flatten)]
+            body: &'a T,
+        }
+        self.write(ts_ms, &Tagged { kind, body });
     }
 
     /// Append one JSON line of any shape (message events use [`Line`]).
@@ -397,6 +412,11 @@ impl Observer for EventLog {
                     peer_uid: e.peer_uid,
                 },
             ),
+            Event::Oob(e) => self.tagged("OOB", e.ts_ms, e),
+            Event::Feedback(e) => self.tagged("Feedback", e.ts_ms, e),
+            Event::OobUnparsed(e) => self.tagged("OobUnparsed", e.ts_ms, e),
+            Event::Suppressed(e) => self.tagged("Suppressed", e.ts_ms, e),
+            Event::Suppression(e) => self.tagged("Suppression", e.ts_ms, e),
         }
     }
 }
@@ -522,6 +542,7 @@ mod tests {
                 size: 10,
                 tls: None,
                 bounce_category: None,
+                tenant: None,
             }));
             if i % 100 == 0 {
                 log.flush();

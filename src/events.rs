@@ -17,6 +17,13 @@
 //! - [`Event::Admin`]: an operator's operation that changes something (suspend, bounce, flush,
 //!   rebind, reload...) was carried out, with its arguments and the merged result; emitted
 //!   once, by the shard that serves the admin socket (shard 0).
+//! - [`Event::Oob`], [`Event::Feedback`], [`Event::OobUnparsed`]: reception of the
+//!   out-of-band domain (`src/oob/`) took a report: one `Oob` per recipient block of a DSN, one
+//!   `Feedback` per ARF report, `OobUnparsed` for what could not be read as either.
+//! - [`Event::Suppressed`]: a recipient on the suppression list was refused (at RCPT, or
+//!   recorded as bounced at acceptance when only its tenant's list names it).
+//! - [`Event::Suppression`]: an entry was added to or removed from a suppression list, on
+//!   the shard that owns it.
 
 use std::rc::Rc;
 
@@ -81,6 +88,8 @@ pub struct Attempt<'a> {
     pub tls: Option<&'a crate::tlspolicy::TlsOutcome>,
     /// What the failure means (None: delivered, or classification is off).
     pub bounce_category: Option<crate::bounce::Category>,
+    /// The message's tenant (its tenant header, as the queue keeps it).
+    pub tenant: Option<&'a str>,
 }
 
 /// The notice about some recipients of a message was spooled for its sender (or none was
@@ -146,6 +155,116 @@ pub struct Admin<'a> {
     pub peer_uid: Option<u32>,
 }
 
+/// One per-recipient block of a delivery status notification that came back out of band.
+#[derive(Clone, Debug, Serialize, PartialEq, Eq)]
+pub struct OobBounce {
+    pub ts_ms: u64,
+    pub shard: usize,
+    /// The client that sent the report, and the report's own envelope.
+    pub peer: String,
+    pub sender: String,
+    pub recipient: String,
+    /// The original message's reception id when it was matched (VERP or our Received
+    /// header), else null.
+    pub message_id: Option<String>,
+    pub matched_by: Option<crate::oob::MatchedBy>,
+    /// The returned Message-ID header, when there was one.
+    pub original_message_id: Option<String>,
+    /// The tenant of the original (its tenant header, as returned).
+    pub tenant: Option<String>,
+    /// `Original-Recipient` (without its address type), else `Final-Recipient`.
+    pub original_recipient: Option<String>,
+    pub final_recipient: Option<String>,
+    /// `Action`, lower case: failed, delayed, delivered, relayed, expanded.
+    pub action: Option<String>,
+    /// `Status`: the enhanced code, e.g. `5.1.1`.
+    pub status: Option<String>,
+    /// `Diagnostic-Code` without its type (`smtp;`).
+    pub diagnostic: Option<String>,
+    pub reporting_mta: Option<String>,
+    pub remote_mta: Option<String>,
+    /// What the status and diagnostic mean (None: classification is off).
+    pub bounce_category: Option<crate::bounce::Category>,
+    /// The recipient went on the suppression list for it.
+    pub suppressed: bool,
+}
+
+/// An ARF feedback report (RFC 5965), usually a complaint.
+#[derive(Clone, Debug, Serialize, PartialEq, Eq)]
+pub struct FeedbackReport {
+    pub ts_ms: u64,
+    pub shard: usize,
+    pub peer: String,
+    pub sender: String,
+    pub recipient: String,
+    pub message_id: Option<String>,
+    pub matched_by: Option<crate::oob::MatchedBy>,
+    pub original_message_id: Option<String>,
+    pub tenant: Option<String>,
+    /// `Feedback-Type`, lower case: abuse, fraud, virus, not-spam, other…
+    pub feedback_type: String,
+    /// `Original-Rcpt-To`, else the returned message's `To`.
+    pub original_rcpt: Option<String>,
+    /// `Original-Mail-From`, else the returned message's `Return-Path`.
+    pub original_mail_from: Option<String>,
+    pub user_agent: Option<String>,
+    pub reported_domain: Option<String>,
+    pub source_ip: Option<String>,
+    pub arrival_date: Option<String>,
+    pub suppressed: bool,
+}
+
+/// A message to the out-of-band domain that is neither a DSN nor an ARF report, or that
+/// cannot be read: accepted (never bounced back) and logged for the operator.
+#[derive(Clone, Debug, Serialize, PartialEq, Eq)]
+pub struct OobUnparsed {
+    pub ts_ms: u64,
+    pub shard: usize,
+    pub peer: String,
+    pub sender: String,
+    pub recipient: String,
+    /// The message the envelope recipient names (VERP), when it does.
+    pub message_id: Option<String>,
+    pub size: u64,
+    pub reason: String,
+}
+
+/// Where a suppressed recipient was refused.
+#[derive(Clone, Copy, Debug, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum SuppressedAt {
+    /// At RCPT, with the configured reply (the default list).
+    Rcpt,
+    /// After DATA: the tenant's list names it; recorded as bounced with the configured reply
+    /// (or the whole message refused when every recipient is).
+    Data,
+}
+
+#[derive(Clone, Debug, Serialize, PartialEq, Eq)]
+pub struct Suppressed {
+    pub ts_ms: u64,
+    pub shard: usize,
+    pub stage: SuppressedAt,
+    pub peer: String,
+    pub sender: String,
+    pub recipient: String,
+    pub tenant: Option<String>,
+    /// The message, at the data stage when it was spooled for its other recipients.
+    pub message_id: Option<String>,
+    pub response: Response,
+}
+
+/// An entry added to or removed from a suppression list.
+#[derive(Clone, Debug, Serialize, PartialEq, Eq)]
+pub struct SuppressionChange {
+    pub ts_ms: u64,
+    pub shard: usize,
+    pub action: crate::suppression::Change,
+    pub recipient: String,
+    pub tenant: Option<String>,
+    pub reason: Option<crate::suppression::Reason>,
+}
+
 #[derive(Clone, Copy, Debug)]
 pub enum Event<'a> {
     Received(Received<'a>),
@@ -155,6 +274,11 @@ pub enum Event<'a> {
     SiteHealth(SiteHealth<'a>),
     TlsSession(TlsSession<'a>),
     Admin(Admin<'a>),
+    Oob(&'a OobBounce),
+    Feedback(&'a FeedbackReport),
+    OobUnparsed(&'a OobUnparsed),
+    Suppressed(&'a Suppressed),
+    Suppression(&'a SuppressionChange),
 }
 
 pub trait Observer {
@@ -220,6 +344,8 @@ pub enum Recorded {
     Admin {
         op: String,
     },
+    /// A report, a refusal or a list change (kept by its kind only).
+    Other(&'static str),
 }
 
 impl Observer for Recorder {
@@ -255,6 +381,11 @@ impl Observer for Recorder {
             Event::Admin(e) => Recorded::Admin {
                 op: e.op.to_owned(),
             },
+            Event::Oob(_) => Recorded::Other("Oob"),
+            Event::Feedback(_) => Recorded::Other("Feedback"),
+            Event::OobUnparsed(_) => Recorded::Other("OobUnparsed"),
+            Event::Suppressed(_) => Recorded::Other("Suppressed"),
+            Event::Suppression(_) => Recorded::Other("Suppression"),
         };
         self.seen.borrow_mut().push(r);
     }

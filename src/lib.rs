@@ -18,6 +18,8 @@
 //! - `egress`: sources, pools and the rules that pick them, source health, connection slots.
 //! - `notices`: delivery status notifications (RFC 3464) for the sender.
 //! - `bounce/`: bounce classification: a failed reply's category, by rules (TOML) and RFC 3463.
+//! - `oob/`: out-of-band reports (DSNs, ARF) to the report domain: parsed, matched, classified.
+//! - `suppression/`: the per-tenant suppression list, owned per recipient domain, kept in redb.
 //! - `proxy`: the PROXY protocol header (v1/v2) a load balancer sends first.
 //! - `auth`: SMTP AUTH users (hashed passwords) and the failed-attempt limiter.
 //! - `dkim/`: DKIM signing (RFC 6376, RFC 8463) as I/O-free pieces: canonicalisation, the
@@ -44,6 +46,7 @@ pub mod events;
 pub mod ids;
 pub mod logging;
 pub mod notices;
+pub mod oob;
 pub mod outcome;
 pub mod proxy;
 pub mod queue;
@@ -54,6 +57,7 @@ pub mod settings;
 pub mod shard;
 pub mod smtp;
 pub mod spool;
+pub mod suppression;
 pub mod tls;
 pub mod tlspolicy;
 pub mod tlsrpt;

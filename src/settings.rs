@@ -40,6 +40,10 @@ pub struct Settings {
     pub bounce: Option<Arc<crate::bounce::Classifier>>,
     /// The retry policy: `[queue]`'s backoff and the `[[retry]]` rules, compiled.
     pub retry: Arc<crate::queue::retry::RetryPolicy>,
+    /// The out-of-band report domain, lower case (None: `oob.domain` empty).
+    pub oob_domain: Option<String>,
+    /// The reply to a suppressed recipient (None: `suppression.enabled = false`).
+    pub suppression_reply: Option<crate::smtp::reply::Reply>,
     /// `config.site[i].mx`, compiled: `site_globs[i]` belongs to `config.site[i]`.
     site_globs: Vec<DomainGlob>,
 }
@@ -287,9 +291,17 @@ impl Config {
         let dkim = dkim_signers(&self.dkim)?;
         let bounce = bounce_classifier(&self.bounce)?;
         let retry = retry_policy(&self)?;
+        let oob_domain = oob_domain(&self.oob)?;
+        let suppression_reply = if self.suppression.enabled {
+            Some(suppression_reply(&self.suppression.reply)?)
+        } else {
+            None
+        };
         Ok(Settings {
             bounce,
             retry: Arc::new(retry),
+            oob_domain,
+            suppression_reply,
             dkim: Arc::new(dkim),
             resolvers,
             address_order,
@@ -425,6 +437,64 @@ fn bounce_classifier(
     let classifier = crate::bounce::Classifier::new(&files)
         .map_err(|e| invalid("bounce.rules_file", e.to_string()))?;
     Ok(Some(Arc::new(classifier)))
+}
+
+/// `oob.domain`, checked and lower-cased: a plain DNS name (letters, digits, hyphens, dots).
+fn oob_domain(section: &crate::config::OobSection) -> Result<Option<String>, ConfigError> {
+    let name = section.domain.trim();
+    if name.is_empty() {
+        if section.verp {
+            return Err(invalid("oob.verp", "needs oob.domain"));
+        }
+        return Ok(None);
+    }
+    let plain = name.len() <= DKIM_NAME_LEN_MAX
+        && name.contains('.')
+        && !name.starts_with('.')
+        && !name.ends_with('.')
+        && !name.contains("..")
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.');
+    if !plain {
+        return Err(invalid(
+            "oob.domain",
+            format!("`{name}` is not a domain name"),
+        ));
+    }
+    Ok(Some(name.to_ascii_lowercase()))
+}
+
+/// `suppression.reply` as a reply: `5XX X.Y.Z text`, the enhanced code of the same class. A
+/// 4xx is refused: a recipient recorded as failed with a transient reply would be retried,
+/// and delivered, which is what suppression is there to prevent.
+pub fn suppression_reply(text: &str) -> Result<crate::smtp::reply::Reply, ConfigError> {
+    let bad = |why: &str| invalid("suppression.reply", format!("`{text}`: {why}"));
+    let mut words = text.trim().splitn(3, ' ');
+    let code: u16 = words
+        .next()
+        .and_then(|c| c.parse().ok())
+        .filter(|c| (500..600).contains(c))
+        .ok_or_else(|| bad("must start with a 5xx reply code"))?;
+    let enhanced: Vec<u16> = words
+        .next()
+        .map(|e| {
+            e.split('.')
+                .map(|n| n.parse::<u16>())
+                .collect::<Result<_, _>>()
+        })
+        .and_then(Result::ok)
+        .filter(|e: &Vec<u16>| e.len() == 3 && e[0] == 5 && e[1] < 1000 && e[2] < 1000)
+        .ok_or_else(|| bad("the second word must be an enhanced code 5.X.Y"))?;
+    let reply_text = words.next().unwrap_or("").trim();
+    if reply_text.is_empty() || !reply_text.bytes().all(|b| (0x20..0x7f).contains(&b)) {
+        return Err(bad("needs a text of printable ASCII after the codes"));
+    }
+    Ok(crate::smtp::reply::Reply::new(
+        code,
+        Some((5, enhanced[1], enhanced[2])),
+        reply_text,
+    ))
 }
 
 /// A list of CIDR networks from the config; an error names `key` and the bad entry.

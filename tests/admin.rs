@@ -93,7 +93,7 @@ fn socket_is_private_and_answers_from_every_shard() {
             .is_some_and(|e| e.contains("longer than")),
         "{too_long}"
     );
-    // Not wired yet: a clear error, from the hook.
+    // Suppression is off by default: a clear error, from the hook.
     let suppression = admin.send(br#"{"op":"suppression","action":"list","tenant":null}"#);
     assert!(
         suppression["error"]

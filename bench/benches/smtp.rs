@@ -96,7 +96,7 @@ fn server(c: &mut Criterion) {
                             s.message_done(Ok("0000000000000001"), out);
                         }
                         Step::Close => break,
-                        Step::NeedInput | Step::StartTls | Step::Auth(_) => {
+                        Step::NeedInput | Step::StartTls | Step::Auth(_) | Step::Rcpt(_) => {
                             unreachable!("the batch is complete")
                         }
                     }

@@ -56,6 +56,9 @@ fuzz_target!(|data: &[u8]| {
     let cfg = ServerConfig {
         hostname: "mx.example".to_owned(),
         size_max: SIZE_MAX,
+        // The out-of-band domain and RCPT checks, on or off by the input.
+        oob_domain: (flags & 2 == 2).then(|| "b.example".to_owned()),
+        rcpt_check: flags & 4 == 4,
         ..ServerConfig::default()
     };
     assert!(cfg.validate().is_ok());
@@ -90,6 +93,12 @@ fuzz_target!(|data: &[u8]| {
                 Step::StartTls => {
                     // Pretend the handshake worked; the client must say EHLO again.
                     s.tls_started();
+                }
+                Step::Rcpt(address) => {
+                    // Refuse every other one, as a suppression list might.
+                    let refuse = address.len() % 2 == 0;
+                    let reply = Reply::new(550, Some((5, 7, 1)), "Recipient suppressed");
+                    s.rcpt_done(refuse.then_some(&reply), &mut out);
                 }
                 Step::Auth(creds) => {
                     let _ = format!("{creds:?}");

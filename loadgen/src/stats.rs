@@ -147,6 +147,10 @@ pub fn round3(x: f64) -> f64 {
     (x * 1000.0).round() / 1000.0
 }
 
+fn is_zero(n: &u64) -> bool {
+    *n == 0
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -191,8 +195,4 @@ mod tests {
         assert_eq!(rate(10, 0.0), 0.0);
         assert_eq!(rate(10, 4.0), 2.5);
     }
-}
-
-fn is_zero(n: &u64) -> bool {
-    *n == 0
 }

@@ -156,7 +156,14 @@ pub enum Selector {
     Id(String),
 }
 
-/// Suppression list operations.
+/// Suppression list operations. Not a queue operation: every shard answers through
+/// [`Hooks::suppression`], wired to `suppression::AdminHooks` (`Suppression::admin_here`):
+/// `List` gives that shard's entries (merged: concatenated), `Add`/`Remove` act on the shard
+/// that owns the address's domain, durably before it answers, and count 0 on the others
+/// (merged: summed), so the answer is `{"entries": [...]}`, `{"added": 0|1}` or
+/// `{"removed": 0|1}`. `tenant: null` is the default list; `List` takes `"*"` for every list;
+/// `limit` defaults to `suppression::LIST_DEFAULT_MAX`. Code on one shard that wants the
+/// routed operation without the socket calls `Suppression::admin` (over the mesh).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "action", rename_all = "snake_case")]
 pub enum SuppressionOp {

@@ -18,7 +18,8 @@
 //!   and DANE switches, the CA bundle and `delivery.port`, `[tls_report]`, `[[domain]]`
 //!   spreads: each is built into a running part (spool files, writer threads, executors, the
 //!   resolver, the policy agent, the reporter, the recipient → shard map). The TLS reporter
-//!   also keeps the host name and DKIM signers it started with.
+//!   also keeps the host name and DKIM signers it started with;
+//! - `[suppression]`: each shard opens its store at start (`oob.*` applies at once).
 //!
 //! No I/O.
 
@@ -118,6 +119,13 @@ pub fn plan(old: &Settings, mut new: Settings) -> Plan {
         new.config.egress = old.config.egress.clone();
     }
 
+    // The suppression stores are opened at start, with the switch; the reply goes with it.
+    if new.config.suppression != old.config.suppression {
+        restart_needed.push("suppression");
+        new.config.suppression = old.config.suppression.clone();
+        new.suppression_reply = old.suppression_reply.clone();
+    }
+
     let applied = changed(&old.config, &new.config);
     Plan {
         settings: new,
@@ -145,6 +153,8 @@ fn changed(o: &crate::config::Config, n: &crate::config::Config) -> Vec<&'static
     check("dkim", n.dkim != o.dkim);
     check("pool_rule", n.pool_rule != o.pool_rule);
     check("egress", n.egress != o.egress);
+    // Read by reception and the core as each report or delivery comes: applies at once.
+    check("oob", n.oob != o.oob);
     out
 }
 

@@ -56,6 +56,17 @@ impl Category {
         Category::Uncategorized,
     ];
 
+    /// A failure that says the address will never take mail (the mailbox or the domain does
+    /// not exist, or the mailbox is disabled): what puts a recipient on the suppression list.
+    /// Full mailboxes, blocks and policy refusals are not: they say nothing lasting about the
+    /// address.
+    pub fn is_hard_bounce(self) -> bool {
+        matches!(
+            self,
+            Category::InvalidRecipient | Category::BadDomain | Category::InactiveMailbox
+        )
+    }
+
     /// The name used in event lines and rules files.
     pub fn as_str(self) -> &'static str {
         match self {

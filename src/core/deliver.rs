@@ -627,9 +627,18 @@ impl Core {
                 continue;
             };
             let rcpts = job.rcpts.iter().map(|&r| m.rcpt(r).to_owned()).collect();
+            // VERP (`oob.verp`): the return path names the message, so a bounce that comes
+            // back out of band is matched by its envelope alone. The null sender stays null:
+            // nothing may bounce back at a notice.
+            let sender = match (&self.settings.oob_domain, self.settings.config.oob.verp) {
+                (Some(domain), true) if !m.sender().is_empty() => {
+                    crate::oob::verp_address(m.reception(), domain)
+                }
+                _ => m.sender().to_owned(),
+            };
             return Some(Ticket {
                 loc: m.loc(),
-                sender: m.sender().to_owned(),
+                sender,
                 rcpts,
                 size: m.size(),
                 body: m.body(),

@@ -43,6 +43,13 @@ impl Core {
         } else {
             via.peer.as_str()
         };
+        // The tenant, for observers (suppression keeps a list per tenant); copied out because
+        // the message is borrowed mutably below. Allocates only for mail that has a tenant.
+        let tenant: Option<String> = self
+            .queue
+            .get(id)
+            .and_then(|m| self.queue.tenant(m))
+            .map(str::to_owned);
         let (seq, final_now, notice_for) = {
             let Some(m) = self.queue.get_mut(id) else {
                 return;
@@ -113,6 +120,7 @@ impl Core {
                     size: m.size(),
                     tls: via.tls.as_deref(),
                     bounce_category,
+                    tenant: tenant.as_deref(),
                 }));
                 if notice {
                     notice_rcpts.push(NoticeRcpt {

@@ -318,6 +318,23 @@ impl Core {
         tls: Option<&str>,
         now_ms: u64,
     ) {
+        self.accepted_refusing(id, envelope, loc, tls, &[], None, now_ms)
+    }
+
+    /// [`Core::accepted`], with recipients `refused` (indices into the envelope's) bounced at
+    /// once with `reply` instead of routed: those a tenant's suppression list names. They
+    /// are recorded and noticed as any bounce is (a `Bounce` line, a notice per NOTIFY).
+    #[allow(clippy::too_many_arguments)]
+    pub fn accepted_refusing(
+        &mut self,
+        id: u64,
+        envelope: &Envelope,
+        loc: Location,
+        tls: Option<&str>,
+        refused: &[u16],
+        reply: Option<&Reply>,
+        now_ms: u64,
+    ) {
         if self.queue.insert(id, envelope, loc).is_none() {
             debug_assert!(false, "message {id:#x} accepted without a reservation");
             return;
@@ -329,8 +346,20 @@ impl Core {
             envelope,
             tls,
         }));
-        let rcpts: JobRcpts = (0..envelope.rcpts.len().min(u16::MAX as usize) as u16).collect();
-        self.dispatch(id, &rcpts, now_ms);
+        let all = 0..envelope.rcpts.len().min(u16::MAX as usize) as u16;
+        match reply {
+            Some(reply) if !refused.is_empty() => {
+                let rcpts: JobRcpts = all.filter(|r| !refused.contains(r)).collect();
+                // Routed first: bouncing every refused recipient may finish the message when
+                // no other is left, and then there is nothing to route.
+                self.dispatch(id, &rcpts, now_ms);
+                self.fail(id, refused, &RcptResult::Reply(reply.clone()), now_ms);
+            }
+            _ => {
+                let rcpts: JobRcpts = all.collect();
+                self.dispatch(id, &rcpts, now_ms);
+            }
+        }
     }
 
     /// Queue a message recovery found: its pending recipients now or when due.

@@ -232,6 +232,11 @@ impl Egress {
     }
 
     /// The tenant named by the message's tenant header, if it has one.
+    /// The tenant header's name (`egress.tenant_header`), when there is one.
+    pub fn tenant_header(&self) -> Option<&str> {
+        self.tenant_header.as_deref()
+    }
+
     pub fn tenant_of(&self, body: &[u8]) -> Option<String> {
         header_value(body, self.tenant_header.as_deref()?)
     }

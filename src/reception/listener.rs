@@ -156,6 +156,8 @@ pub fn server_config(
         auth: settings.auth_users.is_some(),
         auth_required: spec.auth_required,
         tls_required: spec.tls_required && !spec.implicit_tls,
+        oob_domain: settings.oob_domain.clone(),
+        rcpt_check: settings.suppression_reply.is_some(),
     };
     cfg.validate()?;
     Ok(cfg)

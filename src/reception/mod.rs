@@ -19,6 +19,7 @@
 //! it is not.
 
 pub mod listener;
+mod reports;
 mod session;
 pub mod signing;
 
@@ -75,6 +76,9 @@ pub struct Submission {
     /// TLS version and cipher of the client's session, for the log.
     pub tls: Option<String>,
     pub intake: Intake,
+    /// Recipients of this part (indices into its envelope's) bounced at acceptance: a
+    /// tenant's suppression list names them.
+    pub refused: Vec<u16>,
 }
 
 /// Why a message (or one part of it) was not taken.
@@ -211,6 +215,10 @@ pub struct Reception {
     spread: HashMap<String, usize>,
     pub sessions: Sessions,
     pub stop: Rc<shards::LocalStop>,
+    /// The suppression list, when `suppression.enabled`.
+    pub suppression: Option<Rc<crate::suppression::Suppression>>,
+    /// Where reception's own events go (reports, suppressed recipients): the event log.
+    pub observers: crate::events::Observers,
 }
 
 impl Reception {
@@ -224,6 +232,8 @@ impl Reception {
         peers: Rc<dyn Peers>,
         clock: Rc<dyn Clock>,
         stop: Rc<shards::LocalStop>,
+        suppression: Option<Rc<crate::suppression::Suppression>>,
+        observers: crate::events::Observers,
     ) -> Reception {
         let spread = settings
             .get()
@@ -246,6 +256,8 @@ impl Reception {
             spread,
             sessions: Sessions::default(),
             stop,
+            suppression,
+            observers,
         }
     }
 
@@ -298,31 +310,55 @@ impl Reception {
         tls: Option<String>,
         intake: Intake,
     ) -> Result<(), AcceptError> {
+        self.accept_refusing(envelope, body, tls, intake, &[]).await
+    }
+
+    /// [`Reception::accept`], with recipients `refused` (indices into the envelope's)
+    /// bounced at acceptance with the suppression reply: spooled with the message, so the
+    /// sender's notice follows the usual path, never delivered.
+    pub async fn accept_refusing(
+        &self,
+        envelope: Envelope,
+        body: BodyParts,
+        tls: Option<String>,
+        intake: Intake,
+        refused: &[usize],
+    ) -> Result<(), AcceptError> {
         let mut parts: BTreeMap<usize, Vec<usize>> = BTreeMap::new();
         for (i, r) in envelope.rcpts.iter().enumerate() {
             parts.entry(self.shard_for(&r.address)).or_default().push(i);
         }
         // The common case, one part owned by this shard: nothing shared, nothing copied.
         if parts.len() == 1 && parts.contains_key(&self.shard) {
+            let refused: Vec<u16> = refused.iter().map(|&r| r as u16).collect();
             return self
-                .spool_part(envelope, &body, tls.as_deref(), intake)
+                .spool_part(envelope, &body, tls.as_deref(), intake, &refused)
                 .await;
         }
         let body = Arc::new(body);
         let mut pending = Vec::with_capacity(parts.len());
         for (shard, rcpts) in parts {
+            // The part's own indices of the refused recipients.
+            let part_refused: Vec<u16> = rcpts
+                .iter()
+                .enumerate()
+                .filter(|(_, r)| refused.contains(r))
+                .map(|(i, _)| i as u16)
+                .collect();
             let part = envelope.part(&rcpts);
             let body = body.clone();
             let tls = tls.clone();
             pending.push(async move {
                 if shard == self.shard {
-                    self.spool_part(part, &body, tls.as_deref(), intake).await
+                    self.spool_part(part, &body, tls.as_deref(), intake, &part_refused)
+                        .await
                 } else {
                     let sub = Submission {
                         envelope: part,
                         body,
                         tls,
                         intake,
+                        refused: part_refused,
                     };
                     self.peers.submit(shard, sub).await
                 }
@@ -350,6 +386,7 @@ impl Reception {
         body: &BodyParts,
         tls: Option<&str>,
         intake: Intake,
+        refused: &[u16],
     ) -> Result<(), AcceptError> {
         let id = self
             .core
@@ -364,7 +401,10 @@ impl Reception {
         match self.spool.append_message(id, &envelope, &parts).await {
             Ok(loc) => {
                 let now = self.clock.now_ms();
-                self.core.with(|c| c.accepted(id, &envelope, loc, tls, now));
+                let settings = self.settings();
+                let reply = settings.suppression_reply.as_ref();
+                self.core
+                    .with(|c| c.accepted_refusing(id, &envelope, loc, tls, refused, reply, now));
                 Ok(())
             }
             Err(e) => {

@@ -338,6 +338,17 @@ pub(super) async fn session(
                     Input::Read(Err(e)) => return Err(e),
                 }
             }
+            Step::Rcpt(address) => {
+                let sender = session.mail_from().unwrap_or_default().to_owned();
+                let refusal = reception.rcpt_refusal(&sender, &address, &peer_text).await;
+                session.rcpt_done(refusal.as_ref(), &mut out);
+            }
+            Step::Message(tx) if tx.oob => {
+                // A report to the out-of-band domain: read and logged before the 250, never
+                // relayed (and never refused: one does not bounce a bounce).
+                reception.take_report(&tx, &peer_text).await;
+                session.report_done(&mut out);
+            }
             Step::Message(tx) => {
                 let received_ms = reception.clock.now_ms();
                 let id = reception.next_id(received_ms);
@@ -389,12 +400,27 @@ pub(super) async fn session(
                 }
                 let mut envelope = envelope_of(&tx, id, &peer_text);
                 envelope.tenant = settings.egress.tenant_of(&tx.body);
+                // The tenant's suppression list is known only now: its recipients are
+                // bounced at acceptance (or the message refused when no other is left).
+                let refused = reception.tenant_refusals(&envelope).await;
+                if !refused.is_empty() && refused.len() == envelope.rcpts.len() {
+                    if let Some(reply) = settings.suppression_reply.clone() {
+                        session.message_done(Err(reply), &mut out);
+                        continue;
+                    }
+                }
                 let body = BodyParts {
                     head,
                     body: tx.body,
                 };
                 match reception
-                    .accept(envelope, body, io.tls_info(), super::Intake::Client)
+                    .accept_refusing(
+                        envelope,
+                        body,
+                        io.tls_info(),
+                        super::Intake::Client,
+                        &refused,
+                    )
                     .await
                 {
                     Ok(()) => session.message_done(Ok(&reception_text), &mut out),

@@ -1,5 +1,5 @@
 //! What shards say to each other: a message part to spool, lease messages, per-client
-//! counts. Carried by the `shards` crate's mesh (request/reply and one-way casts).
+//! counts, suppression list questions for the owner of an entry. Carried by the `shards` crate's mesh (request/reply and one-way casts).
 
 use std::cell::RefCell;
 use std::collections::VecDeque;
@@ -35,6 +35,9 @@ pub enum Request {
     /// Swap in reloaded settings (already checked and planned by shard 0); answered with
     /// `Admin`.
     Reload(std::sync::Arc<crate::settings::Settings>),
+    /// A suppression list question for the shard that owns the entries; answered with
+    /// `Suppression`.
+    Suppression(crate::suppression::Request),
 }
 
 pub enum Answer {
@@ -43,6 +46,7 @@ pub enum Answer {
     TlsRpt(Vec<crate::tlsrpt::DayTally>),
     /// This shard's answer to an operation (a JSON object, merged by shard 0).
     Admin(serde_json::Value),
+    Suppression(Result<crate::suppression::Response, crate::suppression::SuppressionError>),
     Done,
 }
 
@@ -181,6 +185,27 @@ impl Peers for MeshPeers {
     }
 }
 
+/// The suppression list's way to the other shards.
+pub struct SuppressionRemote {
+    pub mesh: Rc<ShardMesh>,
+}
+
+impl crate::suppression::Remote for SuppressionRemote {
+    fn ask(
+        &self,
+        to: usize,
+        q: crate::suppression::Request,
+    ) -> LocalFuture<'_, Result<crate::suppression::Response, crate::suppression::SuppressionError>>
+    {
+        Box::pin(async move {
+            match self.mesh.call_wait(to, Request::Suppression(q)).await {
+                Ok(Answer::Suppression(result)) => result,
+                _ => Err(crate::suppression::SuppressionError::Peer(to)),
+            }
+        })
+    }
+}
+
 /// Serves what other shards ask of this one.
 pub struct Handler {
     pub reception: Rc<Reception>,
@@ -196,6 +221,8 @@ pub struct Handler {
     pub listeners: Rc<RefCell<Vec<Rc<crate::reception::Listener>>>>,
     /// Operations the core does not carry out.
     pub hooks: Rc<dyn crate::admin::Hooks>,
+    /// This shard's suppression entries, when the list is on.
+    pub suppression: Option<Rc<crate::suppression::Suppression>>,
 }
 
 impl Handler {
@@ -250,12 +277,22 @@ impl shards::Handler<Request, Answer> for Handler {
                         body,
                         tls,
                         intake,
+                        refused,
                     } = *sub;
                     Answer::Submitted(
                         reception
-                            .spool_part(envelope, &body, tls.as_deref(), intake)
+                            .spool_part(envelope, &body, tls.as_deref(), intake, &refused)
                             .await,
                     )
+                });
+            }
+            Request::Suppression(q) => {
+                let suppression = self.suppression.clone();
+                return Box::pin(async move {
+                    Answer::Suppression(match suppression {
+                        Some(s) => s.serve(q).await,
+                        None => Err(crate::suppression::SuppressionError::Disabled),
+                    })
                 });
             }
             Request::Lease(msg) => {

@@ -65,6 +65,8 @@ pub enum ShardError {
     Listen { shard: usize, why: String },
     #[error("shard {shard}: {why}")]
     Mesh { shard: usize, why: String },
+    #[error("shard {shard}: {why}")]
+    Suppression { shard: usize, why: String },
 }
 
 /// What the process gives each shard.
@@ -122,6 +124,31 @@ pub async fn run(
             .map_err(|source| ShardError::Log { shard: id, source })?,
     );
     let mut observers = Observers::new(vec![log.clone()]);
+    // Reception's and the suppression list's own events go to the log only.
+    let log_only = Observers::new(vec![log.clone()]);
+    // The suppression list: this shard's entries, loaded before the core so its hard
+    // bounces feed the list from the first attempt on.
+    let suppression = if cfg.suppression.enabled {
+        let store = crate::suppression::Store::open(&cfg.spool.dir.join(format!("shard-{id}")))
+            .map_err(|e| ShardError::Suppression {
+                shard: id,
+                why: e.to_string(),
+            })?;
+        tracing::info!("shard {id}: suppression list of {} entries", store.len());
+        let s = Rc::new(crate::suppression::Suppression::new(
+            id,
+            count,
+            Rc::new(store),
+            log_only.clone(),
+            clock.clone(),
+        ));
+        observers.push(Rc::new(crate::suppression::BounceFeed {
+            suppression: s.clone(),
+        }));
+        Some(s)
+    } else {
+        None
+    };
     let tlsrpt = if cfg.tls_report.enabled {
         let counter = tlsrpt::Counter::open(
             cfg.spool.dir.join(format!("shard-{id}")),
@@ -215,7 +242,12 @@ pub async fn run(
         peers,
         clock.clone(),
         stop.clone(),
+        suppression.clone(),
+        log_only,
     ));
+    if let Some(s) = &suppression {
+        s.set_remote(Rc::new(mesh::SuppressionRemote { mesh: mesh.clone() }));
+    }
     let work = Rc::new(shards::Notify::new());
     // MTA-STS and DANE need a resolver; their trust roots are loaded once, in the settings.
     let tlspolicy = match (&resolver, &settings.tls_trust) {
@@ -273,7 +305,10 @@ pub async fn run(
         tlsrpt: tlsrpt.clone(),
         settings: live.clone(),
         listeners: bound.clone(),
-        hooks: Rc::new(crate::admin::Unwired),
+        hooks: Rc::new(crate::suppression::AdminHooks {
+            suppression: suppression.clone(),
+        }),
+        suppression: suppression.clone(),
     }));
     let mut outboxes = Vec::new();
     for to in (0..count).filter(|&to| to != id) {

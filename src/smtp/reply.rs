@@ -310,6 +310,17 @@ canned!(DATA_LINE_TOO_LONG = 552 (5, 3, 4) "Message has a line too long");
 canned!(TOO_MANY_RECIPIENTS = 452 (4, 5, 3) "Too many recipients");
 canned!(RELAY_DENIED = 550 (5, 7, 1) "Relaying denied");
 canned!(TOO_MANY_ERRORS = 421 (4, 7, 0) "Too many errors");
+canned!(REPORT_OK = 250 (2, 0, 0) "Ok: report received");
+canned!(
+    /// A recipient of the out-of-band report domain in a transaction of relayed mail, or the
+    /// other way round. RFC 5321 §4.5.3.1.10: a client sends recipients refused with 452 in a
+    /// later transaction, which is what is asked.
+    OOB_MIXED = 452 (4, 5, 3) "Reports to the bounce domain go in a transaction of their own"
+);
+canned!(
+    /// The default `suppression.reply` (the configured reply is what is written).
+    SUPPRESSED = 550 (5, 7, 1) "Recipient suppressed"
+);
 canned!(
     /// RFC 6531 3.7.4 (X.6.7 from RFC 5248): a non-ASCII address without SMTPUTF8 on MAIL.
     NON_ASCII_SENDER = 553 (5, 6, 7) "Non-ASCII addresses not permitted for that sender"
@@ -377,10 +388,12 @@ pub enum Rejection {
     NulInMessage,
     TooManyMessages,
     TooManyErrors,
+    OobMixed,
+    Suppressed,
 }
 
 impl Rejection {
-    pub const COUNT: usize = 29;
+    pub const COUNT: usize = 31;
     pub const ALL: [Rejection; Rejection::COUNT] = [
         Rejection::UnknownCommand,
         Rejection::NulInCommand,
@@ -411,6 +424,8 @@ impl Rejection {
         Rejection::NulInMessage,
         Rejection::TooManyMessages,
         Rejection::TooManyErrors,
+        Rejection::OobMixed,
+        Rejection::Suppressed,
     ];
 
     /// Position in [`Rejection::ALL`], for counters kept in a flat array.
@@ -449,6 +464,8 @@ impl Rejection {
             Rejection::NulInMessage => &NUL_IN_MESSAGE,
             Rejection::TooManyMessages => &TOO_MANY_MESSAGES,
             Rejection::TooManyErrors => &TOO_MANY_ERRORS,
+            Rejection::OobMixed => &OOB_MIXED,
+            Rejection::Suppressed => &SUPPRESSED,
         }
     }
 
@@ -478,7 +495,7 @@ impl Rejection {
 
 // `ALL` must list every variant exactly once in declaration order for `index` to be valid; the
 // test `rejection_index_matches_all` checks the order, this checks the length.
-const _: () = assert!(Rejection::ALL.len() == Rejection::TooManyErrors as usize + 1);
+const _: () = assert!(Rejection::ALL.len() == Rejection::Suppressed as usize + 1);
 
 #[cfg(test)]
 mod tests {
@@ -537,6 +554,9 @@ mod tests {
             BARE_CR,
             NUL_IN_MESSAGE,
             TOO_MANY_MESSAGES,
+            OOB_MIXED,
+            SUPPRESSED,
+            REPORT_OK,
         ];
         for c in all {
             assert_eq!(c.to_reply().to_string().as_bytes(), c.wire, "{c:?}");

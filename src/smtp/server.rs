@@ -113,6 +113,13 @@ pub struct ServerConfig {
     pub bare_lf: BareLf,
     /// What to do with a NUL octet in DATA text.
     pub nul: NulByte,
+    /// The out-of-band report domain (lower case): its addresses are taken from any client,
+    /// relay or not, in transactions of their own (a mix gets `452 4.5.3` for the recipients
+    /// of the other kind), and handed out with `Transaction::oob` set.
+    pub oob_domain: Option<String>,
+    /// Ask the adapter about each relayed recipient before accepting it (`Step::Rcpt`, then
+    /// `rcpt_done`): the suppression list. Off, RCPT is answered at once, as before.
+    pub rcpt_check: bool,
 }
 
 /// Policy for bare line ends in DATA text: LF not preceded by CR, or CR not followed by LF
@@ -157,6 +164,8 @@ impl Default for ServerConfig {
             dsn: true,
             bare_lf: BareLf::Accept,
             nul: NulByte::Accept,
+            oob_domain: None,
+            rcpt_check: false,
         }
     }
 }
@@ -328,6 +337,9 @@ pub enum Step {
     StartTls,
     /// Check these AUTH credentials, then call `auth_done`.
     Auth(Credentials),
+    /// May this recipient (`local@domain`, as given) be accepted? Call `rcpt_done` (only
+    /// with `ServerConfig::rcpt_check`).
+    Rcpt(String),
     /// Write `out` and close the connection.
     Close,
 }
@@ -359,6 +371,9 @@ pub struct Transaction {
     pub dsn: Option<DsnEnvelope>,
     /// NOTIFY and ORCPT of each recipient, parallel to `rcpts` (same length, same order).
     pub rcpt_dsn: Vec<RcptDsn>,
+    /// Every recipient is at the out-of-band report domain: a report to read, not a message
+    /// to relay.
+    pub oob: bool,
 }
 
 /// The DSN parameters of MAIL (RFC 3461 4.3, 4.4), for a later bounce notice.
@@ -416,6 +431,8 @@ enum State {
     AwaitTls,
     /// Handed out credentials; waiting for `auth_done`.
     AwaitAuth,
+    /// Handed out a recipient to check; waiting for `rcpt_done`.
+    AwaitRcpt,
     /// Said 221 or 421; nothing more will be read or written.
     Closed,
 }
@@ -433,6 +450,8 @@ struct Envelope {
     dsn: Option<DsnEnvelope>,
     /// A BDAT chunk was accepted: the body so far is in `Proto::body`, and DATA is refused.
     bdat: bool,
+    /// The recipients are at the out-of-band domain (set by the first one).
+    oob: bool,
 }
 
 /// One SMTP server connection.
@@ -480,6 +499,10 @@ struct Proto {
     credentials: Option<Credentials>,
     /// Discarding the rest of an over-long command line (its 500 is already written).
     discarding: bool,
+    /// The recipient handed out by `poll` for the adapter to check, and the one waiting for
+    /// its verdict (with its DSN parameters).
+    rcpt_ask: Option<String>,
+    rcpt_pending: Option<(String, RcptDsn)>,
     stats: SessionStats,
 }
 
@@ -512,6 +535,8 @@ impl Session {
                 auth_stage: None,
                 credentials: None,
                 discarding: false,
+                rcpt_ask: None,
+                rcpt_pending: None,
                 stats: SessionStats::default(),
             },
         }
@@ -556,6 +581,12 @@ impl Session {
                 State::AwaitQueue => break Step::NeedInput,
                 State::AwaitAuth => match self.proto.credentials.take() {
                     Some(c) => break Step::Auth(c),
+                    None => break Step::NeedInput,
+                },
+                // Pipelined commands after the RCPT wait until its verdict is in, so replies
+                // stay in command order.
+                State::AwaitRcpt => match self.proto.rcpt_ask.take() {
+                    Some(a) => break Step::Rcpt(a),
                     None => break Step::NeedInput,
                 },
                 State::AwaitTls => {
@@ -645,6 +676,43 @@ impl Session {
         self.proto.state = State::Command;
     }
 
+    /// The message of the last `Step::Message` was a report to the out-of-band domain, read
+    /// and logged: `250 2.0.0 Ok: report received`. Ignored unless a `Step::Message` is
+    /// outstanding.
+    pub fn report_done(&mut self, out: &mut Vec<u8>) {
+        if self.proto.state != State::AwaitQueue {
+            return;
+        }
+        out.extend_from_slice(reply::REPORT_OK.wire);
+        self.proto.state = State::Command;
+    }
+
+    /// The verdict on the recipient of the last `Step::Rcpt`: `None` accepts it (`250`),
+    /// `Some(reply)` refuses it with that reply (counted as `Rejection::Suppressed`). Ignored
+    /// unless a `Step::Rcpt` is outstanding.
+    pub fn rcpt_done(&mut self, refusal: Option<&Reply>, out: &mut Vec<u8>) {
+        if self.proto.state != State::AwaitRcpt {
+            return;
+        }
+        self.proto.state = State::Command;
+        let Some((address, dsn)) = self.proto.rcpt_pending.take() else {
+            return;
+        };
+        match (refusal, self.proto.txn.as_mut()) {
+            (Some(reply), _) => {
+                self.proto.stats.rejections[Rejection::Suppressed.index()] += 1;
+                reply.write_to(out);
+            }
+            (None, Some(txn)) => {
+                txn.rcpts.push(address);
+                txn.rcpt_dsn.push(dsn);
+                out.extend_from_slice(reply::RCPT_OK.wire);
+            }
+            // The transaction cannot end while a verdict is awaited (no command is read).
+            (None, None) => out.extend_from_slice(reply::INTERNAL.wire),
+        }
+    }
+
     /// True while message text (DATA or a BDAT chunk) is being read, so the adapter uses the
     /// DATA timeout (RFC 5321 4.5.3.2.6: 10 minutes) rather than the command timeout (5 minutes).
     /// The adapter finished the TLS handshake after `Step::StartTls` (or the connection is
@@ -695,6 +763,11 @@ impl Session {
             AuthVerdict::Rejected => out.extend_from_slice(AUTH_FAILED),
             AuthVerdict::Limited => out.extend_from_slice(AUTH_LIMITED),
         }
+    }
+
+    /// The reverse-path of the transaction under way (`""` for the null sender).
+    pub fn mail_from(&self) -> Option<&str> {
+        self.proto.txn.as_ref().map(|t| t.mail_from.as_str())
     }
 
     /// The authenticated user, if any.
@@ -1015,6 +1088,7 @@ impl Proto {
                 envid: params.envid.map(xtext_decode),
             }),
             bdat: false,
+            oob: false,
         });
         out.extend_from_slice(reply::MAIL_OK.wire);
     }
@@ -1035,9 +1109,21 @@ impl Proto {
         if txn.rcpts.len() >= self.cfg.rcpts_max {
             return self.reject(Rejection::TooManyRecipients, out);
         }
-        if !self.relay_allowed {
+        // A report to the out-of-band domain comes from anywhere (the receivers of our mail),
+        // relay permission or not; it is read, never relayed, so it cannot share a
+        // transaction with mail that is.
+        let oob = self.cfg.oob_domain.as_deref().is_some_and(|d| {
+            to.address
+                .rsplit_once('@')
+                .is_some_and(|(_, domain)| domain.eq_ignore_ascii_case(d))
+        });
+        if !oob && !self.relay_allowed {
             return self.reject(Rejection::RelayDenied, out);
         }
+        if !txn.rcpts.is_empty() && txn.oob != oob {
+            return self.reject(Rejection::OobMixed, out);
+        }
+        txn.oob = oob;
         // RFC 6533: a `utf-8` ORCPT in raw UTF-8 needs SMTPUTF8; it is kept in its ASCII
         // `\x{..}` form, the others xtext-decoded.
         let orcpt = match params.orcpt {
@@ -1056,11 +1142,18 @@ impl Proto {
             }),
             None => None,
         };
-        txn.rcpts.push(to.address.to_owned());
-        txn.rcpt_dsn.push(RcptDsn {
+        let dsn = RcptDsn {
             notify: params.notify,
             orcpt,
-        });
+        };
+        if self.cfg.rcpt_check && !oob {
+            self.rcpt_ask = Some(to.address.to_owned());
+            self.rcpt_pending = Some((to.address.to_owned(), dsn));
+            self.state = State::AwaitRcpt;
+            return;
+        }
+        txn.rcpts.push(to.address.to_owned());
+        txn.rcpt_dsn.push(dsn);
         out.extend_from_slice(reply::RCPT_OK.wire);
     }
 
@@ -1168,6 +1261,7 @@ impl Proto {
             esmtp: self.esmtp,
             dsn: env.dsn,
             rcpt_dsn: env.rcpt_dsn,
+            oob: env.oob,
         }
     }
 
@@ -1495,6 +1589,7 @@ mod tests {
                 esmtp: true,
                 dsn: None,
                 rcpt_dsn: vec![RcptDsn::default()],
+                oob: false,
             }
         );
         assert_eq!(
@@ -2603,5 +2698,86 @@ mod tests {
             message(talk(&mut s, txn).1);
             done_ok(&mut s, "x");
         }
+    }
+
+    #[test]
+    fn reports_to_the_oob_domain_come_from_anyone_in_transactions_of_their_own() {
+        let cfg = cfg_with(|c| c.oob_domain = Some("bounces.test".to_owned()));
+        // Not a relay client: only the report domain is taken.
+        let mut s = session_with(cfg.clone(), false);
+        let r = replies(
+            &mut s,
+            b"EHLO mx.remote\r\nMAIL FROM:<>\r\nRCPT TO:<b+1.0.2@Bounces.test>\r\n\
+              RCPT TO:<x@y.test>\r\nDATA\r\n",
+        );
+        assert!(
+            r.contains("250 2.1.5 Ok\r\n550 5.7.1 Relaying denied\r\n354"),
+            "{r}"
+        );
+        let (_, step) = talk(&mut s, b"report\r\n.\r\n");
+        let t = message(step);
+        assert!(t.oob);
+        assert_eq!(t.rcpts, ["b+1.0.2@Bounces.test"]);
+        let mut out = Vec::new();
+        s.report_done(&mut out);
+        assert_eq!(out, b"250 2.0.0 Ok: report received\r\n");
+        // A relay client mixing the two kinds is asked for another transaction.
+        let mut s = session_with(cfg, true);
+        let r = replies(
+            &mut s,
+            b"EHLO c\r\nMAIL FROM:<a@c.test>\r\nRCPT TO:<x@y.test>\r\n\
+              RCPT TO:<abuse@bounces.test>\r\nDATA\r\n",
+        );
+        assert!(
+            r.contains("250 2.1.5 Ok\r\n452 4.5.3 Reports to the bounce domain"),
+            "{r}"
+        );
+        let (_, step) = talk(&mut s, b"hi\r\n.\r\n");
+        let t = message(step);
+        assert!(!t.oob);
+        assert_eq!(t.rcpts, ["x@y.test"]);
+        assert_eq!(s.stats().rejected(Rejection::OobMixed), 1);
+    }
+
+    #[test]
+    fn rcpt_checks_wait_for_their_verdict_in_order() {
+        let cfg = cfg_with(|c| {
+            c.rcpt_check = true;
+            c.oob_domain = Some("bounces.test".to_owned());
+        });
+        let mut s = session_with(cfg, true);
+        let mut out = Vec::new();
+        s.input(
+            b"EHLO c\r\nMAIL FROM:<a@c.test>\r\nRCPT TO:<x@y.test>\r\nRCPT TO:<z@y.test>\r\n\
+              DATA\r\n",
+        );
+        assert_eq!(s.poll(&mut out), Step::Rcpt("x@y.test".to_owned()));
+        // Nothing pipelined behind it is read meanwhile.
+        assert_eq!(s.poll(&mut out), Step::NeedInput);
+        assert!(!s.wants_input());
+        let refusal = Reply::new(550, Some((5, 7, 1)), "Recipient suppressed");
+        s.rcpt_done(Some(&refusal), &mut out);
+        // A second verdict is ignored.
+        s.rcpt_done(None, &mut out);
+        assert_eq!(s.poll(&mut out), Step::Rcpt("z@y.test".to_owned()));
+        s.rcpt_done(None, &mut out);
+        assert_eq!(s.poll(&mut out), Step::NeedInput);
+        let text = String::from_utf8_lossy(&out).into_owned();
+        assert!(
+            text.ends_with(
+                "250 2.1.0 Ok\r\n550 5.7.1 Recipient suppressed\r\n250 2.1.5 Ok\r\n354 End data \
+                 with <CR><LF>.<CR><LF>\r\n"
+            ),
+            "{text}"
+        );
+        let (_, step) = talk(&mut s, b"hi\r\n.\r\n");
+        assert_eq!(message(step).rcpts, ["z@y.test"]);
+        assert_eq!(s.stats().rejected(Rejection::Suppressed), 1);
+        // Reports are never checked.
+        let mut out = Vec::new();
+        s.message_done(Ok("q1"), &mut out);
+        s.input(b"MAIL FROM:<>\r\nRCPT TO:<b@bounces.test>\r\n");
+        assert_eq!(s.poll(&mut out), Step::NeedInput);
+        assert!(String::from_utf8_lossy(&out).ends_with("250 2.1.5 Ok\r\n"));
     }
 }

@@ -242,9 +242,17 @@ impl Observer for Tap {
                 source: h.source.to_owned(),
                 down: h.down_until_ms.is_some(),
             },
-            Event::Received(_) | Event::TlsSession(_) | Event::SiteHealth(_) | Event::Admin(_) => {
-                return
-            }
+            // Site health, admin operations, reports and suppression happen outside the
+            // simulated world's checks.
+            Event::Received(_)
+            | Event::TlsSession(_)
+            | Event::SiteHealth(_)
+            | Event::Admin(_)
+            | Event::Oob(_)
+            | Event::Feedback(_)
+            | Event::OobUnparsed(_)
+            | Event::Suppressed(_)
+            | Event::Suppression(_) => return,
         };
         self.out.borrow_mut().push(seen);
     }
