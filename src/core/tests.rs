@@ -77,6 +77,7 @@ fn envelope(sender: &str, rcpts: &[&str], received_ms: u64) -> Envelope {
         body: Body::EightBitMime,
         size: 1234,
         peer: "192.0.2.1:40000".into(),
+        notices: crate::envelope::NoticeSwitches::ALL,
     }
 }
 
@@ -346,7 +347,8 @@ fn a_deferral_is_recorded_scheduled_and_routed_again_when_due() {
         core.live(id).map(|l| l.rcpts),
         Some(vec![RcptSnapshot::Deferred {
             attempts: 1,
-            next_attempt_ms: due
+            next_attempt_ms: due,
+            delay_notified: false,
         }])
     );
     assert_eq!(
@@ -1350,14 +1352,17 @@ fn recovered_messages_are_queued_by_state() {
             RcptState::Pending {
                 attempts: 2,
                 next_attempt_ms: now + 30_000,
+                delay_notified: false,
             },
             RcptState::Pending {
                 attempts: 0,
                 next_attempt_ms: 0,
+                delay_notified: false,
             },
             RcptState::Pending {
                 attempts: 1,
                 next_attempt_ms: now - 5,
+                delay_notified: false,
             },
         ],
     };
@@ -1376,6 +1381,7 @@ fn recovered_messages_are_queued_by_state() {
         states: vec![RcptState::Pending {
             attempts: 1,
             next_attempt_ms: now + 10_000,
+            delay_notified: false,
         }],
     };
     core.restore(&msg2, now).expect("restored");
@@ -1402,12 +1408,14 @@ fn recovered_messages_are_queued_by_state() {
                 RcptSnapshot::Final(OutcomeKind::Delivered),
                 RcptSnapshot::Deferred {
                     attempts: 2,
-                    next_attempt_ms: now + 30_000
+                    next_attempt_ms: now + 30_000,
+                    delay_notified: false,
                 },
                 RcptSnapshot::Fresh,
                 RcptSnapshot::Deferred {
                     attempts: 1,
-                    next_attempt_ms: now - 5
+                    next_attempt_ms: now - 5,
+                    delay_notified: false,
                 },
             ]
         })

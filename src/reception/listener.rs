@@ -40,6 +40,8 @@ pub struct Listener {
     pub cfg: Rc<ServerConfig>,
     pub implicit_tls: bool,
     pub relay_networks: Vec<Network>,
+    /// The notices its mail may cause, spooled with each message it receives.
+    pub notices: crate::envelope::NoticeSwitches,
     connections_max: usize,
     connections_per_ip_max: usize,
     sessions: Cell<usize>,
@@ -66,6 +68,7 @@ impl Listener {
             cfg: Rc::new(cfg),
             implicit_tls: spec.implicit_tls,
             relay_networks,
+            notices: settings.listener_notices(spec.notices.as_deref()),
             connections_max: spec.connections_max.unwrap_or(server.connections_max),
             connections_per_ip_max: spec
                 .connections_per_ip_max

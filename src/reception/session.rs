@@ -160,6 +160,7 @@ fn envelope_of(tx: &Transaction, reception: crate::envelope::ReceptionId, peer: 
         },
         size: 0,
         peer: peer.to_owned(),
+        notices: crate::envelope::NoticeSwitches::ALL,
     }
 }
 
@@ -217,6 +218,7 @@ pub(super) async fn session(
 ) -> std::io::Result<()> {
     let implicit_tls = listener.implicit_tls;
     let hostname = listener.cfg.hostname.clone();
+    let notices = listener.notices;
     let settings = reception.settings.clone();
     let server = &settings.config.server;
     let _ = stream.set_nodelay(true);
@@ -390,6 +392,7 @@ pub(super) async fn session(
                 }
                 let mut envelope = envelope_of(&tx, id, &peer_text);
                 envelope.tenant = settings.egress.tenant_of(&tx.body);
+                envelope.notices = notices;
                 let body = BodyParts {
                     head,
                     body: tx.body,
