@@ -38,6 +38,68 @@ enum Command {
     /// Print the SPF, DKIM, DMARC, MTA-STS and TLSRPT records the configuration needs, for
     /// each signing domain.
     DnsRecords(DnsRecordsArgs),
+    /// Dead letters (messages that failed for good, `dead_letter.enabled`).
+    #[command(subcommand)]
+    Deadletter(DeadletterCommand),
+}
+
+#[derive(Subcommand)]
+enum DeadletterCommand {
+    /// Print every dead letter, one JSON object a line, oldest first (reads the directory; no
+    /// server needed).
+    List(DeadletterArgs),
+}
+
+#[derive(clap::Args)]
+struct DeadletterArgs {
+    /// TOML configuration file, for `dead_letter.dir` and `spool.dir`.
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Spool directory [default: `spool.dir`]: dead letters are in SPOOL/deadletter unless
+    /// `dead_letter.dir` says otherwise.
+    #[arg(long)]
+    spool: Option<PathBuf>,
+}
+
+/// The dead letters, one JSON line each; unreadable ones are named on stderr.
+fn deadletter_list(args: DeadletterArgs) -> Result<String, String> {
+    let mut config = Config::load(args.config.as_deref()).map_err(|e| e.to_string())?;
+    if let Some(spool) = args.spool {
+        config.spool.dir = spool;
+    }
+    let dir = if config.dead_letter.dir.as_os_str().is_empty() {
+        config.spool.dir.join("deadletter")
+    } else {
+        config.dead_letter.dir.clone()
+    };
+    let (found, bad) = epoxi::deadletter::list(&dir).map_err(|e| e.to_string())?;
+    for e in bad {
+        eprintln!("epoxi deadletter list: {e}");
+    }
+    let mut out = String::new();
+    for f in found {
+        let l = &f.letter;
+        let line = serde_json::json!({
+            "reception_id": l.reception_id,
+            "shard": l.shard,
+            "sender": l.sender,
+            "tenant": l.tenant,
+            "received_ms": l.received_ms,
+            "final_ms": l.final_ms,
+            "recipients": l.recipients.iter().map(|r| serde_json::json!({
+                "address": r.address,
+                "outcome": r.outcome,
+                "code": r.code,
+                "enhanced": r.enhanced,
+                "bounce_category": r.bounce_category,
+            })).collect::<Vec<_>>(),
+            "bytes": f.bytes,
+            "json": f.json,
+        });
+        out.push_str(&line.to_string());
+        out.push('\n');
+    }
+    Ok(out)
 }
 
 #[derive(Subcommand)]
@@ -244,6 +306,16 @@ fn main() -> ExitCode {
             }
             Err(e) => {
                 eprintln!("epoxi dns-records: {e}");
+                ExitCode::FAILURE
+            }
+        },
+        Command::Deadletter(DeadletterCommand::List(args)) => match deadletter_list(args) {
+            Ok(text) => {
+                print!("{text}");
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("epoxi deadletter list: {e}");
                 ExitCode::FAILURE
             }
         },

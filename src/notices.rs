@@ -417,6 +417,95 @@ mod tests {
     }
 
     #[test]
+    fn delay_notice_follows_notify_and_returns_headers_only() {
+        use crate::envelope::{Envelope, Notify, ReceptionId, Recipient, Ret};
+        use crate::spool::record::OutcomeKind;
+        let mut asked = Recipient::new("d@y.test");
+        asked.notify = Notify::On {
+            success: false,
+            failure: true,
+            delay: true,
+        };
+        let mut failure_only = Recipient::new("f@y.test");
+        failure_only.notify = Notify::On {
+            success: false,
+            failure: true,
+            delay: false,
+        };
+        let original = Envelope {
+            reception: ReceptionId {
+                ms: 1_764_000_000_000,
+                shard: 0,
+                n: 1,
+            },
+            sender: "s@x.test".into(),
+            rcpts: vec![asked, failure_only, Recipient::new("n@y.test")],
+            ret: Ret::Full,
+            envid: None,
+            tenant: None,
+            smtputf8: false,
+            body: Body::SevenBit,
+            size: ORIGINAL.len() as u64,
+            peer: "t".into(),
+            notices: crate::envelope::NoticeSwitches::ALL,
+        };
+        let response = crate::events::Response {
+            code: 451,
+            enhanced: "4.7.1".into(),
+            text: "greylisted".into(),
+        };
+        let outcomes: Vec<Outcome<'_>> = (0..3)
+            .map(|rcpt| Outcome {
+                rcpt,
+                kind: OutcomeKind::Deferred,
+                response: &response,
+            })
+            .collect();
+        let id = ReceptionId {
+            ms: 1_764_000_100_000,
+            shard: 0,
+            n: 2,
+        };
+        let policy = |delay_without_notify| Policy {
+            delay_without_notify,
+            max_age_ms: 86_400_000,
+        };
+        let (env, bytes) = compose(
+            "mx.test",
+            &original,
+            ORIGINAL,
+            &outcomes,
+            id,
+            id.ms,
+            &policy(false),
+        )
+        .expect("one asked");
+        let text = String::from_utf8(bytes).expect("ascii");
+        assert_eq!(env.sender, "", "from the null sender");
+        assert!(text.contains("Subject: Delayed Mail (still being retried)"));
+        assert!(text.contains(
+            "Final-Recipient: rfc822; d@y.test\r\nAction: delayed\r\nStatus: 4.7.1\r\n"
+        ));
+        assert!(text.contains("Will-Retry-Until: Tue, 25 Nov 2025 16:00:00 +0000\r\n"));
+        assert!(!text.contains("f@y.test"), "NOTIFY without DELAY");
+        assert!(!text.contains("n@y.test"), "no NOTIFY, and the MTA chose not to");
+        assert!(text.contains("text/rfc822-headers"), "headers only, RET=FULL or not");
+        assert!(!text.contains("secret body"));
+        let (_, bytes) = compose(
+            "mx.test",
+            &original,
+            ORIGINAL,
+            &outcomes,
+            id,
+            id.ms,
+            &policy(true),
+        )
+        .expect("two asked");
+        let text = String::from_utf8(bytes).expect("ascii");
+        assert!(text.contains("n@y.test") && !text.contains("f@y.test"));
+    }
+
+    #[test]
     fn status_from_reply() {
         assert_eq!(status_of(550, "5.7.1"), "5.7.1");
         assert_eq!(status_of(550, ""), "5.0.0");

@@ -149,7 +149,184 @@ impl Core {
 
 #[cfg(test)]
 mod tests {
+    use std::rc::Rc;
+
     use super::*;
+    use crate::config::{Config, Overrides};
+    use crate::core::CoreConfig;
+    use crate::envelope::{Envelope, ReceptionId, Recipient};
+    use crate::outcome::RcptResult;
+    use crate::queue::Job;
+    use crate::smtp::reply::Reply;
+
+    const T0: u64 = 1_700_000_000_000;
+
+    fn core(toml: &str) -> Core {
+        let settings = Config::parse(toml)
+            .expect("parses")
+            .settle(Overrides {
+                routes: vec!["*.test=127.0.0.1:2600".into()],
+                resolvers: vec!["127.0.0.1:53".into()],
+                ..Overrides::default()
+            })
+            .expect("settings");
+        Core::new(
+            CoreConfig {
+                shard: 0,
+                shards: 1,
+                settings: Rc::new(settings),
+                has_resolver: false,
+            },
+            crate::events::Observers::default(),
+        )
+    }
+
+    fn accept(c: &mut Core, tenant: Option<&str>, notices: NoticeSwitches) -> u64 {
+        let id = c.reserve().expect("room");
+        let envelope = Envelope {
+            reception: ReceptionId {
+                ms: T0,
+                shard: 0,
+                n: 1,
+            },
+            sender: "s@y.test".into(),
+            rcpts: vec![Recipient::new("a@x.test"), Recipient::new("b@x.test")],
+            ret: Default::default(),
+            envid: None,
+            tenant: tenant.map(str::to_owned),
+            smtputf8: false,
+            body: Default::default(),
+            size: 10,
+            peer: "test".into(),
+            notices,
+        };
+        let loc = Location {
+            seq: 1,
+            offset: 32,
+            len: 512,
+        };
+        c.accepted(id, &envelope, loc, None, T0);
+        c.take_actions();
+        id
+    }
+
+    fn attempt(c: &mut Core, id: u64, rcpts: &[u16], code: u16, now: u64) -> Vec<Action> {
+        let job = Job {
+            id,
+            rcpts: rcpts.iter().copied().collect(),
+        };
+        let reply = Reply::new(code, Some(((code / 100) as u8, 0, 0)), "try later");
+        let results: Vec<(u16, RcptResult)> = rcpts
+            .iter()
+            .map(|&r| (r, RcptResult::Reply(reply.clone())))
+            .collect();
+        c.txn_refused(&job, &results, now);
+        c.take_actions()
+    }
+
+    fn delay_requests(actions: &[Action]) -> Vec<NoticeRequest> {
+        actions
+            .iter()
+            .filter_map(|a| match a {
+                Action::Notice(r) if r.is_delay() => Some(r.clone()),
+                _ => None,
+            })
+            .collect()
+    }
+
+    fn kinds(actions: &[Action]) -> Vec<OutcomeKind> {
+        actions
+            .iter()
+            .filter_map(|a| match a {
+                Action::Outcome { record, .. } => Some(record.kind),
+                _ => None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn one_delay_notice_per_recipient_after_the_delay_recorded_once_spooled() {
+        let mut c = core("[notices]\ndelay_after_s = 60\n");
+        let id = accept(&mut c, None, NoticeSwitches::ALL);
+        // Before the delay: none.
+        let a = attempt(&mut c, id, &[0, 1], 451, T0 + 1_000);
+        assert!(delay_requests(&a).is_empty());
+        // Both deferred together past it: one notice for both.
+        let a = attempt(&mut c, id, &[0, 1], 451, T0 + 61_000);
+        let d = delay_requests(&a);
+        assert_eq!(d.len(), 1, "{a:?}");
+        assert_eq!(d[0].rcpts.len(), 2);
+        assert_eq!(kinds(&a), vec![OutcomeKind::Deferred; 2]);
+        // Asked for: never again, even before it is spooled.
+        let a = attempt(&mut c, id, &[0], 451, T0 + 62_000);
+        assert!(delay_requests(&a).is_empty());
+        assert_eq!(kinds(&a), vec![OutcomeKind::Delayed]);
+        // Spooled: each recipient's deferral restated as Delayed.
+        c.notice_spooled(d[0].token, None, T0 + 62_500);
+        assert_eq!(kinds(&c.take_actions()), vec![OutcomeKind::Delayed; 2]);
+        let live = c.live(id).expect("live");
+        assert!(live.rcpts.iter().all(|r| matches!(
+            r,
+            crate::spool::engine::RcptSnapshot::Deferred {
+                delay_notified: true,
+                ..
+            }
+        )));
+    }
+
+    #[test]
+    fn switches_of_the_listener_and_the_tenant_suppress_notices() {
+        let toml = "[notices]\ndelay_after_s = 60\n\
+                    [[tenant]]\nname = \"hush\"\nnotices = [\"success\"]\n";
+        // The tenant allows no delay and no bounce notice.
+        let mut c = core(toml);
+        let id = accept(&mut c, Some("HUSH"), NoticeSwitches::ALL);
+        let a = attempt(&mut c, id, &[0], 451, T0 + 61_000);
+        assert!(delay_requests(&a).is_empty(), "{a:?}");
+        let a = attempt(&mut c, id, &[1], 550, T0 + 61_000);
+        assert!(!a.iter().any(|x| matches!(x, Action::Notice(_))), "{a:?}");
+        assert_eq!(kinds(&a), vec![OutcomeKind::Bounced], "recorded at once");
+        // The listener allows bounces only.
+        let mut c = core(toml);
+        let bounces = NoticeSwitches {
+            bounce: true,
+            ..NoticeSwitches::NONE
+        };
+        let id = accept(&mut c, None, bounces);
+        let a = attempt(&mut c, id, &[0], 451, T0 + 61_000);
+        assert!(delay_requests(&a).is_empty(), "{a:?}");
+        let a = attempt(&mut c, id, &[1], 550, T0 + 61_000);
+        assert!(a.iter().any(|x| matches!(x, Action::Notice(_))), "{a:?}");
+        // Delay notices off (the default): none.
+        let mut c = core("");
+        let id = accept(&mut c, None, NoticeSwitches::ALL);
+        let a = attempt(&mut c, id, &[0], 451, T0 + 10 * 86_400_000 / 3);
+        assert!(delay_requests(&a).is_empty(), "{a:?}");
+    }
+
+    #[test]
+    fn a_failed_message_leaves_a_dead_letter_of_its_failures() {
+        let mut c = core("[dead_letter]\nenabled = true\n");
+        let id = accept(&mut c, None, NoticeSwitches::NONE);
+        let a = attempt(&mut c, id, &[0], 250, T0 + 1_000);
+        assert!(!a.iter().any(|x| matches!(x, Action::DeadLetter(_))));
+        let a = attempt(&mut c, id, &[1], 550, T0 + 2_000);
+        let dead: Vec<&DeadLetterRequest> = a
+            .iter()
+            .filter_map(|x| match x {
+                Action::DeadLetter(d) => Some(d),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(dead.len(), 1, "{a:?}");
+        assert_eq!(dead[0].rcpts.len(), 1);
+        assert_eq!(
+            (dead[0].rcpts[0].rcpt, dead[0].rcpts[0].kind),
+            (1, OutcomeKind::Bounced)
+        );
+        assert!(!a.iter().any(|x| matches!(x, Action::Final { .. })));
+        assert!(c.queue().is_empty());
+    }
 
     #[test]
     fn switches_allow_by_kind() {

@@ -763,6 +763,13 @@ impl World {
                 ));
             }
         }
+        // Pending now, whatever was durable before (corruption took the record): the later
+        // checks (a delay notice only while pending) go by what recovery found.
+        for key in &pending_keys {
+            if let Some(e) = self.ledger.entries.get_mut(key) {
+                e.durable_final = false;
+            }
+        }
         self.note(|| {
             format!(
                 "start: {} shards, {} messages recovered, {} unreadable records",
