@@ -562,6 +562,196 @@ pub async fn reinject(
     Ok(report)
 }
 
+/// RFC 3461 xtext: `+` and `=`, controls, space and non-ASCII as `+XX`.
+fn xtext(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for b in text.bytes() {
+        if (b'!'..=b'~').contains(&b) && b != b'+' && b != b'=' {
+            out.push(char::from(b));
+        } else {
+            out.push_str(&format!("+{b:02X}"));
+        }
+    }
+    out
+}
+
+/// The SMTP commands that submit `letter` again: MAIL with its DSN parameters (those the
+/// server offers), one RCPT per failed recipient. No I/O.
+fn commands(letter: &DeadLetter, dsn: bool, smtputf8: bool, eightbit: bool) -> Vec<String> {
+    let mut mail = format!("MAIL FROM:<{}>", letter.sender);
+    if letter.body == "8bitmime" && eightbit {
+        mail.push_str(" BODY=8BITMIME");
+    }
+    if letter.smtputf8 && smtputf8 {
+        mail.push_str(" SMTPUTF8");
+    }
+    if dsn {
+        match letter.ret.as_str() {
+            "full" => mail.push_str(" RET=FULL"),
+            "headers" => mail.push_str(" RET=HDRS"),
+            _ => {}
+        }
+        if let Some(envid) = &letter.envid {
+            mail.push_str(&format!(" ENVID={}", xtext(envid)));
+        }
+    }
+    let mut out = vec![mail];
+    for r in &letter.recipients {
+        let mut rcpt = format!("RCPT TO:<{}>", r.address);
+        if dsn {
+            match r.notify.as_str() {
+                "default" => {}
+                "never" => rcpt.push_str(" NOTIFY=NEVER"),
+                list => rcpt.push_str(&format!(" NOTIFY={}", list.to_ascii_uppercase())),
+            }
+            if let Some((kind, address)) = r.orcpt.as_deref().and_then(|o| o.split_once(';')) {
+                rcpt.push_str(&format!(" ORCPT={kind};{}", xtext(address)));
+            }
+        }
+        out.push(rcpt);
+    }
+    out
+}
+
+/// A blocking SMTP client just big enough to hand one message to Epoxi's own listener.
+struct Submitter {
+    reader: std::io::BufReader<std::net::TcpStream>,
+    writer: std::net::TcpStream,
+}
+
+/// How long the submitting client waits for each reply: Epoxi answers the final dot once the
+/// message is durable, which a busy spool may take seconds to be.
+const SUBMIT_REPLY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(120);
+/// Longest reply line read back; anything longer is not an SMTP server.
+const SUBMIT_REPLY_LINE_MAX: usize = 4096;
+
+impl Submitter {
+    fn connect(addr: std::net::SocketAddr) -> std::io::Result<Submitter> {
+        let stream = std::net::TcpStream::connect_timeout(&addr, SUBMIT_REPLY_TIMEOUT)?;
+        stream.set_read_timeout(Some(SUBMIT_REPLY_TIMEOUT))?;
+        stream.set_write_timeout(Some(SUBMIT_REPLY_TIMEOUT))?;
+        Ok(Submitter {
+            reader: std::io::BufReader::new(stream.try_clone()?),
+            writer: stream,
+        })
+    }
+
+    /// The next reply: its code and lines.
+    fn reply(&mut self) -> std::io::Result<(u16, Vec<String>)> {
+        use std::io::BufRead as _;
+        let mut lines = Vec::new();
+        loop {
+            let mut line = String::new();
+            let n = std::io::Read::take(&mut self.reader, SUBMIT_REPLY_LINE_MAX as u64)
+                .read_line(&mut line)?;
+            if n == 0 || line.len() < 4 {
+                return Err(std::io::Error::other(format!("bad reply line {line:?}")));
+            }
+            let code: u16 = line[..3]
+                .parse()
+                .map_err(|_| std::io::Error::other(format!("bad reply line {line:?}")))?;
+            let last = line.as_bytes()[3] == b' ';
+            lines.push(line.trim_end().to_owned());
+            if last {
+                return Ok((code, lines));
+            }
+        }
+    }
+
+    fn expect(&mut self, command: &str, code: u16) -> Result<Vec<String>, String> {
+        if !command.is_empty() {
+            self.writer
+                .write_all(format!("{command}\r\n").as_bytes())
+                .map_err(|e| e.to_string())?;
+        }
+        let (got, lines) = self.reply().map_err(|e| e.to_string())?;
+        if got != code {
+            return Err(format!("{command}: {}", lines.join(" ")));
+        }
+        Ok(lines)
+    }
+
+    /// Submit `letter` with `body`; Ok once the final dot is answered 250.
+    fn submit(&mut self, letter: &DeadLetter, body: &[u8]) -> Result<(), String> {
+        if letter.body == "binarymime" {
+            return Err("a BINARYMIME body needs BDAT: re-inject it with the admin operation".into());
+        }
+        self.expect("", 220)?;
+        let ehlo = self.expect("EHLO epoxi-deadletter", 250)?;
+        let has = |ext: &str| {
+            ehlo.iter()
+                .any(|l| l.get(4..).is_some_and(|e| e.eq_ignore_ascii_case(ext)))
+        };
+        let cmds = commands(letter, has("DSN"), has("SMTPUTF8"), has("8BITMIME"));
+        for c in &cmds {
+            self.expect(c, 250)?;
+        }
+        self.expect("DATA", 354)?;
+        let mut data = Vec::with_capacity(body.len() + 64);
+        for line in body.split_inclusive(|&b| b == b'\n') {
+            if line.first() == Some(&b'.') {
+                data.push(b'.');
+            }
+            data.extend_from_slice(line);
+        }
+        if !data.ends_with(b"\r\n") {
+            data.extend_from_slice(b"\r\n");
+        }
+        data.extend_from_slice(b".\r\n");
+        self.writer.write_all(&data).map_err(|e| e.to_string())?;
+        self.expect("", 250)?;
+        let _ = self.expect("QUIT", 221);
+        Ok(())
+    }
+}
+
+/// Re-inject dead letters through a running Epoxi's SMTP listener at `addr` (for the CLI,
+/// when the admin operation is not at hand): each is submitted as a new message, from its
+/// sender to its failed recipients with their DSN parameters, and its files removed once the
+/// server answers 250 (Epoxi does once every part is durable in its shard's spool). `id`
+/// picks one by reception id, None all. Blocking.
+pub fn reinject_over_smtp(
+    root: &Path,
+    id: Option<&str>,
+    addr: std::net::SocketAddr,
+) -> Result<ReinjectReport, DeadLetterError> {
+    let (found, bad) = list(root)?;
+    for e in &bad {
+        tracing::warn!("dead letter not re-injected: {e}");
+    }
+    let chosen: Vec<Found> = found
+        .into_iter()
+        .filter(|f| id.is_none_or(|id| f.letter.reception_id == id))
+        .collect();
+    if let (Some(id), true) = (id, chosen.is_empty()) {
+        return Err(DeadLetterError::NotFound(id.to_owned()));
+    }
+    let mut report = ReinjectReport::default();
+    for f in chosen {
+        let old = f.letter.reception_id.clone();
+        let result = std::fs::read(&f.eml)
+            .map_err(|e| e.to_string())
+            .and_then(|body| {
+                let mut s = Submitter::connect(addr).map_err(|e| format!("{addr}: {e}"))?;
+                s.submit(&f.letter, &body)
+            })
+            .and_then(|()| remove(&f).map_err(|e| format!("submitted, not removed: {e}")));
+        match result {
+            Ok(()) => report.reinjected.push(Reinjected {
+                dead_letter: old,
+                // The server's id is in its 250 reply text; the event log has it too.
+                reception_id: String::new(),
+                recipients: f.letter.recipients.len(),
+            }),
+            Err(reason) => report.failed.push(ReinjectFailure {
+                dead_letter: old,
+                reason,
+            }),
+        }
+    }
+    Ok(report)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -637,6 +827,15 @@ mod tests {
             ("s@y.test", Ret::Full, Body::EightBitMime, env.notices)
         );
         assert_eq!(back.tenant.as_deref(), Some("acme"));
+        let cmds = commands(&found[0].letter, true, true, true);
+        assert_eq!(
+            cmds,
+            vec![
+                "MAIL FROM:<s@y.test> BODY=8BITMIME RET=FULL ENVID=e1".to_owned(),
+                "RCPT TO:<a@x.test> NOTIFY=FAILURE,DELAY ORCPT=rfc822;a@x.test".to_owned(),
+            ]
+        );
+        assert_eq!(xtext("a+b=c d"), "a+2Bb+3Dc+20d");
         remove(&found[0]).expect("remove");
         assert!(list(dir.path()).expect("list").0.is_empty());
     }

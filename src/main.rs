@@ -48,6 +48,21 @@ enum DeadletterCommand {
     /// Print every dead letter, one JSON object a line, oldest first (reads the directory; no
     /// server needed).
     List(DeadletterArgs),
+    /// Submit dead letters again (one by reception id, or all) to a running Epoxi over SMTP,
+    /// each as a new message to its failed recipients; a dead letter goes once accepted.
+    Reinject(ReinjectArgs),
+}
+
+#[derive(clap::Args)]
+struct ReinjectArgs {
+    #[command(flatten)]
+    where_: DeadletterArgs,
+    /// The dead letter's reception id; without it, every one.
+    #[arg(long)]
+    id: Option<String>,
+    /// Epoxi's SMTP listener, e.g. 127.0.0.1:2525.
+    #[arg(long)]
+    to: SocketAddr,
 }
 
 #[derive(clap::Args)]
@@ -61,17 +76,22 @@ struct DeadletterArgs {
     spool: Option<PathBuf>,
 }
 
-/// The dead letters, one JSON line each; unreadable ones are named on stderr.
-fn deadletter_list(args: DeadletterArgs) -> Result<String, String> {
+/// The dead-letter directory the config and flags name.
+fn deadletter_dir(args: DeadletterArgs) -> Result<PathBuf, String> {
     let mut config = Config::load(args.config.as_deref()).map_err(|e| e.to_string())?;
     if let Some(spool) = args.spool {
         config.spool.dir = spool;
     }
-    let dir = if config.dead_letter.dir.as_os_str().is_empty() {
+    Ok(if config.dead_letter.dir.as_os_str().is_empty() {
         config.spool.dir.join("deadletter")
     } else {
         config.dead_letter.dir.clone()
-    };
+    })
+}
+
+/// The dead letters, one JSON line each; unreadable ones are named on stderr.
+fn deadletter_list(args: DeadletterArgs) -> Result<String, String> {
+    let dir = deadletter_dir(args)?;
     let (found, bad) = epoxi::deadletter::list(&dir).map_err(|e| e.to_string())?;
     for e in bad {
         eprintln!("epoxi deadletter list: {e}");
@@ -319,6 +339,26 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
+        Command::Deadletter(DeadletterCommand::Reinject(args)) => {
+            let report = deadletter_dir(args.where_).and_then(|dir| {
+                epoxi::deadletter::reinject_over_smtp(&dir, args.id.as_deref(), args.to)
+                    .map_err(|e| e.to_string())
+            });
+            match report {
+                Ok(report) => {
+                    println!("{}", serde_json::to_string(&report).unwrap_or_default());
+                    if report.failed.is_empty() {
+                        ExitCode::SUCCESS
+                    } else {
+                        ExitCode::FAILURE
+                    }
+                }
+                Err(e) => {
+                    eprintln!("epoxi deadletter reinject: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
         Command::Passwd(args) => match passwd(args) {
             Ok(done) => {
                 eprintln!("epoxi: {done}");

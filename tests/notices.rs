@@ -295,4 +295,35 @@ fn a_permanent_failure_leaves_a_dead_letter() {
     assert_eq!(listed[0]["reception_id"], letter["reception_id"]);
     assert_eq!(listed[0]["recipients"][0]["address"], "permfail@x.test");
     drop(sink);
+
+    // Re-injected once the next hop takes it: a sink that accepts everything, and the dead
+    // letter submitted again to its failed recipient only, then gone.
+    let sink = Sink::start(dir.path(), &[]);
+    let mut opts = opts;
+    opts.conf.raw = routes(catcher_port, sink.port);
+    let mut epoxi = Epoxi::start(&opts);
+    let to = format!("127.0.0.1:{}", epoxi.port);
+    let ran = common::run_epoxi(&[
+        std::ffi::OsStr::new("deadletter"),
+        "reinject".as_ref(),
+        "--spool".as_ref(),
+        opts.spool.as_os_str(),
+        "--to".as_ref(),
+        to.as_ref(),
+    ]);
+    assert!(ran.status.success(), "{}\n{}", ran.stdout, ran.stderr);
+    let report: Value = serde_json::from_str(ran.stdout.trim()).expect("report");
+    assert_eq!(report["reinjected"][0]["dead_letter"], letter["reception_id"]);
+    assert_eq!(report["reinjected"][0]["recipients"], 1);
+    // (The log directory holds the first run's lines too.)
+    wait_until("the re-injected delivery", Duration::from_secs(30), || {
+        epoxi
+            .events_of("Delivery")
+            .iter()
+            .any(|d| d["recipient"] == "permfail@x.test" && d["sender"] == SENDER)
+    });
+    assert!(!json.exists() && !json.with_extension("eml").exists(), "removed");
+    epoxi.stop();
+    let report = sink.stop();
+    assert_eq!(report.count("unique"), 1, "{}", report.json);
 }
