@@ -27,9 +27,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use crate::envelope::{
-    Body, Envelope, NoticeSwitches, Notify, ReceptionId, Recipient, Ret,
-};
+use crate::envelope::{Body, Envelope, NoticeSwitches, Notify, ReceptionId, Recipient, Ret};
 
 /// The version of the JSON layout, in every file (readers refuse others).
 pub const DEAD_LETTER_VERSION: u32 = 1;
@@ -674,7 +672,9 @@ impl Submitter {
     /// Submit `letter` with `body`; Ok once the final dot is answered 250.
     fn submit(&mut self, letter: &DeadLetter, body: &[u8]) -> Result<(), String> {
         if letter.body == "binarymime" {
-            return Err("a BINARYMIME body needs BDAT: re-inject it with the admin operation".into());
+            return Err(
+                "a BINARYMIME body needs BDAT: re-inject it with the admin operation".into(),
+            );
         }
         self.expect("", 220)?;
         let ehlo = self.expect("EHLO epoxi-deadletter", 250)?;

@@ -483,13 +483,18 @@ mod tests {
         let text = String::from_utf8(bytes).expect("ascii");
         assert_eq!(env.sender, "", "from the null sender");
         assert!(text.contains("Subject: Delayed Mail (still being retried)"));
-        assert!(text.contains(
-            "Final-Recipient: rfc822; d@y.test\r\nAction: delayed\r\nStatus: 4.7.1\r\n"
-        ));
+        assert!(text
+            .contains("Final-Recipient: rfc822; d@y.test\r\nAction: delayed\r\nStatus: 4.7.1\r\n"));
         assert!(text.contains("Will-Retry-Until: Tue, 25 Nov 2025 16:00:00 +0000\r\n"));
         assert!(!text.contains("f@y.test"), "NOTIFY without DELAY");
-        assert!(!text.contains("n@y.test"), "no NOTIFY, and the MTA chose not to");
-        assert!(text.contains("text/rfc822-headers"), "headers only, RET=FULL or not");
+        assert!(
+            !text.contains("n@y.test"),
+            "no NOTIFY, and the MTA chose not to"
+        );
+        assert!(
+            text.contains("text/rfc822-headers"),
+            "headers only, RET=FULL or not"
+        );
         assert!(!text.contains("secret body"));
         let (_, bytes) = compose(
             "mx.test",

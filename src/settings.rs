@@ -63,7 +63,10 @@ impl Settings {
             .iter()
             .find(|t| t.name.eq_ignore_ascii_case(name))
             .and_then(|t| t.notices.as_deref())
-            .map_or(crate::envelope::NoticeSwitches::ALL, crate::config::notice_switches)
+            .map_or(
+                crate::envelope::NoticeSwitches::ALL,
+                crate::config::notice_switches,
+            )
     }
 
     /// The dead-letter directory (`dead_letter.dir`, else `SPOOL/deadletter`).

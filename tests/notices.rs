@@ -124,14 +124,25 @@ fn delay_and_bounce_notices_are_rfc3464_reports_and_a_delay_goes_once() {
         assert_eq!(n["auto_submitted"], "auto-replied", "{n}");
         assert_eq!(
             n["parts"],
-            serde_json::json!(["text/plain", "message/delivery-status", "text/rfc822-headers"]),
+            serde_json::json!([
+                "text/plain",
+                "message/delivery-status",
+                "text/rfc822-headers"
+            ]),
             "{n}"
         );
-        assert_eq!(n["per_message"]["Reporting-MTA"], "dns; mx.epoxi.test", "{n}");
+        assert_eq!(
+            n["per_message"]["Reporting-MTA"], "dns; mx.epoxi.test",
+            "{n}"
+        );
         assert!(n["per_message"]["Arrival-Date"].is_string(), "{n}");
     }
     let d = &delay[0]["per_recipient"];
-    assert_eq!(d.as_array().map(Vec::len), Some(1), "only the pending one: {d}");
+    assert_eq!(
+        d.as_array().map(Vec::len),
+        Some(1),
+        "only the pending one: {d}"
+    );
     assert_eq!(d[0]["Final-Recipient"], "rfc822; tempfail@x.test");
     let status = d[0]["Status"].as_str().unwrap_or("");
     assert!(status.starts_with("4."), "a delay is 4.x.x: {d}");
@@ -161,11 +172,9 @@ fn delay_and_bounce_notices_are_rfc3464_reports_and_a_delay_goes_once() {
     epoxi.stop();
     let epoxi = Epoxi::start(&opts);
     let before = epoxi.events_of("TransientFailure").len();
-    wait_until(
-        "retries after the restart",
-        Duration::from_secs(30),
-        || epoxi.events_of("TransientFailure").len() >= before + 3,
-    );
+    wait_until("retries after the restart", Duration::from_secs(30), || {
+        epoxi.events_of("TransientFailure").len() >= before + 3
+    });
     assert_eq!(caught(&store).len(), 2, "no second delay notice");
     drop(epoxi);
     drop(sink);
@@ -313,7 +322,10 @@ fn a_permanent_failure_leaves_a_dead_letter() {
     ]);
     assert!(ran.status.success(), "{}\n{}", ran.stdout, ran.stderr);
     let report: Value = serde_json::from_str(ran.stdout.trim()).expect("report");
-    assert_eq!(report["reinjected"][0]["dead_letter"], letter["reception_id"]);
+    assert_eq!(
+        report["reinjected"][0]["dead_letter"],
+        letter["reception_id"]
+    );
     assert_eq!(report["reinjected"][0]["recipients"], 1);
     // (The log directory holds the first run's lines too.)
     wait_until("the re-injected delivery", Duration::from_secs(30), || {
@@ -322,7 +334,10 @@ fn a_permanent_failure_leaves_a_dead_letter() {
             .iter()
             .any(|d| d["recipient"] == "permfail@x.test" && d["sender"] == SENDER)
     });
-    assert!(!json.exists() && !json.with_extension("eml").exists(), "removed");
+    assert!(
+        !json.exists() && !json.with_extension("eml").exists(),
+        "removed"
+    );
     epoxi.stop();
     let report = sink.stop();
     assert_eq!(report.count("unique"), 1, "{}", report.json);

@@ -204,7 +204,10 @@ impl Ledger {
         if !crashed && e.delays.len() > 1 {
             return Err(Violation::new(
                 "delay-notice",
-                format!("{key:?}: a second delay notice without a crash ({:?})", e.delays),
+                format!(
+                    "{key:?}: a second delay notice without a crash ({:?})",
+                    e.delays
+                ),
             ));
         }
         Ok(())

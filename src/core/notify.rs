@@ -102,10 +102,8 @@ impl Core {
         };
         self.actions.push(Action::Notice(request.clone()));
         self.notice_ids.insert((id, token));
-        self.notices.insert(
-            token,
-            super::finish::PendingNotice::new(request, after),
-        );
+        self.notices
+            .insert(token, super::finish::PendingNotice::new(request, after));
     }
 
     /// The delay notice about `rcpts` of message `id` is durable: record each recipient still

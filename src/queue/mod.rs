@@ -98,7 +98,10 @@ struct Rcpt {
     due_rel_ms: u32,
 }
 
-const _: () = assert!(std::mem::size_of::<Rcpt>() == 8, "a recipient's state is 8 bytes");
+const _: () = assert!(
+    std::mem::size_of::<Rcpt>() == 8,
+    "a recipient's state is 8 bytes"
+);
 
 impl Rcpt {
     const FRESH: Rcpt = Rcpt {
@@ -248,7 +251,12 @@ impl Message {
 
     /// When recipient `i` is next due (0: being tried or due at once).
     pub fn due_ms(&self, i: u16) -> u64 {
-        match self.rcpts.as_slice().get(usize::from(i)).map(|r| r.due_rel_ms) {
+        match self
+            .rcpts
+            .as_slice()
+            .get(usize::from(i))
+            .map(|r| r.due_rel_ms)
+        {
             None | Some(0) => 0,
             Some(rel) => self.received_ms() + u64::from(rel),
         }

@@ -223,7 +223,9 @@ impl World {
                 .and_then(|e| e.terminal.last().map(|(_, o)| *o));
             if !matches!(
                 last,
-                Some(epoxi::events::AttemptOutcome::Bounced | epoxi::events::AttemptOutcome::Expired)
+                Some(
+                    epoxi::events::AttemptOutcome::Bounced | epoxi::events::AttemptOutcome::Expired
+                )
             ) {
                 return Err(Violation::new(
                     "dead-letter",
