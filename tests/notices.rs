@@ -308,7 +308,6 @@ fn a_permanent_failure_leaves_a_dead_letter() {
     // Re-injected once the next hop takes it: a sink that accepts everything, and the dead
     // letter submitted again to its failed recipient only, then gone.
     let sink = Sink::start(dir.path(), &[]);
-    let mut opts = opts;
     opts.conf.raw = routes(catcher_port, sink.port);
     let mut epoxi = Epoxi::start(&opts);
     let to = format!("127.0.0.1:{}", epoxi.port);
