@@ -20,6 +20,14 @@ pub enum ConfigError {
     Parse { path: PathBuf, message: String },
     #[error("invalid value for `{key}`: {reason}")]
     Invalid { key: &'static str, reason: String },
+    /// A value in the `index`-th table (from 0, in file order) of an array of tables.
+    #[error("invalid value for `{table}[{index}].{key}`: {reason}")]
+    InTable {
+        table: &'static str,
+        index: usize,
+        key: &'static str,
+        reason: String,
+    },
     /// A `[[dkim]]` table (numbered from 0, in file order) that cannot be used.
     #[error("dkim[{index}] ({domain}/{selector}): {reason}")]
     Dkim {
@@ -78,6 +86,9 @@ pub struct Config {
     pub dkim: Vec<DkimEntry>,
     pub tls_report: TlsReportSection,
     pub bounce: BounceSection,
+    /// Retry policy overrides by bounce category, recipient domain and site, first match
+    /// wins; else `[queue]`'s backoff.
+    pub retry: Vec<RetryEntry>,
     pub notices: NoticesSection,
     /// Per tenant (the `egress.tenant_header` value) settings: which notices its senders get.
     pub tenant: Vec<TenantEntry>,
@@ -168,6 +179,38 @@ impl Default for DeadLetterSection {
             bytes_max: 1 << 30,
         }
     }
+}
+
+/// One `[[retry]]` rule: which failures it matches, and the backoff (or early bounce) for
+/// them. Unset values are `[queue]`'s.
+#[derive(Clone, Debug, Default, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct RetryEntry {
+    /// Bounce categories (e.g. `["RateLimited"]`); empty or absent: any.
+    #[serde(default)]
+    pub category: Vec<String>,
+    /// Glob on the recipient domain.
+    #[serde(default)]
+    pub domain: Option<String>,
+    /// Glob on the site's MX host names (or a route's host), as in `[[site]]`.
+    #[serde(default)]
+    pub site: Option<String>,
+    #[serde(default)]
+    pub first_ms: Option<u64>,
+    #[serde(default)]
+    pub base_ms: Option<u64>,
+    #[serde(default)]
+    pub factor: Option<f64>,
+    #[serde(default)]
+    pub cap_ms: Option<u64>,
+    #[serde(default)]
+    pub jitter: Option<f64>,
+    #[serde(default)]
+    pub max_age_s: Option<u64>,
+    /// A transient (4xx) failure this rule matches bounces at once, e.g. the 4xx some
+    /// providers give unknown users (`category = ["InvalidRecipient"]`).
+    #[serde(default)]
+    pub bounce: bool,
 }
 
 /// Bounce classification (`src/bounce/`): the category of every failed attempt, in its
@@ -509,12 +552,17 @@ pub struct SpoolSection {
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct QueueSection {
-    /// First retry delay after a transient failure, in milliseconds.
+    /// Delay after the first transient failure, in milliseconds; absent: `retry_base_ms`.
+    pub retry_first_ms: Option<u64>,
+    /// Retry delay base: the n-th retry waits `retry_base_ms * retry_factor^(n-1)`.
     pub retry_base_ms: u64,
     /// Each further retry waits this many times longer than the previous one.
     pub retry_factor: f64,
     /// Longest retry delay, in milliseconds.
     pub retry_cap_ms: u64,
+    /// Each retry delay is spread by up to this share of itself either way (0 to 0.5), so
+    /// a burst of failures does not come back as a burst.
+    pub retry_jitter: f64,
     /// A message still undelivered this long after reception expires, in seconds.
     pub max_age_s: u64,
     /// Messages one shard may hold (queued or being spooled); beyond it reception answers
@@ -536,6 +584,14 @@ pub struct DeliverySection {
     pub address_order: String,
     /// Messages sent over one connection before it is closed and a fresh one opened.
     pub messages_per_connection_max: usize,
+    /// Failed connections in a row (refused, timed out, 421 at the greeting) that put a
+    /// (site, source) into a backoff of its own: its messages wait without a connection
+    /// attempt each until a probe connection succeeds. 0 turns site backoff off.
+    pub site_failures_max: u32,
+    /// First site backoff, in milliseconds; each failed probe doubles it.
+    pub site_backoff_ms: u64,
+    /// Longest site backoff, in milliseconds.
+    pub site_backoff_cap_ms: u64,
     /// Recipients of one message sent in one transaction.
     pub rcpts_per_transaction_max: usize,
     pub connect_timeout_ms: u64,
@@ -657,9 +713,11 @@ impl Default for SpoolSection {
 impl Default for QueueSection {
     fn default() -> Self {
         QueueSection {
+            retry_first_ms: None,
             retry_base_ms: 60_000,
             retry_factor: 2.0,
             retry_cap_ms: 4 * 3_600_000,
+            retry_jitter: 0.1,
             max_age_s: 5 * 24 * 3600,
             messages_max: 1_000_000,
         }
@@ -675,6 +733,9 @@ impl Default for DeliverySection {
             helo_name: String::new(),
             connections_per_destination_max: 16,
             messages_per_connection_max: 1_000,
+            site_failures_max: 5,
+            site_backoff_ms: 30_000,
+            site_backoff_cap_ms: 600_000,
             rcpts_per_transaction_max: 100,
             connect_timeout_ms: 30_000,
             reply_timeout_ms: 300_000,
@@ -963,6 +1024,9 @@ impl Config {
                 "must be >= queue.retry_base_ms",
             ));
         }
+        if !(0.0..=0.5).contains(&q.retry_jitter) {
+            return Err(invalid("queue.retry_jitter", "must be between 0 and 0.5"));
+        }
         if q.max_age_s == 0 {
             return Err(invalid("queue.max_age_s", "must be at least 1"));
         }
@@ -982,6 +1046,12 @@ impl Config {
             ));
         }
         let d = &self.delivery;
+        if d.site_backoff_ms == 0 || d.site_backoff_cap_ms < d.site_backoff_ms {
+            return Err(invalid(
+                "delivery.site_backoff_cap_ms",
+                "site_backoff_ms must be at least 1 and site_backoff_cap_ms at least that",
+            ));
+        }
         if d.connections_per_destination_max == 0 {
             return Err(invalid(
                 "delivery.connections_per_destination_max",

@@ -180,6 +180,11 @@ impl EventLog {
     }
 
     fn line(&self, line: &Line<'_>) {
+        self.write(line.ts_ms, line)
+    }
+
+    /// Append one JSON line of any shape (message events use [`Line`]).
+    fn write<T: Serialize>(&self, ts_ms: u64, line: &T) {
         if self.backlog_bytes.get() >= BACKLOG_MAX_BYTES {
             self.dropped.set(self.dropped.get() + 1);
             return;
@@ -194,7 +199,7 @@ impl EventLog {
             buf.len() >= BUFFER_FLUSH_BYTES
         };
         if self.first_ms.get().is_none() {
-            self.first_ms.set(Some(line.ts_ms));
+            self.first_ms.set(Some(ts_ms));
             if let Some(wake) = self.wake.borrow().as_ref() {
                 wake.notify_all();
             }
@@ -354,10 +359,41 @@ impl Observer for EventLog {
             }
             // Not a message event: it goes to the operational log (tracing).
             Event::SourceHealth(_) => {}
+            Event::SiteHealth(e) => self.write(
+                e.ts_ms,
+                &SiteLine {
+                    kind: match e.down_until_ms {
+                        Some(_) => "SiteDown",
+                        None => "SiteUp",
+                    },
+                    ts_ms: e.ts_ms,
+                    shard: e.shard,
+                    site: e.site,
+                    source: e.source,
+                    down_until_ms: e.down_until_ms,
+                    failures: e.failures,
+                    why: e.why,
+                },
+            ),
             // Counted for TLS reports; the attempt's own event says how its connection went.
             Event::TlsSession(_) => {}
         }
     }
+}
+
+/// A `SiteDown` or `SiteUp` line.
+#[derive(Serialize)]
+struct SiteLine<'a> {
+    #[serde(rename = "type")]
+    kind: &'static str,
+    ts_ms: u64,
+    shard: usize,
+    site: &'a str,
+    source: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    down_until_ms: Option<u64>,
+    failures: u32,
+    why: &'a str,
 }
 
 /// The writer thread's file.

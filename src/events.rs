@@ -10,6 +10,8 @@
 //!   spooled for the sender, or was not needed (NOTIFY asked for none); either way the
 //!   failures it reports are recorded after this.
 //! - [`Event::SourceHealth`]: an egress source left or rejoined rotation.
+//! - [`Event::SiteHealth`]: a (site, egress source) went into backoff after repeated failed
+//!   connections, or came back (reported once, by the key's owner shard).
 //! - [`Event::TlsSession`]: an outbound connection's TLS came to success or a failure under
 //!   the recipient domain's policy (MTA-STS, DANE, or none): what TLS reporting counts.
 
@@ -106,6 +108,19 @@ pub struct SourceHealth<'a> {
     pub why: &'a str,
 }
 
+/// A (site, source) went down (`down_until_ms` set) or came back up.
+#[derive(Clone, Copy, Debug)]
+pub struct SiteHealth<'a> {
+    pub ts_ms: u64,
+    pub shard: usize,
+    pub site: &'a str,
+    pub source: &'a str,
+    pub down_until_ms: Option<u64>,
+    /// Failed connections in a row.
+    pub failures: u32,
+    pub why: &'a str,
+}
+
 /// One outbound TLS session (or the attempt at one) ended, for TLS reporting (RFC 8460).
 #[derive(Clone, Copy, Debug)]
 pub struct TlsSession<'a> {
@@ -120,6 +135,7 @@ pub enum Event<'a> {
     Attempt(Attempt<'a>),
     Notice(Notice<'a>),
     SourceHealth(SourceHealth<'a>),
+    SiteHealth(SiteHealth<'a>),
     TlsSession(TlsSession<'a>),
 }
 
@@ -175,6 +191,10 @@ pub enum Recorded {
         source: String,
         down: bool,
     },
+    SiteHealth {
+        site: String,
+        down: bool,
+    },
     TlsSession {
         domain: String,
         ok: bool,
@@ -201,6 +221,10 @@ impl Observer for Recorder {
             },
             Event::SourceHealth(e) => Recorded::SourceHealth {
                 source: e.source.to_owned(),
+                down: e.down_until_ms.is_some(),
+            },
+            Event::SiteHealth(e) => Recorded::SiteHealth {
+                site: e.site.to_owned(),
                 down: e.down_until_ms.is_some(),
             },
             Event::TlsSession(e) => Recorded::TlsSession {

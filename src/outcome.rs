@@ -3,7 +3,7 @@
 //! them to its queue, the spool and the events.
 
 use crate::events::{AttemptOutcome, Response};
-use crate::queue::retry::{Backoff, Retry};
+use crate::queue::retry::{AttemptKey, Choice, Retry};
 use crate::smtp::reply::Reply;
 use crate::spool::record::OutcomeKind;
 
@@ -39,38 +39,41 @@ pub fn response_of_result(result: &RcptResult) -> Response {
     }
 }
 
-/// The category of a failed attempt: an expiry is MessageExpired whatever the last reply,
-/// a deferral or bounce is what its reply says; a delivery has none. No I/O.
+/// The category of a failed attempt for its event: an expiry is MessageExpired whatever the
+/// last reply, a deferral or bounce is what its reply was classified as (`category`, None
+/// when classification is off); a delivery has none. No I/O.
 pub fn bounce_category(
-    classifier: &crate::bounce::Classifier,
+    category: Option<crate::bounce::Category>,
     decision: AttemptOutcome,
-    response: &Response,
 ) -> Option<crate::bounce::Category> {
     match decision {
         AttemptOutcome::Delivered => None,
-        AttemptOutcome::Expired => Some(crate::bounce::Category::MessageExpired),
-        AttemptOutcome::Deferred { .. } | AttemptOutcome::Bounced => {
-            Some(classifier.classify(response.code, &response.enhanced, &response.text))
-        }
+        AttemptOutcome::Expired => category.map(|_| crate::bounce::Category::MessageExpired),
+        AttemptOutcome::Deferred { .. } | AttemptOutcome::Bounced => category,
     }
 }
 
 /// What a recipient's result leads to after `attempts` attempts of a message received at
-/// `received_ms`: 2xx delivered, 5xx bounced, anything else retried by `backoff` until the
-/// message's maximum age, then expired. No I/O.
+/// `received_ms`: 2xx delivered, 5xx bounced, anything else retried by the chosen backoff
+/// until the message's maximum age, then expired; or bounced at once when the retry rule
+/// says so for its category. No I/O.
 pub fn decide(
     code: u16,
-    backoff: &Backoff,
+    choice: Choice<'_>,
     attempts: u32,
+    key: AttemptKey,
     received_ms: u64,
     now_ms: u64,
 ) -> AttemptOutcome {
     if (200..300).contains(&code) {
         AttemptOutcome::Delivered
-    } else if (500..600).contains(&code) {
+    } else if (500..600).contains(&code) || choice.bounce {
         AttemptOutcome::Bounced
     } else {
-        match backoff.after_failure(attempts, received_ms, now_ms) {
+        match choice
+            .backoff
+            .after_failure(attempts, key, received_ms, now_ms)
+        {
             Retry::At(at) => AttemptOutcome::Deferred {
                 next_attempt_ms: at,
             },
@@ -111,24 +114,39 @@ pub fn notice_first(outcome: AttemptOutcome) -> bool {
 mod tests {
     use super::*;
 
+    use crate::queue::retry::Backoff;
+
     const B: Backoff = Backoff {
+        first_ms: 1_000,
         base_ms: 1_000,
         factor: 2.0,
         cap_ms: 10_000,
+        jitter: 0.0,
         max_age_ms: 60_000,
     };
+    const C: Choice<'static> = Choice {
+        backoff: &B,
+        bounce: false,
+    };
+    const K: AttemptKey = AttemptKey { id: 1, rcpt: 0 };
 
     #[test]
     fn classes_decide_and_age_expires() {
-        assert_eq!(decide(250, &B, 1, 0, 10), AttemptOutcome::Delivered);
-        assert_eq!(decide(550, &B, 1, 0, 10), AttemptOutcome::Bounced);
+        assert_eq!(decide(250, C, 1, K, 0, 10), AttemptOutcome::Delivered);
+        assert_eq!(decide(550, C, 1, K, 0, 10), AttemptOutcome::Bounced);
         assert_eq!(
-            decide(451, &B, 1, 0, 10),
+            decide(451, C, 1, K, 0, 10),
             AttemptOutcome::Deferred {
                 next_attempt_ms: 1_010
             }
         );
-        assert_eq!(decide(421, &B, 9, 0, 60_000), AttemptOutcome::Expired);
+        assert_eq!(decide(421, C, 9, K, 0, 60_000), AttemptOutcome::Expired);
+        let early = Choice {
+            backoff: &B,
+            bounce: true,
+        };
+        assert_eq!(decide(450, early, 1, K, 0, 10), AttemptOutcome::Bounced);
+        assert_eq!(decide(250, early, 1, K, 0, 10), AttemptOutcome::Delivered);
     }
 
     #[test]

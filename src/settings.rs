@@ -38,6 +38,8 @@ pub struct Settings {
     pub dkim: Arc<crate::dkim::Signers>,
     /// Bounce classification rules, compiled (None: `bounce.enabled = false`).
     pub bounce: Option<Arc<crate::bounce::Classifier>>,
+    /// The retry policy: `[queue]`'s backoff and the `[[retry]]` rules, compiled.
+    pub retry: Arc<crate::queue::retry::RetryPolicy>,
     /// `config.site[i].mx`, compiled: `site_globs[i]` belongs to `config.site[i]`.
     site_globs: Vec<DomainGlob>,
 }
@@ -299,8 +301,10 @@ impl Config {
         let egress = crate::egress::Egress::from_config(&self, &helo_name)?;
         let dkim = dkim_signers(&self.dkim)?;
         let bounce = bounce_classifier(&self.bounce)?;
+        let retry = retry_policy(&self)?;
         Ok(Settings {
             bounce,
+            retry: Arc::new(retry),
             dkim: Arc::new(dkim),
             resolvers,
             address_order,
@@ -321,6 +325,101 @@ impl Config {
             site_globs,
         })
     }
+}
+
+/// `[queue]`'s backoff and the `[[retry]]` rules, each checked with its key named.
+fn retry_policy(config: &Config) -> Result<crate::queue::retry::RetryPolicy, ConfigError> {
+    use crate::queue::retry::{Backoff, RetryPolicy, Rule};
+    let q = &config.queue;
+    let default = Backoff {
+        first_ms: q.retry_first_ms.unwrap_or(q.retry_base_ms),
+        base_ms: q.retry_base_ms,
+        factor: q.retry_factor,
+        cap_ms: q.retry_cap_ms,
+        jitter: q.retry_jitter,
+        max_age_ms: q.max_age_s.saturating_mul(1000),
+    };
+    let mut policy = RetryPolicy::new(default);
+    for (i, e) in config.retry.iter().enumerate() {
+        let key = |field: &'static str| field;
+        let invalid = |key: &'static str, reason: String| ConfigError::InTable {
+            table: "retry",
+            index: i,
+            key,
+            reason,
+        };
+        let mut categories = Vec::new();
+        for name in &e.category {
+            let c = crate::bounce::Category::parse(name).ok_or_else(|| {
+                invalid(
+                    key("category"),
+                    format!("unknown category `{name}` (see README: bounce categories)"),
+                )
+            })?;
+            categories.push(c);
+        }
+        let glob = |field: &'static str,
+                    text: &Option<String>|
+         -> Result<Option<DomainGlob>, ConfigError> {
+            text.as_deref()
+                .map(|g| DomainGlob::new(g).map_err(|err| invalid(key(field), err.to_string())))
+                .transpose()
+        };
+        let domain = glob("domain", &e.domain)?;
+        let site = glob("site", &e.site)?;
+        let base_ms = e.base_ms.unwrap_or(default.base_ms);
+        let backoff = Backoff {
+            first_ms: e.first_ms.or(e.base_ms).unwrap_or(default.first_ms),
+            base_ms,
+            factor: e.factor.unwrap_or(default.factor),
+            cap_ms: e.cap_ms.unwrap_or(default.cap_ms.max(base_ms)),
+            jitter: e.jitter.unwrap_or(default.jitter),
+            max_age_ms: e
+                .max_age_s
+                .map_or(default.max_age_ms, |s| s.saturating_mul(1000)),
+        };
+        if backoff.base_ms == 0 {
+            return Err(invalid(key("base_ms"), "must be at least 1".into()));
+        }
+        if !(backoff.factor.is_finite() && backoff.factor >= 1.0) {
+            return Err(invalid(key("factor"), "must be a number >= 1.0".into()));
+        }
+        if backoff.cap_ms < backoff.base_ms {
+            return Err(invalid(
+                key("cap_ms"),
+                "must be >= the rule's base_ms".into(),
+            ));
+        }
+        if !(0.0..=0.5).contains(&backoff.jitter) {
+            return Err(invalid(key("jitter"), "must be between 0 and 0.5".into()));
+        }
+        if backoff.max_age_ms == 0 || backoff.max_age_ms > crate::queue::AGE_MAX_MS {
+            return Err(invalid(
+                key("max_age_s"),
+                format!("must be between 1 and {}", crate::queue::AGE_MAX_MS / 1000),
+            ));
+        }
+        if e.bounce && categories.is_empty() {
+            return Err(invalid(
+                key("bounce"),
+                "an early bounce needs `category` (which failures bounce at once)".into(),
+            ));
+        }
+        if e.bounce && !config.bounce.enabled {
+            return Err(invalid(
+                key("bounce"),
+                "needs bounce classification (`bounce.enabled = true`)".into(),
+            ));
+        }
+        policy.rules.push(Rule {
+            categories,
+            domain,
+            site,
+            backoff,
+            bounce: e.bounce,
+        });
+    }
+    Ok(policy)
 }
 
 /// The compiled classification rules: the operator's file first, then the built-in ones. An

@@ -105,6 +105,10 @@ pub struct SinkArgs {
     /// built-in one (its format is in loadgen/src/providers.toml).
     #[arg(long, value_name = "FILE", requires = "smart")]
     providers: Option<PathBuf>,
+    /// For the first SECS seconds, greet every connection with `421 4.3.2` and close it,
+    /// like a site that is down (counted as `greeting_refused`).
+    #[arg(long = "greet-421-secs", value_name = "SECS", value_parser = parse_idle_exit)]
+    greet_421: Option<Duration>,
 }
 
 fn parse_idle_exit(s: &str) -> Result<Duration, String> {
@@ -123,6 +127,9 @@ struct Sink {
     keep_rcpts: bool,
     /// The --smart table, if on.
     providers: Option<Arc<Providers>>,
+    /// Connections in this time from start get a 421 greeting.
+    greet_421: Option<Duration>,
+    greeting_refused: AtomicU64,
     connections: AtomicU64,
     active: AtomicUsize,
     /// The highest `active` has been.
@@ -284,6 +291,7 @@ impl Ledger {
                     .map(|kind| (kind.name(), counts[kind.index()]))
                     .collect()
             }),
+            greeting_refused: 0,
         }
     }
 }
@@ -331,6 +339,8 @@ pub fn run(args: SinkArgs) -> anyhow::Result<()> {
             ..Ledger::default()
         }),
         providers,
+        greet_421: args.greet_421,
+        greeting_refused: AtomicU64::new(0),
         connections: AtomicU64::new(0),
         active: AtomicUsize::new(0),
         active_max: AtomicUsize::new(0),
@@ -375,11 +385,12 @@ pub fn run(args: SinkArgs) -> anyhow::Result<()> {
     }
     let ledger = sink.ledger();
     let peers = std::mem::take(&mut sink.peers.lock().unwrap_or_else(PoisonError::into_inner).0);
-    let report = ledger.report(
+    let mut report = ledger.report(
         sink.connections.load(Ordering::Relaxed),
         sink.active_max.load(Ordering::Relaxed),
         peers,
     );
+    report.greeting_refused = sink.greeting_refused.load(Ordering::Relaxed);
     if let Some(path) = &args.ids_file {
         let mut ids: Vec<&str> = ledger.ids.iter().map(|id| &**id).collect();
         ids.sort_unstable();
@@ -489,6 +500,13 @@ impl Conn {
 
 fn serve_session(conn: &mut Conn, sink: &Sink) -> std::io::Result<()> {
     conn.stream.set_nodelay(true)?;
+    if sink.greet_421.is_some_and(|d| sink.start.elapsed() < d) {
+        sink.greeting_refused.fetch_add(1, Ordering::Relaxed);
+        conn.out.extend_from_slice(
+            b"421 4.3.2 Service not available, closing transmission channel\r\n",
+        );
+        return conn.write_out();
+    }
     conn.stream
         .set_read_timeout(Some(Duration::from_secs(IDLE_TIMEOUT_S)))?;
     let mut session = match &sink.providers {

@@ -95,6 +95,9 @@ pub struct SinkReport {
     /// without it.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub refused_by_kind: Option<BTreeMap<&'static str, u64>>,
+    /// Connections greeted with 421 (`--greet-421-secs`); absent when none were.
+    #[serde(skip_serializing_if = "is_zero")]
+    pub greeting_refused: u64,
 }
 
 /// The DNS server's report. `queries` counts every message that decoded as a query, and is
@@ -188,4 +191,8 @@ mod tests {
         assert_eq!(rate(10, 0.0), 0.0);
         assert_eq!(rate(10, 4.0), 2.5);
     }
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }

@@ -17,6 +17,9 @@ use crate::spool::Location;
 /// shard (so turns are not a connection per message).
 pub const YIELD_AFTER_MESSAGES: u32 = 32;
 
+/// Why held messages expire when their site's backoff outlasts their max age.
+const HOLD_SITE_DOWN: &str = "Destination in backoff after repeated connection failures";
+
 /// A delivery connection of this shard.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct ConnId(pub u64);
@@ -114,12 +117,43 @@ impl Core {
         let slots_max = (limits.connections_max as u32).saturating_mul(members);
         let ds = *self.dest_state(dest);
         if ready <= ds.idle + ds.requested || ds.conns + ds.requested >= slots_max {
+            if ready > ds.idle {
+                // Saturated: work waits in the ready queue; the timer must know when the
+                // oldest may reach its deadline there.
+                self.rearm();
+            }
             self.tidy_dest(dest);
             return;
         }
-        let sources = self
+        let mut sources = self
             .health
             .candidates(&self.settings.egress, dest.pool, now_ms);
+        if !self.holds.is_empty() && !sources.is_empty() {
+            let site = dest.hop.site_key();
+            let mut until_min: Option<u64> = None;
+            sources.retain(|&s| {
+                let key = LeaseKey {
+                    site: site.clone(),
+                    source: s as u16,
+                };
+                match self.holds.get(&key) {
+                    Some(&until) if until > now_ms => {
+                        until_min = Some(until_min.map_or(until, |u: u64| u.min(until)));
+                        false
+                    }
+                    _ => true,
+                }
+            });
+            if let (true, Some(until)) = (sources.is_empty(), until_min) {
+                // Every source's way to this site is in backoff: its work waits, untried.
+                if ds.conns == 0 && ds.requested == 0 {
+                    let jobs = self.queue.drain_ready(dest);
+                    self.hold_jobs(jobs, Some(&dest.hop), until, HOLD_SITE_DOWN, now_ms);
+                }
+                self.tidy_dest(dest);
+                return;
+            }
+        }
         let Some((&first, rest)) = sources.split_first() else {
             // Every source of the pool has an address that cannot be bound.
             let pool = &self.settings.egress.pools[dest.pool].name;
@@ -145,10 +179,10 @@ impl Core {
             fallbacks: rest.iter().rev().copied().collect(),
             queued: false,
         };
-        self.request_permit(first, pending, limits.connections_max as u32);
+        self.request_permit(first, pending, limits.connections_max as u32, now_ms);
     }
 
-    fn request_permit(&mut self, source: usize, pending: PendingLease, limit: u32) {
+    fn request_permit(&mut self, source: usize, pending: PendingLease, limit: u32, now_ms: u64) {
         let key = LeaseKey {
             site: pending.dest.hop.site_key(),
             source: source as u16,
@@ -159,11 +193,11 @@ impl Core {
             .or_default()
             .push_back(pending);
         let msg = self.permits.want(&key, limit);
-        self.send_lease(owner_of(&key, self.shards), msg);
+        self.send_lease(owner_of(&key, self.shards), msg, now_ms);
     }
 
     /// Send a lease message; this shard's own are handled at once.
-    fn send_lease(&mut self, to: usize, msg: LeaseMsg) {
+    pub(super) fn send_lease(&mut self, to: usize, msg: LeaseMsg, now_ms: u64) {
         if to != self.shard {
             self.actions.push(Action::Lease { to, msg });
             return;
@@ -174,7 +208,7 @@ impl Core {
         while let Some((from, at, msg)) = work.pop_front() {
             debug_assert_eq!(at, self.shard);
             if is_request(&msg) {
-                for (dest, reply) in self.budgets.handle(from, msg) {
+                for (dest, reply) in self.budgets.handle(from, msg, now_ms) {
                     if dest == self.shard {
                         work.push_back((self.shard, self.shard, reply));
                     } else {
@@ -184,38 +218,154 @@ impl Core {
                         });
                     }
                 }
+                self.site_changes(now_ms);
             } else {
-                self.lease_answer(msg);
+                self.lease_answer(msg, now_ms);
             }
         }
+    }
+
+    /// Log the health changes of keys this shard owns.
+    pub(super) fn site_changes(&mut self, now_ms: u64) {
+        for change in self.budgets.take_changes() {
+            let source = self
+                .settings
+                .egress
+                .sources
+                .get(usize::from(change.key.source))
+                .map_or("?", |s| s.name.as_str());
+            match change.down_until_ms {
+                Some(until) => tracing::warn!(
+                    "shard {}: site {} from source `{source}` in backoff for {} s after {} failed connections: {}",
+                    self.shard,
+                    change.key.site,
+                    until.saturating_sub(now_ms).div_ceil(1000),
+                    change.failures,
+                    change.why
+                ),
+                None => tracing::info!(
+                    "shard {}: site {} from source `{source}` is up again",
+                    self.shard,
+                    change.key.site
+                ),
+            }
+            self.observers
+                .emit(&Event::SiteHealth(crate::events::SiteHealth {
+                    ts_ms: now_ms,
+                    shard: self.shard,
+                    site: &change.key.site,
+                    source,
+                    down_until_ms: change.down_until_ms,
+                    failures: change.failures,
+                    why: &change.why,
+                }));
+        }
+    }
+
+    /// Hold `jobs` for `hop` until `until_ms` (a site in backoff, a suspension) without an
+    /// attempt: each recipient is scheduled for then, or for its message's deadline if that
+    /// comes first, and expires at once when it has passed. No message outlives its max age
+    /// because of a hold.
+    pub(super) fn hold_jobs(
+        &mut self,
+        jobs: Vec<Job>,
+        hop: Option<&crate::route::Hop>,
+        until_ms: u64,
+        why: &str,
+        now_ms: u64,
+    ) {
+        let policy = self.settings.retry.clone();
+        for job in jobs {
+            let mut expired: Vec<(u16, RcptResult)> = Vec::new();
+            {
+                let Some(m) = self.queue.get(job.id) else {
+                    continue;
+                };
+                let received = m.received_ms();
+                let mut due: Vec<(u16, u64)> = Vec::with_capacity(job.rcpts.len());
+                for &r in &job.rcpts {
+                    if m.is_done(r) {
+                        continue;
+                    }
+                    let domain = crate::envelope::domain_of(m.rcpt(r));
+                    let deadline = received.saturating_add(policy.max_age_ms(domain, hop));
+                    if now_ms >= deadline {
+                        expired.push((
+                            r,
+                            RcptResult::Reply(Reply::new(451, Some((4, 4, 1)), why.to_owned())),
+                        ));
+                    } else {
+                        due.push((r, until_ms.min(deadline)));
+                    }
+                }
+                for (r, at) in due {
+                    self.queue.schedule(job.id, r, at);
+                }
+            }
+            if !expired.is_empty() {
+                self.record_results(job.id, &expired, &Via::NONE, hop, now_ms);
+            }
+        }
+        self.rearm();
     }
 
     /// A lease message from shard `from` (a request for a budget this shard owns, or an answer
     /// about a permit it asked for).
     pub fn lease_in(&mut self, from: usize, msg: LeaseMsg, now_ms: u64) {
         if is_request(&msg) {
-            for (to, reply) in self.budgets.handle(from, msg) {
-                self.send_lease(to, reply);
+            for (to, reply) in self.budgets.handle(from, msg, now_ms) {
+                self.send_lease(to, reply, now_ms);
             }
+            self.site_changes(now_ms);
         } else {
-            self.lease_answer(msg);
+            self.lease_answer(msg, now_ms);
         }
-        let _ = now_ms;
     }
 
-    fn lease_answer(&mut self, msg: LeaseMsg) {
+    fn lease_answer(&mut self, msg: LeaseMsg, now_ms: u64) {
         match msg {
-            LeaseMsg::Granted { key } => self.granted(key),
-            LeaseMsg::Queued { key } => self.queued(key),
+            LeaseMsg::Granted { key } => self.granted(key, now_ms),
+            LeaseMsg::Queued { key } => self.queued(key, now_ms),
             LeaseMsg::Yield { key } => {
                 self.permits.yield_asked(&key);
                 self.actions.push(Action::WakeIdle);
+            }
+            LeaseMsg::Down { key, until_ms } => self.down(key, until_ms, now_ms),
+            LeaseMsg::Up { key } => {
+                self.holds.remove(&key);
             }
             _ => {}
         }
     }
 
-    fn granted(&mut self, key: LeaseKey) {
+    /// The owner dropped our oldest request for `key`: it is down until `until_ms`. Another
+    /// source of the pool may still serve; else the destination's work waits.
+    fn down(&mut self, key: LeaseKey, until_ms: u64, now_ms: u64) {
+        self.permits.dropped(&key);
+        let held = self.holds.entry(key.clone()).or_insert(until_ms);
+        *held = (*held).max(until_ms);
+        let pending = self
+            .pending_leases
+            .get_mut(&key)
+            .and_then(|q| q.pop_front());
+        if self.pending_leases.get(&key).is_some_and(|q| q.is_empty()) {
+            self.pending_leases.remove(&key);
+        }
+        let Some(mut pending) = pending else {
+            return;
+        };
+        let ds = self.dest_state(&pending.dest);
+        ds.requested = ds.requested.saturating_sub(1);
+        let dest = pending.dest.clone();
+        if let Some(next) = pending.fallbacks.pop() {
+            let limit = self.settings.site_limits(&dest.hop).connections_max as u32;
+            pending.queued = false;
+            return self.request_permit(next, pending, limit, now_ms);
+        }
+        self.connect_more(&dest, now_ms);
+    }
+
+    fn granted(&mut self, key: LeaseKey, now_ms: u64) {
         self.permits.granted(&key);
         let pending = self
             .pending_leases
@@ -227,7 +377,7 @@ impl Core {
         let Some(pending) = pending else {
             // Not asked for (cannot happen): give it back.
             let msg = self.permits.release(&key);
-            return self.send_lease(owner_of(&key, self.shards), msg);
+            return self.send_lease(owner_of(&key, self.shards), msg, now_ms);
         };
         let dest = pending.dest;
         let ds = self.dest_state(&dest);
@@ -237,7 +387,7 @@ impl Core {
         if !wanted {
             let msg = self.permits.release(&key);
             self.tidy_dest(&dest);
-            return self.send_lease(owner_of(&key, self.shards), msg);
+            return self.send_lease(owner_of(&key, self.shards), msg, now_ms);
         }
         let limits = self.settings.site_limits(&dest.hop);
         let conn = ConnId(self.next_conn);
@@ -262,7 +412,7 @@ impl Core {
         self.actions.push(Action::Connect { conn, dest, source });
     }
 
-    fn queued(&mut self, key: LeaseKey) {
+    fn queued(&mut self, key: LeaseKey, now_ms: u64) {
         // The oldest request not answered yet is the one queued (answers come in order).
         let Some(q) = self.pending_leases.get_mut(&key) else {
             return;
@@ -282,7 +432,7 @@ impl Core {
             queued: false,
         };
         let limit = self.settings.site_limits(&retry.dest.hop).connections_max as u32;
-        self.request_permit(next, retry, limit);
+        self.request_permit(next, retry, limit, now_ms);
     }
 
     /// Connection `conn` greeted and took EHLO, with `peer` (`host[address]:port`).
@@ -319,10 +469,16 @@ impl Core {
             return;
         };
         c.peer = peer.to_owned();
-        let source = c.source;
+        let (source, key) = (c.source, c.key.clone());
         if let Some(change) = self.health.success(source) {
             self.source_health(source, change, "", now_ms);
         }
+        // The owner resets the key's failure count (and ends a backoff this probe tested).
+        self.send_lease(
+            owner_of(&key, self.shards),
+            LeaseMsg::Opened { key },
+            now_ms,
+        );
     }
 
     /// Connection `conn` did not open. The adapter calls [`Core::conn_closed`] after.
@@ -330,7 +486,7 @@ impl Core {
         let Some(c) = self.conns.get(&conn) else {
             return;
         };
-        let (dest, source, tls) = (c.dest.clone(), c.source, c.tls.clone());
+        let (dest, source, tls, key) = (c.dest.clone(), c.source, c.tls.clone(), c.key.clone());
         match failure {
             ConnFailure::Bind { why } => {
                 let change = self.health.failure(
@@ -358,6 +514,14 @@ impl Core {
                         self.source_health(source, change, &why, now_ms);
                     }
                 }
+                self.send_lease(
+                    owner_of(&key, self.shards),
+                    LeaseMsg::Failed {
+                        key,
+                        why: why.clone(),
+                    },
+                    now_ms,
+                );
                 let via = Via {
                     peer: dest.hop.to_string(),
                     source: Some(source),
@@ -368,7 +532,7 @@ impl Core {
                 for job in jobs {
                     let results: Vec<(u16, RcptResult)> =
                         job.rcpts.iter().map(|&r| (r, result.clone())).collect();
-                    self.record_results(job.id, &results, &via, now_ms);
+                    self.record_results(job.id, &results, &via, Some(&dest.hop), now_ms);
                 }
             }
         }
@@ -483,21 +647,29 @@ impl Core {
         results: &[(u16, RcptResult)],
         now_ms: u64,
     ) {
-        let via = match self.conns.get(&conn) {
-            Some(c) => Via {
-                peer: c.peer.clone(),
-                source: Some(c.source),
-                tls: c.tls.clone(),
-            },
-            None => Via::NONE,
+        // The hop matters to the retry policy of failures only: no clone for a delivery.
+        let failed = results.iter().any(|(_, r)| match r {
+            RcptResult::Reply(reply) => !(200..300).contains(&reply.code),
+            RcptResult::Failure(_) => true,
+        });
+        let (via, hop) = match self.conns.get(&conn) {
+            Some(c) => (
+                Via {
+                    peer: c.peer.clone(),
+                    source: Some(c.source),
+                    tls: c.tls.clone(),
+                },
+                failed.then(|| c.dest.hop.clone()),
+            ),
+            None => (Via::NONE, None),
         };
-        self.record_results(job.id, results, &via, now_ms);
+        self.record_results(job.id, results, &via, hop.as_ref(), now_ms);
     }
 
     /// The transaction of `job` did not happen (e.g. the message's SIZE is over the next hop's
     /// limit, checked before sending): each recipient's result, logged without a peer.
     pub fn txn_refused(&mut self, job: &Job, results: &[(u16, RcptResult)], now_ms: u64) {
-        self.record_results(job.id, results, &Via::NONE, now_ms);
+        self.record_results(job.id, results, &Via::NONE, None, now_ms);
     }
 
     /// Connection `conn` is closed (after QUIT, a failure, or never opened): its permit goes
@@ -512,7 +684,7 @@ impl Core {
             ds.idle = ds.idle.saturating_sub(1);
         }
         let msg = self.permits.release(&c.key);
-        self.send_lease(owner_of(&c.key, self.shards), msg);
+        self.send_lease(owner_of(&c.key, self.shards), msg, now_ms);
         self.connect_more(&c.dest, now_ms);
         self.tidy_dest(&c.dest);
     }
@@ -561,6 +733,10 @@ impl Core {
 fn is_request(msg: &LeaseMsg) -> bool {
     matches!(
         msg,
-        LeaseMsg::Acquire { .. } | LeaseMsg::Release { .. } | LeaseMsg::Cancel { .. }
+        LeaseMsg::Acquire { .. }
+            | LeaseMsg::Release { .. }
+            | LeaseMsg::Cancel { .. }
+            | LeaseMsg::Failed { .. }
+            | LeaseMsg::Opened { .. }
     )
 }

@@ -38,8 +38,10 @@ impl Core {
         id: u64,
         results: &[(u16, RcptResult)],
         via: &Via,
+        hop: Option<&crate::route::Hop>,
         now_ms: u64,
     ) {
+        let settings = self.settings.clone();
         let mut retries: Vec<(u16, u64)> = Vec::new();
         let mut notice_rcpts: Vec<NoticeRcpt> = Vec::new();
         let mut after: Vec<OutcomeRecord> = Vec::new();
@@ -67,10 +69,23 @@ impl Core {
                 }
                 let attempts = m.attempted(r);
                 let response = outcome::response_of_result(result);
+                // Failures only: a delivery needs no category and no retry policy.
+                let failed = !(200..300).contains(&response.code);
+                let category = match (&settings.bounce, failed) {
+                    (Some(c), true) => {
+                        Some(c.classify(response.code, &response.enhanced, &response.text))
+                    }
+                    _ => None,
+                };
+                let choice =
+                    settings
+                        .retry
+                        .choose(crate::envelope::domain_of(m.rcpt(r)), hop, category);
                 let decision = outcome::decide(
                     response.code,
-                    &self.backoff,
+                    choice,
                     attempts,
+                    crate::queue::retry::AttemptKey { id, rcpt: r },
                     m.received_ms(),
                     now_ms,
                 );
@@ -85,7 +100,8 @@ impl Core {
                         _ => 0,
                     },
                 };
-                let notice = outcome::wants_notice(decision, m.success_notices(), m.sender())
+                let notice = !self.notices_off
+                    && outcome::wants_notice(decision, m.success_notices(), m.sender())
                     && notify::allows(switches, decision);
                 if let AttemptOutcome::Deferred { .. } = decision {
                     // Once its delay notice is asked for, every deferral says so (the last
@@ -110,11 +126,7 @@ impl Core {
                 } else {
                     records.push(record);
                 }
-                let bounce_category = self
-                    .settings
-                    .bounce
-                    .as_deref()
-                    .and_then(|c| outcome::bounce_category(c, decision, &response));
+                let bounce_category = outcome::bounce_category(category, decision);
                 self.observers.emit(&Event::Attempt(Attempt {
                     ts_ms: now_ms,
                     shard: self.shard,
@@ -255,11 +267,12 @@ impl Core {
     /// Spooling the notice of request `token` failed (a full disk, shutdown): try again later;
     /// the failures it reports stay unrecorded until it is durable.
     pub fn notice_failed(&mut self, token: u64, why: &str, now_ms: u64) {
-        let delay = self.backoff.base_ms.max(1000);
+        let backoff = self.settings.retry.default;
+        let delay = backoff.base_ms.max(1000);
         if let Some(p) = self.notices.get_mut(&token) {
             p.failures += 1;
             let wait = delay.saturating_mul(u64::from(p.failures.min(16)));
-            p.retry_at_ms = Some(now_ms + wait.min(self.backoff.cap_ms.max(delay)));
+            p.retry_at_ms = Some(now_ms + wait.min(backoff.cap_ms.max(delay)));
             tracing::warn!(
                 shard = self.shard,
                 message = %p.request.reception,

@@ -27,7 +27,6 @@ use crate::egress::EgressState;
 use crate::envelope::{Envelope, ReceptionId};
 use crate::events::{Event, Observers, Received, Response};
 use crate::outcome::RcptResult;
-use crate::queue::retry::Backoff;
 use crate::queue::{Dest, Job, JobRcpts, Queue, QueueFull};
 use crate::route::{Hop, LookupError, Router, SiteMemo};
 use crate::settings::Settings;
@@ -38,6 +37,10 @@ use crate::spool::{Location, RecoveredMessage};
 
 pub use deliver::{ConnFailure, ConnId, NextJob, Ticket, Via};
 pub use handle::CoreCell;
+pub use ops::Step;
+
+/// Least time between two checks of the ready queues for jobs past their deadline.
+pub const READY_CHECK_GAP_MS: u64 = 1_000;
 pub use notify::{DeadLetterRequest, DeadRcpt};
 
 /// What the core asks its adapters to do.
@@ -124,7 +127,6 @@ pub struct Core {
     shards: usize,
     settings: Rc<Settings>,
     has_resolver: bool,
-    backoff: Backoff,
     rcpts_per_transaction_max: usize,
     queue: Queue,
     router: Router,
@@ -132,6 +134,18 @@ pub struct Core {
     health: EgressState,
     permits: Permits,
     budgets: Budgets,
+    /// (site, source) keys their owners said are down, and until when: their messages wait
+    /// in the schedule instead of asking for connections.
+    holds: HashMap<LeaseKey, u64>,
+    /// Operators' suspensions and bounces in force (see `ops`).
+    directives: Vec<ops::Directive>,
+    /// Recipient domains an operator sent through another egress pool.
+    rebinds: HashMap<String, usize>,
+    /// While an operator's bounce without notices is recorded.
+    notices_off: bool,
+    /// When a job waiting in a ready queue (a throttled or slow site) may reach its deadline:
+    /// the ready queues are checked then, so none outlives its max age there either.
+    ready_check_ms: Option<u64>,
     dests: HashMap<Dest, DestState>,
     conns: HashMap<ConnId, deliver::Conn>,
     next_conn: u64,
@@ -165,19 +179,22 @@ impl Core {
             shard: cfg.shard,
             shards: cfg.shards.max(1),
             has_resolver: cfg.has_resolver,
-            backoff: Backoff {
-                base_ms: c.queue.retry_base_ms,
-                factor: c.queue.retry_factor,
-                cap_ms: c.queue.retry_cap_ms,
-                max_age_ms: c.queue.max_age_s.saturating_mul(1000),
-            },
             rcpts_per_transaction_max: c.delivery.rcpts_per_transaction_max.max(1),
             queue: Queue::new(c.queue.messages_max),
             router: Router::new(cfg.settings.routes.clone()),
             sites: SiteMemo::new(c.dns.ttl_min_s, c.dns.ttl_max_s, c.dns.cache_entries_max),
             health: EgressState::new(&cfg.settings.egress),
             permits: Permits::default(),
-            budgets: Budgets::default(),
+            budgets: Budgets::new(crate::egress::lease::SiteBackoff {
+                failures_max: c.delivery.site_failures_max,
+                backoff_ms: c.delivery.site_backoff_ms,
+                cap_ms: c.delivery.site_backoff_cap_ms,
+            }),
+            holds: HashMap::new(),
+            directives: Vec::new(),
+            rebinds: HashMap::new(),
+            notices_off: false,
+            ready_check_ms: None,
             dests: HashMap::new(),
             conns: HashMap::new(),
             next_conn: 1,
@@ -349,10 +366,12 @@ impl Core {
             true => None,
             false => self.notices.values().filter_map(|n| n.retry_at_ms).min(),
         };
-        match (self.queue.next_due_ms(), notices) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
-        }
+        // The ready queues' check only while something waits in them.
+        let ready_check = self.ready_check_ms.filter(|_| self.queue.has_ready());
+        [self.queue.next_due_ms(), notices, ready_check]
+            .into_iter()
+            .flatten()
+            .min()
     }
 
     fn rearm(&mut self) {
@@ -371,6 +390,9 @@ impl Core {
             self.dispatch(job.id, &job.rcpts, now_ms);
         }
         self.retry_notices(now_ms);
+        if self.ready_check_ms.is_some_and(|at| at <= now_ms) {
+            self.expire_ready(now_ms);
+        }
         self.armed_ms = self.next_wakeup();
     }
 
@@ -396,7 +418,10 @@ impl Core {
                 match groups.iter_mut().find(|(d, _, _)| *d == domain) {
                     Some((_, _, v)) => v.push(r),
                     None => {
-                        let pool = self.settings.egress.pool_for(m.sender(), &domain, tenant);
+                        let pool = match self.rebinds.get(&domain) {
+                            Some(&pool) => pool,
+                            None => self.settings.egress.pool_for(m.sender(), &domain, tenant),
+                        };
                         groups.push((domain, pool, smallvec::smallvec![r]));
                     }
                 }
@@ -466,7 +491,23 @@ impl Core {
 
     /// Ready jobs for `hop`, at most `rcpts_per_transaction_max` recipients each.
     fn ready(&mut self, id: u64, rcpts: JobRcpts, hop: Hop, pool: usize, now_ms: u64) {
+        let rcpts = self.apply_directives(id, rcpts, Some(&hop), now_ms);
+        if rcpts.is_empty() {
+            return;
+        }
         let dest = Dest { hop, pool };
+        if let Some(m) = self.queue.get(id) {
+            // A lower bound of its deadline (exact at the check): one min per job.
+            // The timer learns of it when the destination is saturated (`connect_more`): an
+            // unsaturated one takes the job at once.
+            let floor = m
+                .received_ms()
+                .saturating_add(self.settings.retry.max_age_floor_ms())
+                .saturating_add(READY_CHECK_GAP_MS);
+            if self.ready_check_ms.is_none_or(|at| floor < at) {
+                self.ready_check_ms = Some(floor);
+            }
+        }
         for chunk in rcpts.chunks(self.rcpts_per_transaction_max) {
             self.queue.push_ready(
                 &dest,
@@ -482,10 +523,59 @@ impl Core {
         self.connect_more(&dest, now_ms);
     }
 
+    /// Expire what waits in ready queues past its deadline (a destination too slow or too
+    /// throttled to reach it in time), and set the next check. Checks are at least
+    /// [`READY_CHECK_GAP_MS`] apart, so a backlog whose deadlines follow each other closely
+    /// costs one pass over the ready queues per gap, not one per message.
+    fn expire_ready(&mut self, now_ms: u64) {
+        let policy = self.settings.retry.clone();
+        let dests: Vec<Dest> = self.queue.ready_dests().cloned().collect();
+        let mut next: Option<u64> = None;
+        let mut expired: Vec<(u64, JobRcpts, Hop)> = Vec::new();
+        for dest in dests {
+            for job in self.queue.drain_ready(&dest) {
+                let Some(m) = self.queue.get(job.id) else {
+                    continue;
+                };
+                let deadline = job
+                    .rcpts
+                    .iter()
+                    .map(|&r| {
+                        let domain = crate::envelope::domain_of(m.rcpt(r));
+                        m.received_ms()
+                            .saturating_add(policy.max_age_ms(domain, Some(&dest.hop)))
+                    })
+                    .min()
+                    .unwrap_or(u64::MAX);
+                // A grace of one gap: a retry moved up to its deadline gets its attempt.
+                if deadline.saturating_add(READY_CHECK_GAP_MS) <= now_ms {
+                    expired.push((job.id, job.rcpts, dest.hop.clone()));
+                } else {
+                    next = Some(next.map_or(deadline, |n: u64| n.min(deadline)));
+                    self.queue.push_ready(&dest, job);
+                }
+            }
+        }
+        self.ready_check_ms =
+            next.map(|n| (n + READY_CHECK_GAP_MS).max(now_ms + READY_CHECK_GAP_MS));
+        let reply = Reply::new(
+            451,
+            Some((4, 4, 7)),
+            "Message expired waiting for a connection to a busy destination".to_owned(),
+        );
+        for (id, rcpts, hop) in expired {
+            let results: Vec<(u16, RcptResult)> = rcpts
+                .iter()
+                .map(|&r| (r, RcptResult::Reply(reply.clone())))
+                .collect();
+            self.record_results(id, &results, &deliver::Via::NONE, Some(&hop), now_ms);
+        }
+    }
+
     /// Every recipient of `rcpts` gets `result` without a connection being made.
     fn fail(&mut self, id: u64, rcpts: &[u16], result: &RcptResult, now_ms: u64) {
         let results: Vec<(u16, RcptResult)> = rcpts.iter().map(|&r| (r, result.clone())).collect();
-        self.record_results(id, &results, &deliver::Via::NONE, now_ms);
+        self.record_results(id, &results, &deliver::Via::NONE, None, now_ms);
     }
 }
 

@@ -120,7 +120,7 @@ impl Core {
                 kind: OutcomeKind::Delayed,
                 attempts: m.attempts(r.rcpt),
                 at_ms: now_ms,
-                next_attempt_ms: m.due_ms(r.rcpt),
+                next_attempt_ms: m.due_ms(r.rcpt).unwrap_or(0),
             })
             .collect();
         for record in records {

@@ -15,6 +15,16 @@
 //! fair run of messages (or at once when idle) and the permit goes to the waiter. With a limit
 //! of one, two shards take turns; no shard starves because another keeps its connection busy.
 //!
+//! A destination that is down is treated as one thing, not a connection attempt per message:
+//! the owner also keeps each key's health. Requesters report every connection that failed to
+//! open ([`LeaseMsg::Failed`]: refused, timed out, 421 at the greeting) and every one that
+//! opened. After `failures_max` failures in a row the key goes down for a backoff of its own
+//! (`backoff_ms`, doubling to `cap_ms`): requests are answered [`LeaseMsg::Down`] with the
+//! time it ends, and requesters hold the key's messages until then without trying. When the
+//! backoff ends one permit is granted (the probe) and others wait; the probe opening brings
+//! the key [`LeaseMsg::Up`] (every shard told it was down is told), its failing starts a
+//! longer backoff. The owner reports each change once ([`Budgets::take_changes`]).
+//!
 //! Both sides are I/O-free: [`Budgets`] (the owner's tables) and [`Permits`] (a requester's
 //! view) take messages and return the messages to send. The shard's core carries them over the
 //! mesh, or straight back to itself when it owns the key.
@@ -38,8 +48,8 @@ pub fn owner_of(key: &LeaseKey, shards: usize) -> usize {
     shards::hash::jump_hash(h, shards.max(1))
 }
 
-/// The lease protocol. Requester → owner: `Acquire`, `Release`, `Cancel`. Owner → requester:
-/// `Granted`, `Queued`, `Yield`.
+/// The lease protocol. Requester → owner: `Acquire`, `Release`, `Cancel`, `Failed`, `Opened`.
+/// Owner → requester: `Granted`, `Queued`, `Yield`, `Down`, `Up`.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum LeaseMsg {
     /// One more permit for `key`, whose limit (from the requester's configuration, the same on
@@ -55,6 +65,68 @@ pub enum LeaseMsg {
     Queued { key: LeaseKey },
     /// Another shard waits and this one holds more than its share: finish one connection.
     Yield { key: LeaseKey },
+    /// A connection with a permit of `key` did not open (every host refused, timed out or
+    /// failed the greeting); the permit's `Release` follows.
+    Failed { key: LeaseKey, why: String },
+    /// A connection with a permit of `key` opened.
+    Opened { key: LeaseKey },
+    /// The key is in backoff until `until_ms`: the request (answered or queued) is dropped;
+    /// hold its messages until then.
+    Down { key: LeaseKey, until_ms: u64 },
+    /// The key is up again (its probe opened, or an operator flushed it).
+    Up { key: LeaseKey },
+}
+
+/// When a key goes down and for how long (`[delivery]` `site_failures_max`,
+/// `site_backoff_ms`, `site_backoff_cap_ms`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SiteBackoff {
+    /// Failed connections in a row that take a key down; 0: never.
+    pub failures_max: u32,
+    pub backoff_ms: u64,
+    pub cap_ms: u64,
+}
+
+impl Default for SiteBackoff {
+    fn default() -> Self {
+        SiteBackoff {
+            failures_max: 5,
+            backoff_ms: 30_000,
+            cap_ms: 600_000,
+        }
+    }
+}
+
+/// A key's health changed (reported once, by its owner).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HealthChange {
+    pub key: LeaseKey,
+    /// Down until then; None: up again.
+    pub down_until_ms: Option<u64>,
+    /// Failed connections in a row so far.
+    pub failures: u32,
+    /// The last failure's reason (empty when up).
+    pub why: String,
+}
+
+/// A key's health at its owner.
+#[derive(Debug, Default)]
+struct Health {
+    failures: u32,
+    down_until_ms: Option<u64>,
+    /// The current (or last) backoff.
+    backoff_ms: u64,
+    /// The backoff ended and one permit is out to test the key.
+    probing: bool,
+    /// Shards told the key is down (told again when it is up).
+    told: Vec<bool>,
+    why: String,
+}
+
+impl Health {
+    fn is_clear(&self) -> bool {
+        self.failures == 0 && self.down_until_ms.is_none()
+    }
 }
 
 /// A message to send: (destination shard, message).
@@ -71,6 +143,7 @@ struct Budget {
     yields: Vec<u32>,
     /// Waiting requests, oldest first: one entry per permit wanted.
     waiting: VecDeque<usize>,
+    health: Health,
 }
 
 impl Budget {
@@ -81,7 +154,20 @@ impl Budget {
             held: Vec::new(),
             yields: Vec::new(),
             waiting: VecDeque::new(),
+            health: Health::default(),
         }
+    }
+
+    /// Permits that may be out now: one while probing.
+    fn limit_now(&self) -> u32 {
+        match self.health.probing {
+            true => self.limit.min(1),
+            false => self.limit,
+        }
+    }
+
+    fn idle(&self) -> bool {
+        self.open == 0 && self.waiting.is_empty() && self.health.is_clear()
     }
 
     fn held(&self, shard: usize) -> u32 {
@@ -109,6 +195,13 @@ impl Budget {
         wanting.sort_unstable();
         wanting.dedup();
         self.limit / (wanting.len().max(1) as u32)
+    }
+
+    fn mark(told: &mut Vec<bool>, shard: usize) {
+        if told.len() <= shard {
+            told.resize(shard + 1, false);
+        }
+        told[shard] = true;
     }
 
     fn grant(&mut self, shard: usize) {
@@ -145,31 +238,177 @@ impl Budget {
 #[derive(Debug, Default)]
 pub struct Budgets {
     keys: HashMap<LeaseKey, Budget>,
+    backoff: SiteBackoff,
+    changes: Vec<HealthChange>,
 }
 
 impl Budgets {
-    /// Handle a requester's message; returns what to send. No I/O.
-    pub fn handle(&mut self, from: usize, msg: LeaseMsg) -> Vec<Outgoing> {
+    pub fn new(backoff: SiteBackoff) -> Budgets {
+        Budgets {
+            backoff,
+            ..Budgets::default()
+        }
+    }
+
+    /// Handle a requester's message at `now_ms`; returns what to send. No I/O.
+    pub fn handle(&mut self, from: usize, msg: LeaseMsg, now_ms: u64) -> Vec<Outgoing> {
         let mut out = Vec::new();
         match msg {
-            LeaseMsg::Acquire { key, limit } => self.acquire(from, key, limit, &mut out),
+            LeaseMsg::Acquire { key, limit } => self.acquire(from, key, limit, now_ms, &mut out),
             LeaseMsg::Release { key } => self.release(from, key, &mut out),
             LeaseMsg::Cancel { key } => self.cancel(from, key),
+            LeaseMsg::Failed { key, why } => self.failed(key, why, now_ms, &mut out),
+            LeaseMsg::Opened { key } => self.opened(key, &mut out),
             // Owner-to-requester messages are not for us.
-            LeaseMsg::Granted { .. } | LeaseMsg::Queued { .. } | LeaseMsg::Yield { .. } => {}
+            LeaseMsg::Granted { .. }
+            | LeaseMsg::Queued { .. }
+            | LeaseMsg::Yield { .. }
+            | LeaseMsg::Down { .. }
+            | LeaseMsg::Up { .. } => {}
         }
         out
     }
 
-    fn acquire(&mut self, from: usize, key: LeaseKey, limit: u32, out: &mut Vec<Outgoing>) {
+    /// Health changes since the last call, for the event log.
+    pub fn take_changes(&mut self) -> Vec<HealthChange> {
+        std::mem::take(&mut self.changes)
+    }
+
+    /// Keys in backoff now: (key, until, failures, why), for `queue summary`.
+    pub fn down(&self) -> impl Iterator<Item = (&LeaseKey, u64, u32, &str)> {
+        self.keys.iter().filter_map(|(k, b)| {
+            b.health
+                .down_until_ms
+                .map(|until| (k, until, b.health.failures, b.health.why.as_str()))
+        })
+    }
+
+    /// An operator's flush: keys whose site `site` selects (all with None) are up again now.
+    pub fn lift(&mut self, site: Option<&str>, out: &mut Vec<Outgoing>) {
+        let keys: Vec<LeaseKey> = self
+            .keys
+            .iter()
+            .filter(|(k, b)| b.health.down_until_ms.is_some() && site.is_none_or(|s| *k.site == *s))
+            .map(|(k, _)| k.clone())
+            .collect();
+        for key in keys {
+            self.up(&key, out);
+        }
+    }
+
+    fn failed(&mut self, key: LeaseKey, why: String, now_ms: u64, out: &mut Vec<Outgoing>) {
+        let cfg = self.backoff;
+        if cfg.failures_max == 0 {
+            return;
+        }
+        let b = self
+            .keys
+            .entry(key.clone())
+            .or_insert_with(|| Budget::new(1));
+        let h = &mut b.health;
+        h.failures = h.failures.saturating_add(1);
+        h.why = why;
+        let backoff_ms = if h.probing {
+            // The probe failed: a longer backoff.
+            h.backoff_ms.saturating_mul(2).min(cfg.cap_ms)
+        } else if h.down_until_ms.is_none() && h.failures >= cfg.failures_max {
+            cfg.backoff_ms
+        } else {
+            return;
+        };
+        // One event per outage: a failed probe extends the backoff silently.
+        let first = h.down_until_ms.is_none();
+        h.probing = false;
+        h.backoff_ms = backoff_ms.max(1);
+        let until_ms = now_ms.saturating_add(h.backoff_ms);
+        h.down_until_ms = Some(until_ms);
+        // Waiting requests are dropped: their shards hold their messages instead.
+        while let Some(shard) = b.waiting.pop_front() {
+            Budget::mark(&mut b.health.told, shard);
+            out.push((
+                shard,
+                LeaseMsg::Down {
+                    key: key.clone(),
+                    until_ms,
+                },
+            ));
+        }
+        if !first {
+            return;
+        }
+        self.changes.push(HealthChange {
+            key,
+            down_until_ms: Some(until_ms),
+            failures: b.health.failures,
+            why: b.health.why.clone(),
+        });
+    }
+
+    fn opened(&mut self, key: LeaseKey, out: &mut Vec<Outgoing>) {
+        let Some(b) = self.keys.get_mut(&key) else {
+            return;
+        };
+        b.health.failures = 0;
+        if b.health.down_until_ms.is_some() {
+            self.up(&key, out);
+        } else if b.idle() {
+            self.keys.remove(&key);
+        }
+    }
+
+    fn up(&mut self, key: &LeaseKey, out: &mut Vec<Outgoing>) {
+        let Some(b) = self.keys.get_mut(key) else {
+            return;
+        };
+        let told = std::mem::take(&mut b.health.told);
+        b.health = Health::default();
+        for (shard, _) in told.iter().enumerate().filter(|(_, &t)| t) {
+            out.push((shard, LeaseMsg::Up { key: key.clone() }));
+        }
+        self.changes.push(HealthChange {
+            key: key.clone(),
+            down_until_ms: None,
+            failures: 0,
+            why: String::new(),
+        });
+        // The probe's limit of one is lifted: waiting requests get what is free.
+        while b.open < b.limit {
+            let Some(next) = b.waiting.pop_front() else {
+                break;
+            };
+            b.grant(next);
+            out.push((next, LeaseMsg::Granted { key: key.clone() }));
+        }
+        if b.idle() {
+            self.keys.remove(key);
+        }
+    }
+
+    fn acquire(
+        &mut self,
+        from: usize,
+        key: LeaseKey,
+        limit: u32,
+        now_ms: u64,
+        out: &mut Vec<Outgoing>,
+    ) {
         let b = self
             .keys
             .entry(key.clone())
             .or_insert_with(|| Budget::new(limit));
         b.limit = limit;
+        if let Some(until_ms) = b.health.down_until_ms {
+            if now_ms < until_ms {
+                Budget::mark(&mut b.health.told, from);
+                out.push((from, LeaseMsg::Down { key, until_ms }));
+                return;
+            }
+            // The backoff is over: the next permit is the probe.
+            b.health.probing = true;
+        }
         // Free, and either nobody waits or this shard is under its share: take it now.
         let fair = b.waiting.is_empty() || b.held(from) < b.share();
-        if b.open < b.limit && fair {
+        if b.open < b.limit_now() && fair {
             b.grant(from);
             out.push((from, LeaseMsg::Granted { key }));
             return;
@@ -196,7 +435,7 @@ impl Budgets {
             Budget::bump(&mut b.yields, from, -1);
         }
         // The longest-waiting request gets the permit.
-        while b.open < b.limit {
+        while b.open < b.limit_now() {
             let Some(next) = b.waiting.pop_front() else {
                 break;
             };
@@ -204,7 +443,7 @@ impl Budgets {
             out.push((next, LeaseMsg::Granted { key: key.clone() }));
         }
         b.ask_yields(&key, out);
-        if b.open == 0 && b.waiting.is_empty() {
+        if b.idle() {
             self.keys.remove(&key);
         }
     }
@@ -216,7 +455,7 @@ impl Budgets {
         if let Some(at) = b.waiting.iter().position(|&s| s == from) {
             b.waiting.remove(at);
         }
-        if b.open == 0 && b.waiting.is_empty() {
+        if b.idle() {
             self.keys.remove(&key);
         }
     }
@@ -279,6 +518,14 @@ impl Permits {
 
     /// A request waits at the owner (still counted as requested).
     pub fn queued(&mut self, _key: &LeaseKey) {}
+
+    /// The owner dropped a request: the key is down.
+    pub fn dropped(&mut self, key: &LeaseKey) {
+        if let Some(h) = self.keys.get_mut(key) {
+            h.requested = h.requested.saturating_sub(1);
+        }
+        self.tidy(key);
+    }
 
     /// Withdraw one waiting request: the message for the owner.
     pub fn cancel(&mut self, key: &LeaseKey) -> Option<LeaseMsg> {
@@ -347,12 +594,23 @@ mod tests {
     }
 
     fn acquire(b: &mut Budgets, from: usize, k: &LeaseKey, limit: u32) -> Vec<Outgoing> {
+        acquire_at(b, from, k, limit, 0)
+    }
+
+    fn acquire_at(
+        b: &mut Budgets,
+        from: usize,
+        k: &LeaseKey,
+        limit: u32,
+        now: u64,
+    ) -> Vec<Outgoing> {
         b.handle(
             from,
             LeaseMsg::Acquire {
                 key: k.clone(),
                 limit,
             },
+            now,
         )
     }
 
@@ -378,11 +636,11 @@ mod tests {
         };
         assert!(granted(&acquire(&mut b, 0, &other, 2), 0));
         // A release hands the permit to the waiting request.
-        let out = b.handle(0, LeaseMsg::Release { key: k.clone() });
+        let out = b.handle(0, LeaseMsg::Release { key: k.clone() }, 0);
         assert!(granted(&out, 0));
         assert_eq!(b.open(&k), 2);
-        b.handle(0, LeaseMsg::Release { key: k.clone() });
-        b.handle(0, LeaseMsg::Release { key: k.clone() });
+        b.handle(0, LeaseMsg::Release { key: k.clone() }, 0);
+        b.handle(0, LeaseMsg::Release { key: k.clone() }, 0);
         assert_eq!(b.open(&k), 0);
     }
 
@@ -398,14 +656,14 @@ mod tests {
         // Shard 0 wants it back at once, but shard 1 waited longer.
         let out = acquire(&mut b, 0, &k, 1);
         assert!(!granted(&out, 0));
-        let out = b.handle(0, LeaseMsg::Release { key: k.clone() });
+        let out = b.handle(0, LeaseMsg::Release { key: k.clone() }, 0);
         assert!(granted(&out, 1), "{out:?}");
         // Now shard 0 waits and shard 1 is asked to yield: turns.
         assert!(
             out.contains(&(1, LeaseMsg::Yield { key: k.clone() })),
             "{out:?}"
         );
-        let out = b.handle(1, LeaseMsg::Release { key: k.clone() });
+        let out = b.handle(1, LeaseMsg::Release { key: k.clone() }, 0);
         assert!(granted(&out, 0));
         assert_eq!(b.open(&k), 1);
     }
@@ -433,7 +691,7 @@ mod tests {
             "shard 0 is down to its share once it yields two: {out:?}"
         );
         for _ in 0..2 {
-            let out = b.handle(0, LeaseMsg::Release { key: k.clone() });
+            let out = b.handle(0, LeaseMsg::Release { key: k.clone() }, 0);
             assert!(granted(&out, 1));
         }
         assert_eq!(b.open(&k), 4, "the limit holds");
@@ -445,8 +703,8 @@ mod tests {
         let k = key("mx.example");
         acquire(&mut b, 0, &k, 1);
         acquire(&mut b, 1, &k, 1);
-        b.handle(1, LeaseMsg::Cancel { key: k.clone() });
-        let out = b.handle(0, LeaseMsg::Release { key: k.clone() });
+        b.handle(1, LeaseMsg::Cancel { key: k.clone() }, 0);
+        let out = b.handle(0, LeaseMsg::Release { key: k.clone() }, 0);
         assert!(!granted(&out, 1), "{out:?}");
         assert!(b.is_empty());
     }
@@ -489,6 +747,104 @@ mod tests {
         assert!(!p.yields_pending(&k), "answered by the release");
         assert!(!p.take_yield(&k));
         assert_eq!(p.cancel(&k), None);
+    }
+
+    #[test]
+    fn a_failing_key_goes_down_once_probes_and_comes_back_up() {
+        let cfg = SiteBackoff {
+            failures_max: 3,
+            backoff_ms: 1_000,
+            cap_ms: 4_000,
+        };
+        let mut b = Budgets::new(cfg);
+        let k = key("mx.down.test");
+        let fail = |b: &mut Budgets, now| {
+            b.handle(
+                0,
+                LeaseMsg::Failed {
+                    key: k.clone(),
+                    why: "refused".into(),
+                },
+                now,
+            )
+        };
+        // Two failures: still up; a waiting request of shard 1 stays queued.
+        for _ in 0..2 {
+            assert!(granted(&acquire(&mut b, 0, &k, 1), 0));
+            fail(&mut b, 10);
+            b.handle(0, LeaseMsg::Release { key: k.clone() }, 10);
+        }
+        assert!(b.take_changes().is_empty());
+        assert!(granted(&acquire(&mut b, 0, &k, 1), 0));
+        let out = acquire(&mut b, 1, &k, 1);
+        assert!(matches!(out[0], (1, LeaseMsg::Queued { .. })));
+        // The third takes it down: one change, the waiter is told.
+        let out = fail(&mut b, 100);
+        assert_eq!(
+            out,
+            vec![(
+                1,
+                LeaseMsg::Down {
+                    key: k.clone(),
+                    until_ms: 1_100
+                }
+            )]
+        );
+        b.handle(0, LeaseMsg::Release { key: k.clone() }, 100);
+        let changes = b.take_changes();
+        assert_eq!(changes.len(), 1);
+        assert_eq!(changes[0].down_until_ms, Some(1_100));
+        // While down, requests are answered Down at once, and more failures change nothing.
+        let out = acquire_at(&mut b, 0, &k, 4, 150);
+        assert!(matches!(
+            out[0],
+            (
+                0,
+                LeaseMsg::Down {
+                    until_ms: 1_100,
+                    ..
+                }
+            )
+        ));
+        fail(&mut b, 200);
+        assert!(b.take_changes().is_empty());
+        // The backoff ends: one probe, the rest wait.
+        assert!(granted(&acquire_at(&mut b, 0, &k, 4, 1_150), 0));
+        assert!(matches!(
+            acquire_at(&mut b, 1, &k, 4, 1_150)[0],
+            (1, LeaseMsg::Queued { .. })
+        ));
+        // The probe fails: down again, twice as long, the waiter dropped.
+        let out = fail(&mut b, 1_200);
+        assert!(out.contains(&(
+            1,
+            LeaseMsg::Down {
+                key: k.clone(),
+                until_ms: 3_200
+            }
+        )));
+        b.handle(0, LeaseMsg::Release { key: k.clone() }, 1_200);
+        assert!(b.take_changes().is_empty(), "one event per outage");
+        assert_eq!(b.down().next().map(|(_, until, _, _)| until), Some(3_200));
+        // The next probe opens: up, both shards told, the waiter granted.
+        assert!(granted(&acquire_at(&mut b, 0, &k, 4, 3_250), 0));
+        assert!(matches!(
+            acquire_at(&mut b, 1, &k, 4, 3_250)[0],
+            (1, LeaseMsg::Queued { .. })
+        ));
+        let out = b.handle(0, LeaseMsg::Opened { key: k.clone() }, 3_300);
+        assert!(out.contains(&(0, LeaseMsg::Up { key: k.clone() })));
+        assert!(out.contains(&(1, LeaseMsg::Up { key: k.clone() })));
+        assert!(granted(&out, 1));
+        let changes = b.take_changes();
+        assert_eq!(changes.len(), 1);
+        assert_eq!(changes[0].down_until_ms, None);
+        // Successes reset the count: sporadic failures never add up.
+        for _ in 0..5 {
+            fail(&mut b, 4_000);
+            b.handle(0, LeaseMsg::Opened { key: k.clone() }, 4_000);
+        }
+        assert!(b.take_changes().is_empty());
     }
 
     #[test]

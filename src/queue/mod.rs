@@ -249,19 +249,6 @@ impl Message {
             .is_some_and(|r| r.delay_notified)
     }
 
-    /// When recipient `i` is next due (0: being tried or due at once).
-    pub fn due_ms(&self, i: u16) -> u64 {
-        match self
-            .rcpts
-            .as_slice()
-            .get(usize::from(i))
-            .map(|r| r.due_rel_ms)
-        {
-            None | Some(0) => 0,
-            Some(rel) => self.received_ms() + u64::from(rel),
-        }
-    }
-
     /// Recipient `i` gets its delay notice now: never another.
     pub fn set_delay_notified(&mut self, i: u16) {
         if let Some(r) = self.rcpts.as_mut_slice().get_mut(usize::from(i)) {
@@ -358,12 +345,39 @@ impl Message {
         self.remaining_count() == 0
     }
 
-    /// Recipient `i` is due again at `due_ms` (kept for compaction's restatement).
+    /// Recipient `i` is due again at `due_ms` (kept for compaction's restatement, and to tell
+    /// the schedule's current entry from stale ones); 0: not scheduled. A due time is stored
+    /// as at least 1 ms after reception, so 0 keeps its meaning.
     fn set_due(&mut self, i: u16, due_ms: u64) {
-        let rel = due_ms.saturating_sub(self.received_ms()).min(AGE_MAX_MS) as u32;
+        let rel = match due_ms {
+            0 => 0,
+            due => Message::rel_of(due, self.received_ms()),
+        };
         if let Some(r) = self.rcpts.as_mut_slice().get_mut(usize::from(i)) {
             r.due_rel_ms = rel;
         }
+    }
+
+    fn rel_of(due_ms: u64, received_ms: u64) -> u32 {
+        due_ms.saturating_sub(received_ms).clamp(1, AGE_MAX_MS) as u32
+    }
+
+    /// Whether a schedule entry for recipient `i` due at `due_ms` is its current one.
+    fn is_due_entry(&self, i: u16, due_ms: u64) -> bool {
+        self.rcpts.as_slice().get(usize::from(i)).is_some_and(|r| {
+            r.due_rel_ms != 0 && r.due_rel_ms == Message::rel_of(due_ms, self.received_ms())
+        })
+    }
+
+    /// When recipient `i` is scheduled (None: ready, in flight, or final).
+    pub fn due_ms(&self, i: u16) -> Option<u64> {
+        let r = self.rcpts.as_slice().get(usize::from(i))?;
+        (r.status == Status::Pending && r.due_rel_ms != 0)
+            .then(|| self.received_ms() + u64::from(r.due_rel_ms))
+    }
+
+    pub fn id(&self) -> u64 {
+        self.id
     }
 
     /// What compaction restates about each recipient.
@@ -786,7 +800,8 @@ impl Queue {
             let Some(m) = self.get_mut(d.id) else {
                 continue;
             };
-            if m.is_done(rcpt) {
+            // Done, or rescheduled since (a flush, a resume, a hold): a stale entry.
+            if m.is_done(rcpt) || !m.is_due_entry(rcpt, d.at >> 16) {
                 continue;
             }
             m.set_due(rcpt, 0);
@@ -799,6 +814,45 @@ impl Queue {
             }
         }
         due
+    }
+
+    /// Every message, in slot order (operations: summaries, inspection, mass operations).
+    pub fn messages(&self) -> impl Iterator<Item = &Message> {
+        self.slots.iter().filter_map(|s| match s {
+            Slot::Occupied(m) => Some(m),
+            _ => None,
+        })
+    }
+
+    /// Slots in the slab (a cursor over [`Queue::messages_from`] ends here).
+    pub fn slots_len(&self) -> usize {
+        self.slots.len()
+    }
+
+    /// Ids of messages in slots `from..from + n` that `keep` selects: a mass operation walks
+    /// the queue a bounded step at a time.
+    pub fn messages_from(
+        &self,
+        from: usize,
+        n: usize,
+        mut keep: impl FnMut(&Message) -> bool,
+    ) -> Vec<u64> {
+        (from..from.saturating_add(n).min(self.slots.len()))
+            .filter_map(|i| match self.slots.get(i) {
+                Some(Slot::Occupied(m)) if keep(m) => Some(m.id),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// Recipients of message `id` that are scheduled (not ready, in flight or final).
+    pub fn scheduled_rcpts(&self, id: u64) -> JobRcpts {
+        let Some(m) = self.get(id) else {
+            return JobRcpts::new();
+        };
+        (0..m.rcpt_count() as u16)
+            .filter(|&r| m.due_ms(r).is_some())
+            .collect()
     }
 
     pub fn scheduled_len(&self) -> usize {
@@ -827,6 +881,13 @@ impl Queue {
         job
     }
 
+    /// Recipients in the jobs waiting for `dest`.
+    pub fn ready_rcpts(&self, dest: &Dest) -> usize {
+        self.dests
+            .get(dest)
+            .map_or(0, |dq| dq.ready.iter().map(|j| j.rcpts.len()).sum())
+    }
+
     /// Jobs waiting for `dest`.
     pub fn ready_for(&self, dest: &Dest) -> usize {
         self.dests.get(dest).map_or(0, |dq| dq.ready.len())
@@ -838,6 +899,11 @@ impl Queue {
             .remove(dest)
             .map(|dq| dq.ready.into_iter().collect())
             .unwrap_or_default()
+    }
+
+    /// Whether any job waits in a ready queue (empty queues are dropped: no scan).
+    pub fn has_ready(&self) -> bool {
+        !self.dests.is_empty()
     }
 
     pub fn ready_len(&self) -> usize {

@@ -245,7 +245,7 @@ impl Observer for Tap {
                 source: h.source.to_owned(),
                 down: h.down_until_ms.is_some(),
             },
-            Event::Received(_) | Event::TlsSession(_) => return,
+            Event::Received(_) | Event::TlsSession(_) | Event::SiteHealth(_) => return,
         };
         self.out.borrow_mut().push(seen);
     }
