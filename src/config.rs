@@ -91,6 +91,96 @@ pub struct Config {
     pub retry: Vec<RetryEntry>,
     pub oob: OobSection,
     pub suppression: SuppressionSection,
+    pub notices: NoticesSection,
+    /// Per tenant (the `egress.tenant_header` value) settings: which notices its senders get.
+    pub tenant: Vec<TenantEntry>,
+    pub dead_letter: DeadLetterSection,
+}
+
+/// A kind of delivery status notification, as the `notices` lists name it.
+#[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum NoticeKind {
+    Bounce,
+    Expiry,
+    Delay,
+    Success,
+}
+
+/// The switches a `notices = [...]` list turns on (the others are off).
+pub fn notice_switches(kinds: &[NoticeKind]) -> crate::envelope::NoticeSwitches {
+    crate::envelope::NoticeSwitches {
+        bounce: kinds.contains(&NoticeKind::Bounce),
+        expiry: kinds.contains(&NoticeKind::Expiry),
+        delay: kinds.contains(&NoticeKind::Delay),
+        success: kinds.contains(&NoticeKind::Success),
+    }
+}
+
+/// Delivery status notifications (RFC 3464) to senders: which are sent, and delay notices.
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct NoticesSection {
+    /// The notices sent for mail of listeners without their own `notices` list.
+    pub enabled: Vec<NoticeKind>,
+    /// A recipient still pending this long after reception gets one delay notice, in
+    /// seconds; 0: none (Postfix's `delay_warning_time` is off by default too; 14400, 4 h,
+    /// is the usual choice when on).
+    pub delay_after_s: u64,
+    /// Delay notices for recipients given without NOTIFY (RFC 3461 leaves it to the MTA);
+    /// NOTIFY=DELAY always asks for them, any other NOTIFY excludes them.
+    pub delay_without_notify: bool,
+}
+
+impl Default for NoticesSection {
+    fn default() -> Self {
+        NoticesSection {
+            enabled: vec![
+                NoticeKind::Bounce,
+                NoticeKind::Expiry,
+                NoticeKind::Delay,
+                NoticeKind::Success,
+            ],
+            delay_after_s: 0,
+            delay_without_notify: true,
+        }
+    }
+}
+
+/// One tenant's settings.
+#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct TenantEntry {
+    /// The tenant header's value (compared case-insensitively).
+    pub name: String,
+    /// Notices its senders may get (on top of the listener's); every kind if unset.
+    #[serde(default)]
+    pub notices: Option<Vec<NoticeKind>>,
+}
+
+/// Dead letters: messages that failed for good, kept for inspection and re-injection.
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct DeadLetterSection {
+    pub enabled: bool,
+    /// Where they go (shard i in `DIR/shard-i/`). Empty: `SPOOL/deadletter`.
+    pub dir: PathBuf,
+    /// Dead letters kept per shard; beyond it a failed message is let go without one (and
+    /// logged), so a bounce storm cannot fill the disk.
+    pub messages_max: usize,
+    /// Bytes of dead letters kept per shard, bodies included; the same.
+    pub bytes_max: u64,
+}
+
+impl Default for DeadLetterSection {
+    fn default() -> Self {
+        DeadLetterSection {
+            enabled: false,
+            dir: PathBuf::new(),
+            messages_max: 10_000,
+            bytes_max: 1 << 30,
+        }
+    }
 }
 
 /// One `[[retry]]` rule: which failures it matches, and the backoff (or early bounce) for
@@ -380,6 +470,9 @@ pub struct ListenerEntry {
     pub size_max: Option<usize>,
     #[serde(default)]
     pub rcpts_max: Option<usize>,
+    /// Notices sent for mail received here; `notices.enabled` if unset.
+    #[serde(default)]
+    pub notices: Option<Vec<NoticeKind>>,
 }
 
 impl ListenerEntry {
@@ -397,6 +490,7 @@ impl ListenerEntry {
             messages_per_connection_max: None,
             size_max: None,
             rcpts_max: None,
+            notices: None,
         }
     }
 }
@@ -823,6 +917,33 @@ impl Config {
             return Err(invalid(
                 "tls_report.from",
                 "must be an address (local@domain)",
+            ));
+        }
+        let delay_after_s = self.notices.delay_after_s;
+        if delay_after_s > 0 && delay_after_s >= self.queue.max_age_s {
+            return Err(invalid(
+                "notices.delay_after_s",
+                "must be shorter than queue.max_age_s (0 turns delay notices off)",
+            ));
+        }
+        for (i, t) in self.tenant.iter().enumerate() {
+            if t.name.is_empty() {
+                return Err(invalid("tenant.name", format!("tenant[{i}] has no name")));
+            }
+            if self.tenant[..i]
+                .iter()
+                .any(|o| o.name.eq_ignore_ascii_case(&t.name))
+            {
+                return Err(invalid(
+                    "tenant.name",
+                    format!("tenant `{}` is given twice", t.name),
+                ));
+            }
+        }
+        if self.dead_letter.messages_max == 0 || self.dead_letter.bytes_max == 0 {
+            return Err(invalid(
+                "dead_letter.messages_max",
+                "dead_letter.messages_max and bytes_max must be at least 1",
             ));
         }
         if self.delivery.mta_sts_https_port == 0 {

@@ -3,7 +3,10 @@
 //! Reception builds it from the SMTP transaction (or a notice from its inputs), the spool writes
 //! it as it is next to the body (see `spool::record`), and recovery rebuilds the queue from the
 //! spooled envelopes alone, without reading a body. Every DSN parameter is a typed value here;
-//! the on-disk form is the rkyv archive of these same types.
+//! the on-disk form is the rkyv archive of these same types, but for the notice switches, which
+//! ride in a byte of the record's prefix (see `spool::record`): that byte was reserved (zero)
+//! in version 4 records, so records with switches stay readable by the builds before them and
+//! old records read as "every notice allowed", which is what those builds did.
 
 use std::fmt;
 
@@ -110,6 +113,78 @@ impl Notify {
     }
 }
 
+/// Which notices a message's sender may get, as its listener (`[[listener]] notices`) allowed
+/// them at reception; a tenant's own switches (`[[tenant]] notices`) apply on top, when the
+/// notice is due. NOTIFY (RFC 3461) still decides per recipient within what these allow.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct NoticeSwitches {
+    /// A recipient bounced (5xx).
+    pub bounce: bool,
+    /// A recipient expired (`queue.max_age_s`).
+    pub expiry: bool,
+    /// A recipient is still pending after `notices.delay_after_s`.
+    pub delay: bool,
+    /// A recipient was delivered and asked for it (NOTIFY=SUCCESS).
+    pub success: bool,
+}
+
+impl Default for NoticeSwitches {
+    fn default() -> Self {
+        NoticeSwitches::ALL
+    }
+}
+
+impl NoticeSwitches {
+    pub const ALL: NoticeSwitches = NoticeSwitches {
+        bounce: true,
+        expiry: true,
+        delay: true,
+        success: true,
+    };
+    pub const NONE: NoticeSwitches = NoticeSwitches {
+        bounce: false,
+        expiry: false,
+        delay: false,
+        success: false,
+    };
+
+    /// Bit 7 of the spooled byte says the switches were given: a zero byte is a record written
+    /// before them, which allows every notice.
+    const GIVEN: u8 = 0x80;
+
+    /// Only what both allow.
+    pub fn and(self, other: NoticeSwitches) -> NoticeSwitches {
+        NoticeSwitches {
+            bounce: self.bounce && other.bounce,
+            expiry: self.expiry && other.expiry,
+            delay: self.delay && other.delay,
+            success: self.success && other.success,
+        }
+    }
+
+    /// The byte in the record prefix: given 0x80, bounce 1, expiry 2, delay 4, success 8.
+    pub fn to_byte(self) -> u8 {
+        NoticeSwitches::GIVEN
+            | u8::from(self.bounce)
+            | u8::from(self.expiry) << 1
+            | u8::from(self.delay) << 2
+            | u8::from(self.success) << 3
+    }
+
+    /// The switches of a spooled byte (see [`NoticeSwitches::to_byte`]); 0 is every notice.
+    pub fn from_byte(b: u8) -> NoticeSwitches {
+        if b & NoticeSwitches::GIVEN == 0 {
+            return NoticeSwitches::ALL;
+        }
+        NoticeSwitches {
+            bounce: b & 1 != 0,
+            expiry: b & 2 != 0,
+            delay: b & 4 != 0,
+            success: b & 8 != 0,
+        }
+    }
+}
+
 /// What the body needs from the next hop (RFC 6152, RFC 3030).
 #[derive(Archive, Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq)]
 #[rkyv(derive(Debug))]
@@ -176,6 +251,10 @@ pub struct Envelope {
     pub size: u64,
     /// The client's address, for the log (`local` for our own notices).
     pub peer: String,
+    /// The notices the listener allowed. Not in the envelope's archive: spooled in the
+    /// record prefix (see the module doc), so it is last and skipped here.
+    #[rkyv(with = rkyv::with::Skip)]
+    pub notices: NoticeSwitches,
 }
 
 impl Envelope {
@@ -207,6 +286,7 @@ impl Envelope {
             body: self.body,
             size: self.size,
             peer: self.peer.clone(),
+            notices: self.notices,
         }
     }
 }
@@ -252,6 +332,24 @@ mod tests {
     }
 
     #[test]
+    fn notice_switches_round_trip_and_zero_is_all() {
+        assert_eq!(NoticeSwitches::from_byte(0), NoticeSwitches::ALL);
+        for b in 0..16u8 {
+            let s = NoticeSwitches::from_byte(0x80 | b);
+            assert_eq!(NoticeSwitches::from_byte(s.to_byte()), s);
+        }
+        assert_eq!(
+            NoticeSwitches::from_byte(NoticeSwitches::NONE.to_byte()),
+            NoticeSwitches::NONE
+        );
+        let bounce_only = NoticeSwitches {
+            bounce: true,
+            ..NoticeSwitches::NONE
+        };
+        assert_eq!(NoticeSwitches::ALL.and(bounce_only), bounce_only);
+    }
+
+    #[test]
     fn parts_keep_everything_but_the_other_recipients() {
         let env = Envelope {
             reception: ReceptionId {
@@ -268,6 +366,7 @@ mod tests {
             body: Body::EightBitMime,
             size: 10,
             peer: "127.0.0.1:1".into(),
+            notices: NoticeSwitches::ALL,
         };
         let part = env.part(&[1]);
         assert_eq!(part.rcpts, vec![Recipient::new("b@b.test")]);

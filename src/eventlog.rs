@@ -78,6 +78,9 @@ struct Line<'a> {
     /// Notice lines: the notice's own id, when one was sent.
     #[serde(skip_serializing_if = "Option::is_none")]
     notice_id: Option<String>,
+    /// Notice lines: `delayed` for a delay notice (absent for notices of final outcomes).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    notice_action: Option<&'static str>,
     /// TransientFailure, Bounce and Expiration lines: what the failure means.
     #[serde(skip_serializing_if = "Option::is_none")]
     bounce_category: Option<crate::bounce::Category>,
@@ -319,6 +322,7 @@ impl Observer for EventLog {
                     outbound: None,
                     source: None,
                     notice_id: None,
+                    notice_action: None,
                     bounce_category: None,
                 });
             }
@@ -353,6 +357,7 @@ impl Observer for EventLog {
                         .map(|o| OutboundTls::of(o, crate::envelope::domain_of(e.rcpt))),
                     source: e.source,
                     notice_id: None,
+                    notice_action: None,
                     bounce_category: e.bounce_category,
                 });
             }
@@ -377,6 +382,7 @@ impl Observer for EventLog {
                     outbound: None,
                     source: None,
                     notice_id: e.notice.map(|n| n.to_string()),
+                    notice_action: e.delay.then_some("delayed"),
                     bounce_category: None,
                 });
             }

@@ -106,6 +106,8 @@ pub struct Notice<'a> {
     pub rcpts: &'a [&'a str],
     /// The notice's own reception id; None when no recipient asked for a notice.
     pub notice: Option<ReceptionId>,
+    /// A delay notice (the recipients are still pending), not one of final outcomes.
+    pub delay: bool,
 }
 
 /// An egress source left rotation (until a time) or came back.

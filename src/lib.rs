@@ -36,6 +36,7 @@ pub mod clients;
 pub mod clock;
 pub mod config;
 pub mod core;
+pub mod deadletter;
 pub mod delivery;
 pub mod dkim;
 pub mod dns;

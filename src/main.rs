@@ -59,6 +59,88 @@ enum Command {
     Suppression(SuppressionCommand),
     /// Re-read the configuration of the running server (as SIGHUP does).
     Reload(AdminArgs),
+    /// Dead letters (messages that failed for good, `dead_letter.enabled`).
+    #[command(subcommand)]
+    Deadletter(DeadletterCommand),
+}
+
+#[derive(Subcommand)]
+enum DeadletterCommand {
+    /// Print every dead letter, one JSON object a line, oldest first (reads the directory; no
+    /// server needed).
+    List(DeadletterArgs),
+    /// Submit dead letters again (one by reception id, or all) to a running Epoxi over SMTP,
+    /// each as a new message to its failed recipients; a dead letter goes once accepted.
+    Reinject(DeadletterReinjectArgs),
+}
+
+#[derive(clap::Args)]
+struct DeadletterReinjectArgs {
+    #[command(flatten)]
+    where_: DeadletterArgs,
+    /// The dead letter's reception id; without it, every one.
+    #[arg(long)]
+    id: Option<String>,
+    /// Epoxi's SMTP listener, e.g. 127.0.0.1:2525.
+    #[arg(long)]
+    to: SocketAddr,
+}
+
+#[derive(clap::Args)]
+struct DeadletterArgs {
+    /// TOML configuration file, for `dead_letter.dir` and `spool.dir`.
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Spool directory [default: `spool.dir`]: dead letters are in SPOOL/deadletter unless
+    /// `dead_letter.dir` says otherwise.
+    #[arg(long)]
+    spool: Option<PathBuf>,
+}
+
+/// The dead-letter directory the config and flags name.
+fn deadletter_dir(args: DeadletterArgs) -> Result<PathBuf, String> {
+    let mut config = Config::load(args.config.as_deref()).map_err(|e| e.to_string())?;
+    if let Some(spool) = args.spool {
+        config.spool.dir = spool;
+    }
+    Ok(if config.dead_letter.dir.as_os_str().is_empty() {
+        config.spool.dir.join("deadletter")
+    } else {
+        config.dead_letter.dir.clone()
+    })
+}
+
+/// The dead letters, one JSON line each; unreadable ones are named on stderr.
+fn deadletter_list(args: DeadletterArgs) -> Result<String, String> {
+    let dir = deadletter_dir(args)?;
+    let (found, bad) = epoxi::deadletter::list(&dir).map_err(|e| e.to_string())?;
+    for e in bad {
+        eprintln!("epoxi deadletter list: {e}");
+    }
+    let mut out = String::new();
+    for f in found {
+        let l = &f.letter;
+        let line = serde_json::json!({
+            "reception_id": l.reception_id,
+            "shard": l.shard,
+            "sender": l.sender,
+            "tenant": l.tenant,
+            "received_ms": l.received_ms,
+            "final_ms": l.final_ms,
+            "recipients": l.recipients.iter().map(|r| serde_json::json!({
+                "address": r.address,
+                "outcome": r.outcome,
+                "code": r.code,
+                "enhanced": r.enhanced,
+                "bounce_category": r.bounce_category,
+            })).collect::<Vec<_>>(),
+            "bytes": f.bytes,
+            "json": f.json,
+        });
+        out.push_str(&line.to_string());
+        out.push('\n');
+    }
+    Ok(out)
 }
 
 /// Where the running server's admin socket is.
@@ -660,6 +742,36 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
+        Command::Deadletter(DeadletterCommand::List(args)) => match deadletter_list(args) {
+            Ok(text) => {
+                print!("{text}");
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("epoxi deadletter list: {e}");
+                ExitCode::FAILURE
+            }
+        },
+        Command::Deadletter(DeadletterCommand::Reinject(args)) => {
+            let report = deadletter_dir(args.where_).and_then(|dir| {
+                epoxi::deadletter::reinject_over_smtp(&dir, args.id.as_deref(), args.to)
+                    .map_err(|e| e.to_string())
+            });
+            match report {
+                Ok(report) => {
+                    println!("{}", serde_json::to_string(&report).unwrap_or_default());
+                    if report.failed.is_empty() {
+                        ExitCode::SUCCESS
+                    } else {
+                        ExitCode::FAILURE
+                    }
+                }
+                Err(e) => {
+                    eprintln!("epoxi deadletter reinject: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
         Command::Passwd(args) => match passwd(args) {
             Ok(done) => {
                 eprintln!("epoxi: {done}");

@@ -1,5 +1,6 @@
 //! The notices stage: delivery status notifications (RFC 3464), the notice sent back to a
-//! message's sender when recipients fail (or, when asked with NOTIFY=SUCCESS, succeed). Pure
+//! message's sender when recipients fail (or, when asked with NOTIFY=SUCCESS, succeed, or are
+//! still pending after `notices.delay_after_s`: a delay notice, `Action: delayed`). Pure
 //! functions of their inputs; the core decides when one is due, the shard's adapter reads the
 //! original and spools the notice like any other message, from the null sender so that a
 //! notice about a notice is never generated.
@@ -13,6 +14,8 @@ use crate::envelope::Body;
 pub enum Action {
     Failed,
     Delivered,
+    /// Not delivered yet, still being retried (a delay notice).
+    Delayed,
 }
 
 /// One recipient in a notice.
@@ -26,6 +29,9 @@ pub struct NoticeRcpt {
     pub status: String,
     /// The remote server's reply, or our own reason (e.g. expiry).
     pub diagnostic: String,
+    /// For `Delayed`: until when it is retried (RFC 3464 §2.3.7 Will-Retry-Until), an
+    /// RFC 5322 date.
+    pub will_retry_until: Option<String>,
 }
 
 /// How much of the original message to return (RFC 3461 §4.3 RET).
@@ -51,6 +57,7 @@ pub struct Notice<'a> {
 /// Build the notice: headers and a multipart/report body, CRLF lines.
 pub fn build(n: &Notice<'_>) -> Vec<u8> {
     let failed = n.rcpts.iter().any(|r| r.action == Action::Failed);
+    let delayed = !failed && n.rcpts.iter().any(|r| r.action == Action::Delayed);
     let boundary = format!("{}/{}", n.notice_id, n.host);
     let mut m = String::with_capacity(2048);
     // Writing into a String cannot fail.
@@ -75,6 +82,8 @@ pub fn build(n: &Notice<'_>) -> Vec<u8> {
         to = n.to,
         subject = if failed {
             "Undelivered Mail Returned to Sender"
+        } else if delayed {
+            "Delayed Mail (still being retried)"
         } else {
             "Successful Mail Delivery Report"
         },
@@ -87,6 +96,10 @@ pub fn build(n: &Notice<'_>) -> Vec<u8> {
         n.host,
         if failed {
             "Your message could not be delivered to one or more recipients:"
+        } else if delayed {
+            "Your message has not been delivered yet to the recipients below. The mail \
+             system\r\nwill keep trying; you will be told if it finally fails. No action is \
+             needed.\r\n\r\nStill being retried:"
         } else {
             "Your message was delivered to:"
         }
@@ -116,10 +129,14 @@ pub fn build(n: &Notice<'_>) -> Vec<u8> {
             match r.action {
                 Action::Failed => "failed",
                 Action::Delivered => "delivered",
+                Action::Delayed => "delayed",
             },
             r.status,
             one_line(&r.diagnostic)
         );
+        if let Some(until) = &r.will_retry_until {
+            let _ = write!(m, "Will-Retry-Until: {until}\r\n");
+        }
     }
     let (content_type, returned) = match n.ret {
         Return::Full => ("message/rfc822", n.original),
@@ -184,9 +201,38 @@ pub struct Outcome<'a> {
     pub response: &'a crate::events::Response,
 }
 
+/// What [`compose`] needs of the configuration.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Policy {
+    /// `notices.delay_without_notify`: delay notices for recipients given without NOTIFY.
+    pub delay_without_notify: bool,
+    /// `queue.max_age_s` in ms: delay notices say the message is retried until its reception
+    /// plus this.
+    pub max_age_ms: u64,
+}
+
+impl Policy {
+    pub fn of(config: &crate::config::Config) -> Policy {
+        Policy {
+            delay_without_notify: config.notices.delay_without_notify,
+            max_age_ms: config.queue.max_age_s.saturating_mul(1000),
+        }
+    }
+}
+
+/// Whether a recipient with `notify` wants a delay notice (RFC 3461 §4.1: NOTIFY=DELAY asks,
+/// another NOTIFY excludes it, none leaves it to the MTA).
+pub fn wants_delay(notify: crate::envelope::Notify, policy: &Policy) -> bool {
+    match notify {
+        crate::envelope::Notify::Default => policy.delay_without_notify,
+        other => other.on_delay(),
+    }
+}
+
 /// The notice about `outcomes` of the message whose envelope is `original` (body `body`), for
 /// its sender, or None when no recipient asked for one (NOTIFY). `notice` is the notice's own
-/// reception id, `now_ms` its date. Pure: the adapter reads the original and spools the result.
+/// reception id, `now_ms` its date. Outcomes that are not final (`Deferred`) make a delay
+/// notice. Pure: the adapter reads the original and spools the result.
 pub fn compose(
     host: &str,
     original: &crate::envelope::Envelope,
@@ -194,6 +240,7 @@ pub fn compose(
     outcomes: &[Outcome<'_>],
     notice: crate::envelope::ReceptionId,
     now_ms: u64,
+    policy: &Policy,
 ) -> Option<(crate::envelope::Envelope, Vec<u8>)> {
     use crate::envelope::{Envelope, Recipient, Ret};
     use crate::smtp::received::rfc5322_date;
@@ -204,34 +251,49 @@ pub fn compose(
             let r = original.rcpts.get(usize::from(o.rcpt))?;
             let wanted = match o.kind {
                 OutcomeKind::Delivered => r.notify.on_success(),
-                _ => r.notify.on_failure(),
+                OutcomeKind::Deferred | OutcomeKind::Delayed => wants_delay(r.notify, policy),
+                OutcomeKind::Bounced | OutcomeKind::Expired => r.notify.on_failure(),
             };
             if !wanted {
                 return None;
             }
             let response = o.response;
+            let delayed = !o.kind.is_final();
             Some(NoticeRcpt {
                 rcpt: r.address.clone(),
                 orcpt: r.orcpt.clone().unwrap_or_default(),
-                action: if o.kind == OutcomeKind::Delivered {
-                    Action::Delivered
-                } else {
-                    Action::Failed
+                action: match o.kind {
+                    OutcomeKind::Delivered => Action::Delivered,
+                    _ if delayed => Action::Delayed,
+                    _ => Action::Failed,
                 },
-                // RFC 3463 4.4.7: delivery time expired.
-                status: if o.kind == OutcomeKind::Expired {
-                    "4.4.7".into()
-                } else {
-                    status_of(response.code, &response.enhanced)
+                status: match o.kind {
+                    // RFC 3463 4.4.7: delivery time expired.
+                    OutcomeKind::Expired => "4.4.7".into(),
+                    // A delay is persistent transient (4.x.x) whatever the last reply said.
+                    _ if delayed => {
+                        let s = status_of(response.code, &response.enhanced);
+                        if s.starts_with('4') {
+                            s
+                        } else {
+                            "4.0.0".into()
+                        }
+                    }
+                    _ => status_of(response.code, &response.enhanced),
                 },
                 diagnostic: format!("{} {} {}", response.code, response.enhanced, response.text),
+                will_retry_until: delayed.then(|| {
+                    rfc5322_date(original.received_ms().saturating_add(policy.max_age_ms) / 1000)
+                }),
             })
         })
         .collect();
     if rcpts.is_empty() || original.sender.is_empty() {
         return None;
     }
-    let ret = if original.ret == Ret::Full {
+    // RET is about failure notices (RFC 3461 §4.3); a delay notice returns the headers.
+    let delay = rcpts.iter().all(|r| r.action == Action::Delayed);
+    let ret = if original.ret == Ret::Full && !delay {
         Return::Full
     } else {
         Return::Headers
@@ -259,6 +321,7 @@ pub fn compose(
         body: notice_body(original.body, ret),
         size: bytes.len() as u64,
         peer: "local".into(),
+        notices: crate::envelope::NoticeSwitches::ALL,
     };
     Some((envelope, bytes))
 }
@@ -291,6 +354,7 @@ mod tests {
             action: Action::Failed,
             status: "5.1.1".into(),
             diagnostic: "550 5.1.1 No such user\nhere".into(),
+            will_retry_until: None,
         }
     }
 
@@ -350,6 +414,100 @@ mod tests {
         assert!(n.contains(
             "Content-Type: message/rfc822\r\n\r\nX-Id: 7\r\nSubject: hello\r\n\r\nsecret body\r\n"
         ));
+    }
+
+    #[test]
+    fn delay_notice_follows_notify_and_returns_headers_only() {
+        use crate::envelope::{Envelope, Notify, ReceptionId, Recipient, Ret};
+        use crate::spool::record::OutcomeKind;
+        let mut asked = Recipient::new("d@y.test");
+        asked.notify = Notify::On {
+            success: false,
+            failure: true,
+            delay: true,
+        };
+        let mut failure_only = Recipient::new("f@y.test");
+        failure_only.notify = Notify::On {
+            success: false,
+            failure: true,
+            delay: false,
+        };
+        let original = Envelope {
+            reception: ReceptionId {
+                ms: 1_764_000_000_000,
+                shard: 0,
+                n: 1,
+            },
+            sender: "s@x.test".into(),
+            rcpts: vec![asked, failure_only, Recipient::new("n@y.test")],
+            ret: Ret::Full,
+            envid: None,
+            tenant: None,
+            smtputf8: false,
+            body: Body::SevenBit,
+            size: ORIGINAL.len() as u64,
+            peer: "t".into(),
+            notices: crate::envelope::NoticeSwitches::ALL,
+        };
+        let response = crate::events::Response {
+            code: 451,
+            enhanced: "4.7.1".into(),
+            text: "greylisted".into(),
+        };
+        let outcomes: Vec<Outcome<'_>> = (0..3)
+            .map(|rcpt| Outcome {
+                rcpt,
+                kind: OutcomeKind::Deferred,
+                response: &response,
+            })
+            .collect();
+        let id = ReceptionId {
+            ms: 1_764_000_100_000,
+            shard: 0,
+            n: 2,
+        };
+        let policy = |delay_without_notify| Policy {
+            delay_without_notify,
+            max_age_ms: 86_400_000,
+        };
+        let (env, bytes) = compose(
+            "mx.test",
+            &original,
+            ORIGINAL,
+            &outcomes,
+            id,
+            id.ms,
+            &policy(false),
+        )
+        .expect("one asked");
+        let text = String::from_utf8(bytes).expect("ascii");
+        assert_eq!(env.sender, "", "from the null sender");
+        assert!(text.contains("Subject: Delayed Mail (still being retried)"));
+        assert!(text
+            .contains("Final-Recipient: rfc822; d@y.test\r\nAction: delayed\r\nStatus: 4.7.1\r\n"));
+        assert!(text.contains("Will-Retry-Until: Tue, 25 Nov 2025 16:00:00 +0000\r\n"));
+        assert!(!text.contains("f@y.test"), "NOTIFY without DELAY");
+        assert!(
+            !text.contains("n@y.test"),
+            "no NOTIFY, and the MTA chose not to"
+        );
+        assert!(
+            text.contains("text/rfc822-headers"),
+            "headers only, RET=FULL or not"
+        );
+        assert!(!text.contains("secret body"));
+        let (_, bytes) = compose(
+            "mx.test",
+            &original,
+            ORIGINAL,
+            &outcomes,
+            id,
+            id.ms,
+            &policy(true),
+        )
+        .expect("two asked");
+        let text = String::from_utf8(bytes).expect("ascii");
+        assert!(text.contains("n@y.test") && !text.contains("f@y.test"));
     }
 
     #[test]

@@ -70,6 +70,42 @@ impl Live {
 }
 
 impl Settings {
+    /// The notices a listener allows: its own list, or `notices.enabled`.
+    pub fn listener_notices(
+        &self,
+        list: Option<&[crate::config::NoticeKind]>,
+    ) -> crate::envelope::NoticeSwitches {
+        crate::config::notice_switches(list.unwrap_or(&self.config.notices.enabled))
+    }
+
+    /// The notices `tenant` allows (every kind for no tenant, or one without a `[[tenant]]`
+    /// table or without a `notices` list). A scan of the tables: it runs when a notice is due,
+    /// not per delivery, and tenants are few.
+    pub fn tenant_notices(&self, tenant: Option<&str>) -> crate::envelope::NoticeSwitches {
+        let Some(name) = tenant else {
+            return crate::envelope::NoticeSwitches::ALL;
+        };
+        self.config
+            .tenant
+            .iter()
+            .find(|t| t.name.eq_ignore_ascii_case(name))
+            .and_then(|t| t.notices.as_deref())
+            .map_or(
+                crate::envelope::NoticeSwitches::ALL,
+                crate::config::notice_switches,
+            )
+    }
+
+    /// The dead-letter directory (`dead_letter.dir`, else `SPOOL/deadletter`).
+    pub fn dead_letter_dir(&self) -> std::path::PathBuf {
+        let d = &self.config.dead_letter;
+        if d.dir.as_os_str().is_empty() {
+            self.config.spool.dir.join("deadletter")
+        } else {
+            d.dir.clone()
+        }
+    }
+
     /// The connection settings for `hop`.
     pub fn site_limits(&self, hop: &crate::route::Hop) -> SiteLimits {
         let d = &self.config.delivery;

@@ -49,7 +49,10 @@ fn full_disk_tempfails_then_recovers() {
         .route(sink_port)
         .set("spool", "segment_size_max", "1048576")
         .set("queue", "retry_base_ms", "200")
-        .set("queue", "retry_cap_ms", "500");
+        .set("queue", "retry_cap_ms", "500")
+        // A short site backoff: the destination comes up during the test.
+        .set("delivery", "site_backoff_ms", "500")
+        .set("delivery", "site_backoff_cap_ms", "1000");
     opts.spool = spool.clone();
     let epoxi = Epoxi::start(&opts);
 

@@ -288,7 +288,14 @@ fn destination_down_then_back() {
     // The destination takes 40 messages, then goes away; later a new one comes up on its port.
     let first = Sink::start(dir.path(), &["--exit-after", "40"]);
     let port = first.port;
-    let epoxi = Epoxi::start(&Opts::new(dir.path()).shards(2).route(port));
+    // A short site backoff: the destination is back within a second of a probe.
+    let epoxi = Epoxi::start(
+        &Opts::new(dir.path())
+            .shards(2)
+            .route(port)
+            .set("delivery", "site_backoff_ms", "500")
+            .set("delivery", "site_backoff_cap_ms", "1000"),
+    );
     let injected = Inject::new(150).connections(4).run(dir.path(), epoxi.port);
     assert_eq!(injected.count("accepted"), 150, "inject: {}", injected.json);
     let first = first.wait();

@@ -25,6 +25,7 @@ fn envelope(size: usize) -> Envelope {
         body: Body::SevenBit,
         size: size as u64,
         peer: "127.0.0.1:40000".into(),
+        notices: epoxi::envelope::NoticeSwitches::ALL,
     }
 }
 

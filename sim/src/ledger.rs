@@ -5,7 +5,7 @@
 
 use std::collections::BTreeMap;
 
-use epoxi::envelope::{Notify, ReceptionId};
+use epoxi::envelope::{NoticeSwitches, Notify, ReceptionId};
 use epoxi::events::AttemptOutcome;
 
 /// A reception id as a sortable key.
@@ -48,6 +48,10 @@ pub struct Entry {
     pub delivered: u32,
     /// When notices about this recipient's failure (or success) were spooled.
     pub notices: Vec<u64>,
+    /// When delay notices about it were spooled.
+    pub delays: Vec<u64>,
+    /// The notices its message's listener allowed.
+    pub switches: NoticeSwitches,
     /// Its record was set aside by recovery as unreadable (media corruption): losing it is
     /// reported, not a bug.
     pub exempt: bool,
@@ -66,6 +70,7 @@ pub struct LedgerStats {
     /// Recipients delivered more than once (only allowed after a crash).
     pub duplicates: u64,
     pub notices: u64,
+    pub delay_notices: u64,
     pub exempt: u64,
     /// Recipients whose final outcome changed after a crash undid the first one (its record
     /// was lost with a failed batch): e.g. delivered, then expired and a failure notice.
@@ -81,6 +86,7 @@ impl LedgerStats {
         self.deferred += o.deferred;
         self.duplicates += o.duplicates;
         self.notices += o.notices;
+        self.delay_notices += o.delay_notices;
         self.exempt += o.exempt;
         self.changed_after_crash += o.changed_after_crash;
     }
@@ -180,6 +186,33 @@ impl Ledger {
         Ok(())
     }
 
+    /// A delay notice about `key` was spooled: at most one per recipient (more only after a
+    /// crash: its record may have been lost with the notice spooled, at least once).
+    pub fn delay_notice(
+        &mut self,
+        key: &EntryKey,
+        now_ms: u64,
+        crashed: bool,
+    ) -> Result<(), Violation> {
+        let Some(e) = self.entries.get_mut(key) else {
+            return Err(Violation::new(
+                "ledger",
+                format!("delay notice about a recipient never handed in: {key:?}"),
+            ));
+        };
+        e.delays.push(now_ms);
+        if !crashed && e.delays.len() > 1 {
+            return Err(Violation::new(
+                "delay-notice",
+                format!(
+                    "{key:?}: a second delay notice without a crash ({:?})",
+                    e.delays
+                ),
+            ));
+        }
+        Ok(())
+    }
+
     /// The checks at the end of a drained run. `slack_ms`: how long past its deadline (and
     /// one retry interval) a final outcome may come: the last attempt's own time, queueing
     /// behind other mail and the process being down.
@@ -213,7 +246,25 @@ impl Ledger {
                 ));
             }
             let failed = matches!(last, AttemptOutcome::Bounced | AttemptOutcome::Expired);
+            let switched_on = match last {
+                AttemptOutcome::Bounced => e.switches.bounce,
+                AttemptOutcome::Expired => e.switches.expiry,
+                AttemptOutcome::Delivered => e.switches.success,
+                AttemptOutcome::Deferred { .. } => e.switches.delay,
+            };
+            // Switched off: no notice about its outcome at all (a crash may have changed the
+            // outcome, and so the notice it had).
+            if !switched_on && !crashed && !e.notices.is_empty() {
+                out.push(Violation::new(
+                    "notice-switch",
+                    format!(
+                        "{key:?}: {last:?} with its notices switched off, notices {:?}",
+                        e.notices
+                    ),
+                ));
+            }
             if failed
+                && switched_on
                 && e.sender_set
                 && e.notify.on_failure()
                 && !e.notices.iter().any(|&n| n >= last_ts)
@@ -260,6 +311,7 @@ impl Ledger {
                 s.changed_after_crash += 1;
             }
             s.notices += e.notices.len() as u64;
+            s.delay_notices += e.delays.len() as u64;
         }
         s
     }

@@ -127,14 +127,16 @@ fn main() {
         failed.len()
     );
     println!(
-        "  passed runs: {} recipients acknowledged, {} delivered, {} bounced, {} expired, {} notices; \
-         {crashes} crashes, {} duplicates after crashes, {} outcomes changed after crashes, \
+        "  passed runs: {} recipients acknowledged, {} delivered, {} bounced, {} expired, {} notices, \
+         {} delay notices, {} dead letters; {crashes} crashes, {} duplicates after crashes, {} outcomes changed after crashes, \
          {} lost to media corruption",
         ledger.acked,
         ledger.delivered,
         ledger.bounced,
         ledger.expired,
         ledger.notices,
+        ledger.delay_notices,
+        stats.dead_letters,
         ledger.duplicates,
         ledger.changed_after_crash,
         ledger.exempt

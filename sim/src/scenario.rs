@@ -5,7 +5,7 @@ use std::rc::Rc;
 use std::sync::OnceLock;
 
 use epoxi::config::{Config, Overrides, PoolEntry, SourceEntry};
-use epoxi::envelope::{Notify, Ret};
+use epoxi::envelope::{NoticeSwitches, Notify, Ret};
 use epoxi::settings::Settings;
 use epoxi::spool::engine::EngineLimits;
 
@@ -65,6 +65,11 @@ pub struct Scenario {
     pub messages: Vec<Inject>,
     /// When faults stop, every peer accepts and the run drains.
     pub heal_at_ms: u64,
+    /// `notices.delay_after_s` (0: no delay notices) and `notices.delay_without_notify`.
+    pub delay_after_s: u64,
+    pub delay_without_notify: bool,
+    /// `dead_letter.enabled`.
+    pub dead_letters: bool,
 }
 
 /// Per-mille chances of storage faults, per commit (off once the run heals).
@@ -96,6 +101,8 @@ pub struct Inject {
     pub rcpts: Vec<(String, Notify)>,
     pub ret: Ret,
     pub body_len: usize,
+    /// The notices its listener allows.
+    pub notices: NoticeSwitches,
 }
 
 /// Knobs a caller may turn, on top of the seed.
@@ -131,6 +138,23 @@ impl Scenario {
             .map(|_| Inject::draw(&mut rng, inject_window_ms))
             .collect();
         messages.sort_by_key(|m| m.at_ms);
+        // The notice knobs come from a stream of their own, so that every draw above (and the
+        // scenarios of the seeds kept as regressions) stays what it was before them.
+        let mut nrng = Rng::new(seed ^ 0xde1a_7000_0000_0000);
+        for m in &mut messages {
+            m.notices = if nrng.chance(700) {
+                NoticeSwitches::ALL
+            } else {
+                NoticeSwitches::from_byte(0x80 | nrng.below(16) as u8)
+            };
+        }
+        let delay_after_s = if nrng.chance(300) {
+            0
+        } else {
+            nrng.range(1, max_age_s - 1)
+        };
+        let delay_without_notify = nrng.chance(500);
+        let dead_letters = nrng.chance(500);
         let heal_at_ms = inject_window_ms + rng.range(0, max_age_s * 1000 * 2);
         let faulty = !opts.no_faults && rng.chance(750);
         let level = if faulty { rng.range(1, 4) as u32 } else { 0 };
@@ -185,6 +209,9 @@ impl Scenario {
             faults,
             messages,
             heal_at_ms,
+            delay_after_s,
+            delay_without_notify,
+            dead_letters,
         }
     }
 
@@ -205,6 +232,9 @@ impl Scenario {
         c.queue.retry_cap_ms = self.retry_cap_ms;
         c.queue.max_age_s = self.max_age_s;
         c.queue.messages_max = self.messages_max;
+        c.notices.delay_after_s = self.delay_after_s;
+        c.notices.delay_without_notify = self.delay_without_notify;
+        c.dead_letter.enabled = self.dead_letters;
         c.queue.retry_jitter = self.retry_jitter;
         // The retry policy is compiled at settle time: rebuild it from the run's values.
         s.retry = std::sync::Arc::new(epoxi::queue::retry::RetryPolicy::new(
@@ -266,6 +296,7 @@ impl Inject {
             rcpts,
             ret: [Ret::Unspecified, Ret::Full, Ret::Headers][rng.below(3) as usize],
             body_len: rng.range(64, 3_000) as usize,
+            notices: NoticeSwitches::ALL,
         }
     }
 }

@@ -20,6 +20,7 @@
 //!   resolver, the policy agent, the reporter, the recipient → shard map). The TLS reporter
 //!   also keeps the host name and DKIM signers it started with;
 //! - `[suppression]`: each shard opens its store at start (`oob.*` applies at once).
+//! - `[dead_letter]`: each shard opens its store at start (`[notices]`, `[[tenant]]` apply at once).
 //!
 //! No I/O.
 
@@ -126,6 +127,12 @@ pub fn plan(old: &Settings, mut new: Settings) -> Plan {
         new.suppression_reply = old.suppression_reply.clone();
     }
 
+    // The dead-letter store is opened at start (its directory and bounds).
+    if new.config.dead_letter != old.config.dead_letter {
+        restart_needed.push("dead_letter");
+        new.config.dead_letter = old.config.dead_letter.clone();
+    }
+
     let applied = changed(&old.config, &new.config);
     Plan {
         settings: new,
@@ -155,6 +162,9 @@ fn changed(o: &crate::config::Config, n: &crate::config::Config) -> Vec<&'static
     check("egress", n.egress != o.egress);
     // Read by reception and the core as each report or delivery comes: applies at once.
     check("oob", n.oob != o.oob);
+    // Read when each notice is decided.
+    check("notices", n.notices != o.notices);
+    check("tenant", n.tenant != o.tenant);
     out
 }
 

@@ -2,10 +2,11 @@
 //! when, retries, and the notices that must be spooled before a failure is recorded.
 
 use super::deliver::Via;
+use super::notify::{self, DeadRcpt};
 use super::{Action, Core, NoticeRcpt, NoticeRequest};
 use crate::events::{Attempt, AttemptOutcome, Event, Notice};
 use crate::outcome::{self, RcptResult};
-use crate::spool::record::OutcomeRecord;
+use crate::spool::record::{OutcomeKind, OutcomeRecord};
 
 /// A notice being built and spooled, and what waits for it.
 #[derive(Debug)]
@@ -16,6 +17,17 @@ pub(super) struct PendingNotice {
     /// When to try again after a failure to spool it (None: under way).
     pub(super) retry_at_ms: Option<u64>,
     failures: u32,
+}
+
+impl PendingNotice {
+    pub(super) fn new(request: NoticeRequest, after: Vec<OutcomeRecord>) -> PendingNotice {
+        PendingNotice {
+            request,
+            after,
+            retry_at_ms: None,
+            failures: 0,
+        }
+    }
 }
 
 impl Core {
@@ -34,6 +46,9 @@ impl Core {
         let mut notice_rcpts: Vec<NoticeRcpt> = Vec::new();
         let mut after: Vec<OutcomeRecord> = Vec::new();
         let mut records: Vec<OutcomeRecord> = Vec::new();
+        let mut delay_rcpts: Vec<NoticeRcpt> = Vec::new();
+        let mut dead: Vec<DeadRcpt> = Vec::new();
+        let switches = self.switches_of(id);
         let source = via
             .source
             .and_then(|s| self.settings.egress.sources.get(s))
@@ -81,7 +96,7 @@ impl Core {
                     m.received_ms(),
                     now_ms,
                 );
-                let record = OutcomeRecord {
+                let mut record = OutcomeRecord {
                     message: id,
                     rcpt: u32::from(r),
                     kind: outcome::record_kind(decision),
@@ -93,7 +108,22 @@ impl Core {
                     },
                 };
                 let notice = !self.notices_off
-                    && outcome::wants_notice(decision, m.success_notices(), m.sender());
+                    && outcome::wants_notice(decision, m.success_notices(), m.sender())
+                    && notify::allows(switches, decision);
+                if let AttemptOutcome::Deferred { .. } = decision {
+                    // Once its delay notice is asked for, every deferral says so (the last
+                    // record wins at recovery); this one is the notice's own record.
+                    if m.delay_notified(r) {
+                        record.kind = OutcomeKind::Delayed;
+                    } else if notify::delay_due(self.delay_after_ms, switches, m, r, now_ms) {
+                        m.set_delay_notified(r);
+                        delay_rcpts.push(NoticeRcpt {
+                            rcpt: r,
+                            kind: OutcomeKind::Deferred,
+                            response: response.clone(),
+                        });
+                    }
+                }
                 // A bounce or expiry is recorded only once its notice is spooled: a crash in
                 // between leaves the recipient pending, so it bounces (and notifies) again
                 // after restart: at least once. A delivery is recorded at once: its success
@@ -122,6 +152,15 @@ impl Core {
                     bounce_category,
                     tenant: tenant.as_deref(),
                 }));
+                if self.dead_letters && outcome::notice_first(decision) {
+                    dead.push(DeadRcpt {
+                        rcpt: r,
+                        kind: record.kind,
+                        response: response.clone(),
+                        category: bounce_category,
+                        at_ms: now_ms,
+                    });
+                }
                 if notice {
                     notice_rcpts.push(NoticeRcpt {
                         rcpt: r,
@@ -142,10 +181,13 @@ impl Core {
                     }
                 }
             }
-            let notice_for =
-                (!notice_rcpts.is_empty()).then(|| (m.loc(), m.sender().to_owned(), m.reception()));
+            let notice_for = (!notice_rcpts.is_empty() || !delay_rcpts.is_empty())
+                .then(|| (m.loc(), m.sender().to_owned(), m.reception()));
             (m.loc().seq, m.remaining() == 0, notice_for)
         };
+        if !dead.is_empty() {
+            self.dead.entry(id).or_default().extend(dead);
+        }
         for record in records {
             self.actions.push(Action::Outcome { seq, record });
         }
@@ -153,36 +195,19 @@ impl Core {
             self.queue.schedule(id, r, at);
         }
         match notice_for {
-            Some((loc, sender, reception)) => {
-                let token = self.next_notice;
-                self.next_notice += 1;
-                let request = NoticeRequest {
-                    token,
-                    id,
-                    loc,
-                    sender,
-                    reception,
-                    rcpts: notice_rcpts,
-                };
-                self.actions.push(Action::Notice(request.clone()));
-                self.notice_ids.insert((id, token));
-                self.notices.insert(
-                    token,
-                    PendingNotice {
-                        request,
-                        after,
-                        retry_at_ms: None,
-                        failures: 0,
-                    },
-                );
+            Some(of) => {
+                // Delay notices go apart from those of final outcomes (another Action, other
+                // records after them); recipients deferred together share one.
+                if !delay_rcpts.is_empty() {
+                    self.push_notice(id, of.clone(), delay_rcpts, Vec::new());
+                }
+                if !notice_rcpts.is_empty() {
+                    self.push_notice(id, of, notice_rcpts, after);
+                }
             }
             // Another notice about this message may still be on its way (a success notice,
             // say, and this failure's): the message stays until the last one is spooled.
-            None if final_now && !self.notice_pending_for(id) => {
-                if let Some(loc) = self.queue.remove(id) {
-                    self.actions.push(Action::Final { id, loc });
-                }
-            }
+            None if final_now && !self.notice_pending_for(id) => self.release(id),
             None => {}
         }
         self.rearm();
@@ -224,7 +249,11 @@ impl Core {
                 sender: m.sender(),
                 rcpts: &rcpts,
                 notice,
+                delay: pending.request.is_delay(),
             }));
+        }
+        if pending.request.is_delay() {
+            self.delay_spooled(id, &pending.request.rcpts, now_ms);
         }
         let Some(m) = self.queue.get_mut(id) else {
             return;
@@ -239,9 +268,7 @@ impl Core {
             self.actions.push(Action::Outcome { seq, record });
         }
         if final_now && !self.notice_pending_for(id) {
-            if let Some(loc) = self.queue.remove(id) {
-                self.actions.push(Action::Final { id, loc });
-            }
+            self.release(id);
         }
     }
 
@@ -274,6 +301,7 @@ impl Core {
             .filter(|(_, p)| p.retry_at_ms.is_some_and(|t| t <= now_ms))
             .map(|(t, _)| *t)
             .collect();
+        let mut moot: Vec<u64> = Vec::new();
         for token in due {
             if let Some(p) = self.notices.get_mut(&token) {
                 p.retry_at_ms = None;
@@ -281,9 +309,20 @@ impl Core {
                 // it where it is now (the old place may be gone).
                 if let Some(m) = self.queue.get(p.request.id) {
                     p.request.loc = m.loc();
+                    // A delay notice never reports a recipient that became final meanwhile.
+                    if p.request.is_delay() {
+                        p.request.rcpts.retain(|r| !m.is_done(r.rcpt));
+                        if p.request.rcpts.is_empty() {
+                            moot.push(token);
+                            continue;
+                        }
+                    }
                 }
                 self.actions.push(Action::Notice(p.request.clone()));
             }
+        }
+        for token in moot {
+            self.notice_spooled(token, None, now_ms);
         }
     }
 }
@@ -357,6 +396,7 @@ mod tests {
             body: Default::default(),
             size: 10,
             peer: "test".into(),
+            notices: crate::envelope::NoticeSwitches::ALL,
         };
         let loc = Location {
             seq: 1,

@@ -16,6 +16,7 @@
 mod deliver;
 mod finish;
 mod handle;
+mod notify;
 mod ops;
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
@@ -40,6 +41,7 @@ pub use ops::{merge_counts, Step};
 
 /// Least time between two checks of the ready queues for jobs past their deadline.
 pub const READY_CHECK_GAP_MS: u64 = 1_000;
+pub use notify::{DeadLetterRequest, DeadRcpt};
 
 /// What the core asks its adapters to do.
 #[derive(Debug, Clone, PartialEq)]
@@ -66,6 +68,9 @@ pub enum Action {
     Notice(NoticeRequest),
     /// The earliest due time moved earlier: the timer should look at [`Core::next_wakeup`].
     Rearm,
+    /// Message `id` failed for good (`dead_letter.enabled`): write its dead letter, durably,
+    /// then let its record go as for [`Action::Final`].
+    DeadLetter(DeadLetterRequest),
 }
 
 /// A recipient's final outcome that a notice may report (NOTIFY decides when it is built).
@@ -153,6 +158,13 @@ pub struct Core {
     /// is, since each reads the original.
     notice_ids: std::collections::BTreeSet<(u64, u64)>,
     next_notice: u64,
+    /// `notices.delay_after_s` in ms; 0: no delay notices.
+    delay_after_ms: u64,
+    /// `dead_letter.enabled`.
+    dead_letters: bool,
+    /// Per message, its failed recipients so far, for its dead letter (only when dead letters
+    /// are on; bounded by the queue: one entry per queued message at most).
+    dead: BTreeMap<u64, Vec<DeadRcpt>>,
     observers: Observers,
     actions: Vec<Action>,
     /// The earliest due time the timer was last told about.
@@ -191,6 +203,9 @@ impl Core {
             notices: BTreeMap::new(),
             notice_ids: std::collections::BTreeSet::new(),
             next_notice: 1,
+            delay_after_ms: c.notices.delay_after_s.saturating_mul(1000),
+            dead_letters: c.dead_letter.enabled,
+            dead: BTreeMap::new(),
             observers,
             actions: Vec::new(),
             armed_ms: None,

@@ -65,6 +65,7 @@ struct Facts<'a> {
     sender: &'a str,
     rcpts: &'a [&'a str],
     success_notices: bool,
+    notices: crate::envelope::NoticeSwitches,
     tenant: Option<&'a str>,
     smtputf8: bool,
     body: Body,
@@ -90,14 +91,23 @@ enum Status {
 struct Rcpt {
     attempts: u16,
     status: Status,
+    /// Its delay notice was asked for (and, once spooled, recorded as `OutcomeKind::Delayed`):
+    /// never a second one.
+    delay_notified: bool,
     /// Next attempt, in ms after reception (0: none scheduled / at once).
     due_rel_ms: u32,
 }
+
+const _: () = assert!(
+    std::mem::size_of::<Rcpt>() == 8,
+    "a recipient's state is 8 bytes"
+);
 
 impl Rcpt {
     const FRESH: Rcpt = Rcpt {
         attempts: 0,
         status: Status::Pending,
+        delay_notified: false,
         due_rel_ms: 0,
     };
 }
@@ -157,6 +167,8 @@ struct Word;
 impl Word {
     const FLAG_SMTPUTF8: u64 = 1 << 2;
     const FLAG_SUCCESS_NOTICES: u64 = 1 << 3;
+    /// Bits 4 to 7: the listener's notice switches (`NoticeSwitches::to_byte`'s low nibble).
+    const NOTICES_SHIFT: u32 = 4;
 
     fn pack(n: u64, remaining: u16, tenant: u16, body: Body, smtputf8: bool, success: bool) -> u64 {
         let body = match body {
@@ -221,6 +233,27 @@ impl Message {
     /// Some recipient asked for a notice of successful delivery (DSN NOTIFY=SUCCESS).
     pub fn success_notices(&self) -> bool {
         self.word & Word::FLAG_SUCCESS_NOTICES != 0
+    }
+
+    /// The notices its listener allowed.
+    pub fn notice_switches(&self) -> crate::envelope::NoticeSwitches {
+        let nibble = (self.word >> Word::NOTICES_SHIFT) & 0xf;
+        crate::envelope::NoticeSwitches::from_byte(0x80 | nibble as u8)
+    }
+
+    /// Whether recipient `i`'s delay notice was asked for already.
+    pub fn delay_notified(&self, i: u16) -> bool {
+        self.rcpts
+            .as_slice()
+            .get(usize::from(i))
+            .is_some_and(|r| r.delay_notified)
+    }
+
+    /// Recipient `i` gets its delay notice now: never another.
+    pub fn set_delay_notified(&mut self, i: u16) {
+        if let Some(r) = self.rcpts.as_mut_slice().get_mut(usize::from(i)) {
+            r.delay_notified = true;
+        }
     }
 
     fn tenant_id(&self) -> u16 {
@@ -302,7 +335,9 @@ impl Message {
                     OutcomeKind::Delivered => Status::Delivered,
                     OutcomeKind::Bounced => Status::Bounced,
                     // A deferral is not final; callers never pass it.
-                    OutcomeKind::Expired | OutcomeKind::Deferred => Status::Expired,
+                    OutcomeKind::Expired | OutcomeKind::Deferred | OutcomeKind::Delayed => {
+                        Status::Expired
+                    }
                 };
                 self.set_remaining(self.remaining_count().saturating_sub(1));
             }
@@ -358,6 +393,7 @@ impl Message {
                         0 => 0,
                         rel => self.received_ms() + u64::from(rel),
                     },
+                    delay_notified: r.delay_notified,
                 },
                 // On disk it is still as it was before the attempt that failed it.
                 Status::FinishingBounce | Status::FinishingExpiry if r.attempts <= 1 => {
@@ -366,6 +402,7 @@ impl Message {
                 Status::FinishingBounce | Status::FinishingExpiry => RcptSnapshot::Deferred {
                     attempts: u32::from(r.attempts) - 1,
                     next_attempt_ms: 0,
+                    delay_notified: r.delay_notified,
                 },
                 Status::Delivered => RcptSnapshot::Final(OutcomeKind::Delivered),
                 Status::Bounced => RcptSnapshot::Final(OutcomeKind::Bounced),
@@ -561,6 +598,7 @@ impl Queue {
                 sender: &envelope.sender,
                 rcpts: &rcpts,
                 success_notices: envelope.rcpts.iter().any(|r| r.notify.on_success()),
+                notices: envelope.notices,
                 tenant: envelope.tenant.as_deref(),
                 smtputf8: envelope.smtputf8,
                 body: envelope.body,
@@ -593,7 +631,7 @@ impl Queue {
                 f.body,
                 f.smtputf8,
                 f.success_notices,
-            ),
+            ) | u64::from(f.notices.to_byte() & 0xf) << Word::NOTICES_SHIFT,
             size: f.size.min(u64::from(u32::MAX)) as u32,
             addrs: addrs.into_boxed_str(),
             rcpts: Rcpts::new(n),
@@ -646,9 +684,11 @@ impl Queue {
                 RecoveredState::Pending {
                     attempts,
                     next_attempt_ms,
+                    delay_notified,
                 } => {
                     if let Some(r) = message.rcpts.as_mut_slice().get_mut(usize::from(i)) {
                         r.attempts = attempts.min(u32::from(u16::MAX)) as u16;
+                        r.delay_notified = delay_notified;
                     }
                     if next_attempt_ms > 0 {
                         message.set_due(i, next_attempt_ms);

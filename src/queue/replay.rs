@@ -41,7 +41,9 @@ impl Queue {
             ));
         }
         let message = match view {
-            MessageView::V4 { envelope, .. } => {
+            MessageView::V4 {
+                envelope, notices, ..
+            } => {
                 let rcpts: Vec<&str> = envelope.rcpts.iter().map(|r| r.address.as_str()).collect();
                 let facts = Facts {
                     reception: ReceptionId {
@@ -55,6 +57,7 @@ impl Queue {
                         .rcpts
                         .iter()
                         .any(|r| matches!(r.notify, ArchivedNotify::On { success: true, .. })),
+                    notices: *notices,
                     tenant: envelope.tenant.as_ref().map(|t| t.as_str()),
                     smtputf8: envelope.smtputf8,
                     body: match envelope.body {
@@ -114,10 +117,13 @@ impl Queue {
         } else {
             let r = o.rcpt.min(u32::from(u16::MAX)) as u16;
             match kind {
-                OutcomeKind::Deferred => {
+                OutcomeKind::Deferred | OutcomeKind::Delayed => {
                     if let Some(state) = m.rcpts.as_mut_slice().get_mut(usize::from(r)) {
                         if state.status == Status::Pending {
                             state.attempts = o.attempts.min(u32::from(u16::MAX)) as u16;
+                            // The last record wins, and every record after a delay notice
+                            // says `Delayed` (see `core::finish`).
+                            state.delay_notified = kind == OutcomeKind::Delayed;
                         }
                     }
                     if o.next_attempt_ms > 0 {

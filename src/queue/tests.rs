@@ -18,6 +18,7 @@ fn envelope(rcpts: &[&str]) -> Envelope {
         body: Body::SevenBit,
         size: 100,
         peer: "127.0.0.1:1".into(),
+        notices: crate::envelope::NoticeSwitches::ALL,
     }
 }
 
@@ -151,10 +152,12 @@ fn restored_messages_keep_their_ids_and_states_and_new_ids_go_above() {
             RecoveredState::Pending {
                 attempts: 2,
                 next_attempt_ms: 9_000,
+                delay_notified: false,
             },
             RecoveredState::Pending {
                 attempts: 0,
                 next_attempt_ms: 0,
+                delay_notified: false,
             },
         ],
     };
@@ -169,7 +172,8 @@ fn restored_messages_keep_their_ids_and_states_and_new_ids_go_above() {
             RcptSnapshot::Final(OutcomeKind::Delivered),
             RcptSnapshot::Deferred {
                 attempts: 2,
-                next_attempt_ms: 9_000
+                next_attempt_ms: 9_000,
+                delay_notified: false,
             },
             RcptSnapshot::Fresh
         ]

@@ -48,6 +48,8 @@ pub struct Listener {
 pub struct Policy {
     pub cfg: Rc<ServerConfig>,
     pub relay_networks: Vec<Network>,
+    /// The notices its mail may cause, spooled with each message it receives.
+    pub notices: crate::envelope::NoticeSwitches,
     connections_max: usize,
     connections_per_ip_max: usize,
     /// `server.connections_per_ip_max`, counted over every listener.
@@ -68,6 +70,7 @@ impl Policy {
         Ok(Policy {
             cfg: Rc::new(cfg),
             relay_networks,
+            notices: settings.listener_notices(spec.notices.as_deref()),
             connections_max: spec.connections_max.unwrap_or(server.connections_max),
             connections_per_ip_max: spec
                 .connections_per_ip_max

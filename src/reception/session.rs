@@ -160,6 +160,7 @@ fn envelope_of(tx: &Transaction, reception: crate::envelope::ReceptionId, peer: 
         },
         size: 0,
         peer: peer.to_owned(),
+        notices: crate::envelope::NoticeSwitches::ALL,
     }
 }
 
@@ -220,6 +221,7 @@ pub(super) async fn session(
     let policy = listener.policy();
     let hostname = policy.cfg.hostname.clone();
     let settings = reception.settings();
+    let notices = policy.notices;
     let server = &settings.config.server;
     let _ = stream.set_nodelay(true);
     let socket_peer = stream.peer_addr()?;
@@ -400,6 +402,7 @@ pub(super) async fn session(
                 }
                 let mut envelope = envelope_of(&tx, id, &peer_text);
                 envelope.tenant = settings.egress.tenant_of(&tx.body);
+                envelope.notices = notices;
                 // The tenant's suppression list is known only now: its recipients are
                 // bounced at acceptance (or the message refused when no other is left).
                 let refused = reception.tenant_refusals(&envelope).await;

@@ -336,6 +336,35 @@ impl shards::Handler<Request, Answer> for Handler {
                     Answer::Admin(total)
                 });
             }
+            // Dead letters are read from every shard's directory by one shard (0), each
+            // re-injected through reception (durable in its owner shards) before its files go.
+            Request::Admin(Op::Reinject { id }) => {
+                let reception = self.reception.clone();
+                let settings = self.settings.get();
+                let clock = self.clock.clone();
+                let shard = self.core.read(|c| c.shard());
+                return Box::pin(async move {
+                    if shard != 0 {
+                        return Answer::Admin(
+                            serde_json::json!({ "reinjected": [], "failed": [] }),
+                        );
+                    }
+                    if !settings.config.dead_letter.enabled {
+                        return Answer::Admin(crate::admin::error(
+                            "dead letters are off (`dead_letter.enabled = false`)",
+                        ));
+                    }
+                    let root = settings.dead_letter_dir();
+                    let done =
+                        crate::deadletter::reinject(&reception, &root, id.as_deref(), &*clock)
+                            .await;
+                    Answer::Admin(match done {
+                        Ok(report) => serde_json::to_value(&report)
+                            .unwrap_or_else(|e| crate::admin::error(e.to_string())),
+                        Err(e) => crate::admin::error(e.to_string()),
+                    })
+                });
+            }
             Request::Admin(op) => Answer::Admin(self.admin(&op, now)),
             Request::Reload(settings) => Answer::Admin(self.reload(&settings, now)),
             Request::TlsRptTake { before } => Answer::TlsRpt(

@@ -67,6 +67,11 @@ pub enum ShardError {
     Mesh { shard: usize, why: String },
     #[error("shard {shard}: {why}")]
     Suppression { shard: usize, why: String },
+    #[error("shard {shard}: {source}")]
+    DeadLetter {
+        shard: usize,
+        source: crate::deadletter::DeadLetterError,
+    },
 }
 
 /// What the process gives each shard.
@@ -275,7 +280,21 @@ pub async fn run(
         work: work.clone(),
     });
     let outbox = mesh::LeaseOutbox::new(count);
+    // Counting what is there reads the directory once, at start.
+    let dead_letters = match cfg.dead_letter.enabled {
+        true => Some(Rc::new(
+            crate::deadletter::Store::open(
+                &settings.dead_letter_dir(),
+                id,
+                cfg.dead_letter.messages_max,
+                cfg.dead_letter.bytes_max,
+            )
+            .map_err(|source| ShardError::DeadLetter { shard: id, source })?,
+        )),
+        false => None,
+    };
     let driver = Rc::new(perform::Driver::new(perform::Parts {
+        dead_letters,
         shard: id,
         settings: live.clone(),
         core: core.clone(),

@@ -31,6 +31,8 @@ pub(super) struct Parts {
     pub work: Rc<shards::Notify>,
     pub outbox: Rc<LeaseOutbox>,
     pub log: Rc<EventLog>,
+    /// This shard's dead letters, when `dead_letter.enabled`.
+    pub dead_letters: Option<Rc<crate::deadletter::Store>>,
 }
 
 pub(super) struct Driver {
@@ -82,6 +84,10 @@ impl Driver {
                     glommio::spawn_local(async move { driver.notice(request).await }).detach();
                 }
                 Action::Rearm => self.rearm.notify_all(),
+                Action::DeadLetter(request) => {
+                    let driver = self.clone();
+                    glommio::spawn_local(async move { driver.dead_letter(request).await }).detach();
+                }
             }
         }
     }
@@ -169,6 +175,7 @@ impl Driver {
                 &outcomes,
                 id,
                 now,
+                &crate::notices::Policy::of(&self.p.settings.get().config),
             )
         });
         drop(stored);
@@ -191,6 +198,45 @@ impl Driver {
             Ok(()) => core.with(|c| c.notice_spooled(token, Some(id), now)),
             Err(e) => core.with(|c| c.notice_failed(token, &e.to_string(), now)),
         }
+    }
+
+    /// Write the dead letter of `request` (read from its record), then let the record go. A
+    /// dead letter that cannot be written (a full disk, the bound reached) is logged and the
+    /// record let go all the same: its sender was notified, and holding it would hold the
+    /// spool segment forever.
+    async fn dead_letter(&self, request: crate::core::DeadLetterRequest) {
+        let crate::core::DeadLetterRequest { id, loc, rcpts } = request;
+        let now = self.p.clock.now_ms();
+        let read = match self.p.spool.read_message(loc).await {
+            Ok(stored) => stored.view().ok().and_then(|view| {
+                let envelope = view.envelope().ok()?;
+                let letter =
+                    crate::deadletter::DeadLetter::of(&envelope, self.p.shard, id, &rcpts, now);
+                Some((letter, view.body().to_vec()))
+            }),
+            Err(e) => {
+                tracing::error!(shard = self.p.shard, "no dead letter for {id:#x}: {e}");
+                None
+            }
+        };
+        if let (Some(store), Some((letter, body))) = (&self.p.dead_letters, read) {
+            let name = letter.reception_id.clone();
+            match store.keep(letter, body).await {
+                Ok(true) => {}
+                Ok(false) => tracing::warn!(
+                    shard = self.p.shard,
+                    message = %name,
+                    "dead-letter directory full (dead_letter.messages_max / bytes_max): \
+                     message let go without a dead letter"
+                ),
+                Err(e) => tracing::error!(
+                    shard = self.p.shard,
+                    message = %name,
+                    "cannot write dead letter: {e}"
+                ),
+            }
+        }
+        self.p.spool.message_final(id, loc);
     }
 
     /// Sleep until the core's next due time or the log's next flush, whichever is first, or

@@ -273,6 +273,7 @@ impl Reporter {
             body: Body::SevenBit,
             size: body.len() as u64,
             peer: "local".into(),
+            notices: crate::envelope::NoticeSwitches::ALL,
         };
         let envelope = Envelope {
             size: (head.len() + body.len()) as u64,

@@ -139,6 +139,8 @@ pub enum RcptSnapshot {
     Deferred {
         attempts: u32,
         next_attempt_ms: u64,
+        /// Its delay notice is spooled: restated as `OutcomeKind::Delayed`.
+        delay_notified: bool,
     },
     Final(OutcomeKind),
 }
@@ -759,7 +761,16 @@ impl Engine {
                 RcptSnapshot::Deferred {
                     attempts,
                     next_attempt_ms,
-                } => (OutcomeKind::Deferred, attempts, next_attempt_ms),
+                    delay_notified,
+                } => (
+                    if delay_notified {
+                        OutcomeKind::Delayed
+                    } else {
+                        OutcomeKind::Deferred
+                    },
+                    attempts,
+                    next_attempt_ms,
+                ),
                 RcptSnapshot::Final(kind) => (kind, 0, 0),
             };
             let rec = OutcomeRecord {
@@ -957,6 +968,7 @@ mod tests {
         let deferred = RcptSnapshot::Deferred {
             attempts: 1,
             next_attempt_ms: 9,
+            delay_notified: false,
         };
         for rcpt in 0..3 {
             let rec = OutcomeRecord {

@@ -19,7 +19,9 @@
 //! ```text
 //!  0  id       u64
 //!  8  env_len  u32  length of the envelope archive
-//! 12  reserved u32  zero
+//! 12  notices  u8   the envelope's notice switches (`NoticeSwitches::to_byte`; 0 in records
+//!                   written before them: every notice allowed)
+//! 13  reserved 3    zero
 //! 16  envelope rkyv archive of `envelope::Envelope` (16-byte aligned)
 //! 16+env_len  body
 //! ```
@@ -33,7 +35,9 @@ use rkyv::rancor;
 use rkyv::util::AlignedVec;
 use rkyv::{Archive, Serialize};
 
-use crate::envelope::{ArchivedEnvelope, Body, Envelope, Notify, ReceptionId, Recipient, Ret};
+use crate::envelope::{
+    ArchivedEnvelope, Body, Envelope, NoticeSwitches, Notify, ReceptionId, Recipient, Ret,
+};
 
 pub const RECORD_MAGIC: [u8; 4] = *b"EPXR";
 /// 2: message records carry `flags`. Version 1 and 2 records are from before the first
@@ -91,6 +95,11 @@ pub enum OutcomeKind {
     Deferred = 2,
     Bounced = 3,
     Expired = 4,
+    /// Deferred, and its delay notice is spooled (RFC 3464 `Action: delayed`): pending like
+    /// `Deferred` in every way, but no second delay notice follows, after a restart too. A
+    /// build from before this kind reads such a record as corrupt and skips it (the recipient
+    /// is then as its previous record says: retried, never lost).
+    Delayed = 5,
 }
 
 impl OutcomeKind {
@@ -100,12 +109,13 @@ impl OutcomeKind {
             2 => Some(OutcomeKind::Deferred),
             3 => Some(OutcomeKind::Bounced),
             4 => Some(OutcomeKind::Expired),
+            5 => Some(OutcomeKind::Delayed),
             _ => None,
         }
     }
 
     pub fn is_final(self) -> bool {
-        !matches!(self, OutcomeKind::Deferred)
+        !matches!(self, OutcomeKind::Deferred | OutcomeKind::Delayed)
     }
 }
 
@@ -116,6 +126,7 @@ impl ArchivedOutcomeKind {
             ArchivedOutcomeKind::Deferred => OutcomeKind::Deferred,
             ArchivedOutcomeKind::Bounced => OutcomeKind::Bounced,
             ArchivedOutcomeKind::Expired => OutcomeKind::Expired,
+            ArchivedOutcomeKind::Delayed => OutcomeKind::Delayed,
         }
     }
 }
@@ -272,6 +283,7 @@ pub fn encode_message(
     let prefix = start + RECORD_HEADER_LEN;
     buf[prefix..prefix + 8].copy_from_slice(&id.to_le_bytes());
     buf[prefix + 8..prefix + 12].copy_from_slice(&(env_len as u32).to_le_bytes());
+    buf[prefix + 12] = envelope.notices.to_byte();
     for part in body {
         buf.extend_from_slice(part);
     }
@@ -340,6 +352,8 @@ pub enum MessageView<'a> {
     V4 {
         id: u64,
         envelope: &'a ArchivedEnvelope,
+        /// From the prefix (the archive skips the field).
+        notices: NoticeSwitches,
         body: &'a [u8],
     },
     V3(&'a v3::ArchivedMessageRecord),
@@ -370,6 +384,7 @@ impl<'a> MessageView<'a> {
         Ok(MessageView::V4 {
             id: u64::from_le_bytes(id),
             envelope,
+            notices: NoticeSwitches::from_byte(payload[12]),
             body: &payload[env_end..],
         })
     }
@@ -388,6 +403,14 @@ impl<'a> MessageView<'a> {
         }
     }
 
+    /// The notice switches the listener gave (every notice for records from before them).
+    pub fn notices(&self) -> NoticeSwitches {
+        match self {
+            MessageView::V4 { notices, .. } => *notices,
+            MessageView::V3(_) => NoticeSwitches::ALL,
+        }
+    }
+
     pub fn rcpt_count(&self) -> usize {
         match self {
             MessageView::V4 { envelope, .. } => envelope.rcpts.len(),
@@ -398,8 +421,14 @@ impl<'a> MessageView<'a> {
     /// The owned envelope (allocates: for recovery and notices, not per delivery).
     pub fn envelope(&self) -> Result<Envelope, RecordError> {
         match self {
-            MessageView::V4 { envelope, .. } => envelope
+            MessageView::V4 {
+                envelope, notices, ..
+            } => envelope
                 .to_owned_envelope()
+                .map(|e| Envelope {
+                    notices: *notices,
+                    ..e
+                })
                 .map_err(|e| RecordError::Archive(e.to_string())),
             MessageView::V3(m) => Ok(envelope_of_v3(m)),
         }
@@ -459,6 +488,7 @@ fn envelope_of_v3(m: &v3::ArchivedMessageRecord) -> Envelope {
         },
         size: m.body.len() as u64,
         peer: m.peer.as_str().to_owned(),
+        notices: NoticeSwitches::ALL,
     }
 }
 
@@ -595,6 +625,10 @@ pub(crate) mod tests {
             body: Body::EightBitMime,
             size: 0,
             peer: "127.0.0.1:5000".into(),
+            notices: NoticeSwitches {
+                delay: false,
+                ..NoticeSwitches::ALL
+            },
         }
     }
 

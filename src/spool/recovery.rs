@@ -29,6 +29,8 @@ pub enum RcptState {
     Pending {
         attempts: u32,
         next_attempt_ms: u64,
+        /// Its delay notice is spooled (`OutcomeKind::Delayed`): none follows again.
+        delay_notified: bool,
     },
     Final(OutcomeKind),
 }
@@ -164,6 +166,7 @@ impl Replay for Collect {
             RcptState::Pending {
                 attempts: 0,
                 next_attempt_ms: 0,
+                delay_notified: false,
             };
             envelope.rcpts.len()
         ];
@@ -191,9 +194,10 @@ impl Replay for Collect {
             }
         } else if let Some(state) = msg.states.get_mut(o.rcpt as usize) {
             *state = match kind {
-                OutcomeKind::Deferred => RcptState::Pending {
+                OutcomeKind::Deferred | OutcomeKind::Delayed => RcptState::Pending {
                     attempts: o.attempts,
                     next_attempt_ms: o.next_attempt_ms,
+                    delay_notified: kind == OutcomeKind::Delayed,
                 },
                 kind => RcptState::Final(kind),
             };

@@ -133,7 +133,8 @@ fn append_read_recover_and_collect() {
             m30.states[1],
             RcptState::Pending {
                 attempts: 1,
-                next_attempt_ms: 77
+                next_attempt_ms: 77,
+                delay_notified: false,
             }
         );
         assert_eq!(m30.envelope, envelope(30, 2));
@@ -290,6 +291,7 @@ fn compaction_moves_the_few_live_messages_and_frees_the_segments() {
                         rcpts: vec![RcptSnapshot::Deferred {
                             attempts: 1,
                             next_attempt_ms: 77,
+                            delay_notified: false,
                         }],
                     },
                 );
@@ -330,7 +332,8 @@ fn compaction_moves_the_few_live_messages_and_frees_the_segments() {
                 m.states,
                 vec![RcptState::Pending {
                     attempts: 1,
-                    next_attempt_ms: 77
+                    next_attempt_ms: 77,
+                    delay_notified: false,
                 }]
             );
         }

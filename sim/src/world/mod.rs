@@ -83,6 +83,8 @@ pub struct Stats {
     /// Notices whose original could not be read (segment gone).
     pub notice_read_failures: u64,
     pub notices_failed: u64,
+    /// Messages let go with a dead letter.
+    pub dead_letters: u64,
     pub parts_failed: u64,
     pub queue_full: u64,
     pub recovered: u64,
@@ -114,6 +116,7 @@ impl Stats {
         self.body_read_failures += o.body_read_failures;
         self.notice_read_failures += o.notice_read_failures;
         self.notices_failed += o.notices_failed;
+        self.dead_letters += o.dead_letters;
         self.parts_failed += o.parts_failed;
         self.queue_full += o.queue_full;
         self.recovered += o.recovered;
@@ -320,6 +323,8 @@ struct NoticeJob {
     notice: ReceptionId,
     /// The recipients (of the original) it reports on.
     covers: Vec<EntryKey>,
+    /// A delay notice (its recipients are still pending).
+    delay: bool,
 }
 
 /// What the world knows of a queued message, across crashes: whose it is and where its record
@@ -766,6 +771,13 @@ impl World {
                         found.get(key)
                     ),
                 ));
+            }
+        }
+        // Pending now, whatever was durable before (corruption took the record): the later
+        // checks (a delay notice only while pending) go by what recovery found.
+        for key in &pending_keys {
+            if let Some(e) = self.ledger.entries.get_mut(key) {
+                e.durable_final = false;
             }
         }
         self.note(|| {

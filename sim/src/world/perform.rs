@@ -35,6 +35,20 @@ impl World {
                     }
                     self.schedule_commit(s);
                 }
+                Action::DeadLetter(request) => {
+                    // The world keeps no dead-letter files: it checks the decision (only
+                    // failed recipients, only final messages) and lets the record go.
+                    let (id, loc) = (request.id, request.loc);
+                    self.check_dead_letter(s, &request)?;
+                    self.stats.dead_letters += 1;
+                    if let Some(sh) = self.shards[s].as_mut() {
+                        sh.engine.message_final(id, loc);
+                    }
+                    self.msgs.remove(&(s, id));
+                    self.note(|| format!("s{s} dead letter {id:#x} at {loc:?}"));
+                    self.schedule_collect(s);
+                    self.compact_check(s)?;
+                }
                 Action::Final { id, loc } => {
                     if let Some(sh) = self.shards[s].as_mut() {
                         sh.engine.message_final(id, loc);
@@ -52,6 +66,9 @@ impl World {
                 Action::WakeIdle => self.wake_idle(s),
                 Action::Lease { to, msg } => self.lease_send(s, to, msg),
                 Action::Notice(request) => {
+                    if request.is_delay() {
+                        self.check_delay_request(s, &request)?;
+                    }
                     let delay = self.rng_net.range(0, 5);
                     self.local(delay, Local::Notice(s, Box::new(request)));
                 }
@@ -128,6 +145,91 @@ impl World {
         };
         self.note(|| format!("s{s} resolved {domain}: {answer:?}"));
         self.core_step(s, |c, now| c.resolved(&domain, &answer, None, now))?;
+        Ok(())
+    }
+}
+
+impl World {
+    /// A delay notice is asked for: each recipient it names is still pending (no final
+    /// outcome, none durable), has waited `notices.delay_after_s`, and its message allows
+    /// delay notices.
+    fn check_delay_request(
+        &mut self,
+        s: usize,
+        request: &epoxi::core::NoticeRequest,
+    ) -> Result<(), Violation> {
+        let crashed = self.crashed();
+        let delay_after_ms = self.sc.delay_after_s * 1000;
+        let Some(t) = self.msgs.get(&(s, request.id)) else {
+            return Ok(());
+        };
+        for r in &request.rcpts {
+            let Some(rcpt) = t.rcpts.get(usize::from(r.rcpt)) else {
+                continue;
+            };
+            let key = (t.rec, rcpt.clone());
+            let Some(e) = self.ledger.entries.get(&key) else {
+                continue;
+            };
+            if delay_after_ms == 0 || !e.switches.delay {
+                return Err(Violation::new(
+                    "delay-notice",
+                    format!("{key:?}: a delay notice asked for with delay notices off"),
+                ));
+            }
+            if self.now < e.received_ms + delay_after_ms {
+                return Err(Violation::new(
+                    "delay-notice",
+                    format!(
+                        "{key:?}: a delay notice at {} before {} + {delay_after_ms}",
+                        self.now, e.received_ms
+                    ),
+                ));
+            }
+            if e.durable_final || (!crashed && !e.terminal.is_empty()) {
+                return Err(Violation::new(
+                    "delay-notice",
+                    format!(
+                        "{key:?}: a delay notice asked for after its final outcome {:?}",
+                        e.terminal
+                    ),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// A dead letter names only recipients whose last outcome is a failure.
+    fn check_dead_letter(
+        &mut self,
+        s: usize,
+        request: &epoxi::core::DeadLetterRequest,
+    ) -> Result<(), Violation> {
+        let Some(t) = self.msgs.get(&(s, request.id)) else {
+            return Ok(());
+        };
+        for r in &request.rcpts {
+            let Some(rcpt) = t.rcpts.get(usize::from(r.rcpt)) else {
+                continue;
+            };
+            let key = (t.rec, rcpt.clone());
+            let last = self
+                .ledger
+                .entries
+                .get(&key)
+                .and_then(|e| e.terminal.last().map(|(_, o)| *o));
+            if !matches!(
+                last,
+                Some(
+                    epoxi::events::AttemptOutcome::Bounced | epoxi::events::AttemptOutcome::Expired
+                )
+            ) {
+                return Err(Violation::new(
+                    "dead-letter",
+                    format!("{key:?}: in a dead letter, last outcome {last:?}"),
+                ));
+            }
+        }
         Ok(())
     }
 }

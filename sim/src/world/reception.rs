@@ -56,6 +56,7 @@ impl World {
             body: Body::SevenBit,
             size: body.len() as u64,
             peer: "sim".into(),
+            notices: m.notices,
         };
         let rk = rec_key(&reception);
         let mut keys = Vec::new();
@@ -72,6 +73,8 @@ impl World {
                     terminal: Vec::new(),
                     delivered: 0,
                     notices: Vec::new(),
+                    delays: Vec::new(),
+                    switches: m.notices,
                     exempt: false,
                     durable_final: false,
                 },
@@ -263,7 +266,11 @@ impl World {
         if ok {
             let crashed = self.crashed();
             for key in &job.covers {
-                self.ledger.notice(key, now, crashed)?;
+                if job.delay {
+                    self.ledger.delay_notice(key, now, crashed)?;
+                } else {
+                    self.ledger.notice(key, now, crashed)?;
+                }
             }
             let notice = job.notice;
             self.core_step(inb.origin, |c, now| {
@@ -337,6 +344,7 @@ impl World {
             &outcomes,
             notice_id,
             now,
+            &epoxi::notices::Policy::of(&self.settings.config),
         );
         let Some((envelope, body)) = composed else {
             self.core_step(s, |c, now| c.notice_spooled(token, None, now))?;
@@ -344,6 +352,8 @@ impl World {
         };
         // The recipients it reports on, as `compose` picks them (NOTIFY).
         let rk = rec_key(&original.envelope.reception);
+        let policy = epoxi::notices::Policy::of(&self.settings.config);
+        let delay = request.is_delay();
         let covers: Vec<EntryKey> = request
             .rcpts
             .iter()
@@ -351,6 +361,7 @@ impl World {
                 let rcpt = original.envelope.rcpts.get(usize::from(r.rcpt))?;
                 let wanted = match r.kind {
                     OutcomeKind::Delivered => rcpt.notify.on_success(),
+                    _ if delay => epoxi::notices::wants_delay(rcpt.notify, &policy),
                     _ => rcpt.notify.on_failure(),
                 };
                 wanted.then(|| (rk, rcpt.address.clone()))
@@ -370,6 +381,8 @@ impl World {
                     terminal: Vec::new(),
                     delivered: 0,
                     notices: Vec::new(),
+                    delays: Vec::new(),
+                    switches: envelope.notices,
                     exempt: false,
                     durable_final: false,
                 },
@@ -391,6 +404,7 @@ impl World {
                 token,
                 notice: notice_id,
                 covers,
+                delay,
             }),
         )
     }

@@ -81,6 +81,7 @@ fn envelope(sender: &str, rcpts: &[&str], received_ms: u64) -> Envelope {
         body: Body::EightBitMime,
         size: 1234,
         peer: "192.0.2.1:40000".into(),
+        notices: crate::envelope::NoticeSwitches::ALL,
     }
 }
 
@@ -350,7 +351,8 @@ fn a_deferral_is_recorded_scheduled_and_routed_again_when_due() {
         core.live(id).map(|l| l.rcpts),
         Some(vec![RcptSnapshot::Deferred {
             attempts: 1,
-            next_attempt_ms: due
+            next_attempt_ms: due,
+            delay_notified: false,
         }])
     );
     assert_eq!(
@@ -1365,14 +1367,17 @@ fn recovered_messages_are_queued_by_state() {
             RcptState::Pending {
                 attempts: 2,
                 next_attempt_ms: now + 30_000,
+                delay_notified: false,
             },
             RcptState::Pending {
                 attempts: 0,
                 next_attempt_ms: 0,
+                delay_notified: false,
             },
             RcptState::Pending {
                 attempts: 1,
                 next_attempt_ms: now - 5,
+                delay_notified: false,
             },
         ],
     };
@@ -1391,6 +1396,7 @@ fn recovered_messages_are_queued_by_state() {
         states: vec![RcptState::Pending {
             attempts: 1,
             next_attempt_ms: now + 10_000,
+            delay_notified: false,
         }],
     };
     core.restore(&msg2, now).expect("restored");
@@ -1417,12 +1423,14 @@ fn recovered_messages_are_queued_by_state() {
                 RcptSnapshot::Final(OutcomeKind::Delivered),
                 RcptSnapshot::Deferred {
                     attempts: 2,
-                    next_attempt_ms: now + 30_000
+                    next_attempt_ms: now + 30_000,
+                    delay_notified: false,
                 },
                 RcptSnapshot::Fresh,
                 RcptSnapshot::Deferred {
                     attempts: 1,
-                    next_attempt_ms: now - 5
+                    next_attempt_ms: now - 5,
+                    delay_notified: false,
                 },
             ]
         })
