@@ -27,9 +27,38 @@
 
 use std::rc::Rc;
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::envelope::{Envelope, ReceptionId};
+
+/// How an out-of-band report was matched to the original message.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum MatchedBy {
+    /// The envelope recipient was our VERP return path.
+    Verp,
+    /// Our `Received:` header, in the returned headers.
+    Received,
+}
+
+/// Why an entry is on the list.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SuppressionReason {
+    /// A hard bounce (InvalidRecipient, BadDomain, InactiveMailbox), in band or out of band.
+    Bounce,
+    /// An ARF complaint (feedback type abuse or fraud).
+    Complaint,
+    /// Added by an operator.
+    Admin,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ListChange {
+    Add,
+    Remove,
+}
 
 /// A reply from the next hop (or our own reason, e.g. "connection refused"), as logged.
 #[derive(Clone, Debug, Serialize, PartialEq, Eq, Default)]
@@ -169,7 +198,7 @@ pub struct OobBounce {
     /// The original message's reception id when it was matched (VERP or our Received
     /// header), else null.
     pub message_id: Option<String>,
-    pub matched_by: Option<crate::oob::MatchedBy>,
+    pub matched_by: Option<MatchedBy>,
     /// The returned Message-ID header, when there was one.
     pub original_message_id: Option<String>,
     /// The tenant of the original (its tenant header, as returned).
@@ -200,7 +229,7 @@ pub struct FeedbackReport {
     pub sender: String,
     pub recipient: String,
     pub message_id: Option<String>,
-    pub matched_by: Option<crate::oob::MatchedBy>,
+    pub matched_by: Option<MatchedBy>,
     pub original_message_id: Option<String>,
     pub tenant: Option<String>,
     /// `Feedback-Type`, lower case: abuse, fraud, virus, not-spam, other…
@@ -261,10 +290,10 @@ pub struct Suppressed {
 pub struct SuppressionChange {
     pub ts_ms: u64,
     pub shard: usize,
-    pub action: crate::suppression::Change,
+    pub action: ListChange,
     pub recipient: String,
     pub tenant: Option<String>,
-    pub reason: Option<crate::suppression::Reason>,
+    pub reason: Option<SuppressionReason>,
 }
 
 #[derive(Clone, Copy, Debug)]

@@ -3,7 +3,7 @@
 //!
 //! The wire is JSON lines: one [`Op`] per line in, one JSON object per line out, several per
 //! connection. Every shard answers an operation about its own queue
-//! ([`crate::core::Core::admin`]); shard 0 merges the answers ([`merge`]). A request that is
+//! (`Core::admin`); shard 0 merges the answers ([`merge`]). A request that is
 //! not an operation gets `{"error": "..."}` and the connection stays usable.
 //!
 //! This module, [`merge`], [`reload`] and [`render`] do no I/O; [`socket`] binds the socket

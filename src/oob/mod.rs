@@ -20,8 +20,6 @@
 //! [`decide`] turns a parsed report into the event lines to log and the recipients to
 //! suppress; the reception adapter (`reception/session.rs`) performs that.
 
-use serde::Serialize;
-
 use crate::bounce::{Category, Classifier};
 use crate::envelope::ReceptionId;
 use crate::events::{FeedbackReport, OobBounce};
@@ -36,15 +34,9 @@ pub const FIELD_LEN_MAX: usize = 1000;
 /// The local part prefix of a VERP return path: `b+<reception id>@<oob domain>`.
 pub const VERP_PREFIX: &str = "b+";
 
-/// How the report was matched to the original message.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum MatchedBy {
-    /// The envelope recipient was our VERP return path.
-    Verp,
-    /// Our `Received:` header, in the returned headers.
-    Received,
-}
+/// How the report was matched to the original message (defined with the events that carry
+/// it, so the event types need nothing from here).
+pub use crate::events::MatchedBy;
 
 /// Why a message to the report domain could not be read as a report.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]

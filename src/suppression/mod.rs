@@ -29,7 +29,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::clock::Clock;
 use crate::events::{Event, Observers, SuppressionChange};
-use crate::reception::LocalFuture;
+/// A future on this shard (the suppression stage's own name for reception's).
+pub type LocalFuture<'a, T> = std::pin::Pin<Box<dyn std::future::Future<Output = T> + 'a>>;
 
 /// The redb table: key `tenant \n recipient` (tenant empty for the default list), value the
 /// entry's JSON ([`Stored`]).
@@ -48,24 +49,9 @@ pub const LIST_DEFAULT_MAX: usize = 1000;
 /// The most a caller may ask for in one listing, across all shards.
 pub const LIST_MAX: usize = 100_000;
 
-/// Why an entry is on the list.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Reason {
-    /// A hard bounce (InvalidRecipient, BadDomain, InactiveMailbox), in band or out of band.
-    Bounce,
-    /// An ARF complaint (feedback type abuse or fraud).
-    Complaint,
-    /// Added by an operator.
-    Admin,
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Change {
-    Add,
-    Remove,
-}
+/// Why an entry is on the list, and how a list changed (defined with the events that carry
+/// them, so the event types need nothing from here).
+pub use crate::events::{ListChange as Change, SuppressionReason as Reason};
 
 /// One entry, as listed.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
