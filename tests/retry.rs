@@ -239,3 +239,62 @@ fn final_dot_timeout_is_a_transient_failure() {
     let report = sink.stop();
     assert!(report.count("received") >= 1, "{}", report.json);
 }
+
+/// `[[retry]]` rules by category under a shortened clock: a rate-limited recipient is retried
+/// on its rule's first delay (jitter within its band), a full mailbox bounces at once where a
+/// rule says so, and anything else keeps `[queue]`'s minute.
+#[test]
+fn retry_rules_by_category_set_the_delay_or_bounce_early() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let sink = Sink::start(dir.path(), &["--smart"]);
+    let mut opts = Opts::new(dir.path())
+        .route(sink.port)
+        .set("queue", "retry_base_ms", "60000")
+        .set("queue", "retry_cap_ms", "60000")
+        .set("queue", "retry_jitter", "0.1");
+    opts.conf.raw.push_str(
+        "[[retry]]\ncategory = [\"RateLimited\"]\nfirst_ms = 400\n\
+         [[retry]]\ncategory = [\"QuotaIssues\"]\nbounce = true\n",
+    );
+    let epoxi = Epoxi::start(&opts);
+    let mut c = common::Smtp::connect(epoxi.port);
+    c.reply();
+    c.expect("EHLO client.test", 250);
+    for rcpt in ["ratelimit@r.test", "quota@q.test", "tempfail@t.test"] {
+        let reply = c.send_message(
+            "s@client.test",
+            &[rcpt.to_owned()],
+            &common::message_body(rcpt, &[]),
+        );
+        assert_eq!(reply.code, 250, "{}", reply.text);
+    }
+    c.expect("QUIT", 221);
+    // Two TransientFailures for the rate-limited one (its retry comes in 400 ms), one for
+    // tempfail@, and a Bounce for quota@ on its first (4xx) attempt.
+    epoxi.wait_events("TransientFailure", 3);
+    let bounce = epoxi.wait_events("Bounce", 1);
+    assert_eq!(bounce[0]["recipient"], "quota@q.test");
+    assert_eq!(bounce[0]["response"]["code"], 452);
+    assert_eq!(bounce[0]["attempts"], 1);
+    assert_eq!(bounce[0]["bounce_category"], "QuotaIssues");
+    let failures = epoxi.events_of("TransientFailure");
+    let delay =
+        |e: &Value| e["next_attempt_ms"].as_u64().expect("next") - e["ts_ms"].as_u64().expect("ts");
+    let limited: Vec<&Value> = failures
+        .iter()
+        .filter(|e| e["recipient"] == "ratelimit@r.test")
+        .collect();
+    assert!(
+        limited.len() >= 2,
+        "retried on its rule's delay: {failures:?}"
+    );
+    assert!((360..=440).contains(&delay(limited[0])), "{}", limited[0]);
+    assert_eq!(limited[0]["bounce_category"], "RateLimited");
+    let other = failures
+        .iter()
+        .find(|e| e["recipient"] == "tempfail@t.test")
+        .expect("tempfail@ deferred");
+    assert!((54_000..=66_000).contains(&delay(other)), "{other}");
+    drop(epoxi);
+    sink.stop();
+}
