@@ -65,6 +65,8 @@ pub struct Scenario {
     pub messages: Vec<Inject>,
     /// When faults stop, every peer accepts and the run drains.
     pub heal_at_ms: u64,
+    /// Operators' operations, at their times (ms from the start), sent to every shard.
+    pub admin: Vec<(u64, epoxi::admin::Op)>,
     /// `notices.delay_after_s` (0: no delay notices) and `notices.delay_without_notify`.
     pub delay_after_s: u64,
     pub delay_without_notify: bool,
@@ -112,6 +114,8 @@ pub struct Options {
     pub no_crashes: bool,
     /// No storage faults at all.
     pub no_faults: bool,
+    /// No operator operations (the regression seeds replay the runs that found their bugs).
+    pub no_admin: bool,
     /// Scale the number of messages (1.0: 20 to 200).
     pub scale: Option<f64>,
     /// Keep this many trace lines for a failure report.
@@ -156,6 +160,13 @@ impl Scenario {
         let delay_without_notify = nrng.chance(500);
         let dead_letters = nrng.chance(500);
         let heal_at_ms = inject_window_ms + rng.range(0, max_age_s * 1000 * 2);
+        let admin = match opts.no_admin {
+            true => Vec::new(),
+            false => draw_admin(
+                &mut Rng::new(seed ^ 0xad31_5eed_0000_0000),
+                inject_window_ms + 5_000,
+            ),
+        };
         let faulty = !opts.no_faults && rng.chance(750);
         let level = if faulty { rng.range(1, 4) as u32 } else { 0 };
         let mut faults = Faults {
@@ -209,6 +220,7 @@ impl Scenario {
             faults,
             messages,
             heal_at_ms,
+            admin,
             delay_after_s,
             delay_without_notify,
             dead_letters,
@@ -250,6 +262,41 @@ impl Scenario {
         s.shard_count = self.shards;
         Ok(Rc::new(s))
     }
+}
+
+/// Up to four operations in the first `window_ms`: suspensions (for up to 30 s, so the run
+/// still drains), resumes, flushes and bounces (with notices, as for any bounce) by domain.
+fn draw_admin(rng: &mut Rng, window_ms: u64) -> Vec<(u64, epoxi::admin::Op)> {
+    use epoxi::admin::{Op, Selector};
+    if rng.chance(500) {
+        return Vec::new();
+    }
+    let n = rng.range(1, 4);
+    let mut ops = Vec::new();
+    for _ in 0..n {
+        let at = rng.range(0, window_ms);
+        let domain = DOMAINS[rng.below(DOMAINS.len() as u64) as usize].to_owned();
+        let op = match rng.below(4) {
+            0 => Op::Suspend {
+                selector: Selector::Domain(domain),
+                duration_s: Some(rng.range(1, 30)),
+                reason: Some("sim".into()),
+            },
+            1 => Op::Resume {
+                selector: Selector::Domain(domain),
+            },
+            2 => Op::Flush { selector: None },
+            _ => Op::Bounce {
+                selector: Selector::Domain(domain),
+                duration_s: Some(rng.range(0, 10)),
+                reason: Some("sim".into()),
+                notify: true,
+            },
+        };
+        ops.push((at, op));
+    }
+    ops.sort_by_key(|(at, _)| *at);
+    ops
 }
 
 impl Inject {

@@ -121,6 +121,14 @@ fn the_scenarios_cover_the_mechanisms() {
     assert!(quarantined > 0, "{quarantined}");
 }
 
+/// The regression seeds' runs, as they were found: no operator operations (drawn since).
+fn regression() -> Options {
+    Options {
+        no_admin: true,
+        ..Options::default()
+    }
+}
+
 // Seeds that found bugs, kept as they were found. Each still exercises the scenario that
 // broke; the comment says what was wrong and where it was fixed.
 
@@ -130,14 +138,14 @@ fn the_scenarios_cover_the_mechanisms() {
 /// Fixed in `spool::recovery::replay` (superseded messages).
 #[test]
 fn seed_3_older_message_in_a_reused_slot() {
-    seeds(3, 4, &Options::default());
+    seeds(3, 4, &regression());
 }
 
 /// Deleting a segment made another collectable, but the collector waited for the next change
 /// and on a quiet spool it stayed for ever (`drain`). Fixed in `Spool::run_collector`.
 #[test]
 fn seed_5_collector_stops_before_all_is_collected() {
-    seeds(5, 6, &Options::default());
+    seeds(5, 6, &regression());
 }
 
 /// Compaction re-wrote tombstones about final messages on every pass, for ever; segments of
@@ -145,7 +153,7 @@ fn seed_5_collector_stops_before_all_is_collected() {
 /// (tombstones only while a segment holding the record remains).
 #[test]
 fn seed_8_tombstones_carried_for_ever() {
-    seeds(8, 9, &Options::default());
+    seeds(8, 9, &regression());
 }
 
 /// A notice retried after a failure to spool it read the message at its first location,
@@ -153,7 +161,7 @@ fn seed_8_tombstones_carried_for_ever() {
 /// (`notice`). Fixed in `Core::retry_notices` (as on branch coretests).
 #[test]
 fn seed_9_notice_retry_reads_a_moved_record() {
-    seeds(9, 10, &Options::default());
+    seeds(9, 10, &regression());
 }
 
 /// The notice task read the record at the location of the request, but compaction moved it
@@ -161,7 +169,7 @@ fn seed_9_notice_retry_reads_a_moved_record() {
 /// `shard::perform::Driver::notice` (asks the core where the record is now).
 #[test]
 fn seed_26_notice_reads_a_record_compaction_just_moved() {
-    seeds(26, 27, &Options::default());
+    seeds(26, 27, &regression());
 }
 
 /// Tombstones were still carried along while any old segment stayed (not only one holding
@@ -169,7 +177,7 @@ fn seed_26_notice_reads_a_record_compaction_just_moved() {
 /// tombstones, `SegmentState::ids`).
 #[test]
 fn seed_41_tombstones_kept_by_an_unrelated_old_segment() {
-    seeds(41, 42, &Options::default());
+    seeds(41, 42, &regression());
 }
 
 /// A segment of live messages and their restatements was below the live ratio; compacting it
@@ -178,7 +186,7 @@ fn seed_41_tombstones_kept_by_an_unrelated_old_segment() {
 /// not done until the segment's live count changes).
 #[test]
 fn seed_98_compaction_that_gains_nothing() {
-    seeds(98, 99, &Options::default());
+    seeds(98, 99, &regression());
 }
 
 /// A crash cut the zero padding after the last record of a segment; recovery took the record
@@ -188,7 +196,7 @@ fn seed_98_compaction_that_gains_nothing() {
 /// Fixed in `Engine::compact` (copies the record and restores its padding).
 #[test]
 fn seed_39098_record_with_torn_padding() {
-    seeds(39_098, 39_099, &Options::default());
+    seeds(39_098, 39_099, &regression());
 }
 
 /// With the queue at `queue.messages_max`, every queued message waiting for its bounce notice
@@ -199,7 +207,7 @@ fn seed_39098_record_with_torn_padding() {
 /// messages they report on).
 #[test]
 fn seed_12527_notices_deadlock_on_a_full_queue() {
-    seeds(12_527, 12_528, &Options::default());
+    seeds(12_527, 12_528, &regression());
 }
 
 /// An fdatasync failed, yet the batch's bytes reached the disk; the adapter truncated them
@@ -212,7 +220,7 @@ fn seed_12527_notices_deadlock_on_a_full_queue() {
 /// failed batch may hold a copy of depend on that segment (its final outcome cannot go first).
 #[test]
 fn seed_101186_failed_batch_comes_back_after_a_crash() {
-    seeds(101_186, 101_187, &Options::default());
+    seeds(101_186, 101_187, &regression());
 }
 
 /// The same failed batch, one step further: the message's outcome depended on the failed
@@ -223,7 +231,7 @@ fn seed_101186_failed_batch_comes_back_after_a_crash() {
 /// failed batch held count as records of their segment.
 #[test]
 fn seed_301307_tombstone_for_a_copy_a_failed_batch_may_hold() {
-    seeds(301_307, 301_308, &Options::default());
+    seeds(301_307, 301_308, &regression());
 }
 
 /// A message was let go (`Final`) once its last recipient was done while a success notice
@@ -232,6 +240,6 @@ fn seed_301307_tombstone_for_a_copy_a_failed_batch_may_hold() {
 /// and `Core::notice_spooled` (a message stays while a notice about it is pending).
 #[test]
 fn seed_75_success_notice_outlived_by_its_message() {
-    let s = run(75, &Options::default()).unwrap_or_else(|f| panic!("{f}"));
+    let s = run(75, &regression()).unwrap_or_else(|f| panic!("{f}"));
     assert_eq!(s.stats.notice_read_failures, 0);
 }

@@ -136,6 +136,8 @@ enum Ev {
     Crash,
     Restart,
     Heal,
+    /// The scenario's `admin[k]`, to every shard up.
+    Admin(usize),
     Local(u64, Local),
 }
 
@@ -172,6 +174,7 @@ impl Ev {
             Ev::Crash => 3,
             Ev::Restart => 4,
             Ev::Heal => 5,
+            Ev::Admin(k) => 6 | (*k as u64) << 8,
             Ev::Local(_, l) => match l {
                 Local::Commit(s) => 10 | (*s as u64) << 8,
                 Local::Sync(s) => 11 | (*s as u64) << 8,
@@ -470,6 +473,10 @@ impl World {
         }
         let heal_at = EPOCH_MS + self.sc.heal_at_ms;
         self.at(heal_at, Ev::Heal);
+        for k in 0..self.sc.admin.len() {
+            let at = EPOCH_MS + self.sc.admin[k].0;
+            self.at(at, Ev::Admin(k));
+        }
         self.start()?;
         let limit = heal_at + self.sc.max_age_s * 1000 + self.sc.retry_cap_ms * 4 + DRAIN_MS_MAX;
         loop {
@@ -549,6 +556,23 @@ impl World {
             }
             Ev::Crash => self.crash(),
             Ev::Restart => self.start(),
+            Ev::Admin(k) => {
+                let op = self.sc.admin[k].1.clone();
+                self.note(|| format!("admin {op:?}"));
+                for s in 0..self.shards.len() {
+                    // Mass operations step by step, actions performed between steps, as the
+                    // shard adapter does.
+                    let mut cursor = 0;
+                    loop {
+                        let step = self.core_step(s, |c, now| c.admin_step(&op, cursor, now))?;
+                        match step.and_then(|st| st.next) {
+                            Some(next) => cursor = next,
+                            None => break,
+                        }
+                    }
+                }
+                Ok(())
+            }
             Ev::Heal => {
                 self.healing = true;
                 for p in self.peers.values_mut() {
