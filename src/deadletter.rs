@@ -481,6 +481,26 @@ pub struct ReinjectFailure {
     pub reason: String,
 }
 
+/// The dead letters a re-injection takes: the one named by `id`, or all; the unreadable ones
+/// (`bad`) are logged and left in place.
+fn choose(
+    found: Vec<Found>,
+    bad: &[DeadLetterError],
+    id: Option<&str>,
+) -> Result<Vec<Found>, DeadLetterError> {
+    for e in bad {
+        tracing::warn!("dead letter not re-injected: {e}");
+    }
+    let chosen: Vec<Found> = found
+        .into_iter()
+        .filter(|f| id.is_none_or(|id| f.letter.reception_id == id))
+        .collect();
+    if let (Some(id), true) = (id, chosen.is_empty()) {
+        return Err(DeadLetterError::NotFound(id.to_owned()));
+    }
+    Ok(chosen)
+}
+
 /// Re-inject the dead letters under `root` (every shard's): the one whose reception id is
 /// `id`, every part of it (a split message left one per shard), or all of them when `id` is
 /// None. Each goes through `reception` as a new message to its failed recipients (the queue
@@ -497,16 +517,7 @@ pub async fn reinject(
     let (found, bad) = glommio::executor()
         .spawn_blocking(move || list(&dir))
         .await?;
-    for e in &bad {
-        tracing::warn!("dead letter not re-injected: {e}");
-    }
-    let chosen: Vec<Found> = found
-        .into_iter()
-        .filter(|f| id.is_none_or(|id| f.letter.reception_id == id))
-        .collect();
-    if let (Some(id), true) = (id, chosen.is_empty()) {
-        return Err(DeadLetterError::NotFound(id.to_owned()));
-    }
+    let chosen = choose(found, &bad, id)?;
     let mut report = ReinjectReport::default();
     for f in chosen {
         let old = f.letter.reception_id.clone();
@@ -716,16 +727,7 @@ pub fn reinject_over_smtp(
     addr: std::net::SocketAddr,
 ) -> Result<ReinjectReport, DeadLetterError> {
     let (found, bad) = list(root)?;
-    for e in &bad {
-        tracing::warn!("dead letter not re-injected: {e}");
-    }
-    let chosen: Vec<Found> = found
-        .into_iter()
-        .filter(|f| id.is_none_or(|id| f.letter.reception_id == id))
-        .collect();
-    if let (Some(id), true) = (id, chosen.is_empty()) {
-        return Err(DeadLetterError::NotFound(id.to_owned()));
-    }
+    let chosen = choose(found, &bad, id)?;
     let mut report = ReinjectReport::default();
     for f in chosen {
         let old = f.letter.reception_id.clone();
