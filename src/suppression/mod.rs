@@ -211,20 +211,10 @@ impl Store {
         if self.contains(entry.tenant.as_deref(), &entry.rcpt) {
             return Ok(false);
         }
-        let stored = Stored {
-            reason: entry.reason,
-            note: entry.note.clone(),
-            added_ms: entry.added_ms,
-        };
-        let value = serde_json::to_string(&stored).map_err(|e| self.fail(e.to_string()))?;
-        let key = key_of(entry.tenant.as_deref(), &entry.rcpt);
+        let (key, value, stored) = self.record_of(entry)?;
         self.write(move |table| table.insert(key.as_str(), value.as_str()).map(|_| ()))
             .await?;
-        self.lists
-            .borrow_mut()
-            .entry(entry.tenant.clone().unwrap_or_default())
-            .or_default()
-            .insert(entry.rcpt.clone(), stored);
+        self.remember(entry, stored);
         Ok(true)
     }
 
@@ -277,22 +267,12 @@ impl Store {
         if self.contains(entry.tenant.as_deref(), &entry.rcpt) {
             return Ok(false);
         }
-        let stored = Stored {
-            reason: entry.reason,
-            note: entry.note.clone(),
-            added_ms: entry.added_ms,
-        };
-        let value = serde_json::to_string(&stored).map_err(|e| self.fail(e.to_string()))?;
-        let key = key_of(entry.tenant.as_deref(), &entry.rcpt);
+        let (key, value, stored) = self.record_of(entry)?;
         commit(&self.db, |table| {
             table.insert(key.as_str(), value.as_str()).map(|_| ())
         })
         .map_err(|why| self.fail(why))?;
-        self.lists
-            .borrow_mut()
-            .entry(entry.tenant.clone().unwrap_or_default())
-            .or_default()
-            .insert(entry.rcpt.clone(), stored);
+        self.remember(entry, stored);
         Ok(true)
     }
 
@@ -311,6 +291,25 @@ impl Store {
             .map_err(|why| self.fail(why))?;
         self.forget(tenant, rcpt);
         Ok(true)
+    }
+
+    /// An entry as stored: its key, its value, and what the in-memory list keeps.
+    fn record_of(&self, entry: &Entry) -> Result<(String, String, Stored), SuppressionError> {
+        let stored = Stored {
+            reason: entry.reason,
+            note: entry.note.clone(),
+            added_ms: entry.added_ms,
+        };
+        let value = serde_json::to_string(&stored).map_err(|e| self.fail(e.to_string()))?;
+        Ok((key_of(entry.tenant.as_deref(), &entry.rcpt), value, stored))
+    }
+
+    fn remember(&self, entry: &Entry, stored: Stored) {
+        self.lists
+            .borrow_mut()
+            .entry(entry.tenant.clone().unwrap_or_default())
+            .or_default()
+            .insert(entry.rcpt.clone(), stored);
     }
 
     fn forget(&self, tenant: Option<&str>, rcpt: &str) {
