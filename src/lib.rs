@@ -55,6 +55,7 @@ pub mod reception;
 pub mod records;
 pub mod route;
 pub mod settings;
+pub mod shaping;
 pub mod shard;
 pub mod smtp;
 pub mod spool;
