@@ -124,6 +124,9 @@ pub struct Site {
     pub security: Option<Arc<crate::tlspolicy::plan::DomainSecurity>>,
     /// Identity of `security` (domain, policy id and fetch time, DNSSEC): empty without one.
     policy_key: Arc<str>,
+    /// The recipient domain whose own limits make this its own site (`[[domain]]` with
+    /// limits): its key is `hosts#domain`, so its connections and rates are its own.
+    pub shaped_domain: Option<Arc<str>>,
 }
 
 impl Site {
@@ -140,7 +143,17 @@ impl Site {
             hosts: hosts.into(),
             security: None,
             policy_key: "".into(),
+            shaped_domain: None,
         }
+    }
+
+    /// This site as `domain`'s own (see `shaped_domain`).
+    pub fn shaped_for(mut self, domain: &str) -> Site {
+        if self.shaped_domain.is_none() {
+            self.key = format!("{}#{domain}", self.key).into();
+            self.shaped_domain = Some(domain.into());
+        }
+        self
     }
 
     /// The site of one domain with its own transport security.

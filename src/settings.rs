@@ -5,7 +5,7 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use crate::config::{invalid, Config, ConfigError, Network, Overrides, SiteLimits};
+use crate::config::{invalid, Config, ConfigError, Network, Overrides};
 use crate::route::{DomainGlob, Route, RouteError};
 
 /// The checked, ready-to-use configuration.
@@ -44,8 +44,8 @@ pub struct Settings {
     pub oob_domain: Option<String>,
     /// The reply to a suppressed recipient (None: `suppression.enabled = false`).
     pub suppression_reply: Option<crate::smtp::reply::Reply>,
-    /// `config.site[i].mx`, compiled: `site_globs[i]` belongs to `config.site[i]`.
-    site_globs: Vec<DomainGlob>,
+    /// The shaping layers (providers, sites, domains, sources, tenants), compiled.
+    pub shaping: Arc<crate::shaping::layers::Layers>,
 }
 
 /// The settings in force on one shard: every session, connection and notice reads them when it
@@ -106,30 +106,10 @@ impl Settings {
         }
     }
 
-    /// The connection settings for `hop`.
-    pub fn site_limits(&self, hop: &crate::route::Hop) -> SiteLimits {
-        let d = &self.config.delivery;
-        let mut limits = SiteLimits {
-            connections_max: d.connections_per_destination_max,
-            messages_per_connection_max: d.messages_per_connection_max,
-            idle_timeout_ms: d.idle_timeout_ms,
-        };
-        let entry = self
-            .site_globs
-            .iter()
-            .zip(&self.config.site)
-            .find(|(glob, _)| match hop {
-                crate::route::Hop::Route(dest) => glob.matches(&dest.host),
-                crate::route::Hop::Mx(site) => site.hosts.iter().any(|(_, h)| glob.matches(h)),
-            });
-        if let Some((_, e)) = entry {
-            limits.connections_max = e.connections_max.unwrap_or(limits.connections_max);
-            limits.messages_per_connection_max = e
-                .messages_per_connection_max
-                .unwrap_or(limits.messages_per_connection_max);
-            limits.idle_timeout_ms = e.idle_timeout_ms.unwrap_or(limits.idle_timeout_ms);
-        }
-        limits
+    /// The limits of `hop` from each egress source (a scan of the shaping tables: the core
+    /// memoises it per site).
+    pub fn site_shape(&self, hop: &crate::route::Hop) -> crate::shaping::layers::SiteShape {
+        self.shaping.site(hop, self.egress.sources.len())
     }
 }
 
@@ -173,11 +153,6 @@ impl Config {
             routes.push(route.with_tls(tls));
         }
         self.validate()?;
-        let site_globs = self
-            .site
-            .iter()
-            .map(|e| DomainGlob::new(&e.mx).map_err(|e| invalid("site.mx", e.to_string())))
-            .collect::<Result<Vec<_>, _>>()?;
         let relay_networks = parse_networks("server.relay_networks", &self.server.relay_networks)?;
         let hostname = if self.server.hostname.is_empty() {
             system_hostname()
@@ -324,6 +299,8 @@ impl Config {
                 )
             })?;
         let egress = crate::egress::Egress::from_config(&self, &helo_name)?;
+        let source_names: Vec<String> = egress.sources.iter().map(|s| s.name.clone()).collect();
+        let shaping = crate::shaping::layers::Layers::from_config(&self, &source_names)?;
         let dkim = dkim_signers(&self.dkim)?;
         let bounce = bounce_classifier(&self.bounce)?;
         let retry = retry_policy(&self)?;
@@ -355,7 +332,7 @@ impl Config {
             tls_client_verified,
             tls_trust,
             auth_users,
-            site_globs,
+            shaping: Arc::new(shaping),
         })
     }
 }

@@ -371,6 +371,7 @@ fn settle(sources: usize) -> Result<Settings, String> {
                 name: format!("src{i}"),
                 address: None,
                 ehlo: None,
+                message_rate: None,
             })
             .collect();
         cfg.pool = vec![PoolEntry {

@@ -10,12 +10,17 @@ use crate::envelope::Body;
 use crate::events::{Event, SourceHealth};
 use crate::outcome::RcptResult;
 use crate::queue::{Dest, Job};
+use crate::shaping::layers::SiteShape;
 use crate::smtp::reply::Reply;
 use crate::spool::Location;
 
 /// A connection carries at least this many messages before it hands its permit to a waiting
 /// shard (so turns are not a connection per message).
 pub const YIELD_AFTER_MESSAGES: u32 = 32;
+
+/// Sites whose limits a shard memoises; past it the memo starts over (sites are far fewer
+/// than this on any real queue; the bound keeps a pathological one from growing it forever).
+const SHAPES_MAX: usize = 65_536;
 
 /// Why held messages expire when their site's backoff outlasts their max age.
 const HOLD_SITE_DOWN: &str = "Destination in backoff after repeated connection failures";
@@ -93,6 +98,19 @@ pub(super) struct Conn {
 }
 
 impl Core {
+    /// The limits of `hop` from each source, memoised per site (see `shaping::layers`).
+    pub(super) fn shape_of(&mut self, hop: &crate::route::Hop) -> Rc<SiteShape> {
+        if let Some(s) = self.shapes.get(hop) {
+            return s.clone();
+        }
+        if self.shapes.len() >= SHAPES_MAX {
+            self.shapes.clear();
+        }
+        let shape = Rc::new(self.settings.site_shape(hop));
+        self.shapes.insert(hop.clone(), shape.clone());
+        shape
+    }
+
     fn dest_state(&mut self, dest: &Dest) -> &mut DestState {
         self.dests.entry(dest.clone()).or_default()
     }
@@ -112,9 +130,12 @@ impl Core {
             return;
         }
         let ready = self.queue.ready_for(dest) as u32;
-        let limits = self.settings.site_limits(&dest.hop);
-        let members = self.settings.egress.pools[dest.pool].members.len() as u32;
-        let slots_max = (limits.connections_max as u32).saturating_mul(members);
+        let shape = self.shape_of(&dest.hop);
+        let slots_max: u32 = self.settings.egress.pools[dest.pool]
+            .members
+            .iter()
+            .map(|&(s, _)| shape.of(s).connections_max)
+            .fold(0, u32::saturating_add);
         let ds = *self.dest_state(dest);
         if ready <= ds.idle + ds.requested || ds.conns + ds.requested >= slots_max {
             if ready > ds.idle {
@@ -179,7 +200,7 @@ impl Core {
             fallbacks: rest.iter().rev().copied().collect(),
             queued: false,
         };
-        self.request_permit(first, pending, limits.connections_max as u32, now_ms);
+        self.request_permit(first, pending, shape.of(first).connections_max, now_ms);
     }
 
     fn request_permit(&mut self, source: usize, pending: PendingLease, limit: u32, now_ms: u64) {
@@ -358,7 +379,7 @@ impl Core {
         ds.requested = ds.requested.saturating_sub(1);
         let dest = pending.dest.clone();
         if let Some(next) = pending.fallbacks.pop() {
-            let limit = self.settings.site_limits(&dest.hop).connections_max as u32;
+            let limit = self.shape_of(&dest.hop).of(next).connections_max;
             pending.queued = false;
             return self.request_permit(next, pending, limit, now_ms);
         }
@@ -389,11 +410,11 @@ impl Core {
             self.tidy_dest(&dest);
             return self.send_lease(owner_of(&key, self.shards), msg, now_ms);
         }
-        let limits = self.settings.site_limits(&dest.hop);
+        let source = usize::from(key.source);
+        let limits = *self.shape_of(&dest.hop).of(source);
         let conn = ConnId(self.next_conn);
         self.next_conn += 1;
         self.dest_state(&dest).conns += 1;
-        let source = usize::from(key.source);
         self.conns.insert(
             conn,
             Conn {
@@ -401,7 +422,7 @@ impl Core {
                 key,
                 source,
                 started: 0,
-                messages_max: limits.messages_per_connection_max.min(u32::MAX as usize) as u32,
+                messages_max: limits.messages_per_connection_max,
                 idle_timeout_ms: limits.idle_timeout_ms,
                 idle_since_ms: None,
                 idle: false,
@@ -431,7 +452,7 @@ impl Core {
             fallbacks: std::mem::take(&mut p.fallbacks),
             queued: false,
         };
-        let limit = self.settings.site_limits(&retry.dest.hop).connections_max as u32;
+        let limit = self.shape_of(&retry.dest.hop).of(next).connections_max;
         self.request_permit(next, retry, limit, now_ms);
     }
 

@@ -127,7 +127,6 @@ pub struct Core {
     shards: usize,
     settings: Rc<Settings>,
     has_resolver: bool,
-    rcpts_per_transaction_max: usize,
     queue: Queue,
     router: Router,
     sites: SiteMemo,
@@ -147,6 +146,8 @@ pub struct Core {
     /// the ready queues are checked then, so none outlives its max age there either.
     ready_check_ms: Option<u64>,
     dests: HashMap<Dest, DestState>,
+    /// Each site's limits per source, resolved once (cleared on reload).
+    shapes: HashMap<Hop, Rc<crate::shaping::layers::SiteShape>>,
     conns: HashMap<ConnId, deliver::Conn>,
     next_conn: u64,
     /// Domains being resolved, and the recipients waiting for their site.
@@ -179,7 +180,6 @@ impl Core {
             shard: cfg.shard,
             shards: cfg.shards.max(1),
             has_resolver: cfg.has_resolver,
-            rcpts_per_transaction_max: c.delivery.rcpts_per_transaction_max.max(1),
             queue: Queue::new(c.queue.messages_max),
             router: Router::new(cfg.settings.routes.clone()),
             sites: SiteMemo::new(c.dns.ttl_min_s, c.dns.ttl_max_s, c.dns.cache_entries_max),
@@ -196,6 +196,7 @@ impl Core {
             notices_off: false,
             ready_check_ms: None,
             dests: HashMap::new(),
+            shapes: HashMap::new(),
             conns: HashMap::new(),
             next_conn: 1,
             resolving: HashMap::new(),
@@ -242,7 +243,6 @@ impl Core {
             self.health = EgressState::new(&settings.egress);
         }
         let c = &settings.config;
-        self.rcpts_per_transaction_max = c.delivery.rcpts_per_transaction_max.max(1);
         self.budgets.set_backoff(crate::egress::lease::SiteBackoff {
             failures_max: c.delivery.site_failures_max,
             backoff_ms: c.delivery.site_backoff_ms,
@@ -250,6 +250,7 @@ impl Core {
         });
         self.router = Router::new(settings.routes.clone());
         self.settings = settings;
+        self.shapes.clear();
         let dests: Vec<Dest> = self.queue.ready_dests().cloned().collect();
         if reroute {
             for dest in &dests {
@@ -522,6 +523,7 @@ impl Core {
             return self.fail(id, &rcpts, &RcptResult::Reply(reply), now_ms);
         }
         if let Some(site) = self.sites.get(&domain, now_ms) {
+            let site = self.own_site(&domain, site);
             return self.ready(id, rcpts, Hop::Mx(site), pool, now_ms);
         }
         let waiting = self.resolving.entry(domain.clone()).or_default();
@@ -556,6 +558,7 @@ impl Core {
         let site = self
             .sites
             .resolved(domain, answer, security, cached_until, now_ms);
+        let site = site.map(|s| self.own_site(domain, s));
         let waiting = self.resolving.remove(domain).unwrap_or_default();
         for (id, rcpts, pool) in waiting {
             match &site {
@@ -565,7 +568,16 @@ impl Core {
         }
     }
 
-    /// Ready jobs for `hop`, at most `rcpts_per_transaction_max` recipients each.
+    /// `domain`'s site: its own when it has limits of its own (`[[domain]]`), else the MX
+    /// host set's.
+    fn own_site(&self, domain: &str, site: crate::route::Site) -> crate::route::Site {
+        match self.settings.shaping.has_domain(domain) {
+            true => site.shaped_for(domain),
+            false => site,
+        }
+    }
+
+    /// Ready jobs for `hop`, at most its `rcpts_per_transaction_max` recipients each.
     fn ready(&mut self, id: u64, rcpts: JobRcpts, hop: Hop, pool: usize, now_ms: u64) {
         let rcpts = self.apply_directives(id, rcpts, Some(&hop), now_ms);
         if rcpts.is_empty() {
@@ -584,7 +596,8 @@ impl Core {
                 self.ready_check_ms = Some(floor);
             }
         }
-        for chunk in rcpts.chunks(self.rcpts_per_transaction_max) {
+        let per_txn = self.shape_of(&dest.hop).base.rcpts_per_transaction_max as usize;
+        for chunk in rcpts.chunks(per_txn.max(1)) {
             self.queue.push_ready(
                 &dest,
                 Job {

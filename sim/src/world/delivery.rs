@@ -71,7 +71,11 @@ impl World {
         source: usize,
     ) -> Result<(), Violation> {
         let site = dest.hop.site_key().to_string();
-        let limit = self.settings.site_limits(&dest.hop).connections_max as u32;
+        let limit = self
+            .settings
+            .site_shape(&dest.hop)
+            .of(source)
+            .connections_max;
         let key = (site.clone(), source as u16);
         let open = self.open.entry(key.clone()).or_insert(0);
         *open += 1;

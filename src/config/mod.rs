@@ -9,6 +9,9 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
+mod shaping;
+pub use shaping::{DomainEntry, LimitKeys, ProviderEntry, ShapingSection, SiteEntry};
+
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("cannot read config file {path}: {source}")]
@@ -20,6 +23,10 @@ pub enum ConfigError {
     Parse { path: PathBuf, message: String },
     #[error("invalid value for `{key}`: {reason}")]
     Invalid { key: &'static str, reason: String },
+    /// Every error found in one part of the configuration (e.g. the shaping tables), one per
+    /// line.
+    #[error("{}", .0.iter().map(|e| e.to_string()).collect::<Vec<_>>().join("\n"))]
+    Several(Vec<ConfigError>),
     /// A value in the `index`-th table (from 0, in file order) of an array of tables.
     #[error("invalid value for `{table}[{index}].{key}`: {reason}")]
     InTable {
@@ -78,7 +85,12 @@ pub struct Config {
     pub pool: Vec<PoolEntry>,
     /// Which pool a message goes out through, first match wins; else `egress.default_pool`.
     pub pool_rule: Vec<PoolRuleEntry>,
-    /// Connection settings for particular sites, first match wins; else `[delivery]`'s.
+    /// Shaping defaults (rates) and the built-in providers (see `shaping`).
+    pub shaping: ShapingSection,
+    /// Mail providers: named sets of MX globs with limits of their own.
+    pub provider: Vec<ProviderEntry>,
+    /// Limits for particular sites (or providers, or sources to them); layered over
+    /// `[delivery]`, `[shaping]` and `[[provider]]` (see `shaping::layers`).
     pub site: Vec<SiteEntry>,
     /// Per recipient domain settings, e.g. spreading a hot domain over several shards.
     pub domain: Vec<DomainEntry>,
@@ -156,6 +168,9 @@ pub struct TenantEntry {
     /// Notices its senders may get (on top of the listener's); every kind if unset.
     #[serde(default)]
     pub notices: Option<Vec<NoticeKind>>,
+    /// Messages of this tenant per period over all sites, e.g. "100/s".
+    #[serde(default)]
+    pub message_rate: Option<String>,
 }
 
 /// Dead letters: messages that failed for good, kept for inspection and re-injection.
@@ -331,45 +346,6 @@ fn relaxed_relaxed() -> String {
     "relaxed/relaxed".into()
 }
 
-#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
-#[serde(deny_unknown_fields)]
-pub struct DomainEntry {
-    /// The recipient domain, exactly (case-insensitive).
-    pub name: String,
-    /// Shards that share this domain's messages (by a hash of the recipient), from its owner
-    /// shard on: a domain that carries a big share of the traffic would otherwise pin one
-    /// core. 1 (the default) keeps it on its owner; capped at the shard count.
-    #[serde(default = "one")]
-    pub shards: usize,
-}
-
-fn one() -> usize {
-    1
-}
-
-#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
-#[serde(deny_unknown_fields)]
-pub struct SiteEntry {
-    /// Glob on the site's MX host names (one matching host is enough), e.g. `*.google.com`;
-    /// for a static route, on the route's host.
-    pub mx: String,
-    /// Connections per egress source to this site, across shards.
-    #[serde(default)]
-    pub connections_max: Option<usize>,
-    #[serde(default)]
-    pub messages_per_connection_max: Option<usize>,
-    #[serde(default)]
-    pub idle_timeout_ms: Option<u64>,
-}
-
-/// How connections to one site behave: `[delivery]`'s values unless a `[[site]]` says otherwise.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct SiteLimits {
-    pub connections_max: usize,
-    pub messages_per_connection_max: usize,
-    pub idle_timeout_ms: u64,
-}
-
 #[derive(Clone, Debug, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct DnsSection {
@@ -412,6 +388,9 @@ pub struct SourceEntry {
     /// EHLO name from this source; absent: `delivery.helo_name`.
     #[serde(default)]
     pub ehlo: Option<String>,
+    /// Messages from this source per period over all sites, e.g. "50000/h".
+    #[serde(default)]
+    pub message_rate: Option<String>,
 }
 
 #[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
@@ -1140,7 +1119,7 @@ impl Config {
             }
             if self.domain[..i]
                 .iter()
-                .any(|o| o.name.trim().eq_ignore_ascii_case(name))
+                .any(|o| o.name.trim().eq_ignore_ascii_case(name) && o.source == d.source)
             {
                 return Err(invalid("domain.name", format!("{name} is listed twice")));
             }
@@ -1157,17 +1136,6 @@ impl Config {
         }
         if dns.cache_entries_max == 0 {
             return Err(invalid("dns.cache_entries_max", "must be at least 1"));
-        }
-        for e in &self.site {
-            if e.mx.trim().is_empty() {
-                return Err(invalid("site.mx", "a glob on MX host names is needed"));
-            }
-            if e.connections_max == Some(0) || e.messages_per_connection_max == Some(0) {
-                return Err(invalid(
-                    "site.connections_max",
-                    format!("site `{}`: limits must be at least 1", e.mx),
-                ));
-            }
         }
         let eg = &self.egress;
         if eg.source_failures_max == 0 {
@@ -1359,20 +1327,20 @@ mod tests {
             (1, "aspmx.l.google.com".into()),
         ]));
         let other = crate::route::Hop::Mx(crate::route::Site::new(vec![(10, "mx.example".into())]));
-        let g = s.site_limits(&google);
+        let g = s.site_shape(&google).base;
         assert_eq!((g.connections_max, g.idle_timeout_ms), (40, 5000));
-        let o = s.site_limits(&other);
+        let o = s.site_shape(&other).base;
         assert_eq!((o.connections_max, o.idle_timeout_ms), (8, 100));
         let err = Config::parse("[[site]]\nmx = \"x\"\nconnections_max = 0\n")
             .expect("parses")
             .settle(Overrides::default())
             .expect_err("zero");
-        assert!(err.to_string().contains("site.connections_max"), "{err}");
+        assert!(err.to_string().contains("site[0].connections_max"), "{err}");
         let err = Config::parse("[[site]]\nmx = \"mx[1.example\"\n")
             .expect("parses")
             .settle(Overrides::default())
             .expect_err("bad glob");
-        assert!(err.to_string().contains("site.mx"), "{err}");
+        assert!(err.to_string().contains("site[0].mx"), "{err}");
         let err = Config::parse("[[route]]\ndomain = \"{a.test\"\ntarget = \"127.0.0.1:25\"\n")
             .expect("parses")
             .settle(Overrides::default())
@@ -1394,10 +1362,10 @@ mod tests {
                 tls: crate::smtp::client::TlsPolicy::default(),
             })
         };
-        assert_eq!(s.site_limits(&hop("Relay.Example")).connections_max, 3);
+        assert_eq!(s.site_shape(&hop("Relay.Example")).base.connections_max, 3);
         assert_eq!(
-            s.site_limits(&hop("mx.relay.example")).connections_max,
-            s.config.delivery.connections_per_destination_max
+            s.site_shape(&hop("mx.relay.example")).base.connections_max,
+            s.config.delivery.connections_per_destination_max as u32
         );
     }
 
