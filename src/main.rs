@@ -29,7 +29,7 @@ enum Command {
     /// Run the MTA: accept mail over SMTP, spool it durably, deliver it.
     Serve(ServeArgs),
     /// Check a configuration file (and flags) and print the settings in effect.
-    CheckConfig(ServeArgs),
+    CheckConfig(CheckArgs),
     /// Add or replace an AUTH user in a users file; the password is read from standard input
     /// (first line), e.g. `printf '%s\n' "$PW" | epoxi passwd --file users alice`.
     Passwd(PasswdArgs),
@@ -696,6 +696,75 @@ impl Source {
     }
 }
 
+/// `epoxi check-config`: the configuration, or with `--site` the effective limits of one site.
+#[derive(clap::Args)]
+struct CheckArgs {
+    #[command(flatten)]
+    serve: ServeArgs,
+    /// Print the effective limits of the site with these MX hosts (comma-separated), and the
+    /// layer each value comes from, instead of the whole configuration.
+    #[arg(long, value_name = "HOSTS")]
+    site: Option<String>,
+    /// ... for mail to this recipient domain (a `[[domain]]` with limits is a site of its own).
+    #[arg(long, requires = "site")]
+    domain: Option<String>,
+    /// ... from this egress source (its `[[site]] source = ...` overrides).
+    #[arg(long, requires = "site")]
+    source: Option<String>,
+}
+
+/// The `check-config --site` table.
+fn effective_limits(
+    settings: &epoxi::settings::Settings,
+    site: &str,
+    domain: Option<&str>,
+    source_name: Option<&str>,
+) -> String {
+    use std::fmt::Write;
+    let hosts: Vec<String> = site
+        .split(',')
+        .map(|h| h.trim().to_ascii_lowercase())
+        .filter(|h| !h.is_empty())
+        .collect();
+    let hosts: Vec<&str> = hosts.iter().map(String::as_str).collect();
+    let domain = domain.map(str::to_ascii_lowercase);
+    let sources = &settings.egress.sources;
+    let source = source_name.map(|name| sources.iter().position(|s| s.name == name));
+    let mut out = String::new();
+    if let Some(None) = source {
+        let _ = writeln!(out, "no source named `{}`", source_name.unwrap_or(""));
+        return out;
+    }
+    let source = source.flatten().map(|s| s as u16);
+    let (provider, rows) = settings.shaping.explain(&hosts, domain.as_deref(), source);
+    let _ = writeln!(
+        out,
+        "site {} (provider {provider}){}{}",
+        hosts.join(","),
+        domain
+            .as_deref()
+            .map(|d| format!(", domain {d}"))
+            .unwrap_or_default(),
+        source_name
+            .map(|s| format!(", source {s}"))
+            .unwrap_or_default(),
+    );
+    for r in rows {
+        let _ = writeln!(out, "  {:<28} {:<20} {}", r.key, r.value, r.origin);
+    }
+    if let Some(s) = source {
+        if let Some(rate) = settings.shaping.source_rate(usize::from(s)) {
+            let _ = writeln!(
+                out,
+                "  {:<28} {:<20} source",
+                "source message_rate",
+                rate.to_string()
+            );
+        }
+    }
+    out
+}
+
 fn settle(args: ServeArgs) -> Result<epoxi::settings::Settings, String> {
     Source::of(args).settle()
 }
@@ -712,7 +781,20 @@ fn main() -> ExitCode {
         Err(command) => *command,
     };
     match command {
-        Command::CheckConfig(args) => match settle(args) {
+        Command::CheckConfig(CheckArgs {
+            serve,
+            site,
+            domain,
+            source,
+        }) => match settle(serve) {
+            Ok(settings) if site.is_some() => {
+                let site = site.unwrap_or_default();
+                print!(
+                    "{}",
+                    effective_limits(&settings, &site, domain.as_deref(), source.as_deref())
+                );
+                ExitCode::SUCCESS
+            }
             Ok(settings) => {
                 println!("{settings:#?}");
                 ExitCode::SUCCESS
