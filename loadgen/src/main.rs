@@ -20,6 +20,7 @@ mod sink;
 mod smart;
 mod smtp_line;
 mod stats;
+mod throttle;
 mod zone;
 
 // inject and sink allocate a little per message on many threads at once.

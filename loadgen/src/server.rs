@@ -2,8 +2,10 @@
 //!
 //! `feed` consumes as much input as it can and stops at the next event the caller must act
 //! on: more input needed, a message whose DATA completed (the caller decides the reply, so
-//! counting happens before the client can see it), or the end of the connection. Commands are
-//! answered in order, so a pipelined batch (RFC 2920) gets its replies in one buffer.
+//! counting happens before the client can see it), a MAIL FROM the caller must admit or refuse
+//! (only when asked to, with `gate_mail`; the sink's rate limits), or the end of the connection.
+//! Commands are answered in order, so a pipelined batch (RFC 2920) gets its replies in one
+//! buffer.
 //!
 //! Invariants: in command mode an incomplete line is never consumed, and one longer than
 //! `COMMAND_LINE_LEN_MAX` ends the session; in data mode every byte is consumed, since the
@@ -17,6 +19,7 @@ use crate::smtp_line::{split_line, DataScanner, Scan};
 
 use crate::reply_mix::FinalReply;
 use crate::smart::{Kind, Providers};
+use crate::throttle::Refusal;
 
 /// RFC 5321 4.5.3.1.4 allows 512 octets per command line, more with extensions' parameters.
 /// Four times that is generous; anything longer is not SMTP.
@@ -70,6 +73,9 @@ pub enum Event {
     Close,
     /// A `--smart` refusal of this kind was appended to the output at RCPT; count it.
     Refused(Kind),
+    /// With `gate_mail`, a well-formed MAIL FROM arrived; admit or refuse it with
+    /// `answer_mail`.
+    Mail,
 }
 
 /// A message whose DATA completed.
@@ -91,6 +97,8 @@ enum Mode {
     Data,
     /// The final dot was seen and `answer_data` has not been called yet.
     AwaitingAnswer,
+    /// With `gate_mail`, a MAIL was seen and `answer_mail` has not been called yet.
+    AwaitingMail,
     Closed,
 }
 
@@ -107,6 +115,8 @@ pub struct Session {
     refused: Option<Kind>,
     /// The first accepted recipient whose refusal comes after the final dot.
     refuse_at_data: Option<(Kind, String)>,
+    /// Whether a MAIL FROM waits for the caller's `answer_mail`.
+    gate_mail: bool,
 }
 
 impl Default for Session {
@@ -127,6 +137,7 @@ impl Session {
             smart: None,
             refused: None,
             refuse_at_data: None,
+            gate_mail: false,
         }
     }
 
@@ -136,6 +147,12 @@ impl Session {
             smart: Some((providers, client_ip.into())),
             ..Self::new()
         }
+    }
+
+    /// From now on every well-formed MAIL FROM is handed to the caller as `Event::Mail`,
+    /// so it can refuse the transaction (a rate limit); without this MAIL is answered here.
+    pub fn gate_mail(&mut self) {
+        self.gate_mail = true;
     }
 
     pub fn greet(&self, out: &mut Vec<u8>) {
@@ -149,7 +166,7 @@ impl Session {
         loop {
             match self.mode {
                 Mode::Closed => return (pos, Event::Close),
-                Mode::AwaitingAnswer => return (pos, Event::NeedInput),
+                Mode::AwaitingAnswer | Mode::AwaitingMail => return (pos, Event::NeedInput),
                 Mode::Data => match self.data.feed(&input[pos..]) {
                     Scan::More => return (input.len(), Event::NeedInput),
                     Scan::End { consumed } => {
@@ -190,6 +207,9 @@ impl Session {
                     if let Some(kind) = self.refused.take() {
                         return (pos, Event::Refused(kind));
                     }
+                    if self.mode == Mode::AwaitingMail {
+                        return (pos, Event::Mail);
+                    }
                 }
             }
         }
@@ -205,6 +225,26 @@ impl Session {
         } else {
             Mode::Command
         };
+    }
+
+    /// Answers the MAIL FROM last returned by `feed` as `Event::Mail`: `None` admits it and
+    /// opens the transaction; a refusal is sent instead and leaves no transaction, closing the
+    /// connection if it says so.
+    pub fn answer_mail(&mut self, refusal: Option<&Refusal>, out: &mut Vec<u8>) {
+        debug_assert_eq!(self.mode, Mode::AwaitingMail);
+        self.mode = Mode::Command;
+        match refusal {
+            None => {
+                self.in_transaction = true;
+                out.extend_from_slice(MAIL_OK);
+            }
+            Some(refusal) => {
+                out.extend_from_slice(&refusal.line);
+                if refusal.closes {
+                    self.mode = Mode::Closed;
+                }
+            }
+        }
     }
 
     /// The rendered refusal for the message whose DATA just ended, if a recipient asked for
@@ -302,6 +342,10 @@ impl Session {
             .find_map(|v| std::str::from_utf8(v).ok()?.parse::<usize>().ok());
         if declared_size.is_some_and(|size| size > MESSAGE_SIZE_MAX) {
             out.extend_from_slice(TOO_BIG);
+            return;
+        }
+        if self.gate_mail {
+            self.mode = Mode::AwaitingMail;
             return;
         }
         self.in_transaction = true;
@@ -410,6 +454,7 @@ mod tests {
                         session.answer_data(&answer, &mut out);
                     }
                     Event::Refused(kind) => refused.push(kind),
+                    Event::Mail => unreachable!("these sessions do not gate MAIL"),
                     Event::Close => {
                         return (String::from_utf8(out).unwrap(), messages, refused, true)
                     }
@@ -563,6 +608,71 @@ MAIL FROM:<a@b.test>\r\nRCPT TO:<tempfail@gmail.com>\r\nNOOP\r\n";
         assert_eq!(messages.len(), 2);
         assert_eq!(messages[0].refusal.as_ref().map(|r| r.0), Some(Kind::Spam));
         assert_eq!(messages[1].refusal, None, "the next transaction is clean");
+    }
+
+    /// Feeds `input` at once to a session that gates MAIL, answering each MAIL with the next
+    /// of `answers` (`None` admits). Returns the output and whether the session closed.
+    fn run_gated(input: &[u8], answers: &[Option<Refusal>]) -> (String, bool) {
+        let mut session = Session::new();
+        session.gate_mail();
+        let mut out = Vec::new();
+        session.greet(&mut out);
+        let mut answers = answers.iter();
+        let mut pos = 0;
+        loop {
+            let (n, event) = session.feed(&input[pos..], &mut out);
+            pos += n;
+            match event {
+                Event::Mail => {
+                    let answer = answers.next().expect("an answer for every MAIL");
+                    session.answer_mail(answer.as_ref(), &mut out);
+                }
+                Event::Message(_) => session.answer_data(&FinalReply::new(250), &mut out),
+                Event::NeedInput => return (String::from_utf8(out).unwrap(), false),
+                Event::Close => return (String::from_utf8(out).unwrap(), true),
+                Event::Refused(_) => {}
+            }
+        }
+    }
+
+    #[test]
+    fn a_gated_mail_refused_leaves_no_transaction_and_the_connection_open() {
+        let deferred = Refusal {
+            line: b"451-4.7.1 slow\r\n451 4.7.1 down\r\n".to_vec(),
+            closes: false,
+        };
+        // A pipelining client's RCPT, DATA and text after a refused MAIL are refused too.
+        let input = b"EHLO c\r\nMAIL FROM:<a@b>\r\nRCPT TO:<x@y>\r\nDATA\r\nhi\r\n.\r\n\
+RSET\r\nMAIL FROM:<a@b>\r\nRCPT TO:<x@y>\r\nDATA\r\nhi\r\n.\r\nMAIL FROM:<bad\r\nQUIT\r\n";
+        let (out, closed) = run_gated(input, &[Some(deferred), None]);
+        assert!(closed);
+        assert_eq!(
+            codes(&out),
+            [
+                "220", "250", "451", "503", "503", "500", "500", "250", "250", "250", "354", "250",
+                "501", "221"
+            ],
+            "{out}"
+        );
+        assert!(
+            out.contains("451-4.7.1 slow\r\n451 4.7.1 down\r\n"),
+            "{out}"
+        );
+    }
+
+    #[test]
+    fn a_gated_mail_refused_with_421_closes() {
+        let closing = Refusal {
+            line: b"421 4.7.0 go away\r\n".to_vec(),
+            closes: true,
+        };
+        let input = b"HELO c\r\nMAIL FROM:<a@b>\r\nRCPT TO:<x@y>\r\n";
+        let (out, closed) = run_gated(input, &[Some(closing)]);
+        assert!(closed);
+        assert!(
+            out.ends_with("250 sink.loadgen.test\r\n421 4.7.0 go away\r\n"),
+            "{out}"
+        );
     }
 
     #[test]

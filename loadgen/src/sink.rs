@@ -11,6 +11,11 @@
 //! values of messages answered 2xx, and `duplicates` the further ones. Every accepted
 //! connection is counted once in `connections` and once under its client's address in `peers`;
 //! `connections_max_concurrent` is the most that were being served at the same time.
+//!
+//! With `--limit-*` or `--stats-per-ip`, one table of clients (`throttle::Clients`) holds the
+//! limits' state and the per-client counts. Without them it does not exist, and a connection
+//! or a message costs one `Option` check more than before. Lock order: the ledger, then the
+//! clients, never the other way.
 
 use std::collections::{BTreeMap, HashSet};
 use std::io::{BufWriter, ErrorKind, Read, Write};
@@ -27,6 +32,7 @@ use crate::reply_mix::{FinalReply, ReplyMix};
 use crate::server::{Event, Message, Session, COMMAND_LINE_LEN_MAX};
 use crate::smart::{Kind, Providers};
 use crate::stats::{self, SinkReport};
+use crate::throttle::{Clients, LimitReply, LimitStyle, Limits};
 
 /// Each connection costs a thread and a read buffer; a loopback test never needs more, and
 /// past this the sink answers 421 rather than exhausting threads.
@@ -109,6 +115,29 @@ pub struct SinkArgs {
     /// like a site that is down (counted as `greeting_refused`).
     #[arg(long = "greet-421-secs", value_name = "SECS", value_parser = parse_idle_exit)]
     greet_421: Option<Duration>,
+    /// At most N concurrent connections per client IP; one more is greeted with a 421 and
+    /// closed (counted as `throttled_connections`).
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
+    limit_conns_per_ip: Option<u32>,
+    /// At most N MAIL FROM per client IP in each whole second since start; one more gets
+    /// --limit-reply (counted as `throttled_messages`).
+    #[arg(long = "limit-msgs-per-sec", value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
+    limit_msgs_per_s: Option<u32>,
+    /// At most N MAIL FROM per client IP in each whole minute since start; one more gets
+    /// --limit-reply (counted as `throttled_messages`).
+    #[arg(long = "limit-msgs-per-min", value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
+    limit_msgs_per_min: Option<u32>,
+    /// The reply to a MAIL over a message limit: 451 (4.7.x, the connection stays open) or
+    /// 421 (4.7.x, and the connection is closed).
+    #[arg(long, value_name = "CODE", value_enum, default_value = "451")]
+    limit_reply: LimitReply,
+    /// Whose words the limits' refusals use.
+    #[arg(long, value_name = "STYLE", value_enum, default_value = "gmail")]
+    limit_style: LimitStyle,
+    /// Add `per_ip` to the report: for each client IP, messages accepted, the most accepted
+    /// in one second and in one minute, and its throttled connections and messages.
+    #[arg(long)]
+    stats_per_ip: bool,
 }
 
 fn parse_idle_exit(s: &str) -> Result<Duration, String> {
@@ -130,6 +159,12 @@ struct Sink {
     /// Connections in this time from start get a 421 greeting.
     greet_421: Option<Duration>,
     greeting_refused: AtomicU64,
+    /// Whether --limit-* asked for the throttled counts in the report.
+    limited: bool,
+    /// Whether a MAIL FROM must be admitted by `clients` first.
+    limits_messages: bool,
+    /// Per-client limits and counts, with --limit-* or --stats-per-ip.
+    clients: Option<Mutex<Clients>>,
     connections: AtomicU64,
     active: AtomicUsize,
     /// The highest `active` has been.
@@ -189,6 +224,13 @@ impl Sink {
         self.ledger.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
+    fn clients(&self) -> Option<MutexGuard<'_, Clients>> {
+        // As for the ledger: a panicked connection thread leaves counts that are still right.
+        self.clients
+            .as_ref()
+            .map(|clients| clients.lock().unwrap_or_else(PoisonError::into_inner))
+    }
+
     /// Counts a --smart refusal given at RCPT.
     fn on_refused(&self, kind: Kind) {
         let mut ledger = self.ledger();
@@ -199,8 +241,8 @@ impl Sink {
 
     /// Counts a message whose DATA completed and picks its reply: the --smart refusal the
     /// message carries, else the mix. After the ledger is closed, messages are refused with
-    /// 421 and not counted.
-    fn on_message<'a>(&'a self, message: &'a Message) -> &'a FinalReply {
+    /// 421 and not counted. `client` is the address the message came from.
+    fn on_message<'a>(&'a self, message: &'a Message, client: Option<IpAddr>) -> &'a FinalReply {
         self.replies_unwritten.fetch_add(1, Ordering::Relaxed);
         let now = Instant::now();
         let since_start_ns = u64::try_from((now - self.start).as_nanos()).unwrap_or(u64::MAX);
@@ -223,6 +265,9 @@ impl Sink {
         };
         match reply.code / 100 {
             2 => {
+                if let Some(mut clients) = self.clients() {
+                    clients.accepted(client, now - self.start);
+                }
                 ledger.rcpts += message.rcpts.len() as u64;
                 ledger.first_accepted.get_or_insert(now);
                 ledger.last_accepted = Some(now);
@@ -292,6 +337,9 @@ impl Ledger {
                     .collect()
             }),
             greeting_refused: 0,
+            throttled_connections: None,
+            throttled_messages: None,
+            per_ip: None,
         }
     }
 }
@@ -324,6 +372,13 @@ pub fn run(args: SinkArgs) -> anyhow::Result<()> {
     } else {
         None
     };
+    let limits = Limits {
+        conns_per_ip: args.limit_conns_per_ip,
+        msgs_per_s: args.limit_msgs_per_s,
+        msgs_per_min: args.limit_msgs_per_min,
+        reply: args.limit_reply,
+        style: args.limit_style,
+    };
     eprintln!("listening on {addr}");
 
     let sink = Arc::new(Sink {
@@ -341,6 +396,9 @@ pub fn run(args: SinkArgs) -> anyhow::Result<()> {
         providers,
         greet_421: args.greet_421,
         greeting_refused: AtomicU64::new(0),
+        limited: limits.any(),
+        limits_messages: limits.limits_messages(),
+        clients: (limits.any() || args.stats_per_ip).then(|| Mutex::new(Clients::new(limits))),
         connections: AtomicU64::new(0),
         active: AtomicUsize::new(0),
         active_max: AtomicUsize::new(0),
@@ -391,6 +449,16 @@ pub fn run(args: SinkArgs) -> anyhow::Result<()> {
         peers,
     );
     report.greeting_refused = sink.greeting_refused.load(Ordering::Relaxed);
+    if let Some(clients) = sink.clients() {
+        if sink.limited {
+            let (connections, messages) = clients.throttled();
+            report.throttled_connections = Some(connections);
+            report.throttled_messages = Some(messages);
+        }
+        if args.stats_per_ip {
+            report.per_ip = Some(clients.report());
+        }
+    }
     if let Some(path) = &args.ids_file {
         let mut ids: Vec<&str> = ledger.ids.iter().map(|id| &**id).collect();
         ids.sort_unstable();
@@ -498,6 +566,20 @@ impl Conn {
     }
 }
 
+/// An admitted connection counted against its client's limit, until dropped.
+struct ClientSlot<'a> {
+    sink: &'a Sink,
+    client: Option<IpAddr>,
+}
+
+impl Drop for ClientSlot<'_> {
+    fn drop(&mut self) {
+        if let Some(mut clients) = self.sink.clients() {
+            clients.close(self.client);
+        }
+    }
+}
+
 fn serve_session(conn: &mut Conn, sink: &Sink) -> std::io::Result<()> {
     conn.stream.set_nodelay(true)?;
     if sink.greet_421.is_some_and(|d| sink.start.elapsed() < d) {
@@ -507,19 +589,29 @@ fn serve_session(conn: &mut Conn, sink: &Sink) -> std::io::Result<()> {
         );
         return conn.write_out();
     }
+    let client = conn.stream.peer_addr().ok().map(|a| a.ip().to_canonical());
+    // Dropped when this returns, before `serve` closes the socket: a client that saw the close
+    // and connects again is not counted as concurrent with this connection.
+    let _slot = match sink.clients().map(|mut clients| clients.open(client)) {
+        Some(Err(refusal)) => {
+            conn.out.extend_from_slice(&refusal.line);
+            return conn.write_out();
+        }
+        Some(Ok(())) => Some(ClientSlot { sink, client }),
+        None => None,
+    };
     conn.stream
         .set_read_timeout(Some(Duration::from_secs(IDLE_TIMEOUT_S)))?;
     let mut session = match &sink.providers {
         Some(providers) => {
-            let ip = conn
-                .stream
-                .peer_addr()
-                .map(|a| a.ip().to_canonical().to_string())
-                .unwrap_or_default();
+            let ip = client.map(|ip| ip.to_string()).unwrap_or_default();
             Session::with_smart(Arc::clone(providers), &ip)
         }
         None => Session::new(),
     };
+    if sink.limits_messages {
+        session.gate_mail();
+    }
     let mut buf = vec![0u8; READ_BUF_LEN];
     let (mut start, mut end) = (0usize, 0usize);
     session.greet(&mut conn.out);
@@ -531,7 +623,7 @@ fn serve_session(conn: &mut Conn, sink: &Sink) -> std::io::Result<()> {
             match event {
                 Event::NeedInput => break,
                 Event::Message(message) => {
-                    let reply = sink.on_message(&message);
+                    let reply = sink.on_message(&message, client);
                     conn.replies_pending += 1;
                     if !sink.delay.is_zero() {
                         // Earlier replies go out now; this one only after the delay.
@@ -541,6 +633,13 @@ fn serve_session(conn: &mut Conn, sink: &Sink) -> std::io::Result<()> {
                     session.answer_data(reply, &mut conn.out);
                 }
                 Event::Refused(kind) => sink.on_refused(kind),
+                Event::Mail => {
+                    let now = sink.start.elapsed();
+                    let refusal = sink
+                        .clients()
+                        .and_then(|mut clients| clients.admit_mail(client, now));
+                    session.answer_mail(refusal.as_ref(), &mut conn.out);
+                }
                 Event::Close => {
                     conn.flush(sink)?;
                     return Ok(());

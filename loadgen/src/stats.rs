@@ -98,6 +98,20 @@ pub struct SinkReport {
     /// Connections greeted with 421 (`--greet-421-secs`); absent when none were.
     #[serde(skip_serializing_if = "is_zero")]
     pub greeting_refused: u64,
+    /// Connections greeted with 421 at `--limit-conns-per-ip`; present, zero included,
+    /// whenever a `--limit-*` is set.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub throttled_connections: Option<u64>,
+    /// MAIL FROM commands refused at `--limit-msgs-per-sec` or `--limit-msgs-per-min`;
+    /// present, zero included, whenever a `--limit-*` is set.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub throttled_messages: Option<u64>,
+    /// With `--stats-per-ip`, by client IP (as in `peers`, at most `throttle::CLIENTS_MAX`
+    /// by name, the rest under "other"): `accepted`, `max_per_s`, `max_per_min` (the most
+    /// accepted in one fixed second or minute since the sink started), `throttled_connections`
+    /// and `throttled_messages`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub per_ip: Option<BTreeMap<String, crate::throttle::ClientReport>>,
 }
 
 /// The DNS server's report. `queries` counts every message that decoded as a query, and is
