@@ -10,6 +10,7 @@ use crate::envelope::Body;
 use crate::events::{Event, SourceHealth};
 use crate::outcome::RcptResult;
 use crate::queue::{Dest, Job};
+use crate::shaping::credits::{Check, MeterKey};
 use crate::shaping::layers::SiteShape;
 use crate::smtp::reply::Reply;
 use crate::spool::Location;
@@ -200,20 +201,23 @@ impl Core {
             fallbacks: rest.iter().rev().copied().collect(),
             queued: false,
         };
-        self.request_permit(first, pending, shape.of(first).connections_max, now_ms);
+        self.request_permit(first, pending, now_ms);
     }
 
-    fn request_permit(&mut self, source: usize, pending: PendingLease, limit: u32, now_ms: u64) {
+    fn request_permit(&mut self, source: usize, pending: PendingLease, now_ms: u64) {
         let key = LeaseKey {
             site: pending.dest.hop.site_key(),
             source: source as u16,
         };
+        let shape = *self.shape_of(&pending.dest.hop).of(source);
         self.dest_state(&pending.dest).requested += 1;
         self.pending_leases
             .entry(key.clone())
             .or_default()
             .push_back(pending);
-        let msg = self.permits.want(&key, limit);
+        let msg = self
+            .permits
+            .want(&key, shape.connections_max, shape.connection_rate);
         self.send_lease(owner_of(&key, self.shards), msg, now_ms);
     }
 
@@ -229,7 +233,7 @@ impl Core {
         while let Some((from, at, msg)) = work.pop_front() {
             debug_assert_eq!(at, self.shard);
             if is_request(&msg) {
-                for (dest, reply) in self.budgets.handle(from, msg, now_ms) {
+                for (dest, reply) in self.owner_handle(from, msg, now_ms) {
                     if dest == self.shard {
                         work.push_back((self.shard, self.shard, reply));
                     } else {
@@ -334,7 +338,7 @@ impl Core {
     /// about a permit it asked for).
     pub fn lease_in(&mut self, from: usize, msg: LeaseMsg, now_ms: u64) {
         if is_request(&msg) {
-            for (to, reply) in self.budgets.handle(from, msg, now_ms) {
+            for (to, reply) in self.owner_handle(from, msg, now_ms) {
                 self.send_lease(to, reply, now_ms);
             }
             self.site_changes(now_ms);
@@ -343,8 +347,112 @@ impl Core {
         }
     }
 
+    /// A request for something this shard owns: a connection budget, or a rate's credits.
+    fn owner_handle(
+        &mut self,
+        from: usize,
+        msg: LeaseMsg,
+        now_ms: u64,
+    ) -> Vec<crate::egress::lease::Outgoing> {
+        match msg {
+            LeaseMsg::Want { key, rate, want } => {
+                let a = self.meters.ask(&key, rate, want, now_ms);
+                vec![(
+                    from,
+                    LeaseMsg::Credit {
+                        key,
+                        granted: a.granted,
+                        retry_at_ms: a.retry_at_ms,
+                    },
+                )]
+            }
+            msg => self.budgets.handle(from, msg, now_ms),
+        }
+    }
+
+    /// Whether a connection of `dest` from `source` may take a message now under the rates
+    /// that apply (`message_rate`, `site_message_rate`, the source's): asks the owners for
+    /// credits that are missing. Err: not now; wait until then at most (None: until woken by
+    /// a grant). Free when no rate is configured.
+    fn rate_gate(&mut self, dest: &Dest, source: usize, now_ms: u64) -> Result<(), Option<u64>> {
+        if !self.settings.shaping.any_rates() {
+            return Ok(());
+        }
+        let shape = *self.shape_of(&dest.hop).of(source);
+        let source_rate = self.settings.shaping.source_rate(source);
+        if shape.message_rate.is_none()
+            && shape.site_message_rate.is_none()
+            && source_rate.is_none()
+        {
+            return Ok(());
+        }
+        let site = dest.hop.site_key();
+        let keys = [
+            shape.message_rate.map(|r| {
+                (
+                    MeterKey::SiteSource {
+                        site: site.clone(),
+                        source: source as u16,
+                    },
+                    r,
+                )
+            }),
+            shape
+                .site_message_rate
+                .map(|r| (MeterKey::Site(site.clone()), r)),
+            source_rate.map(|r| (MeterKey::Source(source as u16), r)),
+        ];
+        let backlog = self.queue.ready_for(dest);
+        let mut result: Result<(), Option<u64>> = Ok(());
+        for (key, rate) in keys.iter().flatten() {
+            match self.credits.check(key, rate, backlog, now_ms) {
+                Check::Ready => {}
+                Check::Ask(want) => {
+                    let to = crate::shaping::credits::owner_of(key, self.shards);
+                    self.send_lease(
+                        to,
+                        LeaseMsg::Want {
+                            key: key.clone(),
+                            rate: *rate,
+                            want,
+                        },
+                        now_ms,
+                    );
+                    // A local owner answers at once.
+                    if !matches!(self.credits.check(key, rate, backlog, now_ms), Check::Ready) {
+                        result = Err(None);
+                    }
+                }
+                Check::Asking => result = Err(None),
+                Check::Wait(at) => {
+                    result = match result {
+                        Err(Some(t)) => Err(Some(t.min(at))),
+                        Err(None) => Err(None),
+                        Ok(()) => Err(Some(at)),
+                    }
+                }
+            }
+        }
+        if result.is_ok() {
+            for (key, _) in keys.iter().flatten() {
+                self.credits.spend(key);
+            }
+        }
+        result
+    }
+
     fn lease_answer(&mut self, msg: LeaseMsg, now_ms: u64) {
         match msg {
+            LeaseMsg::Credit {
+                key,
+                granted,
+                retry_at_ms,
+            } => {
+                self.credits.granted(&key, granted, retry_at_ms, now_ms);
+                if granted > 0 {
+                    self.actions.push(Action::WakeIdle);
+                }
+            }
             LeaseMsg::Granted { key } => self.granted(key, now_ms),
             LeaseMsg::Queued { key } => self.queued(key, now_ms),
             LeaseMsg::Yield { key } => {
@@ -379,9 +487,8 @@ impl Core {
         ds.requested = ds.requested.saturating_sub(1);
         let dest = pending.dest.clone();
         if let Some(next) = pending.fallbacks.pop() {
-            let limit = self.shape_of(&dest.hop).of(next).connections_max;
             pending.queued = false;
-            return self.request_permit(next, pending, limit, now_ms);
+            return self.request_permit(next, pending, now_ms);
         }
         self.connect_more(&dest, now_ms);
     }
@@ -452,8 +559,7 @@ impl Core {
             fallbacks: std::mem::take(&mut p.fallbacks),
             queued: false,
         };
-        let limit = self.shape_of(&retry.dest.hop).of(next).connections_max;
-        self.request_permit(next, retry, limit, now_ms);
+        self.request_permit(next, retry, now_ms);
     }
 
     /// Connection `conn` greeted and took EHLO, with `peer` (`host[address]:port`).
@@ -569,7 +675,19 @@ impl Core {
         let close = self.stopping
             || started >= messages_max
             || (started >= YIELD_AFTER_MESSAGES && self.permits.take_yield(&key));
-        let next = if close { None } else { self.take_ticket(&dest) };
+        let source = usize::from(key.source);
+        let mut paced: Option<Option<u64>> = None;
+        let next = if close || self.queue.ready_for(&dest) == 0 {
+            None
+        } else {
+            match self.rate_gate(&dest, source, now_ms) {
+                Ok(()) => self.take_ticket(&dest),
+                Err(until) => {
+                    paced = Some(until);
+                    None
+                }
+            }
+        };
         match next {
             Some(ticket) => {
                 self.set_idle(conn, false, now_ms);
@@ -589,6 +707,18 @@ impl Core {
                     return NextJob::Close;
                 }
                 self.set_idle(conn, true, now_ms);
+                if let Some(until) = paced {
+                    // Work waits for a rate, not for work: the connection is not idle
+                    // for its timeout, and waits for the next credit (or a grant).
+                    let Some(c) = self.conns.get_mut(&conn) else {
+                        return NextJob::Close;
+                    };
+                    c.idle_since_ms = Some(now_ms);
+                    let idle_until = now_ms + c.idle_timeout_ms;
+                    return NextJob::Wait {
+                        until_ms: until.map_or(idle_until, |u| u.min(idle_until)),
+                    };
+                }
                 let Some(c) = self.conns.get(&conn) else {
                     return NextJob::Close;
                 };
@@ -604,7 +734,7 @@ impl Core {
 
     /// Another job for `conn` right away, to pipeline behind the one in flight; None when
     /// there is none or the connection should take no more.
-    pub fn early_job(&mut self, conn: ConnId) -> Option<Box<Ticket>> {
+    pub fn early_job(&mut self, conn: ConnId, now_ms: u64) -> Option<Box<Ticket>> {
         let c = self.conns.get(&conn)?;
         // `started` already counts the job in flight: this one would be number `started + 1`.
         if self.stopping || c.started >= c.messages_max {
@@ -612,6 +742,15 @@ impl Core {
         }
         let (dest, key) = (c.dest.clone(), c.key.clone());
         if c.started >= YIELD_AFTER_MESSAGES && self.permits.yields_pending(&key) {
+            return None;
+        }
+        if self.queue.ready_for(&dest) == 0 {
+            return None;
+        }
+        if self
+            .rate_gate(&dest, usize::from(key.source), now_ms)
+            .is_err()
+        {
             return None;
         }
         let ticket = self.take_ticket(&dest)?;
@@ -768,5 +907,6 @@ fn is_request(msg: &LeaseMsg) -> bool {
             | LeaseMsg::Cancel { .. }
             | LeaseMsg::Failed { .. }
             | LeaseMsg::Opened { .. }
+            | LeaseMsg::Want { .. }
     )
 }

@@ -133,6 +133,10 @@ pub struct Core {
     health: EgressState,
     permits: Permits,
     budgets: Budgets,
+    /// The message rates this shard owns (see `shaping::credits`).
+    meters: crate::shaping::credits::Meters,
+    /// The send credits this shard holds.
+    credits: crate::shaping::credits::Credits,
     /// (site, source) keys their owners said are down, and until when: their messages wait
     /// in the schedule instead of asking for connections.
     holds: HashMap<LeaseKey, u64>,
@@ -185,6 +189,8 @@ impl Core {
             sites: SiteMemo::new(c.dns.ttl_min_s, c.dns.ttl_max_s, c.dns.cache_entries_max),
             health: EgressState::new(&cfg.settings.egress),
             permits: Permits::default(),
+            meters: Default::default(),
+            credits: Default::default(),
             budgets: Budgets::new(crate::egress::lease::SiteBackoff {
                 failures_max: c.delivery.site_failures_max,
                 backoff_ms: c.delivery.site_backoff_ms,
@@ -442,10 +448,15 @@ impl Core {
         };
         // The ready queues' check only while something waits in them.
         let ready_check = self.ready_check_ms.filter(|_| self.queue.has_ready());
-        [self.queue.next_due_ms(), notices, ready_check]
-            .into_iter()
-            .flatten()
-            .min()
+        [
+            self.queue.next_due_ms(),
+            notices,
+            ready_check,
+            self.budgets.next_due_ms(),
+        ]
+        .into_iter()
+        .flatten()
+        .min()
     }
 
     fn rearm(&mut self) {
@@ -467,6 +478,12 @@ impl Core {
             self.dispatch(job.id, &job.rcpts, now_ms);
         }
         self.retry_notices(now_ms);
+        for (to, msg) in self.budgets.tick(now_ms) {
+            self.send_lease(to, msg, now_ms);
+        }
+        if self.credits.len() > crate::shaping::credits::METERS_MAX {
+            self.credits.tidy(now_ms);
+        }
         if self.ready_check_ms.is_some_and(|at| at <= now_ms) {
             self.expire_ready(now_ms);
         }

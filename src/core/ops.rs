@@ -227,7 +227,7 @@ impl Core {
                     self.holds
                         .retain(|k, _| site.as_deref().is_some_and(|s| !site_matches(&k.site, s)));
                     let mut out = Vec::new();
-                    self.budgets.lift(site.as_deref(), &mut out);
+                    self.budgets.lift(site.as_deref(), now_ms, &mut out);
                     for (to, msg) in out {
                         self.send_lease(to, msg, now_ms);
                     }

@@ -399,7 +399,8 @@ async fn serve(ctx: &DeliveryCtx, id: ConnId, mut conn: Conn) {
         match conn.client.poll(&mut conn.out) {
             ClientStep::NeedInput => {
                 if inflight.len() < INFLIGHT_MAX && conn.client.can_start_early() {
-                    let next = ctx.core.with(|c| c.early_job(id));
+                    let now = ctx.now();
+                    let next = ctx.core.with(|c| c.early_job(id, now));
                     if let Some(item) = next.and_then(|t| begin(ctx, &mut conn, t)) {
                         inflight.push_back(item);
                     }

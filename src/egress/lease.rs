@@ -48,13 +48,18 @@ pub fn owner_of(key: &LeaseKey, shards: usize) -> usize {
     shards::hash::jump_hash(h, shards.max(1))
 }
 
-/// The lease protocol. Requester → owner: `Acquire`, `Release`, `Cancel`, `Failed`, `Opened`.
-/// Owner → requester: `Granted`, `Queued`, `Yield`, `Down`, `Up`.
+/// The lease protocol. Requester → owner: `Acquire`, `Release`, `Cancel`, `Failed`, `Opened`,
+/// `Want`. Owner → requester: `Granted`, `Queued`, `Yield`, `Down`, `Up`, `Credit`. (Send
+/// credits for message rates ride the same messages: see `shaping::credits`.)
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum LeaseMsg {
     /// One more permit for `key`, whose limit (from the requester's configuration, the same on
-    /// every shard) is `limit`.
-    Acquire { key: LeaseKey, limit: u32 },
+    /// every shard) is `limit`, and new connections at most at `rate`.
+    Acquire {
+        key: LeaseKey,
+        limit: u32,
+        rate: Option<crate::shaping::Rate>,
+    },
     /// A permit's connection closed.
     Release { key: LeaseKey },
     /// Forget one queued `Acquire` (the requester no longer needs it).
@@ -75,6 +80,18 @@ pub enum LeaseMsg {
     Down { key: LeaseKey, until_ms: u64 },
     /// The key is up again (its probe opened, or an operator flushed it).
     Up { key: LeaseKey },
+    /// Send credits wanted for a rate (`shaping::credits`): up to `want` under `rate`.
+    Want {
+        key: crate::shaping::credits::MeterKey,
+        rate: crate::shaping::Rate,
+        want: u32,
+    },
+    /// The answer to `Want`: `granted` credits, and when to ask again if fewer than wanted.
+    Credit {
+        key: crate::shaping::credits::MeterKey,
+        granted: u32,
+        retry_at_ms: Option<u64>,
+    },
 }
 
 /// When a key goes down and for how long (`[delivery]` `site_failures_max`,
@@ -144,6 +161,13 @@ struct Budget {
     /// Waiting requests, oldest first: one entry per permit wanted.
     waiting: VecDeque<usize>,
     health: Health,
+    /// New connections at most at this rate (`connection_rate`), held by `gcra`.
+    rate: Option<crate::shaping::Rate>,
+    gcra: crate::shaping::Gcra,
+    /// An adaptive rule's connection cap, until when.
+    cap: Option<(u32, u64)>,
+    /// The last time the budget was asked anything (for when its rate state may go).
+    seen_ms: u64,
 }
 
 impl Budget {
@@ -155,19 +179,50 @@ impl Budget {
             yields: Vec::new(),
             waiting: VecDeque::new(),
             health: Health::default(),
+            rate: None,
+            gcra: crate::shaping::Gcra::default(),
+            cap: None,
+            seen_ms: 0,
         }
     }
 
-    /// Permits that may be out now: one while probing.
+    /// Permits that may be out now: one while probing, an adaptive cap while it lasts.
     fn limit_now(&self) -> u32 {
+        let limit = match self.cap {
+            Some((cap, until)) if self.seen_ms < until => self.limit.min(cap),
+            _ => self.limit,
+        };
         match self.health.probing {
-            true => self.limit.min(1),
-            false => self.limit,
+            true => limit.min(1),
+            false => limit,
         }
+    }
+
+    /// Whether one more connection may open now: under the limit and the connection rate
+    /// (a cell of which it takes). Err: the rate's next opening.
+    fn may_open(&mut self, now_ms: u64) -> Result<(), Option<u64>> {
+        if self.open >= self.limit_now() {
+            return Err(None);
+        }
+        if let Some(rate) = &self.rate {
+            let a = self.gcra.take(rate, 1, now_ms);
+            if a.granted == 0 {
+                return Err(a.retry_at_ms);
+            }
+        }
+        Ok(())
     }
 
     fn idle(&self) -> bool {
-        self.open == 0 && self.waiting.is_empty() && self.health.is_clear()
+        let paced = self
+            .rate
+            .as_ref()
+            .is_some_and(|r| self.gcra.next_ms(r, self.seen_ms) > self.seen_ms);
+        self.open == 0
+            && self.waiting.is_empty()
+            && self.health.is_clear()
+            && !paced
+            && self.cap.is_none_or(|(_, until)| until <= self.seen_ms)
     }
 
     fn held(&self, shard: usize) -> u32 {
@@ -240,6 +295,9 @@ pub struct Budgets {
     keys: HashMap<LeaseKey, Budget>,
     backoff: SiteBackoff,
     changes: Vec<HealthChange>,
+    /// Keys whose waiting requests wait for their connection rate, and from when they may
+    /// be granted: [`Budgets::tick`] grants them then.
+    paced: HashMap<LeaseKey, u64>,
 }
 
 impl Budgets {
@@ -254,12 +312,16 @@ impl Budgets {
     pub fn handle(&mut self, from: usize, msg: LeaseMsg, now_ms: u64) -> Vec<Outgoing> {
         let mut out = Vec::new();
         match msg {
-            LeaseMsg::Acquire { key, limit } => self.acquire(from, key, limit, now_ms, &mut out),
-            LeaseMsg::Release { key } => self.release(from, key, &mut out),
+            LeaseMsg::Acquire { key, limit, rate } => {
+                self.acquire(from, key, limit, rate, now_ms, &mut out)
+            }
+            LeaseMsg::Release { key } => self.release(from, key, now_ms, &mut out),
             LeaseMsg::Cancel { key } => self.cancel(from, key),
             LeaseMsg::Failed { key, why } => self.failed(key, why, now_ms, &mut out),
-            LeaseMsg::Opened { key } => self.opened(key, &mut out),
-            // Owner-to-requester messages are not for us.
+            LeaseMsg::Opened { key } => self.opened(key, now_ms, &mut out),
+            // Credits are the core's meters' business; owner-to-requester messages are not
+            // for us.
+            LeaseMsg::Want { .. } | LeaseMsg::Credit { .. } => {}
             LeaseMsg::Granted { .. }
             | LeaseMsg::Queued { .. }
             | LeaseMsg::Yield { .. }
@@ -288,8 +350,95 @@ impl Budgets {
         })
     }
 
+    /// When a request waiting for its connection rate may be granted.
+    pub fn next_due_ms(&self) -> Option<u64> {
+        self.paced.values().copied().min()
+    }
+
+    /// Grant what waited for its connection rate and may go at `now_ms`.
+    pub fn tick(&mut self, now_ms: u64) -> Vec<Outgoing> {
+        let mut out = Vec::new();
+        if self.paced.values().all(|&at| at > now_ms) {
+            return out;
+        }
+        let due: Vec<LeaseKey> = self
+            .paced
+            .iter()
+            .filter(|(_, &at)| at <= now_ms)
+            .map(|(k, _)| k.clone())
+            .collect();
+        for key in due {
+            self.paced.remove(&key);
+            self.grant_waiting(&key, now_ms, &mut out);
+        }
+        out
+    }
+
+    /// An adaptive rule caps `key`'s connections at `cap` until `until_ms`.
+    pub fn cap(&mut self, key: &LeaseKey, cap: u32, until_ms: u64, now_ms: u64) {
+        let b = self
+            .keys
+            .entry(key.clone())
+            .or_insert_with(|| Budget::new(cap));
+        b.seen_ms = now_ms;
+        b.cap = Some((cap.max(1), until_ms));
+    }
+
+    /// An adaptive rule suspends `key` until `until_ms`: requests are answered `Down` (and
+    /// their messages held) as in a backoff; when it ends, one probe goes first.
+    pub fn suspend(&mut self, key: &LeaseKey, until_ms: u64, why: &str, out: &mut Vec<Outgoing>) {
+        let b = self
+            .keys
+            .entry(key.clone())
+            .or_insert_with(|| Budget::new(1));
+        let h = &mut b.health;
+        h.why = why.to_owned();
+        h.probing = false;
+        h.backoff_ms = h.backoff_ms.max(self.backoff.backoff_ms);
+        h.down_until_ms = Some(h.down_until_ms.map_or(until_ms, |u| u.max(until_ms)));
+        let until_ms = h.down_until_ms.unwrap_or(until_ms);
+        while let Some(shard) = b.waiting.pop_front() {
+            Budget::mark(&mut b.health.told, shard);
+            out.push((
+                shard,
+                LeaseMsg::Down {
+                    key: key.clone(),
+                    until_ms,
+                },
+            ));
+        }
+    }
+
+    /// Grant waiting requests of `key` while its limit and connection rate allow.
+    fn grant_waiting(&mut self, key: &LeaseKey, now_ms: u64, out: &mut Vec<Outgoing>) {
+        let Some(b) = self.keys.get_mut(key) else {
+            return;
+        };
+        b.seen_ms = now_ms;
+        while !b.waiting.is_empty() {
+            match b.may_open(now_ms) {
+                Ok(()) => {
+                    let Some(next) = b.waiting.pop_front() else {
+                        break;
+                    };
+                    b.grant(next);
+                    out.push((next, LeaseMsg::Granted { key: key.clone() }));
+                }
+                Err(Some(at)) => {
+                    self.paced.insert(key.clone(), at);
+                    break;
+                }
+                Err(None) => break,
+            }
+        }
+        b.ask_yields(key, out);
+        if b.idle() {
+            self.keys.remove(key);
+        }
+    }
+
     /// An operator's flush: keys whose site `site` selects (all with None) are up again now.
-    pub fn lift(&mut self, site: Option<&str>, out: &mut Vec<Outgoing>) {
+    pub fn lift(&mut self, site: Option<&str>, now_ms: u64, out: &mut Vec<Outgoing>) {
         let keys: Vec<LeaseKey> = self
             .keys
             .iter()
@@ -297,7 +446,7 @@ impl Budgets {
             .map(|(k, _)| k.clone())
             .collect();
         for key in keys {
-            self.up(&key, out);
+            self.up(&key, now_ms, out);
         }
     }
 
@@ -349,19 +498,19 @@ impl Budgets {
         });
     }
 
-    fn opened(&mut self, key: LeaseKey, out: &mut Vec<Outgoing>) {
+    fn opened(&mut self, key: LeaseKey, now_ms: u64, out: &mut Vec<Outgoing>) {
         let Some(b) = self.keys.get_mut(&key) else {
             return;
         };
         b.health.failures = 0;
         if b.health.down_until_ms.is_some() {
-            self.up(&key, out);
+            self.up(&key, now_ms, out);
         } else if b.idle() {
             self.keys.remove(&key);
         }
     }
 
-    fn up(&mut self, key: &LeaseKey, out: &mut Vec<Outgoing>) {
+    fn up(&mut self, key: &LeaseKey, now_ms: u64, out: &mut Vec<Outgoing>) {
         let Some(b) = self.keys.get_mut(key) else {
             return;
         };
@@ -377,16 +526,7 @@ impl Budgets {
             why: String::new(),
         });
         // The probe's limit of one is lifted: waiting requests get what is free.
-        while b.open < b.limit {
-            let Some(next) = b.waiting.pop_front() else {
-                break;
-            };
-            b.grant(next);
-            out.push((next, LeaseMsg::Granted { key: key.clone() }));
-        }
-        if b.idle() {
-            self.keys.remove(key);
-        }
+        self.grant_waiting(key, now_ms, out);
     }
 
     fn acquire(
@@ -394,6 +534,7 @@ impl Budgets {
         from: usize,
         key: LeaseKey,
         limit: u32,
+        rate: Option<crate::shaping::Rate>,
         now_ms: u64,
         out: &mut Vec<Outgoing>,
     ) {
@@ -402,6 +543,8 @@ impl Budgets {
             .entry(key.clone())
             .or_insert_with(|| Budget::new(limit));
         b.limit = limit;
+        b.rate = rate;
+        b.seen_ms = now_ms;
         if let Some(until_ms) = b.health.down_until_ms {
             if now_ms < until_ms {
                 Budget::mark(&mut b.health.told, from);
@@ -413,17 +556,25 @@ impl Budgets {
         }
         // Free, and either nobody waits or this shard is under its share: take it now.
         let fair = b.waiting.is_empty() || b.held(from) < b.share();
-        if b.open < b.limit_now() && fair {
-            b.grant(from);
-            out.push((from, LeaseMsg::Granted { key }));
-            return;
+        if fair && b.open < b.limit_now() {
+            match b.may_open(now_ms) {
+                Ok(()) => {
+                    b.grant(from);
+                    out.push((from, LeaseMsg::Granted { key }));
+                    return;
+                }
+                Err(Some(at)) => {
+                    self.paced.entry(key.clone()).or_insert(at);
+                }
+                Err(None) => {}
+            }
         }
         b.waiting.push_back(from);
         out.push((from, LeaseMsg::Queued { key: key.clone() }));
         b.ask_yields(&key, out);
     }
 
-    fn release(&mut self, from: usize, key: LeaseKey, out: &mut Vec<Outgoing>) {
+    fn release(&mut self, from: usize, key: LeaseKey, now_ms: u64, out: &mut Vec<Outgoing>) {
         let Some(b) = self.keys.get_mut(&key) else {
             return;
         };
@@ -439,18 +590,8 @@ impl Budgets {
         if b.yields.get(from).copied().unwrap_or(0) > 0 {
             Budget::bump(&mut b.yields, from, -1);
         }
-        // The longest-waiting request gets the permit.
-        while b.open < b.limit_now() {
-            let Some(next) = b.waiting.pop_front() else {
-                break;
-            };
-            b.grant(next);
-            out.push((next, LeaseMsg::Granted { key: key.clone() }));
-        }
-        b.ask_yields(&key, out);
-        if b.idle() {
-            self.keys.remove(&key);
-        }
+        // The longest-waiting request gets the permit (when the connection rate allows).
+        self.grant_waiting(&key, now_ms, out);
     }
 
     fn cancel(&mut self, from: usize, key: LeaseKey) {
@@ -506,11 +647,17 @@ impl Permits {
     }
 
     /// Ask for one more permit: the message for the owner.
-    pub fn want(&mut self, key: &LeaseKey, limit: u32) -> LeaseMsg {
+    pub fn want(
+        &mut self,
+        key: &LeaseKey,
+        limit: u32,
+        rate: Option<crate::shaping::Rate>,
+    ) -> LeaseMsg {
         self.keys.entry(key.clone()).or_default().requested += 1;
         LeaseMsg::Acquire {
             key: key.clone(),
             limit,
+            rate,
         }
     }
 
@@ -614,6 +761,7 @@ mod tests {
             LeaseMsg::Acquire {
                 key: k.clone(),
                 limit,
+                rate: None,
             },
             now,
         )
@@ -719,10 +867,11 @@ mod tests {
         let mut p = Permits::default();
         let k = key("mx.example");
         assert_eq!(
-            p.want(&k, 3),
+            p.want(&k, 3, None),
             LeaseMsg::Acquire {
                 key: k.clone(),
-                limit: 3
+                limit: 3,
+                rate: None,
             }
         );
         p.granted(&k);
@@ -743,9 +892,9 @@ mod tests {
         assert_eq!(p.release(&k), LeaseMsg::Release { key: k.clone() });
         assert_eq!(p.holding(&k), Holding::default());
         // A release for another reason answers a pending yield too, as the owner counts it.
-        p.want(&k, 3);
+        p.want(&k, 3, None);
         p.granted(&k);
-        p.want(&k, 3);
+        p.want(&k, 3, None);
         p.granted(&k);
         p.yield_asked(&k);
         p.release(&k);

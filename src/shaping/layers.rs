@@ -151,6 +151,8 @@ pub struct Layers {
     source_rates: Vec<Option<Rate>>,
     /// Lower-case tenant → its message rate over all sites.
     tenant_rates: HashMap<String, Rate>,
+    /// Whether any layer sets a message rate.
+    any_rates: bool,
 }
 
 impl std::fmt::Debug for Layers {
@@ -452,8 +454,17 @@ impl Layers {
                 tenant_rates.insert(t.name.trim().to_ascii_lowercase(), r);
             }
         }
+        let has = |p: &Partial| p.message_rate.is_some() || p.site_message_rate.is_some();
+        let any_rates = default.message_rate.is_some()
+            || default.site_message_rate.is_some()
+            || providers.iter().any(|p| has(&p.values))
+            || sites.iter().any(|l| has(&l.values))
+            || domains.values().flatten().any(|l| has(&l.values))
+            || source_rates.iter().any(Option::is_some)
+            || !tenant_rates.is_empty();
         match errors.0.len() {
             0 => Ok(Layers {
+                any_rates,
                 default,
                 providers,
                 sites,
@@ -478,6 +489,11 @@ impl Layers {
         provider
             .and_then(|p| self.providers.get(usize::from(p)))
             .map_or("other", |p| p.name.as_str())
+    }
+
+    /// Whether any message rate is configured anywhere (else the core skips every rate check).
+    pub fn any_rates(&self) -> bool {
+        self.any_rates
     }
 
     /// Whether `domain` (lower case) has limits of its own, and so a site of its own.

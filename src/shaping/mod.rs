@@ -4,6 +4,7 @@
 //!
 //! No I/O here: the core asks and the owners of the shaping keys answer over the mesh.
 
+pub mod credits;
 pub mod layers;
 pub mod rate;
 

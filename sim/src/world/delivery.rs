@@ -298,7 +298,7 @@ impl World {
         }
         if first && early && INFLIGHT_MAX > 1 {
             // PIPELINING: the next envelope behind this one's final dot.
-            if let Some(Some(next)) = self.core_step(s, |core, _| core.early_job(c))? {
+            if let Some(Some(next)) = self.core_step(s, |core, now| core.early_job(c, now))? {
                 self.stats.pipelined += 1;
                 return self.begin(s, c, next);
             }

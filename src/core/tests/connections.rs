@@ -96,9 +96,9 @@ fn early_jobs_pipeline_up_to_messages_per_connection_max() {
     }
     let actions = core.take_actions();
     let (conn, first) = open_and_take(&mut core, &actions, T0);
-    let second = core.early_job(conn).expect("the second job pipelines");
+    let second = core.early_job(conn, 0).expect("the second job pipelines");
     assert_ne!(second.job.id, first.job.id);
-    assert_eq!(core.early_job(conn), None, "two is the most");
+    assert_eq!(core.early_job(conn, 0), None, "two is the most");
     core.txn_done(conn, &first.job, &all(&first.job, ok()), T0);
     core.txn_done(conn, &second.job, &all(&second.job, ok()), T0);
     assert_eq!(core.next_job(conn, T0), NextJob::Close);
@@ -125,7 +125,7 @@ fn stop_wakes_idle_connections_and_closes_them() {
     accept(&mut core, &envelope("s@x.test", &["b@d.test"], T0), T0 + 1);
     assert_eq!(connects(&core.take_actions()), vec![]);
     assert_eq!(core.next_job(conn, T0 + 1), NextJob::Close);
-    assert_eq!(core.early_job(conn), None);
+    assert_eq!(core.early_job(conn, 0), None);
     core.conn_closed(conn, T0 + 1);
     assert_eq!(connects(&core.take_actions()), vec![]);
     assert_eq!(core.connections(), 0);

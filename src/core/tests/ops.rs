@@ -199,7 +199,7 @@ fn flush_retries_scheduled_recipients_now_once() {
     core.take_actions();
     let job = job_for(&mut core, conn, T0 + 2);
     assert_eq!(job.job.id, id);
-    assert!(core.early_job(conn).is_none(), "one job, not three");
+    assert!(core.early_job(conn, 0).is_none(), "one job, not three");
     // The old retry time passes: nothing more comes due for it.
     core.txn_done(conn, &job.job, &all(&job.job, ok()), T0 + 3);
     core.tick(T0 + 60_001);
