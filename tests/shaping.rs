@@ -20,12 +20,11 @@ fn a_message_rate_is_held_at_the_sink_across_shards() {
     let sink = Sink::start(dir.path(), &["--stats-per-ip"]);
     // 10/s with a burst of 1 (the default for 10/s): every message a tenth of a second apart,
     // whichever of the two shards holds it.
-    let mut epoxi = Epoxi::start(
-        &Opts::new(dir.path())
-            .shards(2)
-            .route(sink.port)
-            .set("shaping", "message_rate", "\"10/s\""),
-    );
+    let mut epoxi = Epoxi::start(&Opts::new(dir.path()).shards(2).route(sink.port).set(
+        "shaping",
+        "message_rate",
+        "\"10/s\"",
+    ));
     let injected = Inject::new(60).connections(4).run(dir.path(), epoxi.port);
     assert_eq!(injected.count("accepted"), 60, "{}", injected.json);
     let started = Instant::now();

@@ -449,9 +449,9 @@ impl Core {
                 retry_at_ms,
             } => {
                 self.credits.granted(&key, granted, retry_at_ms, now_ms);
-                if granted > 0 {
-                    self.actions.push(Action::WakeIdle);
-                }
+                // Connections waiting for the answer take a message now, or learn how long
+                // to wait for the next credit.
+                self.actions.push(Action::WakeIdle);
             }
             LeaseMsg::Granted { key } => self.granted(key, now_ms),
             LeaseMsg::Queued { key } => self.queued(key, now_ms),
