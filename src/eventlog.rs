@@ -404,6 +404,24 @@ impl Observer for EventLog {
                     why: e.why,
                 },
             ),
+            Event::Shaping(e) => self.write(
+                e.ts_ms,
+                &ShapingLine {
+                    kind: match e.lifted {
+                        false => "ShapingAction",
+                        true => "ShapingLifted",
+                    },
+                    ts_ms: e.ts_ms,
+                    shard: e.shard,
+                    rule: e.rule,
+                    action: e.action,
+                    site: e.site,
+                    source: e.source,
+                    target: e.target,
+                    until_ms: e.until_ms,
+                    detail: e.detail,
+                },
+            ),
             // Counted for TLS reports; the attempt's own event says how its connection went.
             Event::TlsSession(_) => {}
             Event::Admin(e) => self.write(
@@ -440,6 +458,22 @@ struct SiteLine<'a> {
     down_until_ms: Option<u64>,
     failures: u32,
     why: &'a str,
+}
+
+#[derive(Serialize)]
+struct ShapingLine<'a> {
+    #[serde(rename = "type")]
+    kind: &'static str,
+    ts_ms: u64,
+    shard: usize,
+    rule: &'a str,
+    action: &'a str,
+    site: &'a str,
+    source: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    target: Option<&'a str>,
+    until_ms: u64,
+    detail: &'a str,
 }
 
 /// The writer thread's file.

@@ -10,6 +10,7 @@
 //!   spooled for the sender, or was not needed (NOTIFY asked for none); either way the
 //!   failures it reports are recorded after this.
 //! - [`Event::SourceHealth`]: an egress source left or rejoined rotation.
+//! - [`Event::Shaping`]: an adaptive shaping rule acted on a (site, source), or its action ended.
 //! - [`Event::SiteHealth`]: a (site, egress source) went into backoff after repeated failed
 //!   connections, or came back (reported once, by the key's owner shard).
 //! - [`Event::TlsSession`]: an outbound connection's TLS came to success or a failure under
@@ -162,6 +163,28 @@ pub struct SiteHealth<'a> {
     pub why: &'a str,
 }
 
+/// An adaptive shaping rule acted on a (site, source), or its action was lifted when its
+/// duration ended (`shaping::adaptive`).
+#[derive(Clone, Copy, Debug)]
+pub struct Shaping<'a> {
+    pub ts_ms: u64,
+    pub shard: usize,
+    /// The rule's name.
+    pub rule: &'a str,
+    /// suspend, throttle, suspend_tenant, suspend_campaign or bounce.
+    pub action: &'a str,
+    pub site: &'a str,
+    pub source: &'a str,
+    /// The tenant or campaign a suspension names.
+    pub target: Option<&'a str>,
+    /// Until when it lasts.
+    pub until_ms: u64,
+    /// The action ended (false: it starts).
+    pub lifted: bool,
+    /// What triggered it (the threshold) or what it sets (a throttle's rate).
+    pub detail: &'a str,
+}
+
 /// One outbound TLS session (or the attempt at one) ended, for TLS reporting (RFC 8460).
 #[derive(Clone, Copy, Debug)]
 pub struct TlsSession<'a> {
@@ -303,6 +326,7 @@ pub enum Event<'a> {
     Notice(Notice<'a>),
     SourceHealth(SourceHealth<'a>),
     SiteHealth(SiteHealth<'a>),
+    Shaping(Shaping<'a>),
     TlsSession(TlsSession<'a>),
     Admin(Admin<'a>),
     Oob(&'a OobBounce),
@@ -368,6 +392,10 @@ pub enum Recorded {
         site: String,
         down: bool,
     },
+    Shaping {
+        rule: String,
+        lifted: bool,
+    },
     TlsSession {
         domain: String,
         ok: bool,
@@ -404,6 +432,10 @@ impl Observer for Recorder {
             Event::SiteHealth(e) => Recorded::SiteHealth {
                 site: e.site.to_owned(),
                 down: e.down_until_ms.is_some(),
+            },
+            Event::Shaping(e) => Recorded::Shaping {
+                rule: e.rule.to_owned(),
+                lifted: e.lifted,
             },
             Event::TlsSession(e) => Recorded::TlsSession {
                 domain: e.session.policy.domain.clone(),

@@ -253,6 +253,7 @@ impl Observer for Tap {
             Event::Received(_)
             | Event::TlsSession(_)
             | Event::SiteHealth(_)
+            | Event::Shaping(_)
             | Event::Admin(_)
             | Event::Oob(_)
             | Event::Feedback(_)
