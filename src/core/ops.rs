@@ -88,7 +88,9 @@ fn selects(
 /// A site selector names the site key (`mx1.example,mx2.example`, `[127.0.0.1:25]`) or one of
 /// its hosts.
 fn site_matches(key: &str, sel: &str) -> bool {
-    key.eq_ignore_ascii_case(sel) || key.split(',').any(|h| h.eq_ignore_ascii_case(sel))
+    // A domain's own site is `hosts#domain`: its hosts still select it.
+    let hosts = key.split_once('#').map_or(key, |(h, _)| h);
+    key.eq_ignore_ascii_case(sel) || hosts.split(',').any(|h| h.eq_ignore_ascii_case(sel))
 }
 
 fn selector_text(sel: &Selector) -> String {
@@ -245,6 +247,51 @@ impl Core {
             Op::Reinject { .. } | Op::Suppression(_) | Op::Reload => done(json!({
                 "error": format!("`{}` is not a queue operation", op.name())
             })),
+        }
+    }
+
+    /// An adaptive rule's suspension (tenant, campaign) or bounce (a site), until `until_ms`:
+    /// in force for new work as an operator's is, and applied to what waits in the ready
+    /// queues now (held, or bounced without notices being skipped).
+    pub(super) fn adaptive_directive(
+        &mut self,
+        bounce: bool,
+        selector: Selector,
+        until_ms: u64,
+        reason: String,
+        now_ms: u64,
+    ) {
+        let kind = match bounce {
+            true => DirectiveKind::Bounce { notify: true },
+            false => DirectiveKind::Suspend,
+        };
+        let d = Directive {
+            kind,
+            selector: normalize(&selector),
+            until_ms: Some(until_ms),
+            reason,
+        };
+        let sel = d.selector.clone();
+        if self.add_directive(now_ms, d).is_err() {
+            tracing::warn!("shard {}: too many directives; an adaptive rule's was dropped", self.shard);
+            return;
+        }
+        if !bounce {
+            self.hold_ready_selected(&sel, now_ms);
+            return;
+        }
+        let dests: Vec<crate::queue::Dest> = self.queue.ready_dests().cloned().collect();
+        for dest in dests {
+            let site = dest.hop.site_key();
+            if !matches!(&sel, Selector::Site(s) if site_matches(&site, s)) {
+                continue;
+            }
+            for job in self.queue.drain_ready(&dest) {
+                let rest = self.apply_directives(job.id, job.rcpts, Some(&dest.hop), now_ms);
+                if !rest.is_empty() {
+                    self.queue.push_ready(&dest, Job { id: job.id, rcpts: rest });
+                }
+            }
         }
     }
 
