@@ -491,7 +491,8 @@ mod tests {
     fn config_errors_name_their_key() {
         let load = |second: &str| {
             let text = format!(
-                "warmup = [{{ name = \"a\", stage = [{{ days = 1, daily = 10 }}] }}, {{ {second} }}]"
+                "warmup = [{{ name = \"a\", stage = [{{ days = 1, daily = 10 }}] }}, \
+                 {{ {second} }}]"
             );
             let file: File = toml::from_str(&text).expect(second);
             Schedules::from_entries(&file.warmup)
@@ -531,7 +532,12 @@ mod tests {
                 "name = \"b\", stage = [{ days = 1, daily = 10, hourly = 0 }]".into(),
             ),
             ("stage.provider", provider("")),
-            ("stage.provider", "name = \"b\", stage = [{ days = 1, daily = 9, provider = { g = { daily = 1 }, G = { daily = 2 } } }]".into()),
+            (
+                "stage.provider",
+                "name = \"b\", stage = [{ days = 1, daily = 9, \
+                 provider = { g = { daily = 1 }, G = { daily = 2 } } }]"
+                    .into(),
+            ),
             ("stage.provider.daily", provider("daily = 0")),
             ("stage.provider.hourly", provider("daily = 5, hourly = 6")),
         ];
