@@ -372,6 +372,9 @@ fn settle(sources: usize) -> Result<Settings, String> {
                 address: None,
                 ehlo: None,
                 message_rate: None,
+                warmup: None,
+                warmup_start: None,
+                warmup_start_ms: None,
             })
             .collect();
         cfg.pool = vec![PoolEntry {

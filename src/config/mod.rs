@@ -10,7 +10,10 @@ use std::path::{Path, PathBuf};
 use serde::Deserialize;
 
 mod shaping;
-pub use shaping::{DomainEntry, LimitKeys, ProviderEntry, ShapingSection, SiteEntry};
+pub use shaping::{
+    AdaptiveEntry, DomainEntry, LimitKeys, ProviderEntry, ShapingSection, SiteEntry, StageEntry,
+    WarmupEntry, WarmupProviderEntry,
+};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -107,6 +110,11 @@ pub struct Config {
     /// Per tenant (the `egress.tenant_header` value) settings: which notices its senders get.
     pub tenant: Vec<TenantEntry>,
     pub dead_letter: DeadLetterSection,
+    /// Adaptive shaping rules: replies that, N times in a period, suspend or throttle a
+    /// (site, source) for a while (see `shaping::adaptive`).
+    pub adaptive: Vec<AdaptiveEntry>,
+    /// IP warmup schedules, named by `[[source]] warmup`.
+    pub warmup: Vec<WarmupEntry>,
 }
 
 /// A kind of delivery status notification, as the `notices` lists name it.
@@ -391,6 +399,15 @@ pub struct SourceEntry {
     /// Messages from this source per period over all sites, e.g. "50000/h".
     #[serde(default)]
     pub message_rate: Option<String>,
+    /// The `[[warmup]]` schedule this source follows.
+    #[serde(default)]
+    pub warmup: Option<String>,
+    /// When its warmup started: a UTC date, `2026-12-01`.
+    #[serde(default)]
+    pub warmup_start: Option<String>,
+    /// ... or a Unix time in milliseconds (for tests).
+    #[serde(default)]
+    pub warmup_start_ms: Option<u64>,
 }
 
 #[derive(Clone, Debug, Deserialize, PartialEq, Eq)]

@@ -148,3 +148,75 @@ impl DomainEntry {
 fn one() -> usize {
     1
 }
+
+/// One `[[adaptive]]` table, as written.
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct AdaptiveEntry {
+    pub name: String,
+    /// A regex on the reply line (`421 4.7.0 text`), case-insensitive.
+    #[serde(default)]
+    pub regex: Option<String>,
+    /// Bounce categories (`RateLimited`, ...); a reply in any of them matches.
+    #[serde(default)]
+    pub category: Vec<String>,
+    /// A glob on the site's MX hosts (one matching host is enough); every site without it.
+    #[serde(default)]
+    pub site: Option<String>,
+    /// `N/period` or `N in period`: N matches within the period trigger the action.
+    pub threshold: String,
+    /// `suspend`, `throttle`, `suspend_tenant`, `suspend_campaign` or `bounce`.
+    pub action: String,
+    /// How long the action lasts: `30s`, `10m`, `2h`, `1d`.
+    pub duration: String,
+    /// Throttle only: the (site, source)'s message rate while it lasts.
+    #[serde(default)]
+    pub message_rate: Option<String>,
+    /// Throttle only: the configured rate times this (0 < f < 1) while it lasts.
+    #[serde(default)]
+    pub rate_factor: Option<f64>,
+    /// Throttle only: the connection cap while it lasts.
+    #[serde(default)]
+    pub connections_max: Option<u32>,
+}
+
+/// One `[[warmup]]` table, as written.
+#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct WarmupEntry {
+    pub name: String,
+    /// Length of a warmup day in seconds (an hour is `day_s / 24`).
+    #[serde(default = "day_s_default")]
+    pub day_s: u64,
+    pub stage: Vec<StageEntry>,
+}
+
+fn day_s_default() -> u64 {
+    86_400
+}
+
+/// One `[[warmup.stage]]`.
+#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct StageEntry {
+    /// How many warmup days the stage lasts.
+    pub days: u64,
+    /// Messages per provider per day.
+    pub daily: u64,
+    /// Messages per provider per hour, if capped.
+    #[serde(default)]
+    pub hourly: Option<u64>,
+    /// Per provider overrides (`[warmup.stage.provider.google]`), by provider name.
+    #[serde(default)]
+    pub provider: std::collections::BTreeMap<String, WarmupProviderEntry>,
+}
+
+/// `[warmup.stage.provider.NAME]`: what it does not set comes from the stage.
+#[derive(Clone, Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct WarmupProviderEntry {
+    #[serde(default)]
+    pub daily: Option<u64>,
+    #[serde(default)]
+    pub hourly: Option<u64>,
+}

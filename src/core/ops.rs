@@ -273,7 +273,10 @@ impl Core {
         };
         let sel = d.selector.clone();
         if self.add_directive(now_ms, d).is_err() {
-            tracing::warn!("shard {}: too many directives; an adaptive rule's was dropped", self.shard);
+            tracing::warn!(
+                "shard {}: too many directives; an adaptive rule's was dropped",
+                self.shard
+            );
             return;
         }
         if !bounce {
@@ -289,7 +292,13 @@ impl Core {
             for job in self.queue.drain_ready(&dest) {
                 let rest = self.apply_directives(job.id, job.rcpts, Some(&dest.hop), now_ms);
                 if !rest.is_empty() {
-                    self.queue.push_ready(&dest, Job { id: job.id, rcpts: rest });
+                    self.queue.push_ready(
+                        &dest,
+                        Job {
+                            id: job.id,
+                            rcpts: rest,
+                        },
+                    );
                 }
             }
         }
