@@ -1,19 +1,36 @@
 use super::*;
-use crate::config::Overrides;
 use crate::route::Site;
 
-fn settings(toml: &str) -> crate::settings::Settings {
-    Config::parse(toml)
-        .expect("parses")
-        .settle(Overrides::default())
-        .expect("valid")
+/// The layers of a configuration, with what the tests ask of them.
+struct Shaped {
+    shaping: Layers,
+    sources: usize,
+}
+
+impl Shaped {
+    fn site_shape(&self, hop: &Hop) -> SiteShape {
+        self.shaping.site(hop, self.sources)
+    }
+}
+
+fn layers(toml: &str) -> Result<Shaped, ConfigError> {
+    let cfg = Config::parse(toml).expect("parses");
+    let mut sources: Vec<String> = cfg.source.iter().map(|s| s.name.clone()).collect();
+    if sources.is_empty() {
+        sources.push("default".into());
+    }
+    Layers::from_config(&cfg, &sources).map(|shaping| Shaped {
+        shaping,
+        sources: sources.len(),
+    })
+}
+
+fn settings(toml: &str) -> Shaped {
+    layers(toml).expect("valid")
 }
 
 fn error(toml: &str) -> String {
-    match Config::parse(toml)
-        .expect("parses")
-        .settle(Overrides::default())
-    {
+    match layers(toml) {
         Ok(_) => panic!("accepted: {toml}"),
         Err(e) => e.to_string(),
     }
