@@ -46,6 +46,12 @@ pub struct Settings {
     pub suppression_reply: Option<crate::smtp::reply::Reply>,
     /// The shaping layers (providers, sites, domains, sources, tenants), compiled.
     pub shaping: Arc<crate::shaping::layers::Layers>,
+    /// The `[[adaptive]]` rules, compiled (cloned with the settings: each shard's copy has
+    /// regex caches of its own).
+    pub adaptive: crate::shaping::AdaptiveRules,
+    /// The `[[warmup]]` schedules, and each source's (by source index).
+    pub warmups: Arc<crate::shaping::Schedules>,
+    pub source_warmups: Vec<Option<crate::shaping::SourceWarmup>>,
 }
 
 /// The settings in force on one shard: every session, connection and notice reads them when it
@@ -301,6 +307,22 @@ impl Config {
         let egress = crate::egress::Egress::from_config(&self, &helo_name)?;
         let source_names: Vec<String> = egress.sources.iter().map(|s| s.name.clone()).collect();
         let shaping = crate::shaping::layers::Layers::from_config(&self, &source_names)?;
+        let adaptive = crate::shaping::AdaptiveRules::from_entries(&self.adaptive)?;
+        let warmups = crate::shaping::Schedules::from_entries(&self.warmup)?;
+        // Sources are indexed as egress has them: the configured ones, in order (or the one
+        // default source, which has no warmup).
+        let mut source_warmups = Vec::with_capacity(egress.sources.len());
+        for i in 0..egress.sources.len() {
+            source_warmups.push(match self.source.get(i) {
+                Some(s) => warmups.source_warmup(
+                    i,
+                    s.warmup.as_deref(),
+                    s.warmup_start.as_deref(),
+                    s.warmup_start_ms,
+                )?,
+                None => None,
+            });
+        }
         let dkim = dkim_signers(&self.dkim)?;
         let bounce = bounce_classifier(&self.bounce)?;
         let retry = retry_policy(&self)?;
@@ -333,6 +355,9 @@ impl Config {
             tls_trust,
             auth_users,
             shaping: Arc::new(shaping),
+            adaptive,
+            warmups: Arc::new(warmups),
+            source_warmups,
         })
     }
 }

@@ -82,3 +82,155 @@ fn a_connection_rate_spaces_new_connections() {
     eprintln!("10 connections at 2/s: {took:?}");
     assert!(took >= Duration::from_millis(4_000), "{took:?}");
 }
+
+fn cli(epoxi: &Epoxi, args: &[&str]) -> serde_json::Value {
+    let mut all: Vec<std::ffi::OsString> = args.iter().map(|a| a.into()).collect();
+    all.push("--spool".into());
+    all.push(epoxi.spool.clone().into());
+    let ran = common::run_epoxi(&all);
+    serde_json::from_str(&ran.stdout).unwrap_or_else(|e| panic!("{args:?} ({e}): {ran:?}"))
+}
+
+/// The sink throttles like Gmail (451 4.7.1 past 5 messages a second); a rule suspends the
+/// (site, source) after 3 such replies in 10 s for 3 s. The action is logged, shows in the
+/// summary, holds the mail (no attempts while it lasts), is lifted on time, and every message
+/// is delivered once in the end.
+#[test]
+fn an_adaptive_rule_suspends_a_throttling_site_and_lifts_after_its_duration() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let sink = Sink::start(dir.path(), &["--limit-msgs-per-sec", "5"]);
+    let mut opts = Opts::new(dir.path())
+        .shards(2)
+        .route(sink.port)
+        .set("queue", "retry_first_ms", "300")
+        .set("queue", "retry_base_ms", "300")
+        .set("queue", "retry_factor", "1.0");
+    opts.conf.raw.push_str(
+        "[[adaptive]]\nname = \"rate-limited\"\nregex = \"^451 4\\\\.7\\\\.1 \"\n\
+         threshold = \"3/10s\"\naction = \"suspend\"\nduration = \"3s\"\n",
+    );
+    let mut epoxi = Epoxi::start(&opts);
+    let injected = Inject::new(40).connections(4).run(dir.path(), epoxi.port);
+    assert_eq!(injected.count("accepted"), 40, "{}", injected.json);
+    let actions = epoxi.wait_events_within("ShapingAction", 1, Duration::from_secs(20));
+    let action = &actions[0];
+    assert_eq!(action["rule"], "rate-limited", "{action}");
+    assert_eq!(action["action"], "suspend", "{action}");
+    let started = action["ts_ms"].as_u64().expect("ts");
+    let until = action["until_ms"].as_u64().expect("until");
+    assert!((2_900..=3_100).contains(&(until - started)), "{action}");
+    // Visible while it lasts.
+    let summary = cli(&epoxi, &["queue", "summary", "--json"]);
+    let rows = summary["suspensions"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    assert!(
+        rows.iter().any(|r| r["kind"] == "adaptive suspend"),
+        "{summary}"
+    );
+    let lifted = epoxi.wait_events_within("ShapingLifted", 1, Duration::from_secs(10));
+    let lifted_at = lifted[0]["ts_ms"].as_u64().expect("ts");
+    assert!(
+        lifted_at >= until && lifted_at < until + 1_500,
+        "{}",
+        lifted[0]
+    );
+    let delivered = epoxi.wait_events_within("Delivery", 40, Duration::from_secs(60));
+    assert_eq!(delivered.len(), 40);
+    let events = epoxi.events();
+    epoxi.stop();
+    let report = sink.stop();
+    assert_eq!(report.count("unique"), 40, "{}", report.json);
+    assert_eq!(report.count("duplicates"), 0, "{}", report.json);
+    assert!(report.count("throttled_messages") >= 3, "{}", report.json);
+    // While suspended, nothing was attempted beyond what connections already carried (a
+    // message in flight and one pipelined behind it, per connection).
+    let during = events
+        .iter()
+        .filter(|e| e["type"] == "Delivery" || e["type"] == "TransientFailure")
+        .filter(|e| {
+            e["ts_ms"]
+                .as_u64()
+                .is_some_and(|t| t > started + 500 && t < until)
+        })
+        .count();
+    assert!(during <= 8, "{during} attempts while suspended");
+}
+
+/// A warming source (an "hour" of 1 s under a 24 s warmup day): at most 3 messages an hour
+/// and 10 a day, counted at the sink by the source's address; progress shows in the summary.
+#[test]
+fn warmup_caps_hold_per_source_and_hour_and_day() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let sink = Sink::start(dir.path(), &["--stats-per-ip"]);
+    let start_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_millis() as u64;
+    let mut opts = Opts::new(dir.path()).shards(2).route(sink.port);
+    opts.conf.raw.push_str(&format!(
+        "[[warmup]]\nname = \"fast\"\nday_s = 24\n\
+         [[warmup.stage]]\ndays = 10\ndaily = 10\nhourly = 3\n\
+         [[source]]\nname = \"new\"\naddress = \"127.0.0.2\"\nwarmup = \"fast\"\nwarmup_start_ms = {start_ms}\n"
+    ));
+    let mut epoxi = Epoxi::start(&opts);
+    let injected = Inject::new(30).connections(2).run(dir.path(), epoxi.port);
+    assert_eq!(injected.count("accepted"), 30, "{}", injected.json);
+    // Ten in the first day: 3, 3, 3 and 1 over four 1-s hours; then nothing until day two.
+    epoxi.wait_events_within("Delivery", 10, Duration::from_secs(15));
+    std::thread::sleep(Duration::from_secs(3));
+    let summary = cli(&epoxi, &["queue", "summary", "--json"]);
+    let warmup = summary["warmup"].as_array().cloned().unwrap_or_default();
+    assert!(
+        warmup
+            .iter()
+            .any(|w| w["source"] == "new" && w["today"] == "10/10"),
+        "{summary}"
+    );
+    let delivered = epoxi.events_of("Delivery").len();
+    epoxi.stop();
+    let report = sink.stop();
+    let new = &report.json["per_ip"]["127.0.0.2"];
+    assert_eq!(delivered, 10, "{}", report.json);
+    assert_eq!(new["accepted"].as_u64(), Some(10), "{}", report.json);
+    assert!(
+        new["max_per_s"].as_u64().unwrap_or(99) <= 3,
+        "{}",
+        report.json
+    );
+}
+
+/// Traffic beyond a new source's cap goes through the pool's warmed source.
+#[test]
+fn traffic_beyond_a_warmup_cap_goes_to_the_warmed_sources() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let sink = Sink::start(dir.path(), &["--stats-per-ip"]);
+    let start_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_millis() as u64;
+    let mut opts = Opts::new(dir.path()).shards(2).route(sink.port);
+    opts.conf.raw.push_str(&format!(
+        "[[warmup]]\nname = \"slow\"\nday_s = 86400\n\
+         [[warmup.stage]]\ndays = 30\ndaily = 5\n\
+         [[source]]\nname = \"new\"\naddress = \"127.0.0.2\"\nwarmup = \"slow\"\nwarmup_start_ms = {start_ms}\n\
+         [[source]]\nname = \"old\"\naddress = \"127.0.0.3\"\n"
+    ));
+    let mut epoxi = Epoxi::start(&opts);
+    let injected = Inject::new(60).connections(2).run(dir.path(), epoxi.port);
+    assert_eq!(injected.count("accepted"), 60, "{}", injected.json);
+    let delivered = epoxi.wait_events_within("Delivery", 60, Duration::from_secs(30));
+    assert_eq!(delivered.len(), 60);
+    epoxi.stop();
+    let report = sink.stop();
+    assert_eq!(report.count("unique"), 60, "{}", report.json);
+    let new = report.json["per_ip"]["127.0.0.2"]["accepted"]
+        .as_u64()
+        .unwrap_or(0);
+    let old = report.json["per_ip"]["127.0.0.3"]["accepted"]
+        .as_u64()
+        .unwrap_or(0);
+    assert!(new <= 5, "the warming source sent {new}: {}", report.json);
+    assert_eq!(new + old, 60, "{}", report.json);
+}

@@ -49,6 +49,7 @@ pub fn summary(answer: &Value) -> String {
         ("sites", "site"),
         ("tenants", "tenant"),
         ("suspensions", ""),
+        ("warmup", "source"),
     ] {
         let Some(rows) = answer.get(list).and_then(Value::as_array) else {
             continue;
@@ -61,7 +62,7 @@ pub fn summary(answer: &Value) -> String {
     }
     if let Some(object) = answer.as_object() {
         for (k, v) in object {
-            if matches!(k.as_str(), "sites" | "tenants" | "suspensions") {
+            if matches!(k.as_str(), "sites" | "tenants" | "suspensions" | "warmup") {
                 continue;
             }
             out.push_str(&format!("{k}: {}\n", cell(v)));

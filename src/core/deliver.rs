@@ -10,7 +10,6 @@ use crate::envelope::Body;
 use crate::events::{Event, SourceHealth};
 use crate::outcome::RcptResult;
 use crate::queue::{Dest, Job};
-use crate::shaping::credits::{Check, MeterKey};
 use crate::shaping::layers::SiteShape;
 use crate::smtp::reply::Reply;
 use crate::spool::Location;
@@ -24,7 +23,7 @@ pub const YIELD_AFTER_MESSAGES: u32 = 32;
 const SHAPES_MAX: usize = 65_536;
 
 /// Why held messages expire when their site's backoff outlasts their max age.
-const HOLD_SITE_DOWN: &str = "Destination in backoff after repeated connection failures";
+pub(super) const HOLD_SITE_DOWN: &str = "Destination in backoff after repeated connection failures";
 
 /// A delivery connection of this shard.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -152,25 +151,28 @@ impl Core {
             .candidates(&self.settings.egress, dest.pool, now_ms);
         if !self.holds.is_empty() && !sources.is_empty() {
             let site = dest.hop.site_key();
-            let mut until_min: Option<u64> = None;
+            let mut until_min: Option<(u64, &'static str)> = None;
             sources.retain(|&s| {
                 let key = LeaseKey {
                     site: site.clone(),
                     source: s as u16,
                 };
                 match self.holds.get(&key) {
-                    Some(&until) if until > now_ms => {
-                        until_min = Some(until_min.map_or(until, |u: u64| u.min(until)));
+                    Some(&(until, why)) if until > now_ms => {
+                        if until_min.is_none_or(|(u, _)| until < u) {
+                            until_min = Some((until, why));
+                        }
                         false
                     }
                     _ => true,
                 }
             });
-            if let (true, Some(until)) = (sources.is_empty(), until_min) {
-                // Every source's way to this site is in backoff: its work waits, untried.
+            if let (true, Some((until, why))) = (sources.is_empty(), until_min) {
+                // Every source's way to this site is held (a backoff, an adaptive
+                // suspension, a warmup cap): its work waits, untried.
                 if ds.conns == 0 && ds.requested == 0 {
                     let jobs = self.queue.drain_ready(dest);
-                    self.hold_jobs(jobs, Some(&dest.hop), until, HOLD_SITE_DOWN, now_ms);
+                    self.hold_jobs(jobs, Some(&dest.hop), until, why, now_ms);
                 }
                 self.tidy_dest(dest);
                 return;
@@ -347,100 +349,6 @@ impl Core {
         }
     }
 
-    /// A request for something this shard owns: a connection budget, or a rate's credits.
-    fn owner_handle(
-        &mut self,
-        from: usize,
-        msg: LeaseMsg,
-        now_ms: u64,
-    ) -> Vec<crate::egress::lease::Outgoing> {
-        match msg {
-            LeaseMsg::Want { key, rate, want } => {
-                let a = self.meters.ask(&key, rate, want, now_ms);
-                vec![(
-                    from,
-                    LeaseMsg::Credit {
-                        key,
-                        granted: a.granted,
-                        retry_at_ms: a.retry_at_ms,
-                    },
-                )]
-            }
-            msg => self.budgets.handle(from, msg, now_ms),
-        }
-    }
-
-    /// Whether a connection of `dest` from `source` may take a message now under the rates
-    /// that apply (`message_rate`, `site_message_rate`, the source's): asks the owners for
-    /// credits that are missing. Err: not now; wait until then at most (None: until woken by
-    /// a grant). Free when no rate is configured.
-    fn rate_gate(&mut self, dest: &Dest, source: usize, now_ms: u64) -> Result<(), Option<u64>> {
-        if !self.settings.shaping.any_rates() {
-            return Ok(());
-        }
-        let shape = *self.shape_of(&dest.hop).of(source);
-        let source_rate = self.settings.shaping.source_rate(source);
-        if shape.message_rate.is_none()
-            && shape.site_message_rate.is_none()
-            && source_rate.is_none()
-        {
-            return Ok(());
-        }
-        let site = dest.hop.site_key();
-        let keys = [
-            shape.message_rate.map(|r| {
-                (
-                    MeterKey::SiteSource {
-                        site: site.clone(),
-                        source: source as u16,
-                    },
-                    r,
-                )
-            }),
-            shape
-                .site_message_rate
-                .map(|r| (MeterKey::Site(site.clone()), r)),
-            source_rate.map(|r| (MeterKey::Source(source as u16), r)),
-        ];
-        let backlog = self.queue.ready_for(dest);
-        let mut result: Result<(), Option<u64>> = Ok(());
-        for (key, rate) in keys.iter().flatten() {
-            match self.credits.check(key, rate, backlog, now_ms) {
-                Check::Ready => {}
-                Check::Ask(want) => {
-                    let to = crate::shaping::credits::owner_of(key, self.shards);
-                    self.send_lease(
-                        to,
-                        LeaseMsg::Want {
-                            key: key.clone(),
-                            rate: *rate,
-                            want,
-                        },
-                        now_ms,
-                    );
-                    // A local owner answers at once.
-                    if !matches!(self.credits.check(key, rate, backlog, now_ms), Check::Ready) {
-                        result = Err(None);
-                    }
-                }
-                Check::Asking => result = Err(None),
-                Check::Wait(at) => {
-                    result = match result {
-                        Err(Some(t)) => Err(Some(t.min(at))),
-                        Err(None) => Err(None),
-                        Ok(()) => Err(Some(at)),
-                    }
-                }
-            }
-        }
-        if result.is_ok() {
-            for (key, _) in keys.iter().flatten() {
-                self.credits.spend(key);
-            }
-        }
-        result
-    }
-
     fn lease_answer(&mut self, msg: LeaseMsg, now_ms: u64) {
         match msg {
             LeaseMsg::Credit {
@@ -453,6 +361,12 @@ impl Core {
                 // to wait for the next credit.
                 self.actions.push(Action::WakeIdle);
             }
+            LeaseMsg::Shaped {
+                key,
+                rule,
+                until_ms,
+                target,
+            } => self.shaped(key, rule, until_ms, target, now_ms),
             LeaseMsg::Granted { key } => self.granted(key, now_ms),
             LeaseMsg::Queued { key } => self.queued(key, now_ms),
             LeaseMsg::Yield { key } => {
@@ -471,8 +385,11 @@ impl Core {
     /// source of the pool may still serve; else the destination's work waits.
     fn down(&mut self, key: LeaseKey, until_ms: u64, now_ms: u64) {
         self.permits.dropped(&key);
-        let held = self.holds.entry(key.clone()).or_insert(until_ms);
-        *held = (*held).max(until_ms);
+        let held = self
+            .holds
+            .entry(key.clone())
+            .or_insert((until_ms, HOLD_SITE_DOWN));
+        held.0 = held.0.max(until_ms);
         let pending = self
             .pending_leases
             .get_mut(&key)
@@ -674,7 +591,8 @@ impl Core {
             (c.dest.clone(), c.key.clone(), c.started, c.messages_max);
         let close = self.stopping
             || started >= messages_max
-            || (started >= YIELD_AFTER_MESSAGES && self.permits.take_yield(&key));
+            || (started >= YIELD_AFTER_MESSAGES && self.permits.take_yield(&key))
+            || self.held(&key, now_ms);
         let source = usize::from(key.source);
         let mut paced: Option<Option<u64>> = None;
         let next = if close || self.queue.ready_for(&dest) == 0 {
@@ -908,5 +826,6 @@ fn is_request(msg: &LeaseMsg) -> bool {
             | LeaseMsg::Failed { .. }
             | LeaseMsg::Opened { .. }
             | LeaseMsg::Want { .. }
+            | LeaseMsg::Matched { .. }
     )
 }

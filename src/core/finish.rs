@@ -65,6 +65,9 @@ impl Core {
             .get(id)
             .and_then(|m| self.queue.tenant(m))
             .map(str::to_owned);
+        // Adaptive rules matched by this attempt's failures: reported once per attempt.
+        let mut matched: smallvec::SmallVec<[u16; 4]> = smallvec::SmallVec::new();
+        let mut adaptive_hosts: Option<std::sync::Arc<str>> = None;
         let (seq, final_now, notice_for) = {
             let Some(m) = self.queue.get_mut(id) else {
                 return;
@@ -84,6 +87,22 @@ impl Core {
                     }
                     _ => None,
                 };
+                if let (true, Some(hop), Some(_)) = (failed, hop, via.source) {
+                    if !settings.adaptive.is_empty() {
+                        let hosts = adaptive_hosts.get_or_insert_with(|| Core::adaptive_hosts(hop));
+                        for rule in settings.adaptive.matching(
+                            response.code,
+                            parse_enhanced(&response.enhanced),
+                            &response.text,
+                            category,
+                            hosts,
+                        ) {
+                            if !matched.contains(&rule) {
+                                matched.push(rule);
+                            }
+                        }
+                    }
+                }
                 let choice =
                     settings
                         .retry
@@ -185,6 +204,10 @@ impl Core {
                 .then(|| (m.loc(), m.sender().to_owned(), m.reception()));
             (m.loc().seq, m.remaining() == 0, notice_for)
         };
+        if let (false, Some(hop), Some(source)) = (matched.is_empty(), hop, via.source) {
+            // The campaign arrives with the message's lanes; none is known here yet.
+            self.adaptive_report(hop, source, &matched, tenant.as_deref(), None, now_ms);
+        }
         if !dead.is_empty() {
             self.dead.entry(id).or_default().extend(dead);
         }
@@ -325,6 +348,15 @@ impl Core {
             self.notice_spooled(token, None, now_ms);
         }
     }
+}
+
+/// `4.7.0` as numbers (None when it is not an enhanced status code).
+fn parse_enhanced(text: &str) -> Option<(u8, u16, u16)> {
+    let mut parts = text.split('.');
+    let class = parts.next()?.parse().ok()?;
+    let subject = parts.next()?.parse().ok()?;
+    let detail = parts.next()?.parse().ok()?;
+    parts.next().is_none().then_some((class, subject, detail))
 }
 
 #[cfg(test)]

@@ -18,6 +18,7 @@ mod finish;
 mod handle;
 mod notify;
 mod ops;
+mod shape;
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::rc::Rc;
@@ -137,9 +138,16 @@ pub struct Core {
     meters: crate::shaping::credits::Meters,
     /// The send credits this shard holds.
     credits: crate::shaping::credits::Credits,
+    /// Adaptive rules' match counts for the (site, source) keys this shard owns.
+    tracker: crate::shaping::Tracker<LeaseKey>,
+    /// Adaptive actions in force that this shard started as owner: (key, rule, until,
+    /// target), for summaries and the lifted events.
+    adaptive_active: Vec<(LeaseKey, u16, u64, Option<std::sync::Arc<str>>)>,
+    /// Adaptive throttles in force, from any owner: (key) → (rule, until).
+    throttles: HashMap<LeaseKey, (u16, u64)>,
     /// (site, source) keys their owners said are down, and until when: their messages wait
     /// in the schedule instead of asking for connections.
-    holds: HashMap<LeaseKey, u64>,
+    holds: HashMap<LeaseKey, (u64, &'static str)>,
     /// Operators' suspensions and bounces in force (see `ops`).
     directives: Vec<ops::Directive>,
     /// Recipient domains an operator sent through another egress pool.
@@ -191,6 +199,9 @@ impl Core {
             permits: Permits::default(),
             meters: Default::default(),
             credits: Default::default(),
+            tracker: crate::shaping::Tracker::new(&cfg.settings.adaptive),
+            adaptive_active: Vec::new(),
+            throttles: HashMap::new(),
             budgets: Budgets::new(crate::egress::lease::SiteBackoff {
                 failures_max: c.delivery.site_failures_max,
                 backoff_ms: c.delivery.site_backoff_ms,
@@ -255,6 +266,10 @@ impl Core {
             cap_ms: c.delivery.site_backoff_cap_ms,
         });
         self.router = Router::new(settings.routes.clone());
+        if old.adaptive != new.adaptive {
+            // Counts are per rule: new rules start counting afresh (actions in force run on).
+            self.tracker = crate::shaping::Tracker::new(&settings.adaptive);
+        }
         self.settings = settings;
         self.shapes.clear();
         let dests: Vec<Dest> = self.queue.ready_dests().cloned().collect();
@@ -453,6 +468,7 @@ impl Core {
             notices,
             ready_check,
             self.budgets.next_due_ms(),
+            self.shaping_next_ms(),
         ]
         .into_iter()
         .flatten()
@@ -481,6 +497,7 @@ impl Core {
         for (to, msg) in self.budgets.tick(now_ms) {
             self.send_lease(to, msg, now_ms);
         }
+        self.shaping_tick(now_ms);
         if self.credits.len() > crate::shaping::credits::METERS_MAX {
             self.credits.tidy(now_ms);
         }

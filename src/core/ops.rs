@@ -644,13 +644,19 @@ impl Core {
                 "reason": why,
             }));
         }
-        json!({
+        let (adaptive, warmup) = self.shaping_summary(now_ms);
+        suspensions.extend(adaptive);
+        let mut answer = json!({
             "shard": self.shard,
             "messages": messages,
             "sites": rows(sites, "site"),
             "tenants": rows(tenants, "tenant"),
             "suspensions": suspensions,
-        })
+        });
+        if !warmup.is_empty() {
+            answer["warmup"] = Value::Array(warmup);
+        }
+        answer
     }
 
     fn inspect(&self, sel: &Selector, limit: usize, now_ms: u64) -> Value {

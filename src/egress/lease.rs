@@ -49,8 +49,8 @@ pub fn owner_of(key: &LeaseKey, shards: usize) -> usize {
 }
 
 /// The lease protocol. Requester → owner: `Acquire`, `Release`, `Cancel`, `Failed`, `Opened`,
-/// `Want`. Owner → requester: `Granted`, `Queued`, `Yield`, `Down`, `Up`, `Credit`. (Send
-/// credits for message rates ride the same messages: see `shaping::credits`.)
+/// `Want`, `Matched`. Owner → requester: `Granted`, `Queued`, `Yield`, `Down`, `Up`, `Credit`,
+/// `Shaped`. (Send credits and adaptive rules ride the same messages: see `shaping`.)
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum LeaseMsg {
     /// One more permit for `key`, whose limit (from the requester's configuration, the same on
@@ -80,11 +80,27 @@ pub enum LeaseMsg {
     Down { key: LeaseKey, until_ms: u64 },
     /// The key is up again (its probe opened, or an operator flushed it).
     Up { key: LeaseKey },
-    /// Send credits wanted for a rate (`shaping::credits`): up to `want` under `rate`.
+    /// Send credits wanted (`shaping::credits`): up to `want` under `limit`.
     Want {
         key: crate::shaping::credits::MeterKey,
-        rate: crate::shaping::Rate,
+        limit: crate::shaping::credits::Limit,
         want: u32,
+    },
+    /// A failed reply of a connection with `key` matched adaptive rule `rule`; the tenant
+    /// and campaign of its message, for rules that suspend those.
+    Matched {
+        key: LeaseKey,
+        rule: u16,
+        tenant: Option<Arc<str>>,
+        campaign: Option<Arc<str>>,
+    },
+    /// Adaptive rule `rule` triggered for `key` until `until_ms` (owner → every shard):
+    /// apply its action; `target` is the tenant or campaign a suspension names.
+    Shaped {
+        key: LeaseKey,
+        rule: u16,
+        until_ms: u64,
+        target: Option<Arc<str>>,
     },
     /// The answer to `Want`: `granted` credits, and when to ask again if fewer than wanted.
     Credit {
@@ -321,7 +337,10 @@ impl Budgets {
             LeaseMsg::Opened { key } => self.opened(key, now_ms, &mut out),
             // Credits are the core's meters' business; owner-to-requester messages are not
             // for us.
-            LeaseMsg::Want { .. } | LeaseMsg::Credit { .. } => {}
+            LeaseMsg::Want { .. }
+            | LeaseMsg::Credit { .. }
+            | LeaseMsg::Matched { .. }
+            | LeaseMsg::Shaped { .. } => {}
             LeaseMsg::Granted { .. }
             | LeaseMsg::Queued { .. }
             | LeaseMsg::Yield { .. }

@@ -26,6 +26,27 @@ pub const CREDIT_TTL_MS: u64 = 1_000;
 /// starts from a fresh GCRA, which allows at most one burst early).
 pub const METERS_MAX: usize = 100_000;
 
+/// What a key's credits are held to: a rate, or a warmup schedule's caps for now.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Limit {
+    Rate(Rate),
+    Caps(super::warmup::Caps),
+}
+
+impl Limit {
+    /// The most credits to ask for at once: a rate's burst; a handful under warmup caps
+    /// (credits that lapse unspent still count against the cap, so keep batches small).
+    pub fn batch_max(&self) -> u32 {
+        match self {
+            Limit::Rate(r) => r.burst.max(1),
+            Limit::Caps(_) => WARMUP_BATCH_MAX,
+        }
+    }
+}
+
+/// Credits asked for at once under warmup caps.
+pub const WARMUP_BATCH_MAX: u32 = 8;
+
 /// What a rate counts.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub enum MeterKey {
@@ -37,6 +58,9 @@ pub enum MeterKey {
     Source(u16),
     /// Messages of one tenant (lower case) to every site (`[[tenant]] message_rate`).
     Tenant(Arc<str>),
+    /// Messages from one warming source to one provider (its index; `u16::MAX`: sites of no
+    /// provider).
+    Warmup { source: u16, provider: u16 },
 }
 
 /// The shard that owns `key`'s rate. A (site, source) rate lives with the key's connection
@@ -50,6 +74,9 @@ pub fn owner_of(key: &MeterKey, shards: usize) -> usize {
         MeterKey::Site(site) => shards::hash::domain_hash(site).rotate_left(17),
         MeterKey::Source(s) => u64::from(*s).wrapping_mul(0xff51_afd7_ed55_8ccd),
         MeterKey::Tenant(t) => shards::hash::domain_hash(t).rotate_left(33),
+        MeterKey::Warmup { source, provider } => {
+            (u64::from(*source) << 16 | u64::from(*provider)).wrapping_mul(0xc4ce_b9fe_1a85_ec53)
+        }
     };
     shards::hash::jump_hash(h, shards)
 }
@@ -58,8 +85,9 @@ pub fn owner_of(key: &MeterKey, shards: usize) -> usize {
 #[derive(Debug, Default)]
 struct Meter {
     gcra: Gcra,
-    /// An adaptive rule's rate in force instead of the configured one, until when.
-    throttle: Option<(Rate, u64)>,
+    warmup: super::warmup::WarmupCounter,
+    /// The caps last asked under (for progress reports).
+    caps: Option<super::warmup::Caps>,
     seen_ms: u64,
 }
 
@@ -70,39 +98,44 @@ pub struct Meters {
 }
 
 impl Meters {
-    /// A shard asks for `want` credits of `key` under `rate` (its configuration's, the same
-    /// on every shard). No allocation once the key is known.
-    pub fn ask(&mut self, key: &MeterKey, rate: Rate, want: u32, now_ms: u64) -> Allowance {
+    /// A shard asks for `want` credits of `key` under `limit` (its configuration's, the
+    /// same on every shard). No allocation once the key is known.
+    pub fn ask(&mut self, key: &MeterKey, limit: Limit, want: u32, now_ms: u64) -> Allowance {
         if self.keys.len() >= METERS_MAX && !self.keys.contains_key(key) {
-            self.keys
-                .retain(|_, m| m.seen_ms + CREDIT_TTL_MS > now_ms || m.throttle.is_some());
+            // Warmup counters are kept: dropping one would forget what a day already sent.
+            self.keys.retain(|k, m| {
+                m.seen_ms + CREDIT_TTL_MS > now_ms || matches!(k, MeterKey::Warmup { .. })
+            });
         }
         let m = self.keys.entry(key.clone()).or_default();
         m.seen_ms = now_ms;
-        let rate = match m.throttle {
-            Some((r, until)) if now_ms < until => r,
-            Some(_) => {
-                m.throttle = None;
-                rate
+        match limit {
+            Limit::Rate(rate) => m.gcra.take(&rate, want, now_ms),
+            Limit::Caps(caps) => {
+                m.caps = Some(caps);
+                m.warmup.take(&caps, want, now_ms)
             }
-            None => rate,
-        };
-        m.gcra.take(&rate, want, now_ms)
+        }
     }
 
-    /// An adaptive rule sets `key`'s rate to `rate` until `until_ms`.
-    pub fn throttle(&mut self, key: &MeterKey, rate: Rate, until_ms: u64, now_ms: u64) {
-        let m = self.keys.entry(key.clone()).or_default();
-        m.seen_ms = now_ms;
-        m.throttle = Some((rate, until_ms));
-    }
-
-    /// Throttles in force: (key, rate, until), for `queue summary`.
-    pub fn throttles(&self, now_ms: u64) -> impl Iterator<Item = (&MeterKey, Rate, u64)> {
-        self.keys.iter().filter_map(move |(k, m)| match m.throttle {
-            Some((r, until)) if now_ms < until => Some((k, r, until)),
-            _ => None,
-        })
+    /// Warmup progress of the keys this shard owns: (source, provider, caps, sent today,
+    /// sent this hour).
+    pub fn warmups(
+        &self,
+        now_ms: u64,
+    ) -> impl Iterator<Item = (u16, u16, super::warmup::Caps, u64, u64)> + '_ {
+        self.keys
+            .iter()
+            .filter_map(move |(k, m)| match (k, m.caps) {
+                (MeterKey::Warmup { source, provider }, Some(caps)) => Some((
+                    *source,
+                    *provider,
+                    caps,
+                    m.warmup.sent_today(now_ms),
+                    m.warmup.sent_this_hour(now_ms),
+                )),
+                _ => None,
+            })
     }
 }
 
@@ -140,7 +173,7 @@ pub struct Credits {
 impl Credits {
     /// Whether a message of `key` may go now; `backlog` is how many wait (the batch to ask
     /// for, capped by the burst and [`CREDIT_BATCH_MAX`]). An `Ask` marks the request out.
-    pub fn check(&mut self, key: &MeterKey, rate: &Rate, backlog: usize, now_ms: u64) -> Check {
+    pub fn check(&mut self, key: &MeterKey, batch_max: u32, backlog: usize, now_ms: u64) -> Check {
         let h = self.keys.entry(key.clone()).or_default();
         if h.have > 0 && now_ms >= h.lapse_ms {
             h.have = 0;
@@ -155,7 +188,7 @@ impl Credits {
             return Check::Wait(h.wait_until_ms);
         }
         h.asking = true;
-        let want = (backlog.max(1).min(CREDIT_BATCH_MAX as usize) as u32).min(rate.burst.max(1));
+        let want = (backlog.max(1).min(CREDIT_BATCH_MAX as usize) as u32).min(batch_max.max(1));
         Check::Ask(want)
     }
 
@@ -224,13 +257,13 @@ mod tests {
         let mut now = 10_000;
         while now < 20_000 {
             for c in shards.iter_mut() {
-                match c.check(&key(), &rate, 1000, now) {
+                match c.check(&key(), rate.burst, 1000, now) {
                     Check::Ready => {
                         c.spend(&key());
                         sent.push(now);
                     }
                     Check::Ask(n) => {
-                        let a = owner.ask(&key(), rate, n, now);
+                        let a = owner.ask(&key(), Limit::Rate(rate), n, now);
                         c.granted(&key(), a.granted, a.retry_at_ms, now);
                     }
                     Check::Asking | Check::Wait(_) => {}
@@ -251,30 +284,15 @@ mod tests {
     fn credits_lapse_and_waits_are_reported() {
         let rate = Rate::parse("2/s").expect("rate");
         let mut c = Credits::default();
-        assert_eq!(c.check(&key(), &rate, 5, 0), Check::Ask(1));
-        assert_eq!(c.check(&key(), &rate, 5, 0), Check::Asking);
+        assert_eq!(c.check(&key(), rate.burst, 5, 0), Check::Ask(1));
+        assert_eq!(c.check(&key(), rate.burst, 5, 0), Check::Asking);
         c.granted(&key(), 1, None, 0);
-        assert_eq!(c.check(&key(), &rate, 5, 999), Check::Ready);
-        assert_eq!(c.check(&key(), &rate, 5, 1000), Check::Ask(1));
+        assert_eq!(c.check(&key(), rate.burst, 5, 999), Check::Ready);
+        assert_eq!(c.check(&key(), rate.burst, 5, 1000), Check::Ask(1));
         c.granted(&key(), 0, Some(1500), 1000);
-        assert_eq!(c.check(&key(), &rate, 5, 1200), Check::Wait(1500));
+        assert_eq!(c.check(&key(), rate.burst, 5, 1200), Check::Wait(1500));
         assert_eq!(c.next_wait_ms(1200), Some(1500));
         c.tidy(1600);
         assert!(c.is_empty());
-    }
-
-    #[test]
-    fn a_throttle_replaces_the_rate_until_it_ends() {
-        let rate = Rate::parse("100/s").expect("rate").with_burst(1);
-        let slow = Rate::parse("1/s").expect("rate");
-        let mut owner = Meters::default();
-        owner.throttle(&key(), slow, 5_000, 0);
-        assert_eq!(owner.throttles(10).count(), 1);
-        assert_eq!(owner.ask(&key(), rate, 1, 1000).granted, 1);
-        assert_eq!(owner.ask(&key(), rate, 1, 1500).granted, 0);
-        assert_eq!(owner.ask(&key(), rate, 1, 2000).granted, 1);
-        assert_eq!(owner.ask(&key(), rate, 1, 6000).granted, 1);
-        assert_eq!(owner.ask(&key(), rate, 1, 6010).granted, 1);
-        assert_eq!(owner.throttles(6010).count(), 0);
     }
 }

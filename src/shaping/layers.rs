@@ -573,7 +573,7 @@ impl Layers {
             }
             if let Some(l) = domain_layers.and_then(|ls| ls.iter().find(|l| l.source == Some(src)))
             {
-                l.values.apply(&mut s, &l.origin, why.as_deref_mut());
+                l.values.apply(&mut s, &l.origin, why);
             }
         }
         s
