@@ -7,7 +7,9 @@
 //! limits, delivery timeouts and TLS, DKIM signers, AUTH users, the TLS certificate, pool rules
 //! (`[[pool_rule]]`, `egress.default_pool`, `egress.tenant_header`, source health knobs), and
 //! the session settings of new inbound connections (`[server]` limits and timeouts, relay
-//! networks, each listener's policy). What is bound at start keeps its old value here, and the
+//! networks, each listener's policy), and shaping (`[shaping]`, `[[provider]]`, `[[site]]`,
+//! `[[domain]]` limits, rates of sources and tenants, `[[adaptive]]` rules, which count afresh,
+//! `[[warmup]]` schedules and a source's warmup). What is bound at start keeps its old value here, and the
 //! reply names it as needing a restart:
 //! - listener addresses (`server.listen`, `server.implicit_tls_listen`, `[[listener]]`
 //!   addresses): sockets are bound once per shard;
@@ -165,6 +167,14 @@ fn changed(o: &crate::config::Config, n: &crate::config::Config) -> Vec<&'static
     // Read when each notice is decided.
     check("notices", n.notices != o.notices);
     check("tenant", n.tenant != o.tenant);
+    // Shaping: limits are looked up again per site (the memo starts over), adaptive rules
+    // count afresh, warmup caps apply to the next message.
+    check("shaping", n.shaping != o.shaping);
+    check("provider", n.provider != o.provider);
+    check("domain", n.domain != o.domain);
+    check("adaptive", n.adaptive != o.adaptive);
+    check("warmup", n.warmup != o.warmup);
+    check("source (rates, warmup)", n.source != o.source);
     out
 }
 

@@ -791,6 +791,44 @@ mod tests {
             .any(|(s, m)| *s == to && matches!(m, LeaseMsg::Granted { .. }))
     }
 
+    /// A connection rate: permits go no faster than the rate, the waiting ones when the
+    /// timer says so; and the rate's state outlives the permits (closing and reopening does
+    /// not reset it). An adaptive cap lowers the limit until it ends.
+    #[test]
+    fn a_connection_rate_spaces_permits_and_a_cap_lowers_the_limit() {
+        let rate = crate::shaping::Rate::parse("2/s").expect("rate");
+        let mut b = Budgets::default();
+        let k = key("mx.example");
+        let ask = |b: &mut Budgets, now: u64| {
+            b.handle(
+                0,
+                LeaseMsg::Acquire {
+                    key: k.clone(),
+                    limit: 10,
+                    rate: Some(rate),
+                },
+                now,
+            )
+        };
+        assert!(granted(&ask(&mut b, 1_000), 0));
+        let out = ask(&mut b, 1_000);
+        assert!(!granted(&out, 0), "{out:?}");
+        assert_eq!(b.next_due_ms(), Some(1_500));
+        assert!(b.tick(1_400).is_empty());
+        assert!(granted(&b.tick(1_500), 0));
+        assert_eq!(b.next_due_ms(), None);
+        // Both close; a new request still waits for the rate.
+        b.handle(0, LeaseMsg::Release { key: k.clone() }, 1_600);
+        b.handle(0, LeaseMsg::Release { key: k.clone() }, 1_600);
+        assert!(!granted(&ask(&mut b, 1_700), 0));
+        assert!(granted(&b.tick(2_000), 0));
+        // A cap of one until 10 s: a second permit waits although the limit is 10.
+        b.cap(&k, 1, 10_000, 2_000);
+        assert!(!granted(&ask(&mut b, 5_000), 0));
+        b.handle(0, LeaseMsg::Release { key: k.clone() }, 11_000);
+        assert_eq!(b.open(&k), 1, "the waiting request got the freed permit");
+    }
+
     #[test]
     fn the_limit_holds_and_permits_come_back() {
         let mut b = Budgets::default();
