@@ -44,6 +44,10 @@ pub const EPOCH_MS: u64 = 1_767_225_600_000;
 /// small connection limits make shards share, short ages expire mail within the run).
 #[derive(Clone, Debug)]
 pub struct Scenario {
+    /// A message rate per (site, source) (`[shaping] message_rate`), in some runs.
+    pub message_rate: Option<epoxi::shaping::Rate>,
+    /// A connection rate per (site, source), in some runs.
+    pub connection_rate: Option<epoxi::shaping::Rate>,
     pub shards: usize,
     pub sources: usize,
     pub connections_max: usize,
@@ -192,7 +196,19 @@ impl Scenario {
         } else {
             0.0
         };
+        // Shaping draws from a stream of its own; regression seeds run without it, as they
+        // were kept.
+        let mut srng = Rng::new(seed ^ 0x5ba9_e000_0000_0000);
+        let message_rate = (!opts.no_admin && srng.chance(500)).then(|| {
+            let count = srng.range(2, 40) as u32;
+            epoxi::shaping::Rate::parse(&format!("{count}/s"))
+                .map(|r| r.with_burst(srng.range(1, 5) as u32))
+        });
+        let connection_rate = (!opts.no_admin && srng.chance(250))
+            .then(|| epoxi::shaping::Rate::parse(&format!("{}/s", srng.range(1, 10))));
         Scenario {
+            message_rate: message_rate.and_then(Result::ok),
+            connection_rate: connection_rate.and_then(Result::ok),
             shards,
             sources,
             connections_max: rng.range(1, 3) as usize,
@@ -260,6 +276,15 @@ impl Scenario {
             },
         ));
         s.shard_count = self.shards;
+        if self.message_rate.is_some() || self.connection_rate.is_some() {
+            let c = &mut s.config;
+            c.shaping.message_rate = self.message_rate.map(|r| r.to_string());
+            c.shaping.connection_rate = self.connection_rate.map(|r| r.to_string());
+            let names: Vec<String> = s.egress.sources.iter().map(|x| x.name.clone()).collect();
+            let layers = epoxi::shaping::layers::Layers::from_config(&s.config, &names)
+                .map_err(|e| e.to_string())?;
+            s.shaping = std::sync::Arc::new(layers);
+        }
         Ok(Rc::new(s))
     }
 }

@@ -243,3 +243,14 @@ fn seed_75_success_notice_outlived_by_its_message() {
     let s = run(75, &regression()).unwrap_or_else(|f| panic!("{f}"));
     assert_eq!(s.stats.notice_read_failures, 0);
 }
+
+/// With a connection rate, the owner of a (site, source) queued its own shard's permit
+/// request for the rate but did not rearm its timer, so the permit was never granted and the
+/// shard's mail sat in a ready queue with nothing left to happen (`drain`). Fixed in
+/// `Core::owner_handle` (a paced request rearms the timer). Found with shaping drawn, so it
+/// replays with the default options.
+#[test]
+fn seed_717_connection_rate_waiter_never_woken() {
+    let s = run(717, &Options::default()).unwrap_or_else(|f| panic!("{f}"));
+    assert!(s.stats.connections > 0);
+}

@@ -66,7 +66,14 @@ impl Core {
                 self.adaptive_matched(key, rule, tenant, campaign, now_ms);
                 Vec::new()
             }
-            msg => self.budgets.handle(from, msg, now_ms),
+            msg => {
+                let out = self.budgets.handle(from, msg, now_ms);
+                // A request may wait for its connection rate: the timer must know when.
+                if self.budgets.next_due_ms().is_some() {
+                    self.rearm();
+                }
+                out
+            }
         }
     }
 

@@ -27,8 +27,21 @@ pub struct Rate {
 
 impl Rate {
     /// `N/s`, `N/sec`, `N/m`, `N/min`, `N/h`, `N/hour`, `N/d`, `N/day`, or `N/30s`
-    /// (`N/<k><unit>`); a burst of N/10 (at least 1) unless set with [`Rate::with_burst`].
+    /// (`N/<k><unit>`), then optionally `burst B`; without one, a burst of N/10 (at least 1).
     pub fn parse(text: &str) -> Result<Rate, String> {
+        if let Some((rate, burst)) = text.split_once("burst") {
+            let b: u32 = burst
+                .trim()
+                .parse()
+                .ok()
+                .filter(|&b| b >= 1)
+                .ok_or_else(|| format!("`{text}`: the burst must be a number from 1"))?;
+            let r = Rate::parse(rate)?;
+            if b > r.count {
+                return Err(format!("`{text}`: the burst is more than the count"));
+            }
+            return Ok(r.with_burst(b));
+        }
         let bad =
             || format!("`{text}` is not a rate like `100/s`, `20/min`, `5000/h` or `50000/day`");
         let (n, per) = text.trim().split_once('/').ok_or_else(bad)?;
@@ -101,7 +114,7 @@ impl fmt::Display for Rate {
         };
         write!(f, "{}/{unit}", self.count)?;
         if self.burst != (self.count / 10).max(1) {
-            write!(f, " (burst {})", self.burst)?;
+            write!(f, " burst {}", self.burst)?;
         }
         Ok(())
     }
@@ -172,6 +185,11 @@ mod tests {
         assert_eq!(Rate::parse(" 3 / 10s ").expect("rate").per_ms, 10_000);
         assert_eq!(Rate::parse("50000/day").expect("rate").per_ms, 86_400_000);
         assert_eq!(Rate::parse("5/s").expect("rate").burst, 1);
+        let r = Rate::parse("100/s burst 3").expect("rate");
+        assert_eq!((r.count, r.burst), (100, 3));
+        assert_eq!(Rate::parse(&r.to_string()), Ok(r));
+        assert!(Rate::parse("10/s burst 0").is_err());
+        assert!(Rate::parse("10/s burst 11").is_err());
         for bad in [
             "",
             "10",
@@ -190,7 +208,7 @@ mod tests {
                 .expect("rate")
                 .with_burst(1)
                 .to_string(),
-            "100/s (burst 1)"
+            "100/s burst 1"
         );
         let half = Rate::parse("100/s").expect("rate").scaled(0.5);
         assert_eq!((half.count, half.burst), (50, 5));

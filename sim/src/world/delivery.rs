@@ -82,6 +82,23 @@ impl World {
         let n = *open;
         self.stats.connections += 1;
         self.stats.max_open_per_key = self.stats.max_open_per_key.max(n);
+        if let Some(rate) = self.sc.connection_rate {
+            let now = self.now;
+            let q = self.opened_at.entry(key.clone()).or_default();
+            let opened = within_rate(q, &rate, now);
+            // Permits are granted at the owner's pace; mesh delays may bunch their arrivals
+            // by one per shard.
+            let bound = rate.count + rate.burst - 1 + self.sc.shards as u32;
+            if opened > bound {
+                return Err(Violation::new(
+                    "connection-rate",
+                    format!(
+                        "{opened} connections to {key:?} within {} ms (rate {rate}, bound {bound})",
+                        rate.per_ms
+                    ),
+                ));
+            }
+        }
         self.note(|| {
             format!("s{s} connect {c:?} to {site} from source {source}: {n}/{limit} open")
         });
@@ -282,6 +299,21 @@ impl World {
             return Ok(());
         }
         self.stats.transactions += 1;
+        if let Some(rate) = self.sc.message_rate {
+            let source = self.conn_mut(s, c).map_or(0, |conn| conn.source);
+            let (now, shards) = (self.now, self.sc.shards as u32);
+            let q = self.sent_at.entry((site.clone(), source)).or_default();
+            let n = within_rate(q, &rate, now);
+            // The GCRA lets count + burst - 1 go in a period; credits granted just before a
+            // window and spent in it add at most a burst per shard.
+            let bound = rate.count + rate.burst - 1 + shards * rate.burst;
+            if n > bound {
+                return Err(Violation::new(
+                    "message-rate",
+                    format!("{n} transactions to {site} from source {source} within {} ms (rate {rate}, bound {bound})", rate.per_ms),
+                ));
+            }
+        }
         let peer = peer_of(&mut self.peers, &mut self.rng_peer, &site);
         let pipelining = peer.pipelining;
         let plan = peer.txn_plan(&mut self.rng_peer, ticket.rcpts.len());
@@ -445,4 +477,17 @@ impl World {
         })?;
         self.close(s, c)
     }
+}
+
+/// Note a start at `now_ms` among the recent ones `q`; how many fall within the rate's period.
+fn within_rate(
+    q: &mut std::collections::VecDeque<u64>,
+    rate: &epoxi::shaping::Rate,
+    now_ms: u64,
+) -> u32 {
+    while q.front().is_some_and(|&t| t + rate.per_ms <= now_ms) {
+        q.pop_front();
+    }
+    q.push_back(now_ms);
+    q.len() as u32
 }

@@ -363,6 +363,10 @@ pub struct World {
     mesh: BTreeMap<(usize, usize), (VecDeque<epoxi::egress::lease::LeaseMsg>, u64)>,
     /// Open connections per (site key, source), over all shards.
     open: BTreeMap<(String, u16), u32>,
+    /// Per (site key, source): when recent transactions and connections started, for the
+    /// rate invariants (within the last period of the run's rates).
+    sent_at: BTreeMap<(String, u16), VecDeque<u64>>,
+    opened_at: BTreeMap<(String, u16), VecDeque<u64>>,
     parts: BTreeMap<u64, Part>,
     next_part: u64,
     inbound: BTreeMap<u64, Inbound>,
@@ -419,6 +423,8 @@ impl World {
             peers,
             mesh: BTreeMap::new(),
             open: BTreeMap::new(),
+            sent_at: BTreeMap::new(),
+            opened_at: BTreeMap::new(),
             parts: BTreeMap::new(),
             next_part: 1,
             inbound: BTreeMap::new(),
