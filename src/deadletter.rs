@@ -250,6 +250,8 @@ impl DeadLetter {
             size,
             peer: "reinject".into(),
             notices: switches_of(&self.notices),
+            priority: Default::default(),
+            campaign: None,
         }
     }
 }
@@ -787,6 +789,8 @@ mod tests {
                 success: false,
                 ..NoticeSwitches::ALL
             },
+            priority: Default::default(),
+            campaign: None,
         }
     }
 

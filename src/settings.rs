@@ -286,6 +286,8 @@ impl Config {
             if l.size_max.is_some_and(|n| n < 1024) {
                 return Err(invalid("listener.size_max", "must be at least 1024 bytes"));
             }
+            crate::reception::listener::listener_priority(l)
+                .map_err(|e| invalid("listener.priority", e))?;
             if l.rcpts_max.is_some_and(|n| n < 100) {
                 return Err(invalid(
                     "listener.rcpts_max",
@@ -324,6 +326,8 @@ impl Config {
                 )
             })?;
         let egress = crate::egress::Egress::from_config(&self, &helo_name)?;
+        // Before the keys load: the clash is the config's, whatever the key files hold.
+        unbroken_by_stripping(&self.dkim, &egress)?;
         let dkim = dkim_signers(&self.dkim)?;
         let bounce = bounce_classifier(&self.bounce)?;
         let retry = retry_policy(&self)?;
@@ -576,6 +580,38 @@ fn dkim_name_ok(name: &str) -> bool {
 }
 
 /// The `[[dkim]]` tables, checked and their keys loaded. Errors name the table.
+/// With `egress.strip_headers`, delivery removes the tenant, priority and campaign headers: a
+/// signature over one of them would not verify downstream, so such a config is refused.
+fn unbroken_by_stripping(
+    entries: &[crate::config::DkimEntry],
+    egress: &crate::egress::Egress,
+) -> Result<(), ConfigError> {
+    let stripped = egress.stripped_headers();
+    for (i, e) in entries.iter().enumerate() {
+        let signed: Vec<&str> = match &e.headers {
+            Some(list) => list.iter().map(|h| h.trim()).collect(),
+            None => crate::dkim::sign::HEADERS_DEFAULT.to_vec(),
+        };
+        let clash = signed.iter().find(|h| {
+            stripped.iter().any(|s| {
+                s.strip_suffix(':')
+                    .is_some_and(|s| s.eq_ignore_ascii_case(h))
+            })
+        });
+        if let Some(h) = clash {
+            return Err(invalid(
+                "dkim.headers",
+                format!(
+                    "dkim[{i}] ({}/{}) signs `{h}`, which egress.strip_headers removes before \
+                     delivery: the signature would not verify",
+                    e.domain, e.selector
+                ),
+            ));
+        }
+    }
+    Ok(())
+}
+
 pub fn dkim_signers(
     entries: &[crate::config::DkimEntry],
 ) -> Result<crate::dkim::Signers, ConfigError> {

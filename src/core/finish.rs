@@ -397,6 +397,8 @@ mod tests {
             size: 10,
             peer: "test".into(),
             notices: crate::envelope::NoticeSwitches::ALL,
+            priority: Default::default(),
+            campaign: None,
         };
         let loc = Location {
             seq: 1,

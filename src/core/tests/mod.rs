@@ -82,6 +82,8 @@ fn envelope(sender: &str, rcpts: &[&str], received_ms: u64) -> Envelope {
         size: 1234,
         peer: "192.0.2.1:40000".into(),
         notices: crate::envelope::NoticeSwitches::ALL,
+        priority: Default::default(),
+        campaign: None,
     }
 }
 
