@@ -1046,6 +1046,7 @@ fn without_a_resolver_unrouted_mail_is_deferred() {
     assert_eq!(attempts_seen(&rec)[0].3, 451);
 }
 mod connections;
+mod lanes;
 mod leases;
 mod ops;
 mod reload;
