@@ -286,8 +286,7 @@ impl Config {
             if l.size_max.is_some_and(|n| n < 1024) {
                 return Err(invalid("listener.size_max", "must be at least 1024 bytes"));
             }
-            crate::reception::listener::listener_priority(l)
-                .map_err(|e| invalid("listener.priority", e))?;
+            listener_priority(l).map_err(|e| invalid("listener.priority", e))?;
             if l.rcpts_max.is_some_and(|n| n < 100) {
                 return Err(invalid(
                     "listener.rcpts_max",
@@ -579,7 +578,21 @@ fn dkim_name_ok(name: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.' || b == b'_')
 }
 
-/// The `[[dkim]]` tables, checked and their keys loaded. Errors name the table.
+/// A listener's `priority` (checked with the config: `settle` refuses a bad one).
+pub fn listener_priority(
+    spec: &crate::config::ListenerEntry,
+) -> Result<crate::envelope::Priority, String> {
+    match spec.priority.as_deref() {
+        None => Ok(crate::envelope::Priority::Normal),
+        Some(text) => crate::envelope::Priority::parse(text).ok_or_else(|| {
+            format!(
+                "listener {}: priority `{text}` is not transactional, normal or bulk",
+                spec.address
+            )
+        }),
+    }
+}
+
 /// With `egress.strip_headers`, delivery removes the tenant, priority and campaign headers: a
 /// signature over one of them would not verify downstream, so such a config is refused.
 fn unbroken_by_stripping(
@@ -612,6 +625,7 @@ fn unbroken_by_stripping(
     Ok(())
 }
 
+/// The `[[dkim]]` tables, checked and their keys loaded. Errors name the table.
 pub fn dkim_signers(
     entries: &[crate::config::DkimEntry],
 ) -> Result<crate::dkim::Signers, ConfigError> {

@@ -73,7 +73,7 @@ impl Policy {
             cfg: Rc::new(cfg),
             relay_networks,
             notices: settings.listener_notices(spec.notices.as_deref()),
-            priority: listener_priority(spec)?,
+            priority: crate::settings::listener_priority(spec)?,
             connections_max: spec.connections_max.unwrap_or(server.connections_max),
             connections_per_ip_max: spec
                 .connections_per_ip_max
@@ -88,19 +88,6 @@ impl Policy {
             ip_max: self.ip_max as u32,
             listener_ip_max: self.connections_per_ip_max as u32,
         }
-    }
-}
-
-/// A listener's `priority` (checked with the config: `settle` refuses a bad one).
-pub fn listener_priority(spec: &ListenerEntry) -> Result<crate::envelope::Priority, String> {
-    match spec.priority.as_deref() {
-        None => Ok(crate::envelope::Priority::Normal),
-        Some(text) => crate::envelope::Priority::parse(text).ok_or_else(|| {
-            format!(
-                "listener {}: priority `{text}` is not transactional, normal or bulk",
-                spec.address
-            )
-        }),
     }
 }
 
