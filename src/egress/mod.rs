@@ -96,7 +96,7 @@ pub struct Egress {
     priority_header: Option<String>,
     campaign_header: Option<String>,
     /// `egress.strip_headers`: the three headers above go from messages as they are delivered.
-    pub strip_headers: bool,
+    strip_headers: bool,
     pub failures_max: u32,
     pub quarantine_ms: u64,
 }

@@ -33,12 +33,7 @@ pub const PRIORITY_WEIGHT_MAX: u32 = 1000;
 /// `queue.priority_weights` as the lanes take them (the config checks there are three, each 1
 /// to [`PRIORITY_WEIGHT_MAX`]; a missing one is its default).
 pub fn weights(list: &[u32]) -> [u32; 3] {
-    std::array::from_fn(|i| {
-        list.get(i)
-            .copied()
-            .unwrap_or(PRIORITY_WEIGHTS_DEFAULT[i])
-            .clamp(1, PRIORITY_WEIGHT_MAX)
-    })
+    std::array::from_fn(|i| list.get(i).copied().unwrap_or(PRIORITY_WEIGHTS_DEFAULT[i]))
 }
 
 /// The lane key of a tenant id (0: the lane of mail without a tenant).

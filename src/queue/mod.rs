@@ -684,8 +684,7 @@ impl Queue {
     /// The name of tenant id `id` (`Message::tenant_id`, the ids `pop_ready_where` is asked
     /// about); None for 0 or an id not given out.
     pub fn tenant_name(&self, id: u16) -> Option<&str> {
-        let i = usize::from(id).checked_sub(1)?;
-        self.tenants.get(i).map(|t| &**t)
+        tenant_in(&self.tenants, id)
     }
 
     /// The id of tenant `name`, if a message of it was ever queued here (no interning).
@@ -706,11 +705,6 @@ impl Queue {
     /// Campaigns of the messages queued now (at most [`CAMPAIGNS_MAX`]).
     pub fn campaigns_len(&self) -> usize {
         self.campaigns.len()
-    }
-
-    /// A message is gone from its slot: what it held in the tables goes with it.
-    fn forget(&mut self, message: &Message) {
-        self.campaigns.release(message.campaign);
     }
 
     /// Queue a message recovery found, under its own id. Recipients already final stay so.
@@ -793,19 +787,14 @@ impl Queue {
     pub fn remove(&mut self, id: u64) -> Option<Location> {
         let slot = (id & SLOT_MASK) as usize;
         let entry = self.slots.get_mut(slot)?;
-        let loc = match entry {
-            Slot::Occupied(m) if m.id == id => m.loc(),
+        let (loc, campaign) = match entry {
+            Slot::Occupied(m) if m.id == id => (m.loc(), m.campaign),
             _ => return None,
         };
-        let gone = std::mem::replace(
-            entry,
-            Slot::Vacant {
-                gen: ((id >> SLOT_BITS) + 1).max(self.gen_floor),
-            },
-        );
-        if let Slot::Occupied(m) = &gone {
-            self.forget(m);
-        }
+        *entry = Slot::Vacant {
+            gen: ((id >> SLOT_BITS) + 1).max(self.gen_floor),
+        };
+        self.campaigns.release(campaign);
         self.occupied -= 1;
         self.free.push(slot as u32);
         Some(loc)
@@ -1042,12 +1031,14 @@ fn names_of<'a>(
     m: &Message,
 ) -> Names<'a> {
     Names {
-        tenant: usize::from(m.tenant_id())
-            .checked_sub(1)
-            .and_then(|i| tenants.get(i))
-            .map(|t| &**t),
+        tenant: tenant_in(tenants, m.tenant_id()),
         campaign: campaigns.name(m.campaign),
     }
+}
+
+fn tenant_in(tenants: &[Box<str>], id: u16) -> Option<&str> {
+    let i = usize::from(id).checked_sub(1)?;
+    tenants.get(i).map(|t| &**t)
 }
 
 #[cfg(test)]
