@@ -250,6 +250,8 @@ impl DeadLetter {
             size,
             peer: "reinject".into(),
             notices: switches_of(&self.notices),
+            priority: Default::default(),
+            campaign: None,
         }
     }
 }
@@ -536,7 +538,12 @@ pub async fn reinject(
             }
         };
         let new_id = reception.next_id(clock.now_ms());
-        let envelope = f.letter.envelope(new_id, body.len() as u64);
+        let mut envelope = f.letter.envelope(new_id, body.len() as u64);
+        // The class and campaign are headers of the body, read again as at reception (the
+        // listener it first came through is not known: its default class is not either).
+        let tags = reception.settings().egress.tags_of(&body);
+        envelope.priority = tags.priority.unwrap_or_default();
+        envelope.campaign = tags.campaign;
         let recipients = envelope.rcpts.len();
         let parts = crate::reception::BodyParts {
             head: String::new(),
@@ -787,6 +794,8 @@ mod tests {
                 success: false,
                 ..NoticeSwitches::ALL
             },
+            priority: Default::default(),
+            campaign: None,
         }
     }
 

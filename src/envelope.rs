@@ -6,7 +6,9 @@
 //! the on-disk form is the rkyv archive of these same types, but for the notice switches, which
 //! ride in a byte of the record's prefix (see `spool::record`): that byte was reserved (zero)
 //! in version 4 records, so records with switches stay readable by the builds before them and
-//! old records read as "every notice allowed", which is what those builds did.
+//! old records read as "every notice allowed", which is what those builds did. The priority
+//! class rides in the next reserved byte the same way (0: Normal). The campaign is not spooled
+//! apart: it is a header of the spooled body, read again at recovery.
 
 use std::fmt;
 
@@ -185,6 +187,68 @@ impl NoticeSwitches {
     }
 }
 
+/// A message's priority class: which ready lane it waits in (see `queue::lanes`). From the
+/// `egress.priority_header` header, else the listener's `priority`; spooled in a byte of the
+/// record prefix (see `spool::record`), 0 in records from before classes, read as Normal.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+#[repr(u8)]
+pub enum Priority {
+    /// Password resets, receipts: ahead of the rest, by weight.
+    Transactional = 0,
+    #[default]
+    Normal = 1,
+    /// Newsletters and campaigns: behind the rest, by weight, never starved.
+    Bulk = 2,
+}
+
+impl Priority {
+    /// Every class, in the order of `queue.priority_weights`.
+    pub const ALL: [Priority; 3] = [Priority::Transactional, Priority::Normal, Priority::Bulk];
+
+    /// `transactional`, `normal`, `bulk` (and `high`, `low`), case and spaces ignored.
+    pub fn parse(text: &str) -> Option<Priority> {
+        let text = text.trim();
+        let is = |word: &str| text.eq_ignore_ascii_case(word);
+        if is("transactional") || is("high") {
+            Some(Priority::Transactional)
+        } else if is("normal") {
+            Some(Priority::Normal)
+        } else if is("bulk") || is("low") {
+            Some(Priority::Bulk)
+        } else {
+            None
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Priority::Transactional => "transactional",
+            Priority::Normal => "normal",
+            Priority::Bulk => "bulk",
+        }
+    }
+
+    /// Its place in [`Priority::ALL`] (and in `queue.priority_weights`).
+    pub fn index(self) -> usize {
+        self as usize
+    }
+
+    /// The byte in the record prefix: 1, 2, 3 (0 is a record from before classes).
+    pub fn to_byte(self) -> u8 {
+        self as u8 + 1
+    }
+
+    /// The class of a spooled byte (see [`Priority::to_byte`]); 0, or a value a newer build
+    /// wrote, is Normal.
+    pub fn from_byte(b: u8) -> Priority {
+        match b {
+            1 => Priority::Transactional,
+            3 => Priority::Bulk,
+            _ => Priority::Normal,
+        }
+    }
+}
+
 /// What the body needs from the next hop (RFC 6152, RFC 3030).
 #[derive(Archive, Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq)]
 #[rkyv(derive(Debug))]
@@ -255,6 +319,14 @@ pub struct Envelope {
     /// record prefix (see the module doc), so it is last and skipped here.
     #[rkyv(with = rkyv::with::Skip)]
     pub notices: NoticeSwitches,
+    /// The priority class (`egress.priority_header`, else the listener's). In the record
+    /// prefix, like `notices`.
+    #[rkyv(with = rkyv::with::Skip)]
+    pub priority: Priority,
+    /// The value of the campaign header (`egress.campaign_header`). Not spooled apart from the
+    /// body: recovery reads it from the spooled header block again.
+    #[rkyv(with = rkyv::with::Skip)]
+    pub campaign: Option<String>,
 }
 
 impl Envelope {
@@ -287,6 +359,8 @@ impl Envelope {
             size: self.size,
             peer: self.peer.clone(),
             notices: self.notices,
+            priority: self.priority,
+            campaign: self.campaign.clone(),
         }
     }
 }
@@ -350,6 +424,31 @@ mod tests {
     }
 
     #[test]
+    fn priorities_parse_and_round_trip_through_their_byte() {
+        assert_eq!(
+            Priority::parse(" Transactional "),
+            Some(Priority::Transactional)
+        );
+        assert_eq!(Priority::parse("HIGH"), Some(Priority::Transactional));
+        assert_eq!(Priority::parse("normal"), Some(Priority::Normal));
+        assert_eq!(Priority::parse("Bulk"), Some(Priority::Bulk));
+        assert_eq!(Priority::parse("low"), Some(Priority::Bulk));
+        assert_eq!(Priority::parse("urgent"), None);
+        assert_eq!(Priority::parse(""), None);
+        for p in Priority::ALL {
+            assert_eq!(Priority::from_byte(p.to_byte()), p);
+            assert_eq!(Priority::parse(p.name()), Some(p));
+            assert_eq!(Priority::ALL[p.index()], p);
+        }
+        assert_eq!(
+            Priority::from_byte(0),
+            Priority::Normal,
+            "a record from before classes"
+        );
+        assert_eq!(Priority::from_byte(9), Priority::Normal);
+    }
+
+    #[test]
     fn parts_keep_everything_but_the_other_recipients() {
         let env = Envelope {
             reception: ReceptionId {
@@ -367,8 +466,14 @@ mod tests {
             size: 10,
             peer: "127.0.0.1:1".into(),
             notices: NoticeSwitches::ALL,
+            priority: Priority::Bulk,
+            campaign: Some("spring".into()),
         };
         let part = env.part(&[1]);
+        assert_eq!(
+            (part.priority, part.campaign.as_deref()),
+            (Priority::Bulk, Some("spring"))
+        );
         assert_eq!(part.rcpts, vec![Recipient::new("b@b.test")]);
         assert_eq!(
             (part.ret, part.body, part.size),

@@ -75,6 +75,9 @@ struct Line<'a> {
     outbound: Option<OutboundTls<'a>>,
     #[serde(skip_serializing_if = "Option::is_none")]
     source: Option<&'a str>,
+    /// Attempt lines: the message's tenant, when it has one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    tenant: Option<&'a str>,
     /// Notice lines: the notice's own id, when one was sent.
     #[serde(skip_serializing_if = "Option::is_none")]
     notice_id: Option<String>,
@@ -321,6 +324,7 @@ impl Observer for EventLog {
                     tls: e.tls,
                     outbound: None,
                     source: None,
+                    tenant: None,
                     notice_id: None,
                     notice_action: None,
                     bounce_category: None,
@@ -356,6 +360,7 @@ impl Observer for EventLog {
                         .tls
                         .map(|o| OutboundTls::of(o, crate::envelope::domain_of(e.rcpt))),
                     source: e.source,
+                    tenant: e.tenant,
                     notice_id: None,
                     notice_action: None,
                     bounce_category: e.bounce_category,
@@ -381,6 +386,7 @@ impl Observer for EventLog {
                     tls: None,
                     outbound: None,
                     source: None,
+                    tenant: None,
                     notice_id: e.notice.map(|n| n.to_string()),
                     notice_action: e.delay.then_some("delayed"),
                     bounce_category: None,

@@ -322,6 +322,8 @@ pub fn compose(
         size: bytes.len() as u64,
         peer: "local".into(),
         notices: crate::envelope::NoticeSwitches::ALL,
+        priority: Default::default(),
+        campaign: None,
     };
     Some((envelope, bytes))
 }
@@ -448,6 +450,8 @@ mod tests {
             size: ORIGINAL.len() as u64,
             peer: "t".into(),
             notices: crate::envelope::NoticeSwitches::ALL,
+            priority: Default::default(),
+            campaign: None,
         };
         let response = crate::events::Response {
             code: 451,

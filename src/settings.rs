@@ -267,6 +267,7 @@ impl Config {
             if l.size_max.is_some_and(|n| n < 1024) {
                 return Err(invalid("listener.size_max", "must be at least 1024 bytes"));
             }
+            listener_priority(l).map_err(|e| invalid("listener.priority", e))?;
             if l.rcpts_max.is_some_and(|n| n < 100) {
                 return Err(invalid(
                     "listener.rcpts_max",
@@ -305,6 +306,8 @@ impl Config {
                 )
             })?;
         let egress = crate::egress::Egress::from_config(&self, &helo_name)?;
+        // Before the keys load: the clash is the config's, whatever the key files hold.
+        unbroken_by_stripping(&self.dkim, &egress)?;
         let source_names: Vec<String> = egress.sources.iter().map(|s| s.name.clone()).collect();
         let shaping = crate::shaping::layers::Layers::from_config(&self, &source_names)?;
         let adaptive = crate::shaping::AdaptiveRules::from_entries(&self.adaptive)?;
@@ -575,6 +578,53 @@ fn dkim_name_ok(name: &str) -> bool {
         && name
             .bytes()
             .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.' || b == b'_')
+}
+
+/// A listener's `priority` (checked with the config: `settle` refuses a bad one).
+pub fn listener_priority(
+    spec: &crate::config::ListenerEntry,
+) -> Result<crate::envelope::Priority, String> {
+    match spec.priority.as_deref() {
+        None => Ok(crate::envelope::Priority::Normal),
+        Some(text) => crate::envelope::Priority::parse(text).ok_or_else(|| {
+            format!(
+                "listener {}: priority `{text}` is not transactional, normal or bulk",
+                spec.address
+            )
+        }),
+    }
+}
+
+/// With `egress.strip_headers`, delivery removes the tenant, priority and campaign headers: a
+/// signature over one of them would not verify downstream, so such a config is refused.
+fn unbroken_by_stripping(
+    entries: &[crate::config::DkimEntry],
+    egress: &crate::egress::Egress,
+) -> Result<(), ConfigError> {
+    let stripped = egress.stripped_headers();
+    for (i, e) in entries.iter().enumerate() {
+        let signed: Vec<&str> = match &e.headers {
+            Some(list) => list.iter().map(|h| h.trim()).collect(),
+            None => crate::dkim::sign::HEADERS_DEFAULT.to_vec(),
+        };
+        let clash = signed.iter().find(|h| {
+            stripped.iter().any(|s| {
+                s.strip_suffix(':')
+                    .is_some_and(|s| s.eq_ignore_ascii_case(h))
+            })
+        });
+        if let Some(h) = clash {
+            return Err(invalid(
+                "dkim.headers",
+                format!(
+                    "dkim[{i}] ({}/{}) signs `{h}`, which egress.strip_headers removes before \
+                     delivery: the signature would not verify",
+                    e.domain, e.selector
+                ),
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// The `[[dkim]]` tables, checked and their keys loaded. Errors name the table.

@@ -244,3 +244,37 @@ fn bad_dkim_tables_name_the_table() {
     let (ran, _) = check(dir.path(), &table("example.com", &good, "always = true"));
     assert!(ran.status.success(), "{ran:?}");
 }
+
+/// Priority and stripping keys: a bad one names itself, and a DKIM table that signs a header
+/// `egress.strip_headers` removes is refused (its signature could not verify downstream).
+#[test]
+fn priority_keys_and_a_signature_over_a_stripped_header_are_refused() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let dkim = "[[dkim]]\ndomain = \"example.com\"\nselector = \"s1\"\n\
+                key_file = \"/nonexistent.pem\"\nheaders = [\"From\", \"X-Tenant\"]\n";
+    for (text, mention) in [
+        (
+            "[queue]\npriority_weights = [16, 4, 0]\n".to_owned(),
+            "queue.priority_weights",
+        ),
+        (
+            "[[listener]]\naddress = \"127.0.0.1:2587\"\npriority = \"urgent\"\n".to_owned(),
+            "listener.priority",
+        ),
+        (
+            format!("[egress]\nstrip_headers = true\n{dkim}"),
+            "dkim[0] (example.com/s1) signs `X-Tenant`",
+        ),
+    ] {
+        let (ran, _) = check(dir.path(), &text);
+        assert_refused(&ran, mention);
+    }
+    let (ran, _) = check(
+        dir.path(),
+        "[egress]\nstrip_headers = true\npriority_header = \"\"\n\
+         [[listener]]\naddress = \"127.0.0.1:2587\"\npriority = \"bulk\"\n\
+         [queue]\npriority_weights = [8, 2, 1]\n",
+    );
+    assert!(ran.status.success(), "{ran:?}");
+    assert!(ran.stdout.contains("strip_headers"), "{}", ran.stdout);
+}

@@ -234,3 +234,55 @@ fn traffic_beyond_a_warmup_cap_goes_to_the_warmed_sources() {
     assert!(new <= 5, "the warming source sent {new}: {}", report.json);
     assert_eq!(new + old, 60, "{}", report.json);
 }
+
+/// A tenant's rate holds its own mail only: `slow` (5/s) trickles while `fast`, queued to the
+/// same site behind it, goes at once.
+#[test]
+fn a_tenant_rate_holds_that_tenant_only() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let sink = Sink::start(dir.path(), &[]);
+    let mut opts = Opts::new(dir.path()).shards(2).route(sink.port);
+    opts.conf
+        .raw
+        .push_str("[[tenant]]\nname = \"slow\"\nmessage_rate = \"5/s burst 1\"\n");
+    let mut epoxi = Epoxi::start(&opts);
+    let slow = Inject::new(30)
+        .header("X-Tenant: slow")
+        .run(dir.path(), epoxi.port);
+    assert_eq!(slow.count("accepted"), 30, "{}", slow.json);
+    let fast = Inject::new(30)
+        .header("X-Tenant: fast")
+        .run(dir.path(), epoxi.port);
+    assert_eq!(fast.count("accepted"), 30, "{}", fast.json);
+    let delivered = epoxi.wait_events_within("Delivery", 60, Duration::from_secs(30));
+    epoxi.stop();
+    let report = sink.stop();
+    assert_eq!(report.count("unique"), 60, "{}", report.json);
+    let times = |tenant: &str| -> Vec<u64> {
+        let mut t: Vec<u64> = delivered
+            .iter()
+            .filter(|e| e["tenant"] == tenant)
+            .filter_map(|e| e["ts_ms"].as_u64())
+            .collect();
+        t.sort_unstable();
+        t
+    };
+    let (slow, fast) = (times("slow"), times("fast"));
+    assert_eq!((slow.len(), fast.len()), (30, 30));
+    // 30 at 5/s: about 6 s from the first to the last; never more than 6 in a second.
+    let span = slow[29] - slow[0];
+    assert!(span >= 5_000, "slow tenant's 30 took {span} ms");
+    let most = slow
+        .iter()
+        .map(|&t| slow.iter().filter(|&&u| u >= t && u < t + 1000).count())
+        .max()
+        .unwrap_or(0);
+    assert!(most <= 6, "{most} of the slow tenant in one second");
+    // The fast tenant, injected after, is done long before the slow one.
+    assert!(
+        fast[29] + 2_000 < slow[29],
+        "fast done at {}, slow at {}",
+        fast[29],
+        slow[29]
+    );
+}

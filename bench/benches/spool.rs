@@ -26,6 +26,8 @@ fn envelope(size: usize) -> Envelope {
         size: size as u64,
         peer: "127.0.0.1:40000".into(),
         notices: epoxi::envelope::NoticeSwitches::ALL,
+        priority: Default::default(),
+        campaign: None,
     }
 }
 

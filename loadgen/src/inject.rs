@@ -88,6 +88,23 @@ pub struct InjectArgs {
     /// Write the X-Loadgen-Id of every accepted message here, one per line.
     #[arg(long, value_name = "PATH")]
     ids_file: Option<PathBuf>,
+    /// Another header field in every message, `Name: value` (repeatable), e.g.
+    /// `X-Tenant: acme`.
+    #[arg(long = "header", value_name = "FIELD", value_parser = parse_header)]
+    headers: Vec<String>,
+}
+
+/// A header field as `--header` takes it: a name of printable ASCII without a colon, then a
+/// colon and a value on one line.
+fn parse_header(s: &str) -> Result<String, String> {
+    let (name, value) = s.split_once(':').ok_or("want Name: value")?;
+    let name_ok = !name.is_empty() && name.bytes().all(|b| b.is_ascii_graphic() && b != b':');
+    if !name_ok || value.contains(['\r', '\n']) || s.len() > HEADER_LEN_MAX {
+        return Err(format!(
+            "want Name: value, one line of at most {HEADER_LEN_MAX} characters"
+        ));
+    }
+    Ok(s.to_owned())
 }
 
 fn parse_rate(s: &str) -> Result<f64, String> {
@@ -101,6 +118,9 @@ fn parse_rate(s: &str) -> Result<f64, String> {
     }
 }
 
+/// Longest `--header` field: RFC 5322 2.1.1's line limit, so it needs no folding.
+const HEADER_LEN_MAX: usize = 998;
+
 /// What all connections share.
 struct Plan {
     target: SocketAddr,
@@ -108,6 +128,7 @@ struct Plan {
     domains: u64,
     from: String,
     size_bytes: usize,
+    headers: Vec<String>,
     timeout: Duration,
     /// Pause between message starts over the whole run, when rate-limited.
     interval: Option<Duration>,
@@ -196,6 +217,7 @@ pub fn run(args: InjectArgs) -> anyhow::Result<()> {
         domains: u64::from(args.domains),
         from: args.from,
         size_bytes,
+        headers: args.headers,
         timeout: Duration::from_secs(args.timeout_s),
         interval,
         keep_ids: args.ids_file.is_some(),
@@ -221,6 +243,7 @@ pub fn run(args: InjectArgs) -> anyhow::Result<()> {
         size_bytes,
         id_prefix: &plan.id_prefix,
         date_unix_s: plan.date_unix_s,
+        headers: &plan.headers,
     })
     .size_bytes();
     if message_size_bytes != size_bytes {
@@ -317,6 +340,7 @@ fn run_connection(
         size_bytes: plan.size_bytes,
         id_prefix: &plan.id_prefix,
         date_unix_s: plan.date_unix_s,
+        headers: &plan.headers,
     });
     let mut rcpt = String::with_capacity(64);
     // Failures in a row, connects and transactions alike; a completed transaction clears it.

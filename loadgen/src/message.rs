@@ -63,6 +63,8 @@ pub struct MessageSpec<'a> {
     pub id_prefix: &'a IdPrefix,
     /// Seconds since the Unix epoch for the Date header.
     pub date_unix_s: u64,
+    /// More header fields, `Name: value` each (checked by the caller), after the others.
+    pub headers: &'a [String],
 }
 
 /// One connection's message, ready to stamp and send.
@@ -87,6 +89,10 @@ impl Template {
             from = spec.from,
             date = rfc5322_date(spec.date_unix_s),
         );
+        for field in spec.headers {
+            headers.push_str(field);
+            headers.push_str("\r\n");
+        }
         let message_id_at = headers.len() + "Message-ID: <".len() + index_in_id;
         let _ = write!(headers, "Message-ID: <{placeholder}@loadgen.test>\r\n");
         let loadgen_id_at = headers.len() + ID_HEADER.len() + 2 + index_in_id;
@@ -213,6 +219,7 @@ mod tests {
             size_bytes,
             id_prefix: prefix,
             date_unix_s: 1_700_000_000,
+            headers: &[],
         }
     }
 
@@ -239,6 +246,35 @@ mod tests {
             out.extend_from_slice(b"\r\n");
         }
         out
+    }
+
+    #[test]
+    fn extra_header_fields_go_in_the_header_block_and_ids_still_stamp() {
+        let prefix = IdPrefix::for_this_run();
+        let fields = [
+            "X-Tenant: acme".to_owned(),
+            "X-Priority-Class: bulk".to_owned(),
+        ];
+        let mut t = Template::build(&MessageSpec {
+            headers: &fields,
+            ..spec(&prefix, 2048)
+        });
+        assert_eq!(t.size_bytes(), 2048);
+        t.stamp(0xabc);
+        let text = String::from_utf8_lossy(t.wire()).into_owned();
+        let (head, _) = text.split_once("\r\n\r\n").expect("a header block");
+        assert!(
+            head.contains("\r\nX-Tenant: acme\r\nX-Priority-Class: bulk\r\n"),
+            "{head}"
+        );
+        assert!(
+            head.contains(&format!("{ID_HEADER}: {}", prefix.id(0xabc))),
+            "{head}"
+        );
+        assert!(
+            head.contains(&format!("Message-ID: <{}@", prefix.id(0xabc))),
+            "{head}"
+        );
     }
 
     #[test]

@@ -5,7 +5,9 @@
 //! every shard swaps in place: static routes, the retry policy (`[queue]` backoff and max age,
 //! `[[retry]]` rules), the bounce rules, site
 //! limits, delivery timeouts and TLS, DKIM signers, AUTH users, the TLS certificate, pool rules
-//! (`[[pool_rule]]`, `egress.default_pool`, `egress.tenant_header`, source health knobs), and
+//! (`[[pool_rule]]`, `egress.default_pool`, `egress.tenant_header`, source health knobs),
+//! `queue.priority_weights`, the priority and campaign headers and `egress.strip_headers`
+//! (for sessions and connections from now on), and
 //! the session settings of new inbound connections (`[server]` limits and timeouts, relay
 //! networks, each listener's policy), and shaping (`[shaping]`, `[[provider]]`, `[[site]]`,
 //! `[[domain]]` limits, rates of sources and tenants, `[[adaptive]]` rules, which count afresh,

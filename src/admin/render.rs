@@ -41,13 +41,14 @@ const COLUMNS_FIRST: &[&str] = &[
     "throttled",
 ];
 
-/// A merged summary as text: a table for each of `sites`, `tenants` and `suspensions` the
-/// answer has, then its other plain fields.
+/// A merged summary as text: a table for each of `sites`, `tenants`, `campaigns` and
+/// `suspensions` the answer has, then its other plain fields.
 pub fn summary(answer: &Value) -> String {
     let mut out = String::new();
     for (list, key) in [
         ("sites", "site"),
         ("tenants", "tenant"),
+        ("campaigns", "campaign"),
         ("suspensions", ""),
         ("warmup", "source"),
     ] {
@@ -62,7 +63,10 @@ pub fn summary(answer: &Value) -> String {
     }
     if let Some(object) = answer.as_object() {
         for (k, v) in object {
-            if matches!(k.as_str(), "sites" | "tenants" | "suspensions" | "warmup") {
+            if matches!(
+                k.as_str(),
+                "sites" | "tenants" | "campaigns" | "suspensions" | "warmup"
+            ) {
                 continue;
             }
             out.push_str(&format!("{k}: {}\n", cell(v)));
@@ -162,6 +166,7 @@ mod tests {
                 {"site": "mx.longer-name.test", "ready": 1, "scheduled": 2}
             ],
             "tenants": [],
+            "campaigns": [{"campaign": "spring", "scheduled": 3}],
             "shards": 2
         });
         let text = summary(&answer);
@@ -176,6 +181,11 @@ mod tests {
             "mx.a.test            6      -          1          30"
         );
         assert!(text.contains("tenants: 0\n"), "{text}");
+        assert!(text.contains("campaigns: 1\ncampaign"), "{text}");
+        assert!(
+            !text.contains("campaigns: ["),
+            "a table, not a field: {text}"
+        );
         assert!(text.contains("shards: 2\n"), "{text}");
     }
 }

@@ -380,6 +380,14 @@ pub struct EgressSection {
     pub default_pool: String,
     /// Header naming a message's tenant, for `pool_rule.tenant`.
     pub tenant_header: String,
+    /// Header naming a message's priority class (`transactional`, `normal`, `bulk`); empty:
+    /// none, every message has its listener's class.
+    pub priority_header: String,
+    /// Header naming a message's campaign, for operations (`--campaign`); empty: none.
+    pub campaign_header: String,
+    /// Remove the tenant, priority and campaign headers from messages as they are delivered
+    /// (the spooled copy keeps them).
+    pub strip_headers: bool,
     /// Consecutive failed connections that take a source out of rotation.
     pub source_failures_max: u32,
     /// How long a failed source stays out of rotation, in seconds.
@@ -469,6 +477,10 @@ pub struct ListenerEntry {
     /// Notices sent for mail received here; `notices.enabled` if unset.
     #[serde(default)]
     pub notices: Option<Vec<NoticeKind>>,
+    /// The priority class of mail received here without a (known) priority header:
+    /// `transactional`, `normal` (if unset) or `bulk`.
+    #[serde(default)]
+    pub priority: Option<String>,
 }
 
 impl ListenerEntry {
@@ -487,6 +499,7 @@ impl ListenerEntry {
             size_max: None,
             rcpts_max: None,
             notices: None,
+            priority: None,
         }
     }
 }
@@ -597,6 +610,9 @@ pub struct QueueSection {
     /// Messages one shard may hold (queued or being spooled); beyond it reception answers
     /// `452 4.3.1` (try again later) instead of growing without bound.
     pub messages_max: usize,
+    /// Shares of a busy destination's deliveries for transactional, normal and bulk mail
+    /// (smooth weighted round robin among the classes with mail waiting).
+    pub priority_weights: Vec<u32>,
 }
 
 #[derive(Clone, Debug, Deserialize, PartialEq)]
@@ -749,6 +765,7 @@ impl Default for QueueSection {
             retry_jitter: 0.1,
             max_age_s: 5 * 24 * 3600,
             messages_max: 1_000_000,
+            priority_weights: crate::queue::PRIORITY_WEIGHTS_DEFAULT.to_vec(),
         }
     }
 }
@@ -803,6 +820,9 @@ impl Default for EgressSection {
         EgressSection {
             default_pool: String::new(),
             tenant_header: "X-Tenant".into(),
+            priority_header: "X-Priority-Class".into(),
+            campaign_header: "X-Campaign".into(),
+            strip_headers: false,
             source_failures_max: 3,
             source_quarantine_s: 60,
         }
@@ -1074,6 +1094,17 @@ impl Config {
                 format!("must be between 1 and {}", crate::queue::MESSAGES_CEILING),
             ));
         }
+        let weights_max = crate::queue::PRIORITY_WEIGHT_MAX;
+        if q.priority_weights.len() != 3
+            || q.priority_weights
+                .iter()
+                .any(|w| !(1..=weights_max).contains(w))
+        {
+            return Err(invalid(
+                "queue.priority_weights",
+                format!("must be three weights (transactional, normal, bulk), 1 to {weights_max}"),
+            ));
+        }
         let d = &self.delivery;
         if d.site_backoff_ms == 0 || d.site_backoff_cap_ms < d.site_backoff_ms {
             return Err(invalid(
@@ -1215,6 +1246,65 @@ mod tests {
         let cfg = Config::parse("[queue]\nretry_factor = 0.5\n").expect("parses");
         let err = cfg.settle(Overrides::default()).expect_err("factor < 1");
         assert!(err.to_string().contains("queue.retry_factor"), "{err}");
+    }
+
+    #[test]
+    fn priority_and_stripping_keys_are_checked() {
+        let settle = |text: &str| {
+            Config::parse(text)
+                .expect("parses")
+                .settle(Overrides::default())
+        };
+        let s = settle("[egress]\nstrip_headers = true\n").expect("ok");
+        assert_eq!(s.config.queue.priority_weights, vec![16, 4, 1]);
+        assert_eq!(
+            s.egress.stripped_headers(),
+            vec!["x-tenant:", "x-priority-class:", "x-campaign:"]
+        );
+        let listener = "[[listener]]\naddress = \"127.0.0.1:2587\"\npriority = ";
+        assert!(settle(&format!("{listener}\"BULK\"\n")).is_ok());
+        let dkim = "[[dkim]]\ndomain = \"example.com\"\nselector = \"s1\"\n\
+                    key_file = \"/nonexistent.pem\"\n";
+        for (text, key) in [
+            (
+                "[queue]\npriority_weights = [16, 4]\n",
+                "queue.priority_weights",
+            ),
+            (
+                "[queue]\npriority_weights = [16, 0, 1]\n",
+                "queue.priority_weights",
+            ),
+            (
+                "[queue]\npriority_weights = [1, 1, 1001]\n",
+                "queue.priority_weights",
+            ),
+            (&format!("{listener}\"urgent\"\n"), "listener.priority"),
+            (
+                "[egress]\npriority_header = \"X-P: y\"\n",
+                "egress.priority_header",
+            ),
+            (
+                "[egress]\ncampaign_header = \"X C\"\n",
+                "egress.campaign_header",
+            ),
+            (
+                &format!(
+                    "[egress]\nstrip_headers = true\n{dkim}headers = [\"From\", \"x-campaign\"]\n"
+                ),
+                "dkim.headers",
+            ),
+            (
+                &format!("[egress]\nstrip_headers = true\ntenant_header = \"List-Id\"\n{dkim}"),
+                "dkim[0] (example.com/s1) signs `List-Id`",
+            ),
+        ] {
+            let err = settle(text).expect_err(text);
+            assert!(err.to_string().contains(key), "{text}: {err}");
+        }
+        // Without stripping, signing the campaign header is the operator's business.
+        let err = settle(&format!("{dkim}headers = [\"From\", \"X-Campaign\"]\n"))
+            .expect_err("the key file is missing");
+        assert!(err.to_string().contains("key_file"), "{err}");
     }
 
     #[test]

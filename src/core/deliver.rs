@@ -356,6 +356,10 @@ impl Core {
                 granted,
                 retry_at_ms,
             } => {
+                if matches!(key, crate::shaping::credits::MeterKey::Tenant(_)) {
+                    // Tenants waiting for an answer may go again (the next check says).
+                    self.tenant_blocked.retain(|_, until| until.is_some());
+                }
                 self.credits.granted(&key, granted, retry_at_ms, now_ms);
                 // Connections waiting for the answer take a message now, or learn how long
                 // to wait for the next credit.
@@ -599,7 +603,7 @@ impl Core {
             None
         } else {
             match self.rate_gate(&dest, source, now_ms) {
-                Ok(()) => self.take_ticket(&dest),
+                Ok(()) => self.take_ticket(&dest, now_ms),
                 Err(until) => {
                     paced = Some(until);
                     None
@@ -671,7 +675,7 @@ impl Core {
         {
             return None;
         }
-        let ticket = self.take_ticket(&dest)?;
+        let ticket = self.take_ticket(&dest, now_ms)?;
         if let Some(c) = self.conns.get_mut(&conn) {
             c.started += 1;
         }
@@ -698,9 +702,30 @@ impl Core {
 
     /// The next ready job of `dest` with what its transaction needs; jobs of messages gone
     /// meanwhile are skipped.
-    fn take_ticket(&mut self, dest: &Dest) -> Option<Ticket> {
+    fn take_ticket(&mut self, dest: &Dest, now_ms: u64) -> Option<Ticket> {
+        let tenant_rates = self.settings.shaping.has_tenant_rates();
         loop {
-            let job = self.queue.pop_ready(dest)?;
+            let job = match tenant_rates {
+                false => self.queue.pop_ready(dest)?,
+                true => {
+                    // Tenants whose rate has no credit now keep their turn for later.
+                    let blocked = &self.tenant_blocked;
+                    self.queue.pop_ready_where(dest, |t| {
+                        t.is_none_or(|id| {
+                            !blocked
+                                .get(&id)
+                                .is_some_and(|until| until.is_none_or(|u| u > now_ms))
+                        })
+                    })?
+                }
+            };
+            let Some(tenant) = self.queue.get(job.id).map(|m| m.tenant_id()) else {
+                continue;
+            };
+            if tenant_rates && !self.tenant_credit(tenant, now_ms) {
+                self.queue.push_ready(dest, job);
+                continue;
+            }
             let Some(m) = self.queue.get(job.id) else {
                 continue;
             };

@@ -205,8 +205,19 @@ impl Core {
             (m.loc().seq, m.remaining() == 0, notice_for)
         };
         if let (false, Some(hop), Some(source)) = (matched.is_empty(), hop, via.source) {
-            // The campaign arrives with the message's lanes; none is known here yet.
-            self.adaptive_report(hop, source, &matched, tenant.as_deref(), None, now_ms);
+            let campaign: Option<String> = self
+                .queue
+                .get(id)
+                .and_then(|m| self.queue.campaign(m))
+                .map(str::to_owned);
+            self.adaptive_report(
+                hop,
+                source,
+                &matched,
+                tenant.as_deref(),
+                campaign.as_deref(),
+                now_ms,
+            );
         }
         if !dead.is_empty() {
             self.dead.entry(id).or_default().extend(dead);
@@ -429,6 +440,8 @@ mod tests {
             size: 10,
             peer: "test".into(),
             notices: crate::envelope::NoticeSwitches::ALL,
+            priority: Default::default(),
+            campaign: None,
         };
         let loc = Location {
             seq: 1,

@@ -145,6 +145,9 @@ pub struct Core {
     adaptive_active: Vec<(LeaseKey, u16, u64, Option<std::sync::Arc<str>>)>,
     /// Adaptive throttles in force, from any owner: (key) → (rule, until).
     throttles: HashMap<LeaseKey, (u16, u64)>,
+    /// Tenants (queue ids) whose rate has no credit now: until when (None: an answer is
+    /// awaited). Their lanes are skipped meanwhile.
+    tenant_blocked: HashMap<u16, Option<u64>>,
     /// (site, source) keys their owners said are down, and until when: their messages wait
     /// in the schedule instead of asking for connections.
     holds: HashMap<LeaseKey, (u64, &'static str)>,
@@ -192,7 +195,11 @@ impl Core {
             shard: cfg.shard,
             shards: cfg.shards.max(1),
             has_resolver: cfg.has_resolver,
-            queue: Queue::new(c.queue.messages_max),
+            queue: {
+                let mut queue = Queue::new(c.queue.messages_max);
+                queue.set_priority_weights(crate::queue::lanes::weights(&c.queue.priority_weights));
+                queue
+            },
             router: Router::new(cfg.settings.routes.clone()),
             sites: SiteMemo::new(c.dns.ttl_min_s, c.dns.ttl_max_s, c.dns.cache_entries_max),
             health: EgressState::new(&cfg.settings.egress),
@@ -202,6 +209,7 @@ impl Core {
             tracker: crate::shaping::Tracker::new(&cfg.settings.adaptive),
             adaptive_active: Vec::new(),
             throttles: HashMap::new(),
+            tenant_blocked: HashMap::new(),
             budgets: Budgets::new(crate::egress::lease::SiteBackoff {
                 failures_max: c.delivery.site_failures_max,
                 backoff_ms: c.delivery.site_backoff_ms,
@@ -260,6 +268,8 @@ impl Core {
             self.health = EgressState::new(&settings.egress);
         }
         let c = &settings.config;
+        self.queue
+            .set_priority_weights(crate::queue::lanes::weights(&c.queue.priority_weights));
         self.budgets.set_backoff(crate::egress::lease::SiteBackoff {
             failures_max: c.delivery.site_failures_max,
             backoff_ms: c.delivery.site_backoff_ms,
@@ -656,9 +666,10 @@ impl Core {
         let mut next: Option<u64> = None;
         let mut expired: Vec<(u64, JobRcpts, Hop)> = Vec::new();
         for dest in dests {
-            for job in self.queue.drain_ready(&dest) {
-                let Some(m) = self.queue.get(job.id) else {
-                    continue;
+            // In place: the jobs left keep their lanes and turns (see `queue::lanes`).
+            let gone = self.queue.retain_ready(&dest, |job, queued| {
+                let Some((m, _)) = queued else {
+                    return false;
                 };
                 let deadline = job
                     .rcpts
@@ -671,11 +682,16 @@ impl Core {
                     .min()
                     .unwrap_or(u64::MAX);
                 // A grace of one gap: a retry moved up to its deadline gets its attempt.
-                if deadline.saturating_add(READY_CHECK_GAP_MS) <= now_ms {
-                    expired.push((job.id, job.rcpts, dest.hop.clone()));
-                } else {
+                let keep = deadline.saturating_add(READY_CHECK_GAP_MS) > now_ms;
+                if keep {
                     next = Some(next.map_or(deadline, |n: u64| n.min(deadline)));
-                    self.queue.push_ready(&dest, job);
+                }
+                keep
+            });
+            // Jobs of messages gone meanwhile are dropped; the others expired.
+            for job in gone {
+                if self.queue.get(job.id).is_some() {
+                    expired.push((job.id, job.rcpts, dest.hop.clone()));
                 }
             }
         }
@@ -710,7 +726,10 @@ impl crate::spool::Replay for Core {
         loc: Location,
         view: &crate::spool::record::MessageView<'_>,
     ) -> Result<Option<u64>, String> {
-        self.queue.replay_message(id, loc, view)
+        // The campaign is a header of the body, under the name configured now.
+        let campaign = self.settings.egress.campaign_of(view.body());
+        self.queue
+            .replay_message(id, loc, view, campaign.as_deref())
     }
 
     fn outcome(&mut self, o: &crate::spool::record::Outcome) -> Option<u64> {

@@ -197,6 +197,8 @@ mod tests {
             size: 10,
             peer: "test".into(),
             notices,
+            priority: Default::default(),
+            campaign: None,
         };
         let loc = Location {
             seq: 1,

@@ -18,7 +18,7 @@ use serde_json::{json, Value};
 use super::Core;
 use crate::admin::{Op, Selector};
 use crate::outcome::RcptResult;
-use crate::queue::{Job, JobRcpts, Message};
+use crate::queue::{Job, JobRcpts, Message, Names};
 use crate::route::Hop;
 use crate::smtp::reply::Reply;
 
@@ -64,24 +64,17 @@ pub struct Step {
 }
 
 /// What a selector says about one message's recipient (`hop`: where it goes, when known).
-fn selects(
-    sel: &Selector,
-    m: &Message,
-    tenant: Option<&str>,
-    rcpt: u16,
-    site: Option<&str>,
-) -> bool {
+fn selects(sel: &Selector, m: &Message, names: Names<'_>, rcpt: u16, site: Option<&str>) -> bool {
     match sel {
         Selector::Domain(d) => crate::envelope::domain_of(m.rcpt(rcpt)).eq_ignore_ascii_case(d),
-        Selector::Tenant(t) => tenant == Some(t.as_str()),
+        Selector::Tenant(t) => names.tenant == Some(t.as_str()),
+        Selector::Campaign(c) => names.campaign == Some(c.as_str()),
         Selector::Id(id) => {
             m.reception().to_string() == *id
                 || format!("{:#x}", m.id()) == *id
                 || m.id().to_string() == *id
         }
         Selector::Site(s) => site.is_some_and(|k| site_matches(k, s)),
-        // Campaigns arrive with the next issue's headers; nothing carries one yet.
-        Selector::Campaign(_) => false,
     }
 }
 
@@ -339,7 +332,7 @@ impl Core {
             let ids = queue.messages_from(cursor, MASS_STEP_SLOTS, |_| true);
             for id in ids {
                 let Some(m) = queue.get(id) else { continue };
-                let tenant = queue.tenant(m);
+                let names = queue.names(m);
                 let mut rcpts = JobRcpts::new();
                 for r in 0..m.rcpt_count() as u16 {
                     if m.is_done(r) {
@@ -354,7 +347,7 @@ impl Core {
                     } else {
                         None
                     };
-                    if all || selects(sel, m, tenant, r, site.as_deref()) {
+                    if all || selects(sel, m, names, r, site.as_deref()) {
                         rcpts.push(r);
                     }
                 }
@@ -428,24 +421,14 @@ impl Core {
         let mut held = 0u64;
         for dest in dests {
             let site = dest.hop.site_key();
-            let jobs = self.queue.drain_ready(&dest);
-            let mut keep: Vec<Job> = Vec::new();
-            let mut hold: Vec<Job> = Vec::new();
-            for job in jobs {
-                let picked = self.queue.get(job.id).is_some_and(|m| {
-                    let tenant = self.queue.tenant(m);
+            let hold = self.queue.retain_ready(&dest, |job, queued| {
+                let picked = queued.is_some_and(|(m, names)| {
                     job.rcpts
                         .iter()
-                        .any(|&r| selects(sel, m, tenant, r, Some(&site)))
+                        .any(|&r| selects(sel, m, names, r, Some(&site)))
                 });
-                match picked {
-                    true => hold.push(job),
-                    false => keep.push(job),
-                }
-            }
-            for job in keep {
-                self.queue.push_ready(&dest, job);
-            }
+                !picked
+            });
             held += hold.iter().map(|j| j.rcpts.len() as u64).sum::<u64>();
             let until = self.directive_until(sel, now_ms);
             self.hold_jobs(hold, Some(&dest.hop), until, HOLD_SUSPENDED, now_ms);
@@ -483,12 +466,12 @@ impl Core {
             let Some(m) = self.queue.get(id) else {
                 return rcpts;
             };
-            let tenant = self.queue.tenant(m);
+            let names = self.queue.names(m);
             for &r in &rcpts {
                 let hit = self
                     .directives
                     .iter()
-                    .find(|d| selects(&d.selector, m, tenant, r, site.as_deref()));
+                    .find(|d| selects(&d.selector, m, names, r, site.as_deref()));
                 match hit.map(|d| (&d.kind, d)) {
                     Some((DirectiveKind::Bounce { notify }, d)) => {
                         bounce.push((r, *notify, d.reason.clone()))
@@ -541,20 +524,16 @@ impl Core {
             .filter(|d| d.pool != index)
             .cloned()
             .collect();
-        let mut moved: Vec<Job> = Vec::new();
+        let mut moved = Vec::new();
         for dest in dests {
-            let jobs = self.queue.drain_ready(&dest);
-            for job in jobs {
-                let mine = self.queue.get(job.id).is_some_and(|m| {
+            moved.extend(self.queue.retain_ready(&dest, |job, queued| {
+                let mine = queued.is_some_and(|(m, _)| {
                     job.rcpts.first().is_some_and(|&r| {
                         crate::envelope::domain_of(m.rcpt(r)).eq_ignore_ascii_case(&domain)
                     })
                 });
-                match mine {
-                    true => moved.push(job),
-                    false => self.queue.push_ready(&dest, job),
-                }
-            }
+                !mine
+            }));
         }
         let n = moved.len();
         for job in moved {
@@ -566,11 +545,14 @@ impl Core {
     fn summary(&self, now_ms: u64) -> Value {
         let mut sites: BTreeMap<String, Row> = BTreeMap::new();
         let mut tenants: BTreeMap<String, Row> = BTreeMap::new();
+        // Only mail with a campaign: a `-` row would be most of the queue again.
+        let mut campaigns: BTreeMap<String, Row> = BTreeMap::new();
         let mut messages = 0u64;
         let mut site_cache: BTreeMap<String, String> = BTreeMap::new();
         for m in self.queue.messages() {
             messages += 1;
-            let tenant = self.queue.tenant(m).unwrap_or("-").to_owned();
+            let names = self.queue.names(m);
+            let tenant = names.tenant.unwrap_or("-").to_owned();
             for r in 0..m.rcpt_count() as u16 {
                 if m.is_done(r) {
                     continue;
@@ -592,6 +574,16 @@ impl Core {
                     .entry(tenant.clone())
                     .or_default()
                     .add(scheduled, m.received_ms());
+                if let Some(c) = names.campaign {
+                    // Looked up before allocating: one key per campaign, not per recipient.
+                    match campaigns.get_mut(c) {
+                        Some(row) => row.add(scheduled, m.received_ms()),
+                        None => campaigns
+                            .entry(c.to_owned())
+                            .or_default()
+                            .add(scheduled, m.received_ms()),
+                    }
+                }
             }
         }
         // Of the unscheduled, what is not in a ready queue is in flight.
@@ -651,6 +643,7 @@ impl Core {
             "messages": messages,
             "sites": rows(sites, "site"),
             "tenants": rows(tenants, "tenant"),
+            "campaigns": rows(campaigns, "campaign"),
             "suspensions": suspensions,
         });
         if !warmup.is_empty() {
@@ -666,12 +659,12 @@ impl Core {
             if out.len() >= limit {
                 break;
             }
-            let tenant = self.queue.tenant(m);
+            let names = self.queue.names(m);
             let hit = (0..m.rcpt_count() as u16).any(|r| {
                 let site = wants_site
                     .then(|| self.site_of(crate::envelope::domain_of(m.rcpt(r)), now_ms))
                     .flatten();
-                selects(sel, m, tenant, r, site.as_deref())
+                selects(sel, m, names, r, site.as_deref())
             });
             if !hit {
                 continue;
@@ -698,7 +691,9 @@ impl Core {
                 "queue_id": format!("{:#x}", m.id()),
                 "shard": self.shard,
                 "sender": m.sender(),
-                "tenant": tenant,
+                "tenant": names.tenant,
+                "campaign": names.campaign,
+                "priority": m.priority().name(),
                 "size": m.size(),
                 "age_s": now_ms.saturating_sub(m.received_ms()) / 1000,
                 "recipients": rcpts,

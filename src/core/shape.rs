@@ -208,6 +208,45 @@ impl Core {
         result
     }
 
+    /// Whether a message of tenant `tenant` (its queue id) may go now under its tenant's
+    /// rate: a credit is spent if so; if not, the tenant is blocked until its next credit.
+    pub(super) fn tenant_credit(&mut self, tenant: u16, now_ms: u64) -> bool {
+        let Some(name) = self.queue.tenant_name(tenant) else {
+            return true;
+        };
+        let Some(rate) = self.settings.shaping.tenant_rate(name) else {
+            return true;
+        };
+        let key = MeterKey::Tenant(Arc::from(name.to_ascii_lowercase()));
+        let batch = rate.burst.max(1);
+        let mut check = self.credits.check(&key, batch, usize::MAX, now_ms);
+        if let Check::Ask(want) = check {
+            let to = crate::shaping::credits::owner_of(&key, self.shards);
+            let msg = LeaseMsg::Want {
+                key: key.clone(),
+                limit: Limit::Rate(rate),
+                want,
+            };
+            self.send_lease(to, msg, now_ms);
+            check = self.credits.check(&key, batch, usize::MAX, now_ms);
+        }
+        match check {
+            Check::Ready => {
+                self.credits.spend(&key);
+                true
+            }
+            Check::Wait(at) => {
+                self.tenant_blocked.insert(tenant, Some(at));
+                self.rearm();
+                false
+            }
+            Check::Ask(_) | Check::Asking => {
+                self.tenant_blocked.insert(tenant, None);
+                false
+            }
+        }
+    }
+
     /// Failed replies of one attempt (`hop` from `source`) that matched adaptive rules
     /// `rules`: reported to the key's owner.
     pub(super) fn adaptive_report(
@@ -459,12 +498,24 @@ impl Core {
         if !self.throttles.is_empty() {
             self.throttles.retain(|_, (_, until)| *until > now_ms);
         }
+        if self
+            .tenant_blocked
+            .values()
+            .any(|u| u.is_some_and(|u| u <= now_ms))
+        {
+            // Their next credit may be asked for: connections waiting for work look again.
+            self.tenant_blocked
+                .retain(|_, u| u.is_none_or(|u| u > now_ms));
+            self.actions.push(Action::WakeIdle);
+        }
     }
 
     /// When an owner's adaptive action ends next.
     pub(super) fn shaping_next_ms(&self) -> Option<u64> {
         let ends = self.adaptive_active.iter().map(|a| a.2).min();
-        [ends, self.tracker.next_expiry_ms()]
+        // A tenant's next credit may be asked for then.
+        let tenants = self.tenant_blocked.values().flatten().copied().min();
+        [ends, self.tracker.next_expiry_ms(), tenants]
             .into_iter()
             .flatten()
             .min()

@@ -33,7 +33,7 @@ use crate::queue::{Dest, Job};
 use crate::route::Hop;
 use crate::smtp::client::{ClientStep, MailOptions, TlsPolicy, TransactionOutcome};
 use crate::smtp::reply::Reply;
-use crate::spool::Spool;
+use crate::spool::{Spool, StoredMessage};
 
 pub use connect::{connect_bound, BoundConnectError};
 use connect::{connect_from, Refusal};
@@ -367,6 +367,8 @@ async fn open(
 struct Inflight {
     ticket: Box<Ticket>,
     body_sent: bool,
+    /// The message, read before MAIL when headers are stripped (its SIZE is what is sent).
+    stored: Option<StoredMessage>,
 }
 
 /// Transactions until the core says close, or the connection breaks.
@@ -374,6 +376,10 @@ async fn serve(ctx: &DeliveryCtx, id: ConnId, mut conn: Conn) {
     // Oldest first: at most two, the second started behind the first's final dot (see
     // `Client::can_start_early`).
     let mut inflight: VecDeque<Inflight> = VecDeque::with_capacity(INFLIGHT_MAX);
+    // The headers `egress.strip_headers` removes, as the connection's other settings: fixed
+    // from its start.
+    let settings = ctx.settings.get();
+    let strip = settings.egress.stripped_headers();
     loop {
         if inflight.is_empty() {
             // Created before asking, so a wake-up between the answer and the wait is kept.
@@ -381,7 +387,8 @@ async fn serve(ctx: &DeliveryCtx, id: ConnId, mut conn: Conn) {
             let now = ctx.now();
             match ctx.core.with(|c| c.next_job(id, now)) {
                 NextJob::Job(ticket) => {
-                    if let Some(item) = begin(ctx, &mut conn, ticket) {
+                    let item = prepare(ctx, ticket, &strip).await;
+                    if let Some(item) = item.and_then(|i| begin(ctx, &mut conn, i)) {
                         inflight.push_back(item);
                     }
                 }
@@ -400,9 +407,11 @@ async fn serve(ctx: &DeliveryCtx, id: ConnId, mut conn: Conn) {
             ClientStep::NeedInput => {
                 if inflight.len() < INFLIGHT_MAX && conn.client.can_start_early() {
                     let now = ctx.now();
-                    let next = ctx.core.with(|c| c.early_job(id, now));
-                    if let Some(item) = next.and_then(|t| begin(ctx, &mut conn, t)) {
-                        inflight.push_back(item);
+                    if let Some(ticket) = ctx.core.with(|c| c.early_job(id, now)) {
+                        let item = prepare(ctx, ticket, &strip).await;
+                        if let Some(item) = item.and_then(|i| begin(ctx, &mut conn, i)) {
+                            inflight.push_back(item);
+                        }
                     }
                 }
                 if let Err(why) = conn.exchange().await {
@@ -418,7 +427,11 @@ async fn serve(ctx: &DeliveryCtx, id: ConnId, mut conn: Conn) {
                 };
                 item.body_sent = true;
                 let loc = item.ticket.loc;
-                let stored = match ctx.spool.read_message(loc).await {
+                let stored = match item.stored.take() {
+                    Some(stored) => Ok(stored),
+                    None => ctx.spool.read_message(loc).await,
+                };
+                let stored = match stored {
                     Ok(stored) => stored,
                     Err(e) => {
                         // DATA may be open and there is nothing to send: only closing the
@@ -428,7 +441,11 @@ async fn serve(ctx: &DeliveryCtx, id: ConnId, mut conn: Conn) {
                     }
                 };
                 match stored.view() {
-                    Ok(view) => conn.client.write_body(view.body(), &mut conn.out),
+                    Ok(view) => {
+                        // Slices of the spooled body around the stripped fields: no copy.
+                        let pieces = crate::egress::without_headers(view.body(), &strip);
+                        conn.client.write_body_parts(&pieces, &mut conn.out)
+                    }
                     Err(e) => {
                         let why = format!("spooled message does not validate: {e}");
                         return broken(ctx, id, conn, inflight, &why).await;
@@ -455,9 +472,55 @@ async fn serve(ctx: &DeliveryCtx, id: ConnId, mut conn: Conn) {
     }
 }
 
-/// Start a ticket's transaction: the envelope comes from the queue, the body is read from the
-/// spool only when the server asks for it. None: refused before sending (reported).
-fn begin(ctx: &DeliveryCtx, conn: &mut Conn, ticket: Box<Ticket>) -> Option<Inflight> {
+/// A ticket ready to start. When headers are stripped the message is read now, before MAIL,
+/// so SIZE declares what will be sent; otherwise it is read only when the server asks for the
+/// body. None: the message could not be read (its recipients are retried later; reported).
+async fn prepare(ctx: &DeliveryCtx, mut ticket: Box<Ticket>, strip: &[&str]) -> Option<Inflight> {
+    if strip.is_empty() {
+        return Some(Inflight {
+            ticket,
+            body_sent: false,
+            stored: None,
+        });
+    }
+    let stored = match ctx.spool.read_message(ticket.loc).await {
+        Ok(stored) => stored,
+        Err(e) => return unreadable(ctx, &ticket, &e.to_string()),
+    };
+    let sent: u64 = match stored.view() {
+        Ok(view) => crate::egress::without_headers(view.body(), strip)
+            .iter()
+            .map(|p| p.len() as u64)
+            .sum(),
+        Err(e) => return unreadable(ctx, &ticket, &e.to_string()),
+    };
+    ticket.size = sent;
+    Some(Inflight {
+        ticket,
+        body_sent: false,
+        stored: Some(stored),
+    })
+}
+
+/// A ticket whose message could not be read before MAIL: nothing was sent, its recipients
+/// are retried later.
+fn unreadable(ctx: &DeliveryCtx, ticket: &Ticket, e: &str) -> Option<Inflight> {
+    let why = format!("cannot read the spooled message: {e}");
+    let results: Vec<(u16, RcptResult)> = ticket
+        .job
+        .rcpts
+        .iter()
+        .map(|&r| (r, RcptResult::Failure(why.clone())))
+        .collect();
+    let now = ctx.now();
+    ctx.core.with(|c| c.txn_refused(&ticket.job, &results, now));
+    None
+}
+
+/// Start a prepared ticket's transaction: the envelope comes from the queue. None: refused
+/// before sending (reported).
+fn begin(ctx: &DeliveryCtx, conn: &mut Conn, item: Inflight) -> Option<Inflight> {
+    let ticket = &item.ticket;
     // RFC 1870: the server told us its limit; sending more would only be refused after the
     // whole body crossed the wire. Bounce now, saying why.
     if let Some(limit) = conn
@@ -490,10 +553,7 @@ fn begin(ctx: &DeliveryCtx, conn: &mut Conn, ticket: Box<Ticket>) -> Option<Infl
     };
     conn.client
         .start_with(&ticket.sender, &rcpt_refs, opts, &mut conn.out);
-    Some(Inflight {
-        ticket,
-        body_sent: false,
-    })
+    Some(item)
 }
 
 /// The connection broke: every transaction on it failed transiently.

@@ -92,6 +92,11 @@ pub struct Egress {
     default_pool: usize,
     /// Lower-case header name, with the colon: `x-tenant:`.
     tenant_header: Option<String>,
+    /// The same for `egress.priority_header` and `egress.campaign_header`.
+    priority_header: Option<String>,
+    campaign_header: Option<String>,
+    /// `egress.strip_headers`: the three headers above go from messages as they are delivered.
+    strip_headers: bool,
     pub failures_max: u32,
     pub quarantine_ms: u64,
 }
@@ -190,20 +195,16 @@ impl Egress {
                 })
             })
             .collect::<Result<Vec<_>, _>>()?;
-        let header = cfg.egress.tenant_header.trim();
-        if header.contains(|c: char| c == ':' || !c.is_ascii_graphic()) {
-            return Err(invalid(
-                "egress.tenant_header",
-                format!("`{header}` is not a header name"),
-            ));
-        }
+        let e = &cfg.egress;
         Ok(Egress {
             sources,
             pools,
             rules,
             default_pool,
-            tenant_header: (!header.is_empty())
-                .then(|| format!("{}:", header.to_ascii_lowercase())),
+            tenant_header: header_key("egress.tenant_header", &e.tenant_header)?,
+            priority_header: header_key("egress.priority_header", &e.priority_header)?,
+            campaign_header: header_key("egress.campaign_header", &e.campaign_header)?,
+            strip_headers: e.strip_headers,
             failures_max: cfg.egress.source_failures_max,
             quarantine_ms: cfg.egress.source_quarantine_s.saturating_mul(1000),
         })
@@ -240,6 +241,65 @@ impl Egress {
     pub fn tenant_of(&self, body: &[u8]) -> Option<String> {
         header_value(body, self.tenant_header.as_deref()?)
     }
+
+    /// The tenant, priority class and campaign the message's headers name, in one pass over
+    /// its header block. An unknown priority value is no priority (the listener's applies).
+    pub fn tags_of(&self, body: &[u8]) -> Tags {
+        let [tenant, priority, campaign] = header_values(
+            body,
+            [
+                self.tenant_header.as_deref(),
+                self.priority_header.as_deref(),
+                self.campaign_header.as_deref(),
+            ],
+        );
+        Tags {
+            tenant,
+            priority: priority
+                .as_deref()
+                .and_then(crate::envelope::Priority::parse),
+            campaign,
+        }
+    }
+
+    /// The campaign the message's header names (recovery reads it from the spooled body).
+    pub fn campaign_of(&self, body: &[u8]) -> Option<String> {
+        header_value(body, self.campaign_header.as_deref()?)
+    }
+
+    /// The headers delivery removes (`egress.strip_headers`), lower case with their colon;
+    /// empty when it removes none.
+    pub fn stripped_headers(&self) -> Vec<&str> {
+        if !self.strip_headers {
+            return Vec::new();
+        }
+        [
+            &self.tenant_header,
+            &self.priority_header,
+            &self.campaign_header,
+        ]
+        .into_iter()
+        .filter_map(|h| h.as_deref())
+        .collect()
+    }
+}
+
+/// What a message's headers say about it (see [`Egress::tags_of`]).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Tags {
+    pub tenant: Option<String>,
+    pub priority: Option<crate::envelope::Priority>,
+    pub campaign: Option<String>,
+}
+
+/// A configured header name as the header scans want it: lower case, with its colon (None when
+/// empty: that header is not read).
+fn header_key(key: &'static str, text: &str) -> Result<Option<String>, ConfigError> {
+    let header = text.trim();
+    if header.contains(|c: char| c == ':' || !c.is_ascii_graphic()) {
+        return Err(invalid(key, format!("`{header}` is not a header name")));
+    }
+    Ok((!header.is_empty()).then(|| format!("{}:", header.to_ascii_lowercase())))
 }
 
 /// `NAME` or `NAME:WEIGHT` of a pool member.
@@ -271,16 +331,30 @@ fn member(sources: &[Source], text: &str) -> Result<(usize, u32), ConfigError> {
 /// The first value of header `name` (lower-case, with its colon) in the message's header
 /// block, unfolded and trimmed.
 pub fn header_value(body: &[u8], name: &str) -> Option<String> {
+    let [value] = header_values(body, [Some(name)]);
+    value
+}
+
+/// The first value of each header of `names` (lower-case, with their colon; None: not looked
+/// for) in the message's header block, unfolded and trimmed: one pass, which stops at the end
+/// of the header block or once every header was found.
+pub fn header_values<const N: usize>(body: &[u8], names: [Option<&str>; N]) -> [Option<String>; N] {
+    let mut found: [Option<String>; N] = std::array::from_fn(|_| None);
+    let mut wanted = names.iter().filter(|n| n.is_some()).count();
     let mut lines = crate::smtp::split_lf(body).peekable();
-    while let Some(line) = lines.next() {
+    while wanted > 0 {
+        let Some(line) = lines.next() else { break };
         let line = line.strip_suffix(b"\r").unwrap_or(line);
         if line.is_empty() {
-            return None;
+            break;
         }
-        if line.len() < name.len() || !line[..name.len()].eq_ignore_ascii_case(name.as_bytes()) {
+        let Some(i) = (0..N).find(|&i| {
+            found[i].is_none() && names[i].is_some_and(|name| starts_with_name(line, name))
+        }) else {
             continue;
-        }
-        let mut value = String::from_utf8_lossy(&line[name.len()..]).into_owned();
+        };
+        let name_len = names[i].map_or(0, str::len);
+        let mut value = String::from_utf8_lossy(&line[name_len..]).into_owned();
         while let Some(next) = lines.peek() {
             if !next.starts_with(b" ") && !next.starts_with(b"\t") {
                 break;
@@ -291,9 +365,59 @@ pub fn header_value(body: &[u8], name: &str) -> Option<String> {
             ));
         }
         let value = value.trim();
-        return (!value.is_empty()).then(|| value.to_owned());
+        // An empty first instance is the header's answer too: later ones are not looked at.
+        found[i] = Some(value.to_owned());
+        wanted -= 1;
     }
-    None
+    found.map(|v| v.filter(|v| !v.is_empty()))
+}
+
+fn starts_with_name(line: &[u8], name: &str) -> bool {
+    line.len() >= name.len() && line[..name.len()].eq_ignore_ascii_case(name.as_bytes())
+}
+
+/// What [`without_headers`] hands out: a few slices, inline (a removed field or two).
+pub type BodyPieces<'a> = smallvec::SmallVec<[&'a [u8]; 4]>;
+
+/// The pieces of `body` to send without the header fields of `names` (lower-case, with their
+/// colon), continuation lines included: slices of the header block around each removed field,
+/// then the rest of the message in one slice. Nothing is copied; a message without those
+/// fields is one piece. Only the header block is looked at (up to its empty line).
+pub fn without_headers<'a>(body: &'a [u8], names: &[&str]) -> BodyPieces<'a> {
+    let mut pieces = BodyPieces::new();
+    if names.is_empty() {
+        pieces.push(body);
+        return pieces;
+    }
+    // `kept`: start of the bytes not yet handed out; `at`: start of the line being looked at.
+    let (mut kept, mut at) = (0usize, 0usize);
+    let mut removing = false;
+    while at < body.len() {
+        let end = memchr::memchr(b'\n', &body[at..]).map_or(body.len(), |k| at + k + 1);
+        let line = &body[at..end];
+        let text = line.strip_suffix(b"\n").unwrap_or(line);
+        let text = text.strip_suffix(b"\r").unwrap_or(text);
+        if text.is_empty() {
+            break;
+        }
+        let folded = text.starts_with(b" ") || text.starts_with(b"\t");
+        let remove = match folded {
+            true => removing,
+            false => names.iter().any(|n| starts_with_name(text, n)),
+        };
+        if remove && !removing && kept < at {
+            pieces.push(&body[kept..at]);
+        }
+        if remove {
+            kept = end;
+        }
+        removing = remove;
+        at = end;
+    }
+    if kept < body.len() || pieces.is_empty() {
+        pieces.push(&body[kept..]);
+    }
+    pieces
 }
 
 #[cfg(test)]
@@ -431,5 +555,75 @@ pub(crate) mod tests {
         assert_eq!(e.tenant_of(body).as_deref(), Some("Acme  Corp"));
         assert_eq!(e.tenant_of(b"Subject: x\r\n\r\nX-Tenant: no\r\n"), None);
         assert_eq!(e.tenant_of(b"X-Tenantish: no\r\n\r\n"), None);
+    }
+
+    #[test]
+    fn tags_are_read_in_one_pass_and_an_unknown_class_is_none() {
+        use crate::envelope::Priority;
+        let e = egress("").expect("egress");
+        let body = b"X-Campaign: spring\r\n sale\r\nX-Priority-Class: BULK\r\n\
+            X-Tenant: acme\r\nX-Tenant: second\r\n\r\nX-Campaign: body\r\n";
+        let tags = e.tags_of(body);
+        assert_eq!(tags.tenant.as_deref(), Some("acme"));
+        assert_eq!(tags.campaign.as_deref(), Some("spring sale"));
+        assert_eq!(tags.priority, Some(Priority::Bulk));
+        assert_eq!(e.campaign_of(body).as_deref(), Some("spring sale"));
+        let odd = e.tags_of(b"X-Priority-Class: urgent\r\n\r\n");
+        assert_eq!(odd, Tags::default());
+        assert_eq!(
+            e.tags_of(b"x-priority-class: high\r\n\r\n").priority,
+            Some(Priority::Transactional)
+        );
+        // Empty names read nothing.
+        let off =
+            egress("[egress]\npriority_header = \"\"\ncampaign_header = \"\"").expect("egress");
+        assert_eq!(off.tags_of(body).campaign, None);
+        assert_eq!(off.tags_of(body).priority, None);
+        assert!(off.stripped_headers().is_empty(), "strip_headers is off");
+        let strip =
+            egress("[egress]\nstrip_headers = true\ncampaign_header = \"\"").expect("egress");
+        assert_eq!(
+            strip.stripped_headers(),
+            vec!["x-tenant:", "x-priority-class:"]
+        );
+    }
+
+    #[test]
+    fn stripping_removes_fields_and_their_folds_from_the_header_block_only() {
+        let names = ["x-tenant:", "x-campaign:"];
+        let body: &[u8] = b"Received: by x\r\nX-Tenant: acme\r\n corp\r\nSubject: hi\r\n\
+            x-campaign: c1\r\nX-Campaign: c2\r\n\tmore\r\nTo: a@b\r\n\r\nX-Tenant: body\r\n";
+        let pieces = without_headers(body, &names);
+        let sent: Vec<u8> = pieces.concat();
+        assert_eq!(
+            sent,
+            b"Received: by x\r\nSubject: hi\r\nTo: a@b\r\n\r\nX-Tenant: body\r\n".to_vec()
+        );
+        // Slices of the body, not copies: the rest of the message is one piece.
+        assert_eq!(pieces.len(), 3);
+        assert!(pieces
+            .iter()
+            .all(|p| body.as_ptr_range().contains(&p.as_ptr())));
+        // Nothing to remove: the body as it is, one piece.
+        let plain: &[u8] = b"Subject: x\r\n\r\nbody\r\n";
+        assert_eq!(without_headers(plain, &names).as_slice(), &[plain]);
+        assert_eq!(without_headers(plain, &[]).as_slice(), &[plain]);
+        // The first line, the last line before the body, and a message of headers only.
+        assert_eq!(
+            without_headers(
+                b"X-Tenant: a\r\nSubject: x\r\nX-Campaign: b\r\n\r\nhi\r\n",
+                &names
+            )
+            .concat(),
+            b"Subject: x\r\n\r\nhi\r\n".to_vec()
+        );
+        assert_eq!(
+            without_headers(b"Subject: x\r\nX-Tenant: a\r\n", &names).concat(),
+            b"Subject: x\r\n".to_vec()
+        );
+        assert_eq!(
+            without_headers(b"X-Tenant: a\n", &names).concat(),
+            b"".to_vec()
+        );
     }
 }

@@ -5,9 +5,13 @@
 //!   while a record with it may be on disk (the generation only grows; recovery starts it above
 //!   every id it saw). Per message the queue keeps what delivery and the log need and nothing
 //!   else, packed: one allocation for the sender and recipient addresses, eight bytes of state
-//!   per recipient, the tenant as an index. Bodies stay on disk.
+//!   per recipient, the tenant and campaign as indices, the priority class. Bodies stay on
+//!   disk.
 //! - **Ready queues**, one per destination (site or route, and egress pool): [`Job`]s, each one
-//!   message's recipients for one destination, delivered in one SMTP transaction.
+//!   message's recipients for one destination, delivered in one SMTP transaction. Within a
+//!   destination, jobs wait in lanes (see [`lanes`]): per priority class, taken by weight, and
+//!   within a class per tenant, taking turns, so neither a bulk backlog nor one tenant's
+//!   backlog holds up the rest. Pushes and pops are O(1) (amortized), never a walk over jobs.
 //! - **The schedule**: recipients waiting for their next attempt, by due time. Nothing scans
 //!   it: the owner asks [`Queue::next_due_ms`] and sleeps until then.
 //! - **The limit**: at most `messages_max` messages (queued or being spooled); beyond it
@@ -15,15 +19,17 @@
 //!
 //! No I/O here.
 
+mod campaigns;
+pub mod lanes;
 mod pages;
 mod replay;
 pub mod retry;
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::HashMap;
 
 use smallvec::SmallVec;
 
-use crate::envelope::{Body, Envelope};
+use crate::envelope::{Body, Envelope, Priority};
 use crate::route::Hop;
 use crate::spool::engine::{LiveMessage, RcptSnapshot};
 use crate::spool::record::OutcomeKind;
@@ -31,6 +37,8 @@ use crate::spool::{Location, RcptState as RecoveredState, RecoveredMessage};
 
 use crate::ids::SLOT_MASK;
 pub use crate::ids::{slot_of, SLOT_BITS};
+pub use campaigns::CAMPAIGNS_MAX;
+pub use lanes::{DestQueue, PRIORITY_WEIGHTS_DEFAULT, PRIORITY_WEIGHT_MAX};
 /// Most messages one shard's queue can hold: the slot space. `queue.messages_max` is checked
 /// against it.
 pub const MESSAGES_CEILING: usize = SLOT_MASK as usize;
@@ -67,6 +75,8 @@ struct Facts<'a> {
     success_notices: bool,
     notices: crate::envelope::NoticeSwitches,
     tenant: Option<&'a str>,
+    priority: Priority,
+    campaign: Option<&'a str>,
     smtputf8: bool,
     body: Body,
     size: u64,
@@ -142,7 +152,7 @@ impl Rcpts {
 }
 
 /// A queued message: what delivery, routing and the log need of it, packed into 80 bytes plus
-/// one allocation for the addresses.
+/// one allocation for the addresses (see `a_single_recipient_message_is_compact`).
 #[derive(Debug)]
 pub struct Message {
     pub id: u64,
@@ -156,6 +166,9 @@ pub struct Message {
     /// `reception n << 40 | remaining << 24 | tenant << 8 | flags` (see [`Word`]).
     word: u64,
     size: u32,
+    /// The campaign's index in the queue's table (0: none).
+    campaign: u16,
+    priority: Priority,
     /// `sender \n rcpt0 \n rcpt1 ...`: one allocation (addresses cannot hold a line feed).
     addrs: Box<str>,
     rcpts: Rcpts,
@@ -256,8 +269,14 @@ impl Message {
         }
     }
 
-    fn tenant_id(&self) -> u16 {
+    /// The tenant's index in the queue's table (0: none; see [`Queue::tenant_name`]).
+    pub fn tenant_id(&self) -> u16 {
         ((self.word >> 8) & 0xffff) as u16
+    }
+
+    /// The priority class: which ready lanes its jobs wait in.
+    pub fn priority(&self) -> Priority {
+        self.priority
     }
 
     fn remaining_count(&self) -> u16 {
@@ -441,11 +460,6 @@ pub enum RestoreError {
     TooManyRcpts(u64, usize),
 }
 
-#[derive(Default)]
-pub struct DestQueue {
-    pub ready: VecDeque<Job>,
-}
-
 /// A schedule entry: due time and recipient packed in one word, and the message id.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 struct Due {
@@ -468,7 +482,10 @@ pub struct Queue {
     messages_max: usize,
     tenants: Vec<Box<str>>,
     tenant_ids: HashMap<Box<str>, u16>,
+    campaigns: campaigns::Campaigns,
     dests: HashMap<Dest, DestQueue>,
+    /// `queue.priority_weights`: transactional, normal, bulk.
+    priority_weights: [u32; 3],
     schedule: pages::MinHeap<Due>,
     /// Recovered messages another message of their slot superseded (see `replay`), and the
     /// segment of each one's latest record: outcomes about them still depend on it.
@@ -487,7 +504,9 @@ impl Queue {
             messages_max: messages_max.min(MESSAGES_CEILING),
             tenants: Vec::new(),
             tenant_ids: HashMap::new(),
+            campaigns: campaigns::Campaigns::default(),
             dests: HashMap::new(),
+            priority_weights: PRIORITY_WEIGHTS_DEFAULT,
             schedule: pages::MinHeap::default(),
             superseded: HashMap::new(),
         }
@@ -600,6 +619,8 @@ impl Queue {
                 success_notices: envelope.rcpts.iter().any(|r| r.notify.on_success()),
                 notices: envelope.notices,
                 tenant: envelope.tenant.as_deref(),
+                priority: envelope.priority,
+                campaign: envelope.campaign.as_deref(),
                 smtputf8: envelope.smtputf8,
                 body: envelope.body,
                 size: envelope.size,
@@ -618,6 +639,7 @@ impl Queue {
         }
         let n = f.rcpts.len().clamp(1, RCPTS_PER_MESSAGE_MAX);
         let tenant = self.tenant_id(f.tenant);
+        let campaign = self.campaigns.acquire(f.campaign);
         Message {
             id,
             seq: loc.seq as u32,
@@ -633,6 +655,8 @@ impl Queue {
                 f.success_notices,
             ) | u64::from(f.notices.to_byte() & 0xf) << Word::NOTICES_SHIFT,
             size: f.size.min(u64::from(u32::MAX)) as u32,
+            campaign,
+            priority: f.priority,
             addrs: addrs.into_boxed_str(),
             rcpts: Rcpts::new(n),
         }
@@ -654,10 +678,33 @@ impl Queue {
 
     /// The tenant of `message`, if it has one.
     pub fn tenant(&self, message: &Message) -> Option<&str> {
-        match message.tenant_id() {
-            0 => None,
-            n => self.tenants.get(usize::from(n) - 1).map(|t| &**t),
-        }
+        self.tenant_name(message.tenant_id())
+    }
+
+    /// The name of tenant id `id` (`Message::tenant_id`, the ids `pop_ready_where` is asked
+    /// about); None for 0 or an id not given out.
+    pub fn tenant_name(&self, id: u16) -> Option<&str> {
+        tenant_in(&self.tenants, id)
+    }
+
+    /// The id of tenant `name`, if a message of it was ever queued here (no interning).
+    pub fn tenant_key(&self, name: &str) -> Option<u16> {
+        self.tenant_ids.get(name).copied()
+    }
+
+    /// The campaign of `message`, if it has one.
+    pub fn campaign(&self, message: &Message) -> Option<&str> {
+        self.campaigns.name(message.campaign)
+    }
+
+    /// The tenant and campaign of `message`, by name.
+    pub fn names(&self, message: &Message) -> Names<'_> {
+        names_of(&self.tenants, &self.campaigns, message)
+    }
+
+    /// Campaigns of the messages queued now (at most [`CAMPAIGNS_MAX`]).
+    pub fn campaigns_len(&self) -> usize {
+        self.campaigns.len()
     }
 
     /// Queue a message recovery found, under its own id. Recipients already final stay so.
@@ -726,10 +773,7 @@ impl Queue {
     }
 
     pub fn get(&self, id: u64) -> Option<&Message> {
-        match self.slots.get((id & SLOT_MASK) as usize) {
-            Some(Slot::Occupied(m)) if m.id == id => Some(m),
-            _ => None,
-        }
+        message_in(&self.slots, id)
     }
 
     pub fn get_mut(&mut self, id: u64) -> Option<&mut Message> {
@@ -743,13 +787,14 @@ impl Queue {
     pub fn remove(&mut self, id: u64) -> Option<Location> {
         let slot = (id & SLOT_MASK) as usize;
         let entry = self.slots.get_mut(slot)?;
-        let loc = match entry {
-            Slot::Occupied(m) if m.id == id => m.loc(),
+        let (loc, campaign) = match entry {
+            Slot::Occupied(m) if m.id == id => (m.loc(), m.campaign),
             _ => return None,
         };
         *entry = Slot::Vacant {
             gen: ((id >> SLOT_BITS) + 1).max(self.gen_floor),
         };
+        self.campaigns.release(campaign);
         self.occupied -= 1;
         self.free.push(slot as u32);
         Some(loc)
@@ -859,22 +904,44 @@ impl Queue {
         self.schedule.len()
     }
 
-    /// Put a job on its destination's ready queue.
+    /// `queue.priority_weights` (transactional, normal, bulk), for the pops from now on.
+    pub fn set_priority_weights(&mut self, weights: [u32; 3]) {
+        self.priority_weights = weights.map(|w| w.clamp(1, PRIORITY_WEIGHT_MAX));
+    }
+
+    /// Put a job on its destination's ready queue, in the lane of its message's class and
+    /// tenant. O(1).
     pub fn push_ready(&mut self, dest: &Dest, job: Job) {
+        let (priority, tenant) = self
+            .get(job.id)
+            .map_or((Priority::Normal, 0), |m| (m.priority(), m.tenant_id()));
         match self.dests.get_mut(dest) {
-            Some(dq) => dq.ready.push_back(job),
+            Some(dq) => dq.push(priority, tenant, job),
             None => {
                 let mut dq = DestQueue::default();
-                dq.ready.push_back(job);
+                dq.push(priority, tenant, job);
                 self.dests.insert(dest.clone(), dq);
             }
         }
     }
 
+    /// The next job for `dest`: its class by weight, then the next tenant of that class in
+    /// turn (see [`lanes`]). O(1).
     pub fn pop_ready(&mut self, dest: &Dest) -> Option<Job> {
+        self.pop_ready_where(dest, |_| true)
+    }
+
+    /// [`Queue::pop_ready`] among the lanes whose tenant `allowed` takes now (its tenant id,
+    /// see [`Queue::tenant_key`]; None for mail without a tenant). Skipped lanes keep their
+    /// turn. None when no allowed lane has work. Costs one call of `allowed` per lane skipped.
+    pub fn pop_ready_where(
+        &mut self,
+        dest: &Dest,
+        allowed: impl FnMut(Option<u16>) -> bool,
+    ) -> Option<Job> {
         let dq = self.dests.get_mut(dest)?;
-        let job = dq.ready.pop_front();
-        if dq.ready.is_empty() {
+        let job = dq.pop(&self.priority_weights, allowed);
+        if dq.is_empty() {
             // Destinations come and go (sites of every domain ever mailed): drop empty queues.
             self.dests.remove(dest);
         }
@@ -883,21 +950,49 @@ impl Queue {
 
     /// Recipients in the jobs waiting for `dest`.
     pub fn ready_rcpts(&self, dest: &Dest) -> usize {
-        self.dests
-            .get(dest)
-            .map_or(0, |dq| dq.ready.iter().map(|j| j.rcpts.len()).sum())
+        self.dests.get(dest).map_or(0, DestQueue::rcpts)
     }
 
     /// Jobs waiting for `dest`.
     pub fn ready_for(&self, dest: &Dest) -> usize {
-        self.dests.get(dest).map_or(0, |dq| dq.ready.len())
+        self.dests.get(dest).map_or(0, DestQueue::len)
     }
 
-    /// Take every ready job of a destination (e.g. when it cannot be reached at all).
+    /// Take out the ready jobs of `dest` that `keep` refuses (given the job and its message
+    /// with its names, None when the message is gone) and return them; the others keep their
+    /// lanes, turns and class credits, as a drain and push back would not. One pass over the
+    /// destination's jobs.
+    pub fn retain_ready(
+        &mut self,
+        dest: &Dest,
+        mut keep: impl FnMut(&Job, Option<(&Message, Names<'_>)>) -> bool,
+    ) -> Vec<Job> {
+        let Queue {
+            dests,
+            slots,
+            tenants,
+            campaigns,
+            ..
+        } = self;
+        let Some(dq) = dests.get_mut(dest) else {
+            return Vec::new();
+        };
+        let removed = dq.retain(|job| {
+            let queued = message_in(slots, job.id).map(|m| (m, names_of(tenants, campaigns, m)));
+            keep(job, queued)
+        });
+        if dq.is_empty() {
+            dests.remove(dest);
+        }
+        removed
+    }
+
+    /// Take every ready job of a destination (e.g. when it cannot be reached at all), class by
+    /// class and lane by lane; pushed back in this order they wait as they did.
     pub fn drain_ready(&mut self, dest: &Dest) -> Vec<Job> {
         self.dests
             .remove(dest)
-            .map(|dq| dq.ready.into_iter().collect())
+            .map(DestQueue::into_jobs)
             .unwrap_or_default()
     }
 
@@ -907,13 +1002,43 @@ impl Queue {
     }
 
     pub fn ready_len(&self) -> usize {
-        self.dests.values().map(|d| d.ready.len()).sum()
+        self.dests.values().map(DestQueue::len).sum()
     }
 
     /// Destinations with ready work.
     pub fn ready_dests(&self) -> impl Iterator<Item = &Dest> {
         self.dests.keys()
     }
+}
+
+/// A queued message's tenant and campaign, by name (see [`Queue::names`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Names<'a> {
+    pub tenant: Option<&'a str>,
+    pub campaign: Option<&'a str>,
+}
+
+fn message_in(slots: &pages::Pages<Slot>, id: u64) -> Option<&Message> {
+    match slots.get((id & SLOT_MASK) as usize) {
+        Some(Slot::Occupied(m)) if m.id == id => Some(m),
+        _ => None,
+    }
+}
+
+fn names_of<'a>(
+    tenants: &'a [Box<str>],
+    campaigns: &'a campaigns::Campaigns,
+    m: &Message,
+) -> Names<'a> {
+    Names {
+        tenant: tenant_in(tenants, m.tenant_id()),
+        campaign: campaigns.name(m.campaign),
+    }
+}
+
+fn tenant_in(tenants: &[Box<str>], id: u16) -> Option<&str> {
+    let i = usize::from(id).checked_sub(1)?;
+    tenants.get(i).map(|t| &**t)
 }
 
 #[cfg(test)]

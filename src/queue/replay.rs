@@ -1,7 +1,9 @@
 //! Recovery into the queue: the spool replays its records and the queue rebuilds its messages
 //! from them as they come, reading each envelope in place (no owned copy of a million
 //! envelopes on the way). Recipients' states follow the outcome records; a message whose
-//! recipients are all final leaves at once.
+//! recipients are all final leaves at once. The campaign is a header of the spooled body, not
+//! a field of the record: the caller reads it from the body (under the configured header name)
+//! and hands it in.
 
 use super::{Facts, Queue, Slot, Status, RCPTS_PER_MESSAGE_MAX, SLOT_BITS, SLOT_MASK};
 use crate::envelope::{ArchivedBody, ArchivedNotify, Body, ReceptionId};
@@ -12,12 +14,13 @@ use crate::spool::Location;
 impl Queue {
     /// A message record seen by recovery at `loc`: a new message (every recipient fresh), or a
     /// copy compaction made of one already known (it moves; its states stay, and the segment
-    /// it moved from is returned).
+    /// it moved from is returned). `campaign`: what the body's campaign header says.
     pub fn replay_message(
         &mut self,
         id: u64,
         loc: Location,
         view: &MessageView<'_>,
+        campaign: Option<&str>,
     ) -> Result<Option<u64>, String> {
         if let Some(m) = self.get(id) {
             let from = m.loc().seq;
@@ -42,7 +45,10 @@ impl Queue {
         }
         let message = match view {
             MessageView::V4 {
-                envelope, notices, ..
+                envelope,
+                notices,
+                priority,
+                ..
             } => {
                 let rcpts: Vec<&str> = envelope.rcpts.iter().map(|r| r.address.as_str()).collect();
                 let facts = Facts {
@@ -59,6 +65,8 @@ impl Queue {
                         .any(|r| matches!(r.notify, ArchivedNotify::On { success: true, .. })),
                     notices: *notices,
                     tenant: envelope.tenant.as_ref().map(|t| t.as_str()),
+                    priority: *priority,
+                    campaign,
                     smtputf8: envelope.smtputf8,
                     body: match envelope.body {
                         ArchivedBody::SevenBit => Body::SevenBit,
@@ -70,7 +78,8 @@ impl Queue {
                 self.build_parts(id, loc, &facts)
             }
             MessageView::V3(_) => {
-                let envelope = view.envelope().map_err(|e| format!("envelope: {e}"))?;
+                let mut envelope = view.envelope().map_err(|e| format!("envelope: {e}"))?;
+                envelope.campaign = campaign.map(str::to_owned);
                 self.build(id, &envelope, loc)
             }
         };
@@ -81,11 +90,13 @@ impl Queue {
                 // an older one still here lost its final outcome; the newer takes its place.
                 Slot::Occupied(older) if older.id < id => {
                     self.superseded.insert(older.id, older.loc().seq);
+                    self.campaigns.release(older.campaign);
                     *entry = Slot::Occupied(message);
                 }
                 // An older record after a newer one: it is final for the same reason.
                 Slot::Occupied(_) => {
                     self.superseded.insert(id, loc.seq);
+                    self.campaigns.release(message.campaign);
                 }
                 _ => {
                     *entry = Slot::Occupied(message);

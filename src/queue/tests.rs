@@ -1,5 +1,5 @@
 use super::*;
-use crate::envelope::{Notify, ReceptionId, Recipient, Ret};
+use crate::envelope::{Notify, Priority, ReceptionId, Recipient, Ret};
 use crate::spool::record::OutcomeKind;
 
 fn envelope(rcpts: &[&str]) -> Envelope {
@@ -19,6 +19,8 @@ fn envelope(rcpts: &[&str]) -> Envelope {
         size: 100,
         peer: "127.0.0.1:1".into(),
         notices: crate::envelope::NoticeSwitches::ALL,
+        priority: Default::default(),
+        campaign: None,
     }
 }
 
@@ -198,6 +200,272 @@ fn a_single_recipient_message_is_compact() {
         "{}",
         std::mem::size_of::<Slot>()
     );
+    // The priority class and campaign id took the message's last 4 bytes (72 to 80), and the
+    // class's spare values carry the slot's tag: the slot stayed at 80.
+    assert!(
+        std::mem::size_of::<Slot>() <= 80,
+        "{}",
+        std::mem::size_of::<Slot>()
+    );
     assert_eq!(std::mem::size_of::<Rcpt>(), 8);
     assert_eq!(std::mem::size_of::<Due>(), 16);
+}
+
+/// Queue `n` one-recipient messages of `priority` and `tenant`, each one ready job for `d`.
+fn ready_jobs(
+    q: &mut Queue,
+    d: &Dest,
+    priority: Priority,
+    tenant: Option<&str>,
+    n: usize,
+) -> Vec<u64> {
+    (0..n)
+        .map(|_| {
+            let id = q.reserve().expect("room");
+            let mut env = envelope(&["a@d.test"]);
+            env.priority = priority;
+            env.tenant = tenant.map(str::to_owned);
+            q.insert(id, &env, loc(1)).expect("inserted");
+            q.push_ready(
+                d,
+                Job {
+                    id,
+                    rcpts: smallvec::smallvec![0],
+                },
+            );
+            id
+        })
+        .collect()
+}
+
+fn class_of(q: &Queue, job: &Job) -> Priority {
+    q.get(job.id).map(Message::priority).expect("queued")
+}
+
+#[test]
+fn classes_take_turns_by_weight() {
+    let mut q = Queue::new(10_000);
+    let d = route_dest();
+    for p in Priority::ALL {
+        ready_jobs(&mut q, &d, p, None, 1000);
+    }
+    assert_eq!((q.ready_for(&d), q.ready_rcpts(&d)), (3000, 3000));
+    let mut counts = [0usize; 3];
+    for n in 1..=210 {
+        let job = q.pop_ready(&d).expect("a job");
+        counts[class_of(&q, &job).index()] += 1;
+        // Smooth round robin: every run of 21 pops is 16:4:1, spread out, not in blocks.
+        if n % 21 == 0 {
+            assert_eq!(counts, [16 * n / 21, 4 * n / 21, n / 21], "after {n} pops");
+        }
+    }
+    assert_eq!(counts, [160, 40, 10]);
+    assert_eq!(q.ready_for(&d), 2790);
+    // Other weights apply to the pops from then on; an empty class takes nothing.
+    q.set_priority_weights([1, 1, 1]);
+    let mut counts = [0usize; 3];
+    for _ in 0..30 {
+        let job = q.pop_ready(&d).expect("a job");
+        counts[class_of(&q, &job).index()] += 1;
+    }
+    assert_eq!(counts, [10, 10, 10]);
+}
+
+#[test]
+fn bulk_is_never_starved_by_endless_transactional_mail() {
+    let mut q = Queue::new(10_000);
+    let d = route_dest();
+    let bulk = ready_jobs(&mut q, &d, Priority::Bulk, None, 10);
+    ready_jobs(&mut q, &d, Priority::Transactional, None, 20);
+    let (mut since_bulk, mut bulk_popped) = (0usize, Vec::new());
+    for _ in 0..10 * 17 {
+        let job = q.pop_ready(&d).expect("a job");
+        since_bulk += 1;
+        if class_of(&q, &job) == Priority::Bulk {
+            bulk_popped.push(job.id);
+            assert!(since_bulk <= 17, "bulk waited {since_bulk} pops (16:1)");
+            since_bulk = 0;
+        } else {
+            // Transactional mail never runs out.
+            ready_jobs(&mut q, &d, Priority::Transactional, None, 1);
+        }
+        q.remove(job.id);
+    }
+    assert_eq!(bulk_popped, bulk, "every bulk job, in order");
+}
+
+#[test]
+fn tenants_take_turns_within_a_class() {
+    let mut q = Queue::new(20_000);
+    let d = route_dest();
+    ready_jobs(&mut q, &d, Priority::Normal, Some("A"), 10_000);
+    let b = ready_jobs(&mut q, &d, Priority::Normal, Some("B"), 10);
+    let mut b_seen = Vec::new();
+    for _ in 0..20 {
+        let job = q.pop_ready(&d).expect("a job");
+        if b.contains(&job.id) {
+            b_seen.push(job.id);
+        }
+    }
+    assert_eq!(b_seen, b, "B's ten within the first 20 pops, in order");
+    // Mail without a tenant is a lane of its own; B's lane went when it emptied.
+    let none = ready_jobs(&mut q, &d, Priority::Normal, None, 2);
+    let popped: Vec<u64> = (0..4)
+        .filter_map(|_| q.pop_ready(&d))
+        .map(|j| j.id)
+        .collect();
+    assert_eq!(popped.iter().filter(|id| none.contains(id)).count(), 2);
+    assert_eq!(q.ready_for(&d), 10_000 - 10 - 2);
+}
+
+#[test]
+fn pop_ready_where_skips_refused_tenants_and_keeps_their_turn() {
+    let mut q = Queue::new(100);
+    let d = route_dest();
+    let a = ready_jobs(&mut q, &d, Priority::Transactional, Some("A"), 3);
+    let b = ready_jobs(&mut q, &d, Priority::Bulk, Some("B"), 2);
+    let plain = ready_jobs(&mut q, &d, Priority::Bulk, None, 1);
+    let id_a = q.tenant_key("A").expect("A is known");
+    assert_eq!(q.tenant_name(id_a), Some("A"));
+    assert_eq!(q.tenant_key("nobody"), None);
+    let not_a = |t: Option<u16>| t != Some(id_a);
+    // Transactional has only A's lane: the class is passed over, bulk serves.
+    let mut asked = 0;
+    let first = q
+        .pop_ready_where(&d, |t| {
+            asked += 1;
+            not_a(t)
+        })
+        .expect("a bulk job");
+    assert_eq!(first.id, b[0]);
+    assert_eq!(asked, 2, "A's lane once, then B's");
+    assert_eq!(q.pop_ready_where(&d, not_a).map(|j| j.id), Some(plain[0]));
+    assert_eq!(q.pop_ready_where(&d, not_a).map(|j| j.id), Some(b[1]));
+    // Only refused work left: none, and it stays queued.
+    assert_eq!(q.pop_ready_where(&d, not_a), None);
+    assert_eq!(q.ready_for(&d), 3);
+    assert_eq!(q.pop_ready_where(&d, |_| false), None);
+    // Allowed again, A's jobs come in their order.
+    let rest: Vec<u64> = (0..3)
+        .filter_map(|_| q.pop_ready(&d))
+        .map(|j| j.id)
+        .collect();
+    assert_eq!(rest, a);
+    assert_eq!(q.ready_dests().count(), 0, "the empty destination went");
+}
+
+#[test]
+fn retained_jobs_keep_their_lanes_turns_and_credits_and_drains_are_stable() {
+    let d = route_dest();
+    let fill = || {
+        let mut q = Queue::new(100);
+        ready_jobs(&mut q, &d, Priority::Bulk, Some("A"), 3);
+        let b = ready_jobs(&mut q, &d, Priority::Normal, Some("B"), 3);
+        ready_jobs(&mut q, &d, Priority::Normal, Some("A"), 3);
+        ready_jobs(&mut q, &d, Priority::Transactional, None, 3);
+        // Some turns taken already, so lanes and credits are mid-rotation.
+        q.pop_ready(&d);
+        q.pop_ready(&d);
+        (q, b)
+    };
+    let pops = |q: &mut Queue| -> Vec<u64> {
+        std::iter::from_fn(|| q.pop_ready(&d))
+            .map(|j| j.id)
+            .collect()
+    };
+    // A pass that keeps every job changes nothing, mid-rotation as the lanes are.
+    let (mut retained, b) = fill();
+    let (mut untouched, _) = fill();
+    let mut seen = 0;
+    let gone = retained.retain_ready(&d, |job, queued| {
+        seen += 1;
+        let (m, names) = queued.expect("the message is queued");
+        assert_eq!(m.id(), job.id);
+        assert!(names.tenant.is_some() || m.priority() == Priority::Transactional);
+        true
+    });
+    assert_eq!((seen, gone.len()), (10, 0));
+    assert_eq!(pops(&mut retained), pops(&mut untouched));
+    // A job taken out is gone from its lane, the rest stay.
+    let (mut q, _) = fill();
+    let gone = q.retain_ready(&d, |job, _| job.id != b[1]);
+    assert_eq!(gone.iter().map(|j| j.id).collect::<Vec<_>>(), vec![b[1]]);
+    assert_eq!((q.ready_for(&d), q.ready_rcpts(&d)), (9, 9));
+    let left = pops(&mut q);
+    assert_eq!(left.len(), 9);
+    assert!(!left.contains(&b[1]));
+    // Drains: every job, and the same order again after pushing them back.
+    let (mut q, _) = fill();
+    let first = q.drain_ready(&d);
+    assert_eq!(
+        (first.len(), q.ready_for(&d), q.ready_rcpts(&d)),
+        (10, 0, 0)
+    );
+    for job in first.clone() {
+        q.push_ready(&d, job);
+    }
+    assert_eq!(q.drain_ready(&d), first, "a stable order");
+    assert!(q.retain_ready(&d, |_, _| false).is_empty(), "nothing waits");
+}
+
+#[test]
+fn campaigns_are_kept_per_message_and_forgotten_with_the_last() {
+    let mut q = Queue::new(10);
+    let mut ids = Vec::new();
+    for campaign in [Some("spring"), Some("spring"), None] {
+        let id = q.reserve().expect("room");
+        let mut env = envelope(&["a@d.test"]);
+        env.campaign = campaign.map(str::to_owned);
+        env.priority = Priority::Bulk;
+        let m = q.insert(id, &env, loc(1)).expect("inserted");
+        assert_eq!(m.priority(), Priority::Bulk);
+        ids.push(id);
+    }
+    let campaign = |q: &Queue, id: u64| q.get(id).and_then(|m| q.campaign(m)).map(str::to_owned);
+    assert_eq!(campaign(&q, ids[0]).as_deref(), Some("spring"));
+    assert_eq!(campaign(&q, ids[2]), None);
+    assert_eq!(q.campaigns_len(), 1);
+    q.remove(ids[0]);
+    assert_eq!(campaign(&q, ids[1]).as_deref(), Some("spring"));
+    q.remove(ids[1]);
+    assert_eq!(q.campaigns_len(), 0, "no message carries it any more");
+}
+
+#[test]
+fn replay_restores_the_priority_from_the_record_and_the_campaign_given() {
+    use crate::spool::record::{aligned_copy, decode, encode_message, MessageView};
+    let mut env = envelope(&["a@d.test", "b@d.test"]);
+    env.priority = Priority::Transactional;
+    env.campaign = Some("ignored: not in the archive".into());
+    let mut buf = Vec::new();
+    let body: &[u8] = b"X-Campaign: spring\r\nSubject: s\r\n\r\nhi\r\n";
+    encode_message(&mut buf, 1 << SLOT_BITS | 4, &env, &[body]).expect("encode");
+    let buf = aligned_copy(&buf);
+    let (header, payload) = decode(&buf).expect("frame");
+    let view = MessageView::new(header.version, payload).expect("view");
+    let mut q = Queue::new(10);
+    let id = 1 << SLOT_BITS | 4;
+    let moved = q
+        .replay_message(id, loc(1), &view, Some("spring"))
+        .expect("replayed");
+    assert_eq!(moved, None);
+    let m = q.get(id).expect("queued");
+    assert_eq!(m.priority(), Priority::Transactional);
+    assert_eq!(q.campaign(m), Some("spring"));
+    assert_eq!(q.tenant(m), Some("Acme"));
+    // A copy compaction made moves the message and keeps what it had.
+    assert_eq!(
+        q.replay_message(id, loc(2), &view, Some("spring")),
+        Ok(Some(1))
+    );
+    assert_eq!(q.campaigns_len(), 1);
+    // A newer message of the same slot supersedes it: the old one's campaign goes.
+    let newer = 2 << SLOT_BITS | 4;
+    q.replay_message(newer, loc(3), &view, None)
+        .expect("replayed");
+    assert_eq!(q.campaigns_len(), 0);
+    assert_eq!(
+        q.get(newer).map(Message::priority),
+        Some(Priority::Transactional)
+    );
 }

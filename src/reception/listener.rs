@@ -50,6 +50,8 @@ pub struct Policy {
     pub relay_networks: Vec<Network>,
     /// The notices its mail may cause, spooled with each message it receives.
     pub notices: crate::envelope::NoticeSwitches,
+    /// The class of its mail without a (known) priority header.
+    pub priority: crate::envelope::Priority,
     connections_max: usize,
     connections_per_ip_max: usize,
     /// `server.connections_per_ip_max`, counted over every listener.
@@ -71,6 +73,7 @@ impl Policy {
             cfg: Rc::new(cfg),
             relay_networks,
             notices: settings.listener_notices(spec.notices.as_deref()),
+            priority: crate::settings::listener_priority(spec)?,
             connections_max: spec.connections_max.unwrap_or(server.connections_max),
             connections_per_ip_max: spec
                 .connections_per_ip_max

@@ -161,6 +161,8 @@ fn envelope_of(tx: &Transaction, reception: crate::envelope::ReceptionId, peer: 
         size: 0,
         peer: peer.to_owned(),
         notices: crate::envelope::NoticeSwitches::ALL,
+        priority: Default::default(),
+        campaign: None,
     }
 }
 
@@ -222,6 +224,7 @@ pub(super) async fn session(
     let hostname = policy.cfg.hostname.clone();
     let settings = reception.settings();
     let notices = policy.notices;
+    let priority = policy.priority;
     let server = &settings.config.server;
     let _ = stream.set_nodelay(true);
     let socket_peer = stream.peer_addr()?;
@@ -401,7 +404,12 @@ pub(super) async fn session(
                     }
                 }
                 let mut envelope = envelope_of(&tx, id, &peer_text);
-                envelope.tenant = settings.egress.tenant_of(&tx.body);
+                // One pass over the header block for the tenant, class and campaign; a class
+                // the header does not name (or names wrongly) is the listener's.
+                let tags = settings.egress.tags_of(&tx.body);
+                envelope.tenant = tags.tenant;
+                envelope.priority = tags.priority.unwrap_or(priority);
+                envelope.campaign = tags.campaign;
                 envelope.notices = notices;
                 // The tenant's suppression list is known only now: its recipients are
                 // bounced at acceptance (or the message refused when no other is left).

@@ -274,6 +274,8 @@ impl Reporter {
             size: body.len() as u64,
             peer: "local".into(),
             notices: crate::envelope::NoticeSwitches::ALL,
+            priority: Default::default(),
+            campaign: None,
         };
         let envelope = Envelope {
             size: (head.len() + body.len()) as u64,

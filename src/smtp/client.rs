@@ -41,7 +41,7 @@
 
 use std::collections::VecDeque;
 
-use super::data::write_stuffed;
+use super::data::write_stuffed_parts;
 use super::parser::{parse_mailbox, parse_mailbox_utf8};
 use super::reply::{self, parse_reply, Reply};
 
@@ -612,6 +612,13 @@ impl Client {
     /// body byte for byte, as there is no end marker to stuff for or to smuggle one past; every
     /// chunk at once with PIPELINING, else the first one, the rest kept for the chunk replies.
     pub fn write_body(&mut self, body: &[u8], out: &mut Vec<u8>) {
+        self.write_body_parts(&[body], out);
+    }
+
+    /// [`Client::write_body`] of the message made of `parts` in order (a header block with
+    /// fields taken out, then the rest), without joining them: what goes on the wire is that
+    /// of their concatenation. Only lock-step BDAT keeps a copy (of the whole, as it would).
+    pub fn write_body_parts(&mut self, parts: &[&[u8]], out: &mut Vec<u8>) {
         let Some(txn) = self.txn.as_mut().filter(|_| self.phase == Phase::AwaitBody) else {
             self.fail(Reply::new(
                 421,
@@ -622,21 +629,21 @@ impl Client {
         };
         self.phase = Phase::Transaction;
         if !txn.bdat {
-            write_stuffed(body, out);
+            write_stuffed_parts(parts, out);
             self.expect.push_back(Expect::Dot { discard: false });
             return;
         }
         let chunk_max = self.cfg.bdat_chunk_size_max.max(1);
         let mut at = 0;
         loop {
-            let last = write_chunk(body, &mut at, chunk_max, out);
+            let last = write_chunk(parts, &mut at, chunk_max, out);
             self.expect.push_back(Expect::Bdat { last });
             if last {
                 break;
             }
             if !txn.pipelined {
                 // The one copy of the body this client makes, and only in lock-step.
-                txn.body = body.to_vec();
+                txn.body = parts.concat();
                 txn.body_at = at;
                 break;
             }
@@ -882,7 +889,7 @@ impl Client {
         }
         if !txn.pipelined {
             let chunk_max = self.cfg.bdat_chunk_size_max.max(1);
-            let sent_last = write_chunk(&txn.body, &mut txn.body_at, chunk_max, out);
+            let sent_last = write_chunk(&[&txn.body], &mut txn.body_at, chunk_max, out);
             if sent_last {
                 txn.body = Vec::new();
             }
@@ -947,19 +954,29 @@ impl Client {
     }
 }
 
-/// Writes the chunk of `body` starting at `at`, at most `chunk_max` octets, as `BDAT n` or, when
-/// it reaches the end of the body, `BDAT n LAST`; moves `at` past it and returns whether it was
-/// the last. An empty body is one `BDAT 0 LAST`.
-fn write_chunk(body: &[u8], at: &mut usize, chunk_max: usize, out: &mut Vec<u8>) -> bool {
-    let start = (*at).min(body.len());
-    let end = start.saturating_add(chunk_max).min(body.len());
-    let last = end == body.len();
-    let chunk = &body[start..end];
-    out.reserve(chunk.len() + 32);
+/// Writes the chunk of the body (the concatenation of `parts`) starting at `at`, at most
+/// `chunk_max` octets, as `BDAT n` or, when it reaches the end of the body, `BDAT n LAST`; moves
+/// `at` past it and returns whether it was the last. An empty body is one `BDAT 0 LAST`.
+fn write_chunk(parts: &[&[u8]], at: &mut usize, chunk_max: usize, out: &mut Vec<u8>) -> bool {
+    let total: usize = parts.iter().map(|p| p.len()).sum();
+    let start = (*at).min(total);
+    let end = start.saturating_add(chunk_max).min(total);
+    let last = end == total;
+    out.reserve(end - start + 32);
     out.extend_from_slice(b"BDAT ");
-    out.extend_from_slice(chunk.len().to_string().as_bytes());
+    out.extend_from_slice((end - start).to_string().as_bytes());
     out.extend_from_slice(if last { b" LAST\r\n" } else { b"\r\n" });
-    out.extend_from_slice(chunk);
+    // The chunk's bytes from each part it overlaps.
+    let mut part_start = 0;
+    for part in parts {
+        let part_end = part_start + part.len();
+        if part_end > start && part_start < end {
+            out.extend_from_slice(
+                &part[start.max(part_start) - part_start..end.min(part_end) - part_start],
+            );
+        }
+        part_start = part_end;
+    }
     *at = end;
     last
 }
@@ -1449,6 +1466,43 @@ mod tests {
             body(&mut c, b"abcdefgh"),
             "BDAT 4\r\nabcdBDAT 4 LAST\r\nefgh"
         );
+    }
+
+    #[test]
+    fn a_body_in_parts_goes_out_as_their_concatenation() {
+        let parts: [&[u8]; 3] = [b"Subject: a\r\n", b"", b"\r\n.dot\r\nend"];
+        let whole = parts.concat();
+        // DATA: stuffed as one text.
+        let wire = |parts: &[&[u8]]| {
+            let mut c = ready(EHLO_PIPE);
+            start(&mut c, "a@b.test", &["x@y.test"]);
+            assert_eq!(
+                feed(&mut c, b"250 Ok\r\n250 Ok\r\n354 Go\r\n").1,
+                ClientStep::SendBody
+            );
+            let mut out = Vec::new();
+            c.write_body_parts(parts, &mut out);
+            out
+        };
+        assert_eq!(wire(&parts), wire(&[&whole]));
+        assert!(wire(&parts).ends_with(b"\r\n..dot\r\nend\r\n.\r\n"));
+        // BDAT, pipelined: chunks across the parts' edges.
+        let mut c = ready_chunks(EHLO_CHUNKING, 4);
+        start(&mut c, "a@b.test", &["x@y.test"]);
+        feed(&mut c, b"250 Ok\r\n250 Ok\r\n");
+        let mut out = Vec::new();
+        c.write_body_parts(&[b"abc", b"defgh", b"ij"], &mut out);
+        assert_eq!(out, b"BDAT 4\r\nabcdBDAT 4\r\nefghBDAT 2 LAST\r\nij");
+        // BDAT in lock-step: the rest of the parts goes with the chunk replies.
+        let mut c = ready_chunks(EHLO_CHUNKING_LOCK_STEP, 4);
+        start(&mut c, "a@b.test", &["x@y.test"]);
+        feed(&mut c, b"250 Ok\r\n");
+        feed(&mut c, b"250 Ok\r\n");
+        let mut out = Vec::new();
+        c.write_body_parts(&[b"ab", b"cdefghij"], &mut out);
+        assert_eq!(out, b"BDAT 4\r\nabcd");
+        assert_eq!(feed(&mut c, b"250 Ok\r\n").0, "BDAT 4\r\nefgh");
+        assert_eq!(feed(&mut c, b"250 Ok\r\n").0, "BDAT 2 LAST\r\nij");
     }
 
     #[test]

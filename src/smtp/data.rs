@@ -306,53 +306,85 @@ impl DataReader {
 ///
 /// Hot path: no I/O, no allocation beyond growing `out` (reserved once up front).
 pub fn write_stuffed(body: &[u8], out: &mut Vec<u8>) {
+    write_stuffed_parts(&[body], out);
+}
+
+/// [`write_stuffed`] of the message made of `parts` in order (a header block with fields taken
+/// out, then the rest, say), without joining them first: the output is that of the
+/// concatenation, wherever the parts split it.
+pub fn write_stuffed_parts(parts: &[&[u8]], out: &mut Vec<u8>) {
+    let len: usize = parts.iter().map(|p| p.len()).sum();
     // Room for the body, a few stuffed dots and CRs, and the trailer; more is grown if needed.
-    out.reserve(body.len() + body.len() / 64 + 5);
-    let mut i = 0;
-    let mut line_start = true;
-    while i < body.len() {
-        if line_start && body[i] == b'.' {
-            out.push(b'.');
-        }
-        // A run of CRLF lines none of which starts with a dot is copied at once; the run ends
-        // at a bare LF (a CR goes in), a line starting with a dot (stuffed), or the end.
-        let run_start = i;
-        let mut pos = i;
-        let mut bare_lf = false;
-        loop {
-            match memchr(b'\n', &body[pos..]) {
-                Some(k) => {
-                    let lf = pos + k;
-                    pos = lf + 1;
-                    if lf == 0 || body[lf - 1] != b'\r' {
-                        bare_lf = true;
-                        break;
-                    }
-                    if pos >= body.len() || body[pos] == b'.' {
-                        break;
-                    }
-                }
-                None => {
-                    pos = body.len();
-                    break;
-                }
-            }
-        }
-        if bare_lf {
-            // Everything up to the bare LF, then CRLF.
-            out.extend_from_slice(&body[run_start..pos - 1]);
-            out.extend_from_slice(b"\r\n");
-            line_start = true;
-        } else {
-            out.extend_from_slice(&body[run_start..pos]);
-            line_start = body[pos - 1] == b'\n';
-        }
-        i = pos;
+    out.reserve(len + len / 64 + 5);
+    let mut at = Stuffing {
+        line_start: true,
+        after_cr: false,
+    };
+    for part in parts {
+        at.write(part, out);
     }
-    if !line_start {
+    if !at.line_start {
         out.extend_from_slice(b"\r\n");
     }
     out.extend_from_slice(b".\r\n");
+}
+
+/// Where the text written so far ended: at the start of a line, or after a CR (so an LF that
+/// starts the next part ends a CRLF, not a bare LF).
+struct Stuffing {
+    line_start: bool,
+    after_cr: bool,
+}
+
+impl Stuffing {
+    fn write(&mut self, body: &[u8], out: &mut Vec<u8>) {
+        let mut i = 0;
+        while i < body.len() {
+            if self.line_start && body[i] == b'.' {
+                out.push(b'.');
+            }
+            // A run of CRLF lines none of which starts with a dot is copied at once; the run
+            // ends at a bare LF (a CR goes in), a line starting with a dot (stuffed), or the end.
+            let run_start = i;
+            let mut pos = i;
+            let mut bare_lf = false;
+            loop {
+                match memchr(b'\n', &body[pos..]) {
+                    Some(k) => {
+                        let lf = pos + k;
+                        pos = lf + 1;
+                        let cr = match lf {
+                            0 => self.after_cr,
+                            _ => body[lf - 1] == b'\r',
+                        };
+                        if !cr {
+                            bare_lf = true;
+                            break;
+                        }
+                        if pos >= body.len() || body[pos] == b'.' {
+                            break;
+                        }
+                    }
+                    None => {
+                        pos = body.len();
+                        break;
+                    }
+                }
+            }
+            if bare_lf {
+                // Everything up to the bare LF, then CRLF.
+                out.extend_from_slice(&body[run_start..pos - 1]);
+                out.extend_from_slice(b"\r\n");
+                self.line_start = true;
+                self.after_cr = false;
+            } else {
+                out.extend_from_slice(&body[run_start..pos]);
+                self.line_start = body[pos - 1] == b'\n';
+                self.after_cr = body[pos - 1] == b'\r';
+            }
+            i = pos;
+        }
+    }
 }
 
 #[cfg(test)]
@@ -571,6 +603,29 @@ mod tests {
         assert_eq!(stuffed(b"a\r\n.b\r\n..\r\n"), b"a\r\n..b\r\n...\r\n.\r\n");
         // Bare LF becomes CRLF, and a dot after it is stuffed.
         assert_eq!(stuffed(b"a\n.\nb"), b"a\r\n..\r\nb\r\n.\r\n");
+    }
+
+    #[test]
+    fn stuffing_parts_is_stuffing_their_concatenation_wherever_they_split() {
+        let bodies: [&[u8]; 6] = [
+            b"Subject: t\r\n\r\n.\r\n..\r\n.x\r\n\r\n.\r\nend",
+            b"a\n.\nb\r\n",
+            b"x\r\n.\r.\r\n\n\n.",
+            b"\n.\r\n",
+            b".",
+            b"",
+        ];
+        for body in bodies {
+            let whole = stuffed(body);
+            for cut in 0..=body.len() {
+                for second in cut..=body.len() {
+                    let parts = [&body[..cut], &body[cut..second], &body[second..]];
+                    let mut out = Vec::new();
+                    write_stuffed_parts(&parts, &mut out);
+                    assert_eq!(out, whole, "{body:?} cut at {cut} and {second}");
+                }
+            }
+        }
     }
 
     #[test]

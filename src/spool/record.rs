@@ -21,10 +21,16 @@
 //!  8  env_len  u32  length of the envelope archive
 //! 12  notices  u8   the envelope's notice switches (`NoticeSwitches::to_byte`; 0 in records
 //!                   written before them: every notice allowed)
-//! 13  reserved 3    zero
+//! 13  priority u8   the priority class (`Priority::to_byte`: 1 transactional, 2 normal,
+//!                   3 bulk; 0 in records written before classes: normal)
+//! 14  reserved 2    zero
 //! 16  envelope rkyv archive of `envelope::Envelope` (16-byte aligned)
 //! 16+env_len  body
 //! ```
+//!
+//! Builds before a prefix byte was given a meaning never read it, so they read records that
+//! have it (and ignore it). The campaign is not in the prefix: it is a header of the body,
+//! which recovery reads again (see `queue::replay`).
 //!
 //! An outcome payload is the rkyv archive of [`OutcomeRecord`]. Version 3 records (envelope and
 //! body in one archive, DSN values as bits) are read and converted; they are never written.
@@ -36,7 +42,7 @@ use rkyv::util::AlignedVec;
 use rkyv::{Archive, Serialize};
 
 use crate::envelope::{
-    ArchivedEnvelope, Body, Envelope, NoticeSwitches, Notify, ReceptionId, Recipient, Ret,
+    ArchivedEnvelope, Body, Envelope, NoticeSwitches, Notify, Priority, ReceptionId, Recipient, Ret,
 };
 
 pub const RECORD_MAGIC: [u8; 4] = *b"EPXR";
@@ -284,6 +290,7 @@ pub fn encode_message(
     buf[prefix..prefix + 8].copy_from_slice(&id.to_le_bytes());
     buf[prefix + 8..prefix + 12].copy_from_slice(&(env_len as u32).to_le_bytes());
     buf[prefix + 12] = envelope.notices.to_byte();
+    buf[prefix + 13] = envelope.priority.to_byte();
     for part in body {
         buf.extend_from_slice(part);
     }
@@ -354,6 +361,8 @@ pub enum MessageView<'a> {
         envelope: &'a ArchivedEnvelope,
         /// From the prefix (the archive skips the field).
         notices: NoticeSwitches,
+        /// From the prefix too.
+        priority: Priority,
         body: &'a [u8],
     },
     V3(&'a v3::ArchivedMessageRecord),
@@ -385,6 +394,7 @@ impl<'a> MessageView<'a> {
             id: u64::from_le_bytes(id),
             envelope,
             notices: NoticeSwitches::from_byte(payload[12]),
+            priority: Priority::from_byte(payload[13]),
             body: &payload[env_end..],
         })
     }
@@ -403,6 +413,14 @@ impl<'a> MessageView<'a> {
         }
     }
 
+    /// The priority class (Normal for records from before classes).
+    pub fn priority(&self) -> Priority {
+        match self {
+            MessageView::V4 { priority, .. } => *priority,
+            MessageView::V3(_) => Priority::Normal,
+        }
+    }
+
     /// The notice switches the listener gave (every notice for records from before them).
     pub fn notices(&self) -> NoticeSwitches {
         match self {
@@ -418,15 +436,21 @@ impl<'a> MessageView<'a> {
         }
     }
 
-    /// The owned envelope (allocates: for recovery and notices, not per delivery).
+    /// The owned envelope (allocates: for recovery and notices, not per delivery). Its
+    /// campaign is None: the header it comes from is the configuration's to name (see
+    /// `queue::replay`).
     pub fn envelope(&self) -> Result<Envelope, RecordError> {
         match self {
             MessageView::V4 {
-                envelope, notices, ..
+                envelope,
+                notices,
+                priority,
+                ..
             } => envelope
                 .to_owned_envelope()
                 .map(|e| Envelope {
                     notices: *notices,
+                    priority: *priority,
                     ..e
                 })
                 .map_err(|e| RecordError::Archive(e.to_string())),
@@ -489,6 +513,8 @@ fn envelope_of_v3(m: &v3::ArchivedMessageRecord) -> Envelope {
         size: m.body.len() as u64,
         peer: m.peer.as_str().to_owned(),
         notices: NoticeSwitches::ALL,
+        priority: Priority::Normal,
+        campaign: None,
     }
 }
 
@@ -629,6 +655,8 @@ pub(crate) mod tests {
                 delay: false,
                 ..NoticeSwitches::ALL
             },
+            priority: Priority::Bulk,
+            campaign: None,
         }
     }
 
@@ -783,6 +811,39 @@ pub(crate) mod tests {
         };
         let o = access_outcome(header.version, payload).expect("v3 outcome");
         assert_eq!((o.message, o.kind), (7, Some(OutcomeKind::Bounced)));
+    }
+
+    #[test]
+    fn the_priority_rides_in_the_prefix_and_a_record_without_one_is_normal() {
+        for priority in Priority::ALL {
+            let mut env = envelope(1, 1);
+            env.priority = priority;
+            let mut buf = Vec::new();
+            encode_message(&mut buf, 1, &env, &[b"x"]).expect("encode");
+            let buf = aligned_copy(&buf);
+            let (header, payload) = decode(&buf).expect("frame");
+            let m = MessageView::new(header.version, payload).expect("valid");
+            assert_eq!(m.priority(), priority);
+            assert_eq!(m.envelope().expect("envelope").priority, priority);
+            assert_eq!(m.envelope().expect("envelope").campaign, None);
+        }
+        // As a build from before classes wrote it: byte 13 of the prefix reserved, zero.
+        let mut buf = Vec::new();
+        encode_message(&mut buf, 1, &envelope(1, 1), &[b"x"]).expect("encode");
+        buf[RECORD_HEADER_LEN + 13] = 0;
+        let len = u32::from_le_bytes([buf[8], buf[9], buf[10], buf[11]]) as usize;
+        let crc = crc32c::crc32c(&buf[0..12]);
+        let crc = crc32c::crc32c_append(crc, &buf[RECORD_HEADER_LEN..RECORD_HEADER_LEN + len]);
+        buf[12..16].copy_from_slice(&crc.to_le_bytes());
+        let buf = aligned_copy(&buf);
+        let (header, payload) = decode(&buf).expect("frame");
+        let m = MessageView::new(header.version, payload).expect("valid");
+        assert_eq!(m.priority(), Priority::Normal);
+        let env = m.envelope().expect("envelope");
+        assert_eq!(
+            (env.priority, env.notices, env.sender.as_str()),
+            (Priority::Normal, envelope(1, 1).notices, "a@b.test")
+        );
     }
 
     #[test]

@@ -815,6 +815,8 @@ pub struct Inject {
     pub connections: u32,
     pub size: u64,
     pub domains: u32,
+    /// `--header` fields, `Name: value`.
+    pub headers: Vec<String>,
 }
 
 impl Inject {
@@ -824,7 +826,14 @@ impl Inject {
             connections: 2,
             size: 1000,
             domains: 10,
+            headers: Vec::new(),
         }
+    }
+
+    /// One more header field in every message, `Name: value`.
+    pub fn header(mut self, field: &str) -> Inject {
+        self.headers.push(field.to_owned());
+        self
     }
 
     pub fn connections(mut self, n: u32) -> Inject {
@@ -859,6 +868,7 @@ impl Inject {
             .args(["--size", &self.size.to_string()])
             .args(["--domains", &self.domains.to_string()])
             .args(["--timeout-s", "10"])
+            .args(self.headers.iter().flat_map(|h| ["--header", h.as_str()]))
             .arg("--ids-file")
             .arg(&ids_file)
             .stdin(Stdio::null())
@@ -1069,8 +1079,8 @@ pub fn run_epoxi<S: AsRef<std::ffi::OsStr>>(args: &[S]) -> Ran {
     }
 }
 
-/// aiosmtpd on `port`, storing every message into `dir` (tests/data/aiosmtpd_store.py: `<n>.eml`
-/// and its envelope `<n>.env`); killed when dropped.
+/// aiosmtpd on `port`, storing every message into `dir` (tests/data/aiosmtpd_store.py: `<n>.eml`,
+/// its envelope `<n>.env` and its MAIL parameters `<n>.opts`); killed when dropped.
 pub struct Aiosmtpd(std::process::Child);
 
 impl Aiosmtpd {

@@ -1,6 +1,6 @@
 """A downstream SMTP server for Epoxi's content-fidelity tests: aiosmtpd, storing every message
 byte for byte (as received, after dot-unstuffing) in DIR/<n>.eml, with its envelope in
-DIR/<n>.env. Prints "listening on PORT" once ready and runs until killed.
+DIR/<n>.env and the parameters of its MAIL command (SIZE=...) in DIR/<n>.opts. Prints "listening on PORT" once ready and runs until killed.
 
 Usage: python3 aiosmtpd_store.py PORT DIR
 """
@@ -23,6 +23,8 @@ class Store:
             f.write(envelope.original_content)
         with open(base + ".env", "w", encoding="utf-8") as f:
             f.write(envelope.mail_from + "\n" + "\n".join(envelope.rcpt_tos) + "\n")
+        with open(base + ".opts", "w", encoding="utf-8") as f:
+            f.write(" ".join(envelope.mail_options) + "\n")
         os.rename(base + ".eml.tmp", base + ".eml")
         return "250 2.0.0 stored"
 

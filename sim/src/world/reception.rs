@@ -57,6 +57,8 @@ impl World {
             size: body.len() as u64,
             peer: "sim".into(),
             notices: m.notices,
+            priority: Default::default(),
+            campaign: None,
         };
         let rk = rec_key(&reception);
         let mut keys = Vec::new();

@@ -82,6 +82,8 @@ fn envelope(sender: &str, rcpts: &[&str], received_ms: u64) -> Envelope {
         size: 1234,
         peer: "192.0.2.1:40000".into(),
         notices: crate::envelope::NoticeSwitches::ALL,
+        priority: Default::default(),
+        campaign: None,
     }
 }
 
@@ -1044,6 +1046,7 @@ fn without_a_resolver_unrouted_mail_is_deferred() {
     assert_eq!(attempts_seen(&rec)[0].3, 451);
 }
 mod connections;
+mod lanes;
 mod leases;
 mod ops;
 mod reload;
