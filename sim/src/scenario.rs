@@ -109,6 +109,8 @@ pub struct Inject {
     pub body_len: usize,
     /// The notices its listener allows.
     pub notices: NoticeSwitches,
+    /// Its priority class.
+    pub priority: epoxi::envelope::Priority,
 }
 
 /// Knobs a caller may turn, on top of the seed.
@@ -155,6 +157,13 @@ impl Scenario {
             } else {
                 NoticeSwitches::from_byte(0x80 | nrng.below(16) as u8)
             };
+        }
+        // Classes from a stream of their own; regression seeds keep every message normal.
+        let mut prng = Rng::new(seed ^ 0x9c1a_5500_0000_0000);
+        if !opts.no_admin {
+            for m in &mut messages {
+                m.priority = epoxi::envelope::Priority::ALL[prng.below(3) as usize];
+            }
         }
         let delay_after_s = if nrng.chance(300) {
             0
@@ -369,6 +378,7 @@ impl Inject {
             ret: [Ret::Unspecified, Ret::Full, Ret::Headers][rng.below(3) as usize],
             body_len: rng.range(64, 3_000) as usize,
             notices: NoticeSwitches::ALL,
+            priority: epoxi::envelope::Priority::Normal,
         }
     }
 }

@@ -138,6 +138,13 @@ impl DestQueue {
         self.jobs
     }
 
+    /// Whether class `priority` has jobs waiting.
+    pub fn has_class(&self, priority: Priority) -> bool {
+        self.classes
+            .get(priority.index())
+            .is_some_and(Class::has_work)
+    }
+
     pub fn is_empty(&self) -> bool {
         self.jobs == 0
     }

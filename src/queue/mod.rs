@@ -953,6 +953,13 @@ impl Queue {
         self.dests.get(dest).map_or(0, DestQueue::rcpts)
     }
 
+    /// Whether jobs of class `priority` wait for `dest`.
+    pub fn ready_has_class(&self, dest: &Dest, priority: crate::envelope::Priority) -> bool {
+        self.dests
+            .get(dest)
+            .is_some_and(|dq| dq.has_class(priority))
+    }
+
     /// Jobs waiting for `dest`.
     pub fn ready_for(&self, dest: &Dest) -> usize {
         self.dests.get(dest).map_or(0, DestQueue::len)

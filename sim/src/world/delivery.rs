@@ -270,6 +270,7 @@ impl World {
         let Some(site) = self.conn_mut(s, c).map(|conn| conn.site.clone()) else {
             return Ok(());
         };
+        self.check_starvation(s, &site, &ticket)?;
         let size_max = peer_of(&mut self.peers, &mut self.rng_peer, &site).size_max;
         if let Some(limit) = size_max.filter(|&n| ticket.size > n) {
             let reply = Reply::new(
@@ -476,6 +477,45 @@ impl World {
             }
         })?;
         self.close(s, c)
+    }
+}
+
+impl World {
+    /// No class starves: while a class has jobs waiting for a site on a shard, it gets a
+    /// transaction within two rounds of the weights (16 + 4 + 1 = 21 by default). The smooth
+    /// weighted round robin picks each busy class once per round while the busy set stays
+    /// the same; a class that empties and comes back carries its credit, which can push its
+    /// turn into the next round (one round was seen exceeded by two, never more).
+    fn check_starvation(&mut self, s: usize, site: &str, ticket: &Ticket) -> Result<(), Violation> {
+        use epoxi::envelope::Priority;
+        let Some(sh) = self.shards.get(s).and_then(Option::as_ref) else {
+            return Ok(());
+        };
+        let q = sh.core.queue();
+        let class = q.get(ticket.job.id).map(|m| m.priority());
+        let dests: Vec<&Dest> = q
+            .ready_dests()
+            .filter(|d| &*d.hop.site_key() == site)
+            .collect();
+        let waiting = Priority::ALL.map(|p| dests.iter().any(|d| q.ready_has_class(d, p)));
+        let weights = epoxi::queue::lanes::weights(&self.settings.config.queue.priority_weights);
+        let bound: u32 = 2 * weights.iter().sum::<u32>();
+        let counters = self.starved.entry((s, site.to_owned())).or_insert([0; 3]);
+        for p in Priority::ALL {
+            let i = p.index();
+            if class == Some(p) || !waiting[i] {
+                counters[i] = 0;
+                continue;
+            }
+            counters[i] += 1;
+            if counters[i] > bound {
+                return Err(Violation::new(
+                    "starvation",
+                    format!("{p:?} mail waited through {} transactions to {site} on shard {s} (bound {bound})", counters[i]),
+                ));
+            }
+        }
+        Ok(())
     }
 }
 

@@ -366,6 +366,9 @@ pub struct World {
     /// Per (site key, source): when recent transactions and connections started, for the
     /// rate invariants (within the last period of the run's rates).
     sent_at: BTreeMap<(String, u16), VecDeque<u64>>,
+    /// Per (shard, site key): transactions begun since each class last had one while it had
+    /// jobs waiting (the starvation invariant).
+    starved: BTreeMap<(usize, String), [u32; 3]>,
     opened_at: BTreeMap<(String, u16), VecDeque<u64>>,
     parts: BTreeMap<u64, Part>,
     next_part: u64,
@@ -424,6 +427,7 @@ impl World {
             mesh: BTreeMap::new(),
             open: BTreeMap::new(),
             sent_at: BTreeMap::new(),
+            starved: BTreeMap::new(),
             opened_at: BTreeMap::new(),
             parts: BTreeMap::new(),
             next_part: 1,
@@ -811,6 +815,11 @@ impl World {
                 e.durable_final = false;
             }
         }
+        // Rates and class turns are in memory only: a restart starts them afresh (one more
+        // burst may go), so their invariants count from here.
+        self.sent_at.clear();
+        self.opened_at.clear();
+        self.starved.clear();
         self.note(|| {
             format!(
                 "start: {} shards, {} messages recovered, {} unreadable records",

@@ -57,7 +57,7 @@ impl World {
             size: body.len() as u64,
             peer: "sim".into(),
             notices: m.notices,
-            priority: Default::default(),
+            priority: m.priority,
             campaign: None,
         };
         let rk = rec_key(&reception);
