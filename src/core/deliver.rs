@@ -602,7 +602,7 @@ impl Core {
         let next = if close || self.queue.ready_for(&dest) == 0 {
             None
         } else {
-            match self.rate_gate(&dest, source, now_ms) {
+            match self.rate_gate(&dest, &key, now_ms) {
                 Ok(()) => self.take_ticket(&dest, now_ms),
                 Err(until) => {
                     paced = Some(until);
@@ -669,10 +669,7 @@ impl Core {
         if self.queue.ready_for(&dest) == 0 {
             return None;
         }
-        if self
-            .rate_gate(&dest, usize::from(key.source), now_ms)
-            .is_err()
-        {
+        if self.rate_gate(&dest, &key, now_ms).is_err() {
             return None;
         }
         let ticket = self.take_ticket(&dest, now_ms)?;

@@ -88,22 +88,20 @@ impl Core {
     pub(super) fn rate_gate(
         &mut self,
         dest: &Dest,
-        source: usize,
+        lkey: &LeaseKey,
         now_ms: u64,
     ) -> Result<(), Option<u64>> {
+        let source = usize::from(lkey.source);
         let warm = self.settings.source_warmups.get(source).copied().flatten();
         if !self.settings.shaping.any_rates() && self.throttles.is_empty() && warm.is_none() {
             return Ok(());
         }
         let site_shape = self.shape_of(&dest.hop);
         let shape = *site_shape.of(source);
-        let site = dest.hop.site_key();
-        let lkey = LeaseKey {
-            site: site.clone(),
-            source: source as u16,
-        };
+        // The connection's key has the site key already: no formatting per message.
+        let site = &lkey.site;
         let mut message_rate = shape.message_rate;
-        if let Some(&(rule, until)) = self.throttles.get(&lkey) {
+        if let Some(&(rule, until)) = self.throttles.get(lkey) {
             match (
                 until > now_ms,
                 self.settings.adaptive.rules().get(usize::from(rule)),
@@ -125,7 +123,7 @@ impl Core {
                         .or(message_rate);
                 }
                 _ => {
-                    self.throttles.remove(&lkey);
+                    self.throttles.remove(lkey);
                 }
             }
         }
@@ -201,8 +199,17 @@ impl Core {
             }
         }
         if result.is_ok() {
-            for (key, _) in &keys {
-                self.credits.spend(key);
+            for (key, limit) in &keys {
+                // Under half a batch left with more waiting: the next batch is asked now.
+                if let Some(want) = self.credits.spend(key, limit.batch_max(), backlog, now_ms) {
+                    let to = crate::shaping::credits::owner_of(key, self.shards);
+                    let msg = LeaseMsg::Want {
+                        key: key.clone(),
+                        limit: *limit,
+                        want,
+                    };
+                    self.send_lease(to, msg, now_ms);
+                }
             }
         }
         result
@@ -232,7 +239,15 @@ impl Core {
         }
         match check {
             Check::Ready => {
-                self.credits.spend(&key);
+                if let Some(want) = self.credits.spend(&key, batch, usize::MAX, now_ms) {
+                    let to = crate::shaping::credits::owner_of(&key, self.shards);
+                    let msg = LeaseMsg::Want {
+                        key,
+                        limit: Limit::Rate(rate),
+                        want,
+                    };
+                    self.send_lease(to, msg, now_ms);
+                }
                 true
             }
             Check::Wait(at) => {

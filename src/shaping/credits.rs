@@ -174,7 +174,13 @@ impl Credits {
     /// Whether a message of `key` may go now; `backlog` is how many wait (the batch to ask
     /// for, capped by the burst and [`CREDIT_BATCH_MAX`]). An `Ask` marks the request out.
     pub fn check(&mut self, key: &MeterKey, batch_max: u32, backlog: usize, now_ms: u64) -> Check {
-        let h = self.keys.entry(key.clone()).or_default();
+        // No clone of the key once it is known (the common case: a key with credits).
+        if !self.keys.contains_key(key) {
+            self.keys.insert(key.clone(), Held::default());
+        }
+        let Some(h) = self.keys.get_mut(key) else {
+            return Check::Asking;
+        };
         if h.have > 0 && now_ms >= h.lapse_ms {
             h.have = 0;
         }
@@ -192,18 +198,35 @@ impl Credits {
         Check::Ask(want)
     }
 
-    /// Spend one credit of `key` (after [`Credits::check`] said `Ready`).
-    pub fn spend(&mut self, key: &MeterKey) {
-        if let Some(h) = self.keys.get_mut(key) {
-            h.have = h.have.saturating_sub(1);
+    /// Spend one credit of `key` (after [`Credits::check`] said `Ready`). When what is left
+    /// is under half a batch and more waits (`backlog`), the next batch is asked for now
+    /// (`Some(want)`, marked out), so connections do not stall on the round trip.
+    pub fn spend(
+        &mut self,
+        key: &MeterKey,
+        batch_max: u32,
+        backlog: usize,
+        now_ms: u64,
+    ) -> Option<u32> {
+        let h = self.keys.get_mut(key)?;
+        h.have = h.have.saturating_sub(1);
+        let batch = batch_max.clamp(1, CREDIT_BATCH_MAX);
+        let more = backlog > h.have as usize;
+        if h.asking || !more || h.have.saturating_mul(2) >= batch || now_ms < h.wait_until_ms {
+            return None;
         }
+        h.asking = true;
+        Some((backlog.min(CREDIT_BATCH_MAX as usize) as u32).clamp(1, batch))
     }
 
     /// The owner's answer.
     pub fn granted(&mut self, key: &MeterKey, granted: u32, retry_at_ms: Option<u64>, now_ms: u64) {
         let h = self.keys.entry(key.clone()).or_default();
         h.asking = false;
-        h.have = granted;
+        if now_ms >= h.lapse_ms {
+            h.have = 0;
+        }
+        h.have = h.have.saturating_add(granted);
         h.lapse_ms = now_ms + CREDIT_TTL_MS;
         h.wait_until_ms = match granted {
             0 => retry_at_ms.unwrap_or(now_ms + 1),
@@ -259,8 +282,11 @@ mod tests {
             for c in shards.iter_mut() {
                 match c.check(&key(), rate.burst, 1000, now) {
                     Check::Ready => {
-                        c.spend(&key());
                         sent.push(now);
+                        if let Some(n) = c.spend(&key(), rate.burst, 1000, now) {
+                            let a = owner.ask(&key(), Limit::Rate(rate), n, now);
+                            c.granted(&key(), a.granted, a.retry_at_ms, now);
+                        }
                     }
                     Check::Ask(n) => {
                         let a = owner.ask(&key(), Limit::Rate(rate), n, now);
