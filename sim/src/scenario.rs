@@ -210,8 +210,12 @@ impl Scenario {
         let mut srng = Rng::new(seed ^ 0x5ba9_e000_0000_0000);
         let message_rate = (!opts.no_admin && srng.chance(500)).then(|| {
             let count = srng.range(2, 40) as u32;
-            epoxi::shaping::Rate::parse(&format!("{count}/s"))
-                .map(|r| r.with_burst(srng.range(1, 5) as u32))
+            // Small bursts (asked for when spent) and large ones (refilled ahead).
+            let burst = match srng.chance(700) {
+                true => srng.range(1, 5),
+                false => srng.range(8, u64::from(count).max(8)),
+            };
+            epoxi::shaping::Rate::parse(&format!("{count}/s")).map(|r| r.with_burst(burst as u32))
         });
         let connection_rate = (!opts.no_admin && srng.chance(250))
             .then(|| epoxi::shaping::Rate::parse(&format!("{}/s", srng.range(1, 10))));

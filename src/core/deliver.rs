@@ -597,7 +597,6 @@ impl Core {
             || started >= messages_max
             || (started >= YIELD_AFTER_MESSAGES && self.permits.take_yield(&key))
             || self.held(&key, now_ms);
-        let source = usize::from(key.source);
         let mut paced: Option<Option<u64>> = None;
         let next = if close || self.queue.ready_for(&dest) == 0 {
             None

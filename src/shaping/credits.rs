@@ -20,6 +20,9 @@ use super::rate::{Allowance, Gcra, Rate};
 /// Credits asked for at once, at most: a batch is also capped by the rate's burst, so a
 /// shard never holds more than a burst's worth.
 pub const CREDIT_BATCH_MAX: u32 = 64;
+/// Smallest batch refilled before it runs out: a small batch is a slow rate, where a round
+/// trip per batch costs nothing and holding more than one batch would loosen the rate.
+pub const PREFETCH_BATCH_MIN: u32 = 8;
 /// Unspent credits lapse after this long.
 pub const CREDIT_TTL_MS: u64 = 1_000;
 /// Rated keys an owner keeps state for; idle ones are dropped beyond it (their next batch
@@ -198,9 +201,11 @@ impl Credits {
         Check::Ask(want)
     }
 
-    /// Spend one credit of `key` (after [`Credits::check`] said `Ready`). When what is left
-    /// is under half a batch and more waits (`backlog`), the next batch is asked for now
-    /// (`Some(want)`, marked out), so connections do not stall on the round trip.
+    /// Spend one credit of `key` (after [`Credits::check`] said `Ready`). For batches of at
+    /// least [`PREFETCH_BATCH_MIN`], when what is left is under a quarter of a batch and more
+    /// waits (`backlog`), the next batch is asked for now (`Some(want)`, marked out), so
+    /// connections do not stall on the round trip. A shard so holds at most a quarter of a
+    /// batch beyond one batch.
     pub fn spend(
         &mut self,
         key: &MeterKey,
@@ -212,7 +217,12 @@ impl Credits {
         h.have = h.have.saturating_sub(1);
         let batch = batch_max.clamp(1, CREDIT_BATCH_MAX);
         let more = backlog > h.have as usize;
-        if h.asking || !more || h.have.saturating_mul(2) >= batch || now_ms < h.wait_until_ms {
+        if batch < PREFETCH_BATCH_MIN
+            || h.asking
+            || !more
+            || h.have.saturating_mul(4) >= batch
+            || now_ms < h.wait_until_ms
+        {
             return None;
         }
         h.asking = true;
