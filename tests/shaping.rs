@@ -301,3 +301,180 @@ fn a_tenant_rate_holds_that_tenant_only() {
         slow[29]
     );
 }
+
+/// The other adaptive actions, each triggered by the throttling sink (451 4.7.1 past 3
+/// messages a second): a throttle slows the (site, source) to its rate while it lasts; a
+/// tenant suspension holds that tenant's mail (and shows in the summary); a bounce fails the
+/// site's queued mail for its duration.
+fn adaptive_run(
+    action: &str,
+    extra: &str,
+    tenant: Option<&str>,
+) -> (Vec<serde_json::Value>, serde_json::Value) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let sink = Sink::start(dir.path(), &["--limit-msgs-per-sec", "3"]);
+    let mut opts = Opts::new(dir.path())
+        .shards(2)
+        .route(sink.port)
+        .set("queue", "retry_first_ms", "300")
+        .set("queue", "retry_base_ms", "300")
+        .set("queue", "retry_factor", "1.0");
+    opts.conf.raw.push_str(&format!(
+        "[[adaptive]]\nname = \"r\"\nregex = \"^451 4\\\\.7\\\\.1 \"\n\
+         threshold = \"2/10s\"\naction = \"{action}\"\nduration = \"4s\"\n{extra}"
+    ));
+    let mut epoxi = Epoxi::start(&opts);
+    let mut inject = Inject::new(30).connections(2);
+    if let Some(t) = tenant {
+        inject = inject.header(&format!("X-Tenant: {t}"));
+    }
+    let injected = inject.run(dir.path(), epoxi.port);
+    assert_eq!(injected.count("accepted"), 30, "{}", injected.json);
+    epoxi.wait_events_within("ShapingAction", 1, Duration::from_secs(20));
+    let summary = cli(&epoxi, &["queue", "summary", "--json"]);
+    epoxi.wait_events_within("ShapingLifted", 1, Duration::from_secs(15));
+    let events = epoxi.events();
+    epoxi.stop();
+    sink.stop();
+    (events, summary)
+}
+
+#[test]
+fn an_adaptive_throttle_slows_the_site_while_it_lasts() {
+    let (events, _) = adaptive_run("throttle", "message_rate = \"1/s burst 1\"\n", None);
+    let action = events
+        .iter()
+        .find(|e| e["type"] == "ShapingAction")
+        .expect("action");
+    assert_eq!(action["action"], "throttle", "{action}");
+    assert!(
+        action["detail"].as_str().unwrap_or("").contains("1/s"),
+        "{action}"
+    );
+    let (from, until) = (
+        action["ts_ms"].as_u64().expect("ts") + 1_000,
+        action["until_ms"].as_u64().expect("until"),
+    );
+    // At 1/s for the 3 s after the first second (and the attempts already in flight).
+    let attempts = events
+        .iter()
+        .filter(|e| e["type"] == "Delivery" || e["type"] == "TransientFailure")
+        .filter(|e| e["ts_ms"].as_u64().is_some_and(|t| t >= from && t < until))
+        .count();
+    assert!(
+        attempts <= 6,
+        "{attempts} attempts in 3 s of a 1/s throttle"
+    );
+}
+
+#[test]
+fn an_adaptive_tenant_suspension_holds_that_tenant() {
+    let (events, summary) = adaptive_run("suspend_tenant", "", Some("acme"));
+    let action = events
+        .iter()
+        .find(|e| e["type"] == "ShapingAction")
+        .expect("action");
+    assert_eq!(action["target"], "acme", "{action}");
+    let rows = summary["suspensions"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    assert!(
+        rows.iter()
+            .any(|r| r["kind"] == "suspend" && r["selector"] == "tenant acme"),
+        "{summary}"
+    );
+    let (from, until) = (
+        action["ts_ms"].as_u64().expect("ts") + 500,
+        action["until_ms"].as_u64().expect("until"),
+    );
+    let attempts = events
+        .iter()
+        .filter(|e| e["type"] == "Delivery" || e["type"] == "TransientFailure")
+        .filter(|e| e["ts_ms"].as_u64().is_some_and(|t| t >= from && t < until))
+        .count();
+    assert!(
+        attempts <= 4,
+        "{attempts} attempts while the tenant was suspended"
+    );
+}
+
+#[test]
+fn an_adaptive_bounce_fails_the_sites_mail_for_its_duration() {
+    let (events, _) = adaptive_run("bounce", "", None);
+    let action = events
+        .iter()
+        .find(|e| e["type"] == "ShapingAction")
+        .expect("action");
+    assert_eq!(action["action"], "bounce", "{action}");
+    let bounced = events
+        .iter()
+        .filter(|e| e["type"] == "Bounce")
+        .filter(|e| {
+            e["response"]["text"]
+                .as_str()
+                .is_some_and(|t| t.contains("adaptive rule r"))
+        })
+        .count();
+    assert!(bounced > 0, "no bounce by the rule");
+}
+
+/// `epoxi check-config --site` prints the effective limits and the layer of each; a broken
+/// shaping configuration gets every error, each with its table and key.
+#[test]
+fn check_config_prints_a_sites_effective_limits_and_every_error() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = dir.path().join("epoxi.toml");
+    std::fs::write(
+        &config,
+        "[[source]]\nname = \"ip1\"\n[[source]]\nname = \"ip2\"\n\
+         [[site]]\nprovider = \"google\"\nsource = \"ip2\"\nmessage_rate = \"10/min\"\nconnections_max = 2\n\
+         [[domain]]\nname = \"gmail.com\"\nsite_message_rate = \"1000/h\"\n",
+    )
+    .expect("write");
+    let ran = common::run_epoxi(&[
+        "check-config",
+        "--config",
+        config.to_str().expect("path"),
+        "--site",
+        "aspmx.l.google.com,alt1.aspmx.l.google.com",
+        "--domain",
+        "gmail.com",
+        "--source",
+        "ip2",
+    ]);
+    let out = &ran.stdout;
+    assert!(out.contains("(provider google)"), "{ran:?}");
+    let line = |key: &str| {
+        out.lines()
+            .find(|l| l.trim_start().starts_with(key))
+            .unwrap_or_else(|| panic!("no {key}: {out}"))
+            .split_whitespace()
+            .collect::<Vec<_>>()
+            .join(" ")
+    };
+    assert_eq!(
+        line("connections_max"),
+        "connections_max 2 site[0] provider google source ip2"
+    );
+    assert_eq!(
+        line("message_rate"),
+        "message_rate 10/min site[0] provider google source ip2"
+    );
+    assert_eq!(
+        line("site_message_rate"),
+        "site_message_rate 1000/h domain[0] gmail.com"
+    );
+    assert_eq!(
+        line("messages_per_connection_max"),
+        "messages_per_connection_max 100 built-in provider google"
+    );
+    std::fs::write(
+        &config,
+        "[[site]]\nmx = \"x\"\nmessage_rate = \"3/fortnight\"\n[shaping]\nmessage_rate = \"x\"\n",
+    )
+    .expect("write");
+    let ran = common::run_epoxi(&["check-config", "--config", config.to_str().expect("path")]);
+    assert!(ran.stderr.contains("`shaping[0].message_rate`"), "{ran:?}");
+    assert!(ran.stderr.contains("`site[0].message_rate`"), "{ran:?}");
+}
