@@ -339,6 +339,15 @@ fn adaptive_run(
     (events, summary)
 }
 
+/// Delivery attempts (deliveries and deferrals) logged in `[from, until)`.
+fn attempts_between(events: &[serde_json::Value], from: u64, until: u64) -> usize {
+    events
+        .iter()
+        .filter(|e| e["type"] == "Delivery" || e["type"] == "TransientFailure")
+        .filter(|e| e["ts_ms"].as_u64().is_some_and(|t| t >= from && t < until))
+        .count()
+}
+
 #[test]
 fn an_adaptive_throttle_slows_the_site_while_it_lasts() {
     let (events, _) = adaptive_run("throttle", "message_rate = \"1/s burst 1\"\n", None);
@@ -356,11 +365,7 @@ fn an_adaptive_throttle_slows_the_site_while_it_lasts() {
         action["until_ms"].as_u64().expect("until"),
     );
     // At 1/s for the 3 s after the first second (and the attempts already in flight).
-    let attempts = events
-        .iter()
-        .filter(|e| e["type"] == "Delivery" || e["type"] == "TransientFailure")
-        .filter(|e| e["ts_ms"].as_u64().is_some_and(|t| t >= from && t < until))
-        .count();
+    let attempts = attempts_between(&events, from, until);
     assert!(
         attempts <= 6,
         "{attempts} attempts in 3 s of a 1/s throttle"
@@ -388,11 +393,7 @@ fn an_adaptive_tenant_suspension_holds_that_tenant() {
         action["ts_ms"].as_u64().expect("ts") + 500,
         action["until_ms"].as_u64().expect("until"),
     );
-    let attempts = events
-        .iter()
-        .filter(|e| e["type"] == "Delivery" || e["type"] == "TransientFailure")
-        .filter(|e| e["ts_ms"].as_u64().is_some_and(|t| t >= from && t < until))
-        .count();
+    let attempts = attempts_between(&events, from, until);
     assert!(
         attempts <= 4,
         "{attempts} attempts while the tenant was suspended"

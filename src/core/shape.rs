@@ -172,13 +172,7 @@ impl Core {
             let batch = limit.batch_max();
             let check = match self.credits.check(key, batch, backlog, now_ms) {
                 Check::Ask(want) => {
-                    let to = crate::shaping::credits::owner_of(key, self.shards);
-                    let msg = LeaseMsg::Want {
-                        key: key.clone(),
-                        limit: *limit,
-                        want,
-                    };
-                    self.send_lease(to, msg, now_ms);
+                    self.want_credits(key, *limit, want, now_ms);
                     // A local owner has answered already.
                     self.credits.check(key, batch, backlog, now_ms)
                 }
@@ -202,13 +196,7 @@ impl Core {
             for (key, limit) in &keys {
                 // Under half a batch left with more waiting: the next batch is asked now.
                 if let Some(want) = self.credits.spend(key, limit.batch_max(), backlog, now_ms) {
-                    let to = crate::shaping::credits::owner_of(key, self.shards);
-                    let msg = LeaseMsg::Want {
-                        key: key.clone(),
-                        limit: *limit,
-                        want,
-                    };
-                    self.send_lease(to, msg, now_ms);
+                    self.want_credits(key, *limit, want, now_ms);
                 }
             }
         }
@@ -228,25 +216,13 @@ impl Core {
         let batch = rate.burst.max(1);
         let mut check = self.credits.check(&key, batch, usize::MAX, now_ms);
         if let Check::Ask(want) = check {
-            let to = crate::shaping::credits::owner_of(&key, self.shards);
-            let msg = LeaseMsg::Want {
-                key: key.clone(),
-                limit: Limit::Rate(rate),
-                want,
-            };
-            self.send_lease(to, msg, now_ms);
+            self.want_credits(&key, Limit::Rate(rate), want, now_ms);
             check = self.credits.check(&key, batch, usize::MAX, now_ms);
         }
         match check {
             Check::Ready => {
                 if let Some(want) = self.credits.spend(&key, batch, usize::MAX, now_ms) {
-                    let to = crate::shaping::credits::owner_of(&key, self.shards);
-                    let msg = LeaseMsg::Want {
-                        key,
-                        limit: Limit::Rate(rate),
-                        want,
-                    };
-                    self.send_lease(to, msg, now_ms);
+                    self.want_credits(&key, Limit::Rate(rate), want, now_ms);
                 }
                 true
             }
@@ -357,7 +333,6 @@ impl Core {
         }
         self.adaptive_active
             .push((key.clone(), rule, until, target.clone()));
-        let detail = adaptive_detail(&r);
         let source = self.source_name(key.source);
         tracing::warn!(
             "shard {}: adaptive rule `{}` ({}): {} site {} from source `{source}` for {} s",
@@ -368,18 +343,7 @@ impl Core {
             key.site,
             until.saturating_sub(now_ms).div_ceil(1000)
         );
-        self.observers.emit(&Event::Shaping(Shaping {
-            ts_ms: now_ms,
-            shard: self.shard,
-            rule: &r.name,
-            action: r.action.name(),
-            site: &key.site,
-            source: &source,
-            target: target.as_deref(),
-            until_ms: until,
-            lifted: false,
-            detail: &detail,
-        }));
+        self.emit_shaping(&key, &r, target.as_deref(), until, false, now_ms);
         for to in 0..self.shards {
             let msg = LeaseMsg::Shaped {
                 key: key.clone(),
@@ -459,6 +423,43 @@ impl Core {
         self.rearm();
     }
 
+    /// The `ShapingAction` / `ShapingLifted` event of rule `r` on `key`.
+    fn emit_shaping(
+        &self,
+        key: &LeaseKey,
+        r: &crate::shaping::AdaptiveRule,
+        target: Option<&str>,
+        until_ms: u64,
+        lifted: bool,
+        now_ms: u64,
+    ) {
+        let source = self.source_name(key.source);
+        let detail = adaptive_detail(r);
+        self.observers.emit(&Event::Shaping(Shaping {
+            ts_ms: now_ms,
+            shard: self.shard,
+            rule: &r.name,
+            action: r.action.name(),
+            site: &key.site,
+            source: &source,
+            target,
+            until_ms,
+            lifted,
+            detail: &detail,
+        }));
+    }
+
+    /// Ask `key`'s owner for `want` credits under `limit`.
+    fn want_credits(&mut self, key: &MeterKey, limit: Limit, want: u32, now_ms: u64) {
+        let to = crate::shaping::credits::owner_of(key, self.shards);
+        let msg = LeaseMsg::Want {
+            key: key.clone(),
+            limit,
+            want,
+        };
+        self.send_lease(to, msg, now_ms);
+    }
+
     fn source_name(&self, source: u16) -> String {
         self.settings
             .egress
@@ -492,19 +493,7 @@ impl Core {
                     r.action.name(),
                     key.site
                 );
-                let detail = adaptive_detail(&r);
-                self.observers.emit(&Event::Shaping(Shaping {
-                    ts_ms: now_ms,
-                    shard: self.shard,
-                    rule: &r.name,
-                    action: r.action.name(),
-                    site: &key.site,
-                    source: &source,
-                    target: target.as_deref(),
-                    until_ms: until,
-                    lifted: true,
-                    detail: &detail,
-                }));
+                self.emit_shaping(&key, &r, target.as_deref(), until, true, now_ms);
             }
         }
         if self.tracker.next_expiry_ms().is_some_and(|t| t <= now_ms) {

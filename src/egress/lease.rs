@@ -275,6 +275,21 @@ impl Budget {
         told[shard] = true;
     }
 
+    /// The key is down until `until_ms`: waiting requests are answered `Down` (their shards
+    /// hold the messages) and their shards are told when it is up.
+    fn drop_waiting(&mut self, key: &LeaseKey, until_ms: u64, out: &mut Vec<Outgoing>) {
+        while let Some(shard) = self.waiting.pop_front() {
+            Budget::mark(&mut self.health.told, shard);
+            out.push((
+                shard,
+                LeaseMsg::Down {
+                    key: key.clone(),
+                    until_ms,
+                },
+            ));
+        }
+    }
+
     fn grant(&mut self, shard: usize) {
         self.open += 1;
         Budget::bump(&mut self.held, shard, 1);
@@ -416,16 +431,7 @@ impl Budgets {
         h.backoff_ms = h.backoff_ms.max(self.backoff.backoff_ms);
         h.down_until_ms = Some(h.down_until_ms.map_or(until_ms, |u| u.max(until_ms)));
         let until_ms = h.down_until_ms.unwrap_or(until_ms);
-        while let Some(shard) = b.waiting.pop_front() {
-            Budget::mark(&mut b.health.told, shard);
-            out.push((
-                shard,
-                LeaseMsg::Down {
-                    key: key.clone(),
-                    until_ms,
-                },
-            ));
-        }
+        b.drop_waiting(key, until_ms, out);
     }
 
     /// Grant waiting requests of `key` while its limit and connection rate allow.
@@ -496,16 +502,7 @@ impl Budgets {
         let until_ms = now_ms.saturating_add(h.backoff_ms);
         h.down_until_ms = Some(until_ms);
         // Waiting requests are dropped: their shards hold their messages instead.
-        while let Some(shard) = b.waiting.pop_front() {
-            Budget::mark(&mut b.health.told, shard);
-            out.push((
-                shard,
-                LeaseMsg::Down {
-                    key: key.clone(),
-                    until_ms,
-                },
-            ));
-        }
+        b.drop_waiting(&key, until_ms, out);
         if !first {
             return;
         }

@@ -47,8 +47,10 @@ impl Limit {
     }
 }
 
-/// Credits asked for at once under warmup caps.
-pub const WARMUP_BATCH_MAX: u32 = 8;
+/// Credits asked for at once under warmup caps: below [`PREFETCH_BATCH_MIN`], so a warming
+/// source asks only when it runs out (caps are small; with refills ahead, the warmup test's
+/// one-second hours stalled, which is not understood yet: kept out until it is).
+pub const WARMUP_BATCH_MAX: u32 = 4;
 
 /// What a rate counts.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
