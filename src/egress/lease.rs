@@ -395,12 +395,14 @@ impl Budgets {
         if self.paced.values().all(|&at| at > now_ms) {
             return out;
         }
-        let due: Vec<LeaseKey> = self
+        let mut due: Vec<LeaseKey> = self
             .paced
             .iter()
             .filter(|(_, &at)| at <= now_ms)
             .map(|(k, _)| k.clone())
             .collect();
+        // In key order, not the map's (randomly seeded) order: a run replays exactly.
+        due.sort_by(|a, b| (&*a.site, a.source).cmp(&(&*b.site, b.source)));
         for key in due {
             self.paced.remove(&key);
             self.grant_waiting(&key, now_ms, &mut out);
