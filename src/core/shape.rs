@@ -292,13 +292,7 @@ impl Core {
         let Some(trigger) = self.tracker.record(rule, &key, now_ms) else {
             return;
         };
-        let Some(r) = self
-            .settings
-            .adaptive
-            .rules()
-            .get(usize::from(rule))
-            .cloned()
-        else {
+        let Some(r) = self.adaptive_rule(rule) else {
             return;
         };
         let target = match r.action {
@@ -368,13 +362,7 @@ impl Core {
         target: Option<Arc<str>>,
         now_ms: u64,
     ) {
-        let Some(r) = self
-            .settings
-            .adaptive
-            .rules()
-            .get(usize::from(rule))
-            .cloned()
-        else {
+        let Some(r) = self.adaptive_rule(rule) else {
             return;
         };
         let reason = format!("adaptive rule {}", r.name);
@@ -460,6 +448,15 @@ impl Core {
         self.send_lease(to, msg, now_ms);
     }
 
+    /// Adaptive rule `rule` of the settings in force (None after a reload took it away).
+    fn adaptive_rule(&self, rule: u16) -> Option<crate::shaping::AdaptiveRule> {
+        self.settings
+            .adaptive
+            .rules()
+            .get(usize::from(rule))
+            .cloned()
+    }
+
     fn source_name(&self, source: u16) -> String {
         self.settings
             .egress
@@ -476,13 +473,7 @@ impl Core {
                 .partition(|a| a.2 <= now_ms);
             self.adaptive_active = active;
             for (key, rule, until, target) in ended {
-                let Some(r) = self
-                    .settings
-                    .adaptive
-                    .rules()
-                    .get(usize::from(rule))
-                    .cloned()
-                else {
+                let Some(r) = self.adaptive_rule(rule) else {
                     continue;
                 };
                 let source = self.source_name(key.source);
