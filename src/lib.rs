@@ -44,6 +44,7 @@ pub mod egress;
 pub mod envelope;
 pub mod eventlog;
 pub mod events;
+pub mod http;
 pub mod ids;
 pub mod logging;
 pub mod notices;

@@ -662,6 +662,9 @@ struct ServeArgs {
     /// Port of MX hosts [default: 25]; for tests and smart hosts.
     #[arg(long, value_name = "PORT")]
     delivery_port: Option<u16>,
+    /// Serve the HTTP API, metrics and dashboard here (`http.listen`), e.g. 127.0.0.1:8000.
+    #[arg(long, value_name = "ADDR")]
+    http: Option<std::net::SocketAddr>,
 }
 
 /// Where the settings come from: the file and the flags, kept so a reload reads them again.
@@ -683,6 +686,7 @@ impl Source {
                 routes: args.routes,
                 resolvers: args.resolvers,
                 delivery_port: args.delivery_port,
+                http: args.http,
             },
         }
     }
@@ -928,6 +932,11 @@ fn serve(mut settings: epoxi::settings::Settings, source: Source) -> Result<(), 
             .map_err(|e| format!("cannot bind {}: {e}", settings.config.server.listen))?;
         settings.config.server.listen = probe.local_addr().map_err(|e| e.to_string())?;
     }
+    if let Some(http) = settings.config.http.listen.filter(|a| a.port() == 0) {
+        let probe = std::net::TcpListener::bind(http)
+            .map_err(|e| format!("http: cannot bind {http}: {e}"))?;
+        settings.config.http.listen = Some(probe.local_addr().map_err(|e| e.to_string())?);
+    }
     check_spool_shards(&settings.config.spool.dir, settings.shard_count)?;
     // The admin socket first: a second server on this spool is refused here, before it
     // touches the spool. Bound before any shard starts (see `admin::socket`).
@@ -979,8 +988,11 @@ fn serve(mut settings: epoxi::settings::Settings, source: Source) -> Result<(), 
     let count = settings.shard_count;
     let listen = settings.config.server.listen;
     let (listening, listened) = crossbeam::channel::bounded::<usize>(count);
+    let ready = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let http = settings.config.http.listen;
     {
         let stop = stop.clone();
+        let ready = ready.clone();
         std::thread::spawn(move || {
             // Announce readiness once every shard listens (tests and scripts wait for this
             // line); a shard that fails to start stops the others instead.
@@ -990,6 +1002,11 @@ fn serve(mut settings: epoxi::settings::Settings, source: Source) -> Result<(), 
                 }
             }
             if !stop.is_triggered() {
+                ready.store(true, std::sync::atomic::Ordering::Release);
+                if let Some(http) = http {
+                    // Before the line below: whoever waits for it can read this one too.
+                    tracing::info!("http api on {http}");
+                }
                 tracing::info!("listening on {listen} with {count} shards");
             }
         });
@@ -1001,6 +1018,7 @@ fn serve(mut settings: epoxi::settings::Settings, source: Source) -> Result<(), 
         listening,
         admin: Some(Arc::new(std::sync::Mutex::new(Some(shard_end)))),
         reloader: Some(reloader),
+        ready,
     };
     let results = shards::run::<shards::Wire<Request, Answer>, _, _, _>(&runtime, move |s| {
         let shared = shared.clone();

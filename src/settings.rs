@@ -140,6 +140,9 @@ impl Config {
         if let Some(port) = overrides.delivery_port {
             self.delivery.port = port;
         }
+        if let Some(http) = overrides.http {
+            self.http.listen = Some(http);
+        }
         let starttls = crate::route::parse_tls_policy(&self.delivery.starttls)
             .map_err(|e| invalid("delivery.starttls", e.to_string()))?;
         let mut routes = Vec::new();

@@ -9,7 +9,9 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
+mod http;
 mod shaping;
+pub use http::{HttpSection, HTTP_BODY_MAX_DEFAULT, HTTP_HEAD_MAX_DEFAULT, HTTP_ROLES};
 pub use shaping::{
     AdaptiveEntry, DomainEntry, LimitKeys, ProviderEntry, ShapingSection, SiteEntry, StageEntry,
     WarmupEntry, WarmupProviderEntry,
@@ -115,6 +117,8 @@ pub struct Config {
     pub adaptive: Vec<AdaptiveEntry>,
     /// IP warmup schedules, named by `[[source]] warmup`.
     pub warmup: Vec<WarmupEntry>,
+    /// The HTTP endpoint (off unless `listen` is set).
+    pub http: HttpSection,
 }
 
 /// A kind of delivery status notification, as the `notices` lists name it.
@@ -864,6 +868,8 @@ pub struct Overrides {
     pub resolvers: Vec<String>,
     /// `--delivery-port PORT`.
     pub delivery_port: Option<u16>,
+    /// `--http ADDR`: serve the HTTP endpoint there.
+    pub http: Option<SocketAddr>,
 }
 
 /// A CIDR network, e.g. 127.0.0.0/8: a thin wrapper over [`ipnet::IpNet`] that keeps the
@@ -916,6 +922,7 @@ impl Config {
     }
 
     pub(crate) fn validate(&self) -> Result<(), ConfigError> {
+        self.http.validate()?;
         let r = &self.tls_report;
         if r.period_s == 0 || r.period_s > 86_400 {
             return Err(invalid(

@@ -25,8 +25,37 @@ pub type Reloader = Arc<dyn Fn() -> Result<Settings, String> + Send + Sync>;
 /// Bytes read from a connection at a time.
 const READ_CHUNK_BYTES: usize = 4096;
 
+/// Who asked for an operation, for the event log and the audit log.
+#[derive(Clone, Debug)]
+pub struct Caller {
+    /// A token's name, `loopback`, or `uid:N` on the admin socket.
+    pub who: String,
+    /// The token's role, or `socket`.
+    pub role: String,
+    /// The client's address, or `admin.sock`.
+    pub from: String,
+    /// What was called: `POST /api/admin/suspend/v1`, or the operation's name.
+    pub what: String,
+    /// The admin socket's peer, as SO_PEERCRED said.
+    pub peer_uid: Option<u32>,
+}
+
+impl Caller {
+    fn socket(uid: Option<u32>, op: &Op) -> Caller {
+        Caller {
+            who: uid.map_or_else(|| "uid:unknown".to_owned(), |u| format!("uid:{u}")),
+            role: "socket".into(),
+            from: admin::socket::SOCKET_NAME.into(),
+            what: op.name().into(),
+            peer_uid: uid,
+        }
+    }
+}
+
 pub struct Server {
     pub mesh: Rc<ShardMesh>,
+    /// The audit log (`http.audit_log`, or `LOG_DIR/audit.jsonl`).
+    pub audit: std::path::PathBuf,
     pub settings: Rc<Live>,
     pub observers: Observers,
     pub clock: Rc<dyn Clock>,
@@ -88,7 +117,10 @@ impl Server {
                         admin::REQUEST_LINE_MAX
                     )),
                     Line::Request(bytes) => match admin::parse_request(&bytes) {
-                        Ok(op) => self.answer(op, uid).await,
+                        Ok(op) => {
+                            let caller = Caller::socket(uid, &op);
+                            self.answer(op, caller).await
+                        }
                         Err(why) => admin::error(why),
                     },
                 };
@@ -103,8 +135,10 @@ impl Server {
         }
     }
 
-    /// Carry out `op` and log it when it changes something.
-    async fn answer(&self, op: Op, uid: Option<u32>) -> Value {
+    /// Carry out `op` for `caller`: log it as an event when it changes something, and in
+    /// the audit log always (synced before the answer goes out). The admin socket and the
+    /// HTTP admin API (from any shard, over the mesh) both come here.
+    pub async fn answer(&self, op: Op, caller: Caller) -> Value {
         let answer = match &op {
             Op::Reload => self.reload().await,
             _ => {
@@ -121,10 +155,39 @@ impl Server {
                 op: op.name(),
                 args: &args,
                 result: &result,
-                peer_uid: uid,
+                peer_uid: caller.peer_uid,
             }));
         }
+        self.audit(&op, &caller, &answer).await;
         answer
+    }
+
+    /// One audit line for `op`, synced (on the blocking pool: it is a file).
+    async fn audit(&self, op: &Op, caller: &Caller, answer: &Value) {
+        let args = serde_json::to_value(op).unwrap_or(Value::Null);
+        let result = admin::summary(answer);
+        let status = match answer.get("error") {
+            Some(_) => 400,
+            None => 200,
+        };
+        let line = crate::http::audit::Entry {
+            ts_ms: self.clock.now_ms(),
+            who: &caller.who,
+            role: &caller.role,
+            from: &caller.from,
+            what: &caller.what,
+            args: &args,
+            status,
+            result: &result,
+        }
+        .line();
+        let path = self.audit.clone();
+        let written = glommio::executor()
+            .spawn_blocking(move || crate::http::audit::append(&path, &line))
+            .await;
+        if let Err(e) = written {
+            tracing::error!("audit log {}: {e}", self.audit.display());
+        }
     }
 
     /// Read the configuration again; if it is valid, hand what a running server can take to

@@ -32,6 +32,9 @@ pub enum Request {
     TlsRptTake { before: u64 },
     /// An operator's operation on this shard's queue; answered with `Admin`.
     Admin(crate::admin::Op),
+    /// An operator's operation from the HTTP admin API, for shard 0's admin server (the
+    /// admin socket's handler, so both take one path); answered with `Admin`.
+    AdminServe(Box<(crate::admin::Op, super::admin::Caller)>),
     /// Swap in reloaded settings (already checked and planned by shard 0); answered with
     /// `Admin`.
     Reload(std::sync::Arc<crate::settings::Settings>),
@@ -223,6 +226,8 @@ pub struct Handler {
     pub hooks: Rc<dyn crate::admin::Hooks>,
     /// This shard's suppression entries, when the list is on.
     pub suppression: Option<Rc<crate::suppression::Suppression>>,
+    /// Shard 0's admin server (None on the others).
+    pub admin: Option<Rc<super::admin::Server>>,
 }
 
 impl Handler {
@@ -366,6 +371,17 @@ impl shards::Handler<Request, Answer> for Handler {
                 });
             }
             Request::Admin(op) => Answer::Admin(self.admin(&op, now)),
+            Request::AdminServe(call) => {
+                let Some(server) = self.admin.clone() else {
+                    return Box::pin(std::future::ready(Answer::Admin(crate::admin::error(
+                        "admin operations go to shard 0",
+                    ))));
+                };
+                return Box::pin(async move {
+                    let (op, caller) = *call;
+                    Answer::Admin(server.answer(op, caller).await)
+                });
+            }
             Request::Reload(settings) => Answer::Admin(self.reload(&settings, now)),
             Request::TlsRptTake { before } => Answer::TlsRpt(
                 self.tlsrpt

@@ -16,6 +16,7 @@
 //! the mesh ([`mesh`]).
 
 pub mod admin;
+pub mod http;
 pub mod mesh;
 mod perform;
 mod tlsrpt;
@@ -86,6 +87,8 @@ pub struct Shared {
     pub admin: Option<Arc<std::sync::Mutex<Option<std::os::unix::net::UnixStream>>>>,
     /// Reads the configuration again for a reload.
     pub reloader: Option<admin::Reloader>,
+    /// Set by the process once every shard listens: HTTP readiness.
+    pub ready: Arc<std::sync::atomic::AtomicBool>,
 }
 
 /// Every listener a shard binds, in order: `server.listen`, `server.implicit_tls_listen`, then
@@ -114,6 +117,14 @@ pub async fn run(
     let cfg = &settings.config;
     let clock: Rc<dyn Clock> = Rc::new(SystemClock);
     let stop = shards::LocalStop::new(shared.stop.clone());
+    // HTTP first: liveness answers (and readiness says "not yet") while the spool recovers.
+    let http_endpoint = http::Endpoint::start(
+        id,
+        shared.settings.clone(),
+        shared.ready.clone(),
+        stop.clone(),
+    )
+    .map_err(|why| ShardError::Listen { shard: id, why })?;
 
     let spool_cfg = SpoolConfig {
         dir: cfg.spool.dir.join(format!("shard-{id}")),
@@ -316,7 +327,22 @@ pub async fn run(
         spool.on_moved(Box::new(move |moves| core.with(|c| c.relocated(moves))));
     }
     let bound: Rc<RefCell<Vec<Rc<Listener>>>> = Rc::default();
+    // Shard 0's admin server: the admin socket's connections and the HTTP admin API (from
+    // every shard, over the mesh) both go to it.
+    let admin_server = (id == 0).then(|| {
+        Rc::new(admin::Server {
+            mesh: mesh.clone(),
+            audit: http::audit_path(&settings),
+            settings: live.clone(),
+            observers: admin_observers.clone(),
+            clock: clock.clone(),
+            reloader: shared.reloader.clone(),
+            stop: stop.clone(),
+            reloading: glommio::sync::Semaphore::new(1),
+        })
+    });
     mesh.serve(Rc::new(mesh::Handler {
+        admin: admin_server.clone(),
         reception: reception.clone(),
         core: core.clone(),
         clients,
@@ -401,22 +427,26 @@ pub async fn run(
     let handover = (id == 0)
         .then(|| shared.admin.as_ref()?.lock().ok()?.take())
         .flatten();
-    let admin_server = handover.map(|end| {
+    let admin_socket = handover.zip(admin_server).map(|(end, server)| {
         use std::os::fd::{FromRawFd as _, IntoRawFd as _};
         // SAFETY: the descriptor comes out of a std stream we own (`into_raw_fd`), and only
         // this glommio stream owns it from here on.
         let end = unsafe { glommio::net::UnixStream::from_raw_fd(end.into_raw_fd()) };
-        let server = Rc::new(admin::Server {
-            mesh: mesh.clone(),
-            settings: live.clone(),
-            observers: admin_observers.clone(),
-            clock: clock.clone(),
-            reloader: shared.reloader.clone(),
-            stop: stop.clone(),
-            reloading: glommio::sync::Semaphore::new(1),
-        });
         glommio::spawn_local(server.run(end))
     });
+    if let Some((endpoint, _)) = &http_endpoint {
+        endpoint.attach(Rc::new(http::Api {
+            shard: id,
+            shards: count,
+            mesh: mesh.clone(),
+            reception: reception.clone(),
+            core: core.clone(),
+            settings: live.clone(),
+            clock: clock.clone(),
+            observers: admin_observers.clone(),
+            started_ms: now,
+        }));
+    }
     let _ = shared.listening.send(id);
 
     // Until the stop signal (SIGTERM/SIGINT, or another shard failing to start), then in order.
@@ -424,8 +454,11 @@ pub async fn run(
     for acceptor in acceptors {
         acceptor.await;
     }
-    if let Some(admin_server) = admin_server {
-        admin_server.await;
+    if let Some(admin_socket) = admin_socket {
+        admin_socket.await;
+    }
+    if let Some((_, accepting)) = http_endpoint {
+        accepting.await;
     }
     core.with(|c| c.stop());
     let grace = Duration::from_secs(cfg.server.shutdown_grace_s);
