@@ -54,6 +54,9 @@ enum Command {
     Rebind(RebindArgs),
     /// Re-inject dead letters (all, or one by id).
     Reinject(ReinjectArgs),
+    /// HTTP API bearer tokens (`http.tokens_file`).
+    #[command(subcommand)]
+    Token(TokenCommand),
     /// Suppression lists.
     #[command(subcommand)]
     Suppression(SuppressionCommand),
@@ -62,6 +65,71 @@ enum Command {
     /// Dead letters (messages that failed for good, `dead_letter.enabled`).
     #[command(subcommand)]
     Deadletter(DeadletterCommand),
+}
+
+#[derive(Subcommand)]
+enum TokenCommand {
+    /// Make a token with a role; prints it once (only its hash is stored).
+    Add {
+        /// The tokens file (`http.tokens_file`).
+        #[arg(long)]
+        file: PathBuf,
+        /// viewer, injector, operator or admin.
+        #[arg(long)]
+        role: String,
+        /// A name for it (in the audit log).
+        #[arg(long)]
+        name: String,
+    },
+    /// Print the tokens' names, roles and creation times.
+    List {
+        #[arg(long)]
+        file: PathBuf,
+    },
+    /// Remove a token by name.
+    Remove {
+        #[arg(long)]
+        file: PathBuf,
+        #[arg(long)]
+        name: String,
+    },
+}
+
+/// `epoxi token ...`.
+fn token(command: TokenCommand) -> ExitCode {
+    use epoxi::http::access::{self, Role};
+    let done = match command {
+        TokenCommand::Add { file, role, name } => match Role::parse(&role) {
+            None => Err(format!(
+                "--role {role}: one of viewer, injector, operator, admin"
+            )),
+            Some(role) => {
+                let now = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| d.as_millis() as u64);
+                access::add_token(&file, &name, role, now)
+                    .map(|token| println!("{token}"))
+                    .map_err(|e| e.to_string())
+            }
+        },
+        TokenCommand::List { file } => access::read_tokens(&file)
+            .map(|list| {
+                for t in list {
+                    println!("{}\t{}\t{}", t.name, t.role.name(), t.created_ms);
+                }
+            })
+            .map_err(|e| e.to_string()),
+        TokenCommand::Remove { file, name } => {
+            access::remove_token(&file, &name).map_err(|e| e.to_string())
+        }
+    };
+    match done {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("epoxi token: {e}");
+            ExitCode::FAILURE
+        }
+    }
 }
 
 #[derive(Subcommand)]
@@ -155,6 +223,15 @@ struct AdminArgs {
     /// Print the answer as JSON.
     #[arg(long)]
     json: bool,
+    /// Use the HTTP admin API at this URL (e.g. http://127.0.0.1:8000) instead of the socket.
+    #[arg(long, conflicts_with_all = ["spool", "admin"])]
+    url: Option<String>,
+    /// The bearer token for --url (or EPOXI_TOKEN).
+    #[arg(long, env = "EPOXI_TOKEN", hide_env_values = true, requires = "url")]
+    token: Option<String>,
+    /// With --url https://...: accept the server's certificate unchecked (self-signed).
+    #[arg(long, requires = "url")]
+    insecure: bool,
 }
 
 impl AdminArgs {
@@ -479,8 +556,17 @@ fn admin_request(command: Command) -> Option<(Op, AdminArgs, bool)> {
 /// Send `op` to the server and print its answer: as JSON, or (a summary) as tables. Fails
 /// when the server cannot be reached or the answer has an `error`.
 fn operate(op: &Op, admin: &AdminArgs, table: bool) -> ExitCode {
-    let path = admin.socket();
-    let answer = match epoxi::admin::client::request(&path, op) {
+    let answer = match &admin.url {
+        Some(url) => epoxi::admin::client::HttpTarget {
+            url: url.clone(),
+            token: admin.token.clone(),
+            insecure: admin.insecure,
+        }
+        .request(op)
+        .map_err(|e| e.to_string()),
+        None => epoxi::admin::client::request(&admin.socket(), op).map_err(|e| e.to_string()),
+    };
+    let answer = match answer {
         Ok(answer) => answer,
         Err(e) => {
             eprintln!("epoxi {}: {e}", op.name());
@@ -858,6 +944,7 @@ fn main() -> ExitCode {
                 }
             }
         }
+        Command::Token(command) => token(command),
         Command::Passwd(args) => match passwd(args) {
             Ok(done) => {
                 eprintln!("epoxi: {done}");

@@ -231,7 +231,140 @@ pub struct Opts {
     pub log_format: Option<String>,
 }
 
+/// One HTTP response as a real client (Python's urllib) got it.
+#[derive(Debug)]
+pub struct HttpReply {
+    pub status: u16,
+    pub headers: Vec<(String, String)>,
+    pub body: Vec<u8>,
+}
+
+impl HttpReply {
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_slice(&self.body).unwrap_or_else(|e| {
+            panic!(
+                "HTTP {} body is not JSON ({e}): {}",
+                self.status,
+                String::from_utf8_lossy(&self.body)
+            )
+        })
+    }
+
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.body).into_owned()
+    }
+
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(n, _)| n.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+}
+
+/// Python's urllib as the HTTP client: sends one request, never follows redirects, and
+/// returns whatever status came back (4xx and 5xx included).
+const URLLIB_CLIENT: &str = r#"
+import base64, json, ssl, sys, urllib.request, urllib.error
+spec = json.load(sys.stdin)
+class NoRedirect(urllib.request.HTTPRedirectHandler):
+    def redirect_request(self, *a, **k):
+        return None
+# https: the test server's certificate is self-signed.
+tls = urllib.request.HTTPSHandler(context=ssl._create_unverified_context())
+opener = urllib.request.build_opener(NoRedirect, tls)
+body = base64.b64decode(spec["body"]) if spec["body"] is not None else None
+req = urllib.request.Request(spec["url"], data=body, method=spec["method"], headers=spec["headers"])
+try:
+    r = opener.open(req, timeout=spec["timeout"])
+    status, headers, data = r.status, list(r.headers.items()), r.read()
+except urllib.error.HTTPError as e:
+    status, headers, data = e.code, list(e.headers.items()), e.read()
+json.dump({"status": status, "headers": headers, "body": base64.b64encode(data).decode()}, sys.stdout)
+"#;
+
+/// Send one HTTP request with Python's urllib (a real client); `body` as given.
+pub fn http_request(
+    method: &str,
+    url: &str,
+    headers: &[(&str, &str)],
+    body: Option<&[u8]>,
+) -> HttpReply {
+    use base64::Engine as _;
+    let b64 = base64::engine::general_purpose::STANDARD;
+    let spec = serde_json::json!({
+        "method": method,
+        "url": url,
+        "headers": headers.iter().map(|(n, v)| (n.to_string(), serde_json::Value::from(*v))).collect::<serde_json::Map<_, _>>(),
+        "body": body.map(|b| b64.encode(b)),
+        "timeout": 60,
+    });
+    let mut child = Command::new("python3")
+        .args(["-c", URLLIB_CLIENT])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn python3");
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(spec.to_string().as_bytes())
+        .expect("write request spec");
+    let out = child.wait_with_output().expect("python3 urllib");
+    assert!(
+        out.status.success(),
+        "urllib {method} {url} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("urllib output");
+    HttpReply {
+        status: v["status"].as_u64().expect("status") as u16,
+        headers: v["headers"]
+            .as_array()
+            .expect("headers")
+            .iter()
+            .map(|h| {
+                (
+                    h[0].as_str().unwrap_or("").to_owned(),
+                    h[1].as_str().unwrap_or("").to_owned(),
+                )
+            })
+            .collect(),
+        body: b64
+            .decode(v["body"].as_str().expect("body"))
+            .expect("base64 body"),
+    }
+}
+
+/// GET with an optional bearer token.
+pub fn http_get(url: &str, token: Option<&str>) -> HttpReply {
+    let auth = token.map(|t| format!("Bearer {t}"));
+    let headers: Vec<(&str, &str)> = auth.iter().map(|a| ("Authorization", a.as_str())).collect();
+    http_request("GET", url, &headers, None)
+}
+
+/// A JSON request (POST, DELETE...) with an optional bearer token.
+pub fn http_json(
+    method: &str,
+    url: &str,
+    token: Option<&str>,
+    body: &serde_json::Value,
+) -> HttpReply {
+    let auth = token.map(|t| format!("Bearer {t}"));
+    let mut headers: Vec<(&str, &str)> = vec![("Content-Type", "application/json")];
+    headers.extend(auth.iter().map(|a| ("Authorization", a.as_str())));
+    http_request(method, url, &headers, Some(body.to_string().as_bytes()))
+}
+
 impl Opts {
+    /// Serve HTTP on a free loopback port (`Epoxi::http_url` says which).
+    pub fn http(mut self) -> Opts {
+        self.conf.set("http", "listen", "\"127.0.0.1:0\"");
+        self
+    }
+
     /// Spool and logs under `dir`, one shard, no route.
     pub fn new(dir: &Path) -> Opts {
         Opts {
@@ -397,6 +530,18 @@ impl Epoxi {
 
     pub fn addr(&self) -> SocketAddr {
         SocketAddr::from(([127, 0, 0, 1], self.port))
+    }
+
+    /// The HTTP endpoint's address (`http api on ADDR`), when `http.listen` is set (see
+    /// [`Opts::http`]).
+    pub fn http_addr(&self) -> SocketAddr {
+        listening_addr(&self.stderr.text(), "http api on ")
+            .unwrap_or_else(|| panic!("epoxi serves no HTTP:\n{}", self.stderr.text()))
+    }
+
+    /// `http://ADDR` of the HTTP endpoint.
+    pub fn http_url(&self) -> String {
+        format!("http://{}", self.http_addr())
     }
 
     pub fn stderr(&self) -> String {

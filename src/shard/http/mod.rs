@@ -281,7 +281,12 @@ impl Endpoint {
                 }
                 return denied;
             }
-            Err(denied) => return denied,
+            Err(denied) => {
+                if path.starts_with("/api/admin/") {
+                    audit_refused(&self.settings, req, "-", "-", &denied).await;
+                }
+                return denied;
+            }
         };
         if path == "/" && req.method == "GET" {
             if let Some(token) = req.param("token") {
@@ -383,9 +388,13 @@ impl Api {
 
     /// An admin API call: checked here, carried out by shard 0's admin server.
     async fn admin(&self, req: &Request, who: &Principal) -> Response {
+        let settings = self.settings.get();
         let call = match crate::http::admin::parse(req) {
             Ok(call) => call,
-            Err(bad) => return bad,
+            Err(bad) => {
+                audit_refused(&settings, req, &who.name, who.role.name(), &bad).await;
+                return bad;
+            }
         };
         let (op, list) = match call {
             AdminCall::Op(op) => (op, false),
@@ -393,7 +402,9 @@ impl Api {
         };
         let needed = crate::http::admin::role_for(&op);
         if !who.may(needed) {
-            return who.forbidden(needed);
+            let denied = who.forbidden(needed);
+            audit_refused(&settings, req, &who.name, who.role.name(), &denied).await;
+            return denied;
         }
         let caller = Caller {
             who: who.name.clone(),
@@ -507,16 +518,45 @@ impl Api {
                 result: &logged,
             }
             .line();
-            let path = audit_path(&settings);
-            let written = glommio::executor()
-                .spawn_blocking(move || crate::http::audit::append(&path, &line))
-                .await;
-            if let Err(e) = written {
-                tracing::error!("audit log: {e}");
-            }
+            append_audit(&settings, line).await;
         }
         Response::json(status, &answer)
     }
+}
+
+/// Append an audit line (on the blocking pool: it syncs a file).
+async fn append_audit(settings: &Settings, line: Vec<u8>) {
+    let path = audit_path(settings);
+    let written = glommio::executor()
+        .spawn_blocking(move || crate::http::audit::append(&path, &line))
+        .await;
+    if let Err(e) = written {
+        tracing::error!("audit log {}: {e}", audit_path(settings).display());
+    }
+}
+
+/// An admin call refused before it ran (no or a bad token, a role short of it, a bad body)
+/// is on record too.
+async fn audit_refused(
+    settings: &Settings,
+    req: &Request,
+    who: &str,
+    role: &str,
+    refusal: &Response,
+) {
+    let result: serde_json::Value = serde_json::from_slice(&refusal.body).unwrap_or_default();
+    let line = crate::http::audit::Entry {
+        ts_ms: crate::clock::SystemClock.now_ms(),
+        who,
+        role,
+        from: &req.peer.ip().to_string(),
+        what: &format!("{} {}", req.method, req.path),
+        args: &serde_json::Value::Null,
+        status: refusal.status,
+        result: &result,
+    }
+    .line();
+    append_audit(settings, line).await;
 }
 
 /// The page at `/` (the dashboard).
