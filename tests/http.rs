@@ -418,6 +418,33 @@ fn admin_api_acts_on_queued_mail() {
     assert_eq!(inspect.status, 200, "{}", inspect.text());
     let shown = inspect.json()["messages"].as_array().map_or(0, Vec::len);
     assert!(shown > 0, "{}", inspect.text());
+    // One message, its body read from the spool on demand.
+    let id = inspect.json()["messages"][0]["id"]
+        .as_str()
+        .expect("id")
+        .to_owned();
+    let one = http_get(
+        &format!("{url}/api/admin/inspect-message/v1?id={id}&want_body=true"),
+        None,
+    );
+    assert_eq!(one.status, 200, "{}", one.text());
+    let one = one.json();
+    assert_eq!(one["id"], id.as_str());
+    assert!(
+        one["message"]["recipient"][0]
+            .as_str()
+            .is_some_and(|r| r.ends_with("@d0.test")),
+        "{one}"
+    );
+    let data = one["message"]["data"].as_str().expect("data");
+    assert!(
+        data.contains("Received:") && data.contains("\r\n\r\n"),
+        "{data}"
+    );
+    let meta_only = http_get(&format!("{url}/api/admin/inspect-message/v1?id={id}"), None).json();
+    assert!(meta_only["message"]["data"].is_null(), "{meta_only}");
+    let missing = http_get(&format!("{url}/api/admin/inspect-message/v1?id=nope"), None);
+    assert_eq!(missing.status, 404);
     // KumoMTA's bounce body: every queued message of the domain bounces now.
     let bounced = http_json(
         "POST",

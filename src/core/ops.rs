@@ -652,6 +652,19 @@ impl Core {
         answer
     }
 
+    /// One message by reception or queue id: its inspect row and where its record is (for
+    /// `inspect-message`, which reads the body on demand). None: not queued on this shard.
+    pub fn locate(&self, id: &str, now_ms: u64) -> Option<(crate::spool::Location, Value)> {
+        let sel = Selector::Id(id.trim().to_owned());
+        let row = self.inspect(&sel, 1, now_ms);
+        let row = row["messages"].as_array()?.first()?.clone();
+        let m = self
+            .queue
+            .messages()
+            .find(|m| selects(&sel, m, self.queue.names(m), 0, None))?;
+        Some((m.loc(), row))
+    }
+
     fn inspect(&self, sel: &Selector, limit: usize, now_ms: u64) -> Value {
         let mut out: Vec<Value> = Vec::new();
         let wants_site = matches!(sel, Selector::Site(_));

@@ -35,6 +35,9 @@ pub enum Request {
     /// An operator's operation from the HTTP admin API, for shard 0's admin server (the
     /// admin socket's handler, so both take one path); answered with `Admin`.
     AdminServe(Box<(crate::admin::Op, super::admin::Caller)>),
+    /// One message by id, with its body when `body` (read from the spool on demand);
+    /// answered with `Admin` (`{"found": false}` when it is not queued here).
+    InspectMessage { id: String, body: bool },
     /// Swap in reloaded settings (already checked and planned by shard 0); answered with
     /// `Admin`.
     Reload(std::sync::Arc<crate::settings::Settings>),
@@ -228,6 +231,42 @@ pub struct Handler {
     pub suppression: Option<Rc<crate::suppression::Suppression>>,
     /// Shard 0's admin server (None on the others).
     pub admin: Option<Rc<super::admin::Server>>,
+    /// This shard's spool, for reading a message on demand (inspect-message).
+    pub spool: Rc<crate::spool::Spool>,
+}
+
+/// The body of an inspected message is cut to this many bytes: enough to see any header
+/// and the start of the content; the whole message is in the spool.
+const INSPECT_BODY_MAX: usize = 1 << 20;
+
+/// `InspectMessage` on this shard.
+async fn inspect_message(
+    core: Rc<CoreCell>,
+    spool: Rc<crate::spool::Spool>,
+    id: String,
+    body: bool,
+    now: u64,
+) -> serde_json::Value {
+    let Some((loc, mut row)) = core.read(|c| c.locate(&id, now)) else {
+        return serde_json::json!({ "found": false });
+    };
+    row["found"] = true.into();
+    if body {
+        match spool.read_message(loc).await {
+            Ok(stored) => match stored.view() {
+                Ok(view) => {
+                    let whole = view.body();
+                    let truncated = whole.len() > INSPECT_BODY_MAX;
+                    let data = &whole[..whole.len().min(INSPECT_BODY_MAX)];
+                    row["data"] = String::from_utf8_lossy(data).into_owned().into();
+                    row["data_truncated"] = truncated.into();
+                }
+                Err(e) => row["error"] = format!("the spooled record is unreadable: {e}").into(),
+            },
+            Err(e) => row["error"] = format!("cannot read the spool: {e}").into(),
+        }
+    }
+    row
 }
 
 impl Handler {
@@ -371,6 +410,12 @@ impl shards::Handler<Request, Answer> for Handler {
                 });
             }
             Request::Admin(op) => Answer::Admin(self.admin(&op, now)),
+            Request::InspectMessage { id, body } => {
+                let (core, spool) = (self.core.clone(), self.spool.clone());
+                return Box::pin(async move {
+                    Answer::Admin(inspect_message(core, spool, id, body, now).await)
+                });
+            }
             Request::AdminServe(call) => {
                 let Some(server) = self.admin.clone() else {
                     return Box::pin(std::future::ready(Answer::Admin(crate::admin::error(

@@ -343,6 +343,7 @@ pub async fn run(
     });
     mesh.serve(Rc::new(mesh::Handler {
         admin: admin_server.clone(),
+        spool: spool.clone(),
         reception: reception.clone(),
         core: core.clone(),
         clients,

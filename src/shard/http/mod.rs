@@ -381,6 +381,9 @@ impl Api {
                 dashboard_page()
             }
             (_, "/api/admin/tokens/v1") => self.tokens(req, who).await,
+            ("GET", "/api/admin/inspect-message/v1" | "/api/admin/inspect-message") => {
+                self.inspect_message(req, who).await
+            }
             _ if path.starts_with("/api/admin/") => self.admin(req, who).await,
             _ => Response::error(404, format!("no such endpoint: {} {path}", req.method)),
         }
@@ -419,6 +422,74 @@ impl Api {
         }
         let answer = crate::http::admin::shape_answer(&op, answer);
         Response::json(crate::http::admin::status(&answer), &answer)
+    }
+
+    /// KumoMTA's `inspect-message`: one message by id (`id`), its body too with
+    /// `want_body=true`, read from the owning shard's spool on demand (nothing is kept or
+    /// computed for it otherwise). Role viewer; audited (it can show a message's content).
+    async fn inspect_message(&self, req: &Request, who: &Principal) -> Response {
+        let settings = self.settings.get();
+        if !who.may(Role::Viewer) {
+            let denied = who.forbidden(Role::Viewer);
+            audit_refused(&settings, req, &who.name, who.role.name(), &denied).await;
+            return denied;
+        }
+        let Some(id) = req.param("id").map(str::to_owned) else {
+            return Response::error(400, "inspect-message needs ?id=RECEPTION_OR_QUEUE_ID");
+        };
+        let body = req
+            .param("want_body")
+            .is_some_and(|v| v == "true" || v == "1");
+        let answers = self
+            .mesh
+            .gather(|_| MeshRequest::InspectMessage {
+                id: id.clone(),
+                body,
+            })
+            .await;
+        let found = answers.into_iter().find_map(|(_, a)| match a {
+            Ok(Answer::Admin(v)) if v["found"] == true => Some(v),
+            _ => None,
+        });
+        let response = match found {
+            None => Response::error(404, format!("no queued message with id {id}")),
+            Some(mut row) => {
+                let data = row.as_object_mut().and_then(|o| {
+                    o.remove("found");
+                    o.remove("data")
+                });
+                let recipients: Vec<serde_json::Value> = row["recipients"]
+                    .as_array()
+                    .map(|a| a.iter().map(|r| r["rcpt"].clone()).collect())
+                    .unwrap_or_default();
+                Response::json(
+                    200,
+                    &serde_json::json!({
+                        "id": id,
+                        "message": {
+                            "sender": row["sender"],
+                            "recipient": recipients,
+                            "meta": row,
+                            "data": data,
+                        }
+                    }),
+                )
+            }
+        };
+        let result = serde_json::json!({ "status": response.status, "want_body": body });
+        let line = crate::http::audit::Entry {
+            ts_ms: self.clock.now_ms(),
+            who: &who.name,
+            role: who.role.name(),
+            from: &who.peer.to_string(),
+            what: &format!("{} {}", req.method, req.path),
+            args: &serde_json::json!({ "id": id }),
+            status: response.status,
+            result: &result,
+        }
+        .line();
+        append_audit(&settings, line).await;
+        response
     }
 
     /// `op` through shard 0's admin server.
