@@ -27,6 +27,8 @@
 //!   needs (`epoxi dns-records`).
 //! - `admin/`: operations on a running server: the protocol, the merge of the shards' answers,
 //!   the reload plan, the admin socket and the CLI's client.
+//! - `inject/`: HTTP injection (KumoMTA's `/api/inject/v1`) without I/O: the request, its
+//!   templates (minijinja) and the message built per recipient (mail-builder).
 
 pub mod admin;
 pub mod alloc;
@@ -46,6 +48,7 @@ pub mod eventlog;
 pub mod events;
 pub mod http;
 pub mod ids;
+pub mod inject;
 pub mod logging;
 pub mod notices;
 pub mod oob;
