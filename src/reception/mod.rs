@@ -18,6 +18,7 @@
 //! retry after our 4xx and the recipients may get the message twice, which SMTP allows; losing
 //! it is not.
 
+pub mod inject;
 pub mod listener;
 mod reports;
 mod session;
@@ -413,6 +414,23 @@ impl Reception {
             }
         }
     }
+}
+
+/// Tags `envelope` with the tenant, priority class and campaign its message's headers name
+/// (one pass over `body`'s header block; a class not named, or named wrongly, is `priority`)
+/// and the `notices` its way in allows. Every way in (SMTP, HTTP) tags the same way.
+pub fn tag(
+    envelope: &mut Envelope,
+    settings: &Settings,
+    body: &[u8],
+    priority: crate::envelope::Priority,
+    notices: crate::envelope::NoticeSwitches,
+) {
+    let tags = settings.egress.tags_of(body);
+    envelope.tenant = tags.tenant;
+    envelope.priority = tags.priority.unwrap_or(priority);
+    envelope.campaign = tags.campaign;
+    envelope.notices = notices;
 }
 
 /// The shard that owns recipient `address`, among `shards`, with `spread` domains split over

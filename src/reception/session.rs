@@ -404,13 +404,8 @@ pub(super) async fn session(
                     }
                 }
                 let mut envelope = envelope_of(&tx, id, &peer_text);
-                // One pass over the header block for the tenant, class and campaign; a class
-                // the header does not name (or names wrongly) is the listener's.
-                let tags = settings.egress.tags_of(&tx.body);
-                envelope.tenant = tags.tenant;
-                envelope.priority = tags.priority.unwrap_or(priority);
-                envelope.campaign = tags.campaign;
-                envelope.notices = notices;
+                // A class the header does not name (or names wrongly) is the listener's.
+                super::tag(&mut envelope, &settings, &tx.body, priority, notices);
                 // The tenant's suppression list is known only now: its recipients are
                 // bounced at acceptance (or the message refused when no other is left).
                 let refused = reception.tenant_refusals(&envelope).await;

@@ -93,11 +93,24 @@ pub async fn sign_message(
     message: &[u8],
     timestamp: u64,
 ) -> Result<String, KeyError> {
+    sign_whole(signers, egress, "", message, timestamp).await
+}
+
+/// The DKIM-Signature headers for a message received whole (HTTP injection): `head`, the
+/// headers reception adds, on top of `message`; one pass, as [`sign_message`].
+pub async fn sign_whole(
+    signers: &Signers,
+    egress: &Egress,
+    head: &str,
+    message: &[u8],
+    timestamp: u64,
+) -> Result<String, KeyError> {
     if signers.is_empty() {
         return Ok(String::new());
     }
-    let pending =
-        MessageSigner::new().finish(signers, b"", message, timestamp, &|s| egress.tenant_of(s));
+    let pending = MessageSigner::new().finish(signers, head.as_bytes(), message, timestamp, &|s| {
+        egress.tenant_of(s)
+    });
     let mut out = String::new();
     for p in pending {
         out.push_str(&sign_one(p).await?);
