@@ -66,11 +66,11 @@ fn reply_text(r: &Reply) -> String {
 }
 
 /// Where a request came from.
-#[derive(Clone, Debug)]
+#[derive(Clone, Copy, Debug)]
 pub struct Origin {
     pub peer: SocketAddr,
-    /// TLS version and cipher of the HTTP connection, when it has TLS.
-    pub tls: Option<String>,
+    /// Over HTTPS (`http.tls`).
+    pub tls: bool,
 }
 
 /// One generated message on its way to the spool.
@@ -141,7 +141,7 @@ pub async fn inject(
             rcpt: rcpt.email.clone(),
             message: generated.message,
             eight_bit: generated.eight_bit,
-            origin: origin.clone(),
+            origin,
         };
         let reception = reception.clone();
         let tally = tally.clone();
@@ -186,11 +186,7 @@ impl Reception {
             IpAddr::V4(ip) => format!("[{ip}]"),
             IpAddr::V6(ip) => format!("[IPv6:{ip}]"),
         };
-        let protocol = if m.origin.tls.is_some() {
-            "HTTPS"
-        } else {
-            "HTTP"
-        };
+        let protocol = if m.origin.tls { "HTTPS" } else { "HTTP" };
         let hostname = &settings.hostname;
         let ip = m.origin.peer.ip();
         let mut head =
@@ -241,7 +237,8 @@ impl Reception {
             head,
             body: m.message,
         };
-        self.accept(envelope, body, m.origin.tls, Intake::Client)
+        let tls = m.origin.tls.then(|| "TLS (HTTPS)".to_owned());
+        self.accept(envelope, body, tls, Intake::Client)
             .await
             .map_err(Refusal::Accept)
     }

@@ -9,6 +9,8 @@
 //! Requests a shard cannot answer alone go over the mesh: admin operations to shard 0's
 //! admin server (the admin socket's handler), metrics and summaries to every shard.
 
+mod inject;
+
 use std::cell::{Cell, RefCell};
 use std::net::SocketAddr;
 use std::rc::Rc;
@@ -379,6 +381,12 @@ impl Api {
                     return who.forbidden(Role::Viewer);
                 }
                 dashboard_page()
+            }
+            ("POST", "/api/inject/v1") => {
+                if !who.may(Role::Injector) {
+                    return who.forbidden(Role::Injector);
+                }
+                inject::handle(self, req).await
             }
             (_, "/api/admin/tokens/v1") => self.tokens(req, who).await,
             ("GET", "/api/admin/inspect-message/v1" | "/api/admin/inspect-message") => {
