@@ -160,8 +160,10 @@ pub async fn inject(
     let _ = count.acquire(IN_FLIGHT_MAX as u64).await;
     let mut tally = tally.take();
     tally.failed.sort_by_key(|(i, _)| *i);
-    let mut response = InjectV1Response::default();
-    response.success_count = tally.succeeded;
+    let mut response = InjectV1Response {
+        success_count: tally.succeeded,
+        ..Default::default()
+    };
     for (i, why) in &tally.failed {
         if let Some(r) = request.recipients.get(*i) {
             response.failed(&r.email, why);
