@@ -252,6 +252,8 @@ fn raw_and_built_messages_arrive_with_each_recipients_substitutions() {
             .is_some_and(|t| t.contains("your order 18 ships tomorrow.")),
         "{dave}"
     );
+    // The event log is written behind delivery: wait for its lines, then count them.
+    epoxi.wait_events("Reception", 4);
     let receptions = epoxi.events_of("Reception");
     assert_eq!(receptions.len(), 4, "{receptions:#?}");
 }
@@ -416,5 +418,7 @@ fn an_injector_token_may_inject_and_a_viewer_token_may_not() {
         Duration::from_secs(30),
         || stored_count(&store) >= 1,
     );
+    // The event log is written behind delivery: wait for the line (only the injector's).
+    epoxi.wait_events("Reception", 1);
     assert_eq!(epoxi.events_of("Reception").len(), 1);
 }
