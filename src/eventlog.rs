@@ -653,8 +653,16 @@ mod tests {
                 FileOrder::Live,
             ]
         );
-        assert_eq!(parse_file_name("shard-12.jsonl"), Some((12, FileOrder::Live)));
-        for bad in ["shard-x.jsonl", "shard-1.jsonl.tmp", "webhooks", "shard-1.x.jsonl"] {
+        assert_eq!(
+            parse_file_name("shard-12.jsonl"),
+            Some((12, FileOrder::Live))
+        );
+        for bad in [
+            "shard-x.jsonl",
+            "shard-1.jsonl.tmp",
+            "webhooks",
+            "shard-1.x.jsonl",
+        ] {
             assert_eq!(parse_file_name(bad), None, "{bad}");
         }
     }

@@ -262,7 +262,11 @@ fn every_line_arrives_in_order_through_a_receiver_outage_and_rotations() {
     assert_eq!(second.count("accepted"), 150, "{}", second.json);
     epoxi.wait_events("Delivery", 300);
     thread::sleep(Duration::from_secs(3));
-    assert_eq!(posts.lock().expect("posts").len(), down_at, "nothing while down");
+    assert_eq!(
+        posts.lock().expect("posts").len(),
+        down_at,
+        "nothing while down"
+    );
     assert!(
         epoxi.stderr().contains("POST failed"),
         "the failures are logged:\n{}",
@@ -278,7 +282,11 @@ fn every_line_arrives_in_order_through_a_receiver_outage_and_rotations() {
     // Back on the same port: the backlog arrives, all of it, in order, once.
     let _receiver = Receiver::start_on(port, posts.clone());
     let want = log_lines(&epoxi.log_dir);
-    assert_eq!(count(&want), 600, "300 receptions and 300 deliveries logged");
+    assert_eq!(
+        count(&want),
+        600,
+        "300 receptions and 300 deliveries logged"
+    );
     wait_until("every logged line at the receiver", DEADLINE, || {
         count(&received(&posts)) >= 600
     });
@@ -369,8 +377,12 @@ fn filtered_objects_resume_from_the_cursor_across_restarts() {
     wait_until("every logged delivery at the receiver", DEADLINE, || {
         want = deliveries(&epoxi.log_dir);
         got = received(&posts);
-        want.iter()
-            .all(|(s, w)| w.is_empty() || got.get(s).is_some_and(|g: &Vec<Value>| g.last() == w.last()))
+        want.iter().all(|(s, w)| {
+            w.is_empty()
+                || got
+                    .get(s)
+                    .is_some_and(|g: &Vec<Value>| g.last() == w.last())
+        })
     });
     assert!(count(&want) >= 120);
     let mut again = 0;

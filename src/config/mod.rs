@@ -13,11 +13,11 @@ mod http;
 mod shaping;
 pub use http::{HttpSection, HTTP_BODY_MAX_DEFAULT, HTTP_HEAD_MAX_DEFAULT, HTTP_ROLES};
 mod webhook;
-pub use webhook::WebhookEntry;
 pub use shaping::{
     AdaptiveEntry, DomainEntry, LimitKeys, ProviderEntry, ShapingSection, SiteEntry, StageEntry,
     WarmupEntry, WarmupProviderEntry,
 };
+pub use webhook::WebhookEntry;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {

@@ -75,7 +75,7 @@ impl Spec {
     pub fn wants(&self, kind: &str) -> bool {
         self.events
             .as_ref()
-            .is_none_or(|list| list.iter().any(|k| *k == kind))
+            .is_none_or(|list| list.contains(&kind))
     }
 
     /// Check every `[[webhook]]` table; errors name the table and key.
@@ -146,13 +146,21 @@ impl Spec {
                 let Ok(header) = ureq::http::HeaderName::from_bytes(k.as_bytes()) else {
                     return Err(err("headers", format!("`{k}` is not a header name")));
                 };
-                if ["content-type", "content-length", "host", "transfer-encoding"]
-                    .contains(&header.as_str())
+                if [
+                    "content-type",
+                    "content-length",
+                    "host",
+                    "transfer-encoding",
+                ]
+                .contains(&header.as_str())
                 {
                     return Err(err("headers", format!("`{k}` is set by the sender itself")));
                 }
                 if ureq::http::HeaderValue::from_str(v).is_err() {
-                    return Err(err("headers", format!("`{k}`: the value is not a header value")));
+                    return Err(err(
+                        "headers",
+                        format!("`{k}`: the value is not a header value"),
+                    ));
                 }
                 headers.push((k.clone(), v.clone()));
             }
@@ -255,7 +263,8 @@ impl Status {
     }
 
     fn failed(&self, since_ms: u64, error: &str) {
-        self.failing_since_ms.store(since_ms.max(1), Ordering::Relaxed);
+        self.failing_since_ms
+            .store(since_ms.max(1), Ordering::Relaxed);
         *self.error_slot() = Some(error.to_owned());
     }
 

@@ -378,7 +378,10 @@ impl Sender {
         let mut chunk = vec![0; want];
         let mut got = 0;
         while got < want {
-            match cur.file.read_at(&mut chunk[got..], cur.offset + got as u64)? {
+            match cur
+                .file
+                .read_at(&mut chunk[got..], cur.offset + got as u64)?
+            {
                 0 => break,
                 n => got += n,
             }
@@ -498,7 +501,8 @@ impl Sender {
                             failing_for_ms = now.saturating_sub(w.since_ms),
                             "POST failed: {}{refused}; retrying with backoff", e.text);
                     } else {
-                        self.status.failed(self.failing.since_ms().unwrap_or(now), &e.text);
+                        self.status
+                            .failed(self.failing.since_ms().unwrap_or(now), &e.text);
                     }
                     ctl.poll();
                     if !ctl.sleep(self.backoff.failed()) {

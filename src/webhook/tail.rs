@@ -221,7 +221,9 @@ fn line_type(line: &[u8]) -> Option<std::borrow::Cow<'_, str>> {
         #[serde(rename = "type", borrow)]
         kind: std::borrow::Cow<'a, str>,
     }
-    serde_json::from_slice::<Typed<'_>>(line).ok().map(|t| t.kind)
+    serde_json::from_slice::<Typed<'_>>(line)
+        .ok()
+        .map(|t| t.kind)
 }
 
 #[cfg(test)]
@@ -243,7 +245,10 @@ mod tests {
                       {\"type\":\"Delivery\",\"n\":2}\n{\"type\":\"Delivery\",\"n\":3}\n{\"type\":\"Deli";
         let s = scan(chunk, false, false, 10, |k| k == "Delivery");
         assert_eq!(s.lines.len(), 3);
-        assert_eq!(&chunk[s.lines[0].clone()], b"{\"type\":\"Delivery\",\"n\":1}");
+        assert_eq!(
+            &chunk[s.lines[0].clone()],
+            b"{\"type\":\"Delivery\",\"n\":1}"
+        );
         assert_eq!(s.bad, 0);
         // The partial last line is not consumed: it waits for its newline.
         assert_eq!(&chunk[s.consumed..], b"{\"type\":\"Deli");
@@ -260,7 +265,13 @@ mod tests {
 
     #[test]
     fn bad_and_overlong_lines_are_skipped_and_counted() {
-        let s = scan(b"{\"type\":\"Rec\n{\"type\":\"A\"}\n\n", false, false, 10, |_| true);
+        let s = scan(
+            b"{\"type\":\"Rec\n{\"type\":\"A\"}\n\n",
+            false,
+            false,
+            10,
+            |_| true,
+        );
         assert_eq!((s.lines.len(), s.bad), (1, 1));
         let long = vec![b'x'; 100];
         let s = scan(&long, false, true, 10, |_| true);
@@ -284,7 +295,10 @@ mod tests {
             offset: 300,
         };
         // The live file was rotated since: same inode, new name.
-        let files = vec![file("shard-0.100.jsonl", 5, 400), file("shard-0.jsonl", 6, 10)];
+        let files = vec![
+            file("shard-0.100.jsonl", 5, 400),
+            file("shard-0.jsonl", 6, 10),
+        ];
         let head = |f: &FileInfo| Some(if f.inode == 5 { 42 } else { 1 });
         assert_eq!(
             resume(Some(&cursor), &files, head),
@@ -301,7 +315,10 @@ mod tests {
         let files = vec![file("shard-0.jsonl", 5, 100)];
         let start = resume(Some(&cursor), &files, |_| Some(42));
         assert!(matches!(start, Start::Oldest { warning: Some(w) } if w.contains("shorter")));
-        assert_eq!(resume(None, &files, |_| None), Start::Oldest { warning: None });
+        assert_eq!(
+            resume(None, &files, |_| None),
+            Start::Oldest { warning: None }
+        );
         assert_eq!(resume(Some(&cursor), &[], |_| None), Start::Nothing);
     }
 

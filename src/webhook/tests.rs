@@ -14,7 +14,10 @@ fn defaults_and_every_key() {
     assert_eq!(s.len(), 1);
     let s = &s[0];
     assert_eq!(s.name, "webhook-0");
-    assert_eq!((s.batch_max, s.format, s.events.clone()), (100, Format::Array, None));
+    assert_eq!(
+        (s.batch_max, s.format, s.events.clone()),
+        (100, Format::Array, None)
+    );
     assert!(s.wants("Delivery") && s.wants("Admin"));
     let s = specs(
         "[[webhook]]\nurl = \"https://hooks.example.com/epoxi\"\nname = \"crm\"\n\
@@ -36,17 +39,44 @@ fn bad_values_name_their_key() {
         ("url = \"ftp://x/\"", "webhook[0].url"),
         ("url = \"http:///nohost\"", "webhook[0].url"),
         ("url = \"not a url\"", "webhook[0].url"),
-        ("url = \"http://h/\"\nevents = [\"Delivered\"]", "webhook[0].events"),
+        (
+            "url = \"http://h/\"\nevents = [\"Delivered\"]",
+            "webhook[0].events",
+        ),
         ("url = \"http://h/\"\nevents = []", "webhook[0].events"),
         ("url = \"http://h/\"\nbatch_max = 0", "webhook[0].batch_max"),
-        ("url = \"http://h/\"\nbatch_max = 10001", "webhook[0].batch_max"),
-        ("url = \"http://h/\"\nformat = \"ndjson\"", "webhook[0].format"),
-        ("url = \"http://h/\"\nheaders = { \"Bad Name\" = \"x\" }", "webhook[0].headers"),
-        ("url = \"http://h/\"\nheaders = { Content-Type = \"x\" }", "webhook[0].headers"),
-        ("url = \"http://h/\"\nheaders = { X = \"a\\nb\" }", "webhook[0].headers"),
-        ("url = \"http://h/\"\ntimeout_ms = 0", "webhook[0].timeout_ms"),
-        ("url = \"http://h/\"\nretry_base_ms = 0", "webhook[0].retry_base_ms"),
-        ("url = \"http://h/\"\nretry_base_ms = 100\nretry_max_ms = 50", "webhook[0].retry_max_ms"),
+        (
+            "url = \"http://h/\"\nbatch_max = 10001",
+            "webhook[0].batch_max",
+        ),
+        (
+            "url = \"http://h/\"\nformat = \"ndjson\"",
+            "webhook[0].format",
+        ),
+        (
+            "url = \"http://h/\"\nheaders = { \"Bad Name\" = \"x\" }",
+            "webhook[0].headers",
+        ),
+        (
+            "url = \"http://h/\"\nheaders = { Content-Type = \"x\" }",
+            "webhook[0].headers",
+        ),
+        (
+            "url = \"http://h/\"\nheaders = { X = \"a\\nb\" }",
+            "webhook[0].headers",
+        ),
+        (
+            "url = \"http://h/\"\ntimeout_ms = 0",
+            "webhook[0].timeout_ms",
+        ),
+        (
+            "url = \"http://h/\"\nretry_base_ms = 0",
+            "webhook[0].retry_base_ms",
+        ),
+        (
+            "url = \"http://h/\"\nretry_base_ms = 100\nretry_max_ms = 50",
+            "webhook[0].retry_max_ms",
+        ),
         ("url = \"http://h/\"\nname = \"../x\"", "webhook[0].name"),
         ("url = \"http://h/\"\nname = \"\"", "webhook[0].name"),
     ];
