@@ -73,9 +73,7 @@ pub struct Spec {
 impl Spec {
     /// Whether lines of type `kind` go to this webhook.
     pub fn wants(&self, kind: &str) -> bool {
-        self.events
-            .as_ref()
-            .is_none_or(|list| list.contains(&kind))
+        self.events.as_ref().is_none_or(|list| list.contains(&kind))
     }
 
     /// Check every `[[webhook]]` table; errors name the table and key.
