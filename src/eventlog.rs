@@ -37,6 +37,62 @@ const CHANNEL_BUFFERS_MAX: usize = 16;
 /// Past this much unwritten log, lines are dropped (and counted) instead of held.
 pub const BACKLOG_MAX_BYTES: usize = 64 << 20;
 
+/// Every `type` a line can have: what `[[webhook]] events` may name. `Alert` lines come
+/// from the alert rules (issue 13), written through the same log.
+pub const LINE_TYPES: &[&str] = &[
+    "Reception",
+    "Delivery",
+    "TransientFailure",
+    "Bounce",
+    "Expiration",
+    "Notice",
+    "Admin",
+    "OOB",
+    "Feedback",
+    "OobUnparsed",
+    "Suppressed",
+    "Suppression",
+    "SiteDown",
+    "SiteUp",
+    "ShapingAction",
+    "ShapingLifted",
+    "Alert",
+];
+
+/// Where a log file stands in its shard's sequence, from its name: the rotated files by
+/// their stamp (`shard-N.<unix-ms>.jsonl`, `shard-N.<unix-ms>-<k>.jsonl` for a second
+/// rotation in the same millisecond), then the live `shard-N.jsonl`. Readers (the webhooks)
+/// go through a shard's files in this order.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum FileOrder {
+    Rotated { ms: u64, k: u32 },
+    Live,
+}
+
+/// The shard and place of a log file name; None for anything else in the directory.
+pub fn parse_file_name(name: &str) -> Option<(usize, FileOrder)> {
+    let rest = name.strip_prefix("shard-")?.strip_suffix(".jsonl")?;
+    let (shard, stamp) = match rest.split_once('.') {
+        Some((shard, stamp)) => (shard, Some(stamp)),
+        None => (rest, None),
+    };
+    let shard = shard.parse().ok()?;
+    let order = match stamp {
+        None => FileOrder::Live,
+        Some(stamp) => {
+            let (ms, k) = match stamp.split_once('-') {
+                Some((ms, k)) => (ms, k.parse().ok()?),
+                None => (stamp, 0),
+            };
+            FileOrder::Rotated {
+                ms: ms.parse().ok()?,
+                k,
+            }
+        }
+    };
+    Some((shard, order))
+}
+
 #[derive(Debug, thiserror::Error)]
 #[error("event log {path}: {source}")]
 pub struct LogError {
@@ -516,19 +572,28 @@ impl Writer {
             })?;
         self.written = file.metadata().map(|m| m.len()).unwrap_or(0);
         self.file = Some(file);
+        // A crash can leave a line half written; new lines start on a line of their own, so
+        // readers see one bad line, not a good one glued to the torn one.
+        if self.written > 0 && !ends_with_newline(&path) {
+            self.write_raw(b"\n");
+        }
         Ok(())
     }
 
     fn write(&mut self, buf: &[u8]) {
+        self.write_raw(buf);
+        if self.written >= self.file_size_max {
+            self.rotate();
+        }
+    }
+
+    fn write_raw(&mut self, buf: &[u8]) {
         if let Some(file) = self.file.as_mut() {
             if let Err(e) = file.write_all(buf) {
                 tracing::error!(shard = self.shard, "event log write failed: {e}");
             }
         }
         self.written += buf.len() as u64;
-        if self.written >= self.file_size_max {
-            self.rotate();
-        }
     }
 
     fn rotate(&mut self) {
@@ -552,10 +617,65 @@ impl Writer {
     }
 }
 
+/// Whether the file's last byte is a newline (an unreadable file counts as one: nothing to
+/// repair that we could see).
+fn ends_with_newline(path: &Path) -> bool {
+    use std::os::unix::fs::FileExt;
+    let Ok(file) = File::open(path) else {
+        return true;
+    };
+    let len = file.metadata().map(|m| m.len()).unwrap_or(0);
+    let mut last = [0u8; 1];
+    len == 0 || file.read_exact_at(&mut last, len - 1).is_err() || last[0] == b'\n'
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::envelope::ReceptionId;
+
+    #[test]
+    fn file_names_order_rotated_then_live() {
+        let mut names = [
+            "shard-1.jsonl",
+            "shard-1.200-1.jsonl",
+            "shard-1.1000.jsonl",
+            "shard-1.200.jsonl",
+        ]
+        .map(|n| parse_file_name(n).expect(n));
+        names.sort();
+        assert_eq!(
+            names.map(|(_, o)| o),
+            [
+                FileOrder::Rotated { ms: 200, k: 0 },
+                FileOrder::Rotated { ms: 200, k: 1 },
+                FileOrder::Rotated { ms: 1000, k: 0 },
+                FileOrder::Live,
+            ]
+        );
+        assert_eq!(
+            parse_file_name("shard-12.jsonl"),
+            Some((12, FileOrder::Live))
+        );
+        for bad in [
+            "shard-x.jsonl",
+            "shard-1.jsonl.tmp",
+            "webhooks",
+            "shard-1.x.jsonl",
+        ] {
+            assert_eq!(parse_file_name(bad), None, "{bad}");
+        }
+    }
+
+    #[test]
+    fn a_torn_last_line_is_not_glued_to_the_next() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        std::fs::write(EventLog::path(dir.path(), 0), b"{\"type\":\"Rec").expect("torn");
+        let mut w = Writer::open(dir.path().to_owned(), 0, 1 << 20).expect("open");
+        w.write(b"{}\n");
+        let text = std::fs::read_to_string(EventLog::path(dir.path(), 0)).expect("read");
+        assert_eq!(text, "{\"type\":\"Rec\n{}\n");
+    }
     use crate::events::Attempt;
 
     #[test]

@@ -11,6 +11,7 @@
 //! - `inbound`: the inbound SMTP adapter over glommio sockets.
 //! - `route`: destination lookup: static routes, and sites (MX host sets) for the rest.
 //! - `eventlog`: one JSON line per message event, a file per shard.
+//! - `webhook/`: event-log lines POSTed to HTTP receivers, from durable cursors over the files.
 //! - `config`: the TOML file, command-line overrides and validation.
 //! - `shard`: what one core runs, wiring the above together on top of the `shards` runtime.
 //! - `tls`: rustls configuration and an I/O-free TLS layer for the adapters.
@@ -67,3 +68,4 @@ pub mod suppression;
 pub mod tls;
 pub mod tlspolicy;
 pub mod tlsrpt;
+pub mod webhook;

@@ -1098,6 +1098,13 @@ fn serve(mut settings: epoxi::settings::Settings, source: Source) -> Result<(), 
             }
         });
     }
+    // Webhooks read the log files the shards write, on threads of their own.
+    let webhooks = epoxi::webhook::Webhooks::start(
+        &settings.webhooks,
+        &settings.config.log.dir,
+        settings.shard_count,
+    )
+    .map_err(|e| e.to_string())?;
     let reloader: shard::admin::Reloader = Arc::new(move || source.settle());
     let shared = Shared {
         settings: Arc::new(settings),
@@ -1121,6 +1128,8 @@ fn serve(mut settings: epoxi::settings::Settings, source: Source) -> Result<(), 
         }
     })
     .map_err(|e| e.to_string())?;
+    // The shards have flushed their logs: the webhooks get a moment to send the last lines.
+    webhooks.stop();
     signal_handle.close();
     // Ours (bound above): a clean stop leaves no socket behind.
     if let Err(e) = std::fs::remove_file(&admin_path) {

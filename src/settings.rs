@@ -52,6 +52,8 @@ pub struct Settings {
     /// The `[[warmup]]` schedules, and each source's (by source index).
     pub warmups: Arc<crate::shaping::Schedules>,
     pub source_warmups: Vec<Option<crate::shaping::SourceWarmup>>,
+    /// The `[[webhook]]` tables, checked (started by `serve`, see `webhook`).
+    pub webhooks: Arc<Vec<crate::webhook::Spec>>,
 }
 
 /// The settings in force on one shard: every session, connection and notice reads them when it
@@ -333,6 +335,7 @@ impl Config {
         let bounce = bounce_classifier(&self.bounce)?;
         let retry = retry_policy(&self)?;
         let oob_domain = oob_domain(&self.oob)?;
+        let webhooks = crate::webhook::Spec::from_entries(&self.webhook)?;
         let suppression_reply = if self.suppression.enabled {
             Some(suppression_reply(&self.suppression.reply)?)
         } else {
@@ -364,6 +367,7 @@ impl Config {
             adaptive,
             warmups: Arc::new(warmups),
             source_warmups,
+            webhooks: Arc::new(webhooks),
         })
     }
 }

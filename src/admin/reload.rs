@@ -137,6 +137,13 @@ pub fn plan(old: &Settings, mut new: Settings) -> Plan {
         new.config.dead_letter = old.config.dead_letter.clone();
     }
 
+    // Webhook threads start with the server, over the cursors they own.
+    if new.config.webhook != old.config.webhook {
+        restart_needed.push("webhook");
+        new.config.webhook = old.config.webhook.clone();
+        new.webhooks = old.webhooks.clone();
+    }
+
     let applied = changed(&old.config, &new.config);
     Plan {
         settings: new,

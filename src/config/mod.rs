@@ -12,10 +12,12 @@ use serde::Deserialize;
 mod http;
 mod shaping;
 pub use http::{HttpSection, HTTP_BODY_MAX_DEFAULT, HTTP_HEAD_MAX_DEFAULT, HTTP_ROLES};
+mod webhook;
 pub use shaping::{
     AdaptiveEntry, DomainEntry, LimitKeys, ProviderEntry, ShapingSection, SiteEntry, StageEntry,
     WarmupEntry, WarmupProviderEntry,
 };
+pub use webhook::WebhookEntry;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -119,6 +121,8 @@ pub struct Config {
     pub warmup: Vec<WarmupEntry>,
     /// The HTTP endpoint (off unless `listen` is set).
     pub http: HttpSection,
+    /// Event webhooks: event-log lines POSTed to HTTP receivers (see `webhook`).
+    pub webhook: Vec<WebhookEntry>,
 }
 
 /// A kind of delivery status notification, as the `notices` lists name it.
