@@ -5,7 +5,9 @@
 //! some recipients was spooled, with its `notice_id`, or was not needed: no `notice_id`),
 //! Admin (an operator's operation that changed something: `op`, `args`, `result`, `peer_uid`);
 //! OOB, Feedback and OobUnparsed (reports to the out-of-band domain), Suppressed (a recipient
-//! refused for the suppression list) and Suppression (a list entry added or removed), each
+//! refused for the suppression list), Suppression (a list entry added or removed) and Alert
+//! (an alert rule started or stopped firing: `rule`, `alert_kind`, `state` firing|resolved,
+//! `subject`, `value`, `threshold`, `since_ms`, `message`), each
 //! with the fields of its event type in `events`. They are built in a buffer
 //! on the shard (no syscall per message) and handed, a buffer at a time, to a writer thread over
 //! a bounded crossbeam channel: the shard's executor never blocks on the file. The shard hands
@@ -131,6 +133,9 @@ struct Line<'a> {
     outbound: Option<OutboundTls<'a>>,
     #[serde(skip_serializing_if = "Option::is_none")]
     source: Option<&'a str>,
+    /// Attempt lines: the destination's site key, when it had one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    site: Option<&'a str>,
     /// Attempt lines: the message's tenant, when it has one.
     #[serde(skip_serializing_if = "Option::is_none")]
     tenant: Option<&'a str>,
@@ -380,6 +385,7 @@ impl Observer for EventLog {
                     tls: e.tls,
                     outbound: None,
                     source: None,
+                    site: None,
                     tenant: None,
                     notice_id: None,
                     notice_action: None,
@@ -416,6 +422,7 @@ impl Observer for EventLog {
                         .tls
                         .map(|o| OutboundTls::of(o, crate::envelope::domain_of(e.rcpt))),
                     source: e.source,
+                    site: e.site,
                     tenant: e.tenant,
                     notice_id: None,
                     notice_action: None,
@@ -442,6 +449,7 @@ impl Observer for EventLog {
                     tls: None,
                     outbound: None,
                     source: None,
+                    site: None,
                     tenant: None,
                     notice_id: e.notice.map(|n| n.to_string()),
                     notice_action: e.delay.then_some("delayed"),
@@ -503,8 +511,45 @@ impl Observer for EventLog {
             Event::OobUnparsed(e) => self.tagged("OobUnparsed", e.ts_ms, e),
             Event::Suppressed(e) => self.tagged("Suppressed", e.ts_ms, e),
             Event::Suppression(e) => self.tagged("Suppression", e.ts_ms, e),
+            Event::Alert(e) => self.write(
+                e.ts_ms,
+                &AlertLine {
+                    kind: "Alert",
+                    ts_ms: e.ts_ms,
+                    shard: e.shard,
+                    rule: e.rule,
+                    alert_kind: e.kind,
+                    state: match e.firing {
+                        true => "firing",
+                        false => "resolved",
+                    },
+                    subject: e.subject,
+                    value: e.value,
+                    threshold: e.threshold,
+                    since_ms: e.since_ms,
+                    message: e.message,
+                },
+            ),
         }
     }
+}
+
+/// An `Alert` line: a rule started (`state` firing) or stopped (resolved) firing. The rule's
+/// kind is `alert_kind`, since `kind` is the line's type.
+#[derive(Serialize)]
+struct AlertLine<'a> {
+    #[serde(rename = "type")]
+    kind: &'static str,
+    ts_ms: u64,
+    shard: usize,
+    rule: &'a str,
+    alert_kind: &'a str,
+    state: &'static str,
+    subject: &'a str,
+    value: f64,
+    threshold: f64,
+    since_ms: u64,
+    message: &'a str,
 }
 
 /// A `SiteDown` or `SiteUp` line.
@@ -704,6 +749,7 @@ mod tests {
                 response: &response,
                 peer: "127.0.0.1:25",
                 source: None,
+                site: None,
                 received_ms: 0,
                 size: 10,
                 tls: None,

@@ -25,6 +25,8 @@
 //!   recorded as bounced at acceptance when only its tenant's list names it).
 //! - [`Event::Suppression`]: an entry was added to or removed from a suppression list, on
 //!   the shard that owns it.
+//! - [`Event::Alert`]: an alert rule started or stopped firing (`metrics::alerts`; shard 0
+//!   evaluates the rules).
 
 use std::rc::Rc;
 
@@ -112,6 +114,8 @@ pub struct Attempt<'a> {
     pub peer: &'a str,
     /// The egress source of the connection.
     pub source: Option<&'a str>,
+    /// The site key of the destination (None when the attempt had none: no route found).
+    pub site: Option<&'a str>,
     pub received_ms: u64,
     pub size: u64,
     /// The TLS outcome of the connection, when one was attempted.
@@ -319,6 +323,25 @@ pub struct SuppressionChange {
     pub reason: Option<SuppressionReason>,
 }
 
+/// An alert rule started firing for a subject, or stopped.
+#[derive(Clone, Copy, Debug)]
+pub struct Alert<'a> {
+    pub ts_ms: u64,
+    pub shard: usize,
+    pub rule: &'a str,
+    /// bounce_rate, deferral_rate, oldest_message, spool_disk or source_out_of_rotation.
+    pub kind: &'a str,
+    /// It started (false: it resolved).
+    pub firing: bool,
+    /// The site, source, `queue` or `spool` it is about.
+    pub subject: &'a str,
+    pub value: f64,
+    pub threshold: f64,
+    /// When it started firing.
+    pub since_ms: u64,
+    pub message: &'a str,
+}
+
 #[derive(Clone, Copy, Debug)]
 pub enum Event<'a> {
     Received(Received<'a>),
@@ -334,6 +357,7 @@ pub enum Event<'a> {
     OobUnparsed(&'a OobUnparsed),
     Suppressed(&'a Suppressed),
     Suppression(&'a SuppressionChange),
+    Alert(Alert<'a>),
 }
 
 pub trait Observer {
@@ -449,6 +473,7 @@ impl Observer for Recorder {
             Event::OobUnparsed(_) => Recorded::Other("OobUnparsed"),
             Event::Suppressed(_) => Recorded::Other("Suppressed"),
             Event::Suppression(_) => Recorded::Other("Suppression"),
+            Event::Alert(_) => Recorded::Other("Alert"),
         };
         self.seen.borrow_mut().push(r);
     }

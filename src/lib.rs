@@ -26,6 +26,8 @@
 //! - `dkim/`: DKIM signing (RFC 6376, RFC 8463) as I/O-free pieces: canonicalisation, the
 //!   streaming body hash, the signature header, keys; `records`: the DNS records a config
 //!   needs (`epoxi dns-records`).
+//! - `metrics/`: per-shard counters and histograms, merged at scrape into the Prometheus text,
+//!   the dashboard's JSON, and alert rules' decisions.
 //! - `admin/`: operations on a running server: the protocol, the merge of the shards' answers,
 //!   the reload plan, the admin socket and the CLI's client.
 //! - `inject/`: HTTP injection (KumoMTA's `/api/inject/v1`) without I/O: the request, its
@@ -51,6 +53,7 @@ pub mod http;
 pub mod ids;
 pub mod inject;
 pub mod logging;
+pub mod metrics;
 pub mod notices;
 pub mod oob;
 pub mod outcome;

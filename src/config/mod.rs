@@ -13,6 +13,8 @@ mod http;
 mod shaping;
 pub use http::{HttpSection, HTTP_BODY_MAX_DEFAULT, HTTP_HEAD_MAX_DEFAULT, HTTP_ROLES};
 mod webhook;
+pub mod alerts;
+pub use alerts::{AlertEntry, AlertKind, AlertsSection};
 pub use shaping::{
     AdaptiveEntry, DomainEntry, LimitKeys, ProviderEntry, ShapingSection, SiteEntry, StageEntry,
     WarmupEntry, WarmupProviderEntry,
@@ -123,6 +125,11 @@ pub struct Config {
     pub http: HttpSection,
     /// Event webhooks: event-log lines POSTed to HTTP receivers (see `webhook`).
     pub webhook: Vec<WebhookEntry>,
+    /// How often alert rules are evaluated (see `metrics::alerts`).
+    pub alerts: AlertsSection,
+    /// Alert rules: a site's bounce or deferral rate, the oldest message, the spool's disk,
+    /// a source out of rotation.
+    pub alert: Vec<AlertEntry>,
 }
 
 /// A kind of delivery status notification, as the `notices` lists name it.
@@ -927,6 +934,7 @@ impl Config {
 
     pub(crate) fn validate(&self) -> Result<(), ConfigError> {
         self.http.validate()?;
+        alerts::validate(&self.alerts, &self.alert)?;
         let r = &self.tls_report;
         if r.period_s == 0 || r.period_s > 86_400 {
             return Err(invalid(

@@ -53,6 +53,8 @@ impl Core {
             .source
             .and_then(|s| self.settings.egress.sources.get(s))
             .map(|s| s.name.clone());
+        // Once per transaction: an Arc's count for MX sites, a short string for routes.
+        let site = hop.map(|h| h.site_key());
         let peer = if via.peer.is_empty() {
             "-"
         } else {
@@ -165,6 +167,7 @@ impl Core {
                     response: &response,
                     peer,
                     source: source.as_deref(),
+                    site: site.as_deref(),
                     received_ms: m.received_ms(),
                     size: m.size(),
                     tls: via.tls.as_deref(),

@@ -15,6 +15,7 @@
 
 mod deliver;
 mod finish;
+mod gauges;
 mod handle;
 mod notify;
 mod ops;

@@ -44,15 +44,15 @@ pub(super) enum DirectiveKind {
 /// A suspension or bounce in force.
 #[derive(Clone, Debug)]
 pub(super) struct Directive {
-    kind: DirectiveKind,
-    selector: Selector,
+    pub(super) kind: DirectiveKind,
+    pub(super) selector: Selector,
     /// None: until resumed (suspensions only).
     until_ms: Option<u64>,
     reason: String,
 }
 
 impl Directive {
-    fn live(&self, now_ms: u64) -> bool {
+    pub(super) fn live(&self, now_ms: u64) -> bool {
         self.until_ms.is_none_or(|u| now_ms < u)
     }
 }
@@ -80,7 +80,7 @@ fn selects(sel: &Selector, m: &Message, names: Names<'_>, rcpt: u16, site: Optio
 
 /// A site selector names the site key (`mx1.example,mx2.example`, `[127.0.0.1:25]`) or one of
 /// its hosts.
-fn site_matches(key: &str, sel: &str) -> bool {
+pub(super) fn site_matches(key: &str, sel: &str) -> bool {
     // A domain's own site is `hosts#domain`: its hosts still select it.
     let hosts = key.split_once('#').map_or(key, |(h, _)| h);
     key.eq_ignore_ascii_case(sel) || hosts.split(',').any(|h| h.eq_ignore_ascii_case(sel))
@@ -312,7 +312,7 @@ impl Core {
     }
 
     /// The site key a recipient domain goes to now, when known without a lookup.
-    fn site_of(&self, domain: &str, now_ms: u64) -> Option<std::sync::Arc<str>> {
+    pub(super) fn site_of(&self, domain: &str, now_ms: u64) -> Option<std::sync::Arc<str>> {
         match self.router.lookup(domain) {
             Ok(route) => Some(Hop::Route(route).site_key()),
             Err(_) => self.sites.get(domain, now_ms).map(|s| s.key.clone()),

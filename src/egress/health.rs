@@ -85,6 +85,11 @@ impl EgressState {
         order.into_iter().map(|m| members[m].0).collect()
     }
 
+    /// Sources out of rotation at `now_ms` (for metrics).
+    pub fn down_sources(&self, now_ms: u64) -> impl Iterator<Item = usize> + '_ {
+        (0..self.health.len()).filter(move |&s| self.down(s, now_ms).is_some())
+    }
+
     /// A connection from `source` got through.
     pub fn success(&mut self, source: usize) -> Option<HealthChange> {
         let h = &mut self.health[source];

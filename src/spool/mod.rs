@@ -284,6 +284,17 @@ impl Spool {
         self.engine.borrow().stats()
     }
 
+    /// Bytes of the segment files and how many there are (for metrics), from the engine's
+    /// account of them: no I/O.
+    pub fn footprint(&self) -> (u64, u64) {
+        let engine = self.engine.borrow();
+        let segments = engine.segments();
+        (
+            segments.values().map(|s| s.len).sum(),
+            segments.len() as u64,
+        )
+    }
+
     /// Segments on disk, current one included.
     pub fn segment_count(&self) -> usize {
         self.files.borrow().len()

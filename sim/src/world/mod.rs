@@ -259,7 +259,8 @@ impl Observer for Tap {
             | Event::Feedback(_)
             | Event::OobUnparsed(_)
             | Event::Suppressed(_)
-            | Event::Suppression(_) => return,
+            | Event::Suppression(_)
+            | Event::Alert(_) => return,
         };
         self.out.borrow_mut().push(seen);
     }
