@@ -65,6 +65,8 @@ pub struct DeliveryCtx {
     pub clock: Rc<dyn Clock>,
     /// Notified on the core's `WakeIdle`: idle connections ask for work again.
     pub work: Rc<shards::Notify>,
+    /// This shard's metrics: transaction times.
+    pub metrics: Rc<crate::metrics::Recorder>,
 }
 
 impl DeliveryCtx {
@@ -369,6 +371,10 @@ struct Inflight {
     body_sent: bool,
     /// The message, read before MAIL when headers are stripped (its SIZE is what is sent).
     stored: Option<StoredMessage>,
+    /// When its MAIL FROM was queued for sending: the transaction's time is measured from
+    /// here to the reply to its data (pipelined behind another, it includes the wait for
+    /// that one's final reply, as the sender sees it).
+    started: std::time::Instant,
 }
 
 /// Transactions until the core says close, or the connection breaks.
@@ -454,6 +460,8 @@ async fn serve(ctx: &DeliveryCtx, id: ConnId, mut conn: Conn) {
             }
             ClientStep::Done(outcome) => {
                 if let Some(item) = inflight.pop_front() {
+                    ctx.metrics
+                        .transaction_done(item.started.elapsed().as_micros() as u64);
                     let results = per_rcpt(&item.ticket.job, &outcome);
                     let now = ctx.now();
                     ctx.core
@@ -481,6 +489,7 @@ async fn prepare(ctx: &DeliveryCtx, mut ticket: Box<Ticket>, strip: &[&str]) -> 
             ticket,
             body_sent: false,
             stored: None,
+            started: std::time::Instant::now(),
         });
     }
     let stored = match ctx.spool.read_message(ticket.loc).await {
@@ -499,6 +508,7 @@ async fn prepare(ctx: &DeliveryCtx, mut ticket: Box<Ticket>, strip: &[&str]) -> 
         ticket,
         body_sent: false,
         stored: Some(stored),
+        started: std::time::Instant::now(),
     })
 }
 
@@ -519,7 +529,7 @@ fn unreadable(ctx: &DeliveryCtx, ticket: &Ticket, e: &str) -> Option<Inflight> {
 
 /// Start a prepared ticket's transaction: the envelope comes from the queue. None: refused
 /// before sending (reported).
-fn begin(ctx: &DeliveryCtx, conn: &mut Conn, item: Inflight) -> Option<Inflight> {
+fn begin(ctx: &DeliveryCtx, conn: &mut Conn, mut item: Inflight) -> Option<Inflight> {
     let ticket = &item.ticket;
     // RFC 1870: the server told us its limit; sending more would only be refused after the
     // whole body crossed the wire. Bounce now, saying why.
@@ -553,6 +563,7 @@ fn begin(ctx: &DeliveryCtx, conn: &mut Conn, item: Inflight) -> Option<Inflight>
     };
     conn.client
         .start_with(&ticket.sender, &rcpt_refs, opts, &mut conn.out);
+    item.started = std::time::Instant::now();
     Some(item)
 }
 

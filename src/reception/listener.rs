@@ -197,6 +197,7 @@ pub async fn accept_loop(reception: Rc<Reception>, socket: TcpListener, listener
         if reception.sessions.open() >= reception.settings().config.server.connections_max
             || listener.sessions.get() >= listener.policy().connections_max
         {
+            reception.metrics.replies_sent(TOO_MANY_CONNECTIONS);
             glommio::spawn_local(refuse(stream, TOO_MANY_CONNECTIONS)).detach();
             continue;
         }

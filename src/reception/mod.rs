@@ -220,6 +220,8 @@ pub struct Reception {
     pub suppression: Option<Rc<crate::suppression::Suppression>>,
     /// Where reception's own events go (reports, suppressed recipients): the event log.
     pub observers: crate::events::Observers,
+    /// This shard's metrics: replies sent and the time to `250`.
+    pub metrics: Rc<crate::metrics::Recorder>,
 }
 
 impl Reception {
@@ -235,6 +237,7 @@ impl Reception {
         stop: Rc<shards::LocalStop>,
         suppression: Option<Rc<crate::suppression::Suppression>>,
         observers: crate::events::Observers,
+        metrics: Rc<crate::metrics::Recorder>,
     ) -> Reception {
         let spread = settings
             .get()
@@ -259,6 +262,7 @@ impl Reception {
             stop,
             suppression,
             observers,
+            metrics,
         }
     }
 

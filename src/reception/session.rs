@@ -33,6 +33,8 @@ const PROXY_BAD: &[u8] = b"421 4.7.0 Bad or missing PROXY protocol header\r\n";
 /// The bytes between a session and its socket: plain, or through TLS.
 struct Transport {
     stream: TcpStream,
+    /// Counts the rejections among the replies written (metrics).
+    metrics: Rc<crate::metrics::Recorder>,
     tls: Option<TlsLayer>,
     /// Ciphertext to send (TLS only).
     wire: Vec<u8>,
@@ -41,7 +43,10 @@ struct Transport {
 }
 
 impl Transport {
+    /// Write the session's replies. Every reply goes through here, so this is where the
+    /// rejections among them are counted (one pass over the bytes; see `metrics::replies`).
     async fn write(&mut self, out: &[u8]) -> std::io::Result<()> {
+        self.metrics.replies_sent(out);
         match &mut self.tls {
             None => self.stream.write_all(out).await,
             Some(tls) => {
@@ -234,6 +239,7 @@ pub(super) async fn session(
         match read_proxy_header(reception, &mut stream, socket_peer).await {
             Ok(found) => found,
             Err(reply) => {
+                reception.metrics.replies_sent(reply);
                 refuse(stream, reply).await;
                 return Ok(());
             }
@@ -243,6 +249,7 @@ pub(super) async fn session(
     };
     let limits = policy.ip_limits(listener.index);
     if !reception.peers().client_connect(peer.ip(), limits).await {
+        reception.metrics.replies_sent(TOO_MANY_FROM_IP);
         refuse(stream, TOO_MANY_FROM_IP).await;
         return Ok(());
     }
@@ -260,6 +267,7 @@ pub(super) async fn session(
     };
     let mut io = Transport {
         stream,
+        metrics: reception.metrics.clone(),
         tls,
         wire: Vec::new(),
         plain: Vec::new(),
@@ -355,6 +363,9 @@ pub(super) async fn session(
                 session.report_done(&mut out);
             }
             Step::Message(tx) => {
+                // Reception latency: from the end of the data to the 250 (signing and
+                // spooling on every shard the message goes to).
+                let data_ended = Instant::now();
                 let received_ms = reception.clock.now_ms();
                 let id = reception.next_id(received_ms);
                 let reception_text = id.to_string();
@@ -429,7 +440,12 @@ pub(super) async fn session(
                     )
                     .await
                 {
-                    Ok(()) => session.message_done(Ok(&reception_text), &mut out),
+                    Ok(()) => {
+                        session.message_done(Ok(&reception_text), &mut out);
+                        reception
+                            .metrics
+                            .reception_done(data_ended.elapsed().as_micros() as u64);
+                    }
                     Err(why) => session.message_done(Err(why.reply()), &mut out),
                 }
             }

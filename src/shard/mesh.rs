@@ -44,6 +44,8 @@ pub enum Request {
     /// A suppression list question for the shard that owns the entries; answered with
     /// `Suppression`.
     Suppression(crate::suppression::Request),
+    /// This shard's metrics for a scrape; answered with `Metrics`.
+    Metrics,
 }
 
 pub enum Answer {
@@ -54,6 +56,7 @@ pub enum Answer {
     Admin(serde_json::Value),
     Suppression(Result<crate::suppression::Response, crate::suppression::SuppressionError>),
     Done,
+    Metrics(Box<crate::metrics::ShardMetrics>),
 }
 
 pub type ShardMesh = Mesh<Request, Answer>;
@@ -233,6 +236,8 @@ pub struct Handler {
     pub admin: Option<Rc<super::admin::Server>>,
     /// This shard's spool, for reading a message on demand (inspect-message).
     pub spool: Rc<crate::spool::Spool>,
+    /// This shard's metrics.
+    pub metrics: Rc<super::metrics::Local>,
 }
 
 /// The body of an inspected message is cut to this many bytes: enough to see any header
@@ -428,6 +433,11 @@ impl shards::Handler<Request, Answer> for Handler {
                 });
             }
             Request::Reload(settings) => Answer::Admin(self.reload(&settings, now)),
+            Request::Metrics => Answer::Metrics(Box::new(self.metrics.part(
+                &self.core,
+                &self.reception,
+                now,
+            ))),
             Request::TlsRptTake { before } => Answer::TlsRpt(
                 self.tlsrpt
                     .as_ref()

@@ -18,6 +18,7 @@
 pub mod admin;
 pub mod http;
 pub mod mesh;
+pub mod metrics;
 mod perform;
 mod tlsrpt;
 
@@ -139,7 +140,9 @@ pub async fn run(
         EventLog::open(&cfg.log.dir, id, cfg.log.file_size_max)
             .map_err(|source| ShardError::Log { shard: id, source })?,
     );
-    let mut observers = Observers::new(vec![log.clone()]);
+    // Counted by every stage of this shard; read at scrapes (see `metrics`).
+    let recorder = Rc::new(crate::metrics::Recorder::default());
+    let mut observers = Observers::new(vec![log.clone(), recorder.clone()]);
     // Reception's and the suppression list's own events go to the log only.
     let log_only = Observers::new(vec![log.clone()]);
     // The suppression list: this shard's entries, loaded before the core so its hard
@@ -260,6 +263,7 @@ pub async fn run(
         stop.clone(),
         suppression.clone(),
         log_only,
+        recorder.clone(),
     ));
     if let Some(s) = &suppression {
         s.set_remote(Rc::new(mesh::SuppressionRemote { mesh: mesh.clone() }));
@@ -289,6 +293,7 @@ pub async fn run(
         tlspolicy,
         clock: clock.clone(),
         work: work.clone(),
+        metrics: recorder.clone(),
     });
     let outbox = mesh::LeaseOutbox::new(count);
     // Counting what is there reads the directory once, at start.
@@ -341,6 +346,11 @@ pub async fn run(
             reloading: glommio::sync::Semaphore::new(1),
         })
     });
+    let metrics_local = Rc::new(metrics::Local {
+        recorder: recorder.clone(),
+        spool: spool.clone(),
+        alerts: Default::default(),
+    });
     mesh.serve(Rc::new(mesh::Handler {
         admin: admin_server.clone(),
         spool: spool.clone(),
@@ -355,6 +365,7 @@ pub async fn run(
             suppression: suppression.clone(),
         }),
         suppression: suppression.clone(),
+        metrics: metrics_local.clone(),
     }));
     let mut outboxes = Vec::new();
     for to in (0..count).filter(|&to| to != id) {
@@ -387,6 +398,17 @@ pub async fn run(
     core.with(|c| c.replayed(opened.id_max, now));
     let timer = glommio::spawn_local(driver.clone().run_timer(stop.clone()));
     // Shard 0 sends the TLS reports, with every shard's counts.
+    // Shard 0 evaluates the alert rules, over every shard's metrics.
+    let alerter = (id == 0).then(|| {
+        glommio::spawn_local(metrics::run_alerts(
+            mesh.clone(),
+            metrics_local.clone(),
+            live.clone(),
+            admin_observers.clone(),
+            clock.clone(),
+            stop.clone(),
+        ))
+    });
     let reporter = (id == 0 && tlsrpt.is_some()).then(|| {
         let trust = settings.tls_trust.clone().or_else(|| {
             let ca = &cfg.delivery.tls_ca_file;
@@ -446,6 +468,7 @@ pub async fn run(
             clock: clock.clone(),
             observers: admin_observers.clone(),
             started_ms: now,
+            ready: shared.ready.clone(),
         }));
     }
     let _ = shared.listening.send(id);
@@ -483,6 +506,9 @@ pub async fn run(
         mesh.abort();
     }
     timer.await;
+    if let Some(alerter) = alerter {
+        alerter.await;
+    }
     if let Some(reporter) = reporter {
         reporter.await;
     }

@@ -21,6 +21,8 @@ use std::time::Duration;
 use futures_lite::{AsyncReadExt as _, AsyncWriteExt as _};
 use glommio::net::{TcpListener, TcpStream};
 
+mod metrics;
+
 use super::admin::Caller;
 use super::mesh::{Answer, Request as MeshRequest, ShardMesh};
 use crate::clock::Clock;
@@ -50,6 +52,8 @@ pub struct Api {
     pub observers: Observers,
     /// When this process started (Unix ms).
     pub started_ms: u64,
+    /// Every shard listens (set by the process).
+    pub ready: Arc<AtomicBool>,
 }
 
 /// One shard's HTTP endpoint: bound early, handlers attached once the shard is up.
@@ -387,6 +391,12 @@ impl Api {
                     return who.forbidden(Role::Injector);
                 }
                 inject::handle(self, req).await
+            }
+            ("GET" | "HEAD", "/metrics") | ("GET" | "HEAD", "/api/dashboard/v1") => {
+                if !who.may(Role::Viewer) {
+                    return who.forbidden(Role::Viewer);
+                }
+                metrics::handle(self, path).await
             }
             (_, "/api/admin/tokens/v1") => self.tokens(req, who).await,
             ("GET", "/api/admin/inspect-message/v1" | "/api/admin/inspect-message") => {
