@@ -36,6 +36,9 @@ pub struct Via {
     pub source: Option<usize>,
     /// The TLS outcome of the connection (or of its last failed host).
     pub tls: Option<Rc<crate::tlspolicy::TlsOutcome>>,
+    /// The connection's site key (a reference count, not a copy): attempts report it even
+    /// when the hop itself is not passed (deliveries need no retry policy).
+    pub site: Option<std::sync::Arc<str>>,
 }
 
 impl Via {
@@ -44,6 +47,7 @@ impl Via {
         peer: String::new(),
         source: None,
         tls: None,
+        site: None,
     };
 }
 
@@ -535,6 +539,7 @@ impl Core {
             return;
         };
         let (dest, source, tls, key) = (c.dest.clone(), c.source, c.tls.clone(), c.key.clone());
+        let key_site = key.site.clone();
         match failure {
             ConnFailure::Bind { why } => {
                 let change = self.health.failure(
@@ -574,6 +579,7 @@ impl Core {
                     peer: dest.hop.to_string(),
                     source: Some(source),
                     tls,
+                    site: Some(key_site),
                 };
                 let jobs = self.queue.drain_ready(&dest);
                 let result = RcptResult::Failure(why);
@@ -766,6 +772,7 @@ impl Core {
                     peer: c.peer.clone(),
                     source: Some(c.source),
                     tls: c.tls.clone(),
+                    site: Some(c.key.site.clone()),
                 },
                 failed.then(|| c.dest.hop.clone()),
             ),

@@ -53,8 +53,9 @@ impl Core {
             .source
             .and_then(|s| self.settings.egress.sources.get(s))
             .map(|s| s.name.clone());
-        // Once per transaction: an Arc's count for MX sites, a short string for routes.
-        let site = hop.map(|h| h.site_key());
+        // The connection's site, else the hop's (once per transaction: an Arc's count for MX
+        // sites, a short string for routes).
+        let site = via.site.clone().or_else(|| hop.map(|h| h.site_key()));
         let peer = if via.peer.is_empty() {
             "-"
         } else {

@@ -57,6 +57,10 @@ pub struct Sample<'a> {
     pub sources_down: &'a [String],
 }
 
+/// One rule's finding on one subject at a sample: (rule index, subject, Some((value,
+/// message)) when over its threshold).
+type Verdict = (usize, String, Option<(f64, String)>);
+
 struct Rule {
     entry: AlertEntry,
     glob: Option<DomainGlob>,
@@ -162,7 +166,7 @@ impl Engine {
                 (site, d)
             })
             .collect();
-        let mut verdicts: Vec<(usize, String, Option<(f64, String)>)> = Vec::new();
+        let mut verdicts: Vec<Verdict> = Vec::new();
         for (i, rule) in self.rules.iter_mut().enumerate() {
             let e = &rule.entry;
             let threshold = e.threshold();
@@ -245,11 +249,7 @@ impl Engine {
 
     /// Turn this sample's verdicts into transitions; active alerts without a verdict (their
     /// subject is gone: a source back in rotation) resolve.
-    fn apply(
-        &mut self,
-        verdicts: Vec<(usize, String, Option<(f64, String)>)>,
-        now_ms: u64,
-    ) -> Vec<Transition> {
+    fn apply(&mut self, verdicts: Vec<Verdict>, now_ms: u64) -> Vec<Transition> {
         let mut out = Vec::new();
         let mut firing: std::collections::BTreeSet<(usize, String)> = Default::default();
         for (i, subject, verdict) in verdicts {

@@ -75,7 +75,7 @@ fn number(v: f64) -> String {
 }
 
 /// Each shard by its number, then the total as `all`.
-fn per_shard<'a>(m: &'a Merged) -> impl Iterator<Item = (String, &'a ShardMetrics)> {
+fn per_shard(m: &Merged) -> impl Iterator<Item = (String, &ShardMetrics)> {
     m.shards
         .iter()
         .map(|s| (s.shard.to_string(), s))
