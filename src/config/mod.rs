@@ -12,8 +12,8 @@ use serde::Deserialize;
 mod http;
 mod shaping;
 pub use http::{HttpSection, HTTP_BODY_MAX_DEFAULT, HTTP_HEAD_MAX_DEFAULT, HTTP_ROLES};
-mod webhook;
 pub mod alerts;
+mod webhook;
 pub use alerts::{AlertEntry, AlertKind, AlertsSection};
 pub use shaping::{
     AdaptiveEntry, DomainEntry, LimitKeys, ProviderEntry, ShapingSection, SiteEntry, StageEntry,
