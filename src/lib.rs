@@ -69,5 +69,5 @@ pub mod suppression;
 pub mod tls;
 pub mod tlspolicy;
 pub mod tlsrpt;
-pub mod webhook;
 pub mod top;
+pub mod webhook;
