@@ -68,6 +68,9 @@ enum Command {
     /// Dead letters (messages that failed for good, `dead_letter.enabled`).
     #[command(subcommand)]
     Deadletter(DeadletterCommand),
+    /// A live terminal view of a running server (its HTTP endpoint): throughput, queue, sites;
+    /// `q` quits.
+    Top(epoxi::top::TopArgs),
 }
 
 #[derive(Subcommand)]
@@ -883,6 +886,13 @@ fn main() -> ExitCode {
             }
         }
         Command::Token(command) => token(command),
+        Command::Top(args) => match epoxi::top::run(args) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("epoxi top: {e}");
+                ExitCode::from(2)
+            }
+        },
         Command::Passwd(args) => match passwd(args) {
             Ok(done) => {
                 eprintln!("epoxi: {done}");

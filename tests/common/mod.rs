@@ -8,6 +8,7 @@
 // Each test file uses a different part of the harness.
 #![allow(dead_code)]
 
+pub mod browser;
 pub mod dns;
 pub mod tlspeers;
 

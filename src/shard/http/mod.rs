@@ -9,6 +9,7 @@
 //! Requests a shard cannot answer alone go over the mesh: admin operations to shard 0's
 //! admin server (the admin socket's handler), metrics and summaries to every shard.
 
+mod dashboard;
 mod inject;
 
 use std::cell::{Cell, RefCell};
@@ -273,7 +274,7 @@ impl Endpoint {
             _ => {}
         }
         if let Some(asset) = path.strip_prefix("/static/") {
-            return dashboard_asset(asset);
+            return dashboard::asset(asset);
         }
         let who = match self.access.authorize(req, now) {
             Ok(who) => who,
@@ -283,7 +284,7 @@ impl Endpoint {
                     return self.login_with(token, req, now);
                 }
                 if denied.status == 401 {
-                    return Response::text(401, "text/html; charset=utf-8", LOGIN_PAGE);
+                    return dashboard::login(false);
                 }
                 return denied;
             }
@@ -336,7 +337,7 @@ impl Endpoint {
         }
         if !self.access.knows(token, now) {
             tracing::info!(peer = %req.peer, "http: login with an unknown token");
-            return Response::text(401, "text/html; charset=utf-8", LOGIN_PAGE_FAILED);
+            return dashboard::login(true);
         }
         let secure = if self.tls.is_some() { "; Secure" } else { "" };
         Response::text(303, "text/plain", "")
@@ -384,7 +385,7 @@ impl Api {
                 if !who.may(Role::Viewer) {
                     return who.forbidden(Role::Viewer);
                 }
-                dashboard_page()
+                dashboard::page()
             }
             ("POST", "/api/inject/v1") => {
                 if !who.may(Role::Injector) {
@@ -647,29 +648,3 @@ async fn audit_refused(
     .line();
     append_audit(settings, line).await;
 }
-
-/// The page at `/` (the dashboard).
-fn dashboard_page() -> Response {
-    Response::text(200, "text/html; charset=utf-8", DASHBOARD_PAGE)
-}
-
-/// A static asset of the page.
-fn dashboard_asset(name: &str) -> Response {
-    let _ = name;
-    Response::error(404, "no such asset")
-}
-
-/// Until the dashboard lands: a page that says where the API is.
-const DASHBOARD_PAGE: &str = "<!doctype html><title>Epoxi</title><h1>Epoxi</h1>\
-<p>See <a href=\"/api/admin/summary/v1\">the queue summary</a>.</p>";
-
-const LOGIN_PAGE: &str =
-    "<!doctype html><html><head><meta charset=\"utf-8\"><title>Epoxi: log in</title></head>\
-<body><h1>Epoxi</h1><form method=\"post\" action=\"/login\"><label>Token \
-<input type=\"password\" name=\"token\" autocomplete=\"off\"></label> \
-<button type=\"submit\">Log in</button></form></body></html>";
-
-const LOGIN_PAGE_FAILED: &str = "<!doctype html><html><head><meta charset=\"utf-8\"><title>Epoxi: log in</title></head>\
-<body><h1>Epoxi</h1><p id=\"login-error\">Unknown token.</p><form method=\"post\" action=\"/login\"><label>Token \
-<input type=\"password\" name=\"token\" autocomplete=\"off\"></label> \
-<button type=\"submit\">Log in</button></form></body></html>";
