@@ -328,12 +328,18 @@ fn counters_match_the_event_log_and_gauges_follow_the_queue() {
 fn a_bounce_rate_alert_fires_shows_and_resolves() {
     let dir = tempfile::tempdir().expect("tmp");
     let sink = Sink::start(dir.path(), &["--reply", "550:100"]);
+    // A webhook receiver taking only Alert events: alerts reach webhooks like any event.
+    let (hook_port, alert_posts) = alert_receiver();
     let mut opts = Opts::new(dir.path()).route(sink.port).http();
     opts.conf.set("alerts", "interval_s", "1");
     opts.conf.raw.push_str(
         "[[alert]]\nname = \"bounces\"\nkind = \"bounce_rate\"\nsite = \"*\"\n\
          above_pct = 10.0\nwindow_s = 4\nmin_attempts = 3\n",
     );
+    opts.conf.raw.push_str(&format!(
+        "[[webhook]]\nname = \"alerts\"\nurl = \"http://127.0.0.1:{hook_port}/alerts\"\n\
+         events = [\"Alert\"]\nretry_base_ms = 50\nretry_max_ms = 400\n"
+    ));
     let epoxi = Epoxi::start(&opts);
     // Nothing sent yet: no alert.
     std::thread::sleep(Duration::from_millis(1500));
@@ -396,5 +402,67 @@ fn a_bounce_rate_alert_fires_shows_and_resolves() {
         epoxi.events_of("Bounce").len() as u64
     );
     assert!(all(&s, "epoxi_bounced_total") >= 10);
+    // Both transitions reached the webhook, and nothing but them.
+    wait_until(
+        "both alert events at the webhook",
+        Duration::from_secs(10),
+        || alert_posts.lock().expect("posts").len() >= 2,
+    );
+    let got = alert_posts.lock().expect("posts").clone();
+    assert!(got.iter().all(|e| e["type"] == "Alert"), "{got:?}");
+    let states: Vec<&str> = got.iter().filter_map(|e| e["state"].as_str()).collect();
+    assert_eq!(states, ["firing", "resolved"], "{got:?}");
     drop(sink);
+}
+
+/// A minimal HTTP receiver on loopback: every JSON event POSTed to it (arrays flattened),
+/// answered 200. Its thread ends with the test process.
+fn alert_receiver() -> (u16, std::sync::Arc<std::sync::Mutex<Vec<Value>>>) {
+    use std::io::Read as _;
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind receiver");
+    let port = listener.local_addr().expect("addr").port();
+    let posts = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let kept = posts.clone();
+    std::thread::spawn(move || {
+        for conn in listener.incoming() {
+            let Ok(mut conn) = conn else { continue };
+            let _ = conn.set_read_timeout(Some(Duration::from_secs(5)));
+            let mut buf = Vec::new();
+            let mut chunk = [0u8; 8192];
+            let Some(head_end) = (loop {
+                if let Some(at) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                    break Some(at);
+                }
+                match conn.read(&mut chunk) {
+                    Ok(n) if n > 0 => buf.extend_from_slice(&chunk[..n]),
+                    _ => break None,
+                }
+            }) else {
+                continue;
+            };
+            let head = String::from_utf8_lossy(&buf[..head_end]).to_ascii_lowercase();
+            let len: usize = head
+                .lines()
+                .find_map(|l| l.strip_prefix("content-length:"))
+                .and_then(|v| v.trim().parse().ok())
+                .unwrap_or(0);
+            let mut body = buf[head_end + 4..].to_vec();
+            while body.len() < len {
+                match conn.read(&mut chunk) {
+                    Ok(n) if n > 0 => body.extend_from_slice(&chunk[..n]),
+                    _ => break,
+                }
+            }
+            if let Ok(v) = serde_json::from_slice::<Value>(&body) {
+                let mut posts = kept.lock().expect("posts");
+                match v {
+                    Value::Array(items) => posts.extend(items),
+                    one => posts.push(one),
+                }
+            }
+            let _ = conn
+                .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\nConnection: close\r\n\r\n");
+        }
+    });
+    (port, posts)
 }
