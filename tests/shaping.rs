@@ -168,7 +168,7 @@ fn warmup_caps_hold_per_source_and_hour_and_day() {
         .duration_since(std::time::UNIX_EPOCH)
         .expect("clock")
         .as_millis() as u64;
-    let mut opts = Opts::new(dir.path()).shards(2).route(sink.port);
+    let mut opts = Opts::new(dir.path()).shards(2).route(sink.port).http();
     opts.conf.raw.push_str(&format!(
         "[[warmup]]\nname = \"fast\"\nday_s = 24\n\
          [[warmup.stage]]\ndays = 10\ndaily = 10\nhourly = 3\n\
@@ -188,6 +188,14 @@ fn warmup_caps_hold_per_source_and_hour_and_day() {
             .any(|w| w["source"] == "new" && w["today"] == "10/10"),
         "{summary}"
     );
+    // The dashboard shows the site as warming while its mail waits for the next day.
+    let site = format!("[127.0.0.1:{}]", sink.port);
+    let dash = common::http_get(&format!("{}/api/dashboard/v1", epoxi.http_url()), None).json();
+    let row = dash["sites"]
+        .as_array()
+        .and_then(|rows| rows.iter().find(|r| r["site"] == site.as_str()).cloned())
+        .unwrap_or_else(|| panic!("no row for {site}: {dash}"));
+    assert_eq!(row["state"], "warming", "{row}");
     let delivered = epoxi.events_of("Delivery");
     epoxi.stop();
     let report = sink.stop();

@@ -106,9 +106,15 @@ impl Core {
         for (key, _, _, _) in self.budgets.down() {
             raise(&key.site, SiteState::Backoff);
         }
-        for (key, (until, _)) in &self.holds {
+        for (key, (until, why)) in &self.holds {
             if *until > now_ms {
-                raise(&key.site, SiteState::Backoff);
+                // A warmup cap that ran out holds the key until its window ends: warming,
+                // not a failing site.
+                let state = match *why == super::shape::HOLD_WARMUP {
+                    true => SiteState::Warming,
+                    false => SiteState::Backoff,
+                };
+                raise(&key.site, state);
             }
         }
         for (key, (_, until)) in &self.throttles {
@@ -125,6 +131,25 @@ impl Core {
                 .map(|r| r.action.name());
             if *until > now_ms && action == Some("suspend") {
                 raise(&key.site, SiteState::Suspended);
+            }
+        }
+        // Warming: a source with a warmup schedule still in force for the site's provider
+        // (from the settings and the site's memoised shape: no owner shard needed).
+        let warming_sources: Vec<&crate::shaping::SourceWarmup> =
+            self.settings.source_warmups.iter().flatten().collect();
+        if !warming_sources.is_empty() {
+            for (hop, shape) in &self.shapes {
+                let provider = self.settings.shaping.provider_name(shape.provider);
+                let warming = warming_sources.iter().any(|w| {
+                    self.settings
+                        .warmups
+                        .get(w.schedule)
+                        .caps(provider, w.start_ms, now_ms)
+                        .is_some()
+                });
+                if warming {
+                    raise(&hop.site_key(), SiteState::Warming);
+                }
             }
         }
         let mut rows: Vec<SiteGauge> = sites.into_values().collect();

@@ -32,7 +32,7 @@ use crate::shaping::Action as Adaptive;
 /// Why held messages expire when an adaptive suspension outlasts their max age.
 const HOLD_ADAPTIVE: &str = "Destination suspended by an adaptive shaping rule";
 /// ... when a warming source's cap keeps them past it (and no other source can take them).
-const HOLD_WARMUP: &str = "Warmup volume cap reached for this destination";
+pub(super) const HOLD_WARMUP: &str = "Warmup volume cap reached for this destination";
 /// The provider index of sites of no provider, in warmup keys.
 const NO_PROVIDER: u16 = u16::MAX;
 
